@@ -1,0 +1,153 @@
+"""Loading and preprocessing with MONAI transforms, and patch sampling.
+
+``load_subject`` reads and validates a subject's files; ``preprocess`` reorients to
+RAS, resamples to a target spacing, crops to the foreground and normalises the
+intensities per modality (z-score inside the foreground for MR, a fixed window
+for CT, [0, 1] for photographs); ``PatchSampler`` draws training patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from privseg.data.cohort import Cohort, Subject
+from privseg.data.validate import Volume, check_label_values, check_pair, read_volume
+from privseg.errors import DataError
+
+CT_WINDOW = (-200.0, 300.0)  # soft-tissue window in HU; wide enough for kidney and brain
+
+
+@dataclass
+class SubjectData:
+    """A loaded subject: channel-first image and label, plus the reference geometry."""
+
+    subject: Subject
+    image: torch.Tensor  # (C, *spatial) float32
+    label: torch.Tensor | None  # (1, *spatial) int64
+    affine: np.ndarray  # 4x4 of the (preprocessed) grid
+    source: Volume  # first image channel as read, for writing predictions back
+
+
+def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
+    """Read and validate all channels and the label of one subject."""
+    dims = cohort.spatial_dims
+    channels: list[np.ndarray] = []
+    first: Volume | None = None
+    for path in subject.images:
+        vol = read_volume(path, spatial_dims=dims)
+        arr = vol.array
+        if dims == 2 and arr.ndim == 3:  # H x W x RGB
+            channels.extend(np.moveaxis(arr, -1, 0).astype(np.float32))
+        else:
+            channels.append(arr)
+        if first is None:
+            first = vol
+        elif vol.array.shape[:dims] != first.array.shape[:dims] or not np.allclose(vol.affine, first.affine, atol=1e-3):
+            raise DataError(path, f"channel geometry differs from {first.path}")
+    assert first is not None
+    if len(channels) != len(cohort.channels):
+        raise DataError(subject.images[0], f"has {len(channels)} channels, cohort declares {len(cohort.channels)}")
+    image = np.stack(channels)
+    label = None
+    if subject.label is not None:
+        lab = read_volume(subject.label, spatial_dims=dims, is_label=True)
+        check_pair(Volume(image[0], first.affine, first.path), lab)
+        check_label_values(lab, cohort.num_classes)
+        label = torch.from_numpy(lab.array[None])
+    return SubjectData(subject, torch.from_numpy(image), label, first.affine, first)
+
+
+def preprocess_transform(
+    modality: str, spatial_dims: int = 3, spacing: Sequence[float] | None = None, crop_foreground: bool = True
+) -> Compose:
+    """The deterministic part of the pipeline, the same at training and inference."""
+    keys = ["image", "label"]
+    steps: list = []
+    if spatial_dims == 3:
+        steps.append(Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True))
+        if spacing is not None:
+            steps.append(
+                Spacingd(keys=keys, pixdim=tuple(spacing), mode=("bilinear", "nearest"), allow_missing_keys=True)
+            )
+    if crop_foreground and spatial_dims == 3:
+        steps.append(CropForegroundd(keys=keys, source_key="image", margin=2, allow_missing_keys=True))
+    mod = modality.upper()
+    if mod == "CT":
+        steps.append(ScaleIntensityRanged(keys="image", a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True))
+    elif mod in ("RGB", "PHOTO", "DERMOSCOPY"):
+        steps.append(ScaleIntensityd(keys="image", channel_wise=True))
+    else:
+        steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+    return Compose(steps)
+
+
+def preprocess(data: SubjectData, spacing: Sequence[float] | None = None, crop_foreground: bool = True) -> dict:
+    """Apply :func:`preprocess_transform`; returns a dict of MetaTensors plus the ID."""
+    dims = data.image.ndim - 1
+    affine = torch.as_tensor(data.affine, dtype=torch.float64)
+    item = {"image": MetaTensor(data.image.float(), affine=affine)}
+    if data.label is not None:
+        item["label"] = MetaTensor(data.label, affine=affine)
+    transform = preprocess_transform(data.subject.modality, dims, spacing, crop_foreground)
+    out = transform(item)
+    out["id"] = data.subject.id
+    out["site"] = data.subject.site
+    out["transform"] = transform  # kept so predictions can be mapped back with transform.inverse
+    return out
+
+
+def load_preprocessed(
+    subjects: Sequence[Subject], cohort: Cohort, spacing: Sequence[float] | None = None
+) -> list[dict]:
+    """Load, validate and preprocess subjects; the result is small enough to keep in memory."""
+    return [preprocess(load_subject(s, cohort), spacing) for s in subjects]
+
+
+class PatchSampler:
+    """Draws ``patches_per_subject`` patches from each chosen subject, half of them
+    centred on foreground, so the batch is grouped by subject (the DP unit)."""
+
+    def __init__(self, patch_size: Sequence[int], patches_per_subject: int = 2, seed: int = 0):
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.patches_per_subject = patches_per_subject
+        self.pad = SpatialPadd(keys=["image", "label"], spatial_size=self.patch_size)
+        self.crop = RandCropByPosNegLabeld(
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=self.patch_size,
+            pos=1,
+            neg=1,
+            num_samples=patches_per_subject,
+            allow_smaller=True,
+        )
+        self.crop.set_random_state(seed)
+
+    def sample(self, items: Sequence[dict], seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns images (N, C, *patch), labels (N, 1, *patch) and the subject index of each patch.
+        A ``seed`` makes the draw a pure function of it, so a resumed run repeats exactly."""
+        if seed is not None:
+            self.crop.set_random_state(seed % 2**32)
+        images, labels, owner = [], [], []
+        for k, item in enumerate(items):
+            padded = self.pad({"image": item["image"], "label": item["label"]})
+            for patch in self.crop(padded):
+                images.append(torch.as_tensor(patch["image"]))
+                labels.append(torch.as_tensor(patch["label"]))
+                owner.append(k)
+        return torch.stack(images), torch.stack(labels), torch.tensor(owner)

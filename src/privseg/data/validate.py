@@ -1,0 +1,135 @@
+"""Readers that validate. Every problem becomes a :class:`DataError` naming the file.
+
+Checks: missing/unreadable/truncated files, wrong dimensionality, absurd headers
+(zero or negative spacing, singular affine, huge declared sizes), NaN/Inf, empty
+volumes, image/label shape or affine mismatch, label values outside the classes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from privseg.errors import DataError
+
+MAX_VOXELS = 512**3  # refuse headers that declare absurd sizes before reading them
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Volume:
+    """A validated array plus the geometry needed to write results back."""
+
+    array: np.ndarray  # float32 image or int64 label, spatial dims only (2D or 3D)
+    affine: np.ndarray  # 4x4 voxel-to-world (identity-like for 2D images)
+    path: str
+    header: object | None = None
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in np.linalg.norm(self.affine[:3, : self.array.ndim], axis=0))
+
+
+def is_2d_image(path: str | Path) -> bool:
+    return str(path).lower().endswith(IMAGE_2D_SUFFIXES)
+
+
+def read_volume(path: str | Path, spatial_dims: int = 3, is_label: bool = False) -> Volume:
+    """Read a NIfTI (3D) or 2D image file and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if not path.is_file():
+        raise DataError(path, "is not a file")
+    if is_2d_image(path):
+        return _read_2d(path, is_label)
+    return _read_nifti(path, spatial_dims, is_label)
+
+
+def _read_nifti(path: Path, spatial_dims: int, is_label: bool) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for bad headers
+        raise DataError(path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from None
+    shape = tuple(int(s) for s in img.shape)
+    if any(s <= 0 for s in shape) or not shape:
+        raise DataError(path, f"empty volume (shape {shape})")
+    if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise DataError(path, f"declared size {shape} is larger than {MAX_VOXELS} voxels")
+    # Trailing singleton dimensions (x, y, z, 1) are common in exports; real extra ones are not.
+    while len(shape) > spatial_dims and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != spatial_dims:
+        raise DataError(path, f"expected a {spatial_dims}D volume, got shape {tuple(img.shape)}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = img.header.get_zooms()[:spatial_dims]
+    if any(not np.isfinite(z) or z <= 0 for z in zooms):
+        raise DataError(path, f"voxel spacing {tuple(float(z) for z in zooms)} must be positive")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError(path, "affine is singular or not finite")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported voxel type {dtype}")
+    try:
+        data = np.asarray(img.dataobj).reshape(shape)
+    except (EOFError, zlib.error, OSError, ValueError) as exc:
+        raise DataError(path, f"file is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    return Volume(_check_values(data, path, is_label), affine, str(path), img.header)
+
+
+def _read_2d(path: Path, is_label: bool) -> Volume:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if is_label:
+                im = im.convert("L") if im.mode not in ("L", "P", "I", "I;16", "1") else im
+                data = np.asarray(im)
+            else:
+                data = np.asarray(im.convert("L") if im.mode in ("1", "P", "I", "I;16") else im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot read as an image ({exc})") from None
+    if data.size == 0:
+        raise DataError(path, "empty image")
+    if data.ndim == 3 and not is_label:  # H x W x RGB: keep channels last for now
+        data = data[..., :3].mean(axis=-1) if data.shape[-1] in (2, 4) else data
+    affine = np.eye(4)
+    return Volume(_check_values(np.asarray(data), path, is_label), affine, str(path))
+
+
+def _check_values(data: np.ndarray, path: Path, is_label: bool) -> np.ndarray:
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise DataError(path, f"contains {bad} NaN/Inf voxels")
+    if is_label:
+        if data.dtype.kind == "f" and not np.all(data == np.round(data)):
+            raise DataError(path, "label map has non-integer values")
+        return data.astype(np.int64)
+    if not is_label and np.ptp(data) == 0:
+        raise DataError(path, "image is constant (empty or blank)")
+    return data.astype(np.float32)
+
+
+def check_label_values(label: Volume, num_classes: int) -> None:
+    values = np.unique(label.array)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise DataError(
+            label.path, f"label values {bad[:5].tolist()} are outside the declared classes 0..{num_classes - 1}"
+        )
+
+
+def check_pair(image: Volume, label: Volume, atol: float = 1e-3) -> None:
+    """Image and label must share shape and (for NIfTI) the voxel-to-world affine."""
+    if image.array.shape[: label.array.ndim] != label.array.shape:
+        raise DataError(
+            label.path, f"label shape {label.array.shape} does not match image shape {image.array.shape} ({image.path})"
+        )
+    if not np.allclose(image.affine, label.affine, atol=atol):
+        raise DataError(label.path, f"label affine differs from the image affine ({image.path})")

@@ -1,0 +1,94 @@
+"""Sliding-window inference (MONAI), per-subject evaluation, and predictions written back
+as NIfTI in the input's own space (affine and header), so viewers overlay them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from privseg.train import metrics
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, image: torch.Tensor, patch_size: Sequence[int],
+                  device: torch.device | None = None, overlap: float = 0.25, sw_batch_size: int = 4) -> torch.Tensor:
+    """Softmax probabilities (C, *spatial) for one channel-first image."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+    logits = sliding_window_inference(x, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size, predictor=model,
+                                      overlap=overlap, mode="gaussian", padding_mode="constant")
+    model.train(was_training)
+    return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
+
+
+def evaluate_subjects(model: torch.nn.Module, items: Sequence[dict], patch_size: Sequence[int], num_classes: int,
+                      with_hd95: bool = False, on_subject: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Per-subject Dice per class, mean Dice, MAE (and HD95) on preprocessed items."""
+    rows = []
+    for k, item in enumerate(items):
+        probs = predict_probs(model, item["image"], patch_size)
+        pred = probs.argmax(0, keepdim=True)
+        label = torch.as_tensor(item["label"])
+        dice = metrics.dice_per_class(pred, label, num_classes)
+        row = {"id": item["id"], "site": item["site"], "dice": dice, "mean_dice": metrics.mean(dice),
+               "mae": metrics.mae(probs, label)}
+        if with_hd95:
+            spacing = item["image"].pixdim.tolist() if hasattr(item["image"], "pixdim") else None
+            row["hd95"] = metrics.hd95(pred, label, num_classes, spacing)
+        rows.append(row)
+        if on_subject:
+            on_subject(k + 1, len(items))
+    return rows
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Mean of the per-subject metrics, overall and per site."""
+    def agg(rs):
+        out = {"n": len(rs), "mean_dice": metrics.mean([r["mean_dice"] for r in rs]),
+               "mae": metrics.mean([r["mae"] for r in rs])}
+        if rs:
+            out["dice"] = [metrics.mean([r["dice"][c] for r in rs]) for c in range(len(rs[0]["dice"]))]
+        return out
+
+    sites = sorted({r["site"] for r in rows})
+    return {"overall": agg(list(rows)), "sites": {s: agg([r for r in rows if r["site"] == s]) for s in sites}}
+
+
+def write_prediction(item: dict, probs: torch.Tensor, source, out_path: str | os.PathLike) -> Path:
+    """Undo the preprocessing (crop, resampling, orientation) with MONAI's inverse and
+    write the label map with the source image's affine and header."""
+    import nibabel as nib
+    from monai.data import MetaTensor
+
+    from privseg.utils import atomic_path
+
+    pred = probs.argmax(0, keepdim=True).to(torch.float32)
+    image = item["image"]
+    pred_mt = MetaTensor(pred, affine=image.affine, applied_operations=list(image.applied_operations))
+    inverted = item["transform"].inverse({"image": pred_mt})["image"]
+    arr = np.asarray(torch.as_tensor(inverted)[0].round()).astype(np.uint8)
+    out_path = Path(out_path)
+    if arr.shape != tuple(source.array.shape):
+        raise RuntimeError(f"inverse transform gave shape {arr.shape}, expected {source.array.shape}")
+    header = source.header.copy() if source.header is not None else None
+    img = nib.Nifti1Image(arr, source.affine, header)
+    img.set_data_dtype(np.uint8)
+    if header is not None:
+        img.header["scl_slope"], img.header["scl_inter"] = 1, 0
+    suffix = ".nii.gz" if str(out_path).endswith(".nii.gz") else ".nii"
+    with atomic_path(out_path) as tmp:
+        real_tmp = tmp.with_name(tmp.name + suffix)
+        try:
+            nib.save(img, str(real_tmp))
+            os.replace(real_tmp, tmp)
+        finally:
+            if real_tmp.exists():
+                real_tmp.unlink()
+    return out_path

@@ -1,0 +1,181 @@
+"""Patch-based training with checkpoints and resume.
+
+``train_steps`` is the one training loop; the :class:`Trainer` adds checkpointing and
+resume on top, the federated client calls ``train_steps`` for its local epochs, and the
+privacy module swaps in a DP step through ``step_fn``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from privseg.data.cohort import Cohort
+from privseg.data.transforms import PatchSampler, load_preprocessed
+from privseg.errors import ConfigError
+from privseg.models import build_model
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+from privseg.train.losses import SegLoss
+from privseg.utils import pick_device, seed_everything
+
+
+@dataclass
+class TrainConfig:
+    """What a training run needs; stored in every checkpoint."""
+
+    model: str = "unet"
+    norm: str = "group"
+    patch_size: tuple[int, ...] = (64, 64, 64)
+    subjects_per_step: int = 2
+    patches_per_subject: int = 2
+    steps: int = 300
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    spacing: tuple[float, ...] | None = None
+    checkpoint_every: int = 50
+    device: str = "auto"
+    in_channels: int = 1
+    num_classes: int = 4
+    spatial_dims: int = 3
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) != self.spatial_dims or any(p < 8 for p in self.patch_size):
+            raise ConfigError(f"patch_size {self.patch_size} must have {self.spatial_dims} sides of at least 8 voxels")
+        for name in ("subjects_per_step", "patches_per_subject", "steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive (got {self.lr})")
+
+    @classmethod
+    def for_cohort(cls, cohort: Cohort, **kw) -> "TrainConfig":
+        if "patch_size" not in kw:
+            kw["patch_size"] = (64,) * cohort.spatial_dims if cohort.spatial_dims == 3 else (128, 128)
+        return cls(in_channels=len(cohort.channels), num_classes=cohort.num_classes,
+                   spatial_dims=cohort.spatial_dims, **kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d["spacing"] = list(self.spacing) if self.spacing else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.model, in_channels=self.in_channels, num_classes=self.num_classes,
+                           spatial_dims=self.spatial_dims, norm=self.norm)
+
+
+class StepFn(Protocol):
+    def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: SegLoss,
+                 images: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor) -> float: ...
+
+
+def standard_step(model, optimizer, loss_fn, images, labels, owner) -> float:
+    """One ordinary (non-private) optimisation step on a batch of patches."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, items: Sequence[dict],
+                config: TrainConfig, *, start: int = 0, stop: int | None = None, step_fn: StepFn = standard_step,
+                loss_fn: SegLoss | None = None, sampler: PatchSampler | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Run steps ``start`` .. ``stop`` on ``items``. Each step draws ``subjects_per_step``
+    subjects and ``patches_per_subject`` patches from each; the draw depends only on
+    (seed, step), so a resumed run repeats an uninterrupted one."""
+    if not items:
+        raise ConfigError("no training subjects")
+    stop = config.steps if stop is None else stop
+    device = next(model.parameters()).device
+    loss_fn = loss_fn or SegLoss()
+    sampler = sampler or PatchSampler(config.patch_size, config.patches_per_subject, config.seed)
+    model.train()
+    losses = []
+    for step in range(start, stop):
+        rng = np.random.default_rng((config.seed, step))
+        k = min(config.subjects_per_step, len(items))
+        chosen = [items[i] for i in rng.choice(len(items), size=k, replace=False)]
+        images, labels, owner = sampler.sample(chosen, seed=int(rng.integers(2**31)))
+        loss = step_fn(model, optimizer, loss_fn, images.to(device), labels.to(device), owner.to(device))
+        losses.append(loss)
+        if on_step:
+            on_step(step + 1, loss)
+    return losses
+
+
+class Trainer:
+    """Trains on a cohort's training subjects, checkpointing to ``out_dir/last.pt`` every
+    ``checkpoint_every`` steps and resuming from it when asked."""
+
+    def __init__(self, cohort: Cohort, config: TrainConfig, out_dir: str | Path, subjects=None):
+        self.cohort = cohort
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.subjects = list(subjects) if subjects is not None else cohort.select("train")
+        if not self.subjects:
+            raise ConfigError(f"cohort {cohort.name} has no training subjects")
+        self.device = pick_device(config.device)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def fit(self, resume: bool = True, on_step: Callable[[int, int, float], None] | None = None,
+            items: Sequence[dict] | None = None, step_fn: StepFn = standard_step) -> dict:
+        cfg = self.config
+        seed_everything(cfg.seed)
+        model = cfg.build_model().to(self.device)
+        optimizer = make_optimizer(model, cfg)
+        start, history = 0, []
+        if resume and self.checkpoint_path.exists():
+            payload = load_checkpoint(self.checkpoint_path)
+            model.load_state_dict(payload["model"])
+            if "optimizer" in payload:
+                optimizer.load_state_dict(payload["optimizer"])
+            start = int(payload["step"])
+            history = list(payload["extra"].get("history", []))
+        if items is None:
+            items = load_preprocessed(self.subjects, self.cohort, cfg.spacing)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        step = start
+        while step < cfg.steps:
+            stop = min(cfg.steps, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+            losses = train_steps(model, optimizer, items, cfg, start=step, stop=stop, step_fn=step_fn,
+                                 on_step=(lambda s, loss: on_step(s, cfg.steps, loss)) if on_step else None)
+            history.extend({"step": step + i + 1, "loss": v} for i, v in enumerate(losses))
+            step = stop
+            self._save(model, optimizer, step, history)
+        elapsed = time.perf_counter() - t0
+        return {"model": model, "checkpoint": self.checkpoint_path, "steps": cfg.steps, "resumed_from": start,
+                "history": history, "seconds": elapsed}
+
+    def _save(self, model, optimizer, step, history) -> None:
+        extra = {"history": history, "cohort": self.cohort.name,
+                 "train_subjects": [s.id for s in self.subjects]}
+        save_checkpoint(self.checkpoint_path, model, config=self.config.to_dict(), step=step,
+                        optimizer=optimizer, extra=extra)
+        with open(self.out_dir / "metrics.jsonl", "w") as fh:
+            for h in history:
+                fh.write(json.dumps(h) + "\n")
