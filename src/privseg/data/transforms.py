@@ -28,7 +28,7 @@ from monai.transforms import (
 
 from privseg.data.cohort import Cohort, Subject
 from privseg.data.validate import Volume, check_label_values, check_pair, read_volume
-from privseg.errors import DataError
+from privseg.errors import ConfigError, DataError
 
 CT_WINDOW = (-200.0, 300.0)  # soft-tissue window in HU; wide enough for kidney and brain
 
@@ -45,14 +45,27 @@ class SubjectData:
 
 
 def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
-    """Read and validate all channels and the label of one subject."""
+    """Read and validate all channels and the label of one subject.
+
+    Two cohort ``info`` entries written by the format readers apply here:
+    ``channels_in_file`` (MSD: one 4D NIfTI per case, channels on the last axis) and
+    ``label_map`` (raw label value -> class index, e.g. MRBrainS18's 11 labels merged to
+    tissues, or 255 -> 1 for binary masks); values absent from the map are kept as they
+    are, so anything unexpected still fails the class check with the file's name."""
     dims = cohort.spatial_dims
+    in_file = bool(cohort.info.get("channels_in_file"))
     channels: list[np.ndarray] = []
     first: Volume | None = None
     for path in subject.images:
-        vol = read_volume(path, spatial_dims=dims)
+        vol = read_volume(path, spatial_dims=dims, channels_last=in_file)
         arr = vol.array
-        if dims == 2 and arr.ndim == 3:  # H x W x RGB
+        if in_file:
+            for k in range(arr.shape[-1]):
+                if np.ptp(arr[..., k]) == 0:
+                    raise DataError(path, f"channel {k} of the 4D image is constant (empty or blank)")
+            channels.extend(np.moveaxis(arr, -1, 0))
+            vol = Volume(arr[..., 0], vol.affine, vol.path, vol.header)
+        elif dims == 2 and arr.ndim == 3:  # H x W x RGB
             channels.extend(np.moveaxis(arr, -1, 0).astype(np.float32))
         else:
             channels.append(arr)
@@ -67,10 +80,26 @@ def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
     label = None
     if subject.label is not None:
         lab = read_volume(subject.label, spatial_dims=dims, is_label=True)
+        label_map = cohort.info.get("label_map")
+        if label_map:
+            lab = Volume(remap_labels(lab.array, label_map), lab.affine, lab.path, lab.header)
         check_pair(Volume(image[0], first.affine, first.path), lab)
         check_label_values(lab, cohort.num_classes)
         label = torch.from_numpy(lab.array[None])
     return SubjectData(subject, torch.from_numpy(image), label, first.affine, first)
+
+
+def remap_labels(array: np.ndarray, label_map: dict) -> np.ndarray:
+    """Map raw label values to class indices. Keys may be strings (a manifest is JSON);
+    values not in the map are left unchanged."""
+    try:
+        pairs = [(int(k), int(v)) for k, v in label_map.items()]
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"cohort info label_map {label_map!r} must map integer labels to integer classes") from None
+    out = array.copy()
+    for src, dst in pairs:
+        out[array == src] = dst
+    return out
 
 
 def preprocess_transform(
@@ -80,7 +109,8 @@ def preprocess_transform(
     keys = ["image", "label"]
     steps: list = []
     if spatial_dims == 3:
-        steps.append(Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True))
+        steps.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")),
+                                  allow_missing_keys=True))
         if spacing is not None:
             steps.append(
                 Spacingd(keys=keys, pixdim=tuple(spacing), mode=("bilinear", "nearest"), allow_missing_keys=True)

@@ -92,3 +92,50 @@ def write_prediction(item: dict, probs: torch.Tensor, source, out_path: str | os
             if real_tmp.exists():
                 real_tmp.unlink()
     return out_path
+
+
+def _check_fits(config: dict, cohort, path) -> None:
+    from privseg.errors import CheckpointError
+
+    if config["num_classes"] != cohort.num_classes or config["in_channels"] != len(cohort.channels):
+        raise CheckpointError(
+            f"{path}: model has {config['in_channels']} input channels and {config['num_classes']} classes, "
+            f"cohort {cohort.name} has {len(cohort.channels)} and {cohort.num_classes}"
+        )
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, cohort, split: str | None = "test",
+                        subject_ids: Sequence[str] | None = None, with_hd95: bool = False,
+                        on_subject: Callable[[int, int], None] | None = None) -> dict:
+    """Per-subject and per-site Dice/MAE(/HD95) of a checkpoint on a cohort split."""
+    from privseg.data.transforms import load_preprocessed
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    cfg = payload["config"]
+    _check_fits(cfg, cohort, checkpoint)
+    subjects = [cohort.subject(i) for i in subject_ids] if subject_ids else cohort.select(split)
+    model = model_from_checkpoint(payload, checkpoint)
+    items = load_preprocessed(subjects, cohort, cfg.get("spacing"))
+    rows = evaluate_subjects(model, items, cfg["patch_size"], cfg["num_classes"], with_hd95, on_subject)
+    return {"checkpoint": str(checkpoint), "split": split, "classes": cohort.classes, "subjects": rows,
+            "summary": summarise(rows)}
+
+
+def predict_subject_to_nifti(checkpoint: str | os.PathLike, cohort, subject_id: str,
+                             out_path: str | os.PathLike) -> Path:
+    """Segment one subject and write the label map in the subject's original image space."""
+    from privseg.data.transforms import load_subject, preprocess
+    from privseg.errors import ConfigError
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if cohort.spatial_dims != 3:
+        raise ConfigError("predict writes NIfTI and needs a 3D cohort")
+    payload = load_checkpoint(checkpoint)
+    cfg = payload["config"]
+    _check_fits(cfg, cohort, checkpoint)
+    model = model_from_checkpoint(payload, checkpoint)
+    data = load_subject(cohort.subject(subject_id), cohort)
+    item = preprocess(data, cfg.get("spacing"))
+    probs = predict_probs(model, item["image"], cfg["patch_size"])
+    return write_prediction(item, probs, data.source, out_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 
 
 class SegLoss(torch.nn.Module):
@@ -17,7 +17,8 @@ class SegLoss(torch.nn.Module):
         super().__init__()
         self.lambda_dice = lambda_dice
         self.lambda_ce = lambda_ce
-        self.dice = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=0.0, reduction="none")
+        # DiceLoss, not DiceCELoss: MONAI 1.6 refuses reduction="none" for DiceCELoss; CE is added below.
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         per_sample = self.per_sample(logits, labels)

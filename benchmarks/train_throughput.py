@@ -1,0 +1,151 @@
+"""Benchmark (issue 3): privseg's training step versus a plain hand-written MONAI loop,
+and Dice after a fixed budget on the embedded cohort.
+
+    python benchmarks/train_throughput.py [--quick] [--steps 400] [--cohort PATH]
+
+Writes benchmarks/results/train_throughput.json (keys ``ratio_vs_monai_loop``, ``dice``)
+and a .md table. Targets: ratio >= 1.0; mean foreground Dice >= 0.85 on held-out
+subjects of the same sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privseg.data.formats import read_cohort
+from privseg.data.synth import synth_cohort
+from privseg.data.transforms import load_preprocessed
+from privseg.train import TrainConfig, Trainer, evaluate_subjects, summarise, train_steps
+from privseg.train.loop import make_optimizer
+from privseg.utils import seed_everything, versions, write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def monai_loop_throughput(items, cfg: TrainConfig, steps: int, warmup: int) -> float:
+    """The loop a user would write by hand with MONAI: CacheDataset-style in-memory items,
+    RandCropByPosNegLabeld, DataLoader, DiceCELoss, AdamW. Returns voxels/second."""
+    from monai.data import DataLoader, Dataset
+    from monai.losses import DiceCELoss
+    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+
+    seed_everything(cfg.seed)
+    model = cfg.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    tf = Compose([SpatialPadd(keys=["image", "label"], spatial_size=cfg.patch_size),
+                  RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=cfg.patch_size,
+                                         pos=1, neg=1, num_samples=cfg.patches_per_subject)])
+    data = [{"image": i["image"].as_tensor(), "label": i["label"].as_tensor()} for i in items]
+    loader = DataLoader(Dataset(data, tf), batch_size=cfg.subjects_per_step, shuffle=True, num_workers=0)
+    voxels, done, t0 = 0, 0, None
+    model.train()
+    while done < steps + warmup:
+        for batch in loader:
+            if batch["image"].shape[0] * cfg.patches_per_subject < cfg.subjects_per_step * cfg.patches_per_subject:
+                continue
+            if done == warmup:
+                t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = loss_fn(model(batch["image"]), batch["label"])
+            loss.backward()
+            opt.step()
+            if done >= warmup:
+                voxels += batch["image"][:, 0].numel()
+            done += 1
+            if done >= steps + warmup:
+                break
+    return voxels / (time.perf_counter() - t0)
+
+
+def privseg_throughput(items, cfg: TrainConfig, steps: int, warmup: int) -> float:
+    seed_everything(cfg.seed)
+    model = cfg.build_model()
+    opt = make_optimizer(model, cfg)
+    train_steps(model, opt, items, cfg, start=0, stop=warmup)
+    t0 = time.perf_counter()
+    train_steps(model, opt, items, cfg, start=warmup, stop=warmup + steps)
+    n_patches = cfg.subjects_per_step * cfg.patches_per_subject
+    return steps * n_patches * int(np.prod(cfg.patch_size)) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cohort", type=Path, help="Cohort path (default: build the embedded 3-site 64^3 cohort).")
+    ap.add_argument("--quick", action="store_true", help="Few steps: a smoke run in a couple of minutes.")
+    ap.add_argument("--steps", type=int, default=600, help="Training budget per model for the Dice part.")
+    ap.add_argument("--models", default="unet,resnet10")
+    ap.add_argument("--timing-steps", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    steps = 40 if args.quick else args.steps
+    timing_steps = 4 if args.quick else args.timing_steps
+    cohort_path = args.cohort or RESULTS.parent / "data" / "cohort64"
+    if args.cohort is None and not (cohort_path / "cohort.json").exists():
+        synth_cohort(cohort_path, sites=3, subjects=8, size=64, seed=0)
+    cohort = read_cohort(cohort_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    patch = (64,) * cohort.spatial_dims if cohort.spatial_dims == 3 else (128, 128)
+
+    train_items = load_preprocessed(cohort.select("train"), cohort)
+    test_items = load_preprocessed(cohort.select("test"), cohort)
+
+    # 1. Throughput on the same model, batch and patch size (CPU: 2 subjects x 2 patches of 64^3).
+    cfg = TrainConfig.for_cohort(cohort, model="unet", patch_size=patch, device="cpu")
+    monai_vps = monai_loop_throughput(train_items, cfg, timing_steps, warmup=2)
+    privseg_vps = privseg_throughput(train_items, cfg, timing_steps, warmup=2)
+    ratio = privseg_vps / monai_vps
+    print(f"throughput: privseg {privseg_vps:,.0f} vox/s, MONAI loop {monai_vps:,.0f} vox/s, ratio {ratio:.3f}")
+
+    # 2. Dice after a fixed budget, per model.
+    per_model = {}
+    for name in args.models.split(","):
+        cfg = TrainConfig.for_cohort(cohort, model=name, patch_size=patch, steps=steps,
+                                     checkpoint_every=steps, device=device, lr=2e-3)
+        run_dir = RESULTS.parent / "runs" / f"throughput_{name}"
+        t0 = time.perf_counter()
+        result = Trainer(cohort, cfg, run_dir).fit(resume=False, items=train_items)
+        seconds = time.perf_counter() - t0
+        rows = evaluate_subjects(result["model"], test_items, patch, cohort.num_classes)
+        summary = summarise(rows)
+        per_model[name] = {"steps": steps, "train_seconds": seconds, "test": summary,
+                           "params": sum(p.numel() for p in result["model"].parameters())}
+        print(f"{name}: {steps} steps in {seconds:.0f} s -> test mean Dice {summary['overall']['mean_dice']:.4f} "
+              f"(per class {[round(x, 4) for x in summary['overall']['dice']]})")
+    best = max(per_model, key=lambda m: per_model[m]["test"]["overall"]["mean_dice"])
+    out = {
+        "ratio_vs_monai_loop": ratio,
+        "dice": per_model[best]["test"]["overall"]["mean_dice"],
+        "best_model": best,
+        "throughput_voxels_per_s": {"privseg": privseg_vps, "monai_loop": monai_vps},
+        "models": per_model,
+        "cohort": str(cohort_path), "classes": cohort.classes, "quick": args.quick,
+        "device": device, "threads": torch.get_num_threads(), "versions": versions(),
+        "targets": {"ratio_vs_monai_loop": ">= 1.0", "dice": ">= 0.85"},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "train_throughput.json", out)
+    lines = ["# Training throughput and Dice (issue 3)", "",
+             f"Command: `python benchmarks/train_throughput.py{' --quick' if args.quick else ''}`  ",
+             f"Device: {device}, {torch.get_num_threads()} threads", "",
+             "| measure | value | target |", "|---|---|---|",
+             f"| privseg / MONAI loop throughput | {ratio:.3f} | >= 1.0 |",
+             f"| best test mean Dice ({best}) | {out['dice']:.4f} | >= 0.85 |", "",
+             "| model | params | steps | train s | test mean Dice | per-class Dice |", "|---|---|---|---|---|---|"]
+    for name, m in per_model.items():
+        o = m["test"]["overall"]
+        lines.append(f"| {name} | {m['params']:,} | {m['steps']} | {m['train_seconds']:.0f} | {o['mean_dice']:.4f} | "
+                     f"{', '.join(f'{c}={d:.3f}' for c, d in zip(cohort.classes[1:], o['dice']))} |")
+    (RESULTS / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: out[k] for k in ("ratio_vs_monai_loop", "dice", "best_model")}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`privseg train|evaluate|predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from privseg.cli.ui import out, progress, table
+from privseg.utils import write_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command()(evaluate)
+    app.command()(predict)
+
+
+def train(
+    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
+    out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
+    model: str = typer.Option("unet", help="Network name (unet, unet_tiny, resnet10/18/34/50)."),
+    norm: str = typer.Option("group", help="batch, group or instance."),
+    steps: int = typer.Option(300, min=1),
+    patch: int = typer.Option(64, min=8, help="Patch side in voxels."),
+    subjects_per_step: int = typer.Option(2, min=1),
+    patches_per_subject: int = typer.Option(2, min=1),
+    lr: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a segmentation model on a cohort's training subjects."""
+    from privseg.data.formats import read_cohort
+    from privseg.train import TrainConfig, Trainer
+
+    c = read_cohort(cohort)
+    cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
+                                 subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
+                                 lr=lr, seed=seed, device=device)
+    with progress("training", steps, quiet) as update:
+        result = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
+    if not quiet:
+        out.print(f"checkpoint: {result['checkpoint']}  ({result['seconds']:.0f} s, resumed from step "
+                  f"{result['resumed_from']})")
+
+
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
+    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
+    split: str = typer.Option("test", help="train, val or test."),
+    json_out: Path = typer.Option(None, "--json", help="Write the full result as JSON."),
+    hd95: bool = typer.Option(False, help="Also compute HD95 (slower)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Per-subject and per-site Dice/MAE table of a checkpoint."""
+    from privseg.data.formats import read_cohort
+    from privseg.train.inference import evaluate_checkpoint
+
+    c = read_cohort(cohort)
+    n = len(c.select(split))
+    with progress("evaluating", n, quiet) as update:
+        result = evaluate_checkpoint(checkpoint, c, split, with_hd95=hd95, on_subject=lambda k, _n: update(k))
+    print_dice_table(result)
+    if json_out:
+        write_json(json_out, result)
+
+
+def print_dice_table(result: dict) -> None:
+    classes = result["classes"][1:]
+    rows = [[r["id"], r["site"], *r["dice"], r["mean_dice"], r["mae"]] for r in result["subjects"]]
+    summary = result["summary"]
+    for site, s in summary["sites"].items():
+        rows.append([f"[bold]{site} mean", site, *s["dice"], s["mean_dice"], s["mae"]])
+    o = summary["overall"]
+    rows.append(["[bold]all", "", *o.get("dice", []), o["mean_dice"], o["mae"]])
+    out.print(table(f"Dice on {result['split']} subjects", ["subject", "site", *classes, "mean Dice", "MAE"], rows))
+
+
+def predict(
+    checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
+    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
+    subject: str = typer.Option(..., help="Subject ID to segment."),
+    out_path: Path = typer.Option(..., "--out", help="Output label map (.nii.gz)."),
+) -> None:
+    """Write a subject's predicted label map as NIfTI with the input image's affine and header."""
+    from privseg.data.formats import read_cohort
+    from privseg.train.inference import predict_subject_to_nifti
+
+    path = predict_subject_to_nifti(checkpoint, read_cohort(cohort), subject, out_path)
+    out.print(f"wrote {path}")

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny cohorts written as real NIfTI files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from privseg.data.cohort import Cohort, Subject, assign_splits
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def make_blob_subject(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipsoid 'organ' (class 1) with a core (class 2) inside; intensity follows the labels."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
+    centre = rng.uniform(-0.15, 0.15, size=3)[:, None, None, None]
+    radii = rng.uniform(0.45, 0.65, size=3)[:, None, None, None]
+    r = np.sqrt((((grid - centre) / radii) ** 2).sum(0))
+    label = np.zeros((size,) * 3, np.uint8)
+    label[r < 1.0] = 1
+    label[r < 0.5] = 2
+    image = np.choose(label, [0.0, 1.0, 2.0]).astype(np.float32) + rng.normal(0, 0.1, label.shape).astype(np.float32)
+    return image, label
+
+
+def make_tiny_cohort(root: Path, sites: int = 2, per_site: int = 3, size: int = 20, seed: int = 0) -> Cohort:
+    rng = np.random.default_rng(seed)
+    subjects = []
+    for s in range(sites):
+        for k in range(per_site):
+            sid = f"S{s}{k:02d}"
+            image, label = make_blob_subject(rng, size)
+            img = write_nifti(root / "images" / f"{sid}.nii.gz", image)
+            lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
+            subjects.append(Subject(id=sid, site=f"H{s + 1}", images=(str(img),), label=str(lab), modality="T1"))
+    cohort = Cohort(subjects=assign_splits(subjects, test_fraction=0.34, seed=seed), classes=["background", "organ", "core"],
+                    channels=["T1"], name="tiny", root=root)
+    cohort.save()
+    return cohort
+
+
+@pytest.fixture
+def tiny_cohort(tmp_path: Path) -> Cohort:
+    return make_tiny_cohort(tmp_path / "tiny")
