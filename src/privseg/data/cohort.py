@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from privseg.errors import ConfigError, DataError
 from privseg.utils import check_id, write_json
@@ -60,10 +60,14 @@ class Cohort:
             if s.id in seen:
                 raise DataError(self.root or self.name, f"duplicate subject ID {s.id!r}")
             seen.add(s.id)
-            # A 2D RGB file carries several channels in one file; NIfTI has one file per channel.
-            if self.spatial_dims == 3 and len(s.images) != len(self.channels):
+            # A 2D RGB file carries several channels in one file; NIfTI has one file per channel,
+            # except the MSD layout, whose 4D files hold every channel (info["channels_in_file"]).
+            files = 1 if self.info.get("channels_in_file") else len(self.channels)
+            if self.spatial_dims == 3 and len(s.images) != files:
                 raise DataError(
-                    s.images[0], f"subject {s.id} has {len(s.images)} channels, cohort declares {len(self.channels)}"
+                    s.images[0],
+                    f"subject {s.id} has {len(s.images)} image files, cohort expects {files} "
+                    f"(channels {', '.join(self.channels)})",
                 )
         if len(self.classes) < 2:
             raise ConfigError(f"cohort {self.name}: needs background plus at least one class")
@@ -111,7 +115,7 @@ class Cohort:
             raise ConfigError("forget request names every training subject: nothing left to retain")
         return retain, forget
 
-    def with_subjects(self, subjects: Sequence[Subject]) -> "Cohort":
+    def with_subjects(self, subjects: Sequence[Subject]) -> Cohort:
         return replace(self, subjects=list(subjects))
 
     # -- persistence --------------------------------------------------------
@@ -152,7 +156,7 @@ class Cohort:
         return path
 
     @classmethod
-    def from_manifest(cls, path: str | Path) -> "Cohort":
+    def from_manifest(cls, path: str | Path) -> Cohort:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())

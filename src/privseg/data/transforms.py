@@ -8,8 +8,8 @@ for CT, [0, 1] for photographs); ``PatchSampler`` draws training patches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -119,7 +119,9 @@ def preprocess_transform(
         steps.append(CropForegroundd(keys=keys, source_key="image", margin=2, allow_missing_keys=True))
     mod = modality.upper()
     if mod == "CT":
-        steps.append(ScaleIntensityRanged(keys="image", a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True))
+        steps.append(
+            ScaleIntensityRanged(keys="image", a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)
+        )
     elif mod in ("RGB", "PHOTO", "DERMOSCOPY"):
         steps.append(ScaleIntensityd(keys="image", channel_wise=True))
     else:

@@ -37,8 +37,11 @@ def is_2d_image(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_2D_SUFFIXES)
 
 
-def read_volume(path: str | Path, spatial_dims: int = 3, is_label: bool = False) -> Volume:
-    """Read a NIfTI (3D) or 2D image file and validate it."""
+def read_volume(path: str | Path, spatial_dims: int = 3, is_label: bool = False, channels_last: bool = False) -> Volume:
+    """Read a NIfTI (3D) or 2D image file and validate it.
+
+    ``channels_last`` accepts one extra trailing axis holding channels (the MSD layout
+    stores a multi-modal case as one 4D NIfTI); the array then keeps that axis last."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
@@ -46,10 +49,10 @@ def read_volume(path: str | Path, spatial_dims: int = 3, is_label: bool = False)
         raise DataError(path, "is not a file")
     if is_2d_image(path):
         return _read_2d(path, is_label)
-    return _read_nifti(path, spatial_dims, is_label)
+    return _read_nifti(path, spatial_dims, is_label, channels_last)
 
 
-def _read_nifti(path: Path, spatial_dims: int, is_label: bool) -> Volume:
+def _read_nifti(path: Path, spatial_dims: int, is_label: bool, channels_last: bool = False) -> Volume:
     import nibabel as nib
 
     try:
@@ -64,10 +67,14 @@ def _read_nifti(path: Path, spatial_dims: int, is_label: bool) -> Volume:
     # Trailing singleton dimensions (x, y, z, 1) are common in exports; real extra ones are not.
     while len(shape) > spatial_dims and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) != spatial_dims:
-        raise DataError(path, f"expected a {spatial_dims}D volume, got shape {tuple(img.shape)}")
+    if channels_last and len(shape) == spatial_dims:  # a single-channel file: keep the channel axis
+        shape = shape + (1,)
+    expected = spatial_dims + 1 if channels_last else spatial_dims
+    if len(shape) != expected:
+        what = f"{spatial_dims}D volume with channels last" if channels_last else f"{spatial_dims}D volume"
+        raise DataError(path, f"expected a {what}, got shape {tuple(img.shape)}")
     affine = np.asarray(img.affine, dtype=np.float64)
-    zooms = img.header.get_zooms()[:spatial_dims]
+    zooms = _stored_zooms(img)[:spatial_dims]
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"voxel spacing {tuple(float(z) for z in zooms)} must be positive")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
@@ -80,6 +87,23 @@ def _read_nifti(path: Path, spatial_dims: int, is_label: bool) -> Volume:
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise DataError(path, f"file is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     return Volume(_check_values(data, path, is_label), affine, str(path), img.header)
+
+
+def _stored_zooms(img: object) -> tuple[float, ...]:
+    """Voxel sizes as the file stores them. nibabel's loader quietly replaces zero pixdims by 1
+    and negative ones by their absolute value, which would hide a broken header from the
+    spacing check; so re-read the header without those fixes."""
+    from nibabel.openers import ImageOpener
+
+    header = img.header  # type: ignore[attr-defined]
+    try:
+        file_map = img.file_map  # type: ignore[attr-defined]
+        holder = file_map.get("header") or file_map["image"]  # NIfTI pairs keep the header in .hdr
+        with ImageOpener(holder.filename) as f:
+            header = type(header).from_fileobj(f, check=False)
+    except Exception:  # a header nibabel already parsed once; fall back to its fixed copy
+        pass
+    return tuple(float(z) for z in header.get_zooms())
 
 
 def _read_2d(path: Path, is_label: bool) -> Volume:
@@ -98,7 +122,8 @@ def _read_2d(path: Path, is_label: bool) -> Volume:
     if data.size == 0:
         raise DataError(path, "empty image")
     if data.ndim == 3 and not is_label:  # H x W x RGB: keep channels last for now
-        data = data[..., :3].mean(axis=-1) if data.shape[-1] in (2, 4) else data
+        # Alpha is not a colour channel: RGBA keeps R, G, B; grey + alpha keeps the grey.
+        data = data[..., :3] if data.shape[-1] == 4 else data[..., 0] if data.shape[-1] == 2 else data
     affine = np.eye(4)
     return Volume(_check_values(np.asarray(data), path, is_label), affine, str(path))
 
