@@ -142,7 +142,7 @@ def main() -> None:
     for name, m in per_model.items():
         o = m["test"]["overall"]
         lines.append(f"| {name} | {m['params']:,} | {m['steps']} | {m['train_seconds']:.0f} | {o['mean_dice']:.4f} | "
-                     f"{', '.join(f'{c}={d:.3f}' for c, d in zip(cohort.classes[1:], o['dice']))} |")
+                     f"{', '.join(f'{c}={d:.3f}' for c, d in zip(cohort.classes[1:], o['dice'], strict=True))} |")
     (RESULTS / "train_throughput.md").write_text("\n".join(lines) + "\n")
     print(json.dumps({k: out[k] for k in ("ratio_vs_monai_loop", "dice", "best_model")}, indent=2))
 

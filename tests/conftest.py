@@ -44,8 +44,8 @@ def make_tiny_cohort(root: Path, sites: int = 2, per_site: int = 3, size: int = 
             img = write_nifti(root / "images" / f"{sid}.nii.gz", image)
             lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
             subjects.append(Subject(id=sid, site=f"H{s + 1}", images=(str(img),), label=str(lab), modality="T1"))
-    cohort = Cohort(subjects=assign_splits(subjects, test_fraction=0.34, seed=seed), classes=["background", "organ", "core"],
-                    channels=["T1"], name="tiny", root=root)
+    cohort = Cohort(subjects=assign_splits(subjects, test_fraction=0.34, seed=seed),
+                    classes=["background", "organ", "core"], channels=["T1"], name="tiny", root=root)
     cohort.save()
     return cohort
 

@@ -78,5 +78,6 @@ def info(path: Path = typer.Argument(..., help="Cohort folder or manifest.")) ->
     for site in cohort.sites:
         subs = cohort.select(site=site)
         mods = sorted({s.modality for s in subs})
-        rows.append([site, ",".join(mods), *[len([s for s in subs if s.split == sp]) for sp in ("train", "val", "test")]])
+        counts = [len([s for s in subs if s.split == sp]) for sp in ("train", "val", "test")]
+        rows.append([site, ",".join(mods), *counts])
     out.print(table("subjects per site and split", ["site", "modality", "train", "val", "test"], rows))

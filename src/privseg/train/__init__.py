@@ -2,7 +2,7 @@
 
 from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from privseg.train.inference import evaluate_subjects, predict_probs, summarise, write_prediction
-from privseg.train.loop import Trainer, TrainConfig, standard_step, train_steps
+from privseg.train.loop import TrainConfig, Trainer, standard_step, train_steps
 from privseg.train.losses import SegLoss
 
 __all__ = [

@@ -4,8 +4,8 @@ as NIfTI in the input's own space (affine and header), so viewers overlay them."
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

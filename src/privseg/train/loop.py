@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive (got {self.lr})")
 
     @classmethod
-    def for_cohort(cls, cohort: Cohort, **kw) -> "TrainConfig":
+    def for_cohort(cls, cohort: Cohort, **kw) -> TrainConfig:
         if "patch_size" not in kw:
             kw["patch_size"] = (64,) * cohort.spatial_dims if cohort.spatial_dims == 3 else (128, 128)
         return cls(in_channels=len(cohort.channels), num_classes=cohort.num_classes,
@@ -70,7 +71,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
