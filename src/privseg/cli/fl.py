@@ -1,0 +1,187 @@
+"""`privseg fl run|deploy|status`: federated training with Flower."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from privseg.cli.ui import console, out, progress, table
+
+app = typer.Typer(no_args_is_help=True, help="Federated training across hospitals (Flower).")
+
+_COHORT = typer.Option(None, help="Multi-site cohort (folder or manifest): every site of it is a site.")
+_SITE = typer.Option(None, "--site", help="ID=FOLDER of one site's data, any supported format (repeatable).")
+_SITES_ROOT = typer.Option(None, help="Folder with one sub-folder per site (the folder name is the site ID).")
+_ONLY = typer.Option(None, "--only-site", help="With --cohort: use only these sites (repeatable).")
+
+
+def _build_config(*, cohort, site, sites_root, only_site, name, rounds, strategy, local_steps, model, norm, patch,
+                  subjects_per_step, patches_per_subject, lr, seed, mu, min_sites, fraction, eval_every, keep_updates,
+                  round_timeout, device):
+    from privseg.errors import ConfigError
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
+    from privseg.train import TrainConfig
+
+    given = [x for x in (cohort, site, sites_root) if x]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --cohort, --site (repeatable) or --sites-root")
+    if cohort:
+        sites = sites_from_cohort(cohort, only_site or None)
+    elif site:
+        sites = sites_from_folders(site)
+    else:
+        sites = sites_from_root(sites_root)
+    info = check_sites(sites)
+    dims = info["spatial_dims"]
+    tc = TrainConfig(model=model, norm=norm, patch_size=(patch,) * dims, subjects_per_step=subjects_per_step,
+                     patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
+                     device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     spatial_dims=dims)
+    tc.build_model()  # a bad model/norm name fails here, before any process starts
+    return FLConfig(name=name, sites=sites, train=tc, strategy=strategy, rounds=rounds, local_steps=local_steps,
+                    proximal_mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
+                    keep_updates=keep_updates, round_timeout=round_timeout), info
+
+
+def _round_info(e: dict) -> str:
+    ev = (e.get("eval") or {}).get("overall") or {}
+    parts = [f"{len(e.get('participants', []))} sites"]
+    if e.get("failed"):
+        parts.append(f"[red]{len(e['failed'])} failed[/red]")
+    loss = (e.get("train_aggregate") or {}).get("train-loss")
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    if "site-mean-dice" in ev:
+        parts.append(f"Dice {ev['site-mean-dice']:.3f}")
+    if not e.get("applied"):
+        parts.append("[yellow]not applied[/yellow]")
+    return "  ".join(parts)
+
+
+def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
+    from privseg.federated import RunState
+
+    run_dir = runs_dir / cfg.name
+    done = RunState.load_or_new(run_dir).rounds_done if (run_dir / "state.json").exists() else 0
+    if not quiet:
+        console.print(f"[bold]{mode}[/bold] run {cfg.name}: {cfg.strategy}, {len(cfg.sites)} sites "
+                      f"({', '.join(cfg.site_ids)}), {cfg.rounds} rounds x {cfg.local_steps} local steps"
+                      + (f", resuming after round {done}" if 0 < done < cfg.rounds else ""))
+    with progress(f"fl {mode}", cfg.rounds, quiet) as update:
+        update(min(done, cfg.rounds))
+
+        def on_round(e: dict) -> None:
+            update(int(e["round"]), _round_info(e))
+
+        if mode == "simulation":
+            from privseg.federated.simulation import simulate
+
+            state = simulate(cfg, run_dir, on_round=on_round, **kw)
+        else:
+            from privseg.federated.deploy import deploy
+
+            state = deploy(cfg, run_dir, on_round=on_round, **kw)
+    if not quiet:
+        _print_status(state)
+
+
+@app.command()
+def run(
+    cohort: Path = _COHORT, site: list[str] = _SITE, sites_root: Path = _SITES_ROOT, only_site: list[str] = _ONLY,
+    name: str = typer.Option("fl", help="Run name: the run folder is RUNS/NAME; an existing run resumes."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders."),
+    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg", help="fedavg, fedprox or fedbn."),
+    local_steps: int = typer.Option(10, min=1, help="Local optimisation steps per site per round."),
+    model: str = typer.Option("unet"), norm: str = typer.Option("group", help="batch, group or instance."),
+    patch: int = typer.Option(32, min=8), subjects_per_step: int = typer.Option(2, min=1),
+    patches_per_subject: int = typer.Option(2, min=1), lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+    mu: float = typer.Option(0.01, "--mu", help="FedProx proximal weight."),
+    min_sites: int = typer.Option(1, min=1, help="A round needs at least this many site updates."),
+    fraction: float = typer.Option(1.0, help="Fraction of sites sampled per round."),
+    eval_every: int = typer.Option(1, min=0, help="Evaluate on held-out subjects every N rounds (0: never)."),
+    keep_updates: bool = typer.Option(False, help="Store every site's update per round (for erasure tracing)."),
+    cpus_per_client: float = typer.Option(None, help="CPUs per simulated ClientApp (default: all; sites in turn)."),
+    ray_address: str = typer.Option(None, help="Join an existing Ray cluster (e.g. auto or ray://HEAD:10001)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto, for local training."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Federated training in simulation (Flower on Ray); resumes RUNS/NAME after a crash."""
+    cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=only_site, name=name,
+                           rounds=rounds,
+                           strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
+                           subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
+                           seed=seed, mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
+                           keep_updates=keep_updates, round_timeout=3600.0, device=device)
+    _run_common("simulation", cfg, runs_dir, quiet, cpus_per_client=cpus_per_client, ray_address=ray_address)
+
+
+@app.command()
+def deploy(
+    cohort: Path = _COHORT, site: list[str] = _SITE, sites_root: Path = _SITES_ROOT, only_site: list[str] = _ONLY,
+    name: str = typer.Option("fl-deploy", help="Run name: the run folder is RUNS/NAME; an existing run resumes."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders."),
+    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg", help="fedavg, fedprox or fedbn."),
+    local_steps: int = typer.Option(10, min=1), model: str = typer.Option("unet"),
+    norm: str = typer.Option("group"), patch: int = typer.Option(32, min=8),
+    subjects_per_step: int = typer.Option(2, min=1), patches_per_subject: int = typer.Option(2, min=1),
+    lr: float = typer.Option(2e-3), seed: int = typer.Option(0), mu: float = typer.Option(0.01, "--mu"),
+    min_sites: int = typer.Option(1, min=1), fraction: float = typer.Option(1.0),
+    eval_every: int = typer.Option(1, min=0), keep_updates: bool = typer.Option(False),
+    round_timeout: float = typer.Option(600.0, help="Seconds to wait for site replies in a round."),
+    superlink: str = typer.Option(None, help="Use this running SuperLink (HOST:PORT) instead of starting one."),
+    root_certificates: Path = typer.Option(None, help="CA certificate of --superlink."),
+    insecure: bool = typer.Option(False, help="No TLS (default: TLS with certificates generated for loopback)."),
+    device: str = typer.Option("cpu"), quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them."""
+    cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=only_site, name=name,
+                           rounds=rounds,
+                           strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
+                           subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
+                           seed=seed, mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
+                           keep_updates=keep_updates, round_timeout=round_timeout, device=device)
+    _run_common("deployment", cfg, runs_dir, quiet, superlink=superlink, root_certificates=root_certificates,
+                insecure=insecure)
+
+
+@app.command()
+def status(
+    name: str = typer.Argument("fl", help="Run name (or a run folder path)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs"),
+    json_out: bool = typer.Option(False, "--json", help="Print the run state as JSON."),
+) -> None:
+    """Rounds, sites and metrics of a federated run."""
+    from privseg.federated import RunState
+
+    run_dir = Path(name) if Path(name).is_dir() and (Path(name) / "fl_config.json").exists() else runs_dir / name
+    state = RunState.load(run_dir)
+    if json_out:
+        out.print_json(json.dumps(state.data, default=str))
+        return
+    _print_status(state)
+
+
+def _print_status(state) -> None:
+    d = state.data
+    out.print(f"run [bold]{d.get('name', state.run_dir.name)}[/bold] ({d.get('strategy')}): "
+              f"{state.rounds_done}/{d.get('rounds_planned', '?')} rounds, status {state.status}, "
+              f"last checkpoint {d.get('last_checkpoint')}")
+    rows = []
+    for e in state.rounds:
+        ev = (e.get("eval") or {}).get("overall") or {}
+        loss = (e.get("train_aggregate") or {}).get("train-loss")
+        rows.append([e["round"], ", ".join(e.get("participants", [])),
+                     ", ".join(f["site"] for f in e.get("failed", [])) or "-",
+                     "yes" if e.get("applied") else "no", loss if loss is not None else "-",
+                     ev.get("site-mean-dice", "-"), e.get("wall_s", 0.0)])
+    out.print(table("rounds", ["round", "site", "failed", "applied", "train loss", "mean Dice", "seconds"], rows))
+    latest = state.site_metrics()
+    if latest:
+        srows = [[s, m["round"], m.get("num-examples", 0), *m.get("dice", []), m.get("mean-dice", 0.0),
+                  m.get("mae", 0.0)] for s, m in sorted(latest.items())]
+        ncls = max(len(m.get("dice", [])) for m in latest.values())
+        out.print(table("latest evaluation per site (held-out subjects)",
+                        ["site", "round", "subjects", *[f"Dice c{k + 1}" for k in range(ncls)], "mean Dice", "MAE"],
+                        srows))

@@ -1,0 +1,267 @@
+"""The privseg ClientApp: one hospital trains and evaluates on its own subjects.
+
+Which site a ClientApp serves comes from the node config (deployment:
+``flower-supernode --node-config 'site="H1" cohort="/data/h1" cohort-site="" state-dir="..."'``)
+or, in simulation, from the partition ID mapped to the run's site list.
+
+Each train message carries the global weights (``arrays``) and a config record with the
+foundation's ``TrainConfig`` (``train-config``, JSON), ``server-round``, ``local-steps``,
+``proximal-mu`` (FedProx) and ``local-norm`` (FedBN). The client runs the foundation's
+:func:`privseg.train.loop.train_steps` for steps ``(round-1)*local_steps .. round*local_steps``
+with a per-site seed, so a repeated round gives the same update. Its reply holds the new
+weights (without the normalisation layers under FedBN), and ``num-examples`` = training
+subjects, ``train-loss``, ``compute-s`` (local compute time) in a MetricRecord, and the site ID
+in a ConfigRecord ``site``.
+
+Site-local state (FedBN's normalisation layers) is written after every round to
+``<state-dir>/local_r<round>.pt`` (default ``<run-dir>/sites/<site>/``); the next round, or
+the same round repeated after a server crash, reads the newest file older than that round.
+
+Hook for patient-level DP-SGD: ``make_client_app(step_fn_factory=...)``; the factory gets
+``(train_config, message_config, site, state_dir)`` and returns the ``step_fn`` that
+:func:`train_steps` runs (default: the ordinary step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from privseg.errors import ConfigError, DataError
+from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
+from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
+from privseg.train.inference import evaluate_subjects, summarise
+from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
+from privseg.utils import atomic_path, pick_device
+
+StepFnFactory = Callable[[TrainConfig, ConfigRecord, SiteSpec, Path], StepFn]
+KEEP_LOCAL_STATES = 3
+
+# Preprocessed subjects per (cohort, site, split, spacing), least recently used dropped first,
+# so a simulation worker serving many sites holds only a few in memory.
+_CACHE: OrderedDict[tuple, list[dict]] = OrderedDict()
+_COHORTS: dict[str, Any] = {}
+
+
+def _cohort(path: str):
+    if path not in _COHORTS:
+        _COHORTS[path] = read_site_cohort(path)
+    return _COHORTS[path]
+
+
+def site_items(spec: SiteSpec, split: str, spacing, capacity: int = 8) -> list[dict]:
+    """The site's preprocessed subjects of one split, cached (LRU of ``capacity`` entries)."""
+    from privseg.data.transforms import load_preprocessed
+
+    key = (spec.cohort, spec.cohort_site, split, tuple(spacing) if spacing else None)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    cohort = _cohort(spec.cohort)
+    items = load_preprocessed(site_subjects(cohort, spec, split), cohort, spacing)
+    _CACHE[key] = items
+    while len(_CACHE) > max(1, capacity):
+        _CACHE.popitem(last=False)
+    return items
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    _COHORTS.clear()
+
+
+def resolve_site(context: Context, sites: Sequence[SiteSpec] | None, state_root: str | Path | None,
+                 config: ConfigRecord | None = None) -> tuple[SiteSpec, Path]:
+    """(site, state folder) of this node: node config ``site`` + ``cohort`` (deployment), else
+    partition ID -> ``sites`` (simulation)."""
+    nc = context.node_config
+    if "site" in nc and "cohort" in nc:
+        spec = SiteSpec(id=str(nc["site"]), cohort=str(nc["cohort"]),
+                        cohort_site=str(nc.get("cohort-site", "")) or None)
+    elif sites is not None and "partition-id" in nc:
+        pid = int(nc["partition-id"])
+        if not 0 <= pid < len(sites):
+            raise ConfigError(f"partition {pid} has no site (the run has {len(sites)} sites)")
+        spec = sites[pid]
+    else:
+        raise ConfigError("this SuperNode has no site: start it with --node-config 'site=\"H1\" cohort=\"/path\"' "
+                          f"(node config: {dict(nc)})")
+    if nc.get("state-dir"):
+        state_dir = Path(str(nc["state-dir"]))
+    else:
+        root = state_root or (config.get("run-dir") if config is not None else None)
+        if not root:
+            raise ConfigError(f"site {spec.id}: no state-dir in the node config and no run-dir to fall back on")
+        state_dir = Path(str(root)) / "sites" / spec.id
+    return spec, state_dir
+
+
+def site_seed(site_id: str) -> int:
+    """A stable per-site offset for the training seed (the same on every machine)."""
+    return zlib.crc32(site_id.encode()) % 1_000_003
+
+
+# -- site-local state (FedBN norms) ----------------------------------------------
+
+def save_local_state(state_dir: Path, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+    path = state_dir / f"local_r{server_round:04d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    old = sorted(state_dir.glob("local_r*.pt"))
+    for p in old[:-KEEP_LOCAL_STATES]:
+        p.unlink(missing_ok=True)
+    return path
+
+
+def load_local_state(state_dir: Path, up_to_round: int) -> dict[str, torch.Tensor] | None:
+    """The newest local state written in a round <= ``up_to_round`` (None if there is none)."""
+    best = None
+    for p in state_dir.glob("local_r*.pt"):
+        try:
+            r = int(p.stem.split("_r")[1])
+        except (IndexError, ValueError):
+            continue
+        if r <= up_to_round and (best is None or r > best[0]):
+            best = (r, p)
+    if best is None:
+        return None
+    try:
+        return torch.load(best[1], map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file must name itself
+        raise DataError(best[1], f"site-local state unreadable ({type(exc).__name__}: {exc})") from None
+
+
+# -- the two message handlers ----------------------------------------------------
+
+def _train_config(config: ConfigRecord) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(json.loads(str(config["train-config"])))
+    except KeyError:
+        raise ConfigError("train message has no train-config") from None
+
+
+def _check_cohort(spec: SiteSpec, tc: TrainConfig) -> None:
+    cohort = _cohort(spec.cohort)
+    if cohort.num_classes != tc.num_classes or len(cohort.channels) != tc.in_channels:
+        raise DataError(spec.cohort, f"site {spec.id} has {cohort.num_classes} classes and {len(cohort.channels)} "
+                        f"channels; the federation's model has {tc.num_classes} and {tc.in_channels}")
+
+
+def _local_model(msg: Message, tc: TrainConfig, local_norm: bool, state_dir: Path, up_to_round: int):
+    model = tc.build_model().to(pick_device(tc.device))
+    keys = norm_state_keys(model) if local_norm else set()
+    load_arrays(model, msg.content["arrays"], skip=keys)
+    if local_norm:
+        local = load_local_state(state_dir, up_to_round)
+        if local is not None:
+            model.load_state_dict(local, strict=False)
+    return model, keys
+
+
+def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, items: Sequence[dict], config: TrainConfig,
+                start: int, stop: int, step_fn: StepFn = standard_step) -> list[float]:
+    """A site's local work for one round: the foundation's ``train_steps``, unchanged."""
+    own = getattr(step_fn, "train_steps", None)  # privseg.privacy: a DP step_fn brings its own Poisson sampling
+    if own is not None:
+        return own(model, optimizer, items, config, start, stop)
+    return train_steps(model, optimizer, items, config, start=start, stop=stop, step_fn=step_fn)
+
+
+def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | None = None,
+                 state_root: str | Path | None = None, step_fn_factory: StepFnFactory | None = None) -> Message:
+    cfg = msg.content["config"]
+    server_round = int(cfg["server-round"])
+    spec, state_dir = resolve_site(context, sites, state_root, cfg)
+    tc = _train_config(cfg)
+    steps = int(cfg.get("local-steps", 1))
+    mu = float(cfg.get("proximal-mu", 0.0))
+    local_norm = bool(cfg.get("local-norm", False))
+    _check_cohort(spec, tc)
+    t0 = time.perf_counter()
+    items = site_items(spec, "train", tc.spacing, int(cfg.get("cache-sites", 8)))
+    if not items:
+        raise DataError(spec.cohort, f"site {spec.id} has no training subjects")
+    t_load = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    torch.manual_seed(tc.seed + site_seed(spec.id) + server_round)
+    model, local_keys = _local_model(msg, tc, local_norm, state_dir, server_round - 1)
+    optimizer = make_optimizer(model, tc)
+    handle = attach_proximal(optimizer, model, global_params(model, local_keys), mu) if mu > 0 else None
+    site_cfg = replace(tc, seed=tc.seed + site_seed(spec.id))
+    if step_fn_factory is None and (tc.extra.get("dp") or {}).get("unit") == "patient":  # privseg.privacy
+        from privseg.privacy.dpsgd import fl_step_fn_factory as step_fn_factory
+    step_fn = step_fn_factory(tc, cfg, spec, state_dir) if step_fn_factory else standard_step
+    losses = local_train(model, optimizer, items, site_cfg, (server_round - 1) * steps, server_round * steps, step_fn)
+    if handle is not None:
+        handle.remove()
+    state = model.state_dict()
+    if local_norm:
+        save_local_state(state_dir, server_round, {k: state[k] for k in local_keys})
+    compute = time.perf_counter() - t1
+    metrics = MetricRecord({
+        "num-examples": len(items), "train-loss": float(sum(losses) / len(losses)), "train-loss-last": losses[-1],
+        "compute-s": compute, "load-s": t_load, "steps": steps,
+        **getattr(step_fn, "round_metrics", dict)(),  # privseg.privacy: dp-epsilon spent etc.
+    })
+    content = RecordDict({"arrays": state_to_arrays(state, exclude=local_keys), "metrics": metrics,
+                          "site": ConfigRecord({"site": spec.id})})
+    return Message(content, reply_to=msg)
+
+
+def client_evaluate(msg: Message, context: Context, sites: Sequence[SiteSpec] | None = None,
+                    state_root: str | Path | None = None) -> Message:
+    cfg = msg.content["config"]
+    server_round = int(cfg["server-round"])
+    spec, state_dir = resolve_site(context, sites, state_root, cfg)
+    tc = _train_config(cfg)
+    _check_cohort(spec, tc)
+    split = str(cfg.get("eval-split", "test"))
+    t0 = time.perf_counter()
+    items = site_items(spec, split, tc.spacing, int(cfg.get("cache-sites", 8)))
+    t_load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    model, _ = _local_model(msg, tc, bool(cfg.get("local-norm", False)), state_dir, server_round)
+    rows = evaluate_subjects(model, items, tc.patch_size, tc.num_classes) if items else []
+    compute = time.perf_counter() - t1
+    if rows:
+        s = summarise(rows)["overall"]
+        values: dict[str, Any] = {"mean-dice": float(s["mean_dice"]), "mae": float(s["mae"]),
+                                  "dice": [float(x) for x in s["dice"]]}
+    else:
+        values = {"mean-dice": 0.0, "mae": 0.0, "dice": [0.0] * (tc.num_classes - 1)}
+    metrics = MetricRecord({"num-examples": len(rows), **values, "compute-s": compute, "load-s": t_load})
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"site": spec.id, "split": split})})
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(sites: Sequence[SiteSpec] | None = None, state_root: str | Path | None = None,
+                    step_fn_factory: StepFnFactory | None = None) -> ClientApp:
+    """A ClientApp; ``sites`` maps simulation partition IDs to sites (deployment: node config)."""
+    sites = list(sites) if sites is not None else None
+    root = str(state_root) if state_root is not None else None
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return client_train(msg, context, sites, root, step_fn_factory)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return client_evaluate(msg, context, sites, root)
+
+    return app
+
+
+# For ``flwr run`` (the component named in the app's pyproject.toml).
+app = make_client_app()

@@ -1,0 +1,125 @@
+"""The configuration of one federated run, stored as ``runs/<name>/fl_config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from privseg.errors import ConfigError
+from privseg.federated.sites import SiteSpec
+from privseg.train.loop import TrainConfig
+from privseg.utils import check_id, write_json
+
+STRATEGIES = ("fedavg", "fedprox", "fedbn")
+CONFIG_NAME = "fl_config.json"
+
+
+@dataclass
+class FLConfig:
+    """Everything a federated run needs besides the data.
+
+    ``train`` is the foundation's :class:`TrainConfig` (model, patch size, batch shape, lr,
+    seed); each round every chosen site runs ``local_steps`` of :func:`train_steps` on it.
+    ``min_sites``: a round is applied when at least this many sites return an update (the
+    others may fail or time out); fewer, and the global model stays as it was for that round.
+    ``keep_updates`` writes every site's update per round under ``updates/`` so an erasure
+    can later be traced to (and undone from) the rounds a site took part in.
+    """
+
+    name: str
+    sites: list[SiteSpec]
+    train: TrainConfig
+    strategy: str = "fedavg"
+    rounds: int = 20
+    local_steps: int = 10
+    proximal_mu: float = 0.01
+    min_sites: int = 1
+    fraction: float = 1.0
+    round_timeout: float = 3600.0
+    connect_timeout: float = 120.0
+    eval_every: int = 1
+    eval_split: str = "test"
+    keep_updates: bool = False
+    keep_checkpoints: int = 0  # 0: keep every round's global checkpoint
+    cache_sites: int = 8  # preprocessed sites kept in memory per client worker
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_id(self.name, "run name")
+        self.strategy = self.strategy.lower()
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        for k in ("rounds", "local_steps", "min_sites"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k.replace('_', '-')} must be at least 1 (got {getattr(self, k)})")
+        if self.eval_every < 0 or self.keep_checkpoints < 0 or self.cache_sites < 1:
+            raise ConfigError("eval-every and keep-checkpoints must be >= 0, cache-sites >= 1")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1] (got {self.fraction})")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal-mu must be >= 0 (got {self.proximal_mu})")
+        if self.round_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("round and connect timeouts must be positive")
+        if self.eval_split not in ("train", "val", "test"):
+            raise ConfigError(f"eval split {self.eval_split!r} is not train, val or test")
+        if not self.sites:
+            raise ConfigError("the federation has no sites")
+        if self.min_sites > len(self.sites):
+            raise ConfigError(f"--min-sites {self.min_sites} is more than the {len(self.sites)} sites")
+
+    @property
+    def site_ids(self) -> list[str]:
+        return [s.id for s in self.sites]
+
+    def site(self, site_id: str) -> SiteSpec:
+        for s in self.sites:
+            if s.id == site_id:
+                return s
+        raise ConfigError(f"unknown site {site_id!r} (sites: {', '.join(self.site_ids)})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sites"] = [s.to_dict() for s in self.sites]
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FLConfig:
+        d = dict(d)
+        try:
+            d["sites"] = [SiteSpec.from_dict(s) for s in d["sites"]]
+            d["train"] = TrainConfig.from_dict(d["train"])
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"federated config is missing or has a malformed field ({exc})") from None
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / CONFIG_NAME
+        write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> FLConfig:
+        from privseg.errors import DataError
+
+        path = Path(run_dir) / CONFIG_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise DataError(path, "no federated run here (fl_config.json missing)") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"not valid JSON ({exc})") from None
+
+    def compatible_with(self, other: FLConfig) -> list[str]:
+        """Differences that forbid resuming ``other``'s run with this config."""
+        diffs = []
+        for k in ("strategy",):
+            if getattr(self, k) != getattr(other, k):
+                diffs.append(f"{k}: {getattr(other, k)} -> {getattr(self, k)}")
+        for k in ("model", "norm", "in_channels", "num_classes", "spatial_dims"):
+            a, b = getattr(self.train, k), getattr(other.train, k)
+            if a != b:
+                diffs.append(f"{k}: {b} -> {a}")
+        return diffs

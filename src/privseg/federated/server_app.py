@@ -1,0 +1,216 @@
+"""The privseg ServerApp: runs the rounds, checkpoints every round, resumes after a crash.
+
+The round loop is Flower's ``Strategy.start`` loop (configure_train -> send_and_receive ->
+aggregate_train -> configure_evaluate -> send_and_receive -> aggregate_evaluate), written
+out so that it can start at the round after the last checkpoint, write the run state after
+every round, and record which sites took part, which failed and why. The strategies are
+Flower's (see :mod:`privseg.federated.strategies`).
+
+Faults: a site whose ClientApp raises returns an error reply; a site that is gone (killed
+SuperNode) sends nothing before ``round_timeout``. Either way the round is aggregated from
+the sites that did answer, provided at least ``min_sites`` did; otherwise the global model
+is left unchanged for that round (recorded as ``applied: false``) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from privseg.errors import ConfigError
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+from privseg.utils import atomic_path, seed_everything
+
+RoundCallback = Callable[[dict], None]
+
+
+def _metrics(msg: Message) -> dict[str, Any]:
+    rec = next(iter(msg.content.metric_records.values()))
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
+
+
+def _site_of(msg: Message, node_site: dict[int, str]) -> str:
+    nid = msg.metadata.src_node_id
+    if msg.has_content() and "site" in msg.content.config_records:
+        site = str(msg.content["site"]["site"])
+        node_site[nid] = site
+        return site
+    return node_site.get(nid, f"node-{nid}")
+
+
+def wait_for_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> list[int]:
+    """Wait until ``expected`` nodes are connected, or ``timeout`` s; then at least ``minimum``
+    must be, else the run cannot start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if len(nodes) < minimum:
+        raise ConfigError(f"only {len(nodes)} site(s) connected within {timeout:.0f} s; "
+                          f"at least {minimum} needed (min-sites)")
+    return nodes
+
+
+def _initial_model(cfg: FLConfig, state: RunState) -> tuple[torch.nn.Module, int]:
+    seed_everything(cfg.train.seed)
+    model = cfg.train.build_model()
+    start = 1
+    if state.rounds_done > 0:
+        ckpt = state.last_checkpoint
+        if ckpt is None:
+            raise ConfigError(f"{state.path}: {state.rounds_done} rounds done but no checkpoint recorded")
+        payload = load_checkpoint(ckpt)
+        model.load_state_dict(payload["model"])
+        start = state.rounds_done + 1
+    return model, start
+
+
+def _save_global(cfg: FLConfig, state: RunState, model: torch.nn.Module, arrays: ArrayRecord, server_round: int,
+                 entry: dict | None = None) -> Path:
+    model.load_state_dict(arrays_to_state(arrays))
+    path = state.checkpoint_path(server_round)
+    extra = {"federated": {"run": cfg.name, "round": server_round, "strategy": cfg.strategy,
+                           "participants": list(entry.get("participants", [])) if entry else []}}
+    save_checkpoint(path, model, config=cfg.train.to_dict(), step=server_round, extra=extra)
+    if cfg.keep_checkpoints:
+        done = sorted(path.parent.glob("global_r*.pt"))
+        for p in done[:-cfg.keep_checkpoints]:
+            if p.name != "global_r0000.pt":  # the initial model stays: retraining starts from it
+                p.unlink(missing_ok=True)
+    return path
+
+
+def _save_update(state: RunState, server_round: int, site: str, msg: Message) -> str:
+    path = state.update_path(server_round, site)
+    arrays = next(iter(msg.content.array_records.values()))
+    with atomic_path(path) as tmp:
+        torch.save(dict(arrays_to_state(arrays)), tmp)
+    return str(path.relative_to(state.run_dir))
+
+
+def run_server(grid: Grid, run_dir: str | Path, *, on_round: RoundCallback | None = None,
+               rounds: int | None = None, strategy=None) -> RunState:
+    """Run (or resume) the federated run in ``run_dir`` on ``grid``; returns its final state.
+    ``rounds`` overrides the configured number of rounds (to extend a finished run)."""
+    run_dir = Path(run_dir)
+    cfg = FLConfig.load(run_dir)
+    if rounds is not None:
+        cfg.rounds = int(rounds)
+    state = RunState.load_or_new(run_dir)
+    model, start = _initial_model(cfg, state)
+    strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
+                                          proximal_mu=cfg.proximal_mu)
+    if (cfg.train.extra.get("dp") or {}).get("unit") == "site":  # privseg.privacy: client-level DP-FedAvg
+        from privseg.privacy.client_dp import attach_from_config
+
+        attach_from_config(strategy, cfg, run_dir)
+    arrays = state_to_arrays(model.state_dict())
+    strategy.reference_dtypes = {k: arrays[k].numpy().dtype for k in arrays.keys()}
+    state.data.update({"name": cfg.name, "strategy": cfg.strategy, "rounds_planned": cfg.rounds,
+                       "sites": cfg.site_ids})
+    if start > cfg.rounds:
+        state.set_status("finished")
+        return state
+    wait_for_sites(grid, len(cfg.sites), cfg.min_sites, cfg.connect_timeout)
+    if start == 1 and not state.checkpoint_path(0).exists():
+        _save_global(cfg, state, model, arrays, 0)
+    state.set_status("running", resumed_from=start - 1 if start > 1 else None)
+
+    base = {"train-config": json.dumps(cfg.train.to_dict()), "local-steps": cfg.local_steps,
+            "run-dir": str(run_dir.resolve()), "eval-split": cfg.eval_split, "cache-sites": cfg.cache_sites}
+    node_site: dict[int, str] = {}
+    for r in range(start, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        random.seed(cfg.train.seed * 100_003 + r)  # Flower samples nodes with `random`
+        msgs = list(strategy.configure_train(r, arrays, ConfigRecord(dict(base)), grid))
+        for m in msgs:
+            m.metadata.group_id = str(r)
+        replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+        ok = [m for m in replies if not m.has_error()]
+        failures = [{"site": _site_of(m, node_site), "reason": str(m.error.reason)[:1000]}
+                    for m in replies if m.has_error()]
+        answered = {m.metadata.src_node_id for m in replies}
+        failures += [{"site": node_site.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}"),
+                      "reason": f"no reply within {cfg.round_timeout:.0f} s"}
+                     for m in msgs if m.metadata.dst_node_id not in answered]
+        if not ok and failures and all("BudgetExceededError" in f["reason"] for f in failures):
+            state.set_status("budget-exhausted", stop_reason=failures[0]["reason"])  # privseg.privacy: stop here
+            return state
+        site_train = {_site_of(m, node_site): _metrics(m) for m in ok}
+        entry: dict[str, Any] = {"round": r, "participants": sorted(site_train), "failed": failures,
+                                 "train": site_train, "applied": False}
+        if len(ok) >= cfg.min_sites:
+            if cfg.keep_updates:
+                entry["updates"] = {_site_of(m, node_site): _save_update(state, r, _site_of(m, node_site), m)
+                                    for m in ok}
+            new_arrays, agg = strategy.aggregate_train(r, ok)
+            if new_arrays is not None:
+                arrays = new_arrays
+                entry["applied"] = True
+                entry["train_aggregate"] = dict(agg.items()) if agg is not None else {}
+        else:
+            entry["note"] = f"{len(ok)} site(s) returned an update, fewer than min-sites={cfg.min_sites}: " \
+                            "global model unchanged"
+        entry["train_s"] = time.perf_counter() - t0
+        if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
+            entry["eval"] = _evaluate_round(strategy, grid, r, arrays, base, cfg, node_site)
+        entry["wall_s"] = time.perf_counter() - t0
+        ckpt = _save_global(cfg, state, model, arrays, r, entry)
+        state.record_round(entry, ckpt)
+        if on_round is not None:
+            on_round(entry)
+    state.set_status("finished")
+    return state
+
+
+def _evaluate_round(strategy, grid: Grid, r: int, arrays: ArrayRecord, base: dict, cfg: FLConfig,
+                    node_site: dict[int, str]) -> dict:
+    t0 = time.perf_counter()
+    msgs = list(strategy.configure_evaluate(r, arrays, ConfigRecord(dict(base)), grid))
+    for m in msgs:
+        m.metadata.group_id = str(r)
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    sites = {_site_of(m, node_site): _metrics(m) for m in replies if not m.has_error()}
+    failed = [{"site": _site_of(m, node_site), "reason": str(m.error.reason)[:1000]} for m in replies if m.has_error()]
+    agg = strategy.aggregate_evaluate(r, replies)
+    scored = [m for m in sites.values() if m.get("num-examples", 0) > 0]
+    overall = dict(agg.items()) if agg is not None else {}
+    if scored:  # unweighted mean over sites, as the benchmark reports it
+        overall["site-mean-dice"] = float(np.mean([m["mean-dice"] for m in scored]))
+    return {"sites": sites, "overall": overall, "failed": failed, "split": cfg.eval_split,
+            "eval_s": time.perf_counter() - t0}
+
+
+def make_server_app(run_dir: str | Path | None = None, on_round: RoundCallback | None = None,
+                    rounds: int | None = None) -> ServerApp:
+    """A ServerApp for the run in ``run_dir`` (``flwr run``: the ``run-dir`` run config value)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        rd = run_dir or context.run_config.get("run-dir")
+        if not rd:
+            raise ConfigError("no run-dir: set it in the app's [tool.flwr.app.config] or --run-config")
+        n = rounds if rounds is not None else (int(context.run_config["rounds"])
+                                               if int(context.run_config.get("rounds", 0) or 0) > 0 else None)
+        run_server(grid, str(rd), on_round=on_round, rounds=n)
+
+    return app
+
+
+# For ``flwr run`` (the component named in the app's pyproject.toml).
+app = make_server_app()
