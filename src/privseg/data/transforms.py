@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    FgBgToIndices,
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -153,7 +154,11 @@ def load_preprocessed(
 
 class PatchSampler:
     """Draws ``patches_per_subject`` patches from each chosen subject, half of them
-    centred on foreground, so the batch is grouped by subject (the DP unit)."""
+    centred on foreground, so the batch is grouped by subject (the DP unit).
+
+    The padded volume and its foreground/background voxel indices are computed once per
+    subject and kept in the item: MONAI's crop would otherwise search the whole label
+    for foreground at every draw."""
 
     def __init__(self, patch_size: Sequence[int], patches_per_subject: int = 2, seed: int = 0):
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -167,8 +172,20 @@ class PatchSampler:
             neg=1,
             num_samples=patches_per_subject,
             allow_smaller=True,
+            fg_indices_key="fg",
+            bg_indices_key="bg",
         )
         self.crop.set_random_state(seed)
+        self._cache_key = f"_patch_cache_{'x'.join(map(str, self.patch_size))}"
+
+    def _prepared(self, item: dict) -> dict:
+        cached = item.get(self._cache_key)
+        if cached is None:
+            padded = self.pad({"image": _plain(item["image"]), "label": _plain(item["label"])})
+            image, label = _plain(padded["image"]), _plain(padded["label"])
+            fg, bg = FgBgToIndices()(label)
+            cached = item[self._cache_key] = {"image": image, "label": label, "fg": fg, "bg": bg}
+        return cached
 
     def sample(self, items: Sequence[dict], seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns images (N, C, *patch), labels (N, 1, *patch) and the subject index of each patch.
@@ -177,9 +194,13 @@ class PatchSampler:
             self.crop.set_random_state(seed % 2**32)
         images, labels, owner = [], [], []
         for k, item in enumerate(items):
-            padded = self.pad({"image": item["image"], "label": item["label"]})
-            for patch in self.crop(padded):
-                images.append(torch.as_tensor(patch["image"]))
-                labels.append(torch.as_tensor(patch["label"]))
+            for patch in self.crop(dict(self._prepared(item))):
+                images.append(_plain(patch["image"]))
+                labels.append(_plain(patch["label"]))
                 owner.append(k)
         return torch.stack(images), torch.stack(labels), torch.tensor(owner)
+
+
+def _plain(x) -> torch.Tensor:
+    """A MetaTensor's data without its metadata (cheaper to crop and stack)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)

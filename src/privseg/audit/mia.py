@@ -1,0 +1,258 @@
+"""Membership inference for segmentation, at patient level.
+
+The unit is the subject (DESIGN.md, principle 1). For every subject the model is
+run on several augmented views of the whole volume (sliding window); the
+per-subject statistics are
+
+- ``loss``: mean voxel cross-entropy of the softmax output against the label,
+- ``dice``: mean foreground Dice of the argmax prediction,
+
+each averaged over the views. The membership score is "higher means more likely a
+member": ``-loss`` for the loss statistic, ``dice`` for the Dice statistic.
+
+The attack's AUC separates members from non-members (subjects the model never
+trained on); it is reported with a percentile bootstrap confidence interval that
+resamples members and non-members independently.
+
+Reference-model variant (LiRA-style, offline): given reference models that were
+trained *without* the scored subjects (e.g. the model retrained from scratch
+without the forget set: both the forget subjects and the test subjects are OUT for
+it), each subject's score is calibrated against its score under the reference
+models: ``s_cal(x) = (s(x) - mean_ref s(x)) / sd``. With one reference model the
+calibration is the difference (``sd`` = 1); with several, ``sd`` is the per-subject
+standard deviation across reference models, floored at the pooled one. This removes
+the per-subject "difficulty" that otherwise dominates segmentation scores (an easy
+anatomy has low loss under any model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from privseg.errors import ConfigError
+from privseg.train import metrics
+from privseg.train.inference import predict_probs
+
+STATISTICS = ("loss", "dice")
+
+
+# -- per-subject statistics ------------------------------------------------------
+def _view(image: torch.Tensor, view: int, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View 0 is the image itself; later views flip random spatial axes and jitter the
+    intensity (scale 1 ± 5 %, shift ± 0.05, Gaussian noise σ = 0.02), the augmentations
+    training may have used. Returns the image and the flipped axes (to undo on the output)."""
+    img = torch.as_tensor(image, dtype=torch.float32).clone()
+    if view == 0:
+        return img, ()
+    dims = img.ndim - 1
+    axes = tuple(1 + a for a in range(dims) if rng.random() < 0.5) or (1 + int(rng.integers(dims)),)
+    img = torch.flip(img, axes)
+    scale = 1.0 + float(rng.uniform(-0.05, 0.05))
+    shift = float(rng.uniform(-0.05, 0.05))
+    noise = torch.from_numpy(rng.normal(0.0, 0.02, size=tuple(img.shape)).astype(np.float32))
+    return img * scale + shift + noise, axes
+
+
+@torch.no_grad()
+def subject_statistics(model: torch.nn.Module, items: Sequence[dict], patch_size: Sequence[int], num_classes: int,
+                       views: int = 4, seed: int = 0, overlap: float = 0.25,
+                       on_subject: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Per-subject mean voxel loss and Dice of ``model``, averaged over ``views`` views.
+
+    Returns one row per item: ``{"id", "loss", "dice", "loss_views", "dice_views"}``."""
+    if views < 1:
+        raise ConfigError(f"views must be at least 1 (got {views})")
+    rows = []
+    for k, item in enumerate(items):
+        rng = np.random.default_rng((seed, k, 7))
+        label = torch.as_tensor(item["label"]).long()
+        losses, dices = [], []
+        for v in range(views):
+            img, axes = _view(item["image"], v, rng)
+            probs = predict_probs(model, img, patch_size, overlap=overlap)
+            if axes:
+                probs = torch.flip(probs, axes)
+            p_true = probs.gather(0, label).clamp_min(1e-6)
+            losses.append(float(-p_true.log().mean()))
+            dices.append(metrics.mean(metrics.dice_per_class(probs.argmax(0, keepdim=True), label, num_classes)))
+        rows.append({"id": item["id"], "loss": float(np.mean(losses)), "dice": float(np.mean(dices)),
+                     "loss_views": losses, "dice_views": dices})
+        if on_subject:
+            on_subject(k + 1, len(items))
+    return rows
+
+
+def membership_scores(rows: Sequence[dict], statistic: str = "loss") -> np.ndarray:
+    """Scores where higher means "more likely a member"."""
+    if statistic not in STATISTICS:
+        raise ConfigError(f"statistic {statistic!r} is not one of {STATISTICS}")
+    vals = np.array([r[statistic] for r in rows], dtype=float)
+    return -vals if statistic == "loss" else vals
+
+
+# -- AUC and its bootstrap interval ----------------------------------------------
+def _pairwise(members: np.ndarray, nonmembers: np.ndarray) -> np.ndarray:
+    m = np.asarray(members, float)[:, None]
+    n = np.asarray(nonmembers, float)[None, :]
+    return (m > n).astype(float) + 0.5 * (m == n)
+
+
+def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    """P(score of a random member > score of a random non-member), ties count one half
+    (the Mann–Whitney U statistic divided by m·n)."""
+    members, nonmembers = np.asarray(members, float), np.asarray(nonmembers, float)
+    if members.size == 0 or nonmembers.size == 0:
+        raise ConfigError("membership AUC needs at least one member and one non-member")
+    return float(_pairwise(members, nonmembers).mean())
+
+
+def bootstrap_auc(members: Sequence[float], nonmembers: Sequence[float], n_boot: int = 2000, alpha: float = 0.05,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, resampling members and non-members
+    independently (subjects are the unit)."""
+    pair = _pairwise(np.asarray(members, float), np.asarray(nonmembers, float))
+    m, n = pair.shape
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // max(m * n, 1))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        ri = rng.integers(m, size=(b, m))
+        ci = rng.integers(n, size=(b, n))
+        stats[start:start + b] = pair[ri[:, :, None], ci[:, None, :]].mean(axis=(1, 2))
+    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+def calibrate(target: np.ndarray, references: Sequence[np.ndarray]) -> np.ndarray:
+    """LiRA-style offline calibration of per-subject scores against reference (OUT) models."""
+    if not references:
+        return np.asarray(target, float)
+    ref = np.stack([np.asarray(r, float) for r in references])  # (R, subjects)
+    centred = np.asarray(target, float) - ref.mean(0)
+    if ref.shape[0] < 2:
+        return centred
+    sd = ref.std(0, ddof=1)
+    pooled = float(np.sqrt(np.mean(sd**2))) or 1.0
+    return centred / np.maximum(sd, pooled)
+
+
+# -- the audit -------------------------------------------------------------------
+@dataclass
+class MIAResult:
+    auc: float
+    ci_low: float
+    ci_high: float
+    n_members: int
+    n_nonmembers: int
+    statistic: str
+    calibrated: bool
+    n_reference_models: int
+    views: int
+    members: list[dict] = field(default_factory=list)
+    nonmembers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Sequence[dict],
+                patch_size: Sequence[int], num_classes: int, *, statistic: str = "loss", views: int = 4,
+                reference_models: Sequence[torch.nn.Module] = (), seed: int = 0, n_boot: int = 2000,
+                member_rows: Sequence[dict] | None = None, nonmember_rows: Sequence[dict] | None = None) -> MIAResult:
+    """Membership AUC of ``model`` on preprocessed items. Reference models, when given,
+    must not have trained on any of the scored subjects."""
+    if not members or not nonmembers:
+        raise ConfigError("membership test needs at least one member and one non-member subject")
+    overlap = {i["id"] for i in members} & {i["id"] for i in nonmembers}
+    if overlap:
+        raise ConfigError(f"subjects listed both as members and non-members: {', '.join(sorted(overlap))}")
+    mrows = list(member_rows) if member_rows is not None else subject_statistics(
+        model, members, patch_size, num_classes, views, seed)
+    nrows = list(nonmember_rows) if nonmember_rows is not None else subject_statistics(
+        model, nonmembers, patch_size, num_classes, views, seed)
+    s_m, s_n = membership_scores(mrows, statistic), membership_scores(nrows, statistic)
+    if reference_models:
+        refs_m, refs_n = [], []
+        for ref in reference_models:
+            rm = subject_statistics(ref, members, patch_size, num_classes, views, seed)
+            rn = subject_statistics(ref, nonmembers, patch_size, num_classes, views, seed)
+            refs_m.append(membership_scores(rm, statistic))
+            refs_n.append(membership_scores(rn, statistic))
+            for row, r in zip(mrows, rm, strict=True):
+                row.setdefault("reference", []).append(r[statistic])
+            for row, r in zip(nrows, rn, strict=True):
+                row.setdefault("reference", []).append(r[statistic])
+        refs = [np.concatenate([a, b]) for a, b in zip(refs_m, refs_n, strict=True)]
+        cal = calibrate(np.concatenate([s_m, s_n]), refs)
+        s_m, s_n = cal[: len(s_m)], cal[len(s_m):]
+    for row, s in zip(mrows, s_m, strict=True):
+        row["score"] = float(s)
+    for row, s in zip(nrows, s_n, strict=True):
+        row["score"] = float(s)
+    lo, hi = bootstrap_auc(s_m, s_n, n_boot=n_boot, seed=seed)
+    return MIAResult(auc=auc(s_m, s_n), ci_low=lo, ci_high=hi, n_members=len(s_m), n_nonmembers=len(s_n),
+                     statistic=statistic, calibrated=bool(reference_models),
+                     n_reference_models=len(reference_models), views=views, members=mrows, nonmembers=nrows)
+
+
+def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Sequence[str], *,
+                     reference_checkpoints: Sequence = (), statistic: str = "loss", views: int = 4,
+                     seed: int = 0, n_boot: int = 2000) -> dict:
+    """Membership test of a checkpoint on a cohort: members and non-members are subject IDs.
+    Non-members must not be training subjects of the checkpoint (when it records them)."""
+    from privseg.data.transforms import load_preprocessed
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from privseg.train.inference import _check_fits
+    from privseg.utils import check_id
+
+    members = _clean_ids(members, "--members")
+    nonmembers = _clean_ids(nonmembers, "--non-members")
+    for i in (*members, *nonmembers):
+        check_id(i, "subject ID")
+        cohort.subject(i)  # ConfigError for unknown IDs
+    payload = load_checkpoint(checkpoint)
+    cfg = payload["config"]
+    _check_fits(cfg, cohort, checkpoint)
+    trained = set(payload.get("extra", {}).get("train_subjects", []))
+    leaked = [i for i in nonmembers if i in trained]
+    if leaked:
+        raise ConfigError(f"--non-members: {', '.join(leaked)} trained the model in {checkpoint}")
+    model = model_from_checkpoint(payload, checkpoint)
+    refs = []
+    for path in reference_checkpoints:
+        rp = load_checkpoint(path)
+        _check_fits(rp["config"], cohort, path)
+        ref_trained = set(rp.get("extra", {}).get("train_subjects", []))
+        bad = [i for i in (*members, *nonmembers) if i in ref_trained]
+        if bad:
+            raise ConfigError(f"--reference {path}: trained on scored subjects {', '.join(bad)} (must be OUT models)")
+        refs.append(model_from_checkpoint(rp, path))
+    m_items = load_preprocessed([cohort.subject(i) for i in members], cohort, cfg.get("spacing"))
+    n_items = load_preprocessed([cohort.subject(i) for i in nonmembers], cohort, cfg.get("spacing"))
+    res = audit_items(model, m_items, n_items, cfg["patch_size"], cfg["num_classes"], statistic=statistic,
+                      views=views, reference_models=refs, seed=seed, n_boot=n_boot)
+    out = res.to_dict()
+    out["checkpoint"] = str(checkpoint)
+    out["reference_checkpoints"] = [str(p) for p in reference_checkpoints]
+    return out
+
+
+def _clean_ids(ids, what: str) -> list[str]:
+    if isinstance(ids, str):
+        ids = ids.split(",")
+    out = list(dict.fromkeys(i.strip() for i in ids if i and i.strip()))
+    if not out:
+        raise ConfigError(f"{what}: name at least one subject ID")
+    return out
+
+
+def auc_or_nan(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    try:
+        return auc(members, nonmembers)
+    except ConfigError:
+        return math.nan

@@ -1,0 +1,159 @@
+"""`privseg privacy status|train|fl-run`: budgets, central DP training, federated DP training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from privseg.cli.ui import out, progress, table
+
+app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
+
+_DP = typer.Option("patient", "--dp", help="DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server).")
+_EPS = typer.Option(8.0, "--epsilon", help="Privacy budget epsilon (per site).")
+_DELTA = typer.Option(1e-5, "--delta", help="delta; must be below 1/(patients at the site).")
+_CLIP = typer.Option("adaptive", "--clip", help="fixed or adaptive (private quantile, Andrew et al. 2021).")
+_CLIP_NORM = typer.Option(1.0, "--clip-norm", help="Clip norm (adaptive: its starting value).")
+_QUANTILE = typer.Option(0.5, "--target-quantile", help="Adaptive clip: target quantile of the norms.")
+_SCHEDULE = typer.Option("constant", "--noise-schedule", help="constant or decay (calibrated to the budget).")
+_SITE_BUDGET = typer.Option(None, "--site-budget", help="SITE=EPSILON[,DELTA]: a stricter budget for one site (repeatable).")
+_RUN_CONFIG = typer.Option(None, "--dp-config", help='JSON file with DP settings, e.g. {"sites": {"H2": {"epsilon": 3}}}.')
+_LARGE_DELTA = typer.Option(False, "--allow-large-delta", help="Allow delta >= 1/n (not recommended).")
+_METHOD = typer.Option("loop", "--dp-method", help="Per-subject gradients: loop, vmap or opacus.")
+
+
+def _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
+               allow_large_delta, method):
+    from privseg.errors import ConfigError
+    from privseg.privacy import DPConfig
+
+    d = {"unit": dp, "epsilon": epsilon, "delta": delta, "clip": clip, "clip_norm": clip_norm,
+         "target_quantile": target_quantile, "noise_schedule": noise_schedule, "allow_large_delta": allow_large_delta,
+         "method": method, "sites": {}}
+    if dp_config:
+        try:
+            extra = json.loads(Path(dp_config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--dp-config {dp_config}: cannot read JSON ({exc})") from None
+        sites = extra.pop("sites", {})
+        d.update(extra)
+        d["sites"].update(sites)
+    for item in site_budget or []:
+        try:
+            site, val = item.split("=", 1)
+            parts = val.split(",")
+            d["sites"][site] = {"epsilon": float(parts[0]), **({"delta": float(parts[1])} if len(parts) > 1 else {})}
+        except ValueError:
+            raise ConfigError(f"--site-budget {item!r}: expected SITE=EPSILON or SITE=EPSILON,DELTA") from None
+    return DPConfig.from_dict(d)
+
+
+@app.command()
+def status(
+    run: str = typer.Argument(..., help="Run name, run folder, or privacy.sqlite file."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Spent and remaining privacy budget per site."""
+    from privseg.privacy import BudgetLedger, find_ledgers
+
+    path = Path(run) if Path(run).exists() else runs_dir / run
+    rows = []
+    for ledger_path in find_ledgers(path):
+        for r in BudgetLedger(ledger_path).status():
+            rows.append({**r, "ledger": str(ledger_path)})
+    if json_out:
+        out.print_json(json.dumps(rows))
+        return
+    out.print(table(f"privacy budget ({path})", ["site", "epsilon spent", "epsilon budget", "remaining", "delta",
+                                                 "rounds", "clip"],
+                    [[r["site"], r["epsilon_spent"], r["epsilon_budget"], r["epsilon_remaining"], f"{r['delta']:g}",
+                      r["rounds"], r["clip"] if r["clip"] is not None else "-"] for r in rows]))
+
+
+@app.command()
+def train(
+    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
+    out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."),
+    model: str = typer.Option("unet"), norm: str = typer.Option("group", help="group or instance (not batch)."),
+    steps: int = typer.Option(300, min=1), patch: int = typer.Option(64, min=8),
+    subjects_per_step: int = typer.Option(2, min=1, help="Expected subjects per step (Poisson rate q = this/n)."),
+    patches_per_subject: int = typer.Option(2, min=1), lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+    device: str = typer.Option("auto"), dp: str = _DP, epsilon: float = _EPS, delta: float = _DELTA,
+    clip: str = _CLIP, clip_norm: float = _CLIP_NORM, target_quantile: float = _QUANTILE,
+    noise_schedule: str = _SCHEDULE, allow_large_delta: bool = _LARGE_DELTA, dp_method: str = _METHOD,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Central patient-level DP-SGD training (all training subjects in one place)."""
+    from privseg.data.formats import read_cohort
+    from privseg.errors import ConfigError
+    from privseg.privacy import train_private
+    from privseg.train import TrainConfig
+
+    cfg_dp = _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, None, None,
+                        allow_large_delta, dp_method)
+    if cfg_dp.unit != "patient":
+        raise ConfigError("--dp site needs a federation: use `privseg privacy fl-run`")
+    c = read_cohort(cohort)
+    cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
+                                 subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
+                                 lr=lr, seed=seed, device=device, extra={"dp": cfg_dp.to_dict()})
+    with progress("DP training", steps, quiet) as update:
+        result = train_private(c, cfg, cfg_dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
+    if not quiet:
+        out.print(f"checkpoint: {result['checkpoint']}  epsilon={result['epsilon']:.3f} at delta={result['delta']:g} "
+                  f"(budget {result['budget']:g}; noise multiplier {result['noise_multiplier']:.3f}, q={result['q']:.3g}, "
+                  f"final clip {result['clip']:.4g})")
+
+
+@app.command("fl-run")
+def fl_run(
+    cohort: Path = typer.Option(None, help="Multi-site cohort (every site of it is a site)."),
+    site: list[str] = typer.Option(None, "--site", help="ID=FOLDER of one site's data (repeatable)."),
+    sites_root: Path = typer.Option(None, help="Folder with one sub-folder per site."),
+    name: str = typer.Option("fl-dp"), runs_dir: Path = typer.Option(Path("runs"), "--runs"),
+    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg"),
+    local_steps: int = typer.Option(10, min=1), model: str = typer.Option("unet"), norm: str = typer.Option("group"),
+    patch: int = typer.Option(32, min=8), subjects_per_step: int = typer.Option(2, min=1),
+    patches_per_subject: int = typer.Option(2, min=1), lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+    eval_every: int = typer.Option(1, min=0), dp: str = _DP, epsilon: float = _EPS, delta: float = _DELTA,
+    clip: str = _CLIP, clip_norm: float = _CLIP_NORM, target_quantile: float = _QUANTILE,
+    noise_schedule: str = _SCHEDULE, site_budget: list[str] = _SITE_BUDGET, dp_config: Path = _RUN_CONFIG,
+    allow_large_delta: bool = _LARGE_DELTA, dp_method: str = _METHOD,
+    cpus_per_client: float = typer.Option(None), in_process: bool = typer.Option(False, help="No Ray (debugging)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Federated training (simulation) with DP: `--dp patient` (per-site budgets) or `--dp site`."""
+    from privseg.cli.fl import _build_config, _print_status
+    from privseg.privacy import check_dp_model
+
+    cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=None, name=name, rounds=rounds,
+                           strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
+                           subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
+                           seed=seed, mu=0.01, min_sites=1, fraction=1.0, eval_every=eval_every, keep_updates=False,
+                           round_timeout=3600.0, device="cpu")
+    dpc = _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
+                     allow_large_delta, dp_method)
+    unknown = set(dpc.sites) - set(cfg.site_ids)
+    if unknown:
+        from privseg.errors import ConfigError
+
+        raise ConfigError(f"--site-budget names unknown site(s) {sorted(unknown)} (sites: {', '.join(cfg.site_ids)})")
+    if dpc.unit == "patient":
+        check_dp_model(cfg.train.build_model())
+    cfg.train.extra["dp"] = dpc.to_dict()
+    run_dir = runs_dir / cfg.name
+    with progress("fl DP", cfg.rounds, quiet) as update:
+        if in_process:
+            from privseg.federated.simulation import simulate_inprocess
+
+            state = simulate_inprocess(cfg, run_dir, on_round=lambda e: update(int(e["round"])))
+        else:
+            from privseg.federated.simulation import simulate
+
+            state = simulate(cfg, run_dir, on_round=lambda e: update(int(e["round"])), cpus_per_client=cpus_per_client)
+    if not quiet:
+        _print_status(state)
+        status(str(run_dir), runs_dir, False)

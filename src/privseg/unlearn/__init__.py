@@ -1,0 +1,8 @@
+"""Subject-level machine unlearning: strategies (one registry, one signature) and the engine
+(forget request → unlearned checkpoint + report)."""
+
+from privseg.unlearn.engine import TARGETS, UnlearnResult, parse_ids, report_rows, unlearn
+from privseg.unlearn.strategies import STRATEGIES, Strategy, UnlearnContext, get_strategy, register, run_loop
+
+__all__ = ["STRATEGIES", "TARGETS", "Strategy", "UnlearnContext", "UnlearnResult", "get_strategy", "parse_ids",
+           "register", "report_rows", "run_loop", "unlearn"]

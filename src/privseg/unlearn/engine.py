@@ -1,0 +1,326 @@
+"""The unlearning engine: trained checkpoint + cohort + forget request → new checkpoint + report.
+
+Targets:
+
+- ``zero`` (the study): run the strategy for a fixed number of epochs (20 and 50 in
+  the study), driving the forget subjects' Dice down.
+- ``unseen``: stop as soon as the forget subjects look like patients the model never
+  saw: every ``check_every`` steps (and before the first) the per-subject mean voxel
+  loss and Dice of the forget subjects are compared with those of held-out
+  "calibration" subjects (the ``val`` split, or ``test`` when there is no ``val``);
+  the run stops when the membership AUC forget-vs-calibration on the loss is at most
+  ``auc_threshold`` (0.55) *and* the forget subjects' mean Dice is no higher than the
+  best calibration subject's, *and* the model still works on the calibration subjects (their mean
+  Dice at least ``utility_fraction`` = 0.9 of the original model's). ``epochs`` is then the maximum
+  budget (default 50).
+
+The report holds, for the original, unlearned and (when given) retrained model:
+Dice and MAE on retain, forget and test subjects, Dice gap (retain − forget), MAE gap
+(forget − retain), the differences to the original and the retrained model,
+|forget Dice − retrain's forget Dice|, the membership AUC (forget vs test subjects,
+loss statistic, augmented views, bootstrap CI; plus the retrain-calibrated variant),
+wall time of the strategy and the speed-up over retraining.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from privseg.audit import mia
+from privseg.data.cohort import Cohort
+from privseg.data.transforms import load_preprocessed
+from privseg.errors import CheckpointError, ConfigError
+from privseg.train import metrics
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from privseg.train.inference import _check_fits, evaluate_subjects
+from privseg.train.loop import TrainConfig
+from privseg.unlearn.strategies import UnlearnContext, decoder_parameter_names, get_strategy
+from privseg.utils import pick_device, seed_everything, versions, write_json
+
+TARGETS = ("zero", "unseen")
+DEFAULT_EPOCHS = {"zero": 20, "unseen": 50}
+EPOCH_DEFINITION = ("one epoch = ceil(n_forget / subjects_per_step) steps (every forget subject drawn once); "
+                    "each step draws subjects_per_step subjects x patches_per_subject patches, plus an equal "
+                    "retain batch for strategies that interleave retain subjects; retain-only strategies get the "
+                    "same number of steps")
+
+
+@dataclass
+class UnlearnResult:
+    model: torch.nn.Module
+    report: dict
+    checkpoint: Path | None = None
+    report_path: Path | None = None
+
+
+def parse_ids(ids: str | Sequence[str] | None, what: str = "--forget") -> list[str]:
+    if ids is None:
+        ids = []
+    if isinstance(ids, str):
+        ids = ids.split(",")
+    out = list(dict.fromkeys(i.strip() for i in ids if i and i.strip()))
+    if not out:
+        raise ConfigError(f"{what}: the request is empty; name at least one subject ID")
+    return out
+
+
+def _load_model(path, cohort: Cohort, what: str) -> tuple[dict, torch.nn.Module]:
+    payload = load_checkpoint(path)
+    try:
+        _check_fits(payload["config"], cohort, path)
+    except KeyError as exc:
+        raise CheckpointError(f"{what} {path}: config lacks {exc}") from None
+    return payload, model_from_checkpoint(payload, path)
+
+
+def _group_metrics(model: torch.nn.Module, groups: dict[str, list[dict]], cfg: TrainConfig) -> dict:
+    out = {}
+    for name, items in groups.items():
+        if not items:
+            out[name] = {"n": 0, "dice": math.nan, "mae": math.nan, "subjects": []}
+            continue
+        rows = evaluate_subjects(model, items, cfg.patch_size, cfg.num_classes)
+        out[name] = {"n": len(rows), "dice": metrics.mean([r["mean_dice"] for r in rows]),
+                     "mae": metrics.mean([r["mae"] for r in rows]),
+                     "subjects": [{"id": r["id"], "dice": r["mean_dice"], "mae": r["mae"]} for r in rows]}
+    out["dice_gap"] = metrics.dice_gap(out["retain"]["dice"], out["forget"]["dice"])
+    out["mae_gap"] = metrics.mae_gap(out["retain"]["mae"], out["forget"]["mae"])
+    return out
+
+
+KEYS = (("retain", "dice"), ("retain", "mae"), ("forget", "dice"), ("forget", "mae"), ("test", "dice"),
+        ("test", "mae"))
+
+
+def _flat(m: dict) -> dict:
+    d = {f"{g}_{k}": m[g][k] for g, k in KEYS}
+    d["dice_gap"], d["mae_gap"] = m["dice_gap"], m["mae_gap"]
+    return d
+
+
+def _mia(model, forget_items, test_items, cfg: TrainConfig, views: int, seed: int, reference=None) -> dict:
+    if not test_items:
+        return {"auc": math.nan}
+    res = mia.audit_items(model, forget_items, test_items, cfg.patch_size, cfg.num_classes, views=views, seed=seed,
+                          n_boot=1000)
+    out = {"auc": res.auc, "ci": [res.ci_low, res.ci_high], "members": res.n_members,
+           "nonmembers": res.n_nonmembers, "views": views}
+    if reference is not None:
+        cal = mia.audit_items(model, forget_items, test_items, cfg.patch_size, cfg.num_classes, views=views,
+                              seed=seed, n_boot=1000, reference_models=[reference],
+                              member_rows=res.members, nonmember_rows=res.nonmembers)
+        out["auc_calibrated"] = cal.auc
+        out["ci_calibrated"] = [cal.ci_low, cal.ci_high]
+    return out
+
+
+def unseen_stopper(forget_items: list[dict], calib_items: list[dict], cfg: TrainConfig, *,
+                   auc_threshold: float = 0.55, utility_floor: float = 0.0,
+                   log: list | None = None) -> Callable[[int, torch.nn.Module], bool]:
+    """The ``unseen`` target's test: forget subjects indistinguishable from held-out ones, by a model that
+    still works on held-out ones (their mean Dice at least ``utility_floor``; without this guard a strategy
+    that wrecks the model, e.g. ``random_encoder`` right after re-initialisation, would "stop" at once)."""
+    if not calib_items:
+        raise ConfigError("--target unseen needs held-out subjects (a val or test split) to compare with")
+
+    def should_stop(step: int, model: torch.nn.Module) -> bool:
+        f = mia.subject_statistics(model, forget_items, cfg.patch_size, cfg.num_classes, views=1)
+        u = mia.subject_statistics(model, calib_items, cfg.patch_size, cfg.num_classes, views=1)
+        a = mia.auc(mia.membership_scores(f, "loss"), mia.membership_scores(u, "loss"))
+        fd = metrics.mean([r["dice"] for r in f])
+        max_u = max(r["dice"] for r in u)
+        mean_u = metrics.mean([r["dice"] for r in u])
+        done = a <= auc_threshold and fd <= max_u and mean_u >= utility_floor
+        if log is not None:
+            log.append({"step": step, "auc_loss": a, "forget_dice": fd, "unseen_dice_max": max_u,
+                        "unseen_dice_mean": mean_u, "utility_floor": utility_floor, "stop": done})
+        return done
+
+    return should_stop
+
+
+def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: str = "noisy_label", *,
+            fix_decoder: bool = False, epochs: int | None = None, target: str = "zero", params: dict | None = None,
+            out_dir=None, seed: int = 0, calibration: Sequence[str] | None = None, retrain_checkpoint=None,
+            retrain_seconds: float | None = None, check_every: int = 2, auc_threshold: float = 0.55,
+            utility_fraction: float = 0.9,
+            mia_views: int = 2, evaluate: bool = True, device: str = "auto",
+            on_step: Callable[[int, int, float], None] | None = None, items: dict[str, dict] | None = None,
+            original_metrics: dict | None = None) -> UnlearnResult:
+    """Remove the forget subjects' influence from ``checkpoint``'s model with ``strategy``.
+
+    Nothing is written unless everything succeeded; with ``out_dir`` the new model goes
+    to ``out_dir/unlearned.pt`` (the usual checkpoint format) and the report beside it
+    as ``out_dir/report.json``. ``items`` is an optional cache of preprocessed subjects
+    by ID; ``original_metrics`` an optional cache of the original model's evaluation
+    (the ``"original"`` block of an earlier report on the same request)."""
+    strat = get_strategy(strategy)
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS[target]
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
+    if check_every < 1:
+        raise ConfigError(f"check_every must be at least 1 (got {check_every})")
+    resolved = strat.resolve(params)
+    forget_ids = parse_ids(forget, "--forget")
+
+    payload, model = _load_model(checkpoint, cohort, "--checkpoint")
+    cfg = TrainConfig.from_dict(payload["config"])
+    try:
+        retain_subj, forget_subj = cohort.forget_split(forget_ids)
+    except ConfigError as exc:
+        raise ConfigError(f"--forget: {exc}") from None
+    trained = payload.get("extra", {}).get("train_subjects")
+    if trained:
+        missing = [i for i in forget_ids if i not in set(trained)]
+        if missing:
+            raise ConfigError(f"--forget: {', '.join(missing)} did not train the model in {checkpoint}")
+        retain_subj = [s for s in retain_subj if s.id in set(trained)]
+        if not retain_subj:
+            raise ConfigError("--forget names every subject the model trained on: nothing left to retain")
+    test_subj = cohort.select("test")
+    calib_subj = ([cohort.subject(i) for i in calibration] if calibration
+                  else cohort.select("val") or test_subj)
+    bad = [s.id for s in calib_subj if trained and s.id in set(trained)]
+    if bad:
+        raise ConfigError(f"calibration subjects {', '.join(bad)} trained the model: they are not unseen")
+
+    retrain_model = None
+    if retrain_checkpoint is not None:
+        rp, retrain_model = _load_model(retrain_checkpoint, cohort, "--retrain")
+        if rp["config"].get("model") != cfg.model:
+            raise CheckpointError(f"--retrain {retrain_checkpoint}: model {rp['config'].get('model')!r} differs "
+                                  f"from the original's {cfg.model!r}")
+        rtrained = set(rp.get("extra", {}).get("train_subjects", []))
+        leaked = [i for i in forget_ids if i in rtrained]
+        if leaked:
+            raise ConfigError(f"--retrain {retrain_checkpoint}: trained on forget subjects {', '.join(leaked)}")
+        if retrain_seconds is None:
+            retrain_seconds = rp.get("extra", {}).get("unlearn", {}).get("seconds")
+
+    # -- load data (cached by ID when the caller gives a cache) ------------------
+    cache = items if items is not None else {}
+    need = [s for s in (*retain_subj, *forget_subj, *test_subj, *calib_subj) if s.id not in cache]
+    for s, it in zip(need, load_preprocessed(need, cohort, cfg.spacing), strict=True):
+        cache[s.id] = it
+    retain_items = [cache[s.id] for s in retain_subj]
+    forget_items = [cache[s.id] for s in forget_subj]
+    test_items = [cache[s.id] for s in test_subj]
+    calib_items = [cache[s.id] for s in calib_subj]
+
+    dev = pick_device(device)
+    model = model.to(dev)
+    original = None
+    if evaluate and original_metrics is None:
+        import copy
+
+        original = copy.deepcopy(model)
+
+    steps_per_epoch = math.ceil(len(forget_items) / cfg.subjects_per_step)
+    budget = epochs * steps_per_epoch
+    checks: list[dict] = []
+    floor = 0.0
+    if target == "unseen":
+        base = mia.subject_statistics(model, calib_items, cfg.patch_size, cfg.num_classes, views=1)
+        floor = utility_fraction * metrics.mean([r["dice"] for r in base])
+    should_stop = (unseen_stopper(forget_items, calib_items, cfg, auc_threshold=auc_threshold, utility_floor=floor,
+                                  log=checks) if target == "unseen" else (lambda step, m: False))
+    dec_names = decoder_parameter_names(model)
+    ctx = UnlearnContext(config=cfg, retain_items=retain_items, forget_items=forget_items, steps=budget,
+                         steps_per_epoch=steps_per_epoch, seed=seed, check_every=check_every,
+                         should_stop=should_stop, decoder_names=dec_names, fix_decoder=fix_decoder, device=dev,
+                         on_step=(lambda s, loss: on_step(s, budget, loss)) if on_step else None)
+    frozen = []
+    if fix_decoder and strategy != "retrain":
+        for n, p in model.named_parameters():
+            if n in dec_names and p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(p)
+
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    try:
+        new_model = strat(model, ctx, resolved)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    seconds = time.perf_counter() - t0
+    new_model.eval()
+
+    report: dict = {
+        "request": {"checkpoint": str(checkpoint), "cohort": cohort.name, "forget": forget_ids,
+                    "retain": [s.id for s in retain_subj], "test": [s.id for s in test_subj],
+                    "calibration": [s.id for s in calib_subj]},
+        "strategy": strategy, "fix_decoder": bool(fix_decoder and strategy != "retrain"), "target": target,
+        "params": resolved, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+        "step_budget": budget if strategy != "retrain" else cfg.steps, "epoch_definition": EPOCH_DEFINITION,
+        "steps_run": ctx.steps_run, "stopped_early": ctx.stopped_early, "check_every": check_every,
+        "auc_threshold": auc_threshold, "utility_floor": floor, "checks": checks, "seed": seed, "seconds": seconds,
+        "strategy_log": ctx.log, "subjects_seen": sorted(set(ctx.sampler.seen)), "versions": versions(),
+    }
+    if retrain_seconds:
+        report["retrain_seconds"] = float(retrain_seconds)
+        report["time_ratio"] = seconds / float(retrain_seconds)
+        report["speedup"] = float(retrain_seconds) / max(seconds, 1e-9)
+
+    if evaluate:
+        groups = {"retain": retain_items, "forget": forget_items, "test": test_items}
+        res: dict = {}
+        if original_metrics is not None:
+            res["original"] = original_metrics
+        else:
+            res["original"] = _group_metrics(original, groups, cfg)
+            res["original"]["mia"] = _mia(original, forget_items, test_items, cfg, mia_views, seed, retrain_model)
+        res["unlearned"] = _group_metrics(new_model, groups, cfg)
+        res["unlearned"]["mia"] = _mia(new_model, forget_items, test_items, cfg, mia_views, seed, retrain_model)
+        if retrain_model is not None:
+            retrain_model = retrain_model.to(dev)
+            res["retrain"] = _group_metrics(retrain_model, groups, cfg)
+            res["retrain"]["mia"] = _mia(retrain_model, forget_items, test_items, cfg, mia_views, seed, None)
+        report.update(res)
+        u = _flat(res["unlearned"])
+        report["vs_original"] = {k: u[k] - v for k, v in _flat(res["original"]).items()}
+        if "retrain" in res:
+            r = _flat(res["retrain"])
+            report["vs_retrain"] = {k: u[k] - v for k, v in r.items()}
+            report["forget_dice_distance_to_retrain"] = abs(u["forget_dice"] - r["forget_dice"])
+            report["retain_dice_ratio"] = u["retain_dice"] / r["retain_dice"] if r["retain_dice"] else math.nan
+        report["mia_auc"] = {"original": res["original"]["mia"]["auc"], "unlearned": res["unlearned"]["mia"]["auc"],
+                             "retrain": res.get("retrain", {}).get("mia", {}).get("auc")}
+
+    ckpt_path = report_path = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        trained_list = [s.id for s in retain_subj] if strategy == "retrain" else list(
+            trained or [*[s.id for s in retain_subj], *forget_ids])
+        extra = {"train_subjects": trained_list, "cohort": cohort.name,
+                 "unlearn": {"strategy": strategy, "forgotten": forget_ids, "target": target,
+                             "fix_decoder": report["fix_decoder"], "seconds": seconds, "source": str(checkpoint)}}
+        ckpt_path = save_checkpoint(out_dir / "unlearned.pt", new_model, config=cfg.to_dict(),
+                                    step=int(payload.get("step", 0)) + ctx.steps_run, extra=extra)
+        report["output"] = str(ckpt_path)
+        report_path = out_dir / "report.json"
+        write_json(report_path, report)
+    return UnlearnResult(new_model, report, ckpt_path, report_path)
+
+
+def report_rows(report: dict) -> tuple[list[str], list[list]]:
+    """A readable table of a report: one row per model."""
+    cols = ["model", "retain Dice", "forget Dice", "test Dice", "retain MAE", "forget MAE", "Dice gap", "MAE gap",
+            "MIA AUC"]
+    rows = []
+    for name in ("original", "unlearned", "retrain"):
+        m = report.get(name)
+        if not m:
+            continue
+        rows.append([name, m["retain"]["dice"], m["forget"]["dice"], m["test"]["dice"], m["retain"]["mae"],
+                     m["forget"]["mae"], m["dice_gap"], m["mae_gap"], m.get("mia", {}).get("auc", math.nan)])
+    return cols, rows
