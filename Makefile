@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Idle OpenMP threads that spin make torch ~10x slower when other processes share the cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test lint bench clean
 

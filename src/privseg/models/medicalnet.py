@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -285,14 +284,9 @@ def load_medicalnet_weights(model: nn.Module, path: str | os.PathLike) -> dict[s
     missing, unreadable, not a state dict, or fits none of the model's tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: MedicalNet weights not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__}: {str(exc)[:200]})") from None
-    except Exception as exc:  # weights_only refuses pickled objects with UnpicklingError
-        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:200]})") from None
+    from privseg.train.checkpoint import load_weights_only  # late: train imports models
+
+    payload = load_weights_only(path, "MedicalNet weights file")
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping) or not payload or not all(

@@ -39,17 +39,23 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: 
     return Path(path)
 
 
+def load_weights_only(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load`` with ``weights_only=True``; any failure is a :class:`CheckpointError`
+    naming the file, and pickled objects are refused rather than executed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except Exception as exc:  # weights_only refuses pickled objects with UnpicklingError
+        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a privseg checkpoint; every failure is a :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    except Exception as exc:  # weights_only refuses pickled objects with UnpicklingError
-        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:200]})") from None
+    payload = load_weights_only(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a privseg checkpoint (missing format {FORMAT!r})")
     return payload
