@@ -24,6 +24,7 @@ train_cmds.register(app)
 unlearn_cmds.register(app)
 app.add_typer(audit_cmds.app, name="audit")
 app.add_typer(__import__("privseg.cli.fl", fromlist=["app"]).app, name="fl")
+app.add_typer(__import__("privseg.cli.privacy", fromlist=["app"]).app, name="privacy")
 
 
 def main(argv: list[str] | None = None) -> int:

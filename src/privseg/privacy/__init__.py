@@ -1,0 +1,52 @@
+"""Differential privacy with every release accounted (DESIGN.md principle 3).
+
+* :mod:`~privseg.privacy.dpsgd` -- patient-level DP-SGD inside a site (Poisson-sampled
+  subjects, per-subject clipping, Gaussian noise; Abadi et al. 2016), central and federated.
+* :mod:`~privseg.privacy.clipping` -- private adaptive clipping to a norm quantile
+  (Andrew et al. 2021), with the noise split accounted.
+* :mod:`~privseg.privacy.accountant` -- RDP composition (Mironov 2017) of heterogeneous
+  Poisson-subsampled Gaussian steps; noise calibration by bisection; cross-checked against
+  Google's dp-accounting.
+* :mod:`~privseg.privacy.budget` -- the per-site budget ledger (SQLite, WAL, transactions).
+* :mod:`~privseg.privacy.client_dp` -- client-level DP-FedAvg at the server (site = unit).
+"""
+
+from privseg.privacy.accountant import (
+    StepEvent,
+    calibrate_sigma,
+    epsilon,
+    epsilon_dp_accounting,
+    epsilon_pld,
+    schedule_multipliers,
+)
+from privseg.privacy.budget import BudgetLedger, find_ledgers
+from privseg.privacy.clipping import QuantileClipper, split_noise
+from privseg.privacy.dpsgd import (
+    DPConfig,
+    PatientDPSGD,
+    SitePlan,
+    check_dp_model,
+    fl_step_fn_factory,
+    make_plan,
+    train_private,
+)
+
+__all__ = [
+    "BudgetLedger",
+    "DPConfig",
+    "PatientDPSGD",
+    "QuantileClipper",
+    "SitePlan",
+    "StepEvent",
+    "calibrate_sigma",
+    "check_dp_model",
+    "epsilon",
+    "epsilon_dp_accounting",
+    "epsilon_pld",
+    "find_ledgers",
+    "fl_step_fn_factory",
+    "make_plan",
+    "schedule_multipliers",
+    "split_noise",
+    "train_private",
+]

@@ -1,0 +1,190 @@
+"""Client-level (site-level) DP-FedAvg at the server: the *site* is the protected unit.
+
+McMahan, Ramage, Talwar & Zhang, "Learning Differentially Private Recurrent Language Models",
+ICLR 2018 (DP-FedAvg), with optional private adaptive clipping (Andrew et al., NeurIPS 2021):
+each round the server
+
+1. clips every site's update ``Delta_k = w_k - w`` to L2 norm ``C`` (all floating-point
+   entries of the state dict, normalisation layers included),
+2. averages them *uniformly* over the expected number of sites ``m = fraction * n_sites`` and
+   adds ``N(0, (z_delta C / m)^2)`` per coordinate,
+3. (adaptive) moves ``C`` by the noisy fraction of *unclipped* updates,
+   ``C <- C exp(-eta (b_bar - gamma))``, ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``,
+4. books the round as a Poisson-subsampled Gaussian ``(q = fraction, z)`` in the ledger
+   (site key ``"server"``), refusing a round that would cross the budget.
+
+Why not Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` (flwr 1.41)? Its
+``adaptive_clip_inputs_inplace`` returns ``norm_bit = scaling_factor < 1`` -- True for a
+*clipped* update -- and then applies ``C *= exp(-lr (clipped_fraction - target))``: too many
+clipped updates *shrink* C further, so C collapses toward 0 (the failure DESIGN.md warns of;
+``benchmarks/privacy.py`` reproduces it). Its fixed-clipping sibling is correct but weights
+and noises with Flower's own conventions and has no ledger; this module implements both modes
+on privseg's strategy hooks (``update_hooks`` / ``aggregate_hooks``), so it composes with
+FedAvg, FedProx and FedBN.
+
+**With few sites it is useless**: the noise on the average has norm about
+``z C sqrt(d) / m`` against a signal of at most ``C``; with m = 3 sites, d = 1.3 M parameters and
+z ~ 1 that is a signal-to-noise ratio of ~ 3/1140. Patient-level DP-SGD inside each site
+(:mod:`privseg.privacy.dpsgd`) averages over patients*steps instead; see README numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from privseg.errors import BudgetExceededError, ConfigError
+from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, check_epsilon
+from privseg.privacy.clipping import QuantileClipper, default_sigma_b
+
+SERVER = "server"
+
+
+def flower_adaptive_clip_trace(norms: np.ndarray, rounds: int, clip: float = 1.0, lr: float = 0.2,
+                               target: float = 0.5, seed: int = 0) -> list[float]:
+    """Flower 1.41's adaptive-clipping *update rule* (``norm_bit = clipped``, then
+    ``C *= exp(-lr (clipped_fraction - target))``) on i.i.d. draws from ``norms``, noise-free.
+    For the benchmark/test showing the clipped-count rule diverges."""
+    from flwr.supercore.differential_privacy import adaptive_clip_inputs_inplace
+
+    rng = np.random.default_rng(seed)
+    trace = []
+    for _ in range(rounds):
+        sample = rng.choice(norms, size=min(len(norms), 10))
+        bits = [adaptive_clip_inputs_inplace([np.array([n], dtype=np.float64)], clip) for n in sample]
+        frac = float(np.mean(bits))
+        clip *= math.exp(-lr * (frac - target))
+        trace.append(clip)
+    return trace
+
+
+class ClientLevelDP:
+    """DP-FedAvg hooks for a privseg strategy. Give ``noise_multiplier`` or a budget
+    (``epsilon``, ``delta``, ``rounds``) to calibrate it."""
+
+    def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = "adaptive", clip_norm: float = 1.0,
+                 noise_multiplier: float | None = None, epsilon: float | None = None, delta: float = 1e-5,
+                 rounds: int | None = None, target_quantile: float = 0.5, clip_lr: float = 0.2,
+                 sigma_b: float | None = None, ledger=None, seed: int = 0, allow_large_delta: bool = False):
+        if n_sites < 1:
+            raise ConfigError("client-level DP needs at least one site")
+        self.n_sites = n_sites
+        self.q = float(fraction)
+        self.m = max(self.q * n_sites, 1e-9)
+        check_delta(delta, n_sites, allow_large_delta)
+        self.delta = float(delta)
+        if noise_multiplier is None:
+            if epsilon is None or rounds is None:
+                raise ConfigError("client-level DP: give noise_multiplier, or epsilon and rounds to calibrate it")
+            noise_multiplier = calibrate_sigma(check_epsilon(epsilon), delta, self.q, int(rounds), what="server")
+        self.z = float(noise_multiplier)
+        self.epsilon_budget = float(epsilon) if epsilon is not None else math.inf
+        if clip == "adaptive" and sigma_b is None:
+            sigma_b = default_sigma_b(self.m, self.z)
+        self.clipper = (QuantileClipper(clip=clip_norm, target_quantile=target_quantile, lr=clip_lr,
+                                        expected_m=self.m, sigma_b=sigma_b) if clip == "adaptive" else None)
+        if clip not in ("fixed", "adaptive"):
+            raise ConfigError(f"--clip {clip!r} is not fixed or adaptive")
+        self.z_update = self.clipper.update_noise_multiplier(self.z) if self.clipper is not None else self.z
+        self.clip_norm = float(clip_norm)
+        self.ledger = ledger
+        if ledger is not None:
+            ledger.set_budget(SERVER, self.epsilon_budget if math.isfinite(self.epsilon_budget) else 1e9, self.delta)
+        self.seed = seed
+        self.norms: list[float] = []
+        self.history: list[dict] = []
+        self._k = 0
+
+    @property
+    def clip(self) -> float:
+        return self.clipper.clip if self.clipper is not None else self.clip_norm
+
+    def attach(self, strategy) -> None:
+        strategy.update_hooks.append(self.clip_updates)
+        strategy.aggregate_hooks.append(self.add_noise)
+
+    def check(self, server_round: int) -> float:
+        if self.ledger is None:
+            return math.nan
+        return self.ledger.check_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)])
+
+    # update hook: (round, replies, global) -> replies
+    def clip_updates(self, server_round: int, replies, global_arrays: ArrayRecord):
+        self.check(server_round)  # before anything of this round is released
+        glob = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
+        self._glob = glob
+        self.norms, self._k = [], len(replies)
+        clip = self.clip
+        for msg in replies:
+            name = next(iter(msg.content.array_records))
+            arrays = msg.content[name]
+            keys = [k for k in arrays.keys() if np.issubdtype(arrays[k].numpy().dtype, np.floating)]
+            deltas = {k: arrays[k].numpy().astype(np.float64) - glob[k] for k in keys}
+            norm = math.sqrt(sum(float((d ** 2).sum()) for d in deltas.values()))
+            self.norms.append(norm)
+            factor = min(1.0, clip / (norm + 1e-12))
+            out = {k: Array(np.ascontiguousarray(arrays[k].numpy())) for k in arrays.keys()}
+            for k in keys:
+                out[k] = Array(np.ascontiguousarray((glob[k] + factor * deltas[k]).astype(arrays[k].numpy().dtype)))
+            msg.content[name] = ArrayRecord(out)
+            for rec in msg.content.metric_records.values():  # uniform average: every site weighs 1
+                if "num-examples" in rec:
+                    rec["num-examples"] = 1
+        return replies
+
+    # aggregate hook: (round, averaged arrays) -> arrays
+    def add_noise(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        gen = torch.Generator().manual_seed(hash((self.seed, server_round, 0xC1D9)) % 2**63)
+        glob_keys = list(arrays.keys())
+        clip = self.clip
+        out = {}
+        for k in glob_keys:
+            a = arrays[k].numpy()
+            if np.issubdtype(a.dtype, np.floating):
+                g = getattr(self, "_glob", {}).get(k)
+                if g is not None and self._k:  # FedAvg divided the clipped sum by k; DP-FedAvg divides by m
+                    a = g + (self._k / self.m) * (a.astype(np.float64) - g)
+                noise = torch.randn(a.shape, generator=gen, dtype=torch.float64).numpy() * (self.z_update * clip / self.m)
+                a = (a + noise).astype(a.dtype)
+            out[k] = Array(np.ascontiguousarray(a))
+        if self.clipper is not None:
+            self.clipper.generator = torch.Generator().manual_seed(hash((self.seed, server_round, 0xC11F)) % 2**63)
+            self.clipper.update(self.norms)
+        eps = math.nan
+        if self.ledger is not None:
+            eps = self.ledger.commit_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)],
+                                           info={"clip": self.clip, "sites": self._k})
+        self.history.append({"round": server_round, "clip": clip, "norms": list(self.norms), "epsilon": eps})
+        return ArrayRecord(out)
+
+
+def ledger_for_run(run_dir: str | Path):
+    from privseg.privacy.budget import BudgetLedger
+
+    return BudgetLedger(Path(run_dir) / "privacy.sqlite")
+
+
+__all__ = ["SERVER", "ClientLevelDP", "BudgetExceededError", "flower_adaptive_clip_trace", "ledger_for_run"]
+
+
+def attach_from_config(strategy, cfg, run_dir: str | Path) -> ClientLevelDP:
+    """Attach DP-FedAvg to ``strategy`` from ``cfg.train.extra["dp"]`` (unit ``site``), ledger in
+    ``<run_dir>/privacy.sqlite``; on resume the adaptive clip continues from the ledger."""
+    from privseg.privacy.dpsgd import DPConfig
+
+    dp = DPConfig.from_dict(cfg.train.extra["dp"])
+    ledger = ledger_for_run(run_dir)
+    hooks = ClientLevelDP(n_sites=len(cfg.sites), fraction=cfg.fraction, clip=dp.clip, clip_norm=dp.clip_norm,
+                          noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta, rounds=cfg.rounds,
+                          target_quantile=dp.target_quantile, clip_lr=dp.clip_lr, sigma_b=dp.sigma_b, ledger=ledger,
+                          seed=cfg.train.seed, allow_large_delta=dp.allow_large_delta)
+    last = ledger.last_info(SERVER)
+    if hooks.clipper is not None and last and last.get("clip"):
+        hooks.clipper.clip = float(last["clip"])
+    hooks.attach(strategy)
+    strategy.client_dp = hooks
+    return hooks

@@ -1,0 +1,111 @@
+"""Clipping: fixed, and private adaptive clipping to a target quantile of the norms.
+
+Adaptive clipping follows Andrew, Thakkar, McMahan & Ramaswamy, "Differentially Private
+Learning with Adaptive Clipping", NeurIPS 2021 (Algorithm 1/2). With clip ``C`` and the
+``m`` contributions of a step (patients' gradients, or sites' model updates):
+
+    b_i   = 1[ ||Delta_i|| <= C ]                 (count the UNCLIPPED ones)
+    b_bar = (sum_i b_i + N(0, sigma_b^2)) / m     (m: expected number of contributions)
+    C    <- C * exp(-eta * (b_bar - gamma))       (geometric update toward quantile gamma)
+
+If more than a fraction ``gamma`` is unclipped, ``C`` shrinks; if fewer, it grows: the fixed
+point is the ``gamma``-quantile of the norms. (Counting *clipped* updates with this same
+formula, as Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` does in flwr 1.41,
+reverses the feedback: ``C`` runs away to 0 or infinity. ``benchmarks/privacy.py`` shows it.)
+
+Privacy: the count is a sum of values in {0, 1}, centred at 1/2 it has sensitivity 1/2;
+releasing it with std ``sigma_b`` and the clipped sum with multiplier ``z_delta`` is, by
+composition of Gaussian mechanisms (Andrew et al., Thm. 1; Mironov 2017), one Gaussian
+mechanism with multiplier ``z`` where ``z^-2 = z_delta^-2 + (2 sigma_b)^-2``. So for a target
+``z`` the update gets
+
+    z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)        (requires z < 2 sigma_b)
+
+and the accountant books ``(q, z)`` for the step: the quantile estimate is paid for.
+Defaults: gamma = 0.5, eta = 0.2, sigma_b = m / 20 -- *when that is feasible*. With the few
+patients per step of a hospital (m = q n ~ 2-20) m/20 would force z < m/10, i.e. almost no noise
+and a useless budget; privseg then raises sigma_b to the value at which the update's noise is
+inflated by 10 % (``z_delta = 1.1 z``): ``sigma_b = z / (2 sqrt(1 - 1.1^-2))`` ~ 1.2 z
+(:func:`default_sigma_b`). The count is noisier per step, but the geometric update averages it
+over many steps (the quantile test in tests/test_privacy.py uses it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from privseg.errors import ConfigError
+
+
+def split_noise(z: float, sigma_b: float) -> float:
+    """Noise multiplier of the update, ``z_delta``, given the total budget-equivalent ``z`` and the
+    count's noise std ``sigma_b`` (Andrew et al. 2021, Sec. 3.1)."""
+    if z <= 0:
+        raise ConfigError(f"noise multiplier {z} must be positive for adaptive clipping")
+    if sigma_b <= 0:
+        raise ConfigError(f"count noise sigma_b={sigma_b} must be positive")
+    if not z < 2 * sigma_b:
+        raise ConfigError(f"adaptive clipping needs noise multiplier z={z:.4g} < 2*sigma_b={2 * sigma_b:.4g}: "
+                          "use more units per step (sigma_b = m/20), or --clip fixed")
+    return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+
+
+def default_sigma_b(m: float, z: float, inflation: float = 1.1) -> float:
+    """Andrew et al.'s ``m/20``, or -- when that leaves too little room for ``z`` -- the ``sigma_b``
+    at which the update noise is inflated by ``inflation`` (see the module docstring)."""
+    need = z / (2.0 * math.sqrt(1.0 - inflation ** -2)) if z > 0 else 0.0
+    return max(m / 20.0, need)
+
+
+def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-unit scale ``min(1, C / ||g||)`` (Abadi et al. 2016)."""
+    return torch.clamp(clip / (norms + 1e-12), max=1.0)
+
+
+@dataclass
+class QuantileClipper:
+    """Private geometric quantile tracking of the clip norm (Andrew et al. 2021).
+
+    ``expected_m``: the expected number of contributions per step (Poisson: q*n) used as the
+    denominator ``m`` and for the default ``sigma_b = m/20``. ``update`` takes the norms of one
+    step's contributions, returns the noisy unclipped fraction, and moves ``clip``."""
+
+    clip: float = 1.0
+    target_quantile: float = 0.5
+    lr: float = 0.2
+    expected_m: float = 1.0
+    sigma_b: float | None = None
+    generator: torch.Generator | None = None
+    history: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.clip <= 0:
+            raise ConfigError(f"initial clip norm {self.clip} must be positive")
+        if not 0 < self.target_quantile < 1:
+            raise ConfigError(f"target quantile {self.target_quantile} must be in (0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"clip learning rate {self.lr} must be positive")
+        if self.expected_m <= 0:
+            raise ConfigError(f"expected contributions per step {self.expected_m} must be positive")
+        if self.sigma_b is None:
+            self.sigma_b = self.expected_m / 20.0
+
+    def update_noise_multiplier(self, z: float) -> float:
+        """The multiplier to use on the clipped sum so that the step (sum + count) costs ``z``."""
+        return split_noise(z, float(self.sigma_b))
+
+    def update(self, norms: torch.Tensor | list[float]) -> float:
+        norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
+        unclipped = float((norms <= self.clip).sum())  # b_i = 1[||Delta_i|| <= C]
+        noise = float(torch.randn((), generator=self.generator, dtype=torch.float64)) * float(self.sigma_b)
+        frac = (unclipped + noise) / self.expected_m
+        self.clip = self.clip * math.exp(-self.lr * (frac - self.target_quantile))
+        self.history.append(self.clip)
+        return frac
+
+    def state(self) -> dict:
+        return {"clip": self.clip, "target_quantile": self.target_quantile, "lr": self.lr,
+                "expected_m": self.expected_m, "sigma_b": self.sigma_b}

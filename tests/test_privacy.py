@@ -1,0 +1,205 @@
+"""Patient-level DP-SGD, private adaptive clipping, accounting and the budget ledger (issue #6)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from privseg.errors import BudgetExceededError, ConfigError
+from privseg.models import build_model
+from privseg.privacy import (
+    BudgetLedger,
+    DPConfig,
+    PatientDPSGD,
+    QuantileClipper,
+    StepEvent,
+    calibrate_sigma,
+    check_dp_model,
+    epsilon,
+    epsilon_dp_accounting,
+    make_plan,
+    schedule_multipliers,
+    split_noise,
+)
+from privseg.privacy.client_dp import flower_adaptive_clip_trace
+from privseg.privacy.clipping import default_sigma_b
+from privseg.privacy.dpsgd import clipped_sum_loop, clipped_sum_vmap
+from privseg.train.losses import SegLoss
+
+
+def _tiny2d():
+    torch.manual_seed(0)
+    return build_model("unet_tiny", in_channels=1, num_classes=2, spatial_dims=2)
+
+
+def _batch(owner: list[int], size: int = 16):
+    g = torch.Generator().manual_seed(1)
+    n = len(owner)
+    return (torch.randn(n, 1, size, size, generator=g), torch.randint(0, 2, (n, 1, size, size), generator=g),
+            torch.tensor(owner))
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def test_per_subject_clipping_bounds_each_subject_however_many_patches():
+    model, loss_fn, clip = _tiny2d(), SegLoss(), 0.01
+    images, labels, owner = _batch([0] * 6 + [1] * 2)  # subject 0 gives 6 patches, subject 1 gives 2
+    total, norms, _ = clipped_sum_loop(model, loss_fn, images, labels, owner, clip)
+    assert len(norms) == 2 and bool((norms > clip).all())  # both were clipped
+    parts = []
+    for u in (0, 1):
+        idx = owner == u
+        part, _, _ = clipped_sum_loop(model, loss_fn, images[idx], labels[idx], owner[idx], clip)
+        assert _flat(part).norm() <= clip * (1 + 1e-4)  # one subject moves the sum by at most C
+        parts.append(_flat(part))
+    assert torch.allclose(_flat(total), parts[0] + parts[1], atol=1e-6)
+    # vmap over subjects computes the same clipped sum (equal patch counts)
+    images2, labels2, owner2 = _batch([0, 0, 1, 1, 2, 2])
+    a, na, _ = clipped_sum_loop(model, loss_fn, images2, labels2, owner2, clip)
+    b, nb, _ = clipped_sum_vmap(model, loss_fn, images2, labels2, owner2, clip)
+    assert torch.allclose(na, nb, rtol=1e-4) and torch.allclose(_flat(a), _flat(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_noise_has_the_calibrated_std(adaptive):
+    model = _tiny2d()
+    z, clip, q, n = 1.3, 0.5, 0.25, 40
+    eng = PatientDPSGD(q=q, n_subjects=n, multipliers=[z], clip_norm=clip, adaptive=adaptive, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = _flat([p.detach().clone() for p in model.parameters()])
+    eng(model, opt, SegLoss(), None, None, None)  # nobody sampled: the step is pure noise
+    step = before - _flat([p.detach() for p in model.parameters()])
+    z_eff = split_noise(z, default_sigma_b(q * n, z)) if adaptive else z
+    assert not adaptive or abs(z_eff / z - 1.1) < 1e-9  # m/20 = 0.5 is infeasible: 10 % inflation
+    expected = z_eff * clip / (q * n)
+    assert step.numel() > 10_000 and abs(float(step.std()) / expected - 1) < 0.03
+    assert eng.events == [StepEvent(q, z, 1)]  # booked at the full z: the quantile release is paid for
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_private_quantile_estimator_converges_to_the_target_quantile(target):
+    rng = np.random.default_rng(0)
+    clipper = QuantileClipper(clip=0.05, target_quantile=target, lr=0.2, expected_m=100,
+                              generator=torch.Generator().manual_seed(0))
+    for _ in range(600):
+        clipper.update(rng.lognormal(mean=0.0, sigma=0.5, size=rng.poisson(100)))
+    true_q = math.exp(0.5 * float(torch.distributions.Normal(0, 1).icdf(torch.tensor(target))))
+    final = float(np.mean(clipper.history[-100:]))
+    assert abs(final / true_q - 1) < 0.1, (final, true_q)
+    # counting CLIPPED updates with the same formula (Flower 1.41) runs away from the quantile
+    trace = flower_adaptive_clip_trace(rng.lognormal(0.0, 0.5, size=1000), rounds=300, clip=1.0)
+    assert trace[-1] < 0.1 * math.exp(0.0) or trace[-1] > 10
+
+
+def test_changing_schedule_composes_like_dp_accounting():
+    events = [StepEvent(0.05, 1.2, 100), StepEvent(0.05, 0.9, 40), StepEvent(0.1, 2.0, 30), StepEvent(1.0, 4.0, 3)]
+    events += [StepEvent(0.2, z, 1) for z in schedule_multipliers(1.5, 20, "decay")]
+    for delta in (1e-5, 1e-3):
+        ours, theirs = epsilon(events, delta), epsilon_dp_accounting(events, delta)
+        assert abs(ours - theirs) / theirs < 1e-3
+    sigma = calibrate_sigma(3.0, 1e-5, 0.1, 200)
+    assert 2.99 < epsilon([StepEvent(0.1, sigma, 200)], 1e-5) <= 3.0 + 1e-9
+
+
+def test_ledger_refuses_overspend_before_the_round(tmp_path):
+    ledger = BudgetLedger(tmp_path / "privacy.sqlite")
+    plan = make_plan(DPConfig(epsilon=2.0, delta=1e-3, clip="fixed"), "H1", n_subjects=20, subjects_per_step=4,
+                     total_steps=6)
+    ledger.set_budget("H1", plan.epsilon, plan.delta)
+    for r in range(3):  # 3 rounds of 2 steps: exactly the planned spend
+        ledger.check_round("H1", r + 1, plan.events(2 * r, 2 * r + 2))
+        eps = ledger.commit_round("H1", r + 1, plan.events(2 * r, 2 * r + 2))
+    assert 1.99 < eps <= 2.0 + 1e-6 and abs(ledger.spent("H1") - eps) < 1e-9
+    with pytest.raises(BudgetExceededError, match=r"site H1: round 4 would bring epsilon to .* over its budget of 2"):
+        ledger.check_round("H1", 4, plan.events(4, 6))
+    # a repeated round replaces its row instead of counting twice
+    ledger.commit_round("H1", 3, plan.events(4, 6))
+    assert len(ledger.rounds("H1")) == 3 and abs(ledger.spent("H1") - eps) < 1e-9
+    st = ledger.status()[0]
+    assert st["site"] == "H1" and st["rounds"] == 3 and st["epsilon_remaining"] < 0.01
+
+
+def test_ledger_survives_sigkill_between_rounds(tmp_path):
+    db = tmp_path / "privacy.sqlite"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from privseg.privacy.budget import BudgetLedger
+        from privseg.privacy.accountant import StepEvent
+        led = BudgetLedger({str(db)!r})
+        led.set_budget("H1", 8.0, 1e-5)
+        for r in range(1, 4):
+            led.commit_round("H1", r, [StepEvent(0.1, 1.0, 10)])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    ledger = BudgetLedger(db)
+    assert [r["round"] for r in ledger.rounds("H1")] == [1, 2, 3]
+    assert abs(ledger.spent("H1") - epsilon([StepEvent(0.1, 1.0, 30)], 1e-5)) < 1e-9
+
+
+def test_bad_privacy_inputs_are_clear_errors():
+    with pytest.raises(ConfigError, match="epsilon"):
+        DPConfig(epsilon=0)
+    with pytest.raises(ConfigError, match="delta"):
+        DPConfig(delta=1.0)
+    with pytest.raises(ConfigError, match="not below 1/n"):
+        make_plan(DPConfig(delta=0.1), "H1", n_subjects=20, subjects_per_step=2, total_steps=10)
+    make_plan(DPConfig(delta=0.1, allow_large_delta=True, clip="fixed"), "H1", 20, 2, 10)  # explicit override
+    with pytest.raises(BudgetExceededError, match="too small for even"):
+        make_plan(DPConfig(epsilon=1e-3, delta=1e-5, clip="fixed", sampling_rate=1.0), "H1", 1000, 2, 10**6)
+    bn = build_model("unet_tiny", in_channels=1, num_classes=2, spatial_dims=2, norm="batch")
+    with pytest.raises(ConfigError, match="use --norm group"):
+        check_dp_model(bn)
+    with pytest.raises(ConfigError, match="per-site"):
+        DPConfig(sites={"H2": {"epsilonn": 3}})
+    assert DPConfig(sites={"H2": {"epsilon": 3}}).for_site("H2").epsilon == 3
+
+
+def test_federated_patient_dp_books_every_round_and_stops_at_the_budget(tmp_path):
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.train import TrainConfig
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=4, size=20)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    dp = DPConfig(epsilon=6.0, delta=1e-3, clip="adaptive", sampling_rate=0.5, sigma_b=2.0,
+                  sites={"H2": {"epsilon": 3.0}}).to_dict()
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     steps=2, extra={"dp": dp})
+    cfg = FLConfig(name="dp", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0)
+    state = simulate_inprocess(cfg, tmp_path / "run")
+    assert state.status == "finished" and state.rounds_done == 2
+    last = state.rounds[-1]["train"]
+    assert abs(last["H1"]["dp-epsilon"] - 6.0) < 0.01 and abs(last["H2"]["dp-epsilon"] - 3.0) < 0.01
+    # extending the run past the planned rounds: each site refuses the round before it runs
+    cfg.rounds = 3
+    state = simulate_inprocess(cfg, tmp_path / "run")
+    assert state.status == "budget-exhausted" and state.rounds_done == 2
+    assert "would bring epsilon" in state.data["stop_reason"]
+    led = BudgetLedger(tmp_path / "run" / "sites" / "H2" / "privacy.sqlite")
+    assert len(led.rounds("H2")) == 2
+
+
+def test_privacy_status_cli_reports_spent_and_remaining(tmp_path, capsys):
+    from privseg.cli import main as cli_main
+
+    ledger = BudgetLedger(tmp_path / "run" / "sites" / "H1" / "privacy.sqlite")
+    ledger.set_budget("H1", 8.0, 1e-5)
+    ledger.commit_round("H1", 1, [StepEvent(0.1, 1.0, 10)])
+    assert cli_main(["privacy", "status", str(tmp_path / "run"), "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)
+    assert rows[0]["site"] == "H1" and 0 < rows[0]["epsilon_spent"] < 8 and rows[0]["rounds"] == 1
+    assert cli_main(["privacy", "status", str(tmp_path / "nothing")]) == 2
