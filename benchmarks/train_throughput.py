@@ -29,9 +29,9 @@ from privseg.utils import seed_everything, versions, write_json
 RESULTS = Path(__file__).parent / "results"
 
 
-def monai_loop_throughput(items, cfg: TrainConfig, steps: int, warmup: int) -> float:
-    """The loop a user would write by hand with MONAI: CacheDataset-style in-memory items,
-    RandCropByPosNegLabeld, DataLoader, DiceCELoss, AdamW. Returns voxels/second."""
+def monai_loop_stepper(items, cfg: TrainConfig):
+    """The loop a user would write by hand with MONAI: in-memory items, SpatialPadd +
+    RandCropByPosNegLabeld, DataLoader, DiceCELoss, AdamW. Returns a function doing one step."""
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
@@ -44,36 +44,52 @@ def monai_loop_throughput(items, cfg: TrainConfig, steps: int, warmup: int) -> f
                   RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=cfg.patch_size,
                                          pos=1, neg=1, num_samples=cfg.patches_per_subject)])
     data = [{"image": i["image"].as_tensor(), "label": i["label"].as_tensor()} for i in items]
-    loader = DataLoader(Dataset(data, tf), batch_size=cfg.subjects_per_step, shuffle=True, num_workers=0)
-    voxels, done, t0 = 0, 0, None
+    loader = DataLoader(Dataset(data, tf), batch_size=cfg.subjects_per_step, shuffle=True, num_workers=0,
+                        drop_last=True)
+    batches = iter(())
     model.train()
-    while done < steps + warmup:
-        for batch in loader:
-            if batch["image"].shape[0] * cfg.patches_per_subject < cfg.subjects_per_step * cfg.patches_per_subject:
-                continue
-            if done == warmup:
-                t0 = time.perf_counter()
-            opt.zero_grad()
-            loss = loss_fn(model(batch["image"]), batch["label"])
-            loss.backward()
-            opt.step()
-            if done >= warmup:
-                voxels += batch["image"][:, 0].numel()
-            done += 1
-            if done >= steps + warmup:
-                break
-    return voxels / (time.perf_counter() - t0)
+
+    def step() -> None:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        opt.zero_grad()
+        loss = loss_fn(model(batch["image"]), batch["label"])
+        loss.backward()
+        opt.step()
+
+    return step
 
 
-def privseg_throughput(items, cfg: TrainConfig, steps: int, warmup: int) -> float:
+def privseg_stepper(items, cfg: TrainConfig):
+    """privseg's own loop (``train_steps``), one step per call."""
     seed_everything(cfg.seed)
     model = cfg.build_model()
     opt = make_optimizer(model, cfg)
-    train_steps(model, opt, items, cfg, start=0, stop=warmup)
-    t0 = time.perf_counter()
-    train_steps(model, opt, items, cfg, start=warmup, stop=warmup + steps)
-    n_patches = cfg.subjects_per_step * cfg.patches_per_subject
-    return steps * n_patches * int(np.prod(cfg.patch_size)) / (time.perf_counter() - t0)
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        k = next(counter)
+        train_steps(model, opt, items, cfg, start=k, stop=k + 1)
+
+    return step
+
+
+def compare_throughput(items, cfg: TrainConfig, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """Voxels/second of both loops. The two alternate step by step and the median step time
+    is used, so load from other processes hits both alike."""
+    steppers = {"privseg": privseg_stepper(items, cfg), "monai": monai_loop_stepper(items, cfg)}
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for i in range(warmup + steps):
+        for name, step in steppers.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    voxels = cfg.subjects_per_step * cfg.patches_per_subject * int(np.prod(cfg.patch_size))
+    return voxels / float(np.median(times["privseg"])), voxels / float(np.median(times["monai"]))
 
 
 def main() -> None:
@@ -99,8 +115,7 @@ def main() -> None:
 
     # 1. Throughput on the same model, batch and patch size (CPU: 2 subjects x 2 patches of 64^3).
     cfg = TrainConfig.for_cohort(cohort, model="unet", patch_size=patch, device="cpu")
-    monai_vps = monai_loop_throughput(train_items, cfg, timing_steps, warmup=2)
-    privseg_vps = privseg_throughput(train_items, cfg, timing_steps, warmup=2)
+    privseg_vps, monai_vps = compare_throughput(train_items, cfg, timing_steps)
     ratio = privseg_vps / monai_vps
     print(f"throughput: privseg {privseg_vps:,.0f} vox/s, MONAI loop {monai_vps:,.0f} vox/s, ratio {ratio:.3f}")
 

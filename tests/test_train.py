@@ -108,3 +108,19 @@ def test_metrics_follow_their_definitions():
     uniform = torch.full((3, 4, 4, 4), 1 / 3)
     expected = float((uniform[1:] - probs[1:]).abs().mean())
     assert mae(uniform, label) == pytest.approx(expected)
+
+
+def test_segloss_equals_monai_dicece_and_gives_one_value_per_patch():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 6, 6, 6)
+    labels = torch.randint(0, 4, (3, 1, 6, 6, 6))
+    ours = SegLoss()
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
+    torch.testing.assert_close(ours(logits, labels), expected, rtol=1e-5, atol=1e-6)
+    per = ours(logits, labels, reduction="none")
+    assert per.shape == (3,)
+    for i in range(3):
+        single = DiceCELoss(to_onehot_y=True, softmax=True)(logits[i : i + 1], labels[i : i + 1])
+        torch.testing.assert_close(per[i], single, rtol=1e-5, atol=1e-6)

@@ -201,7 +201,7 @@ def clipped_sum_vmap(model: nn.Module, loss_fn, images: torch.Tensor, labels: to
 
     def subject_loss(prm, xs, ys_onehot):
         out = functional_call(model, (prm, buffers), (xs,))
-        return _seg_loss_onehot(out, ys_onehot, loss_fn).mean()
+        return loss_fn.per_sample_onehot(out, ys_onehot).mean()
 
     with torch.no_grad():
         ncls = model(images[:1]).shape[1]
@@ -212,19 +212,6 @@ def clipped_sum_vmap(model: nn.Module, loss_fn, images: torch.Tensor, labels: to
     factors = clip_factors(norms, clip).to(images.dtype)
     acc = [torch.einsum("k,k...->...", factors, grads[n]) for n in names]
     return acc, norms.detach().cpu(), float(losses.mean())
-
-
-def _seg_loss_onehot(logits: torch.Tensor, onehot: torch.Tensor, loss_fn) -> torch.Tensor:
-    """:class:`~privseg.train.losses.SegLoss` per sample on one-hot targets, without in-place ops
-    (MONAI's one_hot scatters in place, which ``vmap`` cannot batch). Same formula as MONAI's
-    DiceLoss(softmax, include_background, smooth 1e-5) + cross-entropy."""
-    dims = tuple(range(2, logits.ndim))
-    prob = torch.softmax(logits, 1)
-    inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    dice = (1.0 - (2.0 * inter + 1e-5) / (denom + 1e-5)).mean(1)
-    ce = -(onehot * torch.log_softmax(logits, 1)).sum(1).mean(dim=tuple(range(1, logits.ndim - 1)))
-    return getattr(loss_fn, "lambda_dice", 1.0) * dice + getattr(loss_fn, "lambda_ce", 1.0) * ce
 
 
 class _OpacusHelper:
