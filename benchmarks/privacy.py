@@ -260,7 +260,8 @@ def bench_utility(quick: bool, seeds: int, eps_list: list[float], tasks: list[st
                     d, e = _fl_dice(cohort, method, eps, s, root / f"{task}-{method}-{eps}-{s}", quick)
                     dices.append(d)
                     spent.append(e)
-                    print(f"utility {task} {method} eps={eps} seed={s}: Dice {d:.3f} ({time.perf_counter() - t0:.0f} s)",
+                    print(f"utility {task} {method} eps={eps} seed={s}: Dice {d:.3f} "
+                          f"({time.perf_counter() - t0:.0f} s)",
                           flush=True)
                 rows.append({"task": task, "method": method, "epsilon": eps, "dice_mean": float(np.mean(dices)),
                              "dice_std": float(np.std(dices)), "dices": dices, "epsilon_spent": spent})

@@ -18,8 +18,10 @@ _CLIP = typer.Option("adaptive", "--clip", help="fixed or adaptive (private quan
 _CLIP_NORM = typer.Option(1.0, "--clip-norm", help="Clip norm (adaptive: its starting value).")
 _QUANTILE = typer.Option(0.5, "--target-quantile", help="Adaptive clip: target quantile of the norms.")
 _SCHEDULE = typer.Option("constant", "--noise-schedule", help="constant or decay (calibrated to the budget).")
-_SITE_BUDGET = typer.Option(None, "--site-budget", help="SITE=EPSILON[,DELTA]: a stricter budget for one site (repeatable).")
-_RUN_CONFIG = typer.Option(None, "--dp-config", help='JSON file with DP settings, e.g. {"sites": {"H2": {"epsilon": 3}}}.')
+_SITE_BUDGET = typer.Option(None, "--site-budget",
+                            help="SITE=EPSILON[,DELTA]: a stricter budget for one site (repeatable).")
+_RUN_CONFIG = typer.Option(None, "--dp-config",
+                           help='JSON file with DP settings, e.g. {"sites": {"H2": {"epsilon": 3}}}.')
 _LARGE_DELTA = typer.Option(False, "--allow-large-delta", help="Allow delta >= 1/n (not recommended).")
 _METHOD = typer.Option("loop", "--dp-method", help="Per-subject gradients: loop, vmap or opacus.")
 
@@ -104,7 +106,8 @@ def train(
         result = train_private(c, cfg, cfg_dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not quiet:
         out.print(f"checkpoint: {result['checkpoint']}  epsilon={result['epsilon']:.3f} at delta={result['delta']:g} "
-                  f"(budget {result['budget']:g}; noise multiplier {result['noise_multiplier']:.3f}, q={result['q']:.3g}, "
+                  f"(budget {result['budget']:g}; noise multiplier {result['noise_multiplier']:.3f}, "
+                  f"q={result['q']:.3g}, "
                   f"final clip {result['clip']:.4g})")
 
 

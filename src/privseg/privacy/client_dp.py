@@ -148,7 +148,8 @@ class ClientLevelDP:
                 g = getattr(self, "_glob", {}).get(k)
                 if g is not None and self._k:  # FedAvg divided the clipped sum by k; DP-FedAvg divides by m
                     a = g + (self._k / self.m) * (a.astype(np.float64) - g)
-                noise = torch.randn(a.shape, generator=gen, dtype=torch.float64).numpy() * (self.z_update * clip / self.m)
+                noise = torch.randn(a.shape, generator=gen, dtype=torch.float64).numpy()
+                noise *= self.z_update * clip / self.m
                 a = (a + noise).astype(a.dtype)
             out[k] = Array(np.ascontiguousarray(a))
         if self.clipper is not None:

@@ -129,7 +129,8 @@ class DPConfig:
 
     def for_site(self, site: str) -> DPConfig:
         over = self.sites.get(site, {})
-        return replace(self, epsilon=float(over.get("epsilon", self.epsilon)), delta=float(over.get("delta", self.delta)))
+        return replace(self, epsilon=float(over.get("epsilon", self.epsilon)),
+                       delta=float(over.get("delta", self.delta)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -410,7 +411,8 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
         first = epsilon(events_for(q, schedule_multipliers(base, 1, dp.noise_schedule)), delta)
         if first > eps:
             raise BudgetExceededError(f"site {site}: epsilon={eps:g} is too small for even one step at noise "
-                                      f"multiplier {base:g} (one step costs {first:.3g}); raise the budget or the noise")
+                                      f"multiplier {base:g} (one step costs {first:.3g}); "
+                                      "raise the budget or the noise")
     else:
         base = calibrate_sigma(eps, delta, q, total_steps, schedule=dp.noise_schedule, ratio=dp.decay_ratio,
                                what=f"site {site}")
@@ -479,7 +481,8 @@ class _FLStepFn:
         eps = self.session.commit(self.round_no, start, stop)
         self._metrics = {"dp-epsilon": eps, "dp-delta": self.session.plan.delta,
                          "dp-budget": self.session.plan.epsilon, "dp-clip": float(self.engine.clip),
-                         "dp-noise-multiplier": float(self.engine.multipliers[min(stop, len(self.engine.multipliers)) - 1])}
+                         "dp-noise-multiplier":
+                             float(self.engine.multipliers[min(stop, len(self.engine.multipliers)) - 1])}
         return [x for x in losses if not math.isnan(x)] or [float("nan")]
 
     def round_metrics(self) -> dict:
