@@ -1,8 +1,11 @@
 """End-to-end demo on the embedded cohort (run by `make demo`).
 
 Builds a small multi-site cohort from the MNI152 template shipped in nilearn,
-trains a small 3D U-Net, evaluates it on held-out subjects, and writes one
-prediction as NIfTI. Everything goes to demo_out/.
+trains a small 3D U-Net, evaluates it on held-out subjects and writes one
+prediction as NIfTI; trains the same task federated across the three sites
+(Flower simulation, FedBN), then again with patient-level adaptive DP and a
+stricter budget at one hospital (printing epsilon per site); erases one patient
+from the central model and audits it. Everything goes to demo_out/.
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ def run(*args: str) -> None:
         sys.exit(code)
 
 
-def _first_test_subject(cohort: Path) -> str:
+def _test_subjects(cohort: Path) -> list[str]:
     from privseg.data.formats import read_cohort
 
-    return read_cohort(cohort).select("test")[0].id
+    return [s.id for s in read_cohort(cohort).select("test")]
+
+
+def _train_subjects(cohort: Path) -> list[str]:
+    from privseg.data.formats import read_cohort
+
+    return [s.id for s in read_cohort(cohort).select("train")]
 
 
 if __name__ == "__main__":
@@ -40,5 +49,17 @@ if __name__ == "__main__":
     run("evaluate", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--split", "test",
         "--json", str(OUT / "central" / "evaluation.json"))
     run("predict", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--subject",
-        _first_test_subject(cohort), "--out", str(OUT / "central" / "prediction.nii.gz"))
+        _test_subjects(cohort)[0], "--out", str(OUT / "central" / "prediction.nii.gz"))
+    train_ids = _train_subjects(cohort)
+    common = ["--cohort", str(cohort), "--runs", str(OUT / "runs"), "--model", "unet_tiny", "--patch", "32",
+              "--local-steps", "5", "--quiet"]
+    run("fl", "run", *common, "--name", "fedbn", "--rounds", "3", "--strategy", "fedbn")
+    run("fl", "status", "fedbn", "--runs", str(OUT / "runs"))
+    run("privacy", "fl-run", *common, "--name", "dp", "--rounds", "3", "--dp", "patient", "--epsilon", "8",
+        "--delta", "1e-3", "--clip", "adaptive", "--site-budget", "H2=4", "--in-process")
+    run("privacy", "status", str(OUT / "runs" / "dp"))
+    run("unlearn", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--forget",
+        train_ids[0], "--strategy", "noisy_label", "--target", "unseen", "--out", str(OUT / "unlearn"), "--quiet")
+    run("audit", "mia", "--checkpoint", str(OUT / "unlearn" / "unlearned.pt"), "--cohort", str(cohort),
+        "--members", train_ids[0], "--non-members", ",".join(_test_subjects(cohort)))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {OUT}/")
