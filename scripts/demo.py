@@ -55,7 +55,7 @@ if __name__ == "__main__":
               "--local-steps", "5", "--quiet"]
     run("fl", "run", *common, "--name", "fedbn", "--rounds", "3", "--strategy", "fedbn")
     run("fl", "status", "fedbn", "--runs", str(OUT / "runs"))
-    run("privacy", "fl-run", *common, "--name", "dp", "--rounds", "3", "--dp", "patient", "--epsilon", "8",
+    run("fl", "run", *common, "--name", "dp", "--rounds", "3", "--dp", "patient", "--epsilon", "8",
         "--delta", "1e-3", "--clip", "adaptive", "--site-budget", "H2=4", "--in-process")
     run("privacy", "status", str(OUT / "runs" / "dp"))
     run("unlearn", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--forget",

@@ -203,3 +203,19 @@ def test_privacy_status_cli_reports_spent_and_remaining(tmp_path, capsys):
     rows = __import__("json").loads(capsys.readouterr().out)
     assert rows[0]["site"] == "H1" and 0 < rows[0]["epsilon_spent"] < 8 and rows[0]["rounds"] == 1
     assert cli_main(["privacy", "status", str(tmp_path / "nothing")]) == 2
+
+
+def test_fl_run_cli_with_patient_dp_accounts_every_site(tiny_cohort, tmp_path, capsys):
+    from privseg.cli import main
+
+    args = ["fl", "run", "--cohort", str(tiny_cohort.root), "--runs", str(tmp_path / "runs"), "--name", "dp",
+            "--model", "unet_tiny", "--patch", "16", "--rounds", "1", "--local-steps", "1", "--in-process",
+            "--dp", "patient", "--epsilon", "8", "--delta", "1e-2", "--eval-every", "0"]
+    assert main([*args, "--site-budget", "H9=1"]) == 2
+    assert "H9" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "dp" / "state.json").exists()
+    assert main([*args, "--site-budget", "H2=4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["privacy", "status", str(tmp_path / "runs" / "dp"), "--json"]) == 0
+    status = capsys.readouterr().out
+    assert "H1" in status and "H2" in status

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from privseg.cli import privacy as P
 from privseg.cli.ui import console, out, progress, table
 
 app = typer.Typer(no_args_is_help=True, help="Federated training across hospitals (Flower).")
@@ -79,6 +80,10 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
             from privseg.federated.simulation import simulate
 
             state = simulate(cfg, run_dir, on_round=on_round, **kw)
+        elif mode == "in-process":
+            from privseg.federated.simulation import simulate_inprocess
+
+            state = simulate_inprocess(cfg, run_dir, on_round=on_round)
         else:
             from privseg.federated.deploy import deploy
 
@@ -105,16 +110,31 @@ def run(
     cpus_per_client: float = typer.Option(None, help="CPUs per simulated ClientApp (default: all; sites in turn)."),
     ray_address: str = typer.Option(None, help="Join an existing Ray cluster (e.g. auto or ray://HEAD:10001)."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto, for local training."),
+    dp: str = P._FL_DP, epsilon: float = P._EPS, delta: float = P._DELTA, clip: str = P._CLIP,
+    clip_norm: float = P._CLIP_NORM, target_quantile: float = P._QUANTILE, noise_schedule: str = P._SCHEDULE,
+    site_budget: list[str] = P._SITE_BUDGET, dp_config: Path = P._RUN_CONFIG, allow_large_delta: bool = P._LARGE_DELTA,
+    dp_method: str = P._METHOD,
+    in_process: bool = typer.Option(False, help="Run the sites in this process, without Ray (debugging, small runs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Federated training in simulation (Flower on Ray); resumes RUNS/NAME after a crash."""
+    """Federated training in simulation (Flower on Ray); resumes RUNS/NAME after a crash.
+    With --dp patient|site, every round is accounted per site and stops before a budget is crossed."""
     cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=only_site, name=name,
                            rounds=rounds,
                            strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
                            subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
                            seed=seed, mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
                            keep_updates=keep_updates, round_timeout=3600.0, device=device)
-    _run_common("simulation", cfg, runs_dir, quiet, cpus_per_client=cpus_per_client, ray_address=ray_address)
+    if dp != "none":
+        P.attach_dp(cfg, dp=dp, epsilon=epsilon, delta=delta, clip=clip, clip_norm=clip_norm,
+                    target_quantile=target_quantile, noise_schedule=noise_schedule, site_budget=site_budget,
+                    dp_config=dp_config, allow_large_delta=allow_large_delta, dp_method=dp_method)
+    if in_process:
+        _run_common("in-process", cfg, runs_dir, quiet)
+    else:
+        _run_common("simulation", cfg, runs_dir, quiet, cpus_per_client=cpus_per_client, ray_address=ray_address)
+    if dp != "none" and not quiet:
+        P.status(str(runs_dir / cfg.name), runs_dir, False)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`privseg privacy status|train|fl-run`: budgets, central DP training, federated DP training."""
+"""`privseg privacy status|train`: budgets and central DP training; `privseg fl run --dp` uses the
+same options (defined here) for federated DP training."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from privseg.cli.ui import out, progress, table
 app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
 
 _DP = typer.Option("patient", "--dp", help="DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server).")
+_FL_DP = typer.Option("none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server).")
 _EPS = typer.Option(8.0, "--epsilon", help="Privacy budget epsilon (per site).")
 _DELTA = typer.Option(1e-5, "--delta", help="delta; must be below 1/(patients at the site).")
 _CLIP = typer.Option("adaptive", "--clip", help="fixed or adaptive (private quantile, Andrew et al. 2021).")
@@ -111,52 +113,17 @@ def train(
                   f"final clip {result['clip']:.4g})")
 
 
-@app.command("fl-run")
-def fl_run(
-    cohort: Path = typer.Option(None, help="Multi-site cohort (every site of it is a site)."),
-    site: list[str] = typer.Option(None, "--site", help="ID=FOLDER of one site's data (repeatable)."),
-    sites_root: Path = typer.Option(None, help="Folder with one sub-folder per site."),
-    name: str = typer.Option("fl-dp"), runs_dir: Path = typer.Option(Path("runs"), "--runs"),
-    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg"),
-    local_steps: int = typer.Option(10, min=1), model: str = typer.Option("unet"), norm: str = typer.Option("group"),
-    patch: int = typer.Option(32, min=8), subjects_per_step: int = typer.Option(2, min=1),
-    patches_per_subject: int = typer.Option(2, min=1), lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
-    eval_every: int = typer.Option(1, min=0), dp: str = _DP, epsilon: float = _EPS, delta: float = _DELTA,
-    clip: str = _CLIP, clip_norm: float = _CLIP_NORM, target_quantile: float = _QUANTILE,
-    noise_schedule: str = _SCHEDULE, site_budget: list[str] = _SITE_BUDGET, dp_config: Path = _RUN_CONFIG,
-    allow_large_delta: bool = _LARGE_DELTA, dp_method: str = _METHOD,
-    cpus_per_client: float = typer.Option(None), in_process: bool = typer.Option(False, help="No Ray (debugging)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-) -> None:
-    """Federated training (simulation) with DP: `--dp patient` (per-site budgets) or `--dp site`."""
-    from privseg.cli.fl import _build_config, _print_status
+def attach_dp(cfg, *, dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
+              allow_large_delta, dp_method) -> None:
+    """Put the DP settings into a federated config (`privseg fl run --dp patient|site`)."""
+    from privseg.errors import ConfigError
     from privseg.privacy import check_dp_model
 
-    cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=None, name=name, rounds=rounds,
-                           strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
-                           subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
-                           seed=seed, mu=0.01, min_sites=1, fraction=1.0, eval_every=eval_every, keep_updates=False,
-                           round_timeout=3600.0, device="cpu")
     dpc = _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
                      allow_large_delta, dp_method)
     unknown = set(dpc.sites) - set(cfg.site_ids)
     if unknown:
-        from privseg.errors import ConfigError
-
         raise ConfigError(f"--site-budget names unknown site(s) {sorted(unknown)} (sites: {', '.join(cfg.site_ids)})")
     if dpc.unit == "patient":
         check_dp_model(cfg.train.build_model())
     cfg.train.extra["dp"] = dpc.to_dict()
-    run_dir = runs_dir / cfg.name
-    with progress("fl DP", cfg.rounds, quiet) as update:
-        if in_process:
-            from privseg.federated.simulation import simulate_inprocess
-
-            state = simulate_inprocess(cfg, run_dir, on_round=lambda e: update(int(e["round"])))
-        else:
-            from privseg.federated.simulation import simulate
-
-            state = simulate(cfg, run_dir, on_round=lambda e: update(int(e["round"])), cpus_per_client=cpus_per_client)
-    if not quiet:
-        _print_status(state)
-        status(str(run_dir), runs_dir, False)
