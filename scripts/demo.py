@@ -62,4 +62,5 @@ if __name__ == "__main__":
         train_ids[0], "--strategy", "noisy_label", "--target", "unseen", "--out", str(OUT / "unlearn"), "--quiet")
     run("audit", "mia", "--checkpoint", str(OUT / "unlearn" / "unlearned.pt"), "--cohort", str(cohort),
         "--members", train_ids[0], "--non-members", ",".join(_test_subjects(cohort)))
+    run("report", str(OUT / "central"), "--out", str(OUT / "central" / "report.html"))  # prints its path
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {OUT}/")

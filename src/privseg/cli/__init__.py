@@ -25,6 +25,8 @@ unlearn_cmds.register(app)
 app.add_typer(audit_cmds.app, name="audit")
 app.add_typer(__import__("privseg.cli.fl", fromlist=["app"]).app, name="fl")
 app.add_typer(__import__("privseg.cli.privacy", fromlist=["app"]).app, name="privacy")
+__import__("privseg.cli.report", fromlist=["register"]).register(app)
+app.add_typer(__import__("privseg.cli.runs", fromlist=["app"]).app, name="runs")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ privacy module swaps in a DP step through ``step_fn``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -159,16 +158,29 @@ class Trainer:
         if items is None:
             items = load_preprocessed(self.subjects, self.cohort, cfg.spacing)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        tracker = self._start_tracking(history)  # privseg.report: run.json, live metrics, TensorBoard
+
+        def _on_step(s: int, loss: float) -> None:
+            tracker.log_metrics(s, {"loss": loss})
+            if on_step:
+                on_step(s, cfg.steps, loss)
+
         t0 = time.perf_counter()
         step = start
-        while step < cfg.steps:
-            stop = min(cfg.steps, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-            losses = train_steps(model, optimizer, items, cfg, start=step, stop=stop, step_fn=step_fn,
-                                 on_step=(lambda s, loss: on_step(s, cfg.steps, loss)) if on_step else None)
-            history.extend({"step": step + i + 1, "loss": v} for i, v in enumerate(losses))
-            step = stop
-            self._save(model, optimizer, step, history)
+        try:
+            while step < cfg.steps:
+                stop = min(cfg.steps, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+                losses = train_steps(model, optimizer, items, cfg, start=step, stop=stop, step_fn=step_fn,
+                                     on_step=_on_step)
+                history.extend({"step": step + i + 1, "loss": v} for i, v in enumerate(losses))
+                step = stop
+                self._save(model, optimizer, step, history)
+        except BaseException:
+            tracker.finish("failed")
+            raise
         elapsed = time.perf_counter() - t0
+        tracker.log_artifact(self.checkpoint_path, "checkpoint", "checkpoint")
+        tracker.finish(final={"loss": history[-1]["loss"] if history else None, "steps": step}, seconds=elapsed)
         return {"model": model, "checkpoint": self.checkpoint_path, "steps": cfg.steps, "resumed_from": start,
                 "history": history, "seconds": elapsed}
 
@@ -177,6 +189,15 @@ class Trainer:
                  "train_subjects": [s.id for s in self.subjects]}
         save_checkpoint(self.checkpoint_path, model, config=self.config.to_dict(), step=step,
                         optimizer=optimizer, extra=extra)
-        with open(self.out_dir / "metrics.jsonl", "w") as fh:
-            for h in history:
-                fh.write(json.dumps(h) + "\n")
+        self._tracker.write_history(history)  # metrics.jsonl, same format as before, atomically
+
+    def _start_tracking(self, history: list[dict]):
+        from privseg.report.tracking import RunTracker
+
+        root = self.cohort.root
+        self._tracker = RunTracker(self.out_dir, kind="train")
+        self._tracker.log_config(self.config.to_dict(), cohort=self.cohort.name,
+                                 cohort_path=str(Path(root).resolve()) if root else None,
+                                 train_subjects=[s.id for s in self.subjects])
+        self._tracker.write_history(history)  # a resumed run restarts from its checkpoint's history
+        return self._tracker
