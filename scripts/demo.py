@@ -45,7 +45,7 @@ if __name__ == "__main__":
         run("data", "synth", "--out", str(cohort), "--sites", "3", "--subjects", "6", "--size", "48", "--seed", "0")
     run("data", "info", str(cohort))
     run("train", "--cohort", str(cohort), "--out", str(OUT / "central"), "--model", "unet", "--steps", "150",
-        "--patch", "48", "--seed", "0")
+        "--patch", "32", "--seed", "0")
     run("evaluate", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--split", "test",
         "--json", str(OUT / "central" / "evaluation.json"))
     run("predict", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--subject",
