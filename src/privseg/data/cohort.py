@@ -7,14 +7,13 @@ manifest (``cohort.json``) next to its files, with paths relative to it.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from privseg.errors import ConfigError, DataError
-from privseg.utils import check_id, write_json
+from privseg.utils import check_id, read_json, write_json
 
 MANIFEST_NAME = "cohort.json"
 SPLITS = ("train", "val", "test")
@@ -158,12 +157,7 @@ class Cohort:
     @classmethod
     def from_manifest(cls, path: str | Path) -> Cohort:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError(path, "manifest not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(path, f"manifest is not valid JSON ({exc})") from None
+        raw = read_json(path, "manifest")
         try:
             root = path.parent.resolve()
             subjects = []

@@ -24,7 +24,6 @@ inside the MSD tarballs) and ``__MACOSX`` folders are ignored.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -37,7 +36,7 @@ import numpy as np
 from privseg.data.cohort import MANIFEST_NAME, Cohort, Subject, assign_splits
 from privseg.data.validate import IMAGE_2D_SUFFIXES, read_volume
 from privseg.errors import ConfigError, DataError
-from privseg.utils import check_id
+from privseg.utils import check_id, read_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_SITE = "site1"
@@ -295,12 +294,7 @@ def read_msd(
     ``site1``. Only labelled training cases are read; ``imagesTs`` has no labels."""
     root = _require_dir(root)
     ds_path = root / "dataset.json"
-    try:
-        ds = json.loads(ds_path.read_text())
-    except FileNotFoundError:
-        raise DataError(ds_path, "not found (an MSD / nnU-Net dataset needs it)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(ds_path, f"is not valid JSON ({exc})") from None
+    ds = read_json(ds_path, "dataset.json (an MSD / nnU-Net dataset needs it)")
     if not isinstance(ds, dict):
         raise DataError(ds_path, "must hold a JSON object")
     chan_raw = ds.get("channel_names", ds.get("modality"))
