@@ -243,3 +243,23 @@ def test_deployment_superlink_and_two_supernodes_over_tls(fed_cohort, tmp_path):
     assert (tmp_path / "dep" / "deploy" / "certs" / "ca.crt").is_file()
     log = (tmp_path / "dep" / "deploy" / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in log  # TLS was on
+
+
+def test_inprocess_grid_push_then_pull_matches_send_and_receive():
+    from flwr.app import Message, RecordDict
+
+    from privseg.federated.simulation import InProcessGrid
+
+    def echo(msg, context):
+        if context.node_id == 1001:
+            raise RuntimeError("site down hard")
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = InProcessGrid(echo, num_sites=3)
+    grid.down.add(1002)
+    msgs = [grid.create_message(RecordDict(), "train", nid, "1") for nid in grid.get_node_ids()]
+    ids = grid.push_messages(msgs)
+    replies = grid.pull_messages(ids)
+    assert len(ids) == 3 and len(replies) == 2  # the node that is down never answers
+    assert sum(r.has_error() for r in replies) == 1
+    assert grid.pull_messages(ids) == []  # each reply is delivered once

@@ -103,6 +103,7 @@ class InProcessGrid:
                                       state=RecordDict(), run_config={}) for k, nid in enumerate(self._node_ids)}
         self.down: set[int] = set()  # node IDs that do not answer (a "killed SuperNode")
         self._run = None
+        self._pending: dict[str, object] = {}
 
     # Grid interface ------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -121,10 +122,18 @@ class InProcessGrid:
         return list(self._node_ids)
 
     def push_messages(self, messages):
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+        """Run the ClientApps now; their replies wait for :meth:`pull_messages`."""
+        ids = []
+        for k, msg in enumerate(messages):
+            msg_id = msg.metadata.message_id or f"inproc-{len(self._pending)}-{k}"
+            ids.append(msg_id)
+            for reply in self.send_and_receive([msg]):
+                self._pending[msg_id] = reply
+        return ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+        """Replies to pushed messages (a site that is down never replies)."""
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
 
     def send_and_receive(self, messages, *, timeout=None):
         from flwr.app import Error, Message
