@@ -133,3 +133,21 @@ def test_cli_audit_mia(trained, tmp_path, capsys):
         assert main(["audit", "mia", "--checkpoint", str(ckpt), "--cohort", str(cohort.root), "--members",
                      bad_members, "--non-members", bad_non, "--out", str(target)]) == 2
         assert not target.exists()
+
+
+def test_precomputed_reference_rows_equal_running_the_reference_model():
+    from privseg.models import build_model
+
+    members, nonmembers = _items(3, 4), _items(3, 5)
+    torch.manual_seed(1)
+    model = build_model("unet_tiny", in_channels=1, num_classes=3, spatial_dims=3, norm="group")
+    torch.manual_seed(2)
+    ref = build_model("unet_tiny", in_channels=1, num_classes=3, spatial_dims=3, norm="group")
+    live = mia.audit_items(model, members, nonmembers, (SIZE,) * 3, 3, views=2, n_boot=50, reference_models=[ref])
+    rows = (mia.subject_statistics(ref, members, (SIZE,) * 3, 3, views=2),
+            mia.subject_statistics(ref, nonmembers, (SIZE,) * 3, 3, views=2))
+    cached = mia.audit_items(model, members, nonmembers, (SIZE,) * 3, 3, views=2, n_boot=50, reference_rows=[rows])
+    assert cached.auc == live.auc and cached.calibrated and cached.n_reference_models == 1
+    assert [r["score"] for r in cached.members] == pytest.approx([r["score"] for r in live.members])
+    with pytest.raises(ConfigError):
+        mia.audit_items(model, members, nonmembers, (SIZE,) * 3, 3, views=2, n_boot=50, reference_rows=[rows[::-1]])

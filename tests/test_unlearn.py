@@ -189,3 +189,31 @@ def test_cli_unlearn_success_and_exit_2(setup, tmp_path, capsys):
         assert code == 2 and not target.exists()
     err = capsys.readouterr().err
     assert "S999" in err and "--strategy" in err
+
+
+def test_batched_check_statistics_match_sliding_window_ones(setup):
+    from privseg.audit import mia
+    from privseg.train import model_from_checkpoint
+    from privseg.unlearn.engine import check_statistics
+
+    payload = load_checkpoint(setup["ckpt"])
+    model = model_from_checkpoint(payload)
+    cfg = TrainConfig.from_dict(payload["config"])
+    items = list(setup["items"].values())[:3]
+    side = max(max(torch.as_tensor(it["image"]).shape[1:]) for it in items)
+    whole = TrainConfig.from_dict({**payload["config"], "patch_size": [side] * 3})
+    fast = check_statistics(model, items, whole)  # one window per subject: batched path when shapes agree
+    slow = mia.subject_statistics(model, items, whole.patch_size, whole.num_classes, views=1)
+    assert [r["loss"] for r in fast] == pytest.approx([r["loss"] for r in slow], abs=1e-5)
+    assert [r["dice"] for r in fast] == pytest.approx([r["dice"] for r in slow], abs=1e-6)
+    assert [r["id"] for r in check_statistics(model, items, cfg)] == [it["id"] for it in items]
+
+
+def test_cached_retrain_metrics_give_the_same_report(setup):
+    kw = dict(epochs=1, retrain_checkpoint=setup["retrain_ckpt"], items=setup["items"], mia_views=1, device="cpu")
+    first = unlearn(setup["ckpt"], setup["cohort"], setup["forget"], "retain_label", **kw).report
+    again = unlearn(setup["ckpt"], setup["cohort"], setup["forget"], "retain_label",
+                    retrain_metrics=first["retrain"], **kw).report
+    assert again["retrain"] is first["retrain"]
+    assert again["unlearned"]["mia"]["auc_calibrated"] == pytest.approx(first["unlearned"]["mia"]["auc_calibrated"])
+    assert again["forget_dice_distance_to_retrain"] == pytest.approx(first["forget_dice_distance_to_retrain"])

@@ -163,9 +163,12 @@ class MIAResult:
 def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Sequence[dict],
                 patch_size: Sequence[int], num_classes: int, *, statistic: str = "loss", views: int = 4,
                 reference_models: Sequence[torch.nn.Module] = (), seed: int = 0, n_boot: int = 2000,
-                member_rows: Sequence[dict] | None = None, nonmember_rows: Sequence[dict] | None = None) -> MIAResult:
+                member_rows: Sequence[dict] | None = None, nonmember_rows: Sequence[dict] | None = None,
+                reference_rows: Sequence[tuple[Sequence[dict], Sequence[dict]]] | None = None) -> MIAResult:
     """Membership AUC of ``model`` on preprocessed items. Reference models, when given,
-    must not have trained on any of the scored subjects."""
+    must not have trained on any of the scored subjects. ``reference_rows`` gives, per reference
+    model, its already computed ``subject_statistics`` rows on (members, nonmembers) (same order,
+    views and seed) instead of the models themselves."""
     if not members or not nonmembers:
         raise ConfigError("membership test needs at least one member and one non-member subject")
     overlap = {i["id"] for i in members} & {i["id"] for i in nonmembers}
@@ -176,11 +179,17 @@ def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Seq
     nrows = list(nonmember_rows) if nonmember_rows is not None else subject_statistics(
         model, nonmembers, patch_size, num_classes, views, seed)
     s_m, s_n = membership_scores(mrows, statistic), membership_scores(nrows, statistic)
-    if reference_models:
+    ref_pairs = [(subject_statistics(ref, members, patch_size, num_classes, views, seed),
+                  subject_statistics(ref, nonmembers, patch_size, num_classes, views, seed))
+                 for ref in reference_models]
+    for rm, rn in reference_rows or ():
+        if ([r["id"] for r in rm] != [i["id"] for i in members]
+                or [r["id"] for r in rn] != [i["id"] for i in nonmembers]):
+            raise ConfigError("reference_rows do not match the scored members and non-members")
+        ref_pairs.append((list(rm), list(rn)))
+    if ref_pairs:
         refs_m, refs_n = [], []
-        for ref in reference_models:
-            rm = subject_statistics(ref, members, patch_size, num_classes, views, seed)
-            rn = subject_statistics(ref, nonmembers, patch_size, num_classes, views, seed)
+        for rm, rn in ref_pairs:
             refs_m.append(membership_scores(rm, statistic))
             refs_n.append(membership_scores(rn, statistic))
             for row, r in zip(mrows, rm, strict=True):
@@ -196,8 +205,8 @@ def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Seq
         row["score"] = float(s)
     lo, hi = bootstrap_auc(s_m, s_n, n_boot=n_boot, seed=seed)
     return MIAResult(auc=auc(s_m, s_n), ci_low=lo, ci_high=hi, n_members=len(s_m), n_nonmembers=len(s_n),
-                     statistic=statistic, calibrated=bool(reference_models),
-                     n_reference_models=len(reference_models), views=views, members=mrows, nonmembers=nrows)
+                     statistic=statistic, calibrated=bool(ref_pairs),
+                     n_reference_models=len(ref_pairs), views=views, members=mrows, nonmembers=nrows)
 
 
 def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Sequence[str], *,
