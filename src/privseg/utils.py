@@ -30,6 +30,18 @@ def check_id(value: str, what: str = "ID") -> str:
     return value
 
 
+def parse_ids(ids, what: str = "IDs") -> list[str]:
+    """Subject IDs from "A,B" or a list: stripped, de-duplicated in order, never empty."""
+    if ids is None:
+        ids = []
+    if isinstance(ids, str):
+        ids = ids.split(",")
+    out = list(dict.fromkeys(i.strip() for i in ids if i and i.strip()))
+    if not out:
+        raise ConfigError(f"{what}: the request is empty; name at least one subject ID")
+    return out
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so runs repeat."""
     random.seed(seed)

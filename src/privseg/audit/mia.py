@@ -37,6 +37,7 @@ import torch
 from privseg.errors import ConfigError
 from privseg.train import metrics
 from privseg.train.inference import predict_probs
+from privseg.utils import parse_ids
 
 STATISTICS = ("loss", "dice")
 
@@ -219,8 +220,8 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     from privseg.train.inference import _check_fits
     from privseg.utils import check_id
 
-    members = _clean_ids(members, "--members")
-    nonmembers = _clean_ids(nonmembers, "--non-members")
+    members = parse_ids(members, "--members")
+    nonmembers = parse_ids(nonmembers, "--non-members")
     for i in (*members, *nonmembers):
         check_id(i, "subject ID")
         cohort.subject(i)  # ConfigError for unknown IDs
@@ -251,13 +252,6 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     return out
 
 
-def _clean_ids(ids, what: str) -> list[str]:
-    if isinstance(ids, str):
-        ids = ids.split(",")
-    out = list(dict.fromkeys(i.strip() for i in ids if i and i.strip()))
-    if not out:
-        raise ConfigError(f"{what}: name at least one subject ID")
-    return out
 
 
 def auc_or_nan(members: Sequence[float], nonmembers: Sequence[float]) -> float:

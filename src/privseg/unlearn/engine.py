@@ -41,7 +41,7 @@ from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, sav
 from privseg.train.inference import _check_fits, evaluate_subjects
 from privseg.train.loop import TrainConfig
 from privseg.unlearn.strategies import UnlearnContext, decoder_parameter_names, get_strategy
-from privseg.utils import pick_device, seed_everything, versions, write_json
+from privseg.utils import parse_ids, pick_device, seed_everything, versions, write_json
 
 TARGETS = ("zero", "unseen")
 DEFAULT_EPOCHS = {"zero": 20, "unseen": 50}
@@ -59,15 +59,6 @@ class UnlearnResult:
     report_path: Path | None = None
 
 
-def parse_ids(ids: str | Sequence[str] | None, what: str = "--forget") -> list[str]:
-    if ids is None:
-        ids = []
-    if isinstance(ids, str):
-        ids = ids.split(",")
-    out = list(dict.fromkeys(i.strip() for i in ids if i and i.strip()))
-    if not out:
-        raise ConfigError(f"{what}: the request is empty; name at least one subject ID")
-    return out
 
 
 def _load_model(path, cohort: Cohort, what: str) -> tuple[dict, torch.nn.Module]:
