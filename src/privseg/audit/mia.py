@@ -217,7 +217,7 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     Non-members must not be training subjects of the checkpoint (when it records them)."""
     from privseg.data.transforms import load_preprocessed
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from privseg.train.inference import _check_fits
+    from privseg.train.inference import check_fits
     from privseg.utils import check_id
 
     members = parse_ids(members, "--members")
@@ -227,7 +227,7 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
         cohort.subject(i)  # ConfigError for unknown IDs
     payload = load_checkpoint(checkpoint)
     cfg = payload["config"]
-    _check_fits(cfg, cohort, checkpoint)
+    check_fits(cfg, cohort, checkpoint)
     trained = set(payload.get("extra", {}).get("train_subjects", []))
     leaked = [i for i in nonmembers if i in trained]
     if leaked:
@@ -236,7 +236,7 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     refs = []
     for path in reference_checkpoints:
         rp = load_checkpoint(path)
-        _check_fits(rp["config"], cohort, path)
+        check_fits(rp["config"], cohort, path)
         ref_trained = set(rp.get("extra", {}).get("train_subjects", []))
         bad = [i for i in (*members, *nonmembers) if i in ref_trained]
         if bad:

@@ -94,7 +94,7 @@ def write_prediction(item: dict, probs: torch.Tensor, source, out_path: str | os
     return out_path
 
 
-def _check_fits(config: dict, cohort, path) -> None:
+def check_fits(config: dict, cohort, path) -> None:
     from privseg.errors import CheckpointError
 
     if config["num_classes"] != cohort.num_classes or config["in_channels"] != len(cohort.channels):
@@ -113,7 +113,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cohort, split: str | None
 
     payload = load_checkpoint(checkpoint)
     cfg = payload["config"]
-    _check_fits(cfg, cohort, checkpoint)
+    check_fits(cfg, cohort, checkpoint)
     subjects = [cohort.subject(i) for i in subject_ids] if subject_ids else cohort.select(split)
     model = model_from_checkpoint(payload, checkpoint)
     items = load_preprocessed(subjects, cohort, cfg.get("spacing"))
@@ -133,7 +133,7 @@ def predict_subject_to_nifti(checkpoint: str | os.PathLike, cohort, subject_id: 
         raise ConfigError("predict writes NIfTI and needs a 3D cohort")
     payload = load_checkpoint(checkpoint)
     cfg = payload["config"]
-    _check_fits(cfg, cohort, checkpoint)
+    check_fits(cfg, cohort, checkpoint)
     model = model_from_checkpoint(payload, checkpoint)
     data = load_subject(cohort.subject(subject_id), cohort)
     item = preprocess(data, cfg.get("spacing"))

@@ -38,7 +38,7 @@ from privseg.data.transforms import load_preprocessed
 from privseg.errors import CheckpointError, ConfigError
 from privseg.train import metrics
 from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from privseg.train.inference import _check_fits, evaluate_subjects
+from privseg.train.inference import check_fits, evaluate_subjects
 from privseg.train.loop import TrainConfig
 from privseg.unlearn.strategies import UnlearnContext, decoder_parameter_names, get_strategy
 from privseg.utils import parse_ids, pick_device, seed_everything, versions, write_json
@@ -64,7 +64,7 @@ class UnlearnResult:
 def _load_model(path, cohort: Cohort, what: str) -> tuple[dict, torch.nn.Module]:
     payload = load_checkpoint(path)
     try:
-        _check_fits(payload["config"], cohort, path)
+        check_fits(payload["config"], cohort, path)
     except KeyError as exc:
         raise CheckpointError(f"{what} {path}: config lacks {exc}") from None
     return payload, model_from_checkpoint(payload, path)
