@@ -1,7 +1,8 @@
 """The privseg ClientApp: one hospital trains and evaluates on its own subjects.
 
 Which site a ClientApp serves comes from the node config (deployment:
-``flower-supernode --node-config 'site="H1" cohort="/data/h1" cohort-site="" state-dir="..."'``)
+``flower-supernode --node-config 'site="H1" cohort="/data/h1" cohort-site="" state-dir="..."'``,
+plus ``exclude="S017,S020"`` for subjects erased at that site)
 or, in simulation, from the partition ID mapped to the run's site list.
 
 Each train message carries the global weights (``arrays``) and a config record with the
@@ -63,7 +64,7 @@ def site_items(spec: SiteSpec, split: str, spacing, capacity: int = 8) -> list[d
     """The site's preprocessed subjects of one split, cached (LRU of ``capacity`` entries)."""
     from privseg.data.transforms import load_preprocessed
 
-    key = (spec.cohort, spec.cohort_site, split, tuple(spacing) if spacing else None)
+    key = (spec.cohort, spec.cohort_site, spec.exclude, split, tuple(spacing) if spacing else None)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -87,7 +88,8 @@ def resolve_site(context: Context, sites: Sequence[SiteSpec] | None, state_root:
     nc = context.node_config
     if "site" in nc and "cohort" in nc:
         spec = SiteSpec(id=str(nc["site"]), cohort=str(nc["cohort"]),
-                        cohort_site=str(nc.get("cohort-site", "")) or None)
+                        cohort_site=str(nc.get("cohort-site", "")) or None,
+                        exclude=tuple(i for i in str(nc.get("exclude", "")).split(",") if i))
     elif sites is not None and "partition-id" in nc:
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(sites):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from privseg.errors import DataError
+from privseg.errors import ConfigError, DataError
 from privseg.utils import write_json
 
 STATE_NAME = "state.json"
@@ -96,6 +97,12 @@ class RunState:
         self.data["last_checkpoint"] = str(checkpoint.relative_to(self.run_dir))
         self.save()
 
+    @property
+    def restart_from(self) -> dict | None:
+        """Set by an erasure: ``{"after_round", "checkpoint", "request"}`` -- the rounds after
+        ``after_round`` start from ``checkpoint`` (the unlearned model), not from the last one."""
+        return self.data.get("restart_from")
+
     def rounds_of_site(self, site: str) -> list[int]:
         """Rounds whose aggregate included ``site``'s update (what an erasure of the site touches)."""
         return [int(e["round"]) for e in self.rounds if e.get("applied") and site in e.get("participants", [])]
@@ -107,3 +114,45 @@ class RunState:
             for site, m in (e.get("eval") or {}).get("sites", {}).items():
                 latest[site] = {"round": e["round"], **m}
         return latest
+
+
+# -- one writer per run ------------------------------------------------------------
+_HELD: dict[str, list] = {}  # lock path -> [open file, depth]: re-entrant within a process
+
+
+@contextmanager
+def hold_run(run_dir: str | Path, what: str):
+    """Hold the run's lock (``run_dir/.lock``) while training or erasing; a second holder in
+    another process gets a clear error instead of both writing the run. The lock is an OS
+    file lock, so a killed process releases it."""
+    import fcntl
+    import os
+
+    path = Path(run_dir) / ".lock"
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 - held for the duration of the context
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"run {Path(run_dir).name} is busy: {holder} holds it; try again when it has finished") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{what} (pid {os.getpid()})")
+    f.flush()
+    _HELD[key] = [f, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        f.close()

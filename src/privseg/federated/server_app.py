@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
-from privseg.federated.runstate import RunState
+from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint
 from privseg.utils import atomic_path, seed_everything
@@ -68,14 +68,18 @@ def wait_for_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> l
 def _initial_model(cfg: FLConfig, state: RunState) -> tuple[torch.nn.Module, int]:
     seed_everything(cfg.train.seed)
     model = cfg.train.build_model()
-    start = 1
-    if state.rounds_done > 0:
+    start = state.rounds_done + 1
+    restart = state.restart_from
+    if restart and state.rounds_done == int(restart["after_round"]):  # privseg.unlearn: repair after an erasure
+        ckpt = state.run_dir / restart["checkpoint"]
+    elif state.rounds_done > 0:
         ckpt = state.last_checkpoint
         if ckpt is None:
             raise ConfigError(f"{state.path}: {state.rounds_done} rounds done but no checkpoint recorded")
-        payload = load_checkpoint(ckpt)
-        model.load_state_dict(payload["model"])
-        start = state.rounds_done + 1
+    else:  # round 0's checkpoint is the starting model (the seeded init, or a given one for a derived run)
+        ckpt = state.checkpoint_path(0) if state.checkpoint_path(0).exists() else None
+    if ckpt is not None:
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
     return model, start
 
 
@@ -106,7 +110,12 @@ def run_server(grid: Grid, run_dir: str | Path, *, on_round: RoundCallback | Non
                rounds: int | None = None, strategy=None) -> RunState:
     """Run (or resume) the federated run in ``run_dir`` on ``grid``; returns its final state.
     ``rounds`` overrides the configured number of rounds (to extend a finished run)."""
-    run_dir = Path(run_dir)
+    with hold_run(run_dir, "a federated training run"):
+        return _run_server(grid, Path(run_dir), on_round=on_round, rounds=rounds, strategy=strategy)
+
+
+def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, rounds: int | None,
+                strategy) -> RunState:
     cfg = FLConfig.load(run_dir)
     if rounds is not None:
         cfg.rounds = int(rounds)
@@ -153,6 +162,9 @@ def run_server(grid: Grid, run_dir: str | Path, *, on_round: RoundCallback | Non
         site_train = {_site_of(m, node_site): _metrics(m) for m in ok}
         entry: dict[str, Any] = {"round": r, "participants": sorted(site_train), "failed": failures,
                                  "train": site_train, "applied": False}
+        rf = state.restart_from
+        if rf and int(rf["after_round"]) < r <= int(rf.get("until_round", r)):
+            entry["erasure"] = rf["request"]  # a repair round of that erasure request
         if len(ok) >= cfg.min_sites:
             if cfg.keep_updates:
                 entry["updates"] = {_site_of(m, node_site): _save_update(state, r, _site_of(m, node_site), m)

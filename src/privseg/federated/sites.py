@@ -23,23 +23,29 @@ from privseg.utils import check_id
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """One site: its ID in the federation, the cohort holding its data, and the site name
-    inside that cohort (``None``: every subject of the cohort belongs to this site)."""
+    """One site: its ID in the federation, the cohort holding its data, the site name
+    inside that cohort (``None``: every subject of the cohort belongs to this site), and the
+    subjects erased at this site (``exclude``: never used again for training or evaluation)."""
 
     id: str
     cohort: str
     cohort_site: str | None = None
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_id(self.id, "site ID")
+        object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SiteSpec:
         try:
-            return cls(id=d["id"], cohort=d["cohort"], cohort_site=d.get("cohort_site"))
+            return cls(id=d["id"], cohort=d["cohort"], cohort_site=d.get("cohort_site"),
+                       exclude=tuple(d.get("exclude") or ()))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed site entry {d!r} ({exc})") from None
 
@@ -51,11 +57,12 @@ def read_site_cohort(cohort_path: str | Path) -> Cohort:
 
 
 def site_subjects(cohort: Cohort, spec: SiteSpec, split: str | None = None) -> list[Subject]:
-    """The site's subjects of one split (all splits with ``None``)."""
+    """The site's subjects of one split (all splits with ``None``), erased subjects left out."""
     if spec.cohort_site is not None and spec.cohort_site not in cohort.sites:
         raise ConfigError(f"site {spec.id}: cohort {spec.cohort} has no site {spec.cohort_site!r} "
                           f"(sites: {', '.join(cohort.sites) or 'none'})")
-    return cohort.select(split, spec.cohort_site)
+    erased = set(spec.exclude)
+    return [s for s in cohort.select(split, spec.cohort_site) if s.id not in erased]
 
 
 def sites_from_cohort(cohort_path: str | Path, only: Sequence[str] | None = None) -> list[SiteSpec]:

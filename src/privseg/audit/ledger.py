@@ -1,0 +1,196 @@
+"""The erasure ledger: an append-only, hash-chained record of every erasure request.
+
+One SQLite file per federated run (``runs/<name>/erasure/ledger.db``). Each row is one event
+of one request (``requested``, ``local_unlearned``, ``repaired``, ``site_removed``,
+``verified``, ``completed``, ``failed``) with a JSON body. Row ``n`` stores
+
+    hash_n = SHA-256( hash_{n-1} || canonical JSON of (seq, request, event, at, body) )
+
+with ``hash_0`` = 64 zeros, so changing, removing or re-ordering any earlier row breaks every
+hash after it (:meth:`ErasureLedger.verify`). SQLite triggers refuse ``UPDATE`` and ``DELETE``
+on the table: the file can only grow through this API (a determined attacker with the file
+can still rewrite it; the chain makes that detectable against any copy of a later hash, e.g.
+the one printed on a certificate).
+
+Each append is one ``BEGIN IMMEDIATE`` transaction (WAL journal), so a crash leaves either the
+whole row or nothing, and two processes cannot interleave half-rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from privseg.errors import ConfigError, DataError
+
+GENESIS = "0" * 64
+EVENTS = ("requested", "local_unlearned", "repaired", "site_removed", "verified", "completed", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    request TEXT NOT NULL,
+    event TEXT NOT NULL,
+    at TEXT NOT NULL,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE
+);
+CREATE INDEX IF NOT EXISTS entries_request ON entries(request);
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'the erasure ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'the erasure ledger is append-only'); END;
+"""
+
+
+def canonical(obj) -> str:
+    """The JSON text that is hashed: sorted keys, no whitespace, non-finite floats as strings."""
+    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def entry_hash(prev_hash: str, seq: int, request: str, event: str, at: str, body: dict) -> str:
+    payload = canonical({"seq": seq, "request": request, "event": event, "at": at, "body": body})
+    return hashlib.sha256((prev_hash + payload).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ErasureLedger:
+    """Append-only, hash-chained erasure events of one run."""
+
+    def __init__(self, path: str | Path, create: bool = True):
+        self.path = Path(path)
+        if not self.path.exists() and not create:
+            raise DataError(self.path, "no erasure ledger here")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._connect() as con:
+                con.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise DataError(self.path, f"not a readable erasure ledger ({exc})") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        return con
+
+    # -- writing -------------------------------------------------------------------
+    def append(self, request: str, event: str, body: dict) -> dict:
+        """Append one event; returns the stored row."""
+        if event not in EVENTS:
+            raise ConfigError(f"unknown ledger event {event!r}")
+        at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        body = json.loads(canonical(body))  # what is stored is exactly what was hashed
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            last = con.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+            h = entry_hash(prev, seq, request, event, at, body)
+            con.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (seq, request, event, at, canonical(body), prev, h))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+        return {"seq": seq, "request": request, "event": event, "at": at, "body": body, "prev_hash": prev, "hash": h}
+
+    # -- reading -------------------------------------------------------------------
+    def entries(self, request: str | None = None) -> list[dict]:
+        con = self._connect()
+        try:
+            q = "SELECT seq, request, event, at, body, prev_hash, hash FROM entries"
+            rows = (con.execute(q + " WHERE request = ? ORDER BY seq", (request,)) if request
+                    else con.execute(q + " ORDER BY seq")).fetchall()
+        finally:
+            con.close()
+        return [{"seq": s, "request": r, "event": e, "at": a, "body": json.loads(b), "prev_hash": p, "hash": h}
+                for s, r, e, a, b, p, h in rows]
+
+    def events(self, request: str) -> dict[str, dict]:
+        """The latest entry of each event of one request."""
+        return {e["event"]: e for e in self.entries(request)}
+
+    def requests(self) -> list[dict]:
+        """One summary per request: ID, kind, site, subjects, status (its latest event), last hash."""
+        out: dict[str, dict] = {}
+        for e in self.entries():
+            r = out.setdefault(e["request"], {"request": e["request"], "events": []})
+            r["events"].append(e["event"])
+            r["status"], r["at"], r["hash"] = e["event"], e["at"], e["hash"]
+            if e["event"] == "requested":
+                b = e["body"]
+                r.update(kind=b.get("kind"), site=b.get("site"), subjects=b.get("subjects", []),
+                         reason=b.get("reason"), requested_at=e["at"])
+            if e["event"] == "verified":
+                r["passed"] = e["body"].get("passed")
+        return list(out.values())
+
+    def erased_subjects(self, site: str | None = None) -> dict[str, str]:
+        """Subject ID -> request ID, for every completed patient erasure (of ``site``)."""
+        done = {r["request"]: r for r in self.requests() if "completed" in r["events"] and r.get("kind") == "patient"}
+        return {s: rid for rid, r in done.items() if site is None or r.get("site") == site for s in r["subjects"]}
+
+    def verify(self) -> tuple[bool, list[str]]:
+        """Recompute the hash chain; returns (intact, problems)."""
+        problems: list[str] = []
+        prev = GENESIS
+        expected_seq = 1
+        try:
+            rows = self.entries()
+        except sqlite3.DatabaseError as exc:
+            return False, [f"{self.path}: unreadable ({exc})"]
+        for e in rows:
+            if e["seq"] != expected_seq:
+                problems.append(f"row {e['seq']}: sequence gap (expected {expected_seq})")
+            if e["prev_hash"] != prev:
+                problems.append(f"row {e['seq']}: previous-hash link broken")
+            h = entry_hash(e["prev_hash"], e["seq"], e["request"], e["event"], e["at"], e["body"])
+            if h != e["hash"]:
+                problems.append(f"row {e['seq']} ({e['request']} {e['event']}): content does not match its hash")
+            prev, expected_seq = e["hash"], e["seq"] + 1
+        return not problems, problems
+
+    @property
+    def head(self) -> str:
+        rows = self.entries()
+        return rows[-1]["hash"] if rows else GENESIS
+
+
+def find_ledgers(paths: Iterable[str | Path]) -> list[Path]:
+    """Ledger files named directly or found under run folders."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_file():
+            out.append(p)
+        elif (p / "erasure" / "ledger.db").is_file():
+            out.append(p / "erasure" / "ledger.db")
+        elif p.is_dir():
+            out.extend(sorted(p.glob("*/erasure/ledger.db")))
+    return out
