@@ -145,7 +145,8 @@ def hold_run(run_dir: str | Path, what: str):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise ConfigError(f"run {Path(run_dir).name} is busy: {holder} holds it; try again when it has finished") from None
+        raise ConfigError(f"run {Path(run_dir).name} is busy: {holder} holds it; "
+                          "try again when it has finished") from None
     f.seek(0)
     f.truncate()
     f.write(f"{what} (pid {os.getpid()})")

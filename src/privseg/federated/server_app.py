@@ -208,7 +208,7 @@ def _evaluate_round(strategy, grid: Grid, r: int, arrays: ArrayRecord, base: dic
 
 
 def make_server_app(run_dir: str | Path | None = None, on_round: RoundCallback | None = None,
-                    rounds: int | None = None) -> ServerApp:
+                    rounds: int | None = None, strategy=None) -> ServerApp:
     """A ServerApp for the run in ``run_dir`` (``flwr run``: the ``run-dir`` run config value)."""
     app = ServerApp()
 
@@ -219,7 +219,7 @@ def make_server_app(run_dir: str | Path | None = None, on_round: RoundCallback |
             raise ConfigError("no run-dir: set it in the app's [tool.flwr.app.config] or --run-config")
         n = rounds if rounds is not None else (int(context.run_config["rounds"])
                                                if int(context.run_config.get("rounds", 0) or 0) > 0 else None)
-        run_server(grid, str(rd), on_round=on_round, rounds=n)
+        run_server(grid, str(rd), on_round=on_round, rounds=n, strategy=strategy)
 
     return app
 

@@ -68,16 +68,17 @@ def backend_config(cpus_per_client: float | None = None, ray_address: str | None
 
 def simulate(cfg: FLConfig, run_dir: str | Path, *, on_round: RoundCallback | None = None,
              cpus_per_client: float | None = None, ray_address: str | None = None, ray_cpus: int | None = None,
-             client_app=None, verbose: bool = False) -> RunState:
+             client_app=None, verbose: bool = False, rounds: int | None = None, strategy=None) -> RunState:
     """Run (or resume) ``cfg`` in simulation; returns the final run state.
 
-    ``client_app`` replaces the default ClientApp (tests inject faults this way)."""
+    ``client_app`` replaces the default ClientApp (tests inject faults this way); ``rounds``
+    extends a run past its configured rounds; ``strategy`` replaces the configured one."""
     run_dir = prepare_run(cfg, run_dir)
     from flwr.simulation import run_simulation
 
     if not verbose:  # privseg reports rounds itself; keep Flower's per-round INFO lines out of the progress bar
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    server = make_server_app(run_dir, on_round=on_round)
+    server = make_server_app(run_dir, on_round=on_round, rounds=rounds, strategy=strategy)
     client = client_app or make_client_app(sites=cfg.sites, state_root=run_dir)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(cfg.sites),
                    backend_config=backend_config(cpus_per_client, ray_address, ray_cpus), verbose_logging=verbose)
@@ -153,10 +154,26 @@ class InProcessGrid:
 
 
 def simulate_inprocess(cfg: FLConfig, run_dir: str | Path, *, on_round: RoundCallback | None = None,
-                       client_app=None, grid: InProcessGrid | None = None) -> RunState:
+                       client_app=None, grid: InProcessGrid | None = None, rounds: int | None = None,
+                       strategy=None) -> RunState:
     """Run (or resume) ``cfg`` with every ClientApp in this process (no Ray)."""
     from privseg.federated.server_app import run_server
 
     run_dir = prepare_run(cfg, run_dir)
     grid = grid or InProcessGrid(client_app or make_client_app(sites=cfg.sites, state_root=run_dir), len(cfg.sites))
-    return run_server(grid, run_dir, on_round=on_round)
+    return run_server(grid, run_dir, on_round=on_round, rounds=rounds, strategy=strategy)
+
+
+BACKENDS = ("in-process", "simulation")
+
+
+def run_rounds(run_dir: str | Path, backend: str = "in-process", *, rounds: int | None = None, strategy=None,
+               on_round: RoundCallback | None = None) -> RunState:
+    """Run (or resume, or extend to ``rounds``) the existing run in ``run_dir`` with its own config."""
+    cfg = FLConfig.load(run_dir)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # rounds are reported by the caller
+    if backend == "in-process":
+        return simulate_inprocess(cfg, run_dir, on_round=on_round, rounds=rounds, strategy=strategy)
+    if backend == "simulation":
+        return simulate(cfg, run_dir, on_round=on_round, rounds=rounds, strategy=strategy)
+    raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")

@@ -1,0 +1,159 @@
+"""Erasure certificates: what a privacy officer files for one request.
+
+:func:`write_certificate` turns the ledger entries of one request into ``<REQ>.json`` (the
+entries themselves, the chain check and a summary) and ``<REQ>.html`` (one self-contained,
+printable page: no script, no external resource; "Print to PDF" gives the PDF). Both state the
+ledger's hash-chain status and the hash of the request's last entry, so the paper copy can
+later be checked against the ledger (``privseg ledger verify``).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+from privseg.audit.ledger import ErasureLedger
+from privseg.errors import ConfigError
+from privseg.utils import atomic_path, write_json
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:60em;margin:2em auto;color:#222}
+h1{font-size:1.5em;border-bottom:2px solid #333;padding-bottom:.3em}
+h2{font-size:1.15em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;width:100%}
+td,th{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top;font-size:.92em}
+th{background:#f0f0f0}
+.pass{color:#0a6b1f;font-weight:bold}.fail{color:#b00020;font-weight:bold}
+.status{font-size:1.2em;padding:.6em;border:2px solid;margin:1em 0}
+code{font-size:.85em;word-break:break-all}
+@media print{body{margin:0}h2{page-break-after:avoid}table{page-break-inside:avoid}}
+"""
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4f}"
+    if isinstance(v, list | tuple):
+        return ", ".join(_fmt(x) for x in v) or "none"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "none"
+    return "" if v is None else str(v)
+
+
+def _rows(pairs) -> str:
+    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in pairs)
+
+
+def summarise(entries: list[dict]) -> dict:
+    """The facts a certificate states, from one request's ledger entries."""
+    if not entries:
+        raise ConfigError("no ledger entries for this request")
+    by = {}
+    for e in entries:
+        by[e["event"]] = e  # the latest of each event
+    req = by["requested"]["body"]
+    ver = by.get("verified", {}).get("body", {})
+    done = by.get("completed", {}).get("body")
+    work = by.get("local_unlearned") or by.get("site_removed")
+    status = "COMPLETED" if done else ("VERIFICATION FAILED" if ver and not ver.get("passed") else "IN PROGRESS")
+    return {
+        "request": entries[0]["request"], "status": status, "run": req.get("run"), "kind": req.get("kind"),
+        "site": req.get("site"), "subjects": req.get("subjects", []), "reason": req.get("reason"),
+        "requested_by": req.get("requested_by"), "requested_at": by["requested"]["at"],
+        "completed_at": by["completed"]["at"] if done else None, "method": req.get("method"),
+        "settings": {k: req.get(k) for k in ("params", "target", "epochs", "repair_rounds", "calibration_ratio",
+                                             "calibration_interval", "seed")},
+        "source_model": req.get("source"), "work": work["body"] if work else None,
+        "repair": by.get("repaired", {}).get("body"), "verification": ver or None,
+        "resulting_model": done["model"] if done else None, "removed": done["removed"] if done else [],
+        "dp": done.get("dp") if done else None, "last_entry_hash": entries[-1]["hash"],
+        "events": [{"seq": e["seq"], "event": e["event"], "at": e["at"], "hash": e["hash"]} for e in entries],
+    }
+
+
+def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path: str) -> str:
+    ok = s["status"] == "COMPLETED"
+    who = "patient(s) " + ", ".join(s["subjects"]) + f" at site {s['site']}" if s["kind"] == "patient" \
+        else f"site {s['site']} (every patient of it)"
+    parts = [f"<h1>Erasure certificate {html.escape(s['request'])}</h1>",
+             f"<div class='status {'pass' if ok else 'fail'}'>Status: {html.escape(s['status'])} &mdash; "
+             f"erasure of {html.escape(who)} from federated run {html.escape(str(s['run']))}</div>",
+             "<h2>Request</h2><table>",
+             _rows([("Request ID", s["request"]), ("Kind", s["kind"]), ("Site", s["site"]),
+                    ("Subjects", s["subjects"] or "all of the site"), ("Reason", s["reason"]),
+                    ("Requested by", s["requested_by"]), ("Recorded at (UTC)", s["requested_at"]),
+                    ("Completed at (UTC)", s["completed_at"] or "not completed")]),
+             "</table><h2>Model and method</h2><table>"]
+    src = s["source_model"] or {}
+    parts.append(_rows([("Model before (round)", src.get("round")), ("Model before (file)", src.get("path")),
+                        ("Model before (SHA-256)", src.get("sha256")), ("Method", s["method"]),
+                        ("Settings", {k: v for k, v in s["settings"].items() if v not in (None, {}, [])})]))
+    if s["work"]:
+        w = s["work"]
+        parts.append(_rows([("Unlearning / removal time (s)", w.get("seconds")),
+                            ("Steps or rounds", w.get("steps_run", w.get("rounds", w.get("original_rounds"))))]))
+    if s["repair"]:
+        parts.append(_rows([("Repair rounds", s["repair"].get("rounds")),
+                            ("Repair time (s)", s["repair"].get("seconds"))]))
+    parts.append("</table>")
+    ver = s["verification"]
+    if ver:
+        parts.append("<h2>Verification</h2><table><tr><th>model</th><th>membership AUC (erased vs never seen)"
+                     "</th><th>retain Dice</th><th>test Dice</th></tr>")
+        for name in ("before", "after", "retrain"):
+            m = ver.get(name)
+            if m:
+                parts.append(f"<tr><td>{name}</td><td>{_fmt(m['mia_auc'])}</td><td>{_fmt(m['retain_dice'])}</td>"
+                             f"<td>{_fmt(m['test_dice'])}</td></tr>")
+        parts.append("</table><table><tr><th>check</th><th>value</th><th>threshold</th><th>result</th></tr>")
+        for k, c in ver["checks"].items():
+            bound = f"&le; {c['max']}" if "max" in c else f"&ge; {c['min']} (vs {c.get('vs')})"
+            parts.append(f"<tr><td>{k}</td><td>{_fmt(c['value'])}</td><td>{bound}</td>"
+                         f"<td class='{'pass' if c['ok'] else 'fail'}'>{'PASS' if c['ok'] else 'FAIL'}</td></tr>")
+        parts.append("</table>")
+        if "distance_to_retrain" in ver:
+            parts.append(f"<p>Parameter distance to the federated retrain: {_fmt(ver['distance_to_retrain'])} "
+                         f"(before the erasure: {_fmt(ver['distance_before_to_retrain'])}).</p>")
+        parts.append("<p>Membership AUC: probability that the membership test scores an erased patient as more "
+                     "likely trained-on than a patient no model ever saw; 0.5 = indistinguishable.</p>")
+    if s["resulting_model"]:
+        rm = s["resulting_model"]
+        parts.append("<h2>Result</h2><table>" + _rows([("Model now served", rm["path"]), ("SHA-256", rm["sha256"]),
+                                                        ("Superseded files deleted", len(s["removed"]))]) + "</table>")
+    if s["dp"]:
+        d = s["dp"]
+        parts.append(f"<h2>Differential privacy</h2><p>The run was trained with {html.escape(str(d['unit']))}-level "
+                     f"DP. Before the erasure, the accountant bounded site {html.escape(str(s['site']))} at "
+                     f"&epsilon; = {_fmt(d['epsilon'])}, &delta; = {d['delta']:g} ({html.escape(d['meaning'])}).</p>")
+    parts.append("<h2>Ledger</h2><table>" + _rows([
+        ("Ledger file", ledger_path), ("Hash chain", "intact" if chain_ok else "BROKEN: " + "; ".join(chain_problems)),
+        ("Hash of this request's last entry", s["last_entry_hash"])]) + "</table>")
+    parts.append("<table><tr><th>#</th><th>event</th><th>at (UTC)</th><th>entry hash</th></tr>" + "".join(
+        f"<tr><td>{e['seq']}</td><td>{e['event']}</td><td>{e['at']}</td><td><code>{e['hash']}</code></td></tr>"
+        for e in s["events"]) + "</table>")
+    if s["removed"]:
+        parts.append("<h2>Deleted files</h2><table><tr><th>file</th><th>SHA-256</th></tr>" + "".join(
+            f"<tr><td>{html.escape(a['path'])}</td><td><code>{a['sha256']}</code></td></tr>" for a in s["removed"])
+            + "</table>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Erasure certificate "
+            f"{html.escape(s['request'])}</title><style>{_CSS}</style></head><body>{''.join(parts)}"
+            "<p><small>Written by privseg from the run's erasure ledger.</small></p></body></html>")
+
+
+def write_certificate(ledger_path: str | Path, request_id: str, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<REQ>.json`` and ``<REQ>.html``; returns their paths."""
+    ledger = ErasureLedger(ledger_path, create=False)
+    entries = ledger.entries(request_id)
+    if not entries:
+        known = ", ".join(r["request"] for r in ledger.requests()) or "none"
+        raise ConfigError(f"no erasure request {request_id!r} in {ledger_path} (requests: {known})")
+    ok, problems = ledger.verify()
+    s = summarise(entries)
+    out = Path(out_dir)
+    json_path, html_path = out / f"{request_id}.json", out / f"{request_id}.html"
+    write_json(json_path, {"certificate": s, "ledger": str(ledger_path), "chain_intact": ok,
+                           "chain_problems": problems, "entries": entries})
+    with atomic_path(html_path) as tmp:
+        Path(tmp).write_text(render_html(s, ok, problems, str(ledger_path)))
+    return json_path, html_path
