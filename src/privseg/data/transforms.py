@@ -48,6 +48,11 @@ class SubjectData:
 def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
     """Read and validate all channels and the label of one subject.
 
+    A label map with no foreground voxel is refused (DataError naming the file): in a
+    segmentation task an all-background label is almost always an empty or failed export, and
+    training on it silently teaches "nothing is there". Where structure-free subjects are real
+    (e.g. lesion-free scans), ``cohort.info["allow_empty_labels"] = True`` accepts them.
+
     Two cohort ``info`` entries written by the format readers apply here:
     ``channels_in_file`` (MSD: one 4D NIfTI per case, channels on the last axis) and
     ``label_map`` (raw label value -> class index, e.g. MRBrainS18's 11 labels merged to
@@ -83,9 +88,17 @@ def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
         lab = read_volume(subject.label, spatial_dims=dims, is_label=True)
         label_map = cohort.info.get("label_map")
         if label_map:
-            lab = Volume(remap_labels(lab.array, label_map), lab.affine, lab.path, lab.header)
+            try:
+                remapped = remap_labels(lab.array, label_map)
+            except ConfigError as exc:
+                raise DataError(cohort.root or cohort.name, str(exc)) from None
+            lab = Volume(remapped, lab.affine, lab.path, lab.header)
         check_pair(Volume(image[0], first.affine, first.path), lab)
         check_label_values(lab, cohort.num_classes)
+        if not cohort.info.get("allow_empty_labels") and not np.any(lab.array):
+            raise DataError(lab.path, f"label map of subject {subject.id} has no foreground voxels (all background): "
+                            "an empty or failed export? If subjects without any structure are real in this task, "
+                            'set "allow_empty_labels": true in the cohort manifest\'s info')
         label = torch.from_numpy(lab.array[None])
     return SubjectData(subject, torch.from_numpy(image), label, first.affine, first)
 

@@ -1,12 +1,22 @@
 """Readers that validate. Every problem becomes a :class:`DataError` naming the file.
 
 Checks: missing/unreadable/truncated files, wrong dimensionality, absurd headers
-(zero or negative spacing, singular affine, huge declared sizes), NaN/Inf, empty
-volumes, image/label shape or affine mismatch, label values outside the classes.
+(zero or negative spacing, singular affine, huge declared sizes, infinite intensity scaling),
+NaN/Inf (also after the cast to float32), empty volumes, image/label shape or affine mismatch,
+label values outside the classes.
+
+Integrity: a ``.nii.gz`` is decompressed to its end once before it is parsed, so gzip's CRC
+catches a corrupted byte anywhere in the file (nibabel alone stops reading after the voxel data
+it needs, so a flipped byte inside the compressed stream would otherwise load as silently wrong
+voxels); a PNG's chunk CRCs are checked the same way. Uncompressed ``.nii`` and JPEG files carry
+no checksum: corruption inside their voxel data cannot be detected.
 """
 
 from __future__ import annotations
 
+import gzip
+import logging
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +62,63 @@ def read_volume(path: str | Path, spatial_dims: int = 3, is_label: bool = False,
     return _read_nifti(path, spatial_dims, is_label, channels_last)
 
 
+def _verify_gzip(path: Path) -> None:
+    """Decompress to the end so the gzip CRC and length trailer are checked."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return  # not gzip at all: nibabel says it cannot read it
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, zlib.error, OSError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(path, f"file is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _verify_png(path: Path) -> None:
+    """Walk the PNG chunks: signature, every chunk's CRC, IHDR first, IEND present."""
+    data = path.read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        return  # not a PNG despite its name: the decoder will say so
+    pos, first = len(PNG_SIGNATURE), True
+    while True:
+        if pos + 12 > len(data):
+            raise DataError(path, "file is truncated or corrupt (PNG ends before its IEND chunk)")
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise DataError(path, f"file is truncated or corrupt (PNG chunk {kind!r} runs past the end of the file)")
+        (crc,) = struct.unpack(">I", data[end - 4:end])
+        if zlib.crc32(data[pos + 4:end - 4]) != crc:
+            raise DataError(path, f"file is truncated or corrupt (CRC mismatch in PNG chunk {kind!r})")
+        if first and kind != b"IHDR":
+            raise DataError(path, "file is truncated or corrupt (PNG does not start with IHDR)")
+        first = False
+        pos = end
+        if kind == b"IEND":
+            return
+
+
 def _read_nifti(path: Path, spatial_dims: int, is_label: bool, channels_last: bool = False) -> Volume:
+    # nibabel logs the header repairs it makes ("pixdim[1,2,3] should be positive ...") straight to
+    # stderr; privseg reports the problem itself, in one line, so mute that logger meanwhile
+    nib_log = logging.getLogger("nibabel.global")
+    muted = nib_log.disabled
+    nib_log.disabled = True
+    try:
+        return _read_nifti_quiet(path, spatial_dims, is_label, channels_last)
+    finally:
+        nib_log.disabled = muted
+
+
+def _read_nifti_quiet(path: Path, spatial_dims: int, is_label: bool, channels_last: bool) -> Volume:
     import nibabel as nib
 
+    if path.name.lower().endswith(".gz"):
+        _verify_gzip(path)
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for bad headers
@@ -74,9 +138,18 @@ def _read_nifti(path: Path, spatial_dims: int, is_label: bool, channels_last: bo
         what = f"{spatial_dims}D volume with channels last" if channels_last else f"{spatial_dims}D volume"
         raise DataError(path, f"expected a {what}, got shape {tuple(img.shape)}")
     affine = np.asarray(img.affine, dtype=np.float64)
-    zooms = _stored_zooms(img)[:spatial_dims]
+    raw = _stored_header(img)
+    zooms = tuple(float(z) for z in raw.get_zooms())[:spatial_dims]
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"voxel spacing {tuple(float(z) for z in zooms)} must be positive")
+    # nibabel writes NaN for "no scaling" and quietly ignores an infinite slope; refuse the latter
+    for field in ("scl_slope", "scl_inter"):
+        try:
+            value = float(raw[field])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isinf(value):
+            raise DataError(path, f"intensity scaling {field}={value} is not finite")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError(path, "affine is singular or not finite")
     dtype = img.get_data_dtype()
@@ -89,8 +162,8 @@ def _read_nifti(path: Path, spatial_dims: int, is_label: bool, channels_last: bo
     return Volume(_check_values(data, path, is_label), affine, str(path), img.header)
 
 
-def _stored_zooms(img: object) -> tuple[float, ...]:
-    """Voxel sizes as the file stores them. nibabel's loader quietly replaces zero pixdims by 1
+def _stored_header(img: object) -> object:
+    """The header as the file stores it. nibabel's loader quietly replaces zero pixdims by 1
     and negative ones by their absolute value, which would hide a broken header from the
     spacing check; so re-read the header without those fixes."""
     from nibabel.openers import ImageOpener
@@ -103,12 +176,14 @@ def _stored_zooms(img: object) -> tuple[float, ...]:
             header = type(header).from_fileobj(f, check=False)
     except Exception:  # a header nibabel already parsed once; fall back to its fixed copy
         pass
-    return tuple(float(z) for z in header.get_zooms())
+    return header
 
 
 def _read_2d(path: Path, is_label: bool) -> Volume:
     from PIL import Image, UnidentifiedImageError
 
+    if path.name.lower().endswith(".png"):
+        _verify_png(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -116,7 +191,8 @@ def _read_2d(path: Path, is_label: bool) -> Volume:
                 im = im.convert("L") if im.mode not in ("L", "P", "I", "I;16", "1") else im
                 data = np.asarray(im)
             else:
-                data = np.asarray(im.convert("L") if im.mode in ("1", "P", "I", "I;16") else im)
+                # 16/32-bit grey keeps its values (converting to "L" would clip them at 255)
+                data = np.asarray(im.convert("L") if im.mode in ("1", "P") else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"cannot read as an image ({exc})") from None
     if data.size == 0:
@@ -138,7 +214,10 @@ def _check_values(data: np.ndarray, path: Path, is_label: bool) -> np.ndarray:
         return data.astype(np.int64)
     if not is_label and np.ptp(data) == 0:
         raise DataError(path, "image is constant (empty or blank)")
-    return data.astype(np.float32)
+    out = data.astype(np.float32)
+    if out.dtype != data.dtype and not np.all(np.isfinite(out)):
+        raise DataError(path, f"voxel values up to {float(np.abs(data).max()):.3g} do not fit in float32")
+    return out
 
 
 def check_label_values(label: Volume, num_classes: int) -> None:
