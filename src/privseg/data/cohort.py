@@ -7,6 +7,7 @@ manifest (``cohort.json``) next to its files, with paths relative to it.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -156,35 +157,82 @@ class Cohort:
 
     @classmethod
     def from_manifest(cls, path: str | Path) -> Cohort:
+        """Read a manifest; every missing field, wrong type or unsafe value is a DataError naming it."""
         path = Path(path)
         raw = read_json(path, "manifest")
-        try:
-            root = path.parent.resolve()
-            subjects = []
-            for d in raw["subjects"]:
+
+        def bad(what: str) -> DataError:
+            return DataError(path, f"manifest is missing or has a malformed field ({what})")
+
+        if not isinstance(raw, dict):
+            raise DataError(path, f"manifest must be a JSON object, not {type(raw).__name__}")
+        for key in ("subjects", "classes", "channels"):
+            if key not in raw:
+                raise bad(f"'{key}' is missing")
+        if not isinstance(raw["subjects"], list):
+            raise bad("'subjects' must be a list")
+        for key in ("classes", "channels"):
+            if not isinstance(raw[key], list) or not all(isinstance(c, str) for c in raw[key]):
+                raise bad(f"'{key}' must be a list of names")
+        info = raw.get("info", {})
+        if info is None:
+            info = {}
+        if not isinstance(info, dict):
+            raise bad("'info' must be an object")
+        dims = raw.get("spatial_dims", 3)
+        if isinstance(dims, bool) or dims not in (2, 3):
+            raise bad(f"'spatial_dims' must be 2 or 3 (got {dims!r})")
+        for key in ("name", "format"):
+            if key in raw and not isinstance(raw[key], str):
+                raise bad(f"'{key}' must be a string")
+        root = path.parent.resolve()
+        subjects = []
+        for k, d in enumerate(raw["subjects"]):
+            where = f"subjects[{k}]"
+            if not isinstance(d, dict):
+                raise bad(f"{where} must be an object")
+            for key in ("id", "site", "images"):
+                if key not in d:
+                    raise bad(f"{where}.{key} is missing")
+            for key in ("id", "site", "modality", "split"):
+                if key in d and not isinstance(d[key], str):
+                    raise bad(f"{where}.{key} must be a string")
+            images = d["images"]
+            if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+                raise bad(f"{where}.images must be a non-empty list of paths")
+            label = d.get("label")
+            if label is not None and (not isinstance(label, str) or not label):
+                raise bad(f"{where}.label must be a path or null")
+            spacing = d.get("spacing")
+            if spacing is not None and (not isinstance(spacing, list) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                    for x in spacing)):
+                raise bad(f"{where}.spacing must be null or a list of positive numbers")
+            try:
                 subjects.append(
                     Subject(
                         id=d["id"],
                         site=d["site"],
-                        images=tuple(str(root / p) for p in d["images"]),
-                        label=str(root / d["label"]) if d.get("label") else None,
+                        images=tuple(str(root / p) for p in images),
+                        label=str(root / label) if label else None,
                         modality=d.get("modality", "MR"),
-                        spacing=tuple(d["spacing"]) if d.get("spacing") else None,
+                        spacing=tuple(float(x) for x in spacing) if spacing else None,
                         split=d.get("split", "train"),
                     )
                 )
+            except ConfigError as exc:
+                raise DataError(path, f"{exc} ({where})") from None
+        try:
             return cls(
                 subjects=subjects,
                 classes=list(raw["classes"]),
                 channels=list(raw["channels"]),
-                spatial_dims=int(raw.get("spatial_dims", 3)),
+                spatial_dims=int(dims),
                 name=raw.get("name", root.name),
                 format=raw.get("format", "nifti"),
                 root=root,
-                info=raw.get("info", {}),
+                info=info,
             )
-        except (KeyError, TypeError) as exc:
-            raise DataError(path, f"manifest is missing or has a malformed field ({exc})") from None
         except ConfigError as exc:
             raise DataError(path, str(exc)) from None
 
