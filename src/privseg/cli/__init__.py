@@ -33,7 +33,9 @@ __import__("privseg.cli.erase", fromlist=["register"]).register(app)
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here instead of raising
+        if isinstance(code, int) and code:
+            return code
     except PrivsegError as exc:
         print(f"privseg: error: {exc}", file=sys.stderr)
         return 2

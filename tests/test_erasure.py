@@ -1,0 +1,302 @@
+"""Erasure requests in a federation: patient and site erasure, ledger, certificate, crashes.
+
+One tiny federated run (3 sites x 4 subjects, 3 rounds, unet_tiny, 16^3) is trained once per
+module; every test erases from its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_tiny_cohort
+from privseg.audit.certificate import write_certificate
+from privseg.audit.ledger import GENESIS, ErasureLedger
+from privseg.cli import main as cli_main
+from privseg.errors import ConfigError
+from privseg.federated import FLConfig, RunState, check_sites, sites_from_cohort
+from privseg.federated.runstate import hold_run
+from privseg.federated.simulation import run_rounds, simulate_inprocess
+from privseg.federated.sites import read_site_cohort, site_subjects
+from privseg.train import TrainConfig
+from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
+
+LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("erase")
+    cohort = make_tiny_cohort(root / "tiny", sites=3, per_site=4, size=20)
+    info = check_sites(sites_from_cohort(cohort.root))
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=5e-3, device="cpu", subjects_per_step=2,
+                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
+    cfg = FLConfig(name="fed", sites=sites_from_cohort(cohort.root), train=tc, rounds=ROUNDS, local_steps=1,
+                   eval_every=0, keep_updates=True)
+    simulate_inprocess(cfg, root / "original")
+    return cohort, root / "original"
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    cohort, original = trained
+    d = tmp_path / "fed"
+    shutil.copytree(original, d)
+    return cohort, d
+
+
+def train_ids(cohort, site):
+    return [s.id for s in cohort.select("train", site)]
+
+
+def patient_request(cohort, **kw):
+    base = dict(kind="patient", site="H2", subjects=(train_ids(cohort, "H2")[0],), reason="GDPR art. 17",
+                requested_by="dpo@h2", epochs=2, thresholds=LOOSE)
+    base.update(kw)
+    return ErasureRequest(**base)
+
+
+def events(run_dir, rid=None):
+    return [e["event"] for e in ErasureLedger(run_dir / LEDGER).entries(rid)]
+
+
+# -- patient -------------------------------------------------------------------------------
+
+def test_patient_erasure_end_to_end(run, tmp_path):
+    cohort, d = run
+    req = patient_request(cohort)
+    subject = req.subjects[0]
+    res = erase(d, req)
+    assert res.status == "completed" and res.passed
+    assert events(d, res.request_id) == ["requested", "local_unlearned", "repaired", "verified", "completed"]
+    # the site never uses the patient again; the repair round is part of the run and serves the model
+    cfg, state = FLConfig.load(d), RunState.load(d)
+    assert cfg.site("H2").exclude == (subject,)
+    spec = cfg.site("H2")
+    assert subject not in [s.id for s in site_subjects(read_site_cohort(spec.cohort), spec)]
+    assert state.rounds_done == ROUNDS + 1 and state.rounds[-1]["erasure"] == res.request_id
+    assert res.model == state.last_checkpoint and res.model.is_file()
+    # everything derived from the rounds that saw the patient is gone, the data-free initial model stays
+    assert (d / "checkpoints" / "global_r0000.pt").is_file()
+    for r in range(1, ROUNDS + 1):
+        assert not state.checkpoint_path(r).exists()
+        assert not (d / "updates" / f"r{r:04d}").exists()
+    done = ErasureLedger(d / LEDGER).events(res.request_id)["completed"]["body"]
+    assert len(done["removed"]) >= 2 * ROUNDS and all(len(a["sha256"]) == 64 for a in done["removed"])
+    ver = res.verification
+    assert set(ver["before"]) >= {"mia_auc", "retain_dice", "test_dice"} and ver["members"] == {"H2": [subject]}
+    assert all(subject not in ids for ids in ver["nonmembers"].values())
+    # the same request again is applied once
+    again = erase(d, req)
+    assert again.status == "already-completed" and events(d).count("completed") == 1
+    assert RunState.load(d).rounds_done == ROUNDS + 1
+    # a later round of the run trains without the patient and continues from the erased model
+    state = run_rounds(d, rounds=ROUNDS + 2)
+    assert state.rounds_done == ROUNDS + 2 and "erasure" not in state.rounds[-1]
+    # the certificate
+    j, h = write_certificate(d / LEDGER, res.request_id, tmp_path / "cert")
+    cert = json.loads(j.read_text())
+    assert cert["chain_intact"] and cert["certificate"]["status"] == "COMPLETED"
+    assert cert["certificate"]["subjects"] == [subject] and cert["certificate"]["reason"] == "GDPR art. 17"
+    page = h.read_text()
+    assert res.request_id in page and "COMPLETED" in page and "http" not in page and "<script" not in page
+    assert ErasureLedger(d / LEDGER).verify() == (True, [])
+
+
+def test_failed_verification_keeps_the_request_open_and_a_retry_completes_it(run):
+    cohort, d = run
+    strict = patient_request(cohort, thresholds={"max_mia_auc": -1.0})
+    res = erase(d, strict)
+    assert res.status == "verification-failed" and not res.passed
+    assert (d / "checkpoints" / "global_r0001.pt").is_file()  # nothing deleted before the evidence passes
+    assert "mia_auc" in res.verification["failed_checks"][0]
+    # the same request, with more repair rounds and the default thresholds relaxed: resumes, completes once
+    retry = erase(d, patient_request(cohort, repair_rounds=2))
+    assert retry.request_id == res.request_id and retry.status == "completed"
+    ev = events(d, res.request_id)
+    assert ev.count("requested") == 1 and ev.count("local_unlearned") == 1 and ev.count("completed") == 1
+    assert ev.count("repaired") == 2 and RunState.load(d).rounds_done == ROUNDS + 2
+
+
+def test_bad_requests_are_clear_errors_and_record_nothing(run, capsys):
+    cohort, d = run
+    h2 = train_ids(cohort, "H2")
+    test_subject = cohort.select("test", "H2")[0].id
+    cases = [
+        (["--run", str(d.parent / "nope"), "--site", "H2", "--subject", h2[0]], "not a federated run"),
+        (["--run", str(d), "--site", "H9", "--subject", h2[0]], "unknown site"),
+        (["--run", str(d), "--site", "H2", "--subject", "S999"], "is unknown"),
+        (["--run", str(d), "--site", "H2", "--subject", test_subject], "not a training subject"),
+        (["--run", str(d), "--site", "H2", "--subject", "../etc"], "--subject"),
+        (["--run", str(d), "--site", "H2"], "--subject"),
+        (["--run", str(d), "--site", "H2", "--subject", h2[0], "--whole-site"], "not both"),
+        (["--run", str(d), "--site", "H2", "--whole-site", "--method", "scrub"], "federaser or retrain"),
+        (["--run", str(d), "--site", "H2", "--subject", ",".join(h2)], "every training subject"),
+        (["--run", str(d), "--site", "H2", "--subject", h2[0], "--method", "nope"], "unknown"),
+    ]
+    for argv, needle in cases:
+        assert cli_main(["erase", *argv, "-q"]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)
+    assert not (d / LEDGER).exists() or events(d) == []
+    # a subject already erased, named in a different request
+    erase(d, patient_request(cohort, subjects=(h2[0],)))
+    assert cli_main(["erase", "--run", str(d), "--site", "H2", "--subject", f"{h2[0]},{h2[1]}", "-q"]) == 2
+    assert "already erased" in capsys.readouterr().err
+    # a request while a training run holds the model
+    with hold_run(d, "a federated training run (test)"):
+        code = subprocess.run([sys.executable, "-m", "privseg", "erase", "--run", str(d), "--site", "H1",
+                               "--subject", train_ids(cohort, "H1")[0], "-q"], capture_output=True, text=True)
+    assert code.returncode == 2 and "busy" in code.stderr and "Traceback" not in code.stderr
+    assert cli_main(["erase", "certificate", "ER-000000000000", "--run", str(d)]) == 2
+
+
+# -- site ----------------------------------------------------------------------------------
+
+def test_site_erasure_with_federaser_and_retrain(run, trained, tmp_path):
+    cohort, d = run
+    res = erase(d, ErasureRequest(kind="site", site="H3", reason="consent withdrawn", thresholds=LOOSE))
+    assert res.status == "completed"
+    assert events(d, res.request_id) == ["requested", "site_removed", "verified", "completed"]
+    removed = ErasureLedger(d / LEDGER).events(res.request_id)["site_removed"]["body"]
+    assert removed["method"] == "federaser" and removed["calibrated"] >= 2  # two remaining sites per round
+    cfg, state = FLConfig.load(d), RunState.load(d)
+    assert cfg.site_ids == ["H1", "H2"] and cfg.extra["withdrawn_sites"] == ["H3"]
+    assert state.rounds_done == ROUNDS + 1 and state.rounds[-1]["erasure"] == res.request_id
+    assert not (d / "sites" / "H3").exists() and not list((d / "updates").rglob("*.pt"))
+    assert res.verification["members"] == {"H3": train_ids(cohort, "H3")}
+    assert cli_main(["erase", "--run", str(d), "--site", "H3", "--whole-site", "-q"]) == 0  # the same request
+    assert events(d).count("completed") == 1 and RunState.load(d).rounds_done == ROUNDS + 1
+    run_rounds(d, rounds=ROUNDS + 2)  # the federation goes on with two sites
+    assert RunState.load(d).rounds[-1]["participants"] == ["H1", "H2"]
+    # without stored updates FedEraser cannot work: a clear error, then --method retrain does it
+    d2 = tmp_path / "noupd"
+    shutil.copytree(trained[1], d2)
+    shutil.rmtree(d2 / "updates")
+    assert cli_main(["erase", "--run", str(d2), "--site", "H1", "--whole-site", "-q"]) == 2
+    res2 = erase(d2, ErasureRequest(kind="site", site="H1", method="retrain", thresholds=LOOSE))
+    assert res2.status == "completed"
+    ev = events(d2, res2.request_id)
+    assert ev == ["requested", "failed", "site_removed", "verified", "completed"]
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.unlearn.federated import ErasureRequest, erase
+    run, subject, point = sys.argv[1], sys.argv[2], sys.argv[3]
+    original = ErasureLedger.append
+    def append(self, request, event, body):
+        if event == point:  # the stage's work is done and written, its ledger entry is not
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, request, event, body)
+    ErasureLedger.append = append
+    erase(run, ErasureRequest(kind="patient", site="H2", subjects=(subject,), epochs=2,
+                              thresholds={"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0,
+                                          "min_test_dice_ratio": 0.0}))
+""")
+
+
+def test_killed_at_every_stage_the_request_finishes_exactly_once(trained, tmp_path):
+    cohort, original = trained
+    subject = train_ids(cohort, "H2")[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for point in ("requested", "local_unlearned", "repaired", "verified", "completed"):
+        d = tmp_path / point
+        shutil.copytree(original, d)
+        p = subprocess.run([sys.executable, "-c", CHILD, str(d), subject, point], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+        ledger = ErasureLedger(d / LEDGER)
+        assert ledger.verify()[0]
+        assert point not in [e["event"] for e in ledger.entries()]
+        res = erase(d, patient_request(cohort, subjects=(subject,)))
+        assert res.status == "completed", point
+        ev = events(d, res.request_id)
+        assert ev == ["requested", "local_unlearned", "repaired", "verified", "completed"], (point, ev)
+        state = RunState.load(d)
+        assert state.rounds_done == ROUNDS + 1, point  # the repair round ran once
+        assert FLConfig.load(d).site("H2").exclude == (subject,)
+        assert ledger.verify() == (True, [])
+
+
+# -- ledger --------------------------------------------------------------------------------
+
+def test_ledger_is_append_only_and_tampering_is_detected(tmp_path, capsys):
+    path = tmp_path / "run" / "erasure" / "ledger.db"
+    (tmp_path / "run" / "fl_config.json").parent.mkdir(parents=True)
+    led = ErasureLedger(path)
+    led.append("ER-a", "requested", {"kind": "patient", "site": "H1", "subjects": ["S1"], "nan": float("nan")})
+    led.append("ER-a", "completed", {"model": {"path": "m.pt", "sha256": "0" * 64}})
+    assert led.verify() == (True, []) and led.entries()[0]["prev_hash"] == GENESIS
+    con = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("UPDATE entries SET body = '{}' WHERE seq = 1")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("DELETE FROM entries WHERE seq = 2")
+    assert cli_main(["ledger", "verify", str(tmp_path / "run")]) == 0
+    # someone with the file drops the guard and rewrites history: the chain says so
+    con.execute("DROP TRIGGER entries_no_update")
+    con.execute("UPDATE entries SET body = ? WHERE seq = 1", (json.dumps({"kind": "patient", "subjects": ["S2"]}),))
+    con.commit()
+    con.close()
+    ok, problems = led.verify()
+    assert not ok and "row 1" in problems[0]
+    capsys.readouterr()
+    assert cli_main(["ledger", "verify", str(path)]) == 1
+    assert "BROKEN" in capsys.readouterr().out
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database at all" * 10)
+    assert cli_main(["ledger", "verify", str(bad)]) == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["ER-a", "ER-b", "ER-c"]),
+                              st.sampled_from(["requested", "local_unlearned", "verified", "completed"]),
+                              st.booleans()), min_size=1, max_size=12))
+def test_chain_verifies_after_any_interleaving_of_requests_and_crashes(tmp_path_factory, ops):
+    """Appends from several requests, some of them crashing inside the transaction: the chain
+    always verifies and holds exactly the appends that returned."""
+    led = ErasureLedger(tmp_path_factory.mktemp("chain") / "ledger.db")
+    done = []
+    for rid, event, crash in ops:
+        if crash:
+            con_cls = sqlite3.Connection
+
+            class Crashing(con_cls):
+                def execute(self, sql, *a):
+                    if sql.startswith("INSERT"):
+                        raise OSError("simulated crash mid-append")
+                    return super().execute(sql, *a)
+
+            orig = led._connect
+            led._connect = lambda: sqlite3.connect(led.path, timeout=30, isolation_level=None, factory=Crashing)
+            with pytest.raises(OSError):
+                led.append(rid, event, {"x": len(done)})
+            led._connect = orig
+        else:
+            led.append(rid, event, {"x": len(done)})
+            done.append((rid, event))
+    assert led.verify() == (True, [])
+    assert [(e["request"], e["event"]) for e in led.entries()] == done
+
+
+def test_erasure_request_ids_are_stable_and_settings_do_not_change_them():
+    a = ErasureRequest(kind="patient", site="H1", subjects=("S2", "S1"), reason="x", epochs=3)
+    b = ErasureRequest(kind="patient", site="H1", subjects=("S1", "S2"), reason="y", repair_rounds=4)
+    assert a.request_id("run") == b.request_id("run") != a.request_id("other")
+    with pytest.raises(ConfigError, match="threshold"):
+        ErasureRequest(kind="patient", site="H1", subjects=("S1",), thresholds={"max_auc": 1})
