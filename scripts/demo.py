@@ -5,7 +5,9 @@ trains a small 3D U-Net, evaluates it on held-out subjects and writes one
 prediction as NIfTI; trains the same task federated across the three sites
 (Flower simulation, FedBN), then again with patient-level adaptive DP and a
 stricter budget at one hospital (printing epsilon per site); erases one patient
-from the central model and audits it. Everything goes to demo_out/.
+from the central model and audits it; ends with an erasure request in a federated run
+(a patient erased at one hospital, verified, recorded in the hash-chained ledger) and its
+certificate. Everything goes to demo_out/.
 """
 
 from __future__ import annotations
@@ -63,4 +65,20 @@ if __name__ == "__main__":
     run("audit", "mia", "--checkpoint", str(OUT / "unlearn" / "unlearned.pt"), "--cohort", str(cohort),
         "--members", train_ids[0], "--non-members", ",".join(_test_subjects(cohort)))
     run("report", str(OUT / "central"), "--out", str(OUT / "central" / "report.html"))  # prints its path
+    # Erasure: a patient of H2 asks to be forgotten by the federated model.
+    run("fl", "run", *common, "--name", "fed", "--rounds", "4", "--keep-updates", "--in-process")
+    fed = str(OUT / "runs" / "fed")
+    from privseg.data.formats import read_cohort
+
+    patient = read_cohort(cohort).select("train", "H2")[0].id
+    erase = ["erase", "--run", fed, "--site", "H2", "--subject", patient, "--reason", "GDPR art. 17",
+             "--requested-by", "demo privacy officer", "--epochs", "10"]
+    print(f"\n$ privseg {' '.join(erase)}", flush=True)
+    if main(erase) not in (0, 1):  # 1: done, but the evidence missed a threshold (the certificate says which)
+        sys.exit(2)
+    from privseg.audit.ledger import ErasureLedger
+
+    request = ErasureLedger(OUT / "runs" / "fed" / "erasure" / "ledger.db").requests()[-1]["request"]
+    run("erase", "certificate", request, "--run", fed)
+    run("ledger", "verify", fed)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {OUT}/")
