@@ -82,11 +82,18 @@ def test_dp_federated_and_erasure_sections_are_data_driven(trained, tmp_path):
     (run / "state.json").write_text(json.dumps({"version": 1, "name": "fl", "status": "finished", "rounds_done": 3,
                                                 "rounds_planned": 3, "sites": cohort.sites, "rounds": rounds,
                                                 "strategy": "fedavg", "last_checkpoint": None}))
-    (run / "ledger.jsonl").write_text(json.dumps({"seq": 1, "event": "erase", "subject": "S000"}) + "\n")
-    (run / "certificate.json").write_text(json.dumps({"subject": "S000", "mia_auc": 0.5}))
+    from privseg.audit.ledger import ErasureLedger
+
+    ledger = ErasureLedger(run / "erasure" / "ledger.db")
+    ledger.append("ER-0123456789ab", "requested", {"run": "fl", "kind": "patient", "site": "H1",
+                                                   "subjects": ["S000"], "reason": "GDPR art. 17",
+                                                   "source": {"round": 3, "path": "x.pt", "sha256": "0" * 64}})
+    ledger.append("ER-0123456789ab", "verified", {"passed": True, "checks": {}, **{
+        k: {"mia_auc": 0.5, "retain_dice": 0.8, "test_dice": 0.7} for k in ("before", "after")}})
     out = build_report(run, tmp_path / "fl.html")
     page = out.read_text()
     assert {"summary", "cohort", "training", "privacy", "erasure"} <= sections(page)
+    assert "ER-0123456789ab" in page and "hash chain intact" in page
     assert "unlearning" not in sections(page) and "overlays" not in sections(page)
     assert_self_contained(page)
     assert_pngs(tmp_path / "fl_files", {"epsilon_per_round", "dice_vs_epsilon", "dice_per_round", "loss_per_site"})

@@ -143,7 +143,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
             "run-dir": str(run_dir.resolve()), "eval-split": cfg.eval_split, "cache-sites": cfg.cache_sites}
     node_site: dict[int, str] = {}
     for r in range(start, cfg.rounds + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         random.seed(cfg.train.seed * 100_003 + r)  # Flower samples nodes with `random`
         msgs = list(strategy.configure_train(r, arrays, ConfigRecord(dict(base)), grid))
         for m in msgs:
@@ -181,6 +181,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         if cfg.eval_every and (r % cfg.eval_every == 0 or r == cfg.rounds):
             entry["eval"] = _evaluate_round(strategy, grid, r, arrays, base, cfg, node_site)
         entry["wall_s"] = time.perf_counter() - t0
+        entry["cpu_s"] = time.process_time() - c0  # this process only: the in-process grid's sites, not Ray's
         ckpt = _save_global(cfg, state, model, arrays, r, entry)
         state.record_round(entry, ckpt)
         if on_round is not None:

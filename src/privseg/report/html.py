@@ -18,7 +18,7 @@ What is read (all optional except what identifies the run):
   checkpoint named in the report; a retrained reference found beside it (a sibling
   folder whose ``unlearned.pt`` was made by ``retrain`` for the same forget request);
 * results: an evaluation JSON, an unlearning report JSON, the unlearning benchmark JSON;
-* erasure (not built yet): ``certificate*.json``, ``ledger*.jsonl`` / ``ledger*.json``.
+* erasure (``privseg erase``): ``erasure/ledger.db`` and the certificates beside it.
 
 Nothing is written unless everything succeeded; the HTML is written atomically.
 """
@@ -629,30 +629,35 @@ def _study_section(b: Builder, data: dict) -> None:
 
 
 def _erasure_section(b: Builder, run_dir: Path | None) -> None:
-    if run_dir is None:
+    """Erasure requests of a federated run (``erasure/ledger.db``): chain status, one row per
+    request with its verification evidence, and where its certificate is."""
+    if run_dir is None or not (run_dir / "erasure" / "ledger.db").is_file():
         return
-    body = ""
-    for p in sorted(run_dir.glob("ledger*.jsonl")) + sorted(run_dir.glob("ledger*.json")):
-        try:
-            text = p.read_text()
-            entries = [json.loads(x) for x in text.splitlines() if x.strip()] if p.suffix == ".jsonl" \
-                else json.loads(text)
-        except (OSError, ValueError):
-            continue
-        if isinstance(entries, dict):
-            entries = entries.get("entries", [entries])
-        entries = [e for e in entries if isinstance(e, dict)]
-        if entries:
-            cols = list(dict.fromkeys(k for e in entries for k in e))[:10]
-            body += f"<h3>Ledger {html.escape(p.name)}</h3>" + table(cols, [[e.get(c) for c in cols]
-                                                                            for e in entries], left=len(cols))
-    for p in sorted(run_dir.glob("certificate*.json")):
-        try:
-            cert = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        body += f"<h3>Certificate {html.escape(p.name)}</h3>" + (
-            kv_table(cert) if isinstance(cert, dict) else f"<pre>{html.escape(json.dumps(cert, indent=2))}</pre>")
+    from privseg.audit.certificate import summarise
+    from privseg.audit.ledger import ErasureLedger
+
+    path = run_dir / "erasure" / "ledger.db"
+    try:
+        ledger = ErasureLedger(path, create=False)
+        ok, problems = ledger.verify()
+        reqs = [summarise(ledger.entries(r["request"])) for r in ledger.requests()]
+    except PrivsegError as exc:
+        b.add("erasure", f"<p>Erasure ledger unreadable: {html.escape(str(exc))}</p>")
+        return
+    rows = []
+    for s in reqs:
+        v = s["verification"] or {}
+        ev = {k: v.get(k) or {} for k in ("before", "after", "retrain")}
+        cert = run_dir / "erasure" / f"{s['request']}.html"
+        rows.append([s["request"], s["kind"], s["site"], ", ".join(s["subjects"]) or "all", s["status"],
+                     {True: "pass", False: "FAIL"}.get(v.get("passed"), "-"),
+                     ev["before"].get("mia_auc"), ev["after"].get("mia_auc"), ev["retrain"].get("mia_auc"),
+                     ev["before"].get("retain_dice"), ev["after"].get("retain_dice"),
+                     str(cert.relative_to(run_dir)) if cert.is_file() else "privseg erase certificate"])
+    body = (f"<p>Ledger <code>{html.escape(str(path))}</code>: hash chain "
+            f"{'intact' if ok else 'BROKEN: ' + html.escape('; '.join(problems))}, {len(reqs)} request(s).</p>"
+            + table(["request", "kind", "site", "subjects", "status", "verification", "MIA before", "MIA after",
+                     "MIA retrain", "retain Dice before", "retain Dice after", "certificate"], rows, left=6))
     b.add("erasure", body)
 
 

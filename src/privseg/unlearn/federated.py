@@ -291,6 +291,7 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
         cohort = read_site_cohort(spec.cohort)
         site_cohort = cohort.with_subjects(site_subjects(cohort, spec))
         say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
+        c0 = time.process_time()
         res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), req.method,
                       target=req.target, epochs=req.epochs, params=req.params, out_dir=work / "local",
                       seed=req.seed, evaluate=False)
@@ -300,7 +301,8 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
         local = ledger.append(rid, "local_unlearned", {
             "site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
             "epochs": r["epochs"], "steps_run": r["steps_run"], "stopped_early": r["stopped_early"],
-            "seconds": r["seconds"], "checks": r["checks"][-1:] if r["checks"] else [],
+            "seconds": r["seconds"], "cpu_s": time.process_time() - c0,
+            "checks": r["checks"][-1:] if r["checks"] else [],
             "retain_subjects_at_site": len(r["request"]["retain"]),
             "model": _artefact(run_dir, res.checkpoint), "excluded_at_site": list(req.subjects)})
         entries = ledger.entries(rid)
@@ -323,13 +325,13 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
         if state.rounds_done < until:
             raise CheckpointError(f"repair rounds stopped at round {state.rounds_done} ({state.status}); "
                                   f"{state.data.get('stop_reason', '')}")
-        repair_s = sum(float(e.get("wall_s", 0)) for e in state.rounds if e.get("erasure") == rid)
+        repair_s, repair_cpu = round_seconds(state, lambda e: e.get("erasure") == rid)
         ckpt = state.checkpoint_path(until) if until > n0 else run_dir / local["body"]["model"]["path"]
         if until == n0:  # no repair: the unlearned model is served as it is
             state.data["last_checkpoint"] = local["body"]["model"]["path"]
             state.save()
         ledger.append(rid, "repaired", {"rounds": list(range(n0 + 1, until + 1)), "until_round": until,
-                                        "seconds": repair_s, "wall_s": time.perf_counter() - t0,
+                                        "seconds": repair_s, "cpu_s": repair_cpu, "wall_s": time.perf_counter() - t0,
                                         "model": _artefact(run_dir, ckpt)})
         entries = ledger.entries(rid)
     repaired = _after(entries, "repaired", "requested")
@@ -340,6 +342,7 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
         intermediate = [run_dir / local["body"]["model"]["path"]] if req.repair_rounds > 0 else []
         body["superseded"] = _superseded(run_dir, upto_round=n0, extra=intermediate)
         body["seconds_erasure"] = float(local["body"]["seconds"]) + float(repaired["body"]["seconds"])
+        body["cpu_s_erasure"] = float(local["body"].get("cpu_s", 0)) + float(repaired["body"].get("cpu_s", 0))
         ledger.append(rid, "verified", body)
         entries = ledger.entries(rid)
     ver = _judged(rid, ledger, req, _after(entries, "verified", "repaired")["body"])
@@ -550,8 +553,14 @@ def federated_retrain(run_dir: str | Path, out_dir: str | Path, *, drop_site: st
     n = rounds if rounds is not None else state.rounds_done - from_round
     derived_run(run_dir, out_dir, sites=sites, start=start, rounds=n, name_suffix=out_dir.name)
     final = run_rounds(out_dir, backend, on_round=on_round)
-    seconds = sum(float(e.get("wall_s", 0)) for e in final.rounds)
-    return final.last_checkpoint, seconds
+    return final.last_checkpoint, round_seconds(final)[0]
+
+
+def round_seconds(state: RunState, which: Callable[[dict], bool] = lambda e: True) -> tuple[float, float]:
+    """(wall, CPU) seconds of the run's rounds that ``which`` selects. CPU time counts this process
+    only, so it is robust to other load on the machine (in-process backend)."""
+    rounds = [e for e in state.rounds if which(e)]
+    return sum(float(e.get("wall_s", 0)) for e in rounds), sum(float(e.get("cpu_s", 0)) for e in rounds)
 
 
 class FedEraserCalibration:
@@ -642,12 +651,14 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
         sub_dir = work / req.method
         t0 = time.perf_counter()
         if not touched:
-            model_path, seconds, info = run_dir / requested["source"]["path"], 0.0, {"note": "the site never trained"}
+            model_path, info = run_dir / requested["source"]["path"], {"note": "the site never trained"}
+            seconds = cpu = 0.0
         elif req.method == "retrain":
             joined = min(touched)
             say("site_removed", f"federated retrain without {req.site} from round {joined - 1}")
-            model_path, seconds = federated_retrain(run_dir, sub_dir, drop_site=req.site, from_round=joined - 1,
-                                                    rounds=n0 - joined + 1, backend=backend)
+            model_path, _ = federated_retrain(run_dir, sub_dir, drop_site=req.site, from_round=joined - 1,
+                                              rounds=n0 - joined + 1, backend=backend)
+            seconds, cpu = round_seconds(RunState.load(sub_dir))
             info = {"from_round": joined - 1, "rounds": n0 - joined + 1}
         else:
             groups = federaser_groups(state, req.site, req.calibration_interval)
@@ -669,11 +680,11 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
             strategy.update_hooks.append(hook)
             final = run_rounds(sub_dir, backend, strategy=strategy)
             model_path = final.last_checkpoint
-            seconds = sum(float(e.get("wall_s", 0)) for e in final.rounds)
+            seconds, cpu = round_seconds(final)
             info = {"original_rounds": groups, "local_steps": steps, "ratio": req.calibration_ratio,
                     "interval": req.calibration_interval, "calibrated": len(hook.log)}
         removed = ledger.append(rid, "site_removed", {
-            "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds,
+            "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t0, "model": _artefact(run_dir, model_path), **info})
         entries = ledger.entries(rid)
     if _after(entries, "verified", "site_removed") is None:
@@ -689,6 +700,7 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
         body["superseded"] = _superseded(run_dir, upto_round=n0, from_round=min(touched) if touched else n0 + 1,
                                          sites=[req.site])
         body["seconds_erasure"] = float(removed["body"]["seconds"])
+        body["cpu_s_erasure"] = float(removed["body"].get("cpu_s", 0))
         ledger.append(rid, "verified", body)
         entries = ledger.entries(rid)
     ver = _judged(rid, ledger, req, _after(entries, "verified", "site_removed")["body"])
