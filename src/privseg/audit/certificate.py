@@ -62,8 +62,9 @@ def summarise(entries: list[dict]) -> dict:
         "site": req.get("site"), "subjects": req.get("subjects", []), "reason": req.get("reason"),
         "requested_by": req.get("requested_by"), "requested_at": by["requested"]["at"],
         "completed_at": by["completed"]["at"] if done else None, "method": req.get("method"),
-        "settings": {k: req.get(k) for k in ("params", "target", "epochs", "repair_rounds", "calibration_ratio",
-                                             "calibration_interval", "seed")},
+        "settings": {k: req.get(k) for k in (("params", "target", "epochs", "repair_rounds", "seed")
+                                             if req.get("kind") == "patient" else
+                                             ("calibration_ratio", "calibration_interval", "seed"))},
         "source_model": req.get("source"), "work": work["body"] if work else None,
         "repair": by.get("repaired", {}).get("body"), "verification": ver or None,
         "resulting_model": done["model"] if done else None, "removed": done["removed"] if done else [],
@@ -94,7 +95,7 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
         parts.append(_rows([("Unlearning / removal time (s)", w.get("seconds")),
                             ("Steps or rounds", w.get("steps_run", w.get("rounds", w.get("original_rounds"))))]))
     if s["repair"]:
-        parts.append(_rows([("Repair rounds", s["repair"].get("rounds")),
+        parts.append(_rows([("Repair rounds (the run's round numbers)", s["repair"].get("rounds")),
                             ("Repair time (s)", s["repair"].get("seconds"))]))
     parts.append("</table>")
     ver = s["verification"]
