@@ -58,7 +58,41 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     payload = load_weights_only(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a privseg checkpoint (missing format {FORMAT!r})")
+    _check_payload(payload, path)
     return payload
+
+
+# config fields every reader of a checkpoint relies on, and their types
+_REQUIRED = {"model": str, "norm": str, "in_channels": int, "num_classes": int, "spatial_dims": int}
+
+
+def _check_payload(payload: dict, path: Path) -> None:
+    """The structure the rest of privseg relies on: a state dict of tensors, a config that
+    rebuilds the network, an integer step. Anything else is a CheckpointError naming the file."""
+    model = payload.get("model")
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise CheckpointError(f"{path}: checkpoint field 'model' must be a non-empty state dict of tensors")
+    cfg = payload.get("config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: checkpoint field 'config' must be a dict")
+    for key, kind in _REQUIRED.items():
+        value = cfg.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: checkpoint config field {key!r} is missing or not a {kind.__name__} "
+                                  f"(got {value!r})")
+    if cfg["spatial_dims"] not in (2, 3) or cfg["in_channels"] < 1 or cfg["num_classes"] < 2:
+        raise CheckpointError(f"{path}: checkpoint config has impossible dimensions (spatial_dims "
+                              f"{cfg['spatial_dims']}, in_channels {cfg['in_channels']}, classes {cfg['num_classes']})")
+    from privseg.errors import ConfigError
+    from privseg.train.loop import TrainConfig
+
+    try:
+        TrainConfig.from_dict(cfg)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
+    if not isinstance(payload.get("step", 0), int) or not isinstance(payload.get("extra", {}), dict):
+        raise CheckpointError(f"{path}: checkpoint fields 'step' (int) or 'extra' (dict) are malformed")
 
 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
@@ -70,6 +104,6 @@ def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint")
         model = build_model(cfg["model"], in_channels=cfg["in_channels"], num_classes=cfg["num_classes"],
                             spatial_dims=cfg["spatial_dims"], norm=cfg["norm"])
         model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc)[:300]})") from None
     return model
