@@ -24,10 +24,14 @@ def _build_config(*, cohort, site, sites_root, only_site, name, rounds, strategy
     from privseg.errors import ConfigError
     from privseg.federated import FLConfig, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
     from privseg.train import TrainConfig
+    from privseg.utils import check_id
 
     given = [x for x in (cohort, site, sites_root) if x]
     if len(given) != 1:
         raise ConfigError("give exactly one of --cohort, --site (repeatable) or --sites-root")
+    for s in only_site or []:
+        check_id(s, "--only-site")
+    check_id(name, "--name")
     if cohort:
         sites = sites_from_cohort(cohort, only_site or None)
     elif site:
@@ -152,10 +156,19 @@ def deploy(
     round_timeout: float = typer.Option(600.0, help="Seconds to wait for site replies in a round."),
     superlink: str = typer.Option(None, help="Use this running SuperLink (HOST:PORT) instead of starting one."),
     root_certificates: Path = typer.Option(None, help="CA certificate of --superlink."),
-    insecure: bool = typer.Option(False, help="No TLS (default: TLS with certificates generated for loopback)."),
+    insecure: bool = typer.Option(False, help="No TLS and no SuperNode authentication (default: TLS with "
+                                  "certificates generated for loopback). Prints a warning; for debugging only."),
+    supernode_auth: bool = typer.Option(None, "--supernode-auth/--no-supernode-auth",
+                                        help="Authenticate each SuperNode with its own key pair (default: on when "
+                                        "privseg starts the SuperLink with TLS; with --superlink, register the keys "
+                                        "in deploy/certs/nodes/ yourself)."),
     device: str = typer.Option("cpu"), quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them."""
+    if insecure:  # printed even with --quiet: a security downgrade is never silent
+        from privseg.federated.deploy import INSECURE_WARNING
+
+        console.print(f"[bold yellow]privseg: warning:[/bold yellow] --insecure: {INSECURE_WARNING}", highlight=False)
     cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=only_site, name=name,
                            rounds=rounds,
                            strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
@@ -163,7 +176,7 @@ def deploy(
                            seed=seed, mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
                            keep_updates=keep_updates, round_timeout=round_timeout, device=device)
     _run_common("deployment", cfg, runs_dir, quiet, superlink=superlink, root_certificates=root_certificates,
-                insecure=insecure)
+                insecure=insecure, supernode_auth=supernode_auth)
 
 
 @app.command()

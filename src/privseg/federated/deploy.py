@@ -19,6 +19,18 @@ What :func:`deploy` does, in order (files under ``runs/<name>/deploy/``):
    the SuperLink (SIGTERM to each process group, SIGKILL after a grace period) -- also on
    Ctrl-C or any error.
 
+**SuperNode authentication** (on by default with TLS when privseg starts the SuperLink):
+each site gets an EC P-384 key pair in ``certs/nodes/<site>.key`` / ``.pub`` (OpenSSH format,
+as Flower expects), the SuperLink runs with ``--enable-supernode-auth`` (which Flower allows
+only with TLS), every public key is registered before the SuperNodes start (``flwr supernode
+register certs/nodes/<site>.pub privseg``), and each SuperNode signs its requests with
+``--auth-supernode-private-key``. A SuperNode whose key was not registered is refused.
+With an external ``superlink=`` the operator registers the keys (``supernode_auth=True``
+then only passes each site's private key).
+
+**Insecure mode** (``insecure=True``, CLI ``--insecure``) turns TLS and SuperNode
+authentication off; it must be asked for explicitly and logs a warning (the CLI prints it).
+
 Each process runs in its own session, so stopping it also stops the SuperExec and
 ClientApp/ServerApp processes it started. ``superlink=`` connects to an existing SuperLink
 instead of starting one (its CA via ``root_certificates``); it must be reachable.
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -45,6 +58,11 @@ from privseg.federated.runstate import RunState
 from privseg.federated.simulation import prepare_run
 
 APP_NAME = "privseg-fl"
+INSECURE_WARNING = ("insecure mode: no TLS and no SuperNode authentication -- model weights and metrics travel "
+                    "unencrypted and any process that reaches the SuperLink can join as a site; use it only for "
+                    "debugging on a trusted machine")
+
+log = logging.getLogger("privseg.federated.deploy")
 
 
 class DeployError(PrivsegError):
@@ -109,6 +127,73 @@ def generate_certificates(out_dir: str | Path, hosts: tuple[str, ...] = ("127.0.
             os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     return paths
+
+
+def generate_node_keys(out_dir: str | Path, site: str) -> tuple[Path, Path]:
+    """An EC P-384 key pair for one SuperNode, OpenSSH-encoded as Flower reads it:
+    ``<out_dir>/<site>.key`` (private, mode 600) and ``<site>.pub``; existing files are kept."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out_dir)
+    key_path, pub_path = out / f"{site}.key", out / f"{site}.pub"
+    if key_path.is_file() and pub_path.is_file():
+        return key_path, pub_path
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    for path, data in ((key_path, priv), (pub_path, pub + b"\n")):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        if path.suffix == ".key":
+            os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    return key_path, pub_path
+
+
+def superlink_command(port: int, dep_dir: Path, *, insecure: bool = False, supernode_auth: bool = True,
+                      certs: dict[str, Path] | None = None) -> list[str]:
+    """The ``flower-superlink`` command line: TLS with ``certs`` unless ``insecure``, and
+    ``--enable-supernode-auth`` when ``supernode_auth`` (TLS only)."""
+    cmd = [flower_binary("flower-superlink"), "--port", str(port), "--host", "127.0.0.1",
+           "--disable-runtime-dependency-installation", "--database", str(dep_dir / "superlink.db")]
+    if insecure:
+        return cmd + ["--insecure"]
+    if certs is None:
+        raise ConfigError("a TLS SuperLink needs certificates (generate_certificates)")
+    cmd += ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+            "--ssl-keyfile", str(certs["key"])]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def supernode_command(address: str, port: int, node_config: str, *, ca: Path | None, insecure: bool = False,
+                      private_key: Path | None = None, max_wait: float = 120.0) -> list[str]:
+    """The ``flower-supernode`` command line for one site."""
+    cmd = [flower_binary("flower-supernode"), "--superlink", address, "--port", str(port),
+           "--max-wait-time", str(int(max_wait)), "--node-config", node_config]
+    if insecure or ca is None:
+        return cmd + ["--insecure"]
+    cmd += ["--root-certificates", str(ca)]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    return cmd
+
+
+def register_supernode(public_key: Path, env: dict, timeout: float = 120.0) -> None:
+    """``flwr supernode register KEY privseg`` against the SuperLink named in ``FLWR_HOME``."""
+    cmd = [flower_binary("flwr"), "supernode", "register", str(public_key), "privseg"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"registering SuperNode key {public_key} timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0 or "registered successfully" not in proc.stdout:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise DeployError(f"could not register SuperNode key {public_key} (exit {proc.returncode}):\n{tail}")
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -273,13 +358,21 @@ def _node_config(site, state_dir: Path) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return " ".join([f"site={q(site.id)}", f"cohort={q(site.cohort)}", f"cohort-site={q(site.cohort_site or '')}",
-                     f"state-dir={q(state_dir)}"])
+                     f"state-dir={q(state_dir)}", f"exclude={q(','.join(site.exclude))}"])  # erased subjects
 
 
 def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], None] | None = None,
            superlink: str | None = None, root_certificates: str | Path | None = None, insecure: bool = False,
-           start_timeout: float = 120.0, poll: float = 1.0) -> RunState:
-    """Run (or resume) ``cfg`` with real SuperLink/SuperNode processes on this machine."""
+           supernode_auth: bool | None = None, start_timeout: float = 120.0, poll: float = 1.0) -> RunState:
+    """Run (or resume) ``cfg`` with real SuperLink/SuperNode processes on this machine.
+
+    ``supernode_auth`` (default: on when privseg starts the SuperLink with TLS, off with an
+    external ``superlink``) authenticates every SuperNode with its own key pair."""
+    if insecure:
+        if supernode_auth:
+            raise ConfigError("SuperNode authentication needs TLS: drop --insecure")
+        log.warning(INSECURE_WARNING)
+    auth = (not insecure and not superlink) if supernode_auth is None else bool(supernode_auth)
     run_dir = prepare_run(cfg, run_dir).resolve()
     dep_dir = run_dir / "deploy"
     if superlink:
@@ -294,36 +387,34 @@ def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], Non
     state_before = RunState.load_or_new(run_dir).rounds_done
     try:
         ca: Path | None = None
+        keys: dict[str, Path] = {}
+        if auth:
+            for site in cfg.sites:
+                keys[site.id], _ = generate_node_keys(dep_dir / "certs" / "nodes", site.id)
         if superlink:
             address = superlink
             ca = Path(root_certificates).resolve() if root_certificates else None
             if ca is None and not insecure:
                 raise ConfigError("--superlink needs --root-certificates (its CA) or --insecure")
+            env_run = dict(env, FLWR_HOME=str(write_flwr_home(dep_dir / "flwr_home", address,
+                                                               None if insecure else ca)))
         else:
             port = free_port()
             address = f"127.0.0.1:{port}"
-            cmd = [flower_binary("flower-superlink"), "--port", str(port), "--host", "127.0.0.1",
-                   "--disable-runtime-dependency-installation", "--database", str(dep_dir / "superlink.db")]
-            if insecure:
-                cmd.append("--insecure")
-            else:
-                certs = generate_certificates(dep_dir / "certs")
-                ca = certs["ca"]
-                cmd += ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-                        "--ssl-keyfile", str(certs["key"])]
+            certs = None if insecure else generate_certificates(dep_dir / "certs")
+            ca = certs["ca"] if certs else None
+            cmd = superlink_command(port, dep_dir, insecure=insecure, supernode_auth=auth, certs=certs)
             (dep_dir / "superlink.db").unlink(missing_ok=True)
+            env_run = dict(env, FLWR_HOME=str(write_flwr_home(dep_dir / "flwr_home", address, ca)))
             link = d.start("superlink", cmd, env)
             _wait_port(link, port, start_timeout)
+            for site in cfg.sites if auth else ():  # a fresh SuperLink database: register every site's key
+                register_supernode(keys[site.id].with_suffix(".pub"), env_run, start_timeout)
         for site in cfg.sites:
-            sport = free_port()
-            cmd = [flower_binary("flower-supernode"), "--superlink", address, "--port", str(sport),
-                   "--max-wait-time", str(int(start_timeout)),
-                   "--node-config", _node_config(site, run_dir / "sites" / site.id)]
-            cmd += ["--insecure"] if (insecure or ca is None) else ["--root-certificates", str(ca)]
+            cmd = supernode_command(address, free_port(), _node_config(site, run_dir / "sites" / site.id), ca=ca,
+                                    insecure=insecure, private_key=keys.get(site.id), max_wait=start_timeout)
             d.start(f"supernode-{site.id}", cmd, env)
         app_dir = write_app(run_dir)
-        env_run = dict(env, FLWR_HOME=str(write_flwr_home(dep_dir / "flwr_home", address,
-                                                           None if insecure else ca)))
         runner = d.start("flwr-run", [flower_binary("flwr"), "run", str(app_dir), "privseg", "--stream"], env_run)
         seen = state_before
         while runner.alive():
