@@ -336,18 +336,16 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
         entries = ledger.entries(rid)
     repaired = _after(entries, "repaired", "requested")
     # 4. verification
-    if _after(entries, "verified", "repaired") is None:
-        say("verified", "membership test and Dice")
+    def evidence() -> dict:
         body = _verify_patient(run_dir, req, requested, repaired["body"], reference, mia_views)
         intermediate = [run_dir / local["body"]["model"]["path"]] if req.repair_rounds > 0 else []
         body["superseded"] = _superseded(run_dir, upto_round=n0, extra=intermediate)
         body["seconds_erasure"] = float(local["body"]["seconds"]) + float(repaired["body"]["seconds"])
         body["cpu_s_erasure"] = float(local["body"].get("cpu_s", 0)) + float(repaired["body"].get("cpu_s", 0))
-        ledger.append(rid, "verified", body)
-        entries = ledger.entries(rid)
-    ver = _judged(rid, ledger, req, _after(entries, "verified", "repaired")["body"])
-    if not ver["passed"]:
-        say("verified", "verification FAILED: " + "; ".join(ver["failed_checks"]))
+        return body
+
+    ver = _verified(rid, ledger, req, "repaired", evidence, say, "membership test and Dice")
+    if ver is None:
         return
     # 5. complete: delete what still carries the patient
     _complete(run_dir, rid, ledger, ver, repaired["body"]["model"], req.site, say)
@@ -480,6 +478,20 @@ def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, 
     out["thresholds"] = req.thresholds
     out["verification_s"] = time.perf_counter() - t0
     return out
+
+
+def _verified(rid: str, ledger: ErasureLedger, req: ErasureRequest, after_event: str, evidence: Callable[[], dict],
+              say: StageCallback, what: str) -> dict | None:
+    """The verification of the latest ``after_event`` (computed by ``evidence`` once, then read from the
+    ledger), judged with the request's thresholds; None when it failed."""
+    if _after(ledger.entries(rid), "verified", after_event) is None:
+        say("verified", what)
+        ledger.append(rid, "verified", evidence())
+    ver = _judged(rid, ledger, req, _after(ledger.entries(rid), "verified", after_event)["body"])
+    if not ver["passed"]:
+        say("verified", "verification FAILED: " + "; ".join(ver["failed_checks"]))
+        return None
+    return ver
 
 
 def _judged(rid: str, ledger: ErasureLedger, req: ErasureRequest, ver: dict) -> dict:
@@ -687,8 +699,7 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
             "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t0, "model": _artefact(run_dir, model_path), **info})
         entries = ledger.entries(rid)
-    if _after(entries, "verified", "site_removed") is None:
-        say("verified", "membership test of the site's patients and Dice of the remaining sites")
+    def evidence() -> dict:
         cohorts = _site_cohorts(cfg.sites)
         spec = cfg.site(req.site)
         others = [s for s in cfg.sites if s.id != req.site]
@@ -701,11 +712,11 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
                                          sites=[req.site])
         body["seconds_erasure"] = float(removed["body"]["seconds"])
         body["cpu_s_erasure"] = float(removed["body"].get("cpu_s", 0))
-        ledger.append(rid, "verified", body)
-        entries = ledger.entries(rid)
-    ver = _judged(rid, ledger, req, _after(entries, "verified", "site_removed")["body"])
-    if not ver["passed"]:
-        say("verified", "verification FAILED: " + "; ".join(ver["failed_checks"]))
+        return body
+
+    ver = _verified(rid, ledger, req, "site_removed", evidence, say,
+                    "membership test of the site's patients and Dice of the remaining sites")
+    if ver is None:
         return
     model = _install_site_removal(run_dir, req, rid, removed["body"], n0)
     _complete(run_dir, rid, ledger, ver, model, req.site, say)
