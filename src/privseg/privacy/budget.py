@@ -99,8 +99,10 @@ class BudgetLedger:
         return [{"round": r, "epsilon": e, "delta": d, "time": t, "info": json.loads(i) if i else {}}
                 for r, e, d, t, i in rows]
 
-    def last_info(self, site: str) -> dict | None:
-        rows = self.rounds(site)
+    def last_info(self, site: str, before_round: int | None = None) -> dict | None:
+        """The info of the site's last booked round (before ``before_round`` when given: a round
+        re-run after a crash must start from the state *before* its first attempt, not after it)."""
+        rows = [r for r in self.rounds(site) if before_round is None or r["round"] < before_round]
         return rows[-1]["info"] if rows else None
 
     def spent(self, site: str) -> float:

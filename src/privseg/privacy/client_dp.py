@@ -183,7 +183,12 @@ def attach_from_config(strategy, cfg, run_dir: str | Path) -> ClientLevelDP:
                           noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta, rounds=cfg.rounds,
                           target_quantile=dp.target_quantile, clip_lr=dp.clip_lr, sigma_b=dp.sigma_b, ledger=ledger,
                           seed=cfg.train.seed, allow_large_delta=dp.allow_large_delta)
-    last = ledger.last_info(SERVER)
+    from privseg.federated.runstate import RunState
+
+    # the clip as it was before the round the server resumes at (a booked first attempt of that
+    # round, cut short by a crash before state.json, must not move the starting point)
+    resume_round = RunState.load_or_new(run_dir).rounds_done + 1
+    last = ledger.last_info(SERVER, before_round=resume_round)
     if hooks.clipper is not None and last and last.get("clip"):
         hooks.clipper.clip = float(last["clip"])
     hooks.attach(strategy)

@@ -504,8 +504,9 @@ def fl_step_fn_factory(tc, msg_config, spec, state_dir: Path):
     plan = plan_from_ledger_or_new(ledger, dp, spec.id, len(items), tc.subjects_per_step, tc.steps)
     engine = engine_for(plan, dp.for_site(spec.id), seed=tc.seed + site_seed(spec.id),
                         start=(server_round - 1) * steps)
-    # adaptive clip: continue from the clip the site reached in its last round
-    last = ledger.last_info(spec.id)
+    # adaptive clip: continue from the clip the site reached in its previous round (not from a first
+    # attempt at this round that a server crash cut short: the repeat must give the same update)
+    last = ledger.last_info(spec.id, before_round=server_round)
     if engine.clipper is not None and last and last.get("clip"):
         engine.clipper.clip = float(last["clip"])
     return _FLStepFn(SiteDPSession(ledger, plan, engine), server_round, tc.seed)
@@ -548,7 +549,7 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
         start = int(payload["step"])
         history = list(payload["extra"].get("history", []))
     engine = engine_for(plan, dp, seed=config.seed, start=start)
-    last = ledger.last_info(site)
+    last = ledger.last_info(site, before_round=start // config.checkpoint_every + 1)  # as it was at `start`
     if start and engine.clipper is not None and last and last.get("clip"):
         engine.clipper.clip = float(last["clip"])
     session = SiteDPSession(ledger, plan, engine)
