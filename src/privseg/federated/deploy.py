@@ -295,6 +295,12 @@ class Deployment:
 
     run_dir: Path
     procs: list[Proc] = field(default_factory=list)
+    address: str | None = None  # the SuperLink's HOST:PORT, once known
+    ca: Path | None = None  # its CA certificate (None: insecure)
+    env: dict | None = None  # the environment the Flower processes run with
+
+    def proc(self, name: str) -> Proc | None:
+        return next((p for p in self.procs if p.name == name), None)
 
     def start(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
         log = self.run_dir / "deploy" / "logs" / f"{name}.log"
@@ -363,11 +369,16 @@ def _node_config(site, state_dir: Path) -> str:
 
 def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], None] | None = None,
            superlink: str | None = None, root_certificates: str | Path | None = None, insecure: bool = False,
-           supernode_auth: bool | None = None, start_timeout: float = 120.0, poll: float = 1.0) -> RunState:
+           supernode_auth: bool | None = None, start_timeout: float = 120.0, poll: float = 1.0,
+           deployment: Deployment | None = None,
+           on_started: Callable[[Deployment], None] | None = None) -> RunState:
     """Run (or resume) ``cfg`` with real SuperLink/SuperNode processes on this machine.
 
     ``supernode_auth`` (default: on when privseg starts the SuperLink with TLS, off with an
-    external ``superlink``) authenticates every SuperNode with its own key pair."""
+    external ``superlink``) authenticates every SuperNode with its own key pair.
+    ``deployment`` (an empty :class:`Deployment`) lets the caller watch the processes while
+    the run goes on (fault-injection tests); ``on_started`` is called once the SuperNodes are
+    started, before the app is submitted."""
     if insecure:
         if supernode_auth:
             raise ConfigError("SuperNode authentication needs TLS: drop --insecure")
@@ -383,7 +394,8 @@ def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], Non
     env["FLWR_HOME"] = str(dep_dir / "flwr_home")
     # the venv's bin first, so SuperLink/SuperNode find flower-superexec / flwr-serverapp / flwr-clientapp
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    d = Deployment(run_dir)
+    d = deployment if deployment is not None else Deployment(run_dir)
+    d.run_dir = run_dir
     state_before = RunState.load_or_new(run_dir).rounds_done
     try:
         ca: Path | None = None
@@ -414,6 +426,9 @@ def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], Non
             cmd = supernode_command(address, free_port(), _node_config(site, run_dir / "sites" / site.id), ca=ca,
                                     insecure=insecure, private_key=keys.get(site.id), max_wait=start_timeout)
             d.start(f"supernode-{site.id}", cmd, env)
+        d.address, d.ca, d.env = address, ca, env
+        if on_started is not None:
+            on_started(d)
         app_dir = write_app(run_dir)
         runner = d.start("flwr-run", [flower_binary("flwr"), "run", str(app_dir), "privseg", "--stream"], env_run)
         seen = state_before
