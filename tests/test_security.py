@@ -260,6 +260,7 @@ def test_guard_in_a_federated_round_drops_a_poisoned_site(flower_ids, tmp_path):
     assert [(r["round"], r["site"]) for r in guard.rejected] == [(2, "H3")]
     honest = [n for n in guard.history[0]["norms"].values()]
     ratio = max(honest) / min(honest)
+    print(f"honest update norms, round 1: {guard.history[0]['norms']} (max/min {ratio:.2f})")
     assert ratio < 3, guard.history[0]  # round 1: every site honest
     final = load_checkpoint(state.checkpoint_path(2))["model"]
     avg = arrays_to_state(ArrayRecord({k: Array(((seen[0][k].astype(np.float64) + seen[1][k]) / 2).astype(
