@@ -135,7 +135,7 @@ def _ids(ds, split):
 
 
 # which subject each command reads, so the damage is where the command looks
-CLI_DATA_COMMANDS = ("data-check", "train", "evaluate", "predict", "audit", "unlearn")
+CLI_DATA_COMMANDS = ("data-check", "train", "evaluate", "predict", "audit", "unlearn", "fl-run")
 CLI_MUTATIONS = [n for n in fk.mutation_names("manifest") if n not in ("missing_channel",)]
 
 
@@ -148,7 +148,8 @@ def test_cli_refuses_broken_data(space, trained, command):
     def run(data):
         work = scratch(space)
         ds = fk.fresh_dataset("manifest", work, space[0])
-        split = {"train": "train", "unlearn": "train", "audit": "train", "evaluate": "test"}.get(command)
+        split = {"train": "train", "unlearn": "train", "audit": "train", "evaluate": "test",
+                 "fl-run": "train"}.get(command)
         ds.targets = _ids(ds, split) if split else None
         name = data.draw(st.sampled_from(CLI_MUTATIONS))
         expect = fk.MUTATIONS[name][1](data.draw, ds, st)
@@ -166,8 +167,15 @@ def test_cli_refuses_broken_data(space, trained, command):
                       "--non-members", test_id, "--views", "1", "--out", str(out), "-q"],
             "unlearn": ["unlearn", "--checkpoint", C, "--cohort", R, "--forget", other_train, "--out", str(out),
                         "--epochs", "1", "--device", "cpu", "-q"],
+            # the one site holding the damaged subject: its every round fails -> exit 2 naming the file
+            # (the run folder itself is written: it records the failed rounds)
+            "fl-run": ["fl", "run", "--cohort", R, "--only-site", next(s.site for s in ds.subjects
+                                                                        if s.id == expect.subject),
+                       "--in-process", "--runs", str(out), "--model", "unet_tiny", "--rounds", "1", "--local-steps",
+                       "1", "--patch", "16", "--eval-every", "0", "-q"],
         }[command]
-        count(f"cli:{command}:{name}", fk.check_cli(argv, expect.files, expect.words, (out,)))
+        outputs = () if command == "fl-run" else (out,)
+        count(f"cli:{command}:{name}", fk.check_cli(argv, expect.files, expect.words, outputs))
 
     run()
 

@@ -94,6 +94,37 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
             state = deploy(cfg, run_dir, on_round=on_round, **kw)
     if not quiet:
         _print_status(state)
+    _check_outcome(state, done)
+
+
+def _reason(text: str) -> str:
+    """Flower's error reply text ``<class 'privseg.errors.DataError'>:<'path: problem'>`` as
+    ``DataError: path: problem``."""
+    import re
+
+    m = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", text.strip(), re.S)
+    return f"{m.group(1)}: {m.group(2)}" if m else text.strip()
+
+
+def _check_outcome(state, done_before: int) -> None:
+    """Fail loudly when this invocation ran rounds but applied none (every site failed, e.g. on
+    unreadable data): exit 2 with the first site error, instead of a "finished" run that learnt
+    nothing. Sites that failed in every round while others trained are named in a warning."""
+    from privseg.errors import PrivsegError
+
+    new = [e for e in state.rounds if int(e["round"]) > done_before]
+    if not new:
+        return
+    failed = [f for e in new for f in e.get("failed", [])]
+    if not any(e.get("applied") for e in new):
+        first = f"{failed[0]['site']}: {_reason(failed[0]['reason'])}" if failed else "no site replied"
+        raise PrivsegError(f"{state.run_dir}: none of the {len(new)} round(s) run was applied (too few site "
+                           f"updates); first failure: {first}")
+    always = set.intersection(*[{f["site"] for f in e.get("failed", [])} for e in new])
+    for site in sorted(always):
+        reason = next(f["reason"] for f in failed if f["site"] == site)
+        console.print(f"[bold yellow]privseg: warning:[/bold yellow] site {site} failed in every round "
+                      f"({_reason(reason)[:300]})", highlight=False)
 
 
 @app.command()
