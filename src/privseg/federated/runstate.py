@@ -105,7 +105,8 @@ class RunState:
 
     def rounds_of_site(self, site: str) -> list[int]:
         """Rounds whose aggregate included ``site``'s update (what an erasure of the site touches)."""
-        return [int(e["round"]) for e in self.rounds if e.get("applied") and site in e.get("participants", [])]
+        return [int(e["round"]) for e in self.rounds if e.get("applied") and site in e.get("participants", [])
+                and site not in {x.get("site") for x in e.get("rejected", [])}]
 
     def site_metrics(self) -> dict[str, dict]:
         """Latest evaluation per site."""

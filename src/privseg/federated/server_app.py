@@ -127,6 +127,9 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         from privseg.privacy.client_dp import attach_from_config
 
         attach_from_config(strategy, cfg, run_dir)
+    from privseg.federated.guard import attach_guard
+
+    attach_guard(strategy, cfg, run_dir)  # first of the update hooks: before any clipping or averaging
     arrays = state_to_arrays(model.state_dict())
     strategy.reference_dtypes = {k: arrays[k].numpy().dtype for k in arrays.keys()}
     state.data.update({"name": cfg.name, "strategy": cfg.strategy, "rounds_planned": cfg.rounds,
@@ -170,6 +173,8 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
                 entry["updates"] = {_site_of(m, node_site): _save_update(state, r, _site_of(m, node_site), m)
                                     for m in ok}
             new_arrays, agg = strategy.aggregate_train(r, ok)
+            if getattr(strategy, "guard", None) is not None and strategy.guard.rejected_in(r):
+                entry["rejected"] = strategy.guard.rejected_in(r)  # left out of the average (poisoning guard)
             if new_arrays is not None:
                 arrays = new_arrays
                 entry["applied"] = True
