@@ -613,6 +613,8 @@ class FedEraserCalibration:
     def __call__(self, server_round: int, replies: list, global_arrays) -> list:
         from privseg.federated.strategies import arrays_to_state, state_to_arrays
 
+        if server_round > len(self.groups):
+            return replies  # the repair rounds after the calibration: ordinary FedAvg
         rounds = self.groups[server_round - 1]
         g = arrays_to_state(global_arrays)
         kept = []
@@ -682,9 +684,9 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
                                   "pruned its checkpoints, or an earlier erasure deleted them); use --method retrain")
             steps = max(1, round(req.calibration_ratio * cfg.local_steps))
             derived_run(run_dir, sub_dir, sites=remaining, start=state.checkpoint_path(min(touched) - 1),
-                        rounds=len(groups), local_steps=steps, name_suffix=sub_dir.name)
-            say("site_removed", f"FedEraser: {len(groups)} calibration rounds x {steps} local steps without "
-                                f"{req.site}")
+                        rounds=len(groups) + req.repair_rounds, local_steps=steps, name_suffix=sub_dir.name)
+            say("site_removed", f"FedEraser: {len(groups)} calibration rounds x {steps} local steps, then "
+                                f"{req.repair_rounds} repair round(s), without {req.site}")
             sub_cfg = FLConfig.load(sub_dir)
             strategy = build_strategy(cfg.strategy, min_sites=sub_cfg.min_sites, fraction=1.0,
                                       proximal_mu=cfg.proximal_mu, evaluate=False)
@@ -693,7 +695,8 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
             final = run_rounds(sub_dir, backend, strategy=strategy)
             model_path = final.last_checkpoint
             seconds, cpu = round_seconds(final)
-            info = {"original_rounds": groups, "local_steps": steps, "ratio": req.calibration_ratio,
+            info = {"original_rounds": groups, "local_steps": steps, "repair_rounds": req.repair_rounds,
+                    "ratio": req.calibration_ratio,
                     "interval": req.calibration_interval, "calibrated": len(hook.log)}
         removed = ledger.append(rid, "site_removed", {
             "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds, "cpu_s": cpu,
