@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import reliability_log as rlog
 from conftest import make_tiny_cohort
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import GENESIS, ErasureLedger
@@ -99,8 +100,10 @@ def test_patient_erasure_end_to_end(run, tmp_path):
     assert all(subject not in ids for ids in ver["nonmembers"].values())
     # the same request again is applied once
     again = erase(d, req)
-    assert again.status == "already-completed" and events(d).count("completed") == 1
-    assert RunState.load(d).rounds_done == ROUNDS + 1
+    once = again.status == "already-completed" and events(d).count("completed") == 1 \
+        and RunState.load(d).rounds_done == ROUNDS + 1
+    rlog.record("invariant", "erasure:same-request-applied-once", once)
+    assert once
     # a later round of the run trains without the patient and continues from the erased model
     state = run_rounds(d, rounds=ROUNDS + 2)
     assert state.rounds_done == ROUNDS + 2 and "erasure" not in state.rounds[-1]
@@ -224,13 +227,13 @@ def test_killed_at_every_stage_the_request_finishes_exactly_once(trained, tmp_pa
         assert ledger.verify()[0]
         assert point not in [e["event"] for e in ledger.entries()]
         res = erase(d, patient_request(cohort, subjects=(subject,)))
-        assert res.status == "completed", point
         ev = events(d, res.request_id)
-        assert ev == ["requested", "local_unlearned", "repaired", "verified", "completed"], (point, ev)
         state = RunState.load(d)
-        assert state.rounds_done == ROUNDS + 1, point  # the repair round ran once
-        assert FLConfig.load(d).site("H2").exclude == (subject,)
-        assert ledger.verify() == (True, [])
+        ok = (res.status == "completed" and ev == ["requested", "local_unlearned", "repaired", "verified", "completed"]
+              and state.rounds_done == ROUNDS + 1  # the repair round ran once
+              and FLConfig.load(d).site("H2").exclude == (subject,) and ledger.verify() == (True, []))
+        rlog.record("fault", f"kill-9:erasure-before-{point}", ok, f"{res.status} {ev} {state.rounds_done}")
+        assert ok, (point, res.status, ev, state.rounds_done)
 
 
 # -- ledger --------------------------------------------------------------------------------
@@ -290,8 +293,9 @@ def test_chain_verifies_after_any_interleaving_of_requests_and_crashes(tmp_path_
         else:
             led.append(rid, event, {"x": len(done)})
             done.append((rid, event))
-    assert led.verify() == (True, [])
-    assert [(e["request"], e["event"]) for e in led.entries()] == done
+    held = led.verify() == (True, []) and [(e["request"], e["event"]) for e in led.entries()] == done
+    rlog.record("invariant", "erasure-ledger:chain-after-interleaved-crashes", held)
+    assert held
 
 
 def test_erasure_request_ids_are_stable_and_settings_do_not_change_them():
