@@ -304,3 +304,17 @@ def test_erasure_request_ids_are_stable_and_settings_do_not_change_them():
     assert a.request_id("run") == b.request_id("run") != a.request_id("other")
     with pytest.raises(ConfigError, match="threshold"):
         ErasureRequest(kind="patient", site="H1", subjects=("S1",), thresholds={"max_auc": 1})
+
+
+def test_verification_against_a_federated_retrain_is_calibrated_by_it(run, tmp_path):
+    from privseg.unlearn.federated import federated_retrain
+
+    cohort, d = run
+    req = patient_request(cohort)
+    ref, seconds = federated_retrain(d, tmp_path / "retrain", exclude={"H2": list(req.subjects)})
+    assert seconds > 0 and FLConfig.load(tmp_path / "retrain").site("H2").exclude == req.subjects
+    res = erase(d, req, reference=ref)
+    ver = res.verification
+    assert {"before", "after", "retrain"} <= set(ver) and "mia_auc_calibrated" in ver["after"]
+    assert "mia_auc_calibrated" in ver["checks"] and ver["checks"]["retain_dice_ratio"]["vs"] == "retrain"
+    assert 0.0 <= ver["distance_to_retrain"] and ver["retrain"]["checkpoint"] == str(ref)

@@ -409,7 +409,12 @@ def _model(path: Path) -> tuple[torch.nn.Module, dict]:
     return model_from_checkpoint(payload, path).eval(), payload["config"]
 
 
-def _scores(model, groups: dict[str, list[dict]], members, nonmembers, tc: dict, views: int, seed: int) -> dict:
+def _scores(model, groups: dict[str, list[dict]], members, nonmembers, tc: dict, views: int, seed: int,
+            reference_rows: tuple[list[dict], list[dict]] | None = None) -> tuple[dict, tuple[list, list]]:
+    """Dice per group and the membership AUC of ``members`` vs ``nonmembers``; with the retrain's
+    per-subject rows, also the AUC calibrated against it (each subject's score relative to the
+    retrain's on the same subject: a patient that is easy for any model no longer looks like a
+    member). Returns (scores, this model's rows)."""
     from privseg.audit import mia
     from privseg.train import metrics
     from privseg.train.inference import evaluate_subjects
@@ -424,7 +429,14 @@ def _scores(model, groups: dict[str, list[dict]], members, nonmembers, tc: dict,
     out["mia_auc"], out["mia_ci"] = res.auc, [res.ci_low, res.ci_high]
     out["member_scores"] = [{"id": r["id"], "score": r["score"], "dice": r["dice"]} for r in res.members]
     out["nonmember_mean_score"] = float(sum(r["score"] for r in res.nonmembers) / len(res.nonmembers))
-    return out
+    keep = ("id", "loss", "dice")
+    rows = ([{k: r[k] for k in keep} for r in res.members], [{k: r[k] for k in keep} for r in res.nonmembers])
+    if reference_rows is not None:
+        cal = mia.audit_items(model, members, nonmembers, tc["patch_size"], tc["num_classes"], views=views, seed=seed,
+                              n_boot=1000, member_rows=[dict(r) for r in rows[0]],
+                              nonmember_rows=[dict(r) for r in rows[1]], reference_rows=[reference_rows])
+        out["mia_auc_calibrated"] = cal.auc
+    return out, rows
 
 
 def _param_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -436,8 +448,10 @@ def _param_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def _judge(th: dict, after: dict, base: dict, base_name: str) -> tuple[dict, list[str]]:
+    # With a retrain to calibrate against, membership is judged relative to it (see _scores).
+    mia_key = "mia_auc_calibrated" if "mia_auc_calibrated" in after else "mia_auc"
     checks = {
-        "mia_auc": {"value": after["mia_auc"], "max": th["max_mia_auc"], "ok": after["mia_auc"] <= th["max_mia_auc"]},
+        mia_key: {"value": after[mia_key], "max": th["max_mia_auc"], "ok": after[mia_key] <= th["max_mia_auc"]},
         "retain_dice_ratio": {"value": after["retain_dice"] / base["retain_dice"], "vs": base_name,
                               "min": th["min_retain_dice_ratio"]},
         "test_dice_ratio": {"value": after["test_dice"] / base["test_dice"], "vs": base_name,
@@ -462,17 +476,17 @@ def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, 
     groups = {"retain": _load(specs, retain_by_site, tc.get("spacing")),
               "test": _load(specs, test_by_site, tc.get("spacing"))}
     t0 = time.perf_counter()
-    out = {"members": members_by_site, "nonmembers": nonmembers_by_site, "mia_views": views,
-           "before": _scores(before, groups, members, nonmembers, tc, views, req.seed),
-           "after": _scores(after, groups, members, nonmembers, tc, views, req.seed)}
-    base_name, base = "before", out["before"]
+    out = {"members": members_by_site, "nonmembers": nonmembers_by_site, "mia_views": views}
+    ref_rows = None
     if reference is not None:
         ref, _ = _model(Path(reference))
-        out["retrain"] = _scores(ref, groups, members, nonmembers, tc, views, req.seed)
+        out["retrain"], ref_rows = _scores(ref, groups, members, nonmembers, tc, views, req.seed)
         out["retrain"]["checkpoint"] = str(reference)
         out["distance_to_retrain"] = _param_distance(after, ref)
         out["distance_before_to_retrain"] = _param_distance(before, ref)
-        base_name, base = "retrain", out["retrain"]
+    out["before"] = _scores(before, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
+    out["after"] = _scores(after, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
+    base_name, base = ("retrain", out["retrain"]) if reference is not None else ("before", out["before"])
     out["checks"], out["failed_checks"] = _judge(req.thresholds, out["after"], base, base_name)
     out["passed"] = not out["failed_checks"]
     out["thresholds"] = req.thresholds
