@@ -165,10 +165,6 @@ def _site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
     return {p: read_site_cohort(p) for p in dict.fromkeys(s.cohort for s in specs)}
 
 
-def erased_so_far(cfg: FLConfig) -> dict[str, list[str]]:
-    return {s.id: list(s.exclude) for s in cfg.sites if s.exclude}
-
-
 def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
     dp = cfg.train.extra.get("dp") or {}
     if not dp:
@@ -715,7 +711,7 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
         removed = ledger.append(rid, "site_removed", {
             "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t0, "model": _artefact(run_dir, model_path), **info})
-        entries = ledger.entries(rid)
+
     def evidence() -> dict:
         cohorts = _site_cohorts(cfg.sites)
         spec = cfg.site(req.site)
