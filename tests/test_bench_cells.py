@@ -1,0 +1,189 @@
+"""The shared resumable-cell runner of the benchmarks (benchmarks/cells.py), on tiny cells."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import cells  # noqa: E402
+
+# A tiny benchmark: each cell sleeps a little (so a run can be killed mid-way) and returns a
+# value that depends only on its parameters; the summary is the sum over done cells.
+TINY = """
+import argparse, sys, time
+sys.path.insert(0, {bench_dir!r})
+import cells
+
+VERSION = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1].startswith("v") else "v1"
+CELLS = [cells.Cell(f"t{{t}}-s{{s}}", {{"t": t, "s": s}}) for t in range(3) for s in range(2)]
+
+def run_cell(cell, work):
+    time.sleep({sleep})
+    (work / "weights.bin").write_bytes(b"x")  # stays out of git and out of the merge
+    return {{"value": cell.params["t"] * 10 + cell.params["s"]}}
+
+def merge(done):
+    return {{"total": sum(r["metrics"]["value"] for r in done.values())}}
+
+def render(out, done):
+    return ["| cell | value |", "|---|---|"] + [f"| {{n}} | {{r['metrics']['value']}} |" for n, r in sorted(done.items())]
+
+ap = argparse.ArgumentParser()
+cells.add_args(ap)
+args = ap.parse_args()
+sys.exit(cells.run("tiny", VERSION, CELLS, run_cell, merge, render, args))
+"""
+
+
+def _script(tmp: Path, sleep: float = 0.0) -> Path:
+    p = tmp / "tiny_bench.py"
+    p.write_text(TINY.format(bench_dir=str(REPO / "benchmarks"), sleep=sleep))
+    return p
+
+
+def _run(script: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args, "--runs", str(root / "runs"),
+                           "--results", str(root / "results")], capture_output=True, text=True, timeout=120)
+
+
+def _table(root: Path) -> tuple[dict, list[str]]:
+    """The merged result without what legitimately differs between runs (times, dates)."""
+    out = json.loads((root / "results" / "tiny.json").read_text())
+    for k in ("eta_s", "updated", "machine", "command"):
+        out.pop(k)
+    for c in out["cells"].values():
+        c.pop("seconds")
+    md = [line for line in (root / "results" / "tiny.md").read_text().splitlines()
+          if not line.startswith(("Cells:", "Command:", "Machine:"))]
+    return out, md
+
+
+def test_killed_run_resumes_to_the_same_table(tmp_path):
+    full = tmp_path / "full"
+    r = _run(_script(tmp_path), full)
+    assert r.returncode == 0, r.stderr
+    ref, ref_md = _table(full)
+    assert ref["cells_done"] == ref["cells_total"] == 6 and ref["complete"] and ref["total"] == 63
+
+    killed = tmp_path / "killed"
+    (tmp_path / "slow").mkdir()
+    slow = _script(tmp_path / "slow", sleep=0.4)
+    proc = subprocess.Popen([sys.executable, str(slow), "--runs", str(killed / "runs"), "--results",
+                             str(killed / "results")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cells_dir = killed / "runs" / "tiny" / "cells"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(cells_dir.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(cells_dir.glob("*.json")))
+    assert 2 <= n_before < 6, "the kill must land mid-run"
+    partial = json.loads((killed / "results" / "tiny.json").read_text())
+    assert not partial["complete"] and partial["cells_done"] == n_before and partial["eta_s"] > 0
+    assert "PARTIAL" in (killed / "results" / "tiny.md").read_text()
+
+    r = _run(slow, killed)  # --resume is the default
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(" ...\n") == 6 - n_before  # only the missing cells ran
+    got, got_md = _table(killed)
+    assert got == ref and got_md == ref_md
+    # weights stay out of the cells folder (which is what git sees)
+    assert {p.suffix for p in cells_dir.iterdir()} == {".json"}
+
+
+def test_md_opens_with_command_machine_and_count(tmp_path):
+    r = _run(_script(tmp_path), tmp_path, "--cells", "t0-s0,t2-s1")
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "results" / "tiny.md").read_text().splitlines()
+    assert lines[2].startswith("Command: `") and "tiny_bench.py --cells t0-s0,t2-s1" in lines[2]
+    assert lines[4].startswith("Machine: ") and "CPUs" in lines[4]
+    assert lines[6].startswith("Cells: 2/6 (PARTIAL")
+    rec = json.loads((tmp_path / "runs" / "tiny" / "cells" / "t2-s1.json").read_text())
+    assert rec["metrics"] == {"value": 21} and rec["versions"]["benchmark"] == "v1"
+    assert set(rec["versions"]) >= {"privseg", "torch", "flwr", "python"} and rec["command"]
+
+
+def test_corrupt_and_other_version_cells_are_recomputed(tmp_path):
+    script = _script(tmp_path)
+    assert _run(script, tmp_path).returncode == 0
+    cdir = tmp_path / "runs" / "tiny" / "cells"
+    (cdir / "t1-s0.json").write_text('{"bench": "tiny", "metr')  # truncated
+    old = json.loads((cdir / "t2-s0.json").read_text())
+    old["metrics"]["value"] = 999
+    old["version"] = "v0"
+    (cdir / "t2-s0.json").write_text(json.dumps(old))
+    merged = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert merged["total"] == 63
+
+    # before recomputing, neither file counts: the merge leaves both out
+    runner = cells.Runner("tiny", "v1", [cells.Cell(f"t{t}-s{s}", {"t": t, "s": s}) for t in range(3) for s in range(2)],
+                          tmp_path / "runs", tmp_path / "results")
+    assert set(runner.done()) == {"t0-s0", "t0-s1", "t1-s1", "t2-s1"}
+
+    r = _run(script, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "recomputing t1-s0: the cell file corrupt" in r.stdout
+    assert "recomputing t2-s0: the cell file benchmark version 'v0'" in r.stdout
+    assert r.stdout.count(" ...\n") == 2
+    merged = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert merged["total"] == 63 and merged["cells"]["t2-s0"]["metrics"]["value"] == 20
+
+    # a new benchmark version recomputes everything
+    r = subprocess.run([sys.executable, str(script), "v2", "--runs", str(tmp_path / "runs"), "--results",
+                        str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count(" ...\n") == 6
+
+
+def test_second_runner_is_refused(tmp_path):
+    runner = cells.Runner("tiny", "v1", [cells.Cell("a")], tmp_path / "runs", tmp_path / "results")
+    runner.lock()
+    try:
+        r = _run(_script(tmp_path), tmp_path)
+        assert r.returncode == cells.EXIT_LOCKED
+        assert "another runner is working on this benchmark" in r.stderr and f"pid {os.getpid()}" in r.stderr
+        assert not (tmp_path / "runs" / "tiny" / "cells").exists()
+    finally:
+        runner.unlock()
+    assert _run(_script(tmp_path), tmp_path).returncode == 0  # released: runs now
+
+
+def test_unknown_cell_exits_2(tmp_path):
+    r = _run(_script(tmp_path), tmp_path, "--cells", "t0-s0,nope")
+    assert r.returncode == 2
+    assert "unknown cell(s): nope" in r.stderr
+    assert not (tmp_path / "runs" / "tiny" / "cells").exists()
+
+
+def test_cell_names_and_duplicates_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="cell name"):
+        cells.Cell("../escape")
+    with pytest.raises(ValueError, match="duplicate"):
+        cells.Runner("b", "v", [cells.Cell("a"), cells.Cell("a")], tmp_path, tmp_path)
+
+
+def test_changed_params_are_recomputed(tmp_path):
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    ran = []
+
+    def run_cell(cell, work):
+        ran.append(cell.name)
+        return {"v": cell.params["x"]}
+
+    def merge(done):
+        return {}
+
+    r1 = cells.Runner("b", "v", [cells.Cell("a", {"x": 1})], runs, res)
+    r1.run(run_cell, merge, lambda o, d: [], log=lambda m: None)
+    r2 = cells.Runner("b", "v", [cells.Cell("a", {"x": 2})], runs, res)
+    out = r2.run(run_cell, merge, lambda o, d: [], log=lambda m: None)
+    assert ran == ["a", "a"] and out["cells"]["a"]["metrics"] == {"v": 2}
