@@ -36,7 +36,8 @@ def merge(done):
     return {{"total": sum(r["metrics"]["value"] for r in done.values())}}
 
 def render(out, done):
-    return ["| cell | value |", "|---|---|"] + [f"| {{n}} | {{r['metrics']['value']}} |" for n, r in sorted(done.items())]
+    rows = [f"| {{n}} | {{r['metrics']['value']}} |" for n, r in sorted(done.items())]
+    return ["| cell | value |", "|---|---|"] + rows
 
 ap = argparse.ArgumentParser()
 cells.add_args(ap)
@@ -126,8 +127,8 @@ def test_corrupt_and_other_version_cells_are_recomputed(tmp_path):
     assert merged["total"] == 63
 
     # before recomputing, neither file counts: the merge leaves both out
-    runner = cells.Runner("tiny", "v1", [cells.Cell(f"t{t}-s{s}", {"t": t, "s": s}) for t in range(3) for s in range(2)],
-                          tmp_path / "runs", tmp_path / "results")
+    tiny_cells = [cells.Cell(f"t{t}-s{s}", {"t": t, "s": s}) for t in range(3) for s in range(2)]
+    runner = cells.Runner("tiny", "v1", tiny_cells, tmp_path / "runs", tmp_path / "results")
     assert set(runner.done()) == {"t0-s0", "t0-s1", "t1-s1", "t2-s1"}
 
     r = _run(script, tmp_path)
