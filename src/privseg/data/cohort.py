@@ -1,12 +1,19 @@
-"""Subjects, cohorts and subject-level splits.
+"""Subjects, cohorts and patient-level splits.
 
-The patient is the unit (DESIGN.md, principle 1): a split assigns whole subjects,
-never patches, and a forget request names subjects. A cohort is stored as a JSON
-manifest (``cohort.json``) next to its files, with paths relative to it.
+The patient is the unit: a subject is one image (or volume) with its label, and a patient
+may have several (follow-up scans, several lesions). A split assigns whole patients, never
+one of a patient's files to training and another to test, and never patches. A subject
+without a patient ID is its own patient (one file = one patient). A cohort is stored as a
+JSON manifest (``cohort.json``) next to its files, with paths relative to it.
+
+Splits can be pinned from a file (:func:`read_splits`, :func:`apply_splits`) and the split a
+run used is written beside it (:func:`write_splits`, ``splits.csv``, which pins it again).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -14,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from privseg.errors import ConfigError, DataError
-from privseg.utils import check_id, read_json, write_json
+from privseg.utils import atomic_path, check_id, read_json, write_json
 
 MANIFEST_NAME = "cohort.json"
 SPLITS = ("train", "val", "test")
@@ -22,7 +29,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Subject:
-    """One patient: images (one path per channel), a label map, and where it came from."""
+    """One image (or volume) of one patient: images (one path per channel), a label map,
+    where it came from, and whose it is (``patient_id``, default: the subject ID)."""
 
     id: str
     site: str
@@ -31,10 +39,14 @@ class Subject:
     modality: str = "MR"
     spacing: tuple[float, ...] | None = None
     split: str = "train"
+    patient_id: str | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id, "subject ID")
         check_id(self.site, "site ID")
+        if self.patient_id is None:  # no patient ID in the data: one file = one patient
+            object.__setattr__(self, "patient_id", self.id)
+        check_id(self.patient_id, f"patient ID of subject {self.id}")
         if self.split not in SPLITS:
             raise ConfigError(f"subject {self.id}: split {self.split!r} is not one of {SPLITS}")
         if not self.images:
@@ -69,6 +81,15 @@ class Cohort:
                     f"subject {s.id} has {len(s.images)} image files, cohort expects {files} "
                     f"(channels {', '.join(self.channels)})",
                 )
+        # A patient with one scan in training and another in test would be scored as unseen
+        # while the model trained on them: the split must keep each patient on one side.
+        split_of: dict[str, Subject] = {}
+        for s in self.subjects:
+            other = split_of.setdefault(s.patient_id, s)
+            if other.split != s.split:
+                raise DataError(self.root or self.name,
+                                f"patient {s.patient_id!r} is in two splits: subject {other.id} in {other.split}, "
+                                f"subject {s.id} in {s.split} (a patient's subjects must share one split)")
         if len(self.classes) < 2:
             raise ConfigError(f"cohort {self.name}: needs background plus at least one class")
         if self.spatial_dims not in (2, 3):
@@ -88,6 +109,31 @@ class Cohort:
             if s.id == subject_id:
                 return s
         raise ConfigError(f"unknown subject ID {subject_id!r} (cohort {self.name} has {len(self.subjects)} subjects)")
+
+    # -- patients -------------------------------------------------------------
+    @property
+    def has_patient_ids(self) -> bool:
+        """False when every subject is its own patient (no patient IDs in the data)."""
+        return any(s.patient_id != s.id for s in self.subjects)
+
+    def patient_of(self, subject_id: str) -> str:
+        return self.subject(subject_id).patient_id  # type: ignore[return-value]
+
+    def patients(self, split: str | None = None, site: str | None = None) -> dict[str, list[Subject]]:
+        """Patient ID -> that patient's subjects (of one split and/or site), in manifest order.
+        Patient IDs are cohort-wide: the same ID at two sites is one patient."""
+        out: dict[str, list[Subject]] = {}
+        for s in self.select(split, site):
+            out.setdefault(s.patient_id, []).append(s)  # type: ignore[arg-type]
+        return out
+
+    def patient_subjects(self, patient_id: str) -> list[Subject]:
+        """Every subject of one patient; ConfigError if the cohort has none."""
+        subs = [s for s in self.subjects if s.patient_id == patient_id]
+        if not subs:
+            raise ConfigError(f"unknown patient ID {patient_id!r} (cohort {self.name} has "
+                              f"{len({s.patient_id for s in self.subjects})} patients)")
+        return subs
 
     def select(self, split: str | None = None, site: str | None = None) -> list[Subject]:
         """Subjects of one split and/or site, in manifest order."""
@@ -197,6 +243,9 @@ class Cohort:
             for key in ("id", "site", "modality", "split"):
                 if key in d and not isinstance(d[key], str):
                     raise bad(f"{where}.{key} must be a string")
+            # patient_id is optional: manifests written before it existed have none (one file = one patient)
+            if d.get("patient_id") is not None and not isinstance(d["patient_id"], str):
+                raise bad(f"{where}.patient_id must be a string or null")
             images = d["images"]
             if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
                 raise bad(f"{where}.images must be a non-empty list of paths")
@@ -218,6 +267,7 @@ class Cohort:
                         modality=d.get("modality", "MR"),
                         spacing=tuple(float(x) for x in spacing) if spacing else None,
                         split=d.get("split", "train"),
+                        patient_id=d.get("patient_id"),
                     )
                 )
             except ConfigError as exc:
@@ -235,27 +285,185 @@ class Cohort:
             )
         except ConfigError as exc:
             raise DataError(path, str(exc)) from None
+        except DataError as exc:
+            if exc.path != str(root):  # a problem with one image file: that file is named already
+                raise
+            raise DataError(path, exc.problem) from None
 
 
 def assign_splits(
     subjects: Sequence[Subject], val_fraction: float = 0.0, test_fraction: float = 0.25, seed: int = 0
 ) -> list[Subject]:
-    """Give each subject a split, stratified by site, deterministically by seed.
-    Each site keeps at least one training subject."""
+    """Give each patient a split, stratified by site, deterministically by seed; all of a
+    patient's subjects get the same one. Fractions count patients, and each site keeps at
+    least one training patient. With one subject per patient this is a per-subject split."""
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ConfigError("val and test fractions must be in [0, 1) and sum to less than 1")
     rng = random.Random(seed)
-    out: dict[str, Subject] = {}
-    by_site: dict[str, list[Subject]] = {}
+    split_of: dict[str, str] = {}
+    by_site: dict[str, list[str]] = {}  # a patient counts at the site of their first subject
     for s in subjects:
-        by_site.setdefault(s.site, []).append(s)
-    for site_subjects in by_site.values():
-        order = sorted(site_subjects, key=lambda s: s.id)
+        if s.patient_id not in split_of:
+            split_of[s.patient_id] = "train"  # type: ignore[index]
+            by_site.setdefault(s.site, []).append(s.patient_id)  # type: ignore[arg-type]
+    for patients in by_site.values():
+        order = sorted(patients)
         rng.shuffle(order)
         n = len(order)
         n_test = min(int(round(n * test_fraction)), max(n - 1, 0))
         n_val = min(int(round(n * val_fraction)), max(n - 1 - n_test, 0))
-        for k, s in enumerate(order):
-            split = "test" if k < n_test else "val" if k < n_test + n_val else "train"
-            out[s.id] = replace(s, split=split)
-    return [out[s.id] for s in subjects]
+        for k, p in enumerate(order):
+            split_of[p] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    return [replace(s, split=split_of[s.patient_id]) for s in subjects]  # type: ignore[index]
+
+
+# -- pinned splits ------------------------------------------------------------------------
+
+SPLITS_FILE = "splits.csv"  # written beside every run; read_splits pins it again
+
+
+@dataclass(frozen=True)
+class PinnedSplits:
+    """A split read from a file: subject ID -> split, and where the file says so, -> site and -> patient."""
+
+    path: str
+    split: dict[str, str]
+    site: dict[str, str] = field(default_factory=dict)
+    patient: dict[str, str] = field(default_factory=dict)
+
+
+def read_splits(path: str | Path, fold: int = 0) -> PinnedSplits:
+    """Read a split file. Two shapes:
+
+    - JSON as nnU-Net writes ``splits_final.json``: a list of folds ``[{"train": [...], "val": [...]}, ...]``
+      (``fold`` picks one), or one such object, which may also have ``"test"``;
+    - CSV with a header naming ``id`` and ``split`` columns, optionally ``site`` and ``patient``.
+
+    Every problem (unsafe or repeated ID, unknown split name, a subject in two splits) is a
+    DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "split file not found")
+    if path.suffix.lower() == ".json":
+        return _read_splits_json(path, fold)
+    if path.suffix.lower() in (".csv", ".txt"):
+        return _read_splits_csv(path)
+    raise DataError(path, "split file must be .json (nnU-Net splits_final.json) or .csv (id,site,split)")
+
+
+def _split_id(value: object, path: Path, what: str = "subject ID") -> str:
+    try:
+        return check_id(value, what)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise DataError(path, str(exc)) from None
+
+
+def _read_splits_json(path: Path, fold: int) -> PinnedSplits:
+    raw = read_json(path, "split file")
+    if isinstance(raw, list):
+        if not raw:
+            raise DataError(path, "holds an empty list of folds")
+        if not 0 <= fold < len(raw):
+            raise DataError(path, f"has folds 0..{len(raw) - 1}, not fold {fold}")
+        raw = raw[fold]
+    if not isinstance(raw, dict):
+        raise DataError(path, 'must hold {"train": [...], "val": [...]} or a list of such folds')
+    unknown = sorted(set(raw) - set(SPLITS))
+    if unknown:
+        raise DataError(path, f"unknown split name(s) {unknown}: use {', '.join(SPLITS)}")
+    split: dict[str, str] = {}
+    for name, ids in raw.items():
+        if not isinstance(ids, list):
+            raise DataError(path, f"'{name}' must be a list of subject IDs")
+        for i in ids:
+            sid = _split_id(i, path)
+            if sid in split:
+                raise DataError(path, f"subject {sid!r} is in two splits ({split[sid]} and {name})")
+            split[sid] = name
+    return PinnedSplits(str(path), split)
+
+
+def _read_splits_csv(path: Path) -> PinnedSplits:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets write a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read the split file ({exc})") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    if not rows:
+        raise DataError(path, "split file is empty (expected a header id,site,split)")
+    header = [h.strip().lower() for h in rows[0]]
+    missing = [c for c in ("id", "split") if c not in header]
+    if missing:
+        raise DataError(path, f"header {rows[0]} has no {' or '.join(missing)} column (expected id,site,split[,patient])")
+    col = {name: header.index(name) for name in ("id", "split", "site", "patient") if name in header}
+    out = PinnedSplits(str(path), {})
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(path, f"line {line} has {len(row)} fields, the header {len(header)}")
+        cell = {name: row[k].strip() for name, k in col.items()}
+        sid = _split_id(cell["id"], path, f"subject ID on line {line}")
+        if cell["split"] not in SPLITS:
+            raise DataError(path, f"line {line}: split {cell['split']!r} is not one of {', '.join(SPLITS)}")
+        if sid in out.split:
+            raise DataError(path, f"line {line}: subject {sid!r} is listed twice "
+                            f"({out.split[sid]} and {cell['split']})")
+        out.split[sid] = cell["split"]
+        if cell.get("site"):
+            out.site[sid] = _split_id(cell["site"], path, f"site ID on line {line}")
+        if cell.get("patient"):
+            out.patient[sid] = _split_id(cell["patient"], path, f"patient ID on line {line}")
+    if not out.split:
+        raise DataError(path, "split file lists no subjects")
+    return out
+
+
+def apply_splits(cohort: Cohort, pinned: PinnedSplits | str | Path, site: str | None = None) -> Cohort:
+    """A copy of ``cohort`` with the file's splits (and patient IDs, where it has them).
+
+    The file must give a split to every subject and name no other subject. With ``site``
+    (a federation's site ID, which may differ from the cohort's own site names), only the
+    file's rows of that site apply and their site column is not compared with the cohort's.
+    A patient left on two sides is a DataError naming the file; the cohort is not changed."""
+    if not isinstance(pinned, PinnedSplits):
+        pinned = read_splits(pinned)
+    path = pinned.path
+    ids = [i for i in pinned.split if site is None or pinned.site.get(i, site) == site]
+    have = {s.id: s for s in cohort.subjects}
+    unknown = [i for i in ids if i not in have]
+    if unknown:
+        raise DataError(path, f"names {len(unknown)} subject(s) not in cohort {cohort.name}: "
+                        f"{_listing(unknown)}")
+    chosen = set(ids)
+    missing = [s.id for s in cohort.subjects if s.id not in chosen]
+    if missing:
+        raise DataError(path, f"gives no split for {len(missing)} subject(s) of cohort {cohort.name}: "
+                        f"{_listing(missing)}")
+    subjects = []
+    for s in cohort.subjects:
+        if site is None and s.id in pinned.site and pinned.site[s.id] != s.site:
+            raise DataError(path, f"puts subject {s.id} at site {pinned.site[s.id]}, the cohort has it at {s.site}")
+        patient = pinned.patient.get(s.id, s.patient_id)
+        if s.patient_id not in (s.id, patient):
+            raise DataError(path, f"gives subject {s.id} patient {patient!r}, the data says {s.patient_id!r}")
+        subjects.append(replace(s, split=pinned.split[s.id], patient_id=patient))
+    try:
+        return replace(cohort, subjects=subjects, info={**cohort.info, "pinned_splits": path})
+    except (ConfigError, DataError) as exc:
+        raise DataError(path, getattr(exc, "problem", str(exc))) from None
+
+
+def _listing(ids: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def write_splits(cohort: Cohort, run_dir: str | Path, subjects: Sequence[Subject] | None = None) -> Path:
+    """Write ``run_dir/splits.csv`` (id,site,split,patient) for the run's subjects (default: the
+    whole cohort), atomically, so the split a run used can be seen and pinned again."""
+    path = Path(run_dir) / SPLITS_FILE
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "site", "split", "patient"])
+            for s in cohort.subjects if subjects is None else subjects:
+                w.writerow([s.id, s.site, s.split, s.patient_id])
+    return path

@@ -8,12 +8,19 @@ Supported layouts (DESIGN.md, principle 4 — real data formats first):
 - ``image2d``: 2D photographs (dermoscopy style): ``images/<id>.png|jpg`` + ``masks/<id>.png``.
 - ``nifti``: a plain folder of NIfTI images and labels paired by name.
 
-Every reader returns absolute paths with ``root`` set, and assigns subject-level splits
-with :func:`assign_splits` (none of these layouts defines a labelled test split). The
-readers only look at names and, where the format leaves the classes open, at one label
-file; voxel-level validation happens in :func:`privseg.data.transforms.load_subject`,
+Every reader returns absolute paths with ``root`` set, and assigns patient-level splits
+with :func:`assign_splits` (none of these layouts defines a labelled test split), unless a
+split file pins them (``read_cohort(path, splits=FILE)``). A subject's patient is its own
+ID unless the layout says otherwise (an MSD/nnU-Net ``training`` entry's ``"patient"``
+field, a manifest's ``patient_id``, a split file's ``patient`` column): case names that
+merely share a prefix are not taken as one patient, since no layout promises that. The
+readers only look at names and, where the format leaves the classes open, at the label
+files; voxel-level validation happens in :func:`privseg.data.transforms.load_subject`,
 which names the file of any problem. A new format is one function decorated with
 :func:`register_format`; :func:`read_cohort` detects the layout of a folder.
+
+Under :func:`collect_problems` the readers note a problem with one subject and go on with
+the others, so ``privseg data check`` can list every problem at once.
 
 Subject IDs come from file or folder names and are checked, never rewritten: the ID is
 the handle of an erasure request, so silently "fixing" it would make "forget patient X"
@@ -24,16 +31,19 @@ inside the MSD tarballs) and ``__MACOSX`` folders are ignored.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 
-from privseg.data.cohort import MANIFEST_NAME, Cohort, Subject, assign_splits
+from privseg.data.cohort import MANIFEST_NAME, Cohort, Subject, apply_splits, assign_splits
 from privseg.data.validate import IMAGE_2D_SUFFIXES, read_volume
 from privseg.errors import ConfigError, DataError
 from privseg.utils import check_id, read_json
@@ -78,14 +88,21 @@ def register_format(
     return wrap
 
 
-def read_cohort(path: str | Path, fmt: str = "auto", **options: object) -> Cohort:
+def read_cohort(path: str | Path, fmt: str = "auto", *, splits: str | Path | None = None,
+                **options: object) -> Cohort:
     """Read a cohort from a manifest file, a folder holding ``cohort.json``, or a folder in
-    one of the registered layouts.
+    one of the registered layouts; with ``splits`` (a split file, see
+    :func:`privseg.data.cohort.read_splits`) the splits are the file's.
 
     In ``auto`` mode a manifest wins over layout detection: privseg wrote it, and it already
     says what the labels mean and which subject is in which split. ``options`` go to the
-    format reader and are ignored for a manifest (its splits are fixed)."""
-    path = Path(path)
+    format reader and are ignored for a manifest, except ``classes``, which must then agree
+    with the manifest's."""
+    cohort = _read_cohort(Path(path), fmt, options)
+    return apply_splits(cohort, splits) if splits is not None else cohort
+
+
+def _read_cohort(path: Path, fmt: str, options: dict) -> Cohort:
     if not path.exists():
         raise DataError(path, "not found")
     if fmt != "auto" and fmt not in FORMATS:
@@ -96,17 +113,48 @@ def read_cohort(path: str | Path, fmt: str = "auto", **options: object) -> Cohor
         if fmt != "auto":
             raise DataError(path, f"is a file; format {fmt} reads a folder")
         if path.suffix.lower() != ".json":
-            raise DataError(path, f"is a file but not a cohort manifest ({MANIFEST_NAME}); give the dataset folder")
-        return Cohort.from_manifest(path)
+            hint = _layout_hint(path.parent)
+            raise DataError(path, f"is a file but not a cohort manifest ({MANIFEST_NAME}); give the dataset folder"
+                            + (f" ({hint})" if hint else ""))
+        return _manifest(path, options)
     if fmt != "auto":
         return _call(FORMATS[fmt], fmt, path, options)
     if (path / MANIFEST_NAME).is_file():
-        return Cohort.from_manifest(path / MANIFEST_NAME)
+        return _manifest(path / MANIFEST_NAME, options)
     for det in _DETECTORS:
         if det.detect(path):
             return _call(FORMATS[det.name], det.name, path, options)
     looked = [f"{MANIFEST_NAME}"] + [f"{d.name}: {d.looks_for}" for d in _DETECTORS]
-    raise DataError(path, "unknown dataset layout; looked for " + "; ".join(looked))
+    hint = _layout_hint(path)
+    raise DataError(path, "unknown dataset layout; looked for " + "; ".join(looked) + (f". {hint}" if hint else ""))
+
+
+def _manifest(path: Path, options: dict) -> Cohort:
+    cohort = Cohort.from_manifest(path)
+    classes = options.get("classes")
+    if classes is not None and _class_names(classes) != cohort.classes:  # type: ignore[arg-type]
+        raise ConfigError(f"--classes {','.join(_class_names(classes))} differs from the classes of "  # type: ignore[arg-type]
+                          f"{path} ({','.join(cohort.classes)}); the manifest already declares them")
+    return cohort
+
+
+def _layout_hint(path: Path) -> str:
+    """Name the folder to give when a known layout sits one or two levels further down (an
+    archive extracted into a folder of its own, MRBrainS18's ``training/``) or up (a subject folder)."""
+    if not path.is_dir():
+        return ""
+    if (path / "pre").is_dir() or (path / MRBRAINS18_LABEL).is_file():
+        return f"this looks like one MRBrainS18 subject folder: give its parent {path.parent}"
+    found = []
+    for sub in _visible(path)[:50]:
+        if not sub.is_dir():
+            continue
+        for d in [sub] + [x for x in _visible(sub)[:50] if x.is_dir()]:
+            name = next((det.name for det in _DETECTORS if det.name != "nifti" and det.detect(d)), None)
+            if name:
+                found.append(f"{d} ({name})")
+                break
+    return ("found a known layout further down: give " + " or ".join(found[:3])) if found else ""
 
 
 def _call(reader: Reader, name: str, root: Path, options: dict) -> Cohort:
@@ -152,6 +200,37 @@ def _image_stem(name: str) -> str | None:
     return _strip_suffix(name, IMAGE_2D_SUFFIXES)
 
 
+# -- every problem, not just the first (privseg data check) ------------------------------
+
+_PROBLEMS: ContextVar[list[DataError] | None] = ContextVar("privseg_read_problems", default=None)
+
+
+@contextmanager
+def collect_problems() -> Iterator[list[DataError]]:
+    """Within this block readers note a problem with one subject (or one file) in the yielded
+    list and skip it instead of raising, so a check can list them all; a problem that leaves
+    nothing to read (no dataset.json, no subjects) still raises."""
+    problems: list[DataError] = []
+    token = _PROBLEMS.set(problems)
+    try:
+        yield problems
+    finally:
+        _PROBLEMS.reset(token)
+
+
+def _note(exc: DataError) -> None:
+    """Raise ``exc``, or under :func:`collect_problems` record it so the caller can skip the subject."""
+    problems = _PROBLEMS.get()
+    if problems is None:
+        raise exc
+    problems.append(exc)
+
+
+def _noted() -> int:
+    problems = _PROBLEMS.get()
+    return 0 if problems is None else len(problems)
+
+
 def _checked_id(value: str, where: object, what: str = "subject ID") -> str:
     """check_id, but as a DataError naming the file the ID came from."""
     try:
@@ -160,12 +239,17 @@ def _checked_id(value: str, where: object, what: str = "subject ID") -> str:
         raise DataError(where, str(exc)) from None
 
 
-def _unique(pairs: Iterable[tuple[str, Path]], what: str = "subject ID") -> None:
-    seen: dict[str, Path] = {}
-    for key, path in pairs:
-        if key in seen:
-            raise DataError(path, f"duplicate {what} {key!r} (also from {seen[key]})")
-        seen[key] = path
+def _unique(subjects: list[Subject]) -> list[Subject]:
+    """Subjects with a first-seen ID; a repeated ID is a problem naming its file."""
+    seen: dict[str, str] = {}
+    out = []
+    for s in subjects:
+        if s.id in seen:
+            _note(DataError(s.images[0], f"duplicate subject ID {s.id!r} (also from {seen[s.id]})"))
+            continue
+        seen[s.id] = s.images[0]
+        out.append(s)
+    return out
 
 
 def _finish(
@@ -182,9 +266,9 @@ def _finish(
     val_fraction: float = 0.0,
     test_fraction: float = 0.25,
 ) -> Cohort:
+    subjects = _unique(subjects)
     if not subjects:
         raise DataError(root, f"no subjects found in the {fmt} layout")
-    _unique((s.id, Path(s.images[0])) for s in subjects)
     subjects = assign_splits(subjects, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     try:
         return Cohort(
@@ -206,18 +290,61 @@ def _site_folders(root: Path, has_layout: Callable[[Path], bool]) -> list[tuple[
     each a site named after the folder."""
     if has_layout(root):
         return [(DEFAULT_SITE, root)]
-    return [(_checked_id(d.name, d, "site ID"), d) for d in _visible(root) if d.is_dir() and has_layout(d)]
+    out = []
+    for d in _visible(root):
+        if d.is_dir() and has_layout(d):
+            try:
+                out.append((_checked_id(d.name, d, "site ID"), d))
+            except DataError as exc:
+                _note(exc)
+    return out
 
 
-def _classes_from_label(label: Path) -> list[str]:
-    """Infer classes as 0..max of one label file. Cheap (one file) but only a guess: a class
-    absent from that file is missed, and load_subject then names the file that has it."""
-    values = np.unique(read_volume(label, spatial_dims=_dims_of(label), is_label=True).array)
-    top = int(values.max())
-    if top <= 0:
-        raise DataError(label, "label is all background: cannot infer the classes; pass classes=[...]")
+CLASSES_HINT = "declare the classes with --classes background,NAME,... (one name per label value 0, 1, 2, ...)"
+_LABEL_VALUES: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (path, mtime, size) -> values, per process
+
+
+def _label_values(path: Path) -> tuple[int, ...]:
+    """The distinct values of one label file, cached while the file is unchanged (every
+    command that reads the cohort infers its classes again)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _LABEL_VALUES:
+        array = read_volume(path, spatial_dims=_dims_of(path), is_label=True).array
+        _LABEL_VALUES[key] = tuple(int(v) for v in np.unique(array))
+    return _LABEL_VALUES[key]
+
+
+def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
+    """Infer classes as 0..max over the union of every label file's values, so the answer
+    does not depend on which file sorts first. The values must be contiguous: a gap means
+    the files use codes (e.g. 0 and 17) that only declared classes can give a meaning; the
+    error names the first file holding a value past the gap."""
+    seen: dict[int, Path] = {}
+    for path in labels:
+        try:
+            values = _label_values(path)
+        except DataError as exc:
+            _note(exc)  # under data check: listed here, and the other files still inform the classes
+            continue
+        for v in values:
+            seen.setdefault(v, path)
+    if not seen:
+        raise DataError(labels[0], f"no readable label file: cannot infer the classes; {CLASSES_HINT}")
+    values = sorted(seen)
+    if values[0] < 0:
+        raise DataError(seen[values[0]], f"label value {values[0]} is negative")
+    top = values[-1]
+    if top == 0:
+        what = "label is" if len(labels) == 1 else f"all {len(labels)} labels are"
+        raise DataError(labels[0], f"{what} all background: cannot infer the classes; {CLASSES_HINT}")
     if top > 255:
-        raise DataError(label, f"label values go up to {top}: cannot infer the classes; pass classes=[...]")
+        raise DataError(seen[top], f"label values go up to {top}: cannot infer the classes; {CLASSES_HINT}")
+    gap = next((k for k in range(top + 1) if k not in seen), None)
+    if gap is not None:
+        past = min((v for v in values if v > gap), key=lambda v: str(seen[v]))
+        raise DataError(seen[past], f"holds label value {past} but no label file holds {gap}: the values "
+                        f"{values} are not contiguous 0..{len(values) - 1}; {CLASSES_HINT}")
     return ["background"] + [f"class{k}" for k in range(1, top + 1)]
 
 
@@ -234,8 +361,18 @@ def _class_names(classes: Sequence[str] | int) -> list[str]:
 # -- Medical Segmentation Decathlon / nnU-Net raw --------------------------------
 
 
+LABELS_ONLY_KEYS = {"labels", "name", "description"}  # a dataset.json that only declares a NIfTI folder's classes
+
+
 def _is_msd(root: Path) -> bool:
-    return (root / "dataset.json").is_file()
+    path = root / "dataset.json"
+    if not path.is_file():
+        return False
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True  # the MSD reader says what is wrong with it
+    return not (isinstance(raw, dict) and "labels" in raw and set(raw) <= LABELS_ONLY_KEYS)
 
 
 def _msd_labels(raw: object, where: Path) -> tuple[list[str], dict[int, int] | None]:
@@ -291,7 +428,9 @@ def read_msd(
 
     The site of a case is the training entry's ``"site"`` field if present, else the first
     group of ``site_pattern`` matched against the case name (e.g. ``r"^(\\w+?)_"``), else
-    ``site1``. Only labelled training cases are read; ``imagesTs`` has no labels."""
+    ``site1``. Its patient is the entry's ``"patient"`` field if present (a privseg extension:
+    neither format records patients), else the case itself. Only labelled training cases are
+    read; ``imagesTs`` has no labels."""
     root = _require_dir(root)
     ds_path = root / "dataset.json"
     ds = read_json(ds_path, "dataset.json (an MSD / nnU-Net dataset needs it)")
@@ -334,13 +473,17 @@ def read_msd(
         return DEFAULT_SITE
 
     modality = _msd_modality(channels)
+    before = _noted()
     if isinstance(ds.get("training"), list) and ds["training"]:
         subjects, in_file = _msd_listed(root, ds_path, ds["training"], channels, ending, modality, site_of)
     else:
         subjects, in_file = _msd_scanned(root, channels, ending, modality, site_of), False
     n_declared = ds.get("numTraining")
-    if isinstance(n_declared, int) and n_declared != len(subjects):
+    # a case skipped for another (already listed) problem would make this count misleading
+    if isinstance(n_declared, int) and n_declared != len(subjects) and _noted() == before:
         raise DataError(ds_path, f"numTraining is {n_declared} but {len(subjects)} training cases were found")
+    if not subjects:
+        raise DataError(ds_path, "no training case could be read")
     info: dict = {"layout": "msd" if "modality" in ds and "channel_names" not in ds else "nnunet_v2"}
     if in_file:
         info["channels_in_file"] = True
@@ -385,40 +528,48 @@ def _msd_listed(
     subjects: list[Subject] = []
     kinds: set[bool] = set()
     for k, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DataError(ds_path, f"training entry {k} must have 'image' and 'label'")
-        image = _inside(root, entry["image"], ds_path, f"training entry {k} image")
-        label = _inside(root, entry["label"], ds_path, f"training entry {k} label")
-        case = _strip_suffix(image.name, (ending.lower(),) + NIFTI_SUFFIXES)
-        if case is None:
-            raise DataError(image, f"does not end in {ending}")
-        case = _checked_id(case, image)
-        if image.is_file():
-            files = [image]
-            kinds.add(True)
-        else:
-            files = [image.with_name(f"{case}_{c:04d}{ending}") for c in range(len(channels))]
-            if not files[0].is_file():
-                raise DataError(image, f"image of case {case} not found (nor per-channel {files[0].name})")
-            for c, f in enumerate(files):
-                if not f.is_file():
-                    raise DataError(f, f"channel {c} ({channels[c]}) of case {case} not found")
-            kinds.add(False)
-        if len(kinds) > 1:
-            raise DataError(files[0], "mixes single-file cases with per-channel <case>_XXXX files")
-        if not label.is_file():
-            raise DataError(label, f"label of case {case} not found")
-        subjects.append(
-            Subject(
-                id=case,
-                site=site_of(case, entry, image),
-                images=tuple(str(f) for f in files),
-                label=str(label),
-                modality=modality,
-            )
-        )
+        try:
+            subjects.append(_msd_entry(root, ds_path, k, entry, channels, ending, modality, site_of, kinds))
+        except DataError as exc:
+            _note(exc)
     in_file = kinds == {True} and len(channels) > 1
     return subjects, in_file
+
+
+def _msd_entry(root: Path, ds_path: Path, k: int, entry: object, channels: list[str], ending: str, modality: str,
+               site_of: Callable[[str, dict, Path], str], kinds: set[bool]) -> Subject:
+    if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+        raise DataError(ds_path, f"training entry {k} must have 'image' and 'label'")
+    image = _inside(root, entry["image"], ds_path, f"training entry {k} image")
+    label = _inside(root, entry["label"], ds_path, f"training entry {k} label")
+    case = _strip_suffix(image.name, (ending.lower(),) + NIFTI_SUFFIXES)
+    if case is None:
+        raise DataError(image, f"does not end in {ending}")
+    case = _checked_id(case, image)
+    if image.is_file():
+        files = [image]
+        kinds.add(True)
+    else:
+        files = [image.with_name(f"{case}_{c:04d}{ending}") for c in range(len(channels))]
+        if not files[0].is_file():
+            raise DataError(image, f"image of case {case} not found (nor per-channel {files[0].name})")
+        for c, f in enumerate(files):
+            if not f.is_file():
+                raise DataError(f, f"channel {c} ({channels[c]}) of case {case} not found")
+        kinds.add(False)
+    if len(kinds) > 1:
+        raise DataError(files[0], "mixes single-file cases with per-channel <case>_XXXX files")
+    if not label.is_file():
+        raise DataError(label, f"label of case {case} not found")
+    patient = entry.get("patient")
+    return Subject(
+        id=case,
+        site=site_of(case, entry, image),
+        images=tuple(str(f) for f in files),
+        label=str(label),
+        modality=modality,
+        patient_id=None if patient is None else _checked_id(str(patient), ds_path, f"patient of case {case}"),
+    )
 
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<chan>\d{4})$")
@@ -439,23 +590,32 @@ def _msd_scanned(
             continue
         m = _CHANNEL_FILE.match(stem)
         if not m:
-            raise DataError(f, f"does not follow the nnU-Net naming <case>_XXXX{ending}")
+            _note(DataError(f, f"does not follow the nnU-Net naming <case>_XXXX{ending}"))
+            continue
         chan = int(m["chan"])
         if chan >= len(channels):
-            raise DataError(f, f"channel {chan} is not declared in dataset.json ({len(channels)} channels)")
-        case = _checked_id(m["case"], f)
+            _note(DataError(f, f"channel {chan} is not declared in dataset.json ({len(channels)} channels)"))
+            continue
+        try:
+            case = _checked_id(m["case"], f)
+        except DataError as exc:
+            _note(exc)
+            continue
         cases.setdefault(case, {})[chan] = f
     if not cases:
         raise DataError(images_dir, f"no <case>_0000{ending} images found")
     subjects = []
     for case, files in sorted(cases.items()):
-        for c in range(len(channels)):
-            if c not in files:
-                missing = images_dir / f"{case}_{c:04d}{ending}"
-                raise DataError(missing, f"channel {c} ({channels[c]}) of case {case} not found")
+        absent = [c for c in range(len(channels)) if c not in files]
+        for c in absent:
+            missing = images_dir / f"{case}_{c:04d}{ending}"
+            _note(DataError(missing, f"channel {c} ({channels[c]}) of case {case} not found"))
         label = labels_dir / f"{case}{ending}"
         if not label.is_file():
-            raise DataError(label, f"label of case {case} not found")
+            _note(DataError(label, f"label of case {case} not found"))
+            continue
+        if absent:
+            continue
         first = files[0]
         subjects.append(
             Subject(
@@ -469,7 +629,7 @@ def _msd_scanned(
     for f in _visible(labels_dir):
         stem = _strip_suffix(f.name, (ending.lower(),))
         if stem is not None and stem not in cases:
-            raise DataError(f, f"label has no image {stem}_0000{ending} in imagesTr/")
+            _note(DataError(f, f"label has no image {stem}_0000{ending} in imagesTr/"))
     return subjects
 
 
@@ -503,11 +663,17 @@ TISSUE_CLASSES = ["background", "CSF", "GM", "WM"]
 MRBRAINS18_TISSUE_MAP = {0: 0, 1: 2, 2: 2, 3: 3, 4: 3, 5: 1, 6: 1, 7: 0, 8: 0, 9: 0, 10: 0}
 
 
-def _is_mrbrains18(root: Path) -> bool:
+def _has_mrbrains18(root: Path) -> bool:
     return any(d.is_dir() and any((d / rel).is_file() for rel in MRBRAINS18_CHANNELS.values()) for d in _visible(root))
 
 
-@register_format("mrbrains18", _is_mrbrains18, "<id>/pre/reg_T1.nii.gz (or reg_IR, FLAIR) + <id>/segm.nii.gz")
+def _is_mrbrains18(root: Path) -> bool:
+    # the release archive unpacks to <root>/training/<id>/...: accept its root too
+    return _has_mrbrains18(root) or _has_mrbrains18(root / "training")
+
+
+@register_format("mrbrains18", _is_mrbrains18,
+                 "<id>/pre/reg_T1.nii.gz (or reg_IR, FLAIR) + <id>/segm.nii.gz, also under training/")
 def read_mrbrains18(
     root: str | Path,
     merge_tissues: bool = True,
@@ -525,33 +691,30 @@ def read_mrbrains18(
     is at most 3 — a real MRBrainS18 segmentation always contains cerebellum and brainstem
     (7, 8). With ``merge_tissues`` the 11 labels are mapped to tissues at load time
     (``info["label_map"]``, see ``MRBRAINS18_TISSUE_MAP`` for the mapping and why).
-    Channels are T1, IR, FLAIR as present; every subject must have the same ones."""
+    Channels are T1, IR, FLAIR as present; every subject must have the same ones. ``root`` may
+    also be the release's root, which holds the subject folders in ``training/``."""
     root = _require_dir(root)
     if labels not in ("auto", "mrbrains18", "tissues"):
         raise ConfigError(f"labels={labels!r}: choose auto, mrbrains18 or tissues")
     site = _checked_id(site, root, "site ID")
+    given = root
+    if not _has_mrbrains18(root) and _has_mrbrains18(root / "training"):
+        root = root / "training"
     folders = [d for d in _visible(root) if d.is_dir() and ((d / "pre").is_dir() or (d / MRBRAINS18_LABEL).exists())]
     if not folders:
-        raise DataError(root, "no MRBrainS18 subject folders (<id>/pre/ and <id>/segm.nii.gz) found")
+        hint = f" ({_layout_hint(root)})" if _layout_hint(root) else ""
+        raise DataError(root, f"no MRBrainS18 subject folders (<id>/pre/ and <id>/segm.nii.gz) found{hint}")
     present = [c for c, rel in MRBRAINS18_CHANNELS.items() if any((d / rel).is_file() for d in folders)]
     if not present:
         raise DataError(root, f"no subject has any of {', '.join(MRBRAINS18_CHANNELS.values())}")
     subjects = []
     for d in folders:
-        sid = _checked_id(d.name, d)
-        images = []
-        for chan in present:
-            path = d / MRBRAINS18_CHANNELS[chan]
-            if not path.is_file():
-                raise DataError(
-                    path,
-                    f"{chan} channel missing for subject {sid} (other subjects have it; all need the same channels)",
-                )
-            images.append(str(path))
-        label = d / MRBRAINS18_LABEL
-        if not label.is_file():
-            raise DataError(label, f"label missing for subject {sid}")
-        subjects.append(Subject(id=sid, site=site, images=tuple(images), label=str(label), modality="MR"))
+        try:
+            subjects.append(_mrbrains18_subject(d, present, site))
+        except DataError as exc:
+            _note(exc)
+    if not subjects:
+        raise DataError(root, "no MRBrainS18 subject could be read")
     scheme = labels
     if scheme == "auto":
         top = int(read_volume(subjects[0].label, is_label=True).array.max())
@@ -570,11 +733,29 @@ def read_mrbrains18(
         classes=classes,
         channels=present,
         fmt="mrbrains18",
+        name=given.name,
         info=info,
         seed=seed,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
     )
+
+
+def _mrbrains18_subject(d: Path, present: list[str], site: str) -> Subject:
+    sid = _checked_id(d.name, d)
+    images = []
+    for chan in present:
+        path = d / MRBRAINS18_CHANNELS[chan]
+        if not path.is_file():
+            raise DataError(
+                path,
+                f"{chan} channel missing for subject {sid} (other subjects have it; all need the same channels)",
+            )
+        images.append(str(path))
+    label = d / MRBRAINS18_LABEL
+    if not label.is_file():
+        raise DataError(label, f"label missing for subject {sid}")
+    return Subject(id=sid, site=site, images=tuple(images), label=str(label), modality="MR")
 
 
 # -- 2D image folders (dermoscopy style) -----------------------------------------
@@ -618,24 +799,47 @@ def _pair_by_name(
     images: dict[str, Path], labels: list[tuple[str, Path]], suffixes: Sequence[str], label_what: str
 ) -> dict[str, Path]:
     """Match label stems to image IDs, allowing ``<id><suffix>``. Returns ID -> label path;
-    a label matching no image, or two labels for one image, is a DataError naming the file."""
+    a label matching no image, two labels for one image, or an image without a label is a
+    DataError naming the file (noted, under collect_problems: that image is then left out)."""
     out: dict[str, Path] = {}
     for stem, path in labels:
-        key = stem if stem in images else None
-        if key is None:
-            for suf in suffixes:
-                if suf and stem.endswith(suf) and stem[: -len(suf)] in images:
-                    key = stem[: -len(suf)]
-                    break
-        if key is None:
-            raise DataError(path, f"{label_what} has no matching image")
-        if key in out:
-            raise DataError(path, f"second {label_what} for image {key} (also {out[key].name})")
-        out[key] = path
+        try:
+            _pair_one(images, stem, path, suffixes, label_what, out)
+        except DataError as exc:
+            _note(exc)
     for key, image in images.items():
         if key not in out:
-            raise DataError(image, f"image has no {label_what} (looked for {key}{{{','.join(suffixes)}}})")
+            _note(DataError(image, f"image has no {label_what} (looked for {key}{{{','.join(suffixes)}}})"))
     return out
+
+
+def _image_ids(files: Iterable[tuple[str, Path]]) -> dict[str, Path]:
+    """Subject ID -> image file; an unsafe or repeated ID is a problem naming the file."""
+    images: dict[str, Path] = {}
+    for stem, f in files:
+        try:
+            sid = _checked_id(stem, f)
+            if sid in images:
+                raise DataError(f, f"duplicate subject ID {sid!r} (also {images[sid].name})")
+            images[sid] = f
+        except DataError as exc:
+            _note(exc)
+    return images
+
+
+def _pair_one(images: dict[str, Path], stem: str, path: Path, suffixes: Sequence[str], label_what: str,
+              out: dict[str, Path]) -> None:
+    key = stem if stem in images else None
+    if key is None:
+        for suf in suffixes:
+            if suf and stem.endswith(suf) and stem[: -len(suf)] in images:
+                key = stem[: -len(suf)]
+                break
+    if key is None:
+        raise DataError(path, f"{label_what} has no matching image")
+    if key in out:
+        raise DataError(path, f"second {label_what} for image {key} (also {out[key].name})")
+    out[key] = path
 
 
 @register_format("image2d", _is_image2d, "images/ + masks/ (or labels/) with .png/.jpg, optionally per site folder")
@@ -664,28 +868,26 @@ def read_image_folder_2d(
     for site, folder in sites:
         dirs = _pair_dirs(folder, IMAGE_DIRS, MASK_DIRS)
         assert dirs is not None
-        images: dict[str, Path] = {}
-        for f in _visible(dirs[0]):
-            stem = _image_stem(f.name)
-            if stem is None or not f.is_file():
-                continue
-            sid = _checked_id(stem, f)
-            if sid in images:
-                raise DataError(f, f"duplicate subject ID {sid!r} (also {images[sid].name})")
-            images[sid] = f
+        images = _image_ids([(stem, f) for f in _visible(dirs[0]) if (stem := _image_stem(f.name)) and f.is_file()])
         masks = []
         for f in _visible(dirs[1]):
             stem = _image_stem(f.name)
             if stem is None or not f.is_file():
                 continue
             if f.name.lower().endswith(LOSSY_SUFFIXES):
-                raise DataError(f, "mask is JPEG (lossy): its edges hold values no class has; save masks as PNG")
+                _note(DataError(f, "mask is JPEG (lossy): its edges hold values no class has; save masks as PNG"))
+                continue
             masks.append((stem, f))
         if not images:
-            raise DataError(dirs[0], "no 2D images found")
+            _note(DataError(dirs[0], "no 2D images found"))
+            continue
         pairs = _pair_by_name(images, masks, MASK_SUFFIXES, "mask")
         for sid, image in images.items():
-            subjects.append(Subject(id=sid, site=site, images=(str(image),), label=str(pairs[sid]), modality="RGB"))
+            if sid in pairs:
+                subjects.append(Subject(id=sid, site=site, images=(str(image),), label=str(pairs[sid]),
+                                        modality="RGB"))
+    if not subjects:
+        raise DataError(root, "no 2D image with a mask could be read")
     first_image = read_volume(subjects[0].images[0], spatial_dims=2)
     channels = ["R", "G", "B"] if first_image.array.ndim == 3 else ["gray"]
     first_mask = subjects[0].label
@@ -759,10 +961,12 @@ def read_nifti_folder(
     label names with a suffix), or one folder of ``<id>.nii.gz`` + ``<id>_seg.nii.gz`` (any of
     ``label_suffixes``). Either may sit one level down in site folders (``<root>/<site>/``).
 
-    ``classes`` (names, or a count) defaults to background + class1..max, with max read from
-    the first subject's label: cheap, but a class missing from that file is missed, and then
-    load_subject stops at the first file holding it and names it — pass ``classes`` then.
-    Multi-channel data fits the nnU-Net layout (``read_msd``) better."""
+    ``classes`` (names, or a count; ``--classes`` on the command line) may be declared, or a
+    ``dataset.json`` holding only ``"labels"`` (MSD's shape) may declare them. Otherwise they
+    are background + class1..max over the values of every label file (read once per process),
+    which must be contiguous: a file holding 0 and 17 only is refused, naming it, since only
+    declared classes can say what 17 means. Multi-channel data fits the nnU-Net layout
+    (``read_msd``) better."""
     root = _require_dir(root)
     _orphan_image_dir(root, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
     sites = _site_folders(root, _has_nifti_layout)
@@ -787,25 +991,35 @@ def read_nifti_folder(
                 elif fnmatch(f.name, image_glob):
                     image_files.append((stem, f))
             pair_suffixes = suffixes
-        images: dict[str, Path] = {}
-        for stem, f in image_files:
-            sid = _checked_id(stem, f)
-            if sid in images:
-                raise DataError(f, f"duplicate subject ID {sid!r} (also {images[sid].name})")
-            images[sid] = f
+        images = _image_ids(image_files)
         if not images:
-            raise DataError(dirs[0] if dirs else folder, f"no NIfTI images matching {image_glob}")
+            _note(DataError(dirs[0] if dirs else folder, f"no NIfTI images matching {image_glob}"))
+            continue
         pairs = _pair_by_name(images, label_files, pair_suffixes, "label")
         for sid, image in images.items():
-            subjects.append(Subject(id=sid, site=site, images=(str(image),), label=str(pairs[sid]), modality=modality))
-    names = _class_names(classes) if classes is not None else _classes_from_label(Path(subjects[0].label))
+            if sid in pairs:
+                subjects.append(Subject(id=sid, site=site, images=(str(image),), label=str(pairs[sid]),
+                                        modality=modality))
+    if not subjects:
+        raise DataError(root, "no NIfTI image with a label could be read")
+    info: dict = {"classes_inferred": classes is None}
+    if classes is not None:
+        names = _class_names(classes)
+    elif (root / "dataset.json").is_file():  # a dataset.json holding only "labels" declares them
+        ds = read_json(root / "dataset.json", "dataset.json")
+        names, label_map = _msd_labels(ds.get("labels") if isinstance(ds, dict) else None, root / "dataset.json")
+        info["classes_inferred"] = False
+        if label_map is not None:
+            info["label_map"] = label_map
+    else:
+        names = _classes_from_labels([Path(s.label) for s in subjects if s.label])
     return _finish(
         subjects,
         root,
         classes=names,
         channels=["image"],
         fmt="nifti",
-        info={"classes_inferred": classes is None},
+        info=info,
         seed=seed,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
