@@ -211,14 +211,24 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     if local_norm:
         save_local_state(state_dir, server_round, {k: state[k] for k in local_keys})
     compute = time.perf_counter() - t1
-    metrics = MetricRecord({
-        "num-examples": len(items), "train-loss": float(sum(losses) / len(losses)), "train-loss-last": losses[-1],
-        "compute-s": compute, "load-s": t_load, "steps": steps,
-        **getattr(step_fn, "round_metrics", dict)(),  # privseg.privacy: dp-epsilon spent etc.
-    })
+    if hasattr(step_fn, "round_metrics"):  # privseg.privacy: a DP site releases only what is accounted
+        metrics = MetricRecord(dp_round_metrics(step_fn.round_metrics(), steps))
+    else:
+        metrics = MetricRecord({
+            "num-examples": len(items), "train-loss": float(sum(losses) / len(losses)),
+            "train-loss-last": losses[-1], "compute-s": compute, "load-s": t_load, "steps": steps})
     content = RecordDict({"arrays": state_to_arrays(state, exclude=local_keys), "metrics": metrics,
                           "site": ConfigRecord({"site": spec.id})})
     return Message(content, reply_to=msg)
+
+
+def dp_round_metrics(dp_metrics: dict, steps: int) -> dict:
+    """What a site under patient-level DP tells the server after a round: the public plan's
+    figures (ε booked, δ, budget, noise multiplier) and the clip, itself a DP release. Not the
+    training loss (one patient's exact loss when one is sampled), not the compute time (reveals
+    how many were sampled), not its number of patients (``num-examples`` is 1: sites weigh
+    equally, so n stays at the site) -- see docs/privacy.md."""
+    return {"num-examples": 1, "steps": steps, **dp_metrics}
 
 
 def client_evaluate(msg: Message, context: Context, sites: Sequence[SiteSpec] | None = None,

@@ -65,6 +65,9 @@ class FLConfig:
             raise ConfigError(f"eval split {self.eval_split!r} is not train, val or test")
         if not self.sites:
             raise ConfigError("the federation has no sites")
+        if self.train.extra.get("dp") and self.eval_split == "train":
+            raise ConfigError("under DP a site releases nothing about its training patients that is not accounted: "
+                              "evaluate on val or test (--eval-split), not train")
         if self.min_sites > len(self.sites):
             raise ConfigError(f"--min-sites {self.min_sites} is more than the {len(self.sites)} sites")
 

@@ -22,6 +22,11 @@ round, over the floating-point entries both hold). Before any averaging, clippin
 4. **Absolute cap** -- optional ``max_norm``: ``||Delta_k|| > max_norm`` is rejected whatever
    the others sent (e.g. a multiple of the clip under client-level DP).
 
+Under client-level DP (:mod:`privseg.privacy.client_dp`) rules 3 and the "too few left" rule
+are off: they compare a site with the others before its update is clipped, so one site could
+decide whether another's update counts (moving the sum by 2C, beyond what the noise covers).
+Rules 1, 2 and 4 look at one site's update alone and stay on.
+
 A rejected site is left out of the average for that round, logged as a warning on the
 ``privseg.federated.guard`` logger, kept in :attr:`UpdateGuard.rejected` (round, site, reason,
 norm, median) and, when a run folder is known, appended to ``<run>/guard.jsonl``. If fewer
@@ -133,6 +138,9 @@ class UpdateGuard:
     log_path: Path | None = None
     rejected: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    # Under client-level DP only per-site rules may run before clipping: a rule that compares a site
+    # with the others (median, too few left) lets one site decide whether another's update counts.
+    cross_site: bool = True
 
     def __call__(self, server_round: int, replies: Sequence[Message], global_arrays: ArrayRecord | None):
         replies = list(replies)
@@ -148,7 +156,7 @@ class UpdateGuard:
             else:
                 norms[i] = float(norm)
         median = float(np.median(list(norms.values()))) if norms else math.nan
-        if len(norms) >= cfg.min_sites and median > 0:
+        if self.cross_site and len(norms) >= cfg.min_sites and median > 0:
             for i, n in norms.items():
                 if n > cfg.k * median:
                     reasons[i] = (f"update norm {n:.4g} is {n / median:.1f} x the median {median:.4g} of "
@@ -163,7 +171,7 @@ class UpdateGuard:
                    for i, r in sorted(reasons.items())]
         for e in entries:
             log.warning("round %s: update of site %s rejected: %s", e["round"], e["site"], e["reason"])
-        if entries and len(kept) < self.min_keep:
+        if self.cross_site and entries and len(kept) < self.min_keep:
             log.warning("round %s: %d site(s) left after the guard, fewer than %d: round not applied",
                         server_round, len(kept), self.min_keep)
             for e in entries:
@@ -198,7 +206,8 @@ def attach_guard(strategy: Any, cfg: Any = None, run_dir: str | Path | None = No
         return None
     min_keep = int(getattr(cfg, "min_sites", None) or getattr(strategy, "min_train_nodes", 1) or 1)
     guard = UpdateGuard(gcfg, min_keep=min_keep,
-                        log_path=Path(run_dir) / GUARD_LOG if run_dir is not None else None)
+                        log_path=Path(run_dir) / GUARD_LOG if run_dir is not None else None,
+                        cross_site=getattr(strategy, "client_dp", None) is None)
     strategy.update_hooks.insert(0, guard)
     strategy.guard = guard
     return guard

@@ -151,7 +151,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         msgs = list(strategy.configure_train(r, arrays, ConfigRecord(dict(base)), grid))
         for m in msgs:
             m.metadata.group_id = str(r)
-        replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+        replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout)) if msgs else []
         ok = [m for m in replies if not m.has_error()]
         failures = [{"site": _site_of(m, node_site), "reason": str(m.error.reason)[:1000]}
                     for m in replies if m.has_error()]
@@ -168,7 +168,8 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         rf = state.restart_from
         if rf and int(rf["after_round"]) < r <= int(rf.get("until_round", r)):
             entry["erasure"] = rf["request"]  # a repair round of that erasure request
-        if len(ok) >= cfg.min_sites:
+        # client-level DP samples sites by Poisson: any number (none included) is a round to release
+        if len(ok) >= cfg.min_sites or getattr(strategy, "node_selector", None) is not None:
             if cfg.keep_updates:
                 entry["updates"] = {_site_of(m, node_site): _save_update(state, r, _site_of(m, node_site), m)
                                     for m in ok}

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from torch import nn
@@ -133,7 +133,14 @@ class _PrivsegMixin:
         self._global = arrays
         config["local-norm"] = bool(self.local_norm)
         config["strategy"] = self.name
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        selector = getattr(self, "node_selector", None)
+        if selector is None:
+            return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        # client-level DP: the sampling the accountant books (Poisson, secret coins), not Flower's
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
+        nodes = selector(server_round, list(grid.get_node_ids()))
+        return self._construct_messages(record, nodes, MessageType.TRAIN)  # type: ignore[attr-defined]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -146,6 +153,8 @@ class _PrivsegMixin:
         for hook in self.update_hooks:
             valid = hook(server_round, valid, self._global)
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if arrays is None and getattr(self, "node_selector", None) is not None and self._global is not None:
+            arrays = self._global  # client-level DP, nobody sampled: the round still releases its noise
         if arrays is not None:
             arrays = self._complete(arrays)
             for hook in self.aggregate_hooks:

@@ -1,4 +1,4 @@
-"""Differential privacy with every release accounted (DESIGN.md principle 3).
+"""Differential privacy with every release accounted (threat model and releases: docs/privacy.md).
 
 * :mod:`~privseg.privacy.dpsgd` -- patient-level DP-SGD inside a site (Poisson-sampled
   subjects, per-subject clipping, Gaussian noise; Abadi et al. 2016), central and federated.
@@ -9,6 +9,7 @@
   Google's dp-accounting.
 * :mod:`~privseg.privacy.budget` -- the per-site budget ledger (SQLite, WAL, transactions).
 * :mod:`~privseg.privacy.client_dp` -- client-level DP-FedAvg at the server (site = unit).
+* :mod:`~privseg.privacy.noise` -- the secret per-site key every sample and noise draw comes from.
 """
 
 from privseg.privacy.accountant import (
@@ -21,9 +22,11 @@ from privseg.privacy.accountant import (
 )
 from privseg.privacy.budget import BudgetLedger, find_ledgers
 from privseg.privacy.clipping import QuantileClipper, split_noise
+from privseg.privacy.noise import NoiseSource
 from privseg.privacy.dpsgd import (
     DPConfig,
     PatientDPSGD,
+    SampledBatch,
     SitePlan,
     check_dp_model,
     fl_step_fn_factory,
@@ -34,7 +37,9 @@ from privseg.privacy.dpsgd import (
 __all__ = [
     "BudgetLedger",
     "DPConfig",
+    "NoiseSource",
     "PatientDPSGD",
+    "SampledBatch",
     "QuantileClipper",
     "SitePlan",
     "StepEvent",

@@ -8,8 +8,11 @@ values, so a changing schedule composes correctly.
 
 Crash safety: WAL journal, ``synchronous=FULL``, and every write is one transaction: a
 process killed at any moment leaves either the whole round or none of it. A round is keyed
-by ``(site, round)``: re-running a round after a crash (with the same seed, hence the same
-noise and the same output) replaces its row instead of counting it twice.
+by ``(site, scope, round)``: re-running a round after a crash (with the same key, hence the same
+noise and the same output) replaces its row instead of counting it twice. ``scope`` is ``""``
+for the run itself and names a derived run (an erasure's retrain, FedEraser calibration, repair)
+whose rounds the same site paid for: every scope counts in the site's ε, because the server saw
+every one of those releases.
 
 :meth:`BudgetLedger.check_round` computes the ε the next round *would* bring and raises
 :class:`~privseg.errors.BudgetExceededError` if it crosses the budget -- before the round runs.
@@ -32,7 +35,16 @@ CREATE TABLE IF NOT EXISTS budgets (site TEXT PRIMARY KEY, epsilon REAL NOT NULL
 CREATE TABLE IF NOT EXISTS plans (site TEXT PRIMARY KEY, plan TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (site TEXT NOT NULL, round INTEGER NOT NULL, events TEXT NOT NULL,
                                    epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,
-                                   info TEXT, PRIMARY KEY (site, round));
+                                   info TEXT, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (site, scope, round));
+"""
+# Ledgers written before scopes existed: same rows, scope '' (the run itself).
+MIGRATE = """
+ALTER TABLE rounds RENAME TO rounds_v1;
+CREATE TABLE rounds (site TEXT NOT NULL, round INTEGER NOT NULL, events TEXT NOT NULL,
+                     epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,
+                     info TEXT, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (site, scope, round));
+INSERT INTO rounds SELECT site, round, events, epsilon, delta, time, info, '' FROM rounds_v1;
+DROP TABLE rounds_v1;
 """
 TOLERANCE = 1e-9
 
@@ -46,6 +58,10 @@ class BudgetLedger:
         try:
             with closing(self._connect()) as con, con:
                 con.executescript(SCHEMA)
+                cols = [r[1] for r in con.execute("PRAGMA table_info(rounds)")]
+            if "scope" not in cols:
+                with closing(self._connect()) as con:
+                    con.executescript("BEGIN;" + MIGRATE + "COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise DataError(self.path, f"privacy ledger unreadable ({exc})") from None
 
@@ -83,55 +99,77 @@ class BudgetLedger:
             return [r[0] for r in con.execute("SELECT site FROM budgets ORDER BY site")]
 
     # -- rounds ----------------------------------------------------------------------
-    def events(self, site: str, before_round: int | None = None, exclude_round: int | None = None) -> list[StepEvent]:
-        sql, args = "SELECT round, events FROM rounds WHERE site=?", [site]
-        if before_round is not None:
-            sql += " AND round < ?"
-            args.append(before_round)
+    def events(self, site: str, before_round: int | None = None, exclude_round: int | None = None,
+               scope: str = "") -> list[StepEvent]:
+        """Every booked event of the site; ``before_round`` / ``exclude_round`` filter the rounds of
+        ``scope`` only (the other scopes' releases always count)."""
         with closing(self._connect()) as con:
-            rows = con.execute(sql + " ORDER BY round", args).fetchall()
-        return [StepEvent(**e) for r, ev in rows if r != exclude_round for e in json.loads(ev)]
-
-    def rounds(self, site: str) -> list[dict]:
-        with closing(self._connect()) as con:
-            rows = con.execute("SELECT round, epsilon, delta, time, info FROM rounds WHERE site=? ORDER BY round",
+            rows = con.execute("SELECT scope, round, events FROM rounds WHERE site=? ORDER BY scope, round",
                                (site,)).fetchall()
-        return [{"round": r, "epsilon": e, "delta": d, "time": t, "info": json.loads(i) if i else {}}
-                for r, e, d, t, i in rows]
+        keep = [ev for sc, r, ev in rows
+                if sc != scope or ((before_round is None or r < before_round) and r != exclude_round)]
+        return [StepEvent(**e) for ev in keep for e in json.loads(ev)]
 
-    def last_info(self, site: str, before_round: int | None = None) -> dict | None:
-        """The info of the site's last booked round (before ``before_round`` when given: a round
-        re-run after a crash must start from the state *before* its first attempt, not after it)."""
-        rows = [r for r in self.rounds(site) if before_round is None or r["round"] < before_round]
+    def rounds(self, site: str, scope: str | None = None) -> list[dict]:
+        """Booked rounds of the site (of one ``scope`` when given)."""
+        sql, args = "SELECT scope, round, epsilon, delta, time, info, events FROM rounds WHERE site=?", [site]
+        if scope is not None:
+            sql += " AND scope=?"
+            args.append(scope)
+        with closing(self._connect()) as con:
+            rows = con.execute(sql + " ORDER BY scope, round", args).fetchall()
+        return [{"round": r, "scope": sc, "epsilon": e, "delta": d, "time": t, "info": json.loads(i) if i else {},
+                 "steps": sum(int(x["steps"]) for x in json.loads(ev))}
+                for sc, r, e, d, t, i, ev in rows]
+
+    def last_info(self, site: str, before_round: int | None = None, scope: str = "") -> dict | None:
+        """The info of the site's last booked round of ``scope`` (before ``before_round`` when given: a
+        round re-run after a crash must start from the state *before* its first attempt, not after it)."""
+        rows = [r for r in self.rounds(site, scope) if before_round is None or r["round"] < before_round]
         return rows[-1]["info"] if rows else None
 
     def spent(self, site: str) -> float:
         _, delta = self.budget(site)
         return epsilon(self.events(site), delta)
 
-    def check_round(self, site: str, round_no: int, new_events: list[StepEvent]) -> float:
+    def check_round(self, site: str, round_no: int, new_events: list[StepEvent], scope: str = "") -> float:
         """ε after the prospective round; raises :class:`BudgetExceededError` if it crosses the budget."""
         eps_budget, delta = self.budget(site)
-        prior = self.events(site, exclude_round=round_no)
+        prior = self.events(site, exclude_round=round_no, scope=scope)
         before = epsilon(prior, delta)
         after = epsilon(prior + list(new_events), delta)
         if after > eps_budget * (1 + 1e-6) + TOLERANCE:
-            done = len({r["round"] for r in self.rounds(site)} - {round_no})
+            done = len({(r["scope"], r["round"]) for r in self.rounds(site)} - {(scope, round_no)})
             raise BudgetExceededError(
                 f"site {site}: round {round_no} would bring epsilon to {after:.4g} at delta={delta:g}, over its budget "
                 f"of {eps_budget:g} (spent {before:.4g} in {done} round(s)); training stops before that round. "
                 "Raise the site's budget, or plan fewer rounds so the noise is calibrated to the budget")
         return after
 
-    def commit_round(self, site: str, round_no: int, new_events: list[StepEvent], info: dict | None = None) -> float:
+    def commit_round(self, site: str, round_no: int, new_events: list[StepEvent], info: dict | None = None,
+                     scope: str = "") -> float:
         """Book a round (one transaction, replacing a previous attempt at the same round); returns ε after it."""
         eps_budget, delta = self.budget(site)
-        after = epsilon(self.events(site, exclude_round=round_no) + list(new_events), delta)
+        after = epsilon(self.events(site, exclude_round=round_no, scope=scope) + list(new_events), delta)
         with closing(self._connect()) as con, con:
-            con.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
+            con.execute("INSERT OR REPLACE INTO rounds (site, round, events, epsilon, delta, time, info, scope) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (site, int(round_no), json.dumps([e.to_dict() for e in new_events]), after, delta,
-                         time.time(), json.dumps(info or {}, default=float)))
+                         time.time(), json.dumps(info or {}, default=float), scope))
         return after
+
+    def private(self, site: str) -> tuple[bool, str]:
+        """Whether every booked round of the site drew its noise from a secret key (and so the
+        ε is a guarantee), with the reason when not."""
+        rounds = self.rounds(site)
+        if not rounds:
+            return False, "no rounds booked"
+        kinds = {str((r["info"] or {}).get("noise", "unrecorded")) for r in rounds}
+        if kinds == {"secret"}:
+            return True, "secret-key noise, every release accounted"
+        if any(k.startswith("reproducible") for k in kinds):
+            return False, "NOT PRIVATE: noise reproducible from the public seed (a test/benchmark setting)"
+        return False, "NOT PRIVATE: rounds booked before secret-key noise (noise predictable from the seed)"
 
     def status(self) -> list[dict]:
         """Per site: budget, spent, remaining, rounds booked."""
@@ -140,8 +178,10 @@ class BudgetLedger:
             eps_budget, delta = self.budget(site)
             spent = self.spent(site)
             rounds = self.rounds(site)
+            private, why = self.private(site)
             out.append({"site": site, "epsilon_budget": eps_budget, "delta": delta, "epsilon_spent": spent,
                         "epsilon_remaining": max(0.0, eps_budget - spent), "rounds": len(rounds),
+                        "private": private, "guarantee": why,
                         "last_round": rounds[-1]["round"] if rounds else None,
                         "clip": (rounds[-1]["info"] or {}).get("clip") if rounds else None})
         return out

@@ -13,6 +13,13 @@ each round the server
 4. books the round as a Poisson-subsampled Gaussian ``(q = fraction, z)`` in the ledger
    (site key ``"server"``), refusing a round that would cross the budget.
 
+What is booked is what happens: every site joins a round independently with probability
+``q = fraction`` (:meth:`ClientLevelDP.select`), drawn from the server's secret key -- not
+Flower's fixed-size sample from a public seed -- and a round with fewer sites than usual (none
+included) still aggregates what came and adds the noise. Noise and sampling come from
+``<run>/server_noise.key`` (:mod:`privseg.privacy.noise`); the trusted party for client-level
+DP is the server itself (it sees every update), the protection is for whoever holds the model.
+
 Why not Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` (flwr 1.41)? Its
 ``adaptive_clip_inputs_inplace`` returns ``norm_bit = scaling_factor < 1`` -- True for a
 *clipped* update -- and then applies ``C *= exp(-lr (clipped_fraction - target))``: too many
@@ -34,12 +41,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, check_epsilon
 from privseg.privacy.clipping import QuantileClipper, default_sigma_b
+from privseg.privacy.noise import NoiseSource
 
 SERVER = "server"
 
@@ -69,7 +76,8 @@ class ClientLevelDP:
     def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = "adaptive", clip_norm: float = 1.0,
                  noise_multiplier: float | None = None, epsilon: float | None = None, delta: float = 1e-5,
                  rounds: int | None = None, target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 sigma_b: float | None = None, ledger=None, seed: int = 0, allow_large_delta: bool = False):
+                 sigma_b: float | None = None, ledger=None, noise: NoiseSource | None = None,
+                 allow_large_delta: bool = False):
         if n_sites < 1:
             raise ConfigError("client-level DP needs at least one site")
         self.n_sites = n_sites
@@ -94,7 +102,7 @@ class ClientLevelDP:
         self.ledger = ledger
         if ledger is not None:
             ledger.set_budget(SERVER, self.epsilon_budget if math.isfinite(self.epsilon_budget) else 1e9, self.delta)
-        self.seed = seed
+        self.noise = noise if noise is not None else NoiseSource.ephemeral()
         self.norms: list[float] = []
         self.history: list[dict] = []
         self._k = 0
@@ -106,6 +114,13 @@ class ClientLevelDP:
     def attach(self, strategy) -> None:
         strategy.update_hooks.append(self.clip_updates)
         strategy.aggregate_hooks.append(self.add_noise)
+        strategy.node_selector = self.select
+
+    def select(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """Poisson sampling of sites: each joins independently with probability ``q`` (secret coins)."""
+        nodes = sorted(node_ids)
+        coins = self.noise.uniform("sites", server_round, len(nodes))
+        return [n for n, c in zip(nodes, coins, strict=True) if c < self.q]
 
     def check(self, server_round: int) -> float:
         if self.ledger is None:
@@ -138,8 +153,10 @@ class ClientLevelDP:
 
     # aggregate hook: (round, averaged arrays) -> arrays
     def add_noise(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        gen = torch.Generator().manual_seed(hash((self.seed, server_round, 0xC1D9)) % 2**63)
         glob_keys = list(arrays.keys())
+        sizes = [arrays[k].numpy().size for k in glob_keys if np.issubdtype(arrays[k].numpy().dtype, np.floating)]
+        draws = self.noise.gaussian("update", server_round, sum(sizes)).numpy()
+        offset = 0
         clip = self.clip
         out = {}
         for k in glob_keys:
@@ -148,17 +165,16 @@ class ClientLevelDP:
                 g = getattr(self, "_glob", {}).get(k)
                 if g is not None and self._k:  # FedAvg divided the clipped sum by k; DP-FedAvg divides by m
                     a = g + (self._k / self.m) * (a.astype(np.float64) - g)
-                noise = torch.randn(a.shape, generator=gen, dtype=torch.float64).numpy()
-                noise *= self.z_update * clip / self.m
+                noise = draws[offset:offset + a.size].reshape(a.shape) * (self.z_update * clip / self.m)
+                offset += a.size
                 a = (a + noise).astype(a.dtype)
             out[k] = Array(np.ascontiguousarray(a))
         if self.clipper is not None:
-            self.clipper.generator = torch.Generator().manual_seed(hash((self.seed, server_round, 0xC11F)) % 2**63)
-            self.clipper.update(self.norms)
+            self.clipper.update(self.norms, draw=float(self.noise.gaussian("count", server_round, 1)[0]))
         eps = math.nan
         if self.ledger is not None:
             eps = self.ledger.commit_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)],
-                                           info={"clip": self.clip, "sites": self._k})
+                                           info={"clip": self.clip, "noise": self.noise.kind})
         self.history.append({"round": server_round, "clip": clip, "norms": list(self.norms), "epsilon": eps})
         return ArrayRecord(out)
 
@@ -182,7 +198,9 @@ def attach_from_config(strategy, cfg, run_dir: str | Path) -> ClientLevelDP:
     hooks = ClientLevelDP(n_sites=len(cfg.sites), fraction=cfg.fraction, clip=dp.clip, clip_norm=dp.clip_norm,
                           noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta, rounds=cfg.rounds,
                           target_quantile=dp.target_quantile, clip_lr=dp.clip_lr, sigma_b=dp.sigma_b, ledger=ledger,
-                          seed=cfg.train.seed, allow_large_delta=dp.allow_large_delta)
+                          noise=(NoiseSource.reproducible(cfg.train.seed) if dp.reproducible_noise
+                                 else NoiseSource.for_state_dir(run_dir, "server_noise.key")),
+                          allow_large_delta=dp.allow_large_delta)
     from privseg.federated.runstate import RunState
 
     # the clip as it was before the round the server resumes at (a booked first attempt of that

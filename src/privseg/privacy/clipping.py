@@ -5,7 +5,8 @@ Learning with Adaptive Clipping", NeurIPS 2021 (Algorithm 1/2). With clip ``C`` 
 ``m`` contributions of a step (patients' gradients, or sites' model updates):
 
     b_i   = 1[ ||Delta_i|| <= C ]                 (count the UNCLIPPED ones)
-    b_bar = (sum_i b_i + N(0, sigma_b^2)) / m     (m: expected number of contributions)
+    b_bar = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2
+                                                  (m: expected number of contributions)
     C    <- C * exp(-eta * (b_bar - gamma))       (geometric update toward quantile gamma)
 
 If more than a fraction ``gamma`` is unclipped, ``C`` shrinks; if fewer, it grows: the fixed
@@ -13,8 +14,10 @@ point is the ``gamma``-quantile of the norms. (Counting *clipped* updates with t
 formula, as Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` does in flwr 1.41,
 reverses the feedback: ``C`` runs away to 0 or infinity. ``benchmarks/privacy.py`` shows it.)
 
-Privacy: the count is a sum of values in {0, 1}, centred at 1/2 it has sensitivity 1/2;
-releasing it with std ``sigma_b`` and the clipped sum with multiplier ``z_delta`` is, by
+Privacy: what is noised and released is the *centred* count ``sum_i (b_i - 1/2)``: adding or
+removing one unit moves it by exactly 1/2 (the plain count ``sum_i b_i`` moves by 1, which would
+cost four times as much at the same ``sigma_b``; :func:`count_sensitivity` checks it). Releasing
+it with std ``sigma_b`` and the clipped sum with multiplier ``z_delta`` is, by
 composition of Gaussian mechanisms (Andrew et al., Thm. 1; Mironov 2017), one Gaussian
 mechanism with multiplier ``z`` where ``z^-2 = z_delta^-2 + (2 sigma_b)^-2``. So for a target
 ``z`` the update gets
@@ -47,10 +50,11 @@ def split_noise(z: float, sigma_b: float) -> float:
         raise ConfigError(f"noise multiplier {z} must be positive for adaptive clipping")
     if sigma_b <= 0:
         raise ConfigError(f"count noise sigma_b={sigma_b} must be positive")
-    if not z < 2 * sigma_b:
-        raise ConfigError(f"adaptive clipping needs noise multiplier z={z:.4g} < 2*sigma_b={2 * sigma_b:.4g}: "
+    count_z = sigma_b / COUNT_SENSITIVITY  # the count's own noise multiplier
+    if not z < count_z:
+        raise ConfigError(f"adaptive clipping needs noise multiplier z={z:.4g} < 2*sigma_b={count_z:.4g}: "
                           "use more units per step (sigma_b = m/20), or --clip fixed")
-    return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+    return (z ** -2 - count_z ** -2) ** -0.5
 
 
 def default_sigma_b(m: float, z: float, inflation: float = 1.1) -> float:
@@ -58,6 +62,21 @@ def default_sigma_b(m: float, z: float, inflation: float = 1.1) -> float:
     at which the update noise is inflated by ``inflation`` (see the module docstring)."""
     need = z / (2.0 * math.sqrt(1.0 - inflation ** -2)) if z > 0 else 0.0
     return max(m / 20.0, need)
+
+
+COUNT_SENSITIVITY = 0.5  # of the centred count; split_noise's (2 sigma_b)^-2 is (sigma_b / 0.5)^-2
+
+
+def count_sensitivity(clipper: QuantileClipper, norms: list[float], candidates: list[float]) -> float:
+    """Largest change of the released count statistic when one unit (norm from ``candidates``) is
+    added to or removed from ``norms``: the add/remove sensitivity the accountant must book."""
+    base = clipper.centred_count(norms)
+    worst = 0.0
+    for c in candidates:
+        worst = max(worst, abs(clipper.centred_count([*norms, c]) - base))
+    for i in range(len(norms)):
+        worst = max(worst, abs(clipper.centred_count(norms[:i] + norms[i + 1:]) - base))
+    return worst
 
 
 def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
@@ -97,11 +116,17 @@ class QuantileClipper:
         """The multiplier to use on the clipped sum so that the step (sum + count) costs ``z``."""
         return split_noise(z, float(self.sigma_b))
 
-    def update(self, norms: torch.Tensor | list[float]) -> float:
+    def centred_count(self, norms: torch.Tensor | list[float]) -> float:
+        """The statistic that is noised: ``sum_i (b_i - 1/2)``, sensitivity 1/2."""
         norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
-        unclipped = float((norms <= self.clip).sum())  # b_i = 1[||Delta_i|| <= C]
-        noise = float(torch.randn((), generator=self.generator, dtype=torch.float64)) * float(self.sigma_b)
-        frac = (unclipped + noise) / self.expected_m
+        return float((norms <= self.clip).sum()) - 0.5 * len(norms)  # b_i = 1[||Delta_i|| <= C]
+
+    def update(self, norms: torch.Tensor | list[float], draw: float | None = None) -> float:
+        """``draw``: the step's standard normal draw for the count noise (from the site's secret
+        :class:`~privseg.privacy.noise.NoiseSource`); without it, ``generator`` is used."""
+        if draw is None:
+            draw = float(torch.randn((), generator=self.generator, dtype=torch.float64))
+        frac = (self.centred_count(norms) + float(draw) * float(self.sigma_b)) / self.expected_m + 0.5
         self.clip = self.clip * math.exp(-self.lr * (frac - self.target_quantile))
         self.history.append(self.clip)
         return frac

@@ -32,9 +32,12 @@ Per-subject gradients, three ways (``method``):
 ``benchmarks/privacy.py`` measures all three against the non-private step.
 
 Models must not mix samples (BatchNorm does): :func:`check_dp_model` refuses them.
-The noise comes from torch's PRNG seeded by (seed, step) so a resumed or repeated round
-releases *the same* output (no extra privacy cost for a repeat); a production deployment
-that fears PRNG-state attacks should swap in a cryptographic generator.
+The sampling and the noise are drawn from the site's secret key
+(:mod:`privseg.privacy.noise`), by step: a resumed or repeated round releases *the same*
+output (no extra privacy cost for a repeat), and nobody without the key -- the server
+included -- can regenerate the noise or tell who was sampled. ``reproducible_noise`` derives
+the key from the public seed instead: for tests and benchmarks only, stamped "not private".
+Threat model, neighbouring relation and every release: ``docs/privacy.md``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from privseg.privacy.accountant import (
     schedule_multipliers,
 )
 from privseg.privacy.clipping import QuantileClipper, clip_factors, default_sigma_b, split_noise
+from privseg.privacy.noise import NoiseSource
 
 METHODS = ("loop", "vmap", "opacus")
 
@@ -80,7 +84,11 @@ class DPConfig:
     ``constant`` or ``decay`` (linear to ``decay_ratio`` x the first step's noise), calibrated to
     spend the budget over the planned steps; ``noise_multiplier`` fixes it instead (then the
     ledger stops the run when the budget runs out). ``sampling_rate`` ``q``: default
-    ``subjects_per_step / n``. ``allow_large_delta`` permits delta >= 1/n."""
+    ``subjects_per_step / n``. ``allow_large_delta`` permits delta >= 1/n. ``reproducible_noise``:
+noise from the public seed, for tests/benchmarks only (the run is "not private").
+    ``ledger_root``/``ledger_scope``: a derived run (an erasure's retrain or calibration) books each
+    site's spend in ``<ledger_root>/sites/<site>/privacy.sqlite`` -- the site's own ledger -- under
+    its scope, at the noise of the site's original plan."""
 
     unit: str = "patient"
     epsilon: float = 8.0
@@ -98,6 +106,9 @@ class DPConfig:
     allow_large_delta: bool = False
     ledger: str | None = None
     sites: dict = field(default_factory=dict)
+    reproducible_noise: bool = False
+    ledger_root: str | None = None
+    ledger_scope: str = ""
 
     def __post_init__(self) -> None:
         self.unit = str(self.unit).lower()
@@ -256,17 +267,41 @@ class _OpacusHelper:
 
 # -- the DP step ----------------------------------------------------------------------
 
-class PatientDPSGD:
-    """A ``step_fn`` for :func:`privseg.train.loop.train_steps` (and :meth:`train_steps` with
-    Poisson sampling) that makes every optimisation step patient-level DP.
+@dataclass(frozen=True)
+class SampledBatch:
+    """A step's batch as the engine drew it: Poisson-sampled patients, their patches, and the
+    patient index of each patch. Only the engine that drew it (for that step) accepts it."""
 
-    ``multipliers[t]`` is the noise multiplier ``z`` booked for global step ``t``;
-    ``expected_batch`` = q*n subjects. Call :meth:`set_step` before each step (``train_steps``
-    of this class does), or let it count from ``start``."""
+    engine_id: int
+    step: int
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    owner: torch.Tensor | None
+    patients: int
+
+
+def patient_groups(items: Sequence[dict]) -> list[list[int]]:
+    """Item indices per patient, in first-seen order: the DP unit is the patient, however many
+    files (scans) they have. Items without a ``patient`` key are one patient each."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(str(item.get("patient", f"#item{i}")), []).append(i)
+    return list(groups.values())
+
+
+class PatientDPSGD:
+    """Patient-level DP-SGD: draws its own Poisson sample of patients every step (:meth:`sample`),
+    clips per patient, adds noise from a secret :class:`~privseg.privacy.noise.NoiseSource`,
+    steps the optimiser (:meth:`step`); :meth:`train_steps` does both for a range of steps.
+
+    ``multipliers[t]`` is the noise multiplier ``z`` booked for global step ``t``; the noised sum
+    is divided by ``expected_batch`` = q*n patients. It is not a ``step_fn`` for a fixed batch:
+    a batch it did not sample itself would be booked as a Poisson sample that never happened."""
 
     def __init__(self, *, q: float, n_subjects: int, multipliers: Sequence[float], clip_norm: float = 1.0,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 sigma_b: float | None = None, method: str = "loop", seed: int = 0, start: int = 0):
+                 sigma_b: float | None = None, method: str = "loop", noise: NoiseSource | None = None,
+                 start: int = 0):
         if method not in METHODS:
             raise ConfigError(f"DP method {method!r} is not one of {', '.join(METHODS)}")
         self.q = float(q)
@@ -280,8 +315,8 @@ class PatientDPSGD:
         self.clipper = (QuantileClipper(clip=clip_norm, target_quantile=target_quantile, lr=clip_lr,
                                         expected_m=self.expected_batch, sigma_b=sigma_b) if adaptive else None)
         self.method = method
-        self.seed = int(seed)
-        self.step = int(start)
+        self.noise = noise if noise is not None else NoiseSource.ephemeral()
+        self.step_no = int(start)
         self.events: list[StepEvent] = []
         self.clip_trace: list[float] = []
         self.sampled: list[int] = []
@@ -297,9 +332,6 @@ class PatientDPSGD:
             raise BudgetExceededError("no DP steps planned")
         return self.multipliers[min(step, len(self.multipliers) - 1)]  # past the plan: the ledger guards
 
-    def set_step(self, step: int) -> None:
-        self.step = int(step)
-
     def _clipped_sum(self, model, loss_fn, images, labels, owner, clip):
         if self.method == "vmap":
             return clipped_sum_vmap(model, loss_fn, images, labels, owner, clip)
@@ -309,38 +341,65 @@ class PatientDPSGD:
             return self._opacus(model, loss_fn, images, labels, owner, clip)
         return clipped_sum_loop(model, loss_fn, images, labels, owner, clip)
 
-    def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, images: torch.Tensor,
-                 labels: torch.Tensor, owner: torch.Tensor) -> float:
+    def __call__(self, *args, **kwargs):
+        raise ConfigError("PatientDPSGD is not a step function for a given batch: it books every step as a Poisson "
+                          "sample of patients, so it must draw the batch itself -- use train_steps(), or "
+                          "sample() then step()")
+
+    def sample(self, items: Sequence[dict], sampler, step: int, device=None) -> SampledBatch:
+        """Poisson sample of patients for ``step`` (each independently with probability ``q``, from
+        the secret noise source), and ``patches_per_subject`` patches from each of their files."""
+        groups = patient_groups(items)
+        if len(groups) != self.n:
+            raise ConfigError(f"the DP plan is for {self.n} patients, the site has {len(groups)}")
+        coins = self.noise.uniform("sample", step, len(groups))
+        chosen = [g for g, c in zip(groups, coins, strict=True) if c < self.q]
+        if not chosen:
+            return SampledBatch(id(self), step, None, None, None, 0)
+        idx = [i for g in chosen for i in g]
+        patient_of = torch.tensor([p for p, g in enumerate(chosen) for _ in g])
+        images, labels, owner = sampler.sample([items[i] for i in idx], seed=self.noise.integer("patches", step))
+        owner = patient_of[owner]  # item index -> patient index: one clipped gradient per patient
+        if device is not None:
+            images, labels, owner = images.to(device), labels.to(device), owner.to(device)
+        return SampledBatch(id(self), step, images, labels, owner, len(chosen))
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch: SampledBatch) -> float:
+        """One DP step on a batch this engine sampled for the step it is at."""
+        if not isinstance(batch, SampledBatch) or batch.engine_id != id(self) or batch.step != self.step_no:
+            raise ConfigError("a DP step only takes the batch its engine sampled for that step (Poisson sampling "
+                              "is what the accountant books)")
         t0 = time.perf_counter()
-        z = self.noise_multiplier(self.step)
+        z = self.noise_multiplier(self.step_no)
         clip = self.clip
         z_update = self.clipper.update_noise_multiplier(z) if self.clipper is not None else z
         params = _params(model)
-        if images is not None and len(images):
-            acc, norms, loss = self._clipped_sum(model, loss_fn, images, labels, owner, clip)
+        if batch.images is not None:
+            acc, norms, loss = self._clipped_sum(model, loss_fn, batch.images, batch.labels, batch.owner, clip)
         else:  # nobody sampled: the step still releases noise, and is still accounted
             acc, norms, loss = [torch.zeros_like(p) for p in params], torch.zeros(0, dtype=torch.float64), float("nan")
-        gen = torch.Generator(device="cpu").manual_seed(hash((self.seed, self.step, 0x5EED)) % 2**63)
+        draws = self.noise.gaussian("gradient", self.step_no, sum(p.numel() for p in params))
+        offset = 0
         for p, a in zip(params, acc, strict=True):
-            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (z_update * clip)
-            p.grad = (a + noise) / self.expected_batch
+            noise = draws[offset:offset + p.numel()].view(p.shape).to(device=p.device, dtype=p.dtype)
+            offset += p.numel()
+            p.grad = (a + noise * (z_update * clip)) / self.expected_batch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if self.clipper is not None:
-            self.clipper.generator = torch.Generator().manual_seed(hash((self.seed, self.step, 0xC11F)) % 2**63)
-            self.clipper.update(norms)
+            self.clipper.update(norms, draw=float(self.noise.gaussian("count", self.step_no, 1)[0]))
         self.events.append(StepEvent(self.q, z, 1))
         self.clip_trace.append(clip)
-        self.sampled.append(int(len(norms)))
-        self.step += 1
+        self.sampled.append(int(batch.patients))
+        self.step_no += 1
         self.timings.append(time.perf_counter() - t0)
         return loss
 
     def train_steps(self, model: nn.Module, optimizer: torch.optim.Optimizer, items: Sequence[dict], config,
                     start: int, stop: int, loss_fn=None, sampler=None,
                     on_step: Callable[[int, float], None] | None = None) -> list[float]:
-        """Steps ``start .. stop`` with Poisson sampling of subjects (rate ``q``); the draw depends
-        only on (seed, step), so a resumed run repeats an uninterrupted one."""
+        """Steps ``start .. stop``, each on its own Poisson sample; the draws depend only on the
+        noise key and the step, so a resumed run repeats an uninterrupted one."""
         from privseg.data.transforms import PatchSampler
         from privseg.train.losses import SegLoss
 
@@ -353,15 +412,8 @@ class PatientDPSGD:
         model.train()
         losses = []
         for step in range(start, stop):
-            rng = np.random.default_rng((config.seed, step, 0xD9))
-            chosen = [items[i] for i in np.flatnonzero(rng.random(len(items)) < self.q)]
-            self.set_step(step)
-            if chosen:
-                images, labels, owner = sampler.sample(chosen, seed=int(rng.integers(2**31)))
-                images, labels, owner = images.to(device), labels.to(device), owner.to(device)
-            else:
-                images = labels = owner = None
-            loss = self(model, optimizer, loss_fn, images, labels, owner)
+            self.step_no = step
+            loss = self.step(model, optimizer, loss_fn, self.sample(items, sampler, step, device))
             losses.append(loss)
             if on_step:
                 on_step(step + 1, loss)
@@ -422,10 +474,15 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
     return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio)
 
 
-def engine_for(plan: SitePlan, dp: DPConfig, seed: int, start: int = 0) -> PatientDPSGD:
+def noise_source(dp: DPConfig, state_dir: str | Path, seed: int) -> NoiseSource:
+    """The site's secret noise key in ``state_dir``, or (``reproducible_noise``) one from the seed."""
+    return NoiseSource.reproducible(seed) if dp.reproducible_noise else NoiseSource.for_state_dir(state_dir)
+
+
+def engine_for(plan: SitePlan, dp: DPConfig, noise: NoiseSource, start: int = 0) -> PatientDPSGD:
     return PatientDPSGD(q=plan.q, n_subjects=plan.n_subjects, multipliers=plan.multipliers, clip_norm=dp.clip_norm,
                         adaptive=dp.clip == "adaptive", target_quantile=dp.target_quantile, clip_lr=dp.clip_lr,
-                        sigma_b=dp.sigma_b, method=dp.method, seed=seed, start=start)
+                        sigma_b=dp.sigma_b, method=dp.method, noise=noise, start=start)
 
 
 class SiteDPSession:
@@ -433,24 +490,37 @@ class SiteDPSession:
     ``check`` computes the ε the next round would bring and refuses it if it crosses the budget;
     ``commit`` books the round (one SQLite transaction)."""
 
-    def __init__(self, ledger, plan: SitePlan, engine: PatientDPSGD):
+    def __init__(self, ledger, plan: SitePlan, engine: PatientDPSGD, scope: str = ""):
         self.ledger = ledger
         self.plan = plan
         self.engine = engine
+        self.scope = scope
 
     def check(self, round_no: int, start: int, stop: int) -> float:
-        return self.ledger.check_round(self.plan.site, round_no, self.plan.events(start, stop))
+        return self.ledger.check_round(self.plan.site, round_no, self.plan.events(start, stop), scope=self.scope)
 
     def commit(self, round_no: int, start: int, stop: int, info: dict | None = None) -> float:
         extra = {"clip": self.engine.clip, "clip_trace_last": self.engine.clip_trace[-1:] or None,
-                 "mean_sampled": float(np.mean(self.engine.sampled)) if self.engine.sampled else 0.0}
+                 "mean_sampled": float(np.mean(self.engine.sampled)) if self.engine.sampled else 0.0,
+                 "steps": [int(start), int(stop)], "noise": self.engine.noise.kind}
         extra.update(info or {})
-        return self.ledger.commit_round(self.plan.site, round_no, self.plan.events(start, stop), info=extra)
+        return self.ledger.commit_round(self.plan.site, round_no, self.plan.events(start, stop), info=extra,
+                                        scope=self.scope)
 
 
 def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int,
                             total_steps: int) -> SitePlan:
-    """The site's stored plan (so every round uses the schedule fixed before round 1), or a new one."""
+    """The site's stored plan (so every round uses the schedule fixed before round 1), or a new one.
+    A derived run (``dp.ledger_scope``) keeps the noise of the site's original plan: its rounds
+    spend budget as the original ones did, and the ledger refuses them past the budget."""
+    if dp.ledger_scope:
+        original = ledger.get_plan(site)
+        if original is None:
+            raise ConfigError(f"site {site}: no original DP plan in {ledger.path} for the derived run "
+                              f"{dp.ledger_scope!r}")
+        plan = SitePlan(**{**original, "n_subjects": n_subjects, "total_steps": total_steps})
+        ledger.set_plan(f"{site}@{dp.ledger_scope}", plan.to_dict())
+        return plan
     stored = ledger.get_plan(site)
     if stored is not None and stored.get("total_steps") == total_steps and stored.get("n_subjects") == n_subjects:
         return SitePlan(**stored)
@@ -466,14 +536,14 @@ class _FLStepFn:
     """What :func:`fl_step_fn_factory` returns to the ClientApp: a ``step_fn`` that also brings its
     own Poisson-sampled ``train_steps`` and the metrics (ε spent) to report."""
 
-    def __init__(self, session: SiteDPSession, round_no: int, seed: int):
+    def __init__(self, session: SiteDPSession, round_no: int):
         self.session = session
         self.round_no = round_no
         self.engine = session.engine
         self._metrics: dict = {}
 
-    def __call__(self, *args, **kwargs) -> float:
-        return self.engine(*args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)  # refuses: a DP site samples its own batches
 
     def train_steps(self, model, optimizer, items, config, start: int, stop: int) -> list[float]:
         self.session.check(self.round_no, start, stop)  # refuses before any step is taken
@@ -500,16 +570,22 @@ def fl_step_fn_factory(tc, msg_config, spec, state_dir: Path):
     server_round = int(msg_config["server-round"])
     steps = int(msg_config.get("local-steps", 1))
     items = site_items(spec, "train", tc.spacing, int(msg_config.get("cache-sites", 8)))
-    ledger = BudgetLedger(Path(dp.ledger) if dp.ledger else Path(state_dir) / "privacy.sqlite")
-    plan = plan_from_ledger_or_new(ledger, dp, spec.id, len(items), tc.subjects_per_step, tc.steps)
-    engine = engine_for(plan, dp.for_site(spec.id), seed=tc.seed + site_seed(spec.id),
+    if dp.ledger:
+        ledger_path = Path(dp.ledger)
+    elif dp.ledger_root:  # a derived run: the site's own ledger in the original run
+        ledger_path = Path(dp.ledger_root) / "sites" / spec.id / "privacy.sqlite"
+    else:
+        ledger_path = Path(state_dir) / "privacy.sqlite"
+    ledger = BudgetLedger(ledger_path)
+    plan = plan_from_ledger_or_new(ledger, dp, spec.id, len(patient_groups(items)), tc.subjects_per_step, tc.steps)
+    engine = engine_for(plan, dp.for_site(spec.id), noise_source(dp, state_dir, tc.seed + site_seed(spec.id)),
                         start=(server_round - 1) * steps)
     # adaptive clip: continue from the clip the site reached in its previous round (not from a first
     # attempt at this round that a server crash cut short: the repeat must give the same update)
-    last = ledger.last_info(spec.id, before_round=server_round)
+    last = ledger.last_info(spec.id, before_round=server_round, scope=dp.ledger_scope)
     if engine.clipper is not None and last and last.get("clip"):
         engine.clipper.clip = float(last["clip"])
-    return _FLStepFn(SiteDPSession(ledger, plan, engine), server_round, tc.seed)
+    return _FLStepFn(SiteDPSession(ledger, plan, engine, dp.ledger_scope), server_round)
 
 
 # -- central training -----------------------------------------------------------------------
@@ -538,9 +614,15 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     optimizer = make_optimizer(model, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = BudgetLedger(Path(dp.ledger) if dp.ledger else out_dir / "privacy.sqlite")
-    plan = plan_from_ledger_or_new(ledger, dp, site, len(subjects), config.subjects_per_step, config.steps)
+    if items is None:
+        items = load_preprocessed(subjects, cohort, config.spacing)
+    plan = plan_from_ledger_or_new(ledger, dp, site, len(patient_groups(items)), config.subjects_per_step,
+                                   config.steps)
     ckpt = out_dir / "last.pt"
     start, history = 0, []
+    if not resume and ledger.rounds(site):
+        raise BudgetExceededError(f"{ledger.path} already books DP steps of site {site!r}: a fresh start would "
+                                  "replace released rounds in the ledger; resume, or use a new output folder")
     if resume and ckpt.exists():
         payload = load_checkpoint(ckpt)
         model.load_state_dict(payload["model"])
@@ -548,19 +630,24 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
             optimizer.load_state_dict(payload["optimizer"])
         start = int(payload["step"])
         history = list(payload["extra"].get("history", []))
-    engine = engine_for(plan, dp, seed=config.seed, start=start)
-    last = ledger.last_info(site, before_round=start // config.checkpoint_every + 1)  # as it was at `start`
+    # Ledger rows are keyed by the chunk's first step (+1): a chunk repeated after a crash replaces its
+    # own row (same key, same noise, same output), while chunks of another length never collide.
+    booked = sum(r["steps"] for r in ledger.rounds(site, scope="") if r["round"] < start + 1)
+    if booked != start:
+        raise BudgetExceededError(f"{ledger.path}: the ledger books {booked} DP step(s) of site {site!r} before "
+                                  f"step {start}, the checkpoint {ckpt} is at step {start}: refusing to resume "
+                                  "a run whose spend does not match its model")
+    engine = engine_for(plan, dp, noise_source(dp, out_dir, config.seed), start=start)
+    last = ledger.last_info(site, before_round=start + 1)  # the clip as it was at `start`
     if start and engine.clipper is not None and last and last.get("clip"):
         engine.clipper.clip = float(last["clip"])
     session = SiteDPSession(ledger, plan, engine)
-    if items is None:
-        items = load_preprocessed(subjects, cohort, config.spacing)
     t0 = time.perf_counter()
     step = start
     eps = ledger.spent(site)
     while step < config.steps:
         stop = min(config.steps, (step // config.checkpoint_every + 1) * config.checkpoint_every)
-        round_no = step // config.checkpoint_every + 1
+        round_no = step + 1
         session.check(round_no, step, stop)
         losses = engine.train_steps(model, optimizer, items, config, step, stop,
                                     on_step=(lambda s, v: on_step(s, config.steps, v)) if on_step else None)

@@ -1,0 +1,122 @@
+"""Where DP randomness comes from: a secret per-site key, never the run's public seed.
+
+Every random choice a DP mechanism makes -- which patients a step samples, the Gaussian noise on
+the clipped sum, the noise on the adaptive-clipping count -- is drawn from a keystream of
+ChaCha20 (Bernstein 2008; RFC 8439) keyed by a 256-bit key made with :mod:`secrets`. The
+key stays in the site's local state (``<state-dir>/dp_noise.key``, mode 0600); it is never put
+in a config, a message, a log, a ledger or a certificate. Anyone who knows the run's seed, the
+model before and after a round and the code still cannot regenerate the noise, so the
+Gaussian mechanism's guarantee holds against the server and the other sites.
+
+Draw ``purpose`` at index ``i`` (a step, a round) reads a keystream whose nonce is
+HMAC-SHA256(key, purpose:i): a resumed run -- same key, same step -- draws exactly what the
+first attempt drew, so a round repeated after a crash releases the same output (no second
+release to pay for). A derived run (an erasure's retrain or calibration) gets a fresh key.
+
+Uniforms take 53 bits of the stream; Gaussians come from the Box--Muller transform. (Floating
+point noise has known weaknesses in its lowest bits -- Mironov, "On Significance of the Least
+Significant Bits for Differential Privacy", CCS 2012; the model update adds the noise to a
+sum of clipped gradients and is rounded to float32, which masks those bits in practice; see
+docs/privacy.md.)
+
+``NoiseSource.reproducible(seed)`` derives the key from the public seed, for tests and
+benchmarks that must repeat bit for bit across runs. It warns, and everything it touches is
+stamped "not private" (the way Opacus separates ``secure_mode``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import secrets
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from privseg.errors import DataError
+
+KEY_FILE = "dp_noise.key"
+KEY_BYTES = 32
+SECRET = "secret"
+REPRODUCIBLE = "reproducible (not private)"
+
+
+class ReproducibleNoiseWarning(UserWarning):
+    """DP noise derived from a public seed: fine for a test, no privacy at all in production."""
+
+
+@dataclass(frozen=True)
+class NoiseSource:
+    """A keyed source of DP randomness (see the module docstring)."""
+
+    key: bytes = field(repr=False)
+    private: bool = True
+
+    @property
+    def kind(self) -> str:
+        return SECRET if self.private else REPRODUCIBLE
+
+    # -- making one ---------------------------------------------------------------------
+    @classmethod
+    def ephemeral(cls) -> NoiseSource:
+        """A fresh secret key held in memory only (private; a resume cannot repeat its noise)."""
+        return cls(secrets.token_bytes(KEY_BYTES), True)
+
+    @classmethod
+    def reproducible(cls, seed: int) -> NoiseSource:
+        warnings.warn("DP noise is derived from the public seed: anyone with the run config can regenerate it and "
+                      "the run has NO privacy guarantee (use only for tests and benchmarks)",
+                      ReproducibleNoiseWarning, stacklevel=2)
+        return cls(hashlib.sha256(f"privseg-reproducible-noise:{int(seed)}".encode()).digest(), False)
+
+    @classmethod
+    def for_state_dir(cls, state_dir: str | Path, name: str = KEY_FILE) -> NoiseSource:
+        """The secret key kept in ``state_dir`` (made on first use, read back on resume)."""
+        path = Path(state_dir) / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, secrets.token_bytes(KEY_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:  # two processes racing to create it: the first link wins, both use that key
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        key = path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise DataError(path, f"DP noise key has {len(key)} bytes, not {KEY_BYTES}: the file is damaged. "
+                                  "A new key would change the noise of rounds already released; restore the file")
+        return cls(key, True)
+
+    # -- drawing --------------------------------------------------------------------------
+    def _stream(self, purpose: str, index: int, nbytes: int) -> bytes:
+        nonce = b"\0\0\0\0" + hmac.new(self.key, f"{purpose}:{int(index)}".encode(), hashlib.sha256).digest()[:12]
+        return Cipher(algorithms.ChaCha20(self.key, nonce), mode=None).encryptor().update(bytes(nbytes))
+
+    def uniform(self, purpose: str, index: int, size: int) -> np.ndarray:
+        """``size`` floats, uniform in (0, 1)."""
+        words = np.frombuffer(self._stream(purpose, index, 8 * int(size)), dtype="<u8")
+        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+
+    def gaussian(self, purpose: str, index: int, size: int) -> torch.Tensor:
+        """``size`` standard normal draws (float64, CPU), Box--Muller."""
+        half = (int(size) + 1) // 2
+        u = torch.from_numpy(self.uniform(purpose, index, 2 * half))
+        radius = torch.sqrt(-2.0 * torch.log(u[:half]))
+        angle = 2.0 * math.pi * u[half:]
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[: int(size)]
+
+    def integer(self, purpose: str, index: int, high: int = 2 ** 31) -> int:
+        return int(np.frombuffer(self._stream(purpose, index, 8), dtype="<u8")[0] % np.uint64(high))
