@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from privseg.cli.cohorts import CLASSES, SPLITS, open_cohort
 from privseg.cli.ui import out, table
 from privseg.utils import write_json
 
@@ -23,14 +24,14 @@ def mia(
     statistic: str = typer.Option("loss", help="loss or dice."),
     views: int = typer.Option(4, min=1, help="Augmented views per subject."),
     seed: int = typer.Option(0),
+    splits: Path = SPLITS, classes: str = CLASSES,
     json_out: Path = typer.Option(None, "--out", "--json", help="Write the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Membership AUC (members vs never-trained subjects) with a bootstrap 95 % interval."""
     from privseg.audit.mia import audit_checkpoint
-    from privseg.data.formats import read_cohort
 
-    c = read_cohort(cohort)
+    c = open_cohort(cohort, splits, classes)
     res = audit_checkpoint(checkpoint, c, members, non_members, reference_checkpoints=reference or (),
                            statistic=statistic, views=views, seed=seed)
     if json_out:

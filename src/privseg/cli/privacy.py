@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from privseg.cli.cohorts import CLASSES, SPLITS
 from privseg.cli.ui import out, progress, table
 
 app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
@@ -88,10 +89,10 @@ def train(
     device: str = typer.Option("auto"), dp: str = _DP, epsilon: float = _EPS, delta: float = _DELTA,
     clip: str = _CLIP, clip_norm: float = _CLIP_NORM, target_quantile: float = _QUANTILE,
     noise_schedule: str = _SCHEDULE, allow_large_delta: bool = _LARGE_DELTA, dp_method: str = _METHOD,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    splits: Path = SPLITS, classes: str = CLASSES, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Central patient-level DP-SGD training (all training subjects in one place)."""
-    from privseg.data.formats import read_cohort
+    from privseg.cli.cohorts import open_cohort
     from privseg.errors import ConfigError
     from privseg.privacy import train_private
     from privseg.train import TrainConfig
@@ -100,7 +101,7 @@ def train(
                         allow_large_delta, dp_method)
     if cfg_dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg privacy fl-run`")
-    c = read_cohort(cohort)
+    c = open_cohort(cohort, splits, classes)
     cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
                                  subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
                                  lr=lr, seed=seed, device=device, extra={"dp": cfg_dp.to_dict()})

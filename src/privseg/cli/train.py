@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from privseg.cli.cohorts import CLASSES, SPLITS, open_cohort
 from privseg.cli.ui import out, progress, table
 from privseg.utils import write_json
 
@@ -29,13 +30,13 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."),
+    splits: Path = SPLITS, classes: str = CLASSES,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a segmentation model on a cohort's training subjects."""
-    from privseg.data.formats import read_cohort
     from privseg.train import TrainConfig, Trainer
 
-    c = read_cohort(cohort)
+    c = open_cohort(cohort, splits, classes)
     cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
                                  subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
                                  lr=lr, seed=seed, device=device)
@@ -52,13 +53,13 @@ def evaluate(
     split: str = typer.Option("test", help="train, val or test."),
     json_out: Path = typer.Option(None, "--json", help="Write the full result as JSON."),
     hd95: bool = typer.Option(False, help="Also compute HD95 (slower)."),
+    splits: Path = SPLITS, classes: str = CLASSES,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Per-subject and per-site Dice/MAE table of a checkpoint."""
-    from privseg.data.formats import read_cohort
     from privseg.train.inference import evaluate_checkpoint
 
-    c = read_cohort(cohort)
+    c = open_cohort(cohort, splits, classes)
     n = len(c.select(split))
     with progress("evaluating", n, quiet) as update:
         result = evaluate_checkpoint(checkpoint, c, split, with_hd95=hd95, on_subject=lambda k, _n: update(k))
@@ -83,10 +84,10 @@ def predict(
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     subject: str = typer.Option(..., help="Subject ID to segment."),
     out_path: Path = typer.Option(..., "--out", help="Output label map (.nii.gz)."),
+    splits: Path = SPLITS, classes: str = CLASSES,
 ) -> None:
     """Write a subject's predicted label map as NIfTI with the input image's affine and header."""
-    from privseg.data.formats import read_cohort
     from privseg.train.inference import predict_subject_to_nifti
 
-    path = predict_subject_to_nifti(checkpoint, read_cohort(cohort), subject, out_path)
+    path = predict_subject_to_nifti(checkpoint, open_cohort(cohort, splits, classes), subject, out_path)
     out.print(f"wrote {path}")

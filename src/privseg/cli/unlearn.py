@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from privseg.cli.cohorts import CLASSES, SPLITS, open_cohort
 from privseg.cli.ui import out, progress, table
 
 
@@ -46,16 +47,16 @@ def unlearn(
     seed: int = typer.Option(0),
     check_every: int = typer.Option(2, min=1, help="--target unseen: steps between membership checks."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    splits: Path = SPLITS, classes: str = CLASSES,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Remove subjects' influence from a trained model; writes OUT/unlearned.pt and OUT/report.json."""
-    from privseg.data.formats import read_cohort
     from privseg.unlearn import parse_ids, report_rows
     from privseg.unlearn import unlearn as run_unlearn
 
     ids = parse_ids(forget, "--forget")
     params = _parse_params(param)
-    c = read_cohort(cohort)
+    c = open_cohort(cohort, splits, classes)
     with progress(f"unlearning ({strategy})", 100, quiet) as update:
         result = run_unlearn(checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target,
                              params=params, out_dir=out_dir, seed=seed, retrain_checkpoint=retrain,

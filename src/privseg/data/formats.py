@@ -129,6 +129,14 @@ def _read_cohort(path: Path, fmt: str, options: dict) -> Cohort:
     raise DataError(path, "unknown dataset layout; looked for " + "; ".join(looked) + (f". {hint}" if hint else ""))
 
 
+def is_known_layout(path: str | Path) -> bool:
+    """Whether :func:`read_cohort` in auto mode would pick a reader for ``path`` (without reading it)."""
+    path = Path(path)
+    if path.is_file():
+        return True
+    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or any(d.detect(path) for d in _DETECTORS))
+
+
 def _manifest(path: Path, options: dict) -> Cohort:
     cohort = Cohort.from_manifest(path)
     classes = options.get("classes")
@@ -159,6 +167,9 @@ def _layout_hint(path: Path) -> str:
 
 def _call(reader: Reader, name: str, root: Path, options: dict) -> Cohort:
     """Bind options first so a misspelt option is a ConfigError, not a TypeError from deep inside."""
+    if "classes" in options and "classes" not in inspect.signature(reader).parameters:
+        raise ConfigError(f"--classes: the {name} layout declares its classes itself ({root}); "
+                          "--classes is for plain NIfTI and 2D image folders")
     try:
         inspect.signature(reader).bind(root, **options)
     except TypeError as exc:

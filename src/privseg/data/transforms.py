@@ -144,7 +144,8 @@ def preprocess_transform(
 
 
 def preprocess(data: SubjectData, spacing: Sequence[float] | None = None, crop_foreground: bool = True) -> dict:
-    """Apply :func:`preprocess_transform`; returns a dict of MetaTensors plus the ID."""
+    """Apply :func:`preprocess_transform`; returns a dict of MetaTensors plus the subject's
+    ``id``, ``site`` and ``patient``."""
     dims = data.image.ndim - 1
     affine = torch.as_tensor(data.affine, dtype=torch.float64)
     item = {"image": MetaTensor(data.image.float(), affine=affine)}
@@ -154,6 +155,7 @@ def preprocess(data: SubjectData, spacing: Sequence[float] | None = None, crop_f
     out = transform(item)
     out["id"] = data.subject.id
     out["site"] = data.subject.site
+    out["patient"] = data.subject.patient_id  # the DP and erasure unit; several items may share one
     out["transform"] = transform  # kept so predictions can be mapped back with transform.inverse
     return out
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from privseg.data.cohort import Cohort
+from privseg.data.cohort import Cohort, write_splits
 from privseg.data.transforms import PatchSampler, load_preprocessed
 from privseg.errors import ConfigError
 from privseg.models import build_model
@@ -158,6 +158,7 @@ class Trainer:
         if items is None:
             items = load_preprocessed(self.subjects, self.cohort, cfg.spacing)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_splits(self.cohort, self.out_dir)  # splits.csv: the split this run used, to see and to pin again
         tracker = self._start_tracking(history)  # privseg.report: run.json, live metrics, TensorBoard
 
         def _on_step(s: int, loss: float) -> None:
