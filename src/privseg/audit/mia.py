@@ -40,6 +40,27 @@ from privseg.train.inference import predict_probs
 from privseg.utils import parse_ids
 
 STATISTICS = ("loss", "dice")
+# Below this many members or non-members the AUC moves in steps of 1/(m*n) and the bootstrap
+# resamples the same few subjects: 1 member vs 2 non-members gives AUC 1.000 with CI [1, 1].
+MIN_GROUP = 5
+
+
+def small_sample_warning(n_members: int, n_nonmembers: int) -> str | None:
+    """The warning every table of a membership audit must print when a group is too small, else None."""
+    if n_members >= MIN_GROUP and n_nonmembers >= MIN_GROUP:
+        return None
+    return (f"only {n_members} member(s) vs {n_nonmembers} non-member(s) (fewer than {MIN_GROUP} in a group): "
+            "the AUC and its 95 % CI are not informative")
+
+
+def check_group_sizes(n_members: int, n_nonmembers: int, allow_small: bool = False) -> str | None:
+    """Refuse (ConfigError) a membership audit with fewer than MIN_GROUP members or non-members,
+    unless ``allow_small``; then return the warning to print beside the AUC and its CI."""
+    warning = small_sample_warning(n_members, n_nonmembers)
+    if warning and not allow_small:
+        raise ConfigError(f"membership audit refused: {warning}. Score at least {MIN_GROUP} members and "
+                          f"{MIN_GROUP} non-members, or allow a small audit and report the warning with the CI")
+    return warning
 
 
 # -- per-subject statistics ------------------------------------------------------
@@ -156,6 +177,7 @@ class MIAResult:
     views: int
     members: list[dict] = field(default_factory=list)
     nonmembers: list[dict] = field(default_factory=list)
+    warning: str | None = None  # set when a group is smaller than MIN_GROUP; print it with the AUC
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,13 +187,17 @@ def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Seq
                 patch_size: Sequence[int], num_classes: int, *, statistic: str = "loss", views: int = 4,
                 reference_models: Sequence[torch.nn.Module] = (), seed: int = 0, n_boot: int = 2000,
                 member_rows: Sequence[dict] | None = None, nonmember_rows: Sequence[dict] | None = None,
-                reference_rows: Sequence[tuple[Sequence[dict], Sequence[dict]]] | None = None) -> MIAResult:
+                reference_rows: Sequence[tuple[Sequence[dict], Sequence[dict]]] | None = None,
+                allow_small: bool = True) -> MIAResult:
     """Membership AUC of ``model`` on preprocessed items. Reference models, when given,
     must not have trained on any of the scored subjects. ``reference_rows`` gives, per reference
     model, its already computed ``subject_statistics`` rows on (members, nonmembers) (same order,
-    views and seed) instead of the models themselves."""
+    views and seed) instead of the models themselves. With fewer than MIN_GROUP members or
+    non-members the result carries a ``warning`` to print with its CI (``allow_small=False``:
+    refused before any model is run)."""
     if not members or not nonmembers:
         raise ConfigError("membership test needs at least one member and one non-member subject")
+    warning = check_group_sizes(len(members), len(nonmembers), allow_small)
     overlap = {i["id"] for i in members} & {i["id"] for i in nonmembers}
     if overlap:
         raise ConfigError(f"subjects listed both as members and non-members: {', '.join(sorted(overlap))}")
@@ -207,14 +233,17 @@ def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Seq
     lo, hi = bootstrap_auc(s_m, s_n, n_boot=n_boot, seed=seed)
     return MIAResult(auc=auc(s_m, s_n), ci_low=lo, ci_high=hi, n_members=len(s_m), n_nonmembers=len(s_n),
                      statistic=statistic, calibrated=bool(ref_pairs),
-                     n_reference_models=len(ref_pairs), views=views, members=mrows, nonmembers=nrows)
+                     n_reference_models=len(ref_pairs), views=views, members=mrows, nonmembers=nrows,
+                     warning=warning)
 
 
 def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Sequence[str], *,
                      reference_checkpoints: Sequence = (), statistic: str = "loss", views: int = 4,
-                     seed: int = 0, n_boot: int = 2000) -> dict:
+                     seed: int = 0, n_boot: int = 2000, allow_small: bool = False) -> dict:
     """Membership test of a checkpoint on a cohort: members and non-members are subject IDs.
-    Non-members must not be training subjects of the checkpoint (when it records them)."""
+    Non-members must not be training subjects of the checkpoint (when it records them). Fewer
+    than MIN_GROUP in a group is refused unless ``allow_small``; the result's ``warning`` then
+    says so, to be printed with the CI."""
     from privseg.data.transforms import load_preprocessed
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
     from privseg.train.inference import check_fits
@@ -225,6 +254,7 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     for i in (*members, *nonmembers):
         check_id(i, "subject ID")
         cohort.subject(i)  # ConfigError for unknown IDs
+    check_group_sizes(len(members), len(nonmembers), allow_small)  # before loading any model
     payload = load_checkpoint(checkpoint)
     cfg = payload["config"]
     check_fits(cfg, cohort, checkpoint)
@@ -245,7 +275,7 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     m_items = load_preprocessed([cohort.subject(i) for i in members], cohort, cfg.get("spacing"))
     n_items = load_preprocessed([cohort.subject(i) for i in nonmembers], cohort, cfg.get("spacing"))
     res = audit_items(model, m_items, n_items, cfg["patch_size"], cfg["num_classes"], statistic=statistic,
-                      views=views, reference_models=refs, seed=seed, n_boot=n_boot)
+                      views=views, reference_models=refs, seed=seed, n_boot=n_boot, allow_small=allow_small)
     out = res.to_dict()
     out["checkpoint"] = str(checkpoint)
     out["reference_checkpoints"] = [str(p) for p in reference_checkpoints]

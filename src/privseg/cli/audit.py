@@ -24,6 +24,8 @@ def mia(
     statistic: str = typer.Option("loss", help="loss or dice."),
     views: int = typer.Option(4, min=1, help="Augmented views per subject."),
     seed: int = typer.Option(0),
+    refuse_small: bool = typer.Option(False, "--refuse-small", help="Refuse (exit 2) when fewer than 5 members or "
+                                      "5 non-members are scored, instead of printing the warning with the CI."),
     splits: Path = SPLITS, classes: str = CLASSES,
     json_out: Path = typer.Option(None, "--out", "--json", help="Write the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -33,7 +35,7 @@ def mia(
 
     c = open_cohort(cohort, splits, classes)
     res = audit_checkpoint(checkpoint, c, members, non_members, reference_checkpoints=reference or (),
-                           statistic=statistic, views=views, seed=seed)
+                           statistic=statistic, views=views, seed=seed, allow_small=not refuse_small)
     if json_out:
         write_json(json_out, res)
     if quiet:
@@ -43,4 +45,6 @@ def mia(
     out.print(table("per-subject membership scores", ["subject", "split", "loss", "Dice", "score"], rows))
     kind = f"calibrated on {res['n_reference_models']} reference model(s)" if res["calibrated"] else "uncalibrated"
     out.print(f"MIA AUC = {res['auc']:.3f}  (95 % CI {res['ci_low']:.3f}-{res['ci_high']:.3f}; {res['statistic']}, "
-              f"{kind}; {res['n_members']} members, {res['n_nonmembers']} non-members)")
+              f"{kind}; {res['n_members']} members, {res['n_nonmembers']} non-members)", highlight=False)
+    if res.get("warning"):
+        out.print(f"[yellow]warning:[/yellow] {res['warning']}", highlight=False)
