@@ -28,6 +28,7 @@ app.add_typer(__import__("privseg.cli.privacy", fromlist=["app"]).app, name="pri
 __import__("privseg.cli.report", fromlist=["register"]).register(app)
 app.add_typer(__import__("privseg.cli.runs", fromlist=["app"]).app, name="runs")
 __import__("privseg.cli.erase", fromlist=["register"]).register(app)
+__import__("privseg.cli.console", fromlist=["register"]).register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,16 @@
+"""The privacy officer's console: a web app over the run folders, ledgers and certificates
+that the command line writes (``privseg console --runs DIR``).
+
+* :mod:`~privseg.console.app` -- pages, login, CSRF, roles (Starlette + Jinja2 templates);
+* :mod:`~privseg.console.accounts` -- users (argon2 hashes), sessions, login throttling;
+* :mod:`~privseg.console.store` -- requests filed, approved or rejected, and their jobs;
+* :mod:`~privseg.console.jobs` / :mod:`~privseg.console.worker` -- approved erasures run in a
+  worker process, one per run at a time, reconciled with the erasure ledger after a restart;
+* :mod:`~privseg.console.erasure` -- the one place that calls :mod:`privseg.unlearn.federated`;
+* :mod:`~privseg.console.runs` -- read-only views of runs and budgets, cut to a user's site;
+* :mod:`~privseg.console.svg` -- server-rendered figures.
+"""
+
+from privseg.console.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,138 @@
+"""The console's only link to the federated erasure (:mod:`privseg.unlearn.federated`).
+
+Everything the console needs of it goes through here: the patients a site may name, the
+request ID of a request, the checks made before a request is filed, and the one call that
+carries an approved request out (:func:`apply`). A change of the erasure's signature is a
+change here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from privseg.errors import ConfigError
+
+# Settings the officer chooses on approval; defaults are the erasure's own.
+SETTING_LIMITS = {"epochs": (1, 1000), "repair_rounds": (0, 100)}
+
+
+def ledger_path(run_dir: Path) -> Path:
+    from privseg.unlearn.federated import LEDGER
+
+    return run_dir / LEDGER
+
+
+def default_thresholds() -> dict:
+    from privseg.unlearn.federated import DEFAULT_THRESHOLDS
+
+    return dict(DEFAULT_THRESHOLDS)
+
+
+def _request(kind: str, site: str, subjects: list[str], reason: str = "", requested_by: str = "",
+             settings: dict | None = None):
+    from privseg.unlearn.federated import ErasureRequest
+
+    s = settings or {}
+    return ErasureRequest(kind=kind, site=site, subjects=tuple(subjects), reason=reason, requested_by=requested_by,
+                          method=s.get("method") or None, epochs=s.get("epochs"),
+                          repair_rounds=int(s.get("repair_rounds", 1)), thresholds=s.get("thresholds") or {})
+
+
+def request_id(run_dir: Path, kind: str, site: str, subjects: list[str]) -> str:
+    """The ledger's ID of this request (the same (run, kind, site, subjects), the same ID)."""
+    from privseg.federated.config import FLConfig
+
+    return _request(kind, site, subjects).request_id(FLConfig.load(run_dir).name)
+
+
+def patients(run_dir: Path, site: str) -> list[dict]:
+    """The site's training patients: ``{"id", "erased_by"}`` (``erased_by``: request ID or None)."""
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.federated.config import FLConfig
+    from privseg.federated.sites import read_site_cohort
+
+    cfg = FLConfig.load(run_dir)
+    spec = cfg.site(site)
+    cohort = read_site_cohort(spec.cohort)
+    path = ledger_path(run_dir)
+    erased = ErasureLedger(path).erased_subjects(site) if path.exists() else {}
+    out = []
+    for s in cohort.select("train", spec.cohort_site):
+        by = erased.get(s.id) or ("excluded" if s.id in spec.exclude else None)
+        out.append({"id": s.id, "erased_by": by})
+    return out
+
+
+def check_new(run_dir: Path, kind: str, site: str, subjects: list[str]) -> None:
+    """Refuse, with a clear message, a request the erasure would refuse (before anything is
+    written): unknown or erased site, a patient who is unknown, not a training patient of that
+    site, or already erased, or every training patient of the site."""
+    from privseg.federated.config import FLConfig
+
+    cfg = FLConfig.load(run_dir)
+    withdrawn = cfg.extra.get("withdrawn_sites", [])
+    if site not in cfg.site_ids:
+        raise ConfigError(f"site {site} was already erased from this run" if site in withdrawn
+                          else f"unknown site {site!r} in this run")
+    _request(kind, site, subjects)  # the erasure's own checks of kind and IDs
+    if kind == "site":
+        if len(cfg.sites) < 2:
+            raise ConfigError(f"site {site} is the only site of the run: nothing would remain")
+        return
+    known = {p["id"]: p for p in patients(run_dir, site)}
+    for s in subjects:
+        if s not in known:
+            raise ConfigError(f"patient {s!r} is not a training patient of site {site}")
+        if known[s]["erased_by"]:
+            raise ConfigError(f"patient {s} was already erased at site {site} ({known[s]['erased_by']})")
+    if not {k for k, p in known.items() if not p["erased_by"]} - set(subjects):
+        raise ConfigError(f"the request names every remaining training patient of site {site}: "
+                          "erase the site instead")
+
+
+def clean_settings(form: dict) -> dict:
+    """The officer's approval settings, checked: method, epochs, repair rounds, thresholds."""
+    out: dict = {}
+    method = (form.get("method") or "").strip()
+    if method:
+        out["method"] = method
+    for key, (lo, hi) in SETTING_LIMITS.items():
+        raw = (form.get(key) or "").strip()
+        if raw:
+            try:
+                v = int(raw)
+            except ValueError:
+                raise ConfigError(f"{key.replace('_', ' ')}: {raw!r} is not a whole number") from None
+            if not lo <= v <= hi:
+                raise ConfigError(f"{key.replace('_', ' ')} must be between {lo} and {hi}")
+            out[key] = v
+    th = {}
+    for key in default_thresholds():
+        raw = (form.get(key) or "").strip()
+        if raw:
+            try:
+                v = float(raw)
+            except ValueError:
+                raise ConfigError(f"{key}: {raw!r} is not a number") from None
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{key} must be between 0 and 1")
+            th[key] = v
+    if th:
+        out["thresholds"] = th
+    return out
+
+
+def check_settings(kind: str, site: str, subjects: list[str], settings: dict) -> None:
+    """The erasure's own checks of the settings (method name, hyper-parameters)."""
+    _request(kind, site, subjects, settings=settings)
+
+
+def apply(run_dir: Path, rec: dict, on_stage: Callable[[str, str], None]):
+    """Carry out an approved request (or finish it after a crash: the erasure resumes from its
+    ledger). The requester and the approver are written into the ledger's ``requested`` entry."""
+    from privseg.unlearn.federated import erase
+
+    who = f"{rec['filed_by']}; approved by {rec['decided_by']}"
+    req = _request(rec["kind"], rec["site"], rec["subjects"], rec["reason"], who, rec["settings"])
+    return erase(run_dir, req, on_stage=on_stage)

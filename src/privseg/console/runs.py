@@ -1,0 +1,141 @@
+"""Read-only views of the federated run folders under the console's root, cut to what one
+user may see.
+
+A run is a direct sub-folder of the root holding ``fl_config.json`` and ``state.json`` (what
+``privseg fl run --runs ROOT --name NAME`` writes). Names from URLs are checked against a
+strict pattern and the resolved folder must sit directly in the root, so ``../`` or a link out
+of the root never reaches a file. Pages read the JSON files directly (no model is built), so
+listing a hundred runs stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from privseg.console.accounts import User
+
+_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+BUDGET_WARN = 0.8  # warn when a site has spent this share of its ε budget
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resolve_run(root: Path, name: str) -> Path | None:
+    """The run folder called ``name`` directly under ``root``, or None."""
+    if not isinstance(name, str) or not _RUN.match(name) or ".." in name:
+        return None
+    d = root / name
+    try:
+        if d.resolve().parent != root.resolve():
+            return None
+    except OSError:
+        return None
+    return d if (d / "fl_config.json").is_file() and (d / "state.json").is_file() else None
+
+
+def run_sites(cfg: dict) -> tuple[list[str], list[str]]:
+    """(current sites, sites erased from the run)."""
+    sites = [str(s.get("id")) for s in cfg.get("sites", []) if isinstance(s, dict)]
+    return sites, [str(s) for s in (cfg.get("extra") or {}).get("withdrawn_sites", [])]
+
+
+def can_see_run(user: User, cfg: dict) -> bool:
+    if user.site is None:
+        return True
+    current, withdrawn = run_sites(cfg)
+    return user.site in current or user.site in withdrawn
+
+
+def summary(d: Path) -> dict:
+    cfg, st = _json(d / "fl_config.json"), _json(d / "state.json")
+    sites, withdrawn = run_sites(cfg)
+    dice = None
+    for e in reversed(st.get("rounds", [])):
+        ov = (e.get("eval") or {}).get("overall") or {}
+        if ov.get("site-mean-dice") is not None:
+            dice = ov["site-mean-dice"]
+            break
+    dp = ((cfg.get("train") or {}).get("extra") or {}).get("dp") or {}
+    return {"name": d.name, "cfg": cfg, "state": st, "sites": sites, "withdrawn": withdrawn,
+            "rounds_done": int(st.get("rounds_done", 0)), "rounds_planned": cfg.get("rounds"),
+            "status": st.get("status", "new"), "strategy": cfg.get("strategy"), "dp": dp.get("unit"),
+            "created": st.get("created"), "dice": dice, "has_report": (d / "report.html").is_file()}
+
+
+def list_runs(root: Path, user: User) -> list[dict]:
+    out = []
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    for d in children:
+        if resolve_run(root, d.name) is None:
+            continue
+        s = summary(d)
+        if can_see_run(user, s["cfg"]):
+            out.append(s)
+    return sorted(out, key=lambda s: -(s["created"] or 0))
+
+
+def rounds_view(s: dict, user: User) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+    """Per round: what this user may see; and each visible site's Dice curve [(round, dice)]."""
+    rows, curves = [], {}
+    for e in s["state"].get("rounds", []):
+        parts = [p for p in e.get("participants", [])]
+        sites_eval = (e.get("eval") or {}).get("sites") or {}
+        dice = {site: m.get("mean-dice") for site, m in sites_eval.items() if user.sees_site(site)}
+        for site, v in dice.items():
+            if isinstance(v, int | float):
+                curves.setdefault(site, []).append((int(e["round"]), float(v)))
+        failed = [f for f in e.get("failed", []) if user.sees_site(str(f.get("site")))]
+        rows.append({"round": e.get("round"), "n_participants": len(parts),
+                     "participants": [p for p in parts if user.sees_site(p)],
+                     "failed": failed, "applied": e.get("applied"), "erasure": e.get("erasure"),
+                     "note": e.get("note"), "dice": dice,
+                     "mean_dice": ((e.get("eval") or {}).get("overall") or {}).get("site-mean-dice")})
+    return rows, curves
+
+
+def budgets(d: Path, s: dict, user: User) -> list[dict]:
+    """Per visible site: ε budget, spent, δ, ε after each booked round, refused rounds, warning."""
+    from privseg.errors import PrivsegError
+    from privseg.privacy.budget import BudgetLedger, find_ledgers
+
+    try:
+        paths = find_ledgers(d)
+    except PrivsegError:
+        return []
+    refusals: dict[str, list[dict]] = {}
+    for e in s["state"].get("rounds", []):
+        for f in e.get("failed", []):
+            if "BudgetExceededError" in str(f.get("reason", "")):
+                refusals.setdefault(str(f.get("site")), []).append({"round": e.get("round"), "reason": f["reason"]})
+    if s["status"] == "budget-exhausted":
+        # the run stopped before its next round: every site refused it
+        nxt = s["rounds_done"] + 1
+        for site in s["sites"]:
+            if not any(r["round"] == nxt for r in refusals.get(site, [])):
+                refusals.setdefault(site, []).append({"round": nxt, "reason": s["state"].get("stop_reason", "")})
+    out = []
+    for path in paths:
+        try:
+            ledger = BudgetLedger(path)
+            for row in ledger.status():
+                if not user.sees_site(row["site"]):
+                    continue
+                share = row["epsilon_spent"] / row["epsilon_budget"] if row["epsilon_budget"] else 1.0
+                out.append({**row, "rounds_booked": [(r["round"], r["epsilon"]) for r in ledger.rounds(row["site"])],
+                            "refused": refusals.get(row["site"], []), "share": share,
+                            "warning": "budget exhausted" if share >= 1 - 1e-9 else (
+                                f"{share:.0%} of the budget spent" if share >= BUDGET_WARN else None)})
+        except PrivsegError:
+            continue
+    return sorted(out, key=lambda r: r["site"])
