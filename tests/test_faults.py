@@ -247,6 +247,11 @@ def test_server_killed_then_restarted_matches_an_uninterrupted_run(dp_reference,
     epsilon per round), same weights."""
     cohort, ref = dp_reference
     run = tmp_path / "run"
+    # the sites keep their secret noise keys (as a real site's state folder does): the comparison with
+    # the uninterrupted run needs the same keys, so they are provisioned from it before the first start
+    for key in ref.glob("sites/*/dp_noise.key"):
+        (run / "sites" / key.parent.name).mkdir(parents=True, exist_ok=True)
+        (run / "sites" / key.parent.name / key.name).write_bytes(key.read_bytes())
     proc = _child(KILL_SERVER.replace("__ARGS__", repr((str(cohort), str(run), where))))
     lines = _wait_for(proc, "running")
     out, _ = proc.communicate(timeout=600)

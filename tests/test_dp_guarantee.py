@@ -1,0 +1,308 @@
+"""The DP guarantee holds (issue: secret noise, the count's true sensitivity, nothing released
+unaccounted, the patient as the unit). One test per defect of the audit; each failed before
+the fix (noise seeded by the public seed, count booked at half its sensitivity, raw losses and
+n in every reply, Flower's public fixed-size site sample, a median guard before clipping, erasure
+runs with the same noise and their own ledgers, files as units, a resume that lost a step, an
+engine that took any batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from privseg.errors import BudgetExceededError, ConfigError
+from privseg.models import build_model
+from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, PatientDPSGD, QuantileClipper, StepEvent
+from privseg.privacy.clipping import COUNT_SENSITIVITY, count_sensitivity, split_noise
+from privseg.privacy.dpsgd import SampledBatch, patient_groups
+from privseg.privacy.noise import KEY_FILE, ReproducibleNoiseWarning
+from privseg.train.losses import SegLoss
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("unet_tiny", in_channels=1, num_classes=2, spatial_dims=2)
+
+
+def _items(n: int, patients: list[str] | None = None) -> list[dict]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for i in range(n):
+        img = torch.randn(1, 16, 16, generator=g)
+        item = {"image": img, "label": (img > 0).long()}
+        if patients is not None:
+            item["patient"] = patients[i]
+        out.append(item)
+    return out
+
+
+class _Cfg:  # the fields train_steps reads
+    patch_size = (16, 16)
+    patches_per_subject = 2
+    seed = 0
+    subjects_per_step = 2
+
+
+def _release(noise: NoiseSource, items, steps: int = 2, q: float = 0.5, **kw) -> torch.Tensor:
+    """The model after ``steps`` DP steps (what the server receives)."""
+    model = _model()
+    eng = PatientDPSGD(q=q, n_subjects=len(patient_groups(items)), multipliers=[1.0] * steps, clip_norm=1.0,
+                       noise=noise, **kw)
+    eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.5), items, _Cfg(), 0, steps)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- 1. noise and sampling from a secret key ------------------------------------------------------------
+
+def test_noise_is_secret_fresh_per_key_and_repeats_only_with_the_same_key(tmp_path):
+    items = _items(4)
+    a = _release(NoiseSource.for_state_dir(tmp_path / "a"), items)
+    b = _release(NoiseSource.for_state_dir(tmp_path / "b"), items)  # same seed, same data, another site key
+    assert not torch.equal(a, b)  # public config no longer determines the release
+    again = _release(NoiseSource.for_state_dir(tmp_path / "a"), items)  # a resume reads the same key
+    assert torch.equal(a, again)
+    key = tmp_path / "a" / KEY_FILE
+    assert len(key.read_bytes()) == 32 and stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    # the seed-derived generator the audit used no longer reproduces the noise
+    gen = torch.Generator().manual_seed(hash((0, 0, 0x5EED)) % 2**63)
+    assert not torch.allclose(NoiseSource.for_state_dir(tmp_path / "a").gaussian("gradient", 0, 100).float(),
+                              torch.randn(100, generator=gen))
+
+
+def test_noise_draws_are_standard_normal_and_uniforms_uniform():
+    src = NoiseSource.ephemeral()
+    z = src.gaussian("gradient", 3, 200_000)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    u = src.uniform("sample", 3, 100_000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert not torch.equal(src.gaussian("gradient", 4, 10), src.gaussian("gradient", 3, 10))
+
+
+def test_reproducible_noise_warns_and_is_stamped_not_private(tmp_path):
+    with pytest.warns(ReproducibleNoiseWarning):
+        src = NoiseSource.reproducible(0)
+    assert not src.private
+    ledger = BudgetLedger(tmp_path / "privacy.sqlite")
+    ledger.set_budget("H1", 8.0, 1e-5)
+    ledger.commit_round("H1", 1, [StepEvent(0.5, 1.0, 1)], info={"noise": src.kind})
+    row = ledger.status()[0]
+    assert row["private"] is False and "NOT PRIVATE" in row["guarantee"]
+    ledger.set_budget("H2", 8.0, 1e-5)
+    ledger.commit_round("H2", 1, [StepEvent(0.5, 1.0, 1)], info={"noise": NoiseSource.ephemeral().kind})
+    assert {r["site"]: r["private"] for r in ledger.status()} == {"H1": False, "H2": True}
+
+
+def test_federated_dp_run_keeps_the_key_at_the_site_and_out_of_every_other_file(tmp_path):
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.train import TrainConfig
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=3, size=16)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    dp = DPConfig(epsilon=8.0, delta=1e-3, clip="fixed", sampling_rate=0.5).to_dict()
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     steps=1, extra={"dp": dp})
+    run = tmp_path / "run"
+    state = simulate_inprocess(FLConfig(name="k", sites=sites, train=tc, rounds=1, local_steps=1, eval_every=1),
+                               run)
+    assert state.status == "finished"
+    keys = {p.parent.name: p.read_bytes() for p in run.glob("sites/*/" + KEY_FILE)}
+    assert sorted(keys) == ["H1", "H2"] and keys["H1"] != keys["H2"]
+    for path in run.rglob("*"):
+        if path.is_file() and path.name != KEY_FILE:
+            blob = path.read_bytes()
+            assert not any(k in blob or k.hex().encode() in blob for k in keys.values()), path
+    # 2. what each site told the server: only accounted figures, n withheld
+    for site, metrics in state.rounds[-1]["train"].items():
+        assert metrics["num-examples"] == 1, site
+        assert not {"train-loss", "train-loss-last", "compute-s", "load-s"} & set(metrics), metrics
+        assert metrics["dp-epsilon"] > 0
+    status = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite").status()[0]
+    assert status["private"] is True
+
+
+# -- 2. nothing unaccounted ----------------------------------------------------------------------------
+
+def test_dp_run_refuses_evaluation_on_training_patients(tiny_cohort):
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.train import TrainConfig
+
+    sites = sites_from_cohort(tiny_cohort.root)
+    info = check_sites(sites)
+    tc = TrainConfig(model="unet_tiny", in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     extra={"dp": DPConfig().to_dict()})
+    with pytest.raises(ConfigError, match="eval-split"):
+        FLConfig(name="x", sites=sites, train=tc, eval_split="train")
+    FLConfig(name="x", sites=sites, train=tc, eval_split="test")
+    FLConfig(name="x", sites=sites, train=TrainConfig(model="unet_tiny"), eval_split="train")  # no DP: allowed
+
+
+# -- 3. the adaptive count's sensitivity ------------------------------------------------------------------
+
+def test_released_count_has_the_sensitivity_the_accountant_books():
+    rng = np.random.default_rng(0)
+    clipper = QuantileClipper(clip=1.0, expected_m=10, sigma_b=3.0)
+    worst = 0.0
+    for _ in range(50):
+        norms = list(rng.lognormal(0, 0.7, size=int(rng.integers(0, 12))))
+        worst = max(worst, count_sensitivity(clipper, norms, candidates=[0.1, 1.0, 5.0]))
+    assert worst == pytest.approx(COUNT_SENSITIVITY)
+    # booked z: the update at z_delta and the count at sigma_b / sensitivity compose to exactly z
+    z, sigma_b = 1.2, 3.0
+    z_delta = split_noise(z, sigma_b)
+    assert (z_delta ** -2 + (sigma_b / worst) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+    # the noiseless estimate is the fraction unclipped
+    frac = clipper.update([0.5, 0.5, 2.0, 2.0], draw=0.0)
+    assert frac == pytest.approx((4 * 0.5 - 2) / 10 + 0.5)
+
+
+# -- 5. client-level DP: the sampling that is booked happens --------------------------------------------
+
+def test_client_dp_samples_sites_by_poisson_at_the_booked_rate(tmp_path):
+    from privseg.privacy.client_dp import ClientLevelDP
+
+    hooks = ClientLevelDP(n_sites=10, fraction=0.1, clip="fixed", noise_multiplier=1.0, delta=1e-2,
+                          noise=NoiseSource.ephemeral())
+    sizes = [len(hooks.select(r, list(range(100, 110)))) for r in range(2000)]
+    assert abs(np.mean(sizes) - 1.0) < 0.1  # q * n, not Flower's max(floor(n f), min_sites) = 2
+    assert 0 in sizes and max(sizes) >= 3
+
+
+def test_guard_compares_sites_only_without_client_dp():
+    from privseg.federated.guard import attach_guard
+    from privseg.federated.strategies import build_strategy
+
+    plain = build_strategy("fedavg", min_sites=1)
+    assert attach_guard(plain).cross_site is True
+    private = build_strategy("fedavg", min_sites=1)
+    private.client_dp = object()
+    assert attach_guard(private).cross_site is False
+
+
+# -- 6. the patient is the unit ------------------------------------------------------------------------
+
+def test_a_patient_with_several_scans_is_one_unit():
+    items = _items(5, patients=["P1", "P1", "P1", "P2", "P3"])
+    assert patient_groups(items) == [[0, 1, 2], [3], [4]]
+    eng = PatientDPSGD(q=0.5, n_subjects=3, multipliers=[1.0] * 50, clip_norm=1.0)
+    from privseg.data.transforms import PatchSampler
+
+    sampler = PatchSampler((16, 16), 2)
+    for step in range(30):
+        batch = eng.sample(items, sampler, step)
+        if batch.owner is not None:
+            per = torch.bincount(batch.owner)
+            assert len(per) == batch.patients  # one gradient (one clip) per patient
+            # P1's three scans come together or not at all
+            assert all(c in (2, 6) for c in per.tolist())  # P1: 3 scans x 2 patches, never split
+    with pytest.raises(ConfigError, match="site has 3"):
+        PatientDPSGD(q=0.5, n_subjects=5, multipliers=[1.0]).sample(items, sampler, 0)
+
+
+# -- 8. central training books every step across a resume -----------------------------------------------
+
+def test_central_resume_books_every_step(tiny_cohort, tmp_path):
+    from dataclasses import replace
+
+    from privseg.privacy import train_private
+    from privseg.train import TrainConfig
+
+    dp = DPConfig(epsilon=50.0, delta=1e-2, clip="fixed", sampling_rate=0.5, noise_multiplier=1.0,
+                  allow_large_delta=True)
+    cfg = TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", steps=4, patch_size=(16, 16, 16),
+                                 subjects_per_step=1, patches_per_subject=2, device="cpu")
+    cfg = replace(cfg, checkpoint_every=3)
+    train_private(tiny_cohort, cfg, dp, tmp_path / "c")  # stops at step 4
+    train_private(tiny_cohort, replace(cfg, steps=8), dp, tmp_path / "c")  # resumes 4 -> 8
+    ledger = BudgetLedger(tmp_path / "c" / "privacy.sqlite")
+    assert sum(e.steps for e in ledger.events("central")) == 8
+    with pytest.raises(BudgetExceededError, match="fresh start"):
+        train_private(tiny_cohort, replace(cfg, steps=8), dp, tmp_path / "c", resume=False)
+
+
+# -- 9. the engine only takes the batches it sampled -------------------------------------------------------
+
+def test_engine_refuses_batches_it_did_not_sample():
+    model = _model()
+    eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, owner = torch.randn(4, 1, 16, 16), torch.zeros(4, 1, 16, 16, dtype=torch.long), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ConfigError, match="Poisson"):
+        eng(model, opt, SegLoss(), x, y, owner)  # the old fixed-batch step_fn use
+    other = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 4)
+    forged = SampledBatch(id(other), 0, x, y, owner, 2)
+    with pytest.raises(ConfigError, match="sampled"):
+        eng.step(model, opt, SegLoss(), forged)
+    from privseg.train.loop import train_steps
+
+    with pytest.raises(ConfigError):
+        train_steps(model, opt, _items(4), _Cfg(), start=0, stop=1, step_fn=eng)
+
+
+def test_key_file_damage_is_named(tmp_path):
+    (tmp_path / KEY_FILE).write_bytes(b"short")
+    from privseg.errors import DataError
+
+    with pytest.raises(DataError, match="damaged"):
+        NoiseSource.for_state_dir(tmp_path)
+
+
+def test_ledger_from_before_scopes_migrates(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "privacy.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+    CREATE TABLE budgets (site TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL, updated REAL NOT NULL);
+    CREATE TABLE plans (site TEXT PRIMARY KEY, plan TEXT NOT NULL);
+    CREATE TABLE rounds (site TEXT NOT NULL, round INTEGER NOT NULL, events TEXT NOT NULL, epsilon REAL NOT NULL,
+                         delta REAL NOT NULL, time REAL NOT NULL, info TEXT, PRIMARY KEY (site, round));
+    INSERT INTO budgets VALUES ('H1', 8.0, 1e-5, 0);
+    """)
+    con.execute("INSERT INTO rounds VALUES ('H1', 1, ?, 1.0, 1e-5, 0, '{}')",
+                (json.dumps([{"q": 0.5, "sigma": 1.0, "steps": 3}]),))
+    con.commit()
+    con.close()
+    ledger = BudgetLedger(path)
+    assert ledger.rounds("H1")[0]["scope"] == "" and ledger.rounds("H1")[0]["steps"] == 3
+    assert ledger.status()[0]["private"] is False  # booked before secret noise: not claimed private
+    ledger.commit_round("H1", 1, [StepEvent(0.5, 1.0, 1)], scope="erasure/x/retrain")
+    assert sum(e.steps for e in ledger.events("H1")) == 4  # a derived run's round adds, never replaces
+
+
+
+# -- 4. erasure runs: fresh keys, spend in the site's own ledger -------------------------------------------
+
+def test_derived_run_gets_fresh_keys_and_books_into_the_sites_ledger(tmp_path):
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.train import TrainConfig
+    from privseg.unlearn.federated import federated_retrain
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=3, size=16)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    dp = DPConfig(epsilon=200.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.0).to_dict()
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     steps=2, extra={"dp": dp})
+    run = tmp_path / "run"
+    simulate_inprocess(FLConfig(name="d", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0), run)
+    ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
+    before = ledger.spent("H1")
+    sub = run / "erasure" / "req" / "retrain"
+    federated_retrain(run, sub, drop_site="H2", from_round=0, rounds=2)
+    scopes = {r["scope"] for r in ledger.rounds("H1")}
+    assert scopes == {"", "erasure/req/retrain"}
+    assert ledger.spent("H1") > before  # the retrain's releases count for the site
+    assert not (sub / "sites" / "H1" / "privacy.sqlite").exists()  # no ledger nobody reads
+    assert (sub / "sites" / "H1" / KEY_FILE).read_bytes() != (run / "sites" / "H1" / KEY_FILE).read_bytes()
