@@ -124,9 +124,15 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
                                                         ("Superseded files deleted", len(s["removed"]))]) + "</table>")
     if s["dp"]:
         d = s["dp"]
-        parts.append(f"<h2>Differential privacy</h2><p>The run was trained with {html.escape(str(d['unit']))}-level "
-                     f"DP. Before the erasure, the accountant bounded site {html.escape(str(s['site']))} at "
-                     f"&epsilon; = {_fmt(d['epsilon'])}, &delta; = {d['delta']:g} ({html.escape(d['meaning'])}).</p>")
+        if d.get("private"):
+            parts.append(f"<h2>Differential privacy</h2><p>The run was trained with "
+                         f"{html.escape(str(d['unit']))}-level DP. The site's ledger bounds site "
+                         f"{html.escape(str(s['site']))} at &epsilon; = {_fmt(d['epsilon'])}, &delta; = {d['delta']:g} "
+                         f"({html.escape(d['meaning'])}; {html.escape(str(d.get('guarantee', '')))}).</p>")
+        else:
+            parts.append(f"<h2>Differential privacy</h2><p><strong>NOT PRIVATE.</strong> The ledger books "
+                         f"&epsilon; = {_fmt(d['epsilon'])} for site {html.escape(str(s['site']))}, but that is not a "
+                         f"guarantee: {html.escape(str(d.get('guarantee') or 'no record of secret-key noise'))}.</p>")
     parts.append("<h2>Ledger</h2><table>" + _rows([
         ("Ledger file", ledger_path), ("Hash chain", "intact" if chain_ok else "BROKEN: " + "; ".join(chain_problems)),
         ("Hash of this request's last entry", s["last_entry_hash"])]) + "</table>")

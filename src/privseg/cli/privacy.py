@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from privseg.cli.cohorts import CLASSES, SPLITS
-from privseg.cli.ui import out, progress, table
+from privseg.cli.ui import console, out, progress, table
 
 app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
 
@@ -73,9 +73,14 @@ def status(
         out.print_json(json.dumps(rows))
         return
     out.print(table(f"privacy budget ({path})", ["site", "epsilon spent", "epsilon budget", "remaining", "delta",
-                                                 "rounds", "clip"],
+                                                 "rounds", "clip", "guarantee"],
                     [[r["site"], r["epsilon_spent"], r["epsilon_budget"], r["epsilon_remaining"], f"{r['delta']:g}",
-                      r["rounds"], r["clip"] if r["clip"] is not None else "-"] for r in rows]))
+                      r["rounds"], r["clip"] if r["clip"] is not None else "-",
+                      "private" if r["private"] else r["guarantee"]] for r in rows]))
+    for r in rows:
+        if not r["private"]:
+            console.print(f"[yellow]warning:[/yellow] site {r['site']}: {r['guarantee']} -- its epsilon is "
+                          "bookkeeping, not a privacy guarantee")
 
 
 @app.command()

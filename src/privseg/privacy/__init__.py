@@ -22,7 +22,6 @@ from privseg.privacy.accountant import (
 )
 from privseg.privacy.budget import BudgetLedger, find_ledgers
 from privseg.privacy.clipping import QuantileClipper, split_noise
-from privseg.privacy.noise import NoiseSource
 from privseg.privacy.dpsgd import (
     DPConfig,
     PatientDPSGD,
@@ -33,6 +32,7 @@ from privseg.privacy.dpsgd import (
     make_plan,
     train_private,
 )
+from privseg.privacy.noise import NoiseSource
 
 __all__ = [
     "BudgetLedger",

@@ -485,6 +485,20 @@ def _ledger_rows(run_dir: Path) -> tuple[dict[str, list[dict]], dict[str, tuple[
     return rounds, budgets
 
 
+def _ledger_status(run_dir: Path) -> dict[str, dict]:
+    """Per site: the ledger's ε and whether it is a guarantee (secret-key noise throughout)."""
+    from privseg.privacy.budget import BudgetLedger
+
+    out: dict[str, dict] = {}
+    for db in sorted(set(run_dir.glob("privacy.sqlite")) | set(run_dir.glob("sites/*/privacy.sqlite"))):
+        try:
+            for row in BudgetLedger(db).status():
+                out[row["site"]] = row
+        except PrivsegError:
+            continue
+    return out
+
+
 def _privacy_section(b: Builder, src: Source) -> None:
     eps: dict[str, list[tuple[float, float]]] = {}
     delta = None
@@ -513,12 +527,17 @@ def _privacy_section(b: Builder, src: Source) -> None:
     if dice_eps:
         body += b.fig("dice_vs_epsilon", F.dice_vs_epsilon(dict(sorted(dice_eps.items())), delta),
                       "Each site's evaluation Dice against the ε it had spent by that round.")
+    status = _ledger_status(src.run_dir) if src.run_dir else {}
     rows = []
     for site, pts in eps.items():
         bud = budgets.get(site)
-        rows.append([site, len(pts), pts[-1][1], bud[0] if bud else None, (bud[0] - pts[-1][1]) if bud else None,
-                     delta if delta is not None else (bud[1] if bud else None)])
-    body += "<h3>Per-site budget</h3>" + table(["site", "rounds", "ε spent", "ε budget", "ε remaining", "δ"], rows)
+        st = status.get(site)  # the ledger's total (erasure runs included) is the statement, not the last round
+        spent = st["epsilon_spent"] if st else pts[-1][1]
+        rows.append([site, len(pts), spent, bud[0] if bud else None, (bud[0] - spent) if bud else None,
+                     delta if delta is not None else (bud[1] if bud else None),
+                     st["guarantee"] if st else "NOT PRIVATE: no ledger for this site"])
+    body += "<h3>Per-site budget</h3>" + table(["site", "rounds", "ε spent", "ε budget", "ε remaining", "δ",
+                                                "guarantee"], rows)
     b.add("privacy", body)
 
 

@@ -176,7 +176,7 @@ def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
             for row in BudgetLedger(path).status():
                 if row["site"] == site:
                     return {"unit": dp.get("unit"), "epsilon": row["epsilon_spent"], "delta": row["delta"],
-                            "ledger": _rel(run_dir, path),
+                            "ledger": _rel(run_dir, path), "private": row["private"], "guarantee": row["guarantee"],
                             "meaning": "patient-level DP: a bound for every patient of the site" if dp.get(
                                 "unit") == "patient" else "site-level DP: a bound for the site's whole data"}
     except PrivsegError:
