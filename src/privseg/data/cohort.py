@@ -324,12 +324,13 @@ SPLITS_FILE = "splits.csv"  # written beside every run; read_splits pins it agai
 
 @dataclass(frozen=True)
 class PinnedSplits:
-    """A split read from a file: subject ID -> split, and where the file says so, -> site and -> patient."""
+    """A split read from a file: (site or None, subject ID) -> split, and -> patient where the
+    file has one. The site is part of the key because a folder of site folders may reuse a
+    case name at two hospitals."""
 
     path: str
-    split: dict[str, str]
-    site: dict[str, str] = field(default_factory=dict)
-    patient: dict[str, str] = field(default_factory=dict)
+    split: dict[tuple[str | None, str], str]
+    patient: dict[tuple[str | None, str], str] = field(default_factory=dict)
 
 
 def read_splits(path: str | Path, fold: int = 0) -> PinnedSplits:
@@ -371,15 +372,15 @@ def _read_splits_json(path: Path, fold: int) -> PinnedSplits:
     unknown = sorted(set(raw) - set(SPLITS))
     if unknown:
         raise DataError(path, f"unknown split name(s) {unknown}: use {', '.join(SPLITS)}")
-    split: dict[str, str] = {}
+    split: dict[tuple[str | None, str], str] = {}
     for name, ids in raw.items():
         if not isinstance(ids, list):
             raise DataError(path, f"'{name}' must be a list of subject IDs")
         for i in ids:
-            sid = _split_id(i, path)
-            if sid in split:
-                raise DataError(path, f"subject {sid!r} is in two splits ({split[sid]} and {name})")
-            split[sid] = name
+            key = (None, _split_id(i, path))
+            if key in split:
+                raise DataError(path, f"subject {key[1]!r} is in two splits ({split[key]} and {name})")
+            split[key] = name
     return PinnedSplits(str(path), split)
 
 
@@ -402,16 +403,15 @@ def _read_splits_csv(path: Path) -> PinnedSplits:
             raise DataError(path, f"line {line} has {len(row)} fields, the header {len(header)}")
         cell = {name: row[k].strip() for name, k in col.items()}
         sid = _split_id(cell["id"], path, f"subject ID on line {line}")
+        site = _split_id(cell["site"], path, f"site ID on line {line}") if cell.get("site") else None
         if cell["split"] not in SPLITS:
             raise DataError(path, f"line {line}: split {cell['split']!r} is not one of {', '.join(SPLITS)}")
-        if sid in out.split:
-            raise DataError(path, f"line {line}: subject {sid!r} is listed twice "
-                            f"({out.split[sid]} and {cell['split']})")
-        out.split[sid] = cell["split"]
-        if cell.get("site"):
-            out.site[sid] = _split_id(cell["site"], path, f"site ID on line {line}")
+        key = (site, sid)
+        if key in out.split or (None, sid) in out.split or (site is None and any(k[1] == sid for k in out.split)):
+            raise DataError(path, f"line {line}: subject {sid!r} is listed twice")
+        out.split[key] = cell["split"]
         if cell.get("patient"):
-            out.patient[sid] = _split_id(cell["patient"], path, f"patient ID on line {line}")
+            out.patient[key] = _split_id(cell["patient"], path, f"patient ID on line {line}")
     if not out.split:
         raise DataError(path, "split file lists no subjects")
     return out
@@ -422,30 +422,36 @@ def apply_splits(cohort: Cohort, pinned: PinnedSplits | str | Path, site: str | 
 
     The file must give a split to every subject and name no other subject. With ``site``
     (a federation's site ID, which may differ from the cohort's own site names), only the
-    file's rows of that site apply and their site column is not compared with the cohort's.
-    A patient left on two sides is a DataError naming the file; the cohort is not changed."""
+    file's rows of that site (and rows without a site) apply. A patient left on two sides is a
+    DataError naming the file; the cohort is not changed."""
     if not isinstance(pinned, PinnedSplits):
         pinned = read_splits(pinned)
     path = pinned.path
-    ids = [i for i in pinned.split if site is None or pinned.site.get(i, site) == site]
-    have = {s.id: s for s in cohort.subjects}
-    unknown = [i for i in ids if i not in have]
+    rows = {k: v for k, v in pinned.split.items() if site is None or k[0] in (None, site)}
+    used: set[tuple[str | None, str]] = set()
+    subjects, missing = [], []
+    for s in cohort.subjects:
+        key = next((k for k in ((site or s.site, s.id), (None, s.id)) if k in rows), None)
+        if key is None:
+            missing.append(s.id)
+            continue
+        used.add(key)
+        patient = pinned.patient.get(key, s.patient_id)
+        if s.patient_id not in (s.id, patient):
+            raise DataError(path, f"gives subject {s.id} patient {patient!r}, the data says {s.patient_id!r}")
+        subjects.append(replace(s, split=rows[key], patient_id=patient))
+    unknown = [k for k in rows if k not in used]
     if unknown:
+        where = {s.id: s.site for s in cohort.subjects}
+        moved = [k for k in unknown if k[1] in where]
+        if moved:
+            k = moved[0]
+            raise DataError(path, f"puts subject {k[1]} at site {k[0]}, the cohort has it at {where[k[1]]}")
         raise DataError(path, f"names {len(unknown)} subject(s) not in cohort {cohort.name}: "
-                        f"{_listing(unknown)}")
-    chosen = set(ids)
-    missing = [s.id for s in cohort.subjects if s.id not in chosen]
+                        f"{_listing([k[1] for k in unknown])}")
     if missing:
         raise DataError(path, f"gives no split for {len(missing)} subject(s) of cohort {cohort.name}: "
                         f"{_listing(missing)}")
-    subjects = []
-    for s in cohort.subjects:
-        if site is None and s.id in pinned.site and pinned.site[s.id] != s.site:
-            raise DataError(path, f"puts subject {s.id} at site {pinned.site[s.id]}, the cohort has it at {s.site}")
-        patient = pinned.patient.get(s.id, s.patient_id)
-        if s.patient_id not in (s.id, patient):
-            raise DataError(path, f"gives subject {s.id} patient {patient!r}, the data says {s.patient_id!r}")
-        subjects.append(replace(s, split=pinned.split[s.id], patient_id=patient))
     try:
         return replace(cohort, subjects=subjects, info={**cohort.info, "pinned_splits": path})
     except (ConfigError, DataError) as exc:
