@@ -295,18 +295,20 @@ class PatientDPSGD:
     steps the optimiser (:meth:`step`); :meth:`train_steps` does both for a range of steps.
 
     ``multipliers[t]`` is the noise multiplier ``z`` booked for global step ``t``; the noised sum
-    is divided by ``expected_batch`` = q*n patients. It is not a ``step_fn`` for a fixed batch:
+    is divided by ``expected_batch`` (default q*n patients; a public constant such as
+    ``subjects_per_step`` when the sampling rate is fixed, so the update does not reveal n). It is not a ``step_fn`` for a fixed batch:
     a batch it did not sample itself would be booked as a Poisson sample that never happened."""
 
     def __init__(self, *, q: float, n_subjects: int, multipliers: Sequence[float], clip_norm: float = 1.0,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
                  sigma_b: float | None = None, method: str = "loop", noise: NoiseSource | None = None,
-                 start: int = 0):
+                 start: int = 0, expected_batch: float | None = None):
         if method not in METHODS:
             raise ConfigError(f"DP method {method!r} is not one of {', '.join(METHODS)}")
         self.q = float(q)
         self.n = int(n_subjects)
-        self.expected_batch = self.q * self.n
+        # the divisor of the noised sum: a public constant when given (so the update does not reveal n)
+        self.expected_batch = float(expected_batch) if expected_batch else self.q * self.n
         self.multipliers = [float(z) for z in multipliers]
         self.clip_norm = float(clip_norm)
         self.adaptive = bool(adaptive)
@@ -479,10 +481,15 @@ def noise_source(dp: DPConfig, state_dir: str | Path, seed: int) -> NoiseSource:
     return NoiseSource.reproducible(seed) if dp.reproducible_noise else NoiseSource.for_state_dir(state_dir)
 
 
-def engine_for(plan: SitePlan, dp: DPConfig, noise: NoiseSource, start: int = 0) -> PatientDPSGD:
+def engine_for(plan: SitePlan, dp: DPConfig, noise: NoiseSource, start: int = 0,
+               subjects_per_step: int | None = None) -> PatientDPSGD:
+    """The site's engine. With a fixed ``--sampling-rate`` the update is divided by the public
+    ``subjects_per_step`` rather than q*n, so nothing the site releases depends on n."""
+    fixed_q = dp.sampling_rate is not None and subjects_per_step
     return PatientDPSGD(q=plan.q, n_subjects=plan.n_subjects, multipliers=plan.multipliers, clip_norm=dp.clip_norm,
                         adaptive=dp.clip == "adaptive", target_quantile=dp.target_quantile, clip_lr=dp.clip_lr,
-                        sigma_b=dp.sigma_b, method=dp.method, noise=noise, start=start)
+                        sigma_b=dp.sigma_b, method=dp.method, noise=noise, start=start,
+                        expected_batch=float(subjects_per_step) if fixed_q else None)
 
 
 class SiteDPSession:
@@ -579,7 +586,7 @@ def fl_step_fn_factory(tc, msg_config, spec, state_dir: Path):
     ledger = BudgetLedger(ledger_path)
     plan = plan_from_ledger_or_new(ledger, dp, spec.id, len(patient_groups(items)), tc.subjects_per_step, tc.steps)
     engine = engine_for(plan, dp.for_site(spec.id), noise_source(dp, state_dir, tc.seed + site_seed(spec.id)),
-                        start=(server_round - 1) * steps)
+                        start=(server_round - 1) * steps, subjects_per_step=tc.subjects_per_step)
     # adaptive clip: continue from the clip the site reached in its previous round (not from a first
     # attempt at this round that a server crash cut short: the repeat must give the same update)
     last = ledger.last_info(spec.id, before_round=server_round, scope=dp.ledger_scope)
@@ -637,7 +644,8 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
         raise BudgetExceededError(f"{ledger.path}: the ledger books {booked} DP step(s) of site {site!r} before "
                                   f"step {start}, the checkpoint {ckpt} is at step {start}: refusing to resume "
                                   "a run whose spend does not match its model")
-    engine = engine_for(plan, dp, noise_source(dp, out_dir, config.seed), start=start)
+    engine = engine_for(plan, dp, noise_source(dp, out_dir, config.seed), start=start,
+                        subjects_per_step=config.subjects_per_step)
     last = ledger.last_info(site, before_round=start + 1)  # the clip as it was at `start`
     if start and engine.clipper is not None and last and last.get("clip"):
         engine.clipper.clip = float(last["clip"])
