@@ -1,32 +1,36 @@
-"""Benchmark (issue 5): federated training across sites with domain shift.
+"""Benchmark (issue 5): federated training across sites with scanner shift, as resumable cells.
 
-    python benchmarks/federated.py [--quick] [--rounds 20] [--local-steps 10] [--size 48]
+    OMP_NUM_THREADS=1 python benchmarks/federated.py [--resume] [--cells a,b] [--list] [--smoke]
 
-On the embedded cohort with 3 and 5 sites (each its own scanner profile: T1 3T, T1 1.5T,
-T1 5 mm slices, T2, FLAIR), compares
+Cohort: the embedded power federation (:func:`privseg.data.synth.power_cohort`: 16 patients per
+site at 32^3, 12 of them training and 4 never seen per site), 3 and 5 sites, each its own
+scanner profile (T1 3T, T1 1.5T, T1 5 mm slices, T2, FLAIR). Per number of sites and seed:
 
-* local-only: each site trains alone for rounds x local_steps steps;
-* centralised (pooled): one model on every site's training subjects, with the federation's
-  total compute (sites x rounds x local_steps steps);
-* FedAvg, FedProx (mu = 0.01) and FedBN in Flower's Ray simulation, rounds x local_steps;
+* ``local``: each site trains alone for rounds x local_steps steps; Dice on its own held-out patients;
+* ``pooled``: one model on every site's training patients with the federation's total compute
+  (sites x rounds x local_steps steps); also the membership power check of that model
+  (all training vs all never-seen patients, and the null control);
+* ``fedavg`` / ``fedprox`` (mu 0.01) / ``fedbn``: Flower's Ray simulation, rounds x local_steps;
+  Dice of the final global model (FedBN: with each site's own normalisation layers).
 
-reporting Dice per site and the mean over sites on each site's held-out (test) subjects.
-Also: the orchestration overhead of a simulated run, total wall time / summed local compute
-time (training + evaluation + data loading, as timed inside the ClientApps) - 1, with and
-without the one-off Ray start-up; and the peak resident memory (driver + Ray workers) of a
-simulation with 20 and 100 small sites.
+Dice = mean foreground Dice on each site's held-out (test) patients; mean +- std over seeds.
+``overhead`` = Flower orchestration / local compute: (wall time of rounds 2..R) / (local
+train + eval + data-loading time of those rounds, timed inside the ClientApps) - 1, median over
+the federated cells; the Ray start-up (simulation wall time before round 2 minus round 1's local
+compute) is reported beside it. ``many-<n>`` cells run n tiny sites for the peak memory of the
+whole process tree (driver + Ray). Non-DP only.
 
-Writes benchmarks/results/federated.json (top-level ``gap_to_pooled`` = pooled mean Dice -
-best federated mean Dice, ``overhead``, ``sites_100_ok``) and federated.md.
-Targets: gap_to_pooled <= 0.03; overhead <= 0.10; 100 simulated sites run without OOM.
+Top-level keys: ``gap_to_pooled`` (pooled mean Dice - best federated strategy's mean Dice, Dice
+points, the larger of the 3- and 5-site gaps), ``overhead``, ``ray_startup_s``, ``sites_100_ok``,
+``sites_100_peak_rss_mb``. Targets: gap <= 0.03; overhead <= 0.10; 100 sites without OOM.
 """
 
 from __future__ import annotations
 
 import os
 
-# OpenMP threads that spin while waiting make 2-thread torch ~10x slower when other processes
-# share the cores (measured here: 4.7 s vs 0.38 s per step); passive waiting avoids that.
+# OpenMP threads that spin while waiting make torch far slower when other processes share the
+# cores; passive waiting avoids that.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
@@ -39,18 +43,22 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from privseg.data.synth import default_profiles, synth_cohort  # noqa: E402
-from privseg.data.transforms import load_preprocessed  # noqa: E402
-from privseg.federated import FLConfig, SiteSpec, check_sites, sites_from_cohort  # noqa: E402
-from privseg.federated.simulation import simulate  # noqa: E402
-from privseg.train import TrainConfig, evaluate_subjects, summarise, train_steps  # noqa: E402
-from privseg.train.loop import make_optimizer  # noqa: E402
-from privseg.utils import seed_everything, versions, write_json  # noqa: E402
+import cells  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+VERSION = "federated-2"  # bump when a change makes old cells incomparable
+SITES = (3, 5)
+METHODS = ("local", "pooled", "fedavg", "fedprox", "fedbn")
 STRATEGIES = ("fedavg", "fedprox", "fedbn")
+SEEDS = (0, 1, 2)
+MANY = (20, 100)
+
+# The real setting, and a smoke setting that only checks the pipeline end to end (never merged
+# into benchmarks/results: --smoke writes to a temporary folder).
+FULL = {"rounds": 20, "local_steps": 10, "model": "unet_tiny", "patch": 24, "lr": 3e-3, "mu": 0.01,
+        "size": 32, "subjects": 16, "many_rounds": 2, "mia_views": 2}
+SMOKE = {"rounds": 2, "local_steps": 2, "model": "unet_tiny", "patch": 16, "lr": 3e-3, "mu": 0.01,
+         "size": 24, "subjects": 4, "many_rounds": 1, "mia_views": 1}
 
 
 # -- memory of the whole process tree (driver + Ray) -----------------------------------
@@ -99,188 +107,274 @@ class PeakMemory:
         self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
 
 
-# -- baselines -------------------------------------------------------------------------
+# -- cells ------------------------------------------------------------------------------
 
-def train_and_eval(cohort, subjects, cfg: TrainConfig, steps: int, eval_sites: list[str]) -> dict:
+def make_cells(s: dict) -> list[cells.Cell]:
+    out = []
+    for n in SITES:
+        for seed in SEEDS:
+            for m in METHODS:
+                # relative cost: every method trains sites x rounds x local steps; Ray adds start-up
+                out.append(cells.Cell(f"s{n}-{m}-seed{seed}", {"sites": n, "method": m, "seed": seed, **s},
+                                      cost=n * (1.3 if m in STRATEGIES else 1.0)))
+    for n in MANY:
+        out.append(cells.Cell(f"many-{n}", {"many": n, "rounds": s["many_rounds"]}, cost=n / 10))
+    return out
+
+
+def _cohort(n_sites: int, s: dict, shared: Path):
+    """The cohort of an n-site setting, built once and reused by every cell (deterministic)."""
+    from privseg.data.cohort import MANIFEST_NAME, Cohort
+    from privseg.data.synth import power_cohort
+
+    root = shared / f"cohort-s{n_sites}-{s['size']}-{s['subjects']}"
+    if (root / MANIFEST_NAME).exists():
+        return Cohort.from_manifest(root / MANIFEST_NAME)
+    return power_cohort(root, sites=n_sites, subjects=s["subjects"], size=s["size"], seed=0,
+                        check=s["subjects"] >= 16)
+
+
+def _train_config(p: dict, info: dict):
+    from privseg.train import TrainConfig
+
+    return TrainConfig(model=p["model"], norm="group", patch_size=(p["patch"],) * 3, subjects_per_step=2,
+                       patches_per_subject=2, lr=p["lr"], seed=p["seed"], device="cpu",
+                       in_channels=len(info["channels"]), num_classes=len(info["classes"]))
+
+
+def _train_eval(cohort, subjects, cfg, steps: int, eval_sites: list[str]):
+    from privseg.data.transforms import load_preprocessed
+    from privseg.train import evaluate_subjects, summarise, train_steps
+    from privseg.train.loop import make_optimizer
+    from privseg.utils import seed_everything
+
     seed_everything(cfg.seed)
     model = cfg.build_model()
     opt = make_optimizer(model, cfg)
     items = load_preprocessed(subjects, cohort, cfg.spacing)
     t0 = time.perf_counter()
     train_steps(model, opt, items, replace(cfg, steps=steps), start=0, stop=steps)
-    seconds = time.perf_counter() - t0
-    out = {}
+    train_s = time.perf_counter() - t0
+    dice = {}
     for site in eval_sites:
         test = load_preprocessed(cohort.select("test", site), cohort, cfg.spacing)
-        out[site] = summarise(evaluate_subjects(model, test, cfg.patch_size, cfg.num_classes))["overall"]["mean_dice"]
-    return {"sites": out, "train_s": seconds}
+        dice[site] = summarise(evaluate_subjects(model, test, cfg.patch_size, cfg.num_classes))["overall"]["mean_dice"]
+    return model, items, dice, train_s
 
 
-def run_setting(n_sites: int, args, work: Path) -> dict:
-    cohort = synth_cohort(work / f"cohort{n_sites}", sites=n_sites, subjects=args.subjects, size=args.size,
-                          seed=args.seed)
+def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p = cell.params
+    if "many" in p:
+        return many_sites(p["many"], p["rounds"], work)
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+
+    cohort = _cohort(p["sites"], p, shared)
     sites = sites_from_cohort(cohort.root)
     info = check_sites(sites)
-    tc = TrainConfig(model=args.model, norm="group", patch_size=(args.patch,) * 3, subjects_per_step=2,
-                     patches_per_subject=2, lr=args.lr, seed=args.seed, device="cpu",
-                     in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-    steps = args.rounds * args.local_steps
-    res: dict = {"sites": cohort.sites, "profiles": dict(zip(cohort.sites, default_profiles(n_sites), strict=True)),
-                 "subjects": info["counts"], "methods": {}}
-    print(f"\n== {n_sites} sites: {info['counts']}", flush=True)
+    tc = _train_config(p, info)
+    steps = p["rounds"] * p["local_steps"]
+    m = p["method"]
+    if m == "local":
+        dice, train_s = {}, 0.0
+        for site in cohort.sites:
+            _, _, d, t = _train_eval(cohort, cohort.select("train", site), tc, steps, [site])
+            dice.update(d)
+            train_s += t
+        return {"dice": dice, "train_s": train_s, "counts": info["counts"]}
+    if m == "pooled":
+        model, items, dice, train_s = _train_eval(cohort, cohort.select("train"), tc, steps * len(cohort.sites),
+                                                  cohort.sites)
+        return {"dice": dice, "train_s": train_s, "counts": info["counts"],
+                "membership": _power(model, items, cohort, tc, p)}
+    from privseg.federated.simulation import simulate
 
-    local = {}
+    cfg = FLConfig(name=f"{m}{p['sites']}", sites=sites, train=tc, strategy=m, rounds=p["rounds"],
+                   local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=p["rounds"])
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a cell interrupted mid-way starts again from scratch
     t0 = time.perf_counter()
-    for site in cohort.sites:
-        local.update(train_and_eval(cohort, cohort.select("train", site), tc, steps, [site])["sites"])
-    res["methods"]["local"] = {"sites": local, "seconds": time.perf_counter() - t0}
-    print("local   ", {k: round(v, 3) for k, v in local.items()}, flush=True)
+    state = simulate(cfg, run_dir, cpus_per_client=1, ray_cpus=1)
+    wall = time.perf_counter() - t0
+    rounds = state.rounds
+    if len(rounds) != p["rounds"]:
+        raise RuntimeError(f"{cell.name}: {len(rounds)} of {p['rounds']} rounds finished")
 
-    pooled = train_and_eval(cohort, cohort.select("train"), tc, steps * n_sites, cohort.sites)
-    res["methods"]["pooled"] = {"sites": pooled["sites"], "seconds": pooled["train_s"]}
-    print("pooled  ", {k: round(v, 3) for k, v in pooled["sites"].items()}, flush=True)
+    def compute(entry) -> float:
+        c = sum(x["compute-s"] + x["load-s"] for x in entry["train"].values())
+        if entry.get("eval"):
+            c += sum(x["compute-s"] + x["load-s"] for x in entry["eval"]["sites"].values())
+        return c
 
-    for strategy in STRATEGIES:
-        cfg = FLConfig(name=f"{strategy}{n_sites}", sites=sites, train=tc, strategy=strategy, rounds=args.rounds,
-                       local_steps=args.local_steps, proximal_mu=args.mu, eval_every=args.rounds)
-        run_dir = work / "runs" / cfg.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        state = simulate(cfg, run_dir, cpus_per_client=args.cpus_per_client)
-        wall = time.perf_counter() - t0
-        last = state.rounds[-1]
-        site_dice = {s: m["mean-dice"] for s, m in last["eval"]["sites"].items()}
-        compute = sum(m["compute-s"] + m["load-s"] for e in state.rounds for m in e["train"].values())
-        compute += sum(m["compute-s"] + m["load-s"] for e in state.rounds if e.get("eval")
-                       for m in e["eval"]["sites"].values())
-        first_round = state.rounds[0]
-        later_wall = sum(e["wall_s"] for e in state.rounds[1:])
-        later_compute = sum(m["compute-s"] + m["load-s"] for e in state.rounds[1:] for m in e["train"].values())
-        later_compute += sum(m["compute-s"] + m["load-s"] for e in state.rounds[1:] if e.get("eval")
-                             for m in e["eval"]["sites"].values())
-        res["methods"][strategy] = {
-            "sites": site_dice, "seconds": wall, "local_compute_s": compute,
-            "overhead": wall / compute - 1,
-            "overhead_after_round_1": (later_wall / later_compute - 1) if later_compute else None,
-            "first_round_wall_s": first_round["wall_s"],
-        }
-        print(f"{strategy:8s}", {k: round(v, 3) for k, v in site_dice.items()},
-              f"wall {wall:.0f}s compute {compute:.0f}s overhead {wall / compute - 1:+.1%}", flush=True)
-    for m in res["methods"].values():
-        m["mean_dice"] = float(np.mean(list(m["sites"].values())))
-    return res
+    later_wall = sum(e["wall_s"] for e in rounds[1:])
+    later_compute = sum(compute(e) for e in rounds[1:])
+    startup = wall - later_wall - compute(rounds[0])
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # weights are not kept
+    return {"dice": {s: x["mean-dice"] for s, x in rounds[-1]["eval"]["sites"].items()}, "wall_s": wall,
+            "local_compute_s": sum(compute(e) for e in rounds), "overhead": later_wall / later_compute - 1,
+            "ray_startup_s": startup, "counts": info["counts"]}
 
 
-def many_sites(n: int, args, work: Path) -> dict:
+def _power(model, train_items, cohort, tc, p: dict) -> dict:
+    """Membership AUC of all training vs all never-seen patients and the null control."""
+    from privseg.audit.mia import PowerCheckError, power_check_model
+    from privseg.data.transforms import load_preprocessed
+
+    never = load_preprocessed(cohort.select("test"), cohort, tc.spacing)
+    try:
+        return power_check_model(model, train_items, never, tc.patch_size, tc.num_classes, views=p["mia_views"],
+                                 seed=p["seed"], min_members=1, min_nonmembers=2)
+    except PowerCheckError as exc:  # recorded, not fatal: the Dice of this cell still counts
+        return {**exc.result, "error": str(exc)}
+
+
+def many_sites(n: int, rounds: int, work: Path) -> dict:
+    from privseg.data.synth import synth_cohort
+    from privseg.federated import FLConfig, SiteSpec
+    from privseg.federated.simulation import simulate
+    from privseg.train import TrainConfig
+
     # the embedded cohort has at most 99 sites, so bigger federations combine several cohorts
     sites, left, part = [], n, 0
+    shutil.rmtree(work, ignore_errors=True)
     while left > 0:
         k = min(50, left)
-        cohort = synth_cohort(work / f"many{n}_{part}", sites=k, subjects=2, size=16, seed=args.seed + part,
-                              test_fraction=0.0)
+        cohort = synth_cohort(work / f"many{n}_{part}", sites=k, subjects=2, size=16, seed=part, test_fraction=0.0)
         sites += [SiteSpec(id=f"P{part}{s}", cohort=str(cohort.root), cohort_site=s) for s in cohort.sites]
         left, part = left - k, part + 1
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), subjects_per_step=1, patches_per_subject=2,
                      device="cpu", in_channels=1, num_classes=cohort.num_classes)
-    cfg = FLConfig(name=f"many{n}", sites=sites, train=tc, strategy="fedavg", rounds=args.many_rounds, local_steps=1,
+    cfg = FLConfig(name=f"many{n}", sites=sites, train=tc, strategy="fedavg", rounds=rounds, local_steps=1,
                    eval_every=0, cache_sites=2)
-    run_dir = work / "runs" / cfg.name
-    shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     ok, error = True, None
     with PeakMemory() as mem:
         try:
-            state = simulate(cfg, run_dir, cpus_per_client=args.cpus_per_client)
-            ok = state.rounds_done == cfg.rounds and all(len(e["participants"]) == n for e in state.rounds)
+            state = simulate(cfg, work / "run", cpus_per_client=1, ray_cpus=1)
+            ok = state.rounds_done == rounds and all(len(e["participants"]) == n for e in state.rounds)
         except Exception as exc:  # noqa: BLE001 - recorded in the result
             ok, error = False, f"{type(exc).__name__}: {exc}"
-    out = {"sites": n, "rounds": cfg.rounds, "ok": ok, "error": error, "peak_rss_mb": mem.peak,
-           "seconds": time.perf_counter() - t0}
-    print(f"{n} sites: ok={ok} peak {mem.peak:.0f} MiB in {out['seconds']:.0f}s", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"sites": n, "rounds": rounds, "ok": ok, "error": error, "peak_rss_mb": mem.peak,
+            "seconds": time.perf_counter() - t0}
+
+
+# -- merge and report -------------------------------------------------------------------
+
+def _ms(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def merge(done: dict) -> dict:
+    table: dict = {}
+    for n in SITES:
+        for m in METHODS:
+            recs = [done[f"s{n}-{m}-seed{s}"]["metrics"] for s in SEEDS if f"s{n}-{m}-seed{s}" in done]
+            if not recs:
+                continue
+            sites = sorted(recs[0]["dice"])
+            row = {"seeds": len(recs), "sites": {}}
+            for site in sites:
+                mean, std = _ms([r["dice"][site] for r in recs])
+                row["sites"][site] = {"mean": mean, "std": std}
+            row["mean_dice"], row["mean_dice_std"] = _ms([np.mean(list(r["dice"].values())) for r in recs])
+            if m in STRATEGIES:
+                row["overhead"] = float(np.median([r["overhead"] for r in recs]))
+                row["ray_startup_s"] = float(np.median([r["ray_startup_s"] for r in recs]))
+            if m == "pooled":
+                row["membership"] = [r.get("membership") for r in recs]
+            table.setdefault(str(n), {})[m] = row
+    out: dict = {"table": table}
+    gaps, best = {}, {}
+    for n, rows in table.items():
+        fed = {m: rows[m]["mean_dice"] for m in STRATEGIES if m in rows and rows[m]["seeds"] == len(SEEDS)}
+        if "pooled" in rows and rows["pooled"]["seeds"] == len(SEEDS) and len(fed) == len(STRATEGIES):
+            best[n] = max(fed, key=fed.get)
+            gaps[n] = rows["pooled"]["mean_dice"] - fed[best[n]]
+    fed_recs = [r["metrics"] for k, r in done.items() if any(f"-{m}-" in k for m in STRATEGIES)]
+    many = {k: r["metrics"] for k, r in done.items() if k.startswith("many-")}
+    out["gap_to_pooled"] = max(gaps.values()) if len(gaps) == len(SITES) else None
+    out["gap_by_sites"], out["best_strategy"] = gaps, best
+    out["overhead"] = float(np.median([r["overhead"] for r in fed_recs])) if fed_recs else None
+    out["ray_startup_s"] = float(np.median([r["ray_startup_s"] for r in fed_recs])) if fed_recs else None
+    hundred = many.get("many-100")
+    out["sites_100_ok"] = hundred["ok"] if hundred else None
+    out["sites_100_peak_rss_mb"] = hundred["peak_rss_mb"] if hundred else None
+    out["many_sites"] = many
+    power = [x for n in table for x in table[n].get("pooled", {}).get("membership", []) if x]
+    if power:  # every JSON that reports a membership AUC carries the power check and its null control
+        out["membership_power"] = {"member_auc": [x["member_auc"] for x in power],
+                                   "null_auc": [x["null_auc"] for x in power],
+                                   "passed": [x["passed"] for x in power]}
+    out["targets"] = {"gap_to_pooled": 0.03, "overhead": 0.10, "sites_100_ok": True}
+    out["overhead_definition"] = ("wall time of rounds 2..R / in-client train+eval+load time of those rounds - 1 "
+                                  "(Ray simulation, 1 CPU); ray_startup_s = wall before round 2 - round 1's compute")
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small volumes, few rounds: minutes on CPU")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--size", type=int, default=48, help="volume side of the embedded cohort")
-    ap.add_argument("--subjects", type=int, default=6, help="subjects per site")
-    ap.add_argument("--patch", type=int, default=32)
-    ap.add_argument("--model", default="unet")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--mu", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sites", type=int, nargs="+", default=[3, 5])
-    ap.add_argument("--many", type=int, nargs="*", default=[20, 100], help="site counts for the memory test")
-    ap.add_argument("--many-rounds", type=int, default=2)
-    ap.add_argument("--cpus-per-client", type=float, default=None)
-    ap.add_argument("--work", type=Path, default=None, help="keep cohorts and runs here (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "federated.json")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.local_steps, args.size, args.subjects, args.patch = 4, 4, 32, 4, 24
-        args.model, args.many_rounds = "unet_tiny", 1
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    work = args.work or Path(tempfile.mkdtemp(prefix="privseg-fl-bench-"))
-    t0 = time.perf_counter()
-    settings = {str(n): run_setting(n, args, work) for n in args.sites}
-    many = {str(n): many_sites(n, args, work) for n in args.many}
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:+.3f}"
 
-    gaps, overheads, best = {}, [], {}
-    for key, res in settings.items():
-        fed = {s: res["methods"][s]["mean_dice"] for s in STRATEGIES}
-        b = max(fed, key=fed.get)
-        best[key] = b
-        gaps[key] = res["methods"]["pooled"]["mean_dice"] - fed[b]
-        overheads.extend(res["methods"][s]["overhead"] for s in STRATEGIES)
-    gap = max(gaps.values())
-    overhead = float(np.median(overheads))
-    sites_100_ok = bool(many.get("100", {}).get("ok", False))
-    result = {
-        "gap_to_pooled": gap, "overhead": overhead, "sites_100_ok": sites_100_ok,
-        "targets": {"gap_to_pooled": 0.03, "overhead": 0.10},
-        "met": {"gap_to_pooled": gap <= 0.03, "overhead": overhead <= 0.10, "sites_100_ok": sites_100_ok},
-        "gap_by_sites": gaps, "best_strategy": best, "settings": settings, "many_sites": many,
-        "overhead_definition": "simulation wall time (incl. Ray start-up) / summed in-client train+eval+load time - 1;"
-                               " median over the federated runs",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "seconds": time.perf_counter() - t0, "versions": versions(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    md = [f"# Federated training benchmark{' (quick)' if args.quick else ''}", "",
-          f"{args.rounds} rounds x {args.local_steps} local steps, model {args.model}, patch {args.patch}^3, "
-          f"cohort {args.size}^3 with {args.subjects} subjects per site; Dice = mean foreground Dice on each site's "
-          "held-out subjects.", ""]
-    for key, res in settings.items():
-        sites = res["sites"]
-        md += [f"## {key} sites", "", "| method | " + " | ".join(sites) + " | mean |",
-               "|---|" + "---|" * (len(sites) + 1)]
-        for name, m in res["methods"].items():
-            md.append(f"| {name} | " + " | ".join(f"{m['sites'][s]:.3f}" for s in sites) + f" | {m['mean_dice']:.3f} |")
+
+def render(out: dict, done: dict) -> list[str]:
+    p = next(iter(done.values()))["params"]
+    md = []
+    if "rounds" in p:
+        md += [f"{p['rounds']} rounds x {p['local_steps']} local steps, model {p['model']}, patch {p['patch']}^3, "
+               f"embedded power cohort {p['size']}^3 with {p['subjects']} patients per site (a quarter held out); "
+               "Dice = mean foreground Dice on each site's held-out patients, mean ± std over seeds; "
+               "Flower Ray simulation with 1 CPU, one torch thread.", ""]
+    md += [f"**gap_to_pooled** {_fmt(out['gap_to_pooled'])} (target <= 0.03; by sites: "
+           + ", ".join(f"{n}: {g:+.3f} ({out['best_strategy'][n]})" for n, g in out["gap_by_sites"].items()) + "); "
+           f"**overhead** {_fmt(out['overhead'])} (target <= 0.10) beside a Ray start-up of "
+           + ("-" if out["ray_startup_s"] is None else f"{out['ray_startup_s']:.0f} s")
+           + f"; **sites_100_ok** {out['sites_100_ok']}"
+           + ("" if out["sites_100_peak_rss_mb"] is None else f" (peak {out['sites_100_peak_rss_mb']:.0f} MiB)"), ""]
+    for n, rows in out["table"].items():
+        sites = sorted({s for r in rows.values() for s in r["sites"]})
+        md += [f"## {n} sites", "", "| method | seeds | " + " | ".join(sites) + " | mean | overhead | Ray start-up s |",
+               "|---|---|" + "---|" * (len(sites) + 3)]
+        for m, r in rows.items():
+            cells_ = [f"{r['sites'][s]['mean']:.3f} ± {r['sites'][s]['std']:.3f}" if s in r["sites"] else "-"
+                      for s in sites]
+            oh = f"{r['overhead']:+.1%}" if "overhead" in r else ""
+            st = f"{r['ray_startup_s']:.0f}" if "ray_startup_s" in r else ""
+            md.append(f"| {m} | {r['seeds']} | " + " | ".join(cells_)
+                      + f" | {r['mean_dice']:.3f} ± {r['mean_dice_std']:.3f} | {oh} | {st} |")
         md.append("")
-        md.append("| strategy | wall s | local compute s | overhead | overhead after round 1 |")
-        md.append("|---|---|---|---|---|")
-        for s in STRATEGIES:
-            m = res["methods"][s]
-            later = m["overhead_after_round_1"]
-            md.append(f"| {s} | {m['seconds']:.0f} | {m['local_compute_s']:.0f} | {m['overhead']:+.1%} | "
-                      + (f"{later:+.1%}" if later is not None else "-") + " |")
-        md.append("")
-    md += ["## Many small sites (memory)", "", "| sites | rounds | ok | peak RSS MiB (driver + Ray) | seconds |",
-           "|---|---|---|---|---|"]
-    md += [f"| {m['sites']} | {m['rounds']} | {m['ok']} | {m['peak_rss_mb']:.0f} | {m['seconds']:.0f} |"
-           for m in many.values()]
-    md += ["", f"**gap_to_pooled** {gap:+.3f} (target <= 0.03: {'met' if gap <= 0.03 else 'NOT met'}); "
-           f"**overhead** {overhead:+.1%} (target <= 10 %: {'met' if overhead <= 0.10 else 'NOT met'}); "
-           f"**sites_100_ok** {sites_100_ok}", ""]
-    args.out.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    if "membership_power" in out:
+        mp = out["membership_power"]
+        md += ["Membership power of the pooled models (all training vs all never-seen patients; null control = "
+               "two random halves of the never-seen): member AUC "
+               + ", ".join(f"{a:.3f}" for a in mp["member_auc"]) + "; null AUC "
+               + ", ".join(f"{a:.3f}" for a in mp["null_auc"]) + "; passed " + ", ".join(map(str, mp["passed"])), ""]
+    if out["many_sites"]:
+        md += ["## Many small sites (memory)", "", "| sites | rounds | ok | peak RSS MiB (driver + Ray) | seconds |",
+               "|---|---|---|---|---|"]
+        md += [f"| {m['sites']} | {m['rounds']} | {m['ok']} | {m['peak_rss_mb']:.0f} | {m['seconds']:.0f} |"
+               for m in out["many_sites"].values()]
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cells.add_args(ap)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
+    args = ap.parse_args(argv)
+    setting = SMOKE if args.smoke else FULL
+    tmp = None
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="privseg-fed-smoke-"))
+        args.runs, args.results = tmp / "runs", tmp / "results"
+        print(f"smoke run in {tmp}", flush=True)
+    shared = args.runs / "federated" / "work" / "_shared"
+    cell_list = make_cells(setting)
+    if args.smoke:  # the 100-site memory cell is a real measurement, not a smoke check
+        cell_list = [c for c in cell_list if c.name != "many-100"]
+    return cells.run("federated", VERSION, cell_list, lambda c, w: run_cell(c, w, shared), merge, render, args, argv)
 
 
 if __name__ == "__main__":

@@ -289,3 +289,91 @@ def auc_or_nan(members: Sequence[float], nonmembers: Sequence[float]) -> float:
         return auc(members, nonmembers)
     except ConfigError:
         return math.nan
+
+
+# -- power checks ----------------------------------------------------------------
+# Before a forgetting result counts, the original model must memorise (else "the forget set looks
+# unseen" holds for any model), and the test itself must not see membership where there is none.
+class PowerCheckError(ConfigError):
+    """The membership test has no power here: the model does not memorise, the cohort is too small,
+    or the null control is off. ``result`` holds the numbers."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+def null_auc_sd(n1: int, n2: int) -> float:
+    """Standard deviation of the AUC between two groups drawn from one population (Mann-Whitney)."""
+    return math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
+
+
+def power_check(member_scores: Sequence[float], nonmember_scores: Sequence[float], *, min_auc: float = 0.75,
+                null_tolerance: float = 0.1, min_members: int = 24, min_nonmembers: int = 12, seed: int = 0,
+                n_boot: int = 2000, n_perm: int = 2000, raise_on_fail: bool = True) -> dict:
+    """Membership power of a model, from per-patient scores (higher = more likely a member).
+
+    * ``member_auc``: all training vs all never-seen patients; must be >= ``min_auc``;
+    * ``null_auc``: the same test between two random halves (seeded) of the never-seen patients;
+      must satisfy ``|null_auc - 0.5| <= null_tolerance``. ``null_sd`` is its standard deviation
+      for groups that size, so a reader sees how wide chance alone is;
+    * ``member_p``: one-sided permutation p-value of ``member_auc`` (membership labels shuffled).
+
+    Raises :class:`PowerCheckError` (with the numbers) when a check fails and ``raise_on_fail``."""
+    s_m, s_n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    if not (np.isfinite(s_m).all() and np.isfinite(s_n).all()):
+        raise ConfigError("power check: membership scores must be finite")
+    rng = np.random.default_rng((seed, 1789))
+    res: dict = {"n_members": int(s_m.size), "n_nonmembers": int(s_n.size), "min_auc": min_auc,
+                 "null_tolerance": null_tolerance, "seed": seed}
+    problems = []
+    if s_m.size < min_members or s_n.size < min_nonmembers or s_n.size < 2:
+        problems.append(f"{s_m.size} training and {s_n.size} never-seen patients; the test needs at least "
+                        f"{min_members} and {max(min_nonmembers, 2)}")
+    if s_m.size and s_n.size >= 2:
+        res["member_auc"] = auc(s_m, s_n)
+        res["member_ci"] = list(bootstrap_auc(s_m, s_n, n_boot=n_boot, seed=seed))
+        both = np.concatenate([s_m, s_n])
+        perm = [auc(p[: s_m.size], p[s_m.size:]) for p in (rng.permutation(both) for _ in range(n_perm))]
+        res["member_p"] = float((1 + np.sum(np.asarray(perm) >= res["member_auc"])) / (1 + n_perm))
+        order = rng.permutation(s_n.size)
+        half_a, half_b = s_n[order[: s_n.size // 2]], s_n[order[s_n.size // 2:]]
+        res["null_split"] = [order[: s_n.size // 2].tolist(), order[s_n.size // 2:].tolist()]
+        res["null_auc"] = auc(half_a, half_b)
+        res["null_ci"] = list(bootstrap_auc(half_a, half_b, n_boot=n_boot, seed=seed))
+        res["null_sd"] = null_auc_sd(half_a.size, half_b.size)
+        if res["member_auc"] < min_auc:
+            problems.append(f"the model does not memorise: membership AUC of all training vs all never-seen "
+                            f"patients {res['member_auc']:.3f} < {min_auc}")
+        if abs(res["null_auc"] - 0.5) > null_tolerance:
+            problems.append(f"null control off: AUC between two random halves of the never-seen patients "
+                            f"{res['null_auc']:.3f}, |AUC - 0.5| > {null_tolerance} (chance alone has sd "
+                            f"{res['null_sd']:.3f} at {half_a.size} vs {half_b.size})")
+    res["passed"] = not problems
+    res["problems"] = problems
+    if problems and raise_on_fail:
+        raise PowerCheckError("membership test has no power: " + "; ".join(problems), res)
+    return res
+
+
+def power_check_model(model: torch.nn.Module, members: Sequence[dict], nonmembers: Sequence[dict],
+                      patch_size: Sequence[int], num_classes: int, *, statistic: str = "loss", views: int = 2,
+                      seed: int = 0, **kw) -> dict:
+    """:func:`power_check` of ``model`` on preprocessed items: ``members`` are all its training
+    patients, ``nonmembers`` all patients it never saw. Per-patient IDs and scores are in the result."""
+    overlap = {i["id"] for i in members} & {i["id"] for i in nonmembers}
+    if overlap:
+        raise ConfigError(f"power check: patients both training and never-seen: {', '.join(sorted(overlap))}")
+    mrows = subject_statistics(model, members, patch_size, num_classes, views, seed)
+    nrows = subject_statistics(model, nonmembers, patch_size, num_classes, views, seed)
+    s_m, s_n = membership_scores(mrows, statistic), membership_scores(nrows, statistic)
+    extra = {"statistic": statistic, "views": views,
+             "member_scores": {r["id"]: float(s) for r, s in zip(mrows, s_m, strict=True)},
+             "nonmember_scores": {r["id"]: float(s) for r, s in zip(nrows, s_n, strict=True)}}
+    try:
+        res = power_check(s_m, s_n, seed=seed, **kw)
+    except PowerCheckError as exc:
+        exc.result.update(extra)
+        raise
+    res.update(extra)
+    return res

@@ -1055,3 +1055,33 @@ def synth_cohort_2d(
         Cohort(subjects=rows, classes=classes, channels=channels, spatial_dims=2, name=f"privseg-synth-{kind}",
                format="image2d", root=root, info=info).save()
     return Cohort.from_manifest(out / MANIFEST_NAME)
+
+
+# --------------------------------------------------------------------------- a federation with power
+# Membership and forgetting results need enough patients on both sides of the test: with 6-9 training
+# patients a membership AUC moves in steps of 0.1 or more and one patient decides a result. The embedded
+# cohort is cheap per subject, so the power federation uses more, smaller subjects.
+POWER_SUBJECTS = 16  # patients per site
+POWER_SIZE = 32  # volume side, voxels (24-32 keeps a cell to minutes on one CPU thread)
+POWER_TEST_FRACTION = 0.25  # never-seen patients per site: 4 of 16
+POWER_MIN_TRAIN, POWER_MIN_NEVER_SEEN = 24, 12
+
+
+def power_cohort(out: str | Path, *, sites: int = 3, subjects: int = POWER_SUBJECTS, size: int = POWER_SIZE,
+                 seed: int = 0, profiles: Sequence[str] | None = None, check: bool = True, **kw) -> Cohort:
+    """The embedded federation sized for membership, unlearning and federated benchmarks: ``sites`` x 16
+    patients at 32^3 with a quarter of each site never seen (3 sites: 36 training, 12 never-seen).
+    The same cohort from the CLI: ``privseg data synth --sites 3 --subjects 16 --size 32`` (the default
+    test fraction is 0.25). ``check`` refuses a setting with fewer than 24 training or 12 never-seen
+    patients (the sizes the power checks of :mod:`privseg.audit.mia` are defined for)."""
+    if check:
+        n_test = min(int(round(subjects * POWER_TEST_FRACTION)), subjects - 1) * sites
+        n_train = subjects * sites - n_test
+        if n_train < POWER_MIN_TRAIN or n_test < POWER_MIN_NEVER_SEEN:
+            raise ConfigError(f"power cohort: {sites} sites x {subjects} patients give {n_train} training and "
+                              f"{n_test} never-seen patients; at least {POWER_MIN_TRAIN} and {POWER_MIN_NEVER_SEEN} "
+                              "are needed for the membership test to have power")
+    if not 24 <= size <= 32 and check:
+        raise ConfigError(f"power cohort: size {size} outside 24..32 (more, smaller subjects is the point)")
+    return synth_cohort(out, sites=sites, subjects=subjects, size=size, seed=seed, profiles=profiles,
+                        test_fraction=POWER_TEST_FRACTION, **kw)
