@@ -308,6 +308,12 @@ def null_auc_sd(n1: int, n2: int) -> float:
     return math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
 
 
+def null_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded random split of ``n`` never-seen patients into the null control's two halves."""
+    order = np.random.default_rng((seed, 1790)).permutation(n)
+    return order[: n // 2], order[n // 2:]
+
+
 def power_check(member_scores: Sequence[float], nonmember_scores: Sequence[float], *, min_auc: float = 0.75,
                 null_tolerance: float = 0.1, min_members: int = 24, min_nonmembers: int = 12, seed: int = 0,
                 n_boot: int = 2000, n_perm: int = 2000, raise_on_fail: bool = True) -> dict:
@@ -336,12 +342,19 @@ def power_check(member_scores: Sequence[float], nonmember_scores: Sequence[float
         both = np.concatenate([s_m, s_n])
         perm = [auc(p[: s_m.size], p[s_m.size:]) for p in (rng.permutation(both) for _ in range(n_perm))]
         res["member_p"] = float((1 + np.sum(np.asarray(perm) >= res["member_auc"])) / (1 + n_perm))
-        order = rng.permutation(s_n.size)
-        half_a, half_b = s_n[order[: s_n.size // 2]], s_n[order[s_n.size // 2:]]
-        res["null_split"] = [order[: s_n.size // 2].tolist(), order[s_n.size // 2:].tolist()]
+        ia, ib = null_halves(s_n.size, seed)
+        half_a, half_b = s_n[ia], s_n[ib]
+        res["null_split"] = [ia.tolist(), ib.tolist()]  # indices into the never-seen scores
         res["null_auc"] = auc(half_a, half_b)
         res["null_ci"] = list(bootstrap_auc(half_a, half_b, n_boot=n_boot, seed=seed))
         res["null_sd"] = null_auc_sd(half_a.size, half_b.size)
+        # how often chance alone keeps a random halving within the tolerance at this sample size
+        # (about half the time at 6 vs 6): read a failed null control against it
+        within = 0
+        for k in range(200):
+            a, b = null_halves(s_n.size, seed + 1 + k)
+            within += abs(auc(s_n[a], s_n[b]) - 0.5) <= null_tolerance
+        res["null_pass_rate"] = within / 200
         if res["member_auc"] < min_auc:
             problems.append(f"the model does not memorise: membership AUC of all training vs all never-seen "
                             f"patients {res['member_auc']:.3f} < {min_auc}")
