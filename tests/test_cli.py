@@ -71,3 +71,42 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "missing" in proc.stderr
+
+
+def _loose_nifti(root, values_by_id):
+    for k, (sid, values) in enumerate(values_by_id.items()):
+        rng = np.random.default_rng(k)
+        nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4)), str(root / f"{sid}.nii.gz"))
+        if values is not None:
+            lab = np.zeros((8, 8, 8), np.uint8)
+            for j, v in enumerate(values):
+                lab[j] = v
+            nib.save(nib.Nifti1Image(lab, np.eye(4)), str(root / f"{sid}_seg.nii.gz"))
+
+
+def test_data_check_lists_every_problem_of_a_loose_file_folder(tmp_path, capsys):
+    root = tmp_path / "loose"
+    root.mkdir()
+    _loose_nifti(root, {"p1": (0, 1), "p2": None, "p3": (0, 1)})
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(root / "p9_seg.nii.gz"))
+    (root / "p3.nii.gz").write_bytes(b"not a nifti")
+    assert main(["data", "check", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    for what in ("p2.nii.gz: image has no label", "p9_seg.nii.gz: label has no matching image", "p3.nii.gz"):
+        assert what in err
+    assert "3 problem(s) found" in err
+
+
+def test_classes_from_the_command_line(tmp_path, capsys):
+    root = tmp_path / "odd"
+    root.mkdir()
+    _loose_nifti(root, {"a1": (0, 2), "b1": (0, 2)})  # values 0 and 2: no file holds 1
+    assert main(["data", "info", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "a1_seg.nii.gz: holds label value 2" in err and "--classes background," in err and "classes=[" not in err
+    assert main(["data", "info", str(root), "--classes", "background,edge,lesion"]) == 0
+    assert "['background', 'edge', 'lesion']" in capsys.readouterr().out
+    assert main(["data", "check", str(root), "--classes", "background,edge,lesion", "--quiet"]) == 0
+    for bad in ("lesion", "background,,lesion", "background,lesion,lesion"):
+        assert main(["data", "info", str(root), "--classes", bad]) == 2
+        assert "--classes" in capsys.readouterr().err

@@ -541,3 +541,77 @@ def test_small_option_errors(tmp_path: Path) -> None:
     png(derm / "masks" / "a.png", mask(1))
     with pytest.raises(ConfigError, match=r"binary 0/255 .*a\.png.*3 entries"):
         read_image_folder_2d(derm, classes=3)
+
+
+# -- what a new user tripped over (issue: release roots, classes, every problem) ------------------
+
+
+def test_mrbrains18_release_root_with_training_folder(tmp_path: Path) -> None:
+    release = tmp_path / "mrbrains18"
+    make_mrbrains18(release / "training", ids=("1", "070"))
+    for cohort in (read_cohort(release), read_mrbrains18(release)):
+        assert cohort.format == "mrbrains18" and sorted(s.id for s in cohort.subjects) == ["070", "1"]
+        assert cohort.name == "mrbrains18"
+    # one level too far up, or one subject folder: the error names the folder to give
+    with pytest.raises(DataError, match=rf"unknown dataset layout.*give {release} \(mrbrains18\)"):
+        read_cohort(tmp_path)
+    with pytest.raises(DataError, match=rf"one MRBrainS18 subject folder: give its parent {release / 'training'}"):
+        read_cohort(release / "training" / "1")
+
+
+def test_nifti_classes_come_from_every_label_not_the_first(tmp_path: Path) -> None:
+    root = tmp_path / "plain"
+    for k, top in enumerate((1, 2, 1)):
+        nii(root / f"p{k}.nii.gz", image(k))
+        nii(root / f"p{k}_seg.nii.gz", label(k, top))
+    assert read_nifti_folder(root).classes == ["background", "class1", "class2"]  # p1 holds 2, p0 does not
+    # a file with value 17 that sorts first: refused naming it, not an 18-class task
+    odd = np.zeros(SHAPE, np.uint8)
+    odd[:2] = 17
+    nii(root / "a0.nii.gz", image(9))
+    nii(root / "a0_seg.nii.gz", odd)
+    with pytest.raises(DataError, match=r"a0_seg\.nii\.gz: holds label value 17 but no label file holds 3.*"
+                                        r"--classes background,"):
+        read_cohort(root)
+    (root / "a0_seg.nii.gz").rename(root / "z0_seg.nii.gz")  # sorting last changes nothing
+    (root / "a0.nii.gz").rename(root / "z0.nii.gz")
+    with pytest.raises(DataError, match=r"z0_seg\.nii\.gz: holds label value 17"):
+        read_cohort(root)
+    declared = read_cohort(root, classes=[f"c{k}" for k in range(18)])
+    assert declared.num_classes == 18 and declared.info["classes_inferred"] is False
+
+
+def test_a_labels_only_dataset_json_declares_a_nifti_folders_classes(tmp_path: Path) -> None:
+    root = tmp_path / "plain"
+    for k in range(2):
+        nii(root / f"p{k}.nii.gz", image(k))
+        lab = np.zeros(SHAPE, np.uint8)
+        lab[:3] = 17
+        nii(root / f"p{k}_seg.nii.gz", lab)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "17": "lesion"}}))
+    cohort = read_cohort(root)
+    assert cohort.format == "nifti" and cohort.classes == ["background", "lesion"]
+    assert int(load_subject(cohort.subjects[0], cohort).label.max()) == 1  # 17 -> class 1
+    with pytest.raises(ConfigError, match=r"--classes: the msd layout declares its classes itself"):
+        read_cohort(make_msd(tmp_path / "msd"), classes=["background", "x"])
+
+
+def test_collect_problems_lists_every_problem_of_a_layout(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    nii(root / "p1.nii.gz", image(1))
+    nii(root / "p1_seg.nii.gz", label(1, 1))
+    nii(root / "p2.nii.gz", image(2))  # no label
+    nii(root / "p9_seg.nii.gz", label(9, 1))  # no image
+    nii(root / "bad id.nii.gz", image(3))
+    with formats.collect_problems() as problems:
+        cohort = read_cohort(root)
+    assert [s.id for s in cohort.subjects] == ["p1"]
+    text = "\n".join(str(p) for p in problems)
+    assert "p9_seg.nii.gz: label has no matching image" in text and "p2.nii.gz: image has no label" in text
+    assert "'bad id' is not safe" in text and len(problems) == 3
+    msd = make_msd(tmp_path / "msd", n=3)
+    (msd / "labelsTr" / "BRATS_001.nii.gz").unlink()
+    (msd / "imagesTr" / "BRATS_002.nii.gz").unlink()
+    with formats.collect_problems() as problems:
+        assert [s.id for s in read_cohort(msd).subjects] == ["BRATS_000"]
+    assert len(problems) == 2 and "numTraining" not in "".join(map(str, problems))

@@ -227,14 +227,31 @@ def test_cli_data_info_on_a_sites_root_and_with_pinned_splits(tmp_path: Path, ca
     assert "bad.csv" in capsys.readouterr().err
 
 
-def test_cli_train_writes_the_split_it_used_and_accepts_pinned_splits(tiny_cohort: Cohort, tmp_path: Path) -> None:
-    pinned = _split_csv(tmp_path / "s.csv", tiny_cohort, {s.id: "train" for s in tiny_cohort.subjects})
+def test_cli_train_writes_the_split_it_used_and_accepts_pinned_splits(tiny_cohort: Cohort, tmp_path: Path,
+                                                                       capsys) -> None:
+    moved = tiny_cohort.select("train")[0].id
+    pinned = _split_csv(tmp_path / "s.csv", tiny_cohort, {moved: "test"})
     run = tmp_path / "run"
     assert main(["train", "--cohort", str(tiny_cohort.root), "--out", str(run), "--model", "unet_tiny", "--steps",
                  "1", "--patch", "16", "--quiet", "--device", "cpu", "--splits", str(pinned)]) == 0
     lines = (run / "splits.csv").read_text().splitlines()
     assert lines[0] == "id,site,split,patient" and len(lines) == 1 + len(tiny_cohort.subjects)
-    assert all(line.split(",")[2] == "train" for line in lines[1:])
+    split_of = {line.split(",")[0]: line.split(",")[2] for line in lines[1:]}
+    assert split_of == {s.id: "test" if s.id == moved else s.split for s in tiny_cohort.subjects}
+    # a small membership audit runs, and says beside its CI that it is not informative
+    capsys.readouterr()
+    trained = [i for i, sp in split_of.items() if sp == "train"]
+    assert main(["audit", "mia", "--checkpoint", str(run / "last.pt"), "--cohort", str(tiny_cohort.root),
+                 "--members", trained[0], "--non-members", trained[1],
+                 "--views", "1", "--quiet", "--out", str(tmp_path / "mia.json")]) == 2  # a member as non-member
+    members = ",".join(i for i, sp in split_of.items() if sp == "train")
+    non = ",".join(i for i, sp in split_of.items() if sp == "test")
+    assert main(["audit", "mia", "--checkpoint", str(run / "last.pt"), "--cohort", str(tiny_cohort.root),
+                 "--members", members, "--non-members", non, "--views", "1", "--out", str(tmp_path / "mia.json"),
+                 "--splits", str(pinned)]) == 0
+    text = capsys.readouterr().out
+    assert "95 % CI" in text and "warning: only 3 member(s) vs 3 non-member(s)" in text
+    assert "not informative" in json.loads((tmp_path / "mia.json").read_text())["warning"]
     bad = tmp_path / "bad.csv"
     bad.write_text("id,split\nS000,train\nS000,test\n")
     assert main(["train", "--cohort", str(tiny_cohort.root), "--out", str(tmp_path / "run2"), "--splits",

@@ -100,7 +100,7 @@ def check(path: Path = typer.Argument(..., help="Cohort folder or manifest."),
             update(k + 1)
     if problems:
         for p in problems:
-            console.print(f"[red]✗[/red] {p}", highlight=False)
+            console.print(f"[red]✗[/red] {p}", highlight=False, soft_wrap=True)  # paths stay whole
         raise DataError(path, f"{len(problems)} problem(s) found; {len(subjects)} subject(s) could be read")
     if not quiet:
         fmt = ",".join(sorted({c.format for _, c in cohorts}))

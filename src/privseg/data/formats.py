@@ -121,6 +121,8 @@ def _read_cohort(path: Path, fmt: str, options: dict) -> Cohort:
         return _call(FORMATS[fmt], fmt, path, options)
     if (path / MANIFEST_NAME).is_file():
         return _manifest(path / MANIFEST_NAME, options)
+    if _is_mrbrains18_subject(path):  # its segm.nii.gz would otherwise pass for a plain NIfTI folder
+        raise DataError(path, _layout_hint(path))
     for det in _DETECTORS:
         if det.detect(path):
             return _call(FORMATS[det.name], det.name, path, options)
@@ -151,7 +153,7 @@ def _layout_hint(path: Path) -> str:
     archive extracted into a folder of its own, MRBrainS18's ``training/``) or up (a subject folder)."""
     if not path.is_dir():
         return ""
-    if (path / "pre").is_dir() or (path / MRBRAINS18_LABEL).is_file():
+    if _is_mrbrains18_subject(path):
         return f"this looks like one MRBrainS18 subject folder: give its parent {path.parent}"
     found = []
     for sub in _visible(path)[:50]:
@@ -676,6 +678,10 @@ MRBRAINS18_TISSUE_MAP = {0: 0, 1: 2, 2: 2, 3: 3, 4: 3, 5: 1, 6: 1, 7: 0, 8: 0, 9
 
 def _has_mrbrains18(root: Path) -> bool:
     return any(d.is_dir() and any((d / rel).is_file() for rel in MRBRAINS18_CHANNELS.values()) for d in _visible(root))
+
+
+def _is_mrbrains18_subject(folder: Path) -> bool:
+    return any((folder / rel).is_file() for rel in MRBRAINS18_CHANNELS.values())
 
 
 def _is_mrbrains18(root: Path) -> bool:
