@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,3 +189,61 @@ def test_changed_params_are_recomputed(tmp_path):
     r2 = cells.Runner("b", "v", [cells.Cell("a", {"x": 2})], runs, res)
     out = r2.run(run_cell, merge, lambda o, d: [], log=lambda m: None)
     assert ran == ["a", "a"] and out["cells"]["a"]["metrics"] == {"v": 2}
+
+
+def _rec(params: dict, metrics: dict) -> dict:
+    return {"params": params, "metrics": metrics, "seconds": 1.0}
+
+
+def test_privacy_utility_keys_from_cells():
+    """The study's keys: adaptive vs the default C = 1 and vs the best C in hindsight, per epsilon,
+    and only once every task has all its seeds (no partial means)."""
+    import privacy_utility as pu
+
+    dice = {"nonprivate": 0.80, "adaptive": 0.76}
+    fixed = {0.1: 0.60, 0.3: 0.75, 1.0: 0.70, 3.0: 0.65}
+    done = {}
+    for c in pu.make_cells(pu.SMOKE):
+        p = c.params
+        d = dice[p["arm"]] if p["arm"] != "fixed" else fixed[p["clip"]]
+        done[c.name] = _rec(p, {"dice": d + 0.01 * p["seed"] - 0.01 * (p["epsilon"] == 1.0)})
+    out = pu.merge(done)
+    assert out["adaptive_minus_fixed"] == pytest.approx({"1": 0.06, "3": 0.06, "8": 0.06})
+    assert out["adaptive_minus_fixed_eps3"] == pytest.approx(0.06) and out["met"]["adaptive_minus_fixed_eps3"]
+    assert out["adaptive_minus_best_fixed"]["3"] == pytest.approx(0.01)
+    assert out["best_fixed"]["ct3d@3"]["clip"] == 0.3
+    assert out["adaptive_over_nonprivate_eps8"] == pytest.approx(0.77 / 0.81)
+    assert len(pu.make_cells(pu.FULL)) == 3 * 3 + 3 * 3 * 3 * (1 + len(pu.CLIPS))  # 144
+
+    done.pop("derm2d-adaptive-eps3-seed2")  # one seed missing: no mean over tasks at epsilon 3
+    out = pu.merge(done)
+    assert out["adaptive_minus_fixed"]["3"] is None and out["adaptive_minus_fixed"]["8"] is not None
+    assert out["met"]["adaptive_minus_fixed_eps3"] is None
+    lines = pu.render(out, done)
+    assert "| adaptive_minus_fixed (C=1) | +0.060 | - | +0.060 |" in lines
+
+
+def test_federated_keys_from_cells():
+    import federated as fb
+
+    base = {"pooled": 0.80, "local": 0.60, "fedavg": 0.74, "fedprox": 0.75, "fedbn": 0.78}
+    done = {}
+    for c in fb.make_cells(fb.SMOKE):
+        p = c.params
+        if "many" in p:
+            done[c.name] = _rec(p, {"sites": p["many"], "rounds": 1, "ok": True, "error": None,
+                                    "peak_rss_mb": 100.0 * p["many"], "seconds": 3.0})
+            continue
+        sites = [f"H{k + 1}" for k in range(p["sites"])]
+        m = {"dice": {s: base[p["method"]] + 0.01 * p["seed"] for s in sites}}
+        if p["method"] in fb.STRATEGIES:
+            m.update(overhead=0.05 + 0.01 * p["seed"], ray_startup_s=30.0)
+        done[c.name] = _rec(p, m)
+    out = fb.merge(done)
+    assert out["gap_to_pooled"] == pytest.approx(0.02) and out["best_strategy"] == {"3": "fedbn", "5": "fedbn"}
+    assert out["overhead"] == pytest.approx(0.06) and out["ray_startup_s"] == 30.0
+    assert out["sites_100_ok"] is True and out["sites_100_peak_rss_mb"] == 10000.0
+    assert out["table"]["5"]["fedavg"]["sites"]["H5"]["std"] == pytest.approx(np.std([0.74, 0.75, 0.76]))
+    done.pop("s5-fedbn-seed1")
+    assert fb.merge(done)["gap_to_pooled"] is None  # a partial strategy is no "best"
+    assert any("gap_to_pooled" in line for line in fb.render(fb.merge(done), done))
