@@ -1,0 +1,160 @@
+"""Per-patient membership test calibrated with reference models (the statistics only).
+
+After Carlini, Chien, Nasr, Song, Terzis and Tramèr, "Membership Inference Attacks From First
+Principles", IEEE S&P 2022 (LiRA; here its *offline* variant), and Watson, Guo, Cormode and
+Sablayrolles, "On the Importance of Difficulty Calibration in Membership Inference Attacks",
+ICLR 2022.
+
+The raw score of one patient says little: an easy anatomy has a low loss under *any* model,
+so it looks like a member to all of them (Watson et al.). The test therefore asks a narrower
+question per patient: is the score of the model under test higher than the scores of
+reference models that never saw this patient?
+
+For patient ``i`` let ``s`` be the model's score (higher = more member-like, rescaled to be
+close to Gaussian: ``-log(loss)`` or ``logit(Dice)``, as Carlini et al. rescale confidences)
+and ``o_1..o_n`` the scores of the ``n`` OUT references (references whose training halves did
+not contain ``i``). The OUT distribution is Gaussian with mean ``mu_i`` (the patient's own
+mean: difficulty calibration) and one variance pooled over every scored patient (LiRA's
+"fixed variance", the choice Carlini et al. recommend with few reference models). Then
+
+    t_i = (s - mu_i - shift) / (sd * sqrt(1 + 1/n))
+
+follows a Student t with the pooled degrees of freedom when the model did not train on ``i``;
+the p-value is the one-sided ``P(T >= t_i)`` (members score higher). ``shift`` is the median
+of ``s - mu`` over patients *nobody* trained on (never-seen val/test patients): it removes the part of
+the difference that comes from the model under test being trained on more data or for more
+rounds than the references (a whole-model effect, not a membership one); 0 when no such
+patient is scored.
+
+Where IN references exist for the patient (those that saw it), the log-likelihood ratio
+``log N(s; mu_in, sd) - log N(s; mu_out, sd)`` (online LiRA) is reported beside the p-value;
+the decision uses only the offline p-value.
+
+Population figures over members vs non-members: AUC of ``t`` and the TPR at 1 % FPR (Carlini
+et al. argue the low-FPR regime is what matters). With fewer than 100 non-members an FPR of 1 %
+cannot be resolved; the threshold is then the highest non-member ``t`` (FPR 0) and
+``fpr_resolution`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from privseg.errors import ConfigError
+
+ALPHA = 0.05  # flagged as a member when p < ALPHA
+MIN_OUT = 2  # a mean and a spread need at least two OUT scores
+STATISTICS = ("loss", "dice")
+
+
+def lira_score(row: Mapping, statistic: str = "loss") -> float:
+    """The per-patient score on a near-Gaussian scale, higher = more member-like."""
+    if statistic == "loss":
+        return -math.log(max(float(row["loss"]), 1e-12))
+    if statistic == "dice":
+        d = min(max(float(row["dice"]), 1e-6), 1 - 1e-6)
+        return math.log(d / (1 - d))
+    raise ConfigError(f"statistic {statistic!r} is not one of {STATISTICS}")
+
+
+def _out_in(pid: str, refs: Sequence[Mapping[str, float]], saw: Sequence[set]) -> tuple[list[float], list[float]]:
+    out = [r[pid] for r, s in zip(refs, saw, strict=True) if pid not in s and pid in r]
+    inn = [r[pid] for r, s in zip(refs, saw, strict=True) if pid in s and pid in r]
+    return out, inn
+
+
+def per_patient_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], saw: Sequence[set],
+                     never_seen: Sequence[str] = (), alpha: float = ALPHA) -> dict:
+    """Offline LiRA for every patient in ``target`` (id -> score of the model under test).
+
+    ``refs[k]``: id -> score of reference ``k``; ``saw[k]``: the patients reference ``k`` trained
+    on. ``never_seen``: patients neither the model nor any reference trained on (to estimate
+    ``shift``). Raises ConfigError when a patient has fewer than MIN_OUT OUT references."""
+    if len(refs) != len(saw):
+        raise ConfigError("one set of trained-on patients per reference model is needed")
+    outs, ins = {}, {}
+    for pid in target:
+        outs[pid], ins[pid] = _out_in(pid, refs, saw)
+    short = {p: len(o) for p, o in outs.items() if len(o) < MIN_OUT}
+    if short:
+        listed = ", ".join(f"{p} ({n})" for p, n in sorted(short.items())[:10])
+        raise ConfigError(f"calibrated membership test refused: fewer than {MIN_OUT} reference models never saw "
+                          f"patient(s) {listed}; train more reference models (privseg audit references "
+                          "--run RUN --n N)")
+    # pooled within-patient variance of the OUT scores (LiRA's fixed variance)
+    ss = sum(float(np.sum((np.asarray(o) - np.mean(o)) ** 2)) for o in outs.values())
+    df = sum(len(o) - 1 for o in outs.values())
+    sd = math.sqrt(ss / df) if df and ss > 0 else 0.0
+    if sd == 0.0:
+        raise ConfigError("calibrated membership test refused: the reference models score every patient "
+                          "identically (no spread to calibrate against)")
+    diff = {p: target[p] - float(np.mean(outs[p])) for p in target}
+    base = [diff[p] for p in never_seen if p in diff]
+    shift = float(np.median(base)) if base else 0.0
+    rows = {}
+    for p in target:
+        n_out = len(outs[p])
+        t = (diff[p] - shift) / (sd * math.sqrt(1 + 1 / n_out))
+        mu_out = float(np.mean(outs[p]))
+        row = {"score": float(target[p]), "n_out": n_out, "n_in": len(ins[p]), "mu_out": mu_out,
+               "t": t, "p": float(stats.t.sf(t, df)), "log_lr": None}
+        if ins[p]:
+            s, mu_in = target[p] - shift, float(np.mean(ins[p]))
+            row["mu_in"] = mu_in
+            row["log_lr"] = float(((s - mu_out) ** 2 - (s - mu_in) ** 2) / (2 * sd * sd))
+        row["flagged"] = row["p"] < alpha
+        rows[p] = row
+    return {"patients": rows, "sd": sd, "df": df, "shift": shift, "n_shift": len(base), "alpha": alpha,
+            "n_references": len(refs)}
+
+
+def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float], fpr: float = 0.01) -> dict:
+    """TPR at the threshold whose FPR on ``nonmembers`` is at most ``fpr`` (higher = member)."""
+    m, n = np.sort(np.asarray(members, float)), np.sort(np.asarray(nonmembers, float))
+    if m.size == 0 or n.size == 0:
+        raise ConfigError("TPR at low FPR needs members and non-members")
+    allowed = int(math.floor(fpr * n.size))  # non-members allowed above the threshold
+    thr = n[n.size - 1 - allowed]
+    return {"fpr": fpr, "tpr": float(np.mean(m > thr)), "threshold": float(thr),
+            "achieved_fpr": float(np.mean(n > thr)), "fpr_resolution": 1.0 / n.size}
+
+
+def population(test: dict, members: Sequence[str], nonmembers: Sequence[str], fpr: float = 0.01) -> dict:
+    """AUC and TPR at ``fpr`` of the calibrated statistic ``t``, members vs non-members."""
+    from privseg.audit.mia import auc
+
+    pts = test["patients"]
+    tm, tn = [pts[p]["t"] for p in members], [pts[p]["t"] for p in nonmembers]
+    if not tm or not tn:
+        return {"auc": math.nan, "n_members": len(tm), "n_nonmembers": len(tn)}
+    return {"auc": auc(tm, tn), "n_members": len(tm), "n_nonmembers": len(tn), **tpr_at_fpr(tm, tn, fpr),
+            "flagged_members": int(sum(pts[p]["flagged"] for p in members)),
+            "flagged_nonmembers": int(sum(pts[p]["flagged"] for p in nonmembers))}
+
+
+def erasure_check(before: dict, after: dict, erased: Sequence[str], alpha: float = ALPHA) -> dict:
+    """The calibrated membership part of an erasure's verification, per erased patient.
+
+    ``before``/``after``: :func:`per_patient_test` results of the model before the erasure and
+    of the erased model. A patient the model before the erasure did not flag (p >= alpha) gives
+    the test no power: it could not have failed, so it shows no pass. The check passes when every
+    flagged patient is indistinguishable afterwards (p >= alpha), fails when one is still
+    flagged, and has no power when no erased patient was flagged to begin with."""
+    rows = []
+    for p in erased:
+        b, a = before["patients"][p], after["patients"][p]
+        rows.append({"id": p, "p_before": b["p"], "flagged_before": b["p"] < alpha, "p_after": a["p"],
+                     "indistinguishable_after": a["p"] >= alpha, "n_out": a["n_out"], "n_in": a["n_in"],
+                     "log_lr_before": b["log_lr"], "log_lr_after": a["log_lr"]})
+    powered = [r for r in rows if r["flagged_before"]]
+    if not powered:
+        result = "no power"
+    else:
+        result = "pass" if all(r["indistinguishable_after"] for r in powered) else "fail"
+    return {"result": result, "alpha": alpha, "subjects": rows, "n_references": after["n_references"],
+            "value": min(r["p_after"] for r in powered) if powered else None,
+            "no_power": [r["id"] for r in rows if not r["flagged_before"]]}

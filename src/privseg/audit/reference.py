@@ -1,0 +1,353 @@
+"""Reference models for the calibrated membership test, kept with the run.
+
+The per-patient test of :mod:`privseg.audit.lira` (offline LiRA, Carlini et al., "Membership
+Inference Attacks From First Principles", IEEE S&P 2022; difficulty calibration, Watson et al.,
+"On the Importance of Difficulty Calibration in Membership Inference Attacks", ICLR 2022)
+compares a model's score on a patient with the scores of models that never saw that patient.
+Those reference models are trained here, once per run, each on a random half of the run's
+training patients, the way the run itself was trained:
+
+* federated run: a federated retrain from the run's initial (round-0, data-free) global model,
+  the same sites, strategy and number of training rounds, each site keeping its half
+  (:func:`privseg.unlearn.federated.federated_retrain`);
+* central run (a ``Trainer`` folder with ``last.pt``): the central trainer on the half, same
+  config and seed (so the same initial model).
+
+Halves come in complementary pairs (reference ``2j`` takes half A of a seeded permutation of
+every site's training patients, ``2j+1`` the rest), so every training patient is OUT for exactly
+half of an even number of references and IN for the other half.
+
+Layout (``<run>/audit/references/``)::
+
+    index.json         run identity (name, initial model hash, model config hash), seed, rounds,
+                       the training patients split (pool), and per reference: the patients it saw,
+                       its checkpoint's SHA-256, training time
+    <k>/model.pt       reference k
+    <k>/scores.json    its per-patient loss/Dice, cached per (views, seed)
+
+Every later request reuses them: a reference is retrained only when its checkpoint is missing
+or altered, or when it saw a patient the run has since erased (its checkpoint carries that
+patient, so an erasure deletes it; see :func:`superseded`). A set built for another run or
+model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from privseg.audit import lira
+from privseg.audit.ledger import canonical, file_sha256
+from privseg.errors import ConfigError
+from privseg.utils import read_json, write_json
+
+REF_DIR = Path("audit") / "references"
+INDEX = "index.json"
+DEFAULT_N = 8
+
+OnReference = Callable[[int, str], None]  # (k, "reused" | "training" | "trained")
+
+
+def _command(run_dir: Path) -> str:
+    return f"privseg audit references --run {run_dir}"
+
+
+# -- the run a reference set belongs to --------------------------------------------------
+
+def _is_federated(run_dir: Path) -> bool:
+    return (run_dir / "fl_config.json").is_file()
+
+
+def _identity(run_dir: Path) -> dict:
+    """What a reference set must match: run, initial model, model config."""
+    from privseg.train.checkpoint import load_checkpoint
+
+    if _is_federated(run_dir):
+        from privseg.federated.config import FLConfig
+        from privseg.federated.runstate import RunState
+
+        cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
+        initial = state.checkpoint_path(0)
+        if not initial.is_file():
+            raise ConfigError(f"{initial}: the run's initial global model is not kept; reference models start "
+                              "from it")
+        return {"kind": "federated", "run": cfg.name, "initial_sha256": file_sha256(initial),
+                "model_sha256": hashlib.sha256(canonical(cfg.train.to_dict()).encode()).hexdigest()}
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"{run_dir}: neither a federated run (fl_config.json) nor a training run (last.pt)")
+    cfg = load_checkpoint(last)["config"]
+    # a central run starts from the model its seed builds, so the seed is the initial model
+    return {"kind": "central", "run": run_dir.resolve().name, "initial_sha256": f"seed:{cfg.get('seed')}",
+            "model_sha256": hashlib.sha256(canonical(cfg).encode()).hexdigest()}
+
+
+def _training_patients(run_dir: Path) -> dict[str, list[str]]:
+    """The patients the run trains on now, per site (erased ones left out)."""
+    if _is_federated(run_dir):
+        from privseg.federated.config import FLConfig
+        from privseg.federated.sites import read_site_cohort, site_subjects
+
+        cfg = FLConfig.load(run_dir)
+        return {s.id: sorted(x.id for x in site_subjects(read_site_cohort(s.cohort), s, "train")) for s in cfg.sites}
+    from privseg.train.checkpoint import load_checkpoint
+
+    return {"central": sorted(load_checkpoint(run_dir / "last.pt")["extra"].get("train_subjects", []))}
+
+
+def _training_rounds(run_dir: Path) -> int:
+    """Rounds of ordinary training (an erasure's repair rounds are not the run's training)."""
+    from privseg.federated.runstate import RunState
+
+    return sum(1 for e in RunState.load(run_dir).rounds if not e.get("erasure"))
+
+
+def halves(pool: dict[str, list[str]], k: int, seed: int) -> dict[str, list[str]]:
+    """Reference ``k``'s half of every site's pool: pairs (2j, 2j+1) are complementary."""
+    rng = np.random.default_rng((seed, k // 2, 4242))
+    out = {}
+    for site in sorted(pool):
+        ids = sorted(pool[site])
+        perm = [ids[i] for i in rng.permutation(len(ids))]
+        cut = (len(ids) + (k // 2) % 2) // 2  # odd sizes: the larger half alternates between pairs
+        out[site] = sorted(perm[:cut] if k % 2 == 0 else perm[cut:])
+    return out
+
+
+# -- the set ----------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    k: int
+    saw: dict[str, list[str]]
+    checkpoint: Path
+    sha256: str
+
+    @property
+    def patients(self) -> set[str]:
+        return {p for ids in self.saw.values() for p in ids}
+
+    def statistics(self, items: Sequence[dict], patch_size, num_classes: int, views: int, seed: int) -> dict:
+        """id -> {"loss", "dice"} of this reference (``mia.subject_statistics``), cached beside it."""
+        from privseg.audit.mia import subject_statistics
+
+        cache_path = self.checkpoint.parent / "scores.json"
+        cache = read_json(cache_path, "reference scores") if cache_path.is_file() else {}
+        if cache.get("sha256") != self.sha256:
+            cache = {"sha256": self.sha256}
+        key = f"views={views},seed={seed}"
+        known = cache.setdefault(key, {})
+        todo = [it for it in items if it["id"] not in known]
+        if todo:
+            model = _load_model(self.checkpoint)
+            # the same views as the model under test: subject_statistics seeds views by (seed, position)
+            for it in todo:
+                row = subject_statistics(model, [it], patch_size, num_classes, views, _view_seed(seed, it["id"]))[0]
+                known[it["id"]] = {"loss": row["loss"], "dice": row["dice"]}
+            write_json(cache_path, cache)
+        return {it["id"]: known[it["id"]] for it in items}
+
+
+def _view_seed(seed: int, pid: str) -> int:
+    """Views of a patient depend on (seed, patient) only, so every model sees the same views."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:4], "little")
+
+
+def _load_model(path: Path):
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(path), path).eval()
+
+
+@dataclass
+class ReferenceSet:
+    run_dir: Path
+    index: dict
+    references: list[Reference]
+    trained: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.run_dir / REF_DIR
+
+    def summary(self) -> dict:
+        return {"folder": str(REF_DIR), "n": len(self.references), "seed": self.index["seed"],
+                "rounds": self.index.get("rounds"), "identity": self.index["identity"],
+                "references": [{"k": r.k, "sha256": r.sha256, "patients": len(r.patients)} for r in self.references]}
+
+
+def _read_index(run_dir: Path) -> dict | None:
+    path = run_dir / REF_DIR / INDEX
+    if not path.is_file():
+        return None
+    index = read_json(path, "reference index")
+    if not isinstance(index, dict) or "identity" not in index or "references" not in index:
+        raise ConfigError(f"{path}: not a reference index; remove {path.parent} and run {_command(run_dir)}")
+    ident = _identity(run_dir)
+    if index["identity"] != ident:
+        what = [k for k in ident if index["identity"].get(k) != ident[k]]
+        raise ConfigError(f"reference models in {path.parent} were built for another run or model "
+                          f"({', '.join(what)} differ: {index['identity'].get('run')!r} vs {ident['run']!r}); "
+                          f"refused. Remove that folder and run {_command(run_dir)}")
+    return index
+
+
+def _valid(run_dir: Path, entry: dict) -> Reference | None:
+    """The reference if its checkpoint is there and unaltered, else None."""
+    path = run_dir / REF_DIR / entry["checkpoint"]
+    if not path.is_file() or file_sha256(path) != entry["sha256"]:
+        return None
+    return Reference(int(entry["k"]), {s: list(v) for s, v in entry["saw"].items()}, path, entry["sha256"])
+
+
+def load_references(run_dir: str | Path, required: bool = True) -> ReferenceSet | None:
+    """The run's reference models (those present and unaltered). Without any: a ConfigError
+    naming the command that trains them (``required``), else None."""
+    run_dir = Path(run_dir)
+    index = _read_index(run_dir)
+    refs = [r for e in (index or {}).get("references", {}).values() if (r := _valid(run_dir, e))]
+    if not refs:
+        if required:
+            raise ConfigError(f"run {run_dir} has no reference models for the calibrated membership test; "
+                              f"train them with: {_command(run_dir)} [--n {DEFAULT_N}]")
+        return None
+    return ReferenceSet(run_dir, index, sorted(refs, key=lambda r: r.k))
+
+
+def _erased(run_dir: Path, index: dict) -> set[str]:
+    """Patients of the pool the run no longer trains on (erased, or their site withdrawn)."""
+    now = {p for ids in _training_patients(run_dir).values() for p in ids}
+    return {p for ids in index["pool"].values() for p in ids} - now
+
+
+def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0, backend: str = "in-process",
+                      cohort=None, on_reference: OnReference | None = None) -> ReferenceSet:
+    """Train the run's ``n`` reference models, or reuse those already there.
+
+    Reused: checkpoint present and unaltered, built for this run and model with this seed, and
+    trained on no patient the run has erased since. Otherwise (re)trained. ``cohort``: the cohort
+    of a central run (federated runs know their sites). Each finished reference is recorded in
+    the index at once, so an interrupted call resumes."""
+    from privseg.federated.runstate import hold_run
+
+    run_dir = Path(run_dir)
+    if n < 2:
+        raise ConfigError(f"--n {n}: the calibrated test needs at least 2 reference models (pairs of halves)")
+    say = on_reference or (lambda k, what: None)
+    folder = run_dir / REF_DIR
+    with hold_run(run_dir, "reference model training"):
+        index = _read_index(run_dir)
+        if index is not None and int(index["seed"]) != seed:
+            raise ConfigError(f"reference models in {folder} use seed {index['seed']}, not {seed}: reuse that seed, "
+                              f"or remove the folder to build a new set")
+        if index is None:
+            pool = _training_patients(run_dir)
+            small = {s: len(v) for s, v in pool.items() if len(v) < 2}
+            if small:
+                raise ConfigError("reference models train on half of every site's training patients; site(s) "
+                                  + ", ".join(f"{s} ({c})" for s, c in small.items()) + " have fewer than 2")
+            index = {"version": 1, "identity": _identity(run_dir), "seed": seed, "pool": pool,
+                     "rounds": _training_rounds(run_dir) if _is_federated(run_dir) else None, "references": {}}
+        erased = _erased(run_dir, index)
+        refs = []
+        trained, reused = [], []
+        for k in range(n):
+            entry = index["references"].get(str(k))
+            ref = _valid(run_dir, entry) if entry else None
+            if ref is not None and not (ref.patients & erased):
+                refs.append(ref)
+                reused.append(k)
+                say(k, "reused")
+                continue
+            say(k, "training")
+            shutil.rmtree(folder / str(k), ignore_errors=True)  # an altered or superseded model goes first
+            index["references"].pop(str(k), None)
+            saw = {s: [p for p in ids if p not in erased] for s, ids in halves(index["pool"], k, seed).items()}
+            entry = _train(run_dir, index, k, saw, backend, cohort)
+            index["references"][str(k)] = entry
+            write_json(folder / INDEX, index)
+            refs.append(_valid(run_dir, entry))
+            trained.append(k)
+            say(k, "trained")
+        write_json(folder / INDEX, index)
+    return ReferenceSet(run_dir, index, refs, trained, reused)
+
+
+def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backend: str, cohort) -> dict:
+    folder = run_dir / REF_DIR / str(k)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if index["identity"]["kind"] == "federated":
+        from privseg.unlearn.federated import federated_retrain
+
+        train_now = _training_patients(run_dir)
+        exclude = {s: [p for p in ids if p not in saw.get(s, [])] for s, ids in train_now.items()}
+        final, _ = federated_retrain(run_dir, folder / "run", exclude=exclude, from_round=0,
+                                     rounds=int(index["rounds"]), backend=backend)
+        shutil.copyfile(final, folder / "model.pt")
+        shutil.rmtree(folder / "run")  # the derived run's other rounds and site states are not needed
+    else:
+        from privseg.train.checkpoint import load_checkpoint
+        from privseg.train.loop import TrainConfig, Trainer
+
+        if cohort is None:
+            raise ConfigError("reference models of a central run need its cohort (--cohort)")
+        cfg = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
+        res = Trainer(cohort, cfg, folder / "run", subjects=[cohort.subject(i) for i in saw["central"]]).fit()
+        shutil.copyfile(res["checkpoint"], folder / "model.pt")
+        shutil.rmtree(folder / "run")
+    return {"k": k, "saw": saw, "checkpoint": f"{k}/model.pt", "sha256": file_sha256(folder / "model.pt"),
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+
+def superseded(run_dir: str | Path, subjects: Sequence[str]) -> list[dict]:
+    """Reference checkpoints (and their score caches) that trained on any of ``subjects``: an
+    erasure of those patients deletes them with the run's other files that carry them."""
+    run_dir = Path(run_dir)
+    try:
+        index = _read_index(run_dir)
+    except ConfigError:
+        return []  # a foreign set is never used, so it is not this erasure's business
+    out = []
+    for e in (index or {}).get("references", {}).values():
+        if not set(subjects) & {p for ids in e["saw"].values() for p in ids}:
+            continue
+        for p in (run_dir / REF_DIR / e["checkpoint"], (run_dir / REF_DIR / e["checkpoint"]).parent / "scores.json"):
+            if p.is_file():
+                out.append({"path": str(p.relative_to(run_dir)), "sha256": file_sha256(p)})
+    return out
+
+
+# -- the test of one model ----------------------------------------------------------------
+
+def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size, num_classes: int, *,
+               members: Sequence[str], nonmembers: Sequence[str], views: int = 2, seed: int = 0,
+               statistic: str = "loss", alpha: float = lira.ALPHA) -> dict:
+    """Per-patient calibrated test of ``model`` on ``items`` (every patient to test), plus the
+    population AUC and TPR at 1 % FPR over ``members`` (the model's training patients) vs
+    ``nonmembers`` (patients it never saw). The shift of :mod:`privseg.audit.lira` is estimated
+    on the non-members that no reference saw either."""
+    from privseg.audit.mia import subject_statistics
+
+    ids = [it["id"] for it in items]
+    model_rows = {it["id"]: subject_statistics(model, [it], patch_size, num_classes, views,
+                                               _view_seed(seed, it["id"]))[0] for it in items}
+    target = {p: lira.lira_score(model_rows[p], statistic) for p in ids}
+    ref_scores = [{p: lira.lira_score(r, statistic) for p, r in ref.statistics(items, patch_size, num_classes,
+                                                                              views, seed).items()}
+                  for ref in refs.references]
+    saw = [ref.patients for ref in refs.references]
+    anyone = set().union(*saw)
+    test = lira.per_patient_test(target, ref_scores, saw, [p for p in nonmembers if p not in anyone], alpha)
+    for p, row in test["patients"].items():
+        row["loss"], row["dice"] = model_rows[p]["loss"], model_rows[p]["dice"]
+    test["population"] = lira.population(test, [p for p in members if p in target],
+                                         [p for p in nonmembers if p in target])
+    test.update({"statistic": statistic, "views": views, "seed": seed})
+    return test
