@@ -437,7 +437,8 @@ def constant_image(draw, ds, st):
 
 @mutation(*NIFTI_FORMATS)
 def label_out_of_range(draw, ds, st):
-    # the plain NIfTI folder infers its classes from the first label: damage another one
+    # the plain NIfTI folder infers its classes from the union of its labels: a value one past
+    # the top is a new (contiguous) class there, so damage with values that leave a gap
     s, path = _pick(draw, ds, st, "label", avoid_first=ds.fmt == "nifti")
     arr, aff = load_array(path)
     arr = arr.astype(np.int32)
@@ -445,7 +446,7 @@ def label_out_of_range(draw, ds, st):
     top = ds.num_classes
     if ds.fmt == "mrbrains18":
         top = 11  # the 11 published labels are accepted (merged into tissues)
-    bad = draw(st.integers(-100000, -1) | st.integers(top, 100000))
+    bad = draw(st.integers(-100000, -1) | st.integers(top + (ds.fmt == "nifti"), 100000))
     for _ in range(draw(st.integers(1, 5))):
         flat[draw(st.integers(0, flat.size - 1))] = bad
     _rewrite(path, arr, aff)

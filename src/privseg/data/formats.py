@@ -346,7 +346,7 @@ def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
         raise DataError(labels[0], f"no readable label file: cannot infer the classes; {CLASSES_HINT}")
     values = sorted(seen)
     if values[0] < 0:
-        raise DataError(seen[values[0]], f"label value {values[0]} is negative")
+        raise DataError(seen[values[0]], f"label values include {values[0]} (negative): cannot infer the classes")
     top = values[-1]
     if top == 0:
         what = "label is" if len(labels) == 1 else f"all {len(labels)} labels are"
@@ -356,8 +356,9 @@ def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
     gap = next((k for k in range(top + 1) if k not in seen), None)
     if gap is not None:
         past = min((v for v in values if v > gap), key=lambda v: str(seen[v]))
-        raise DataError(seen[past], f"holds label value {past} but no label file holds {gap}: the values "
-                        f"{values} are not contiguous 0..{len(values) - 1}; {CLASSES_HINT}")
+        raise DataError(seen[past], f"holds label value {past} but no label file holds {gap}: label values "
+                        f"{values} are not contiguous 0..{len(values) - 1}, so the classes cannot be inferred; "
+                        f"{CLASSES_HINT}")
     return ["background"] + [f"class{k}" for k in range(1, top + 1)]
 
 
