@@ -24,7 +24,7 @@ h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0;width:100%}
 td,th{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top;font-size:.92em}
 th{background:#f0f0f0}
-.pass{color:#0a6b1f;font-weight:bold}.fail{color:#b00020;font-weight:bold}
+.pass{color:#0a6b1f;font-weight:bold}.fail{color:#b00020;font-weight:bold}.nopower{color:#8a5a00;font-weight:bold}
 .status{font-size:1.2em;padding:.6em;border:2px solid;margin:1em 0}
 code{font-size:.85em;word-break:break-all}
 @media print{body{margin:0}h2{page-break-after:avoid}table{page-break-inside:avoid}}
@@ -45,6 +45,48 @@ def _rows(pairs) -> str:
     return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in pairs)
 
 
+_RESULT = {"pass": ("PASS", "pass"), "fail": ("FAIL", "fail"), "no power": ("NO POWER", "nopower"),
+           "info": ("not used", "")}
+
+
+def _result(check: dict) -> tuple[str, str]:
+    """(label, css class) of one check; older records carry only ``ok``."""
+    r = check.get("result") or ("pass" if check.get("ok") else "fail")
+    return _RESULT.get(r, (r.upper(), ""))
+
+
+def membership_statements(ver: dict) -> dict:
+    """What the certificate states about membership: per erased patient, whether the model before
+    the erasure was flagged and whether the erased model is indistinguishable from the reference
+    models that never saw the patient; or that the calibrated test was not run, and why."""
+    cal = (ver or {}).get("calibrated")
+    if not cal:
+        return {"available": False, "reason": "this verification predates the calibrated membership test",
+                "statements": []}
+    if not cal.get("available"):
+        return {"available": False, "reason": cal.get("reason", ""), "statements": []}
+    chk = cal["check"]
+    alpha = chk["alpha"]
+    out = []
+    for r in chk["subjects"]:
+        if r["flagged_before"]:
+            verdict = "PASS" if r["indistinguishable_after"] else "FAIL"
+            text = (f"patient {r['id']}: model before the erasure flagged (p = {r['p_before']:.4f} < {alpha}); "
+                    f"erased model {'indistinguishable from' if r['indistinguishable_after'] else 'still distinguishable from'}"
+                    f" the {r['n_out']} reference models that never saw the patient (p = {r['p_after']:.4f}"
+                    f"{' >= ' if r['indistinguishable_after'] else ' < '}{alpha})")
+        else:
+            verdict = "NO POWER"
+            text = (f"patient {r['id']}: model before the erasure NOT flagged (p = {r['p_before']:.4f} >= {alpha}): "
+                    f"the membership test had no power for this patient, so the erased model's p = "
+                    f"{r['p_after']:.4f} against {r['n_out']} reference models proves nothing")
+        out.append({"id": r["id"], "verdict": verdict, "text": text, "flagged_before": r["flagged_before"],
+                    "p_before": r["p_before"], "p_after": r["p_after"], "n_out_references": r["n_out"]})
+    pop = {m: cal[m]["population"] for m in ("before", "after")}
+    return {"available": True, "result": chk["result"], "n_references": cal["n_references"], "alpha": alpha,
+            "statements": out, "population": pop}
+
+
 def summarise(entries: list[dict]) -> dict:
     """The facts a certificate states, from one request's ledger entries."""
     if not entries:
@@ -57,16 +99,26 @@ def summarise(entries: list[dict]) -> dict:
     done = by.get("completed", {}).get("body")
     work = by.get("local_unlearned") or by.get("site_removed")
     status = "COMPLETED" if done else ("VERIFICATION FAILED" if ver and not ver.get("passed") else "IN PROGRESS")
+    # settings as they ran (the ledger's stage entries), not as they were asked for
+    ran = work["body"] if work else {}
+    repaired = by.get("repaired", {}).get("body")
+    if req.get("kind") == "patient":
+        settings = {"params": ran.get("params"), "target": ran.get("target"), "epochs": ran.get("epochs"),
+                    "local_steps": ran.get("steps_run"),
+                    "repair_rounds": len(repaired["rounds"]) if repaired else None, "seed": req.get("seed")}
+    else:
+        settings = {k: ran.get(k) for k in ("ratio", "interval", "local_steps", "repair_rounds", "from_round",
+                                            "rounds")}
+        settings["seed"] = req.get("seed")
     return {
         "request": entries[0]["request"], "status": status, "run": req.get("run"), "kind": req.get("kind"),
         "site": req.get("site"), "subjects": req.get("subjects", []), "reason": req.get("reason"),
         "requested_by": req.get("requested_by"), "requested_at": by["requested"]["at"],
-        "completed_at": by["completed"]["at"] if done else None, "method": req.get("method"),
-        "settings": {k: req.get(k) for k in (("params", "target", "epochs", "repair_rounds", "seed")
-                                             if req.get("kind") == "patient" else
-                                             ("calibration_ratio", "calibration_interval", "seed"))},
+        "completed_at": by["completed"]["at"] if done else None, "method": ran.get("strategy") or req.get("method"),
+        "settings": settings,
         "source_model": req.get("source"), "work": work["body"] if work else None,
         "repair": by.get("repaired", {}).get("body"), "verification": ver or None,
+        "membership": membership_statements(ver) if ver else None,
         "resulting_model": done["model"] if done else None, "removed": done["removed"] if done else [],
         "dp": done.get("dp") if done else None, "last_entry_hash": entries[-1]["hash"],
         "events": [{"seq": e["seq"], "event": e["event"], "at": e["at"], "hash": e["hash"]} for e in entries],
@@ -109,10 +161,13 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
                              f"<td>{_fmt(m['test_dice'])}</td></tr>")
         parts.append("</table><table><tr><th>check</th><th>value</th><th>threshold</th><th>result</th></tr>")
         for k, c in ver["checks"].items():
-            bound = f"&le; {c['max']}" if "max" in c else f"&ge; {c['min']} (vs {c.get('vs')})"
+            bound = f"&le; {c['max']}" if "max" in c else f"&ge; {c['min']} (vs {html.escape(str(c.get('vs')))})"
+            label, css = _result(c)
+            note = f"<br><small>{html.escape(c['note'])}</small>" if c.get("note") else ""
             parts.append(f"<tr><td>{k}</td><td>{_fmt(c['value'])}</td><td>{bound}</td>"
-                         f"<td class='{'pass' if c['ok'] else 'fail'}'>{'PASS' if c['ok'] else 'FAIL'}</td></tr>")
+                         f"<td class='{css}'>{label}{note}</td></tr>")
         parts.append("</table>")
+        parts.append(_membership_html(s.get("membership") or membership_statements(ver)))
         if "distance_to_retrain" in ver:
             parts.append(f"<p>Parameter distance to the federated retrain: {_fmt(ver['distance_to_retrain'])} "
                          f"(before the erasure: {_fmt(ver['distance_before_to_retrain'])}).</p>")
@@ -146,6 +201,35 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Erasure certificate "
             f"{html.escape(s['request'])}</title><style>{_CSS}</style></head><body>{''.join(parts)}"
             "<p><small>Written by privseg from the run's erasure ledger.</small></p></body></html>")
+
+
+def _membership_html(m: dict) -> str:
+    parts = ["<h2>Per-patient membership test (reference models)</h2>"]
+    if not m["available"]:
+        parts.append(f"<p class='nopower'>Calibrated membership test: NOT RUN &mdash; {html.escape(m['reason'])}</p>"
+                     "<p>The membership AUC above compares the erased patient with other patients, not with models "
+                     "that never saw this patient; on its own it is not evidence that the patient was forgotten.</p>")
+        return "".join(parts)
+    parts.append(f"<p>Each erased patient's score under the model before and after the erasure is compared with "
+                 f"its scores under the {m['n_references']} reference models of this run that never saw it "
+                 f"(offline LiRA with per-patient difficulty calibration; flagged when p &lt; {m['alpha']}).</p>"
+                 "<table><tr><th>patient</th><th>before: flagged?</th><th>after: indistinguishable?</th>"
+                 "<th>OUT references</th><th>result</th></tr>")
+    for r in m["statements"]:
+        css = {"PASS": "pass", "FAIL": "fail"}.get(r["verdict"], "nopower")
+        after = ("n/a (no power)" if not r["flagged_before"] else
+                 ("yes" if r["p_after"] >= m["alpha"] else "no") + f" (p = {r['p_after']:.4f})")
+        parts.append(f"<tr><td>{html.escape(r['id'])}</td><td>{'yes' if r['flagged_before'] else 'no'} "
+                     f"(p = {r['p_before']:.4f})</td><td>{after}</td><td>{r['n_out_references']}</td>"
+                     f"<td class='{css}'>{r['verdict']}</td></tr>")
+    parts.append("</table><ul>" + "".join(f"<li>{html.escape(r['text'])}</li>" for r in m["statements"]) + "</ul>")
+    parts.append("<table><tr><th>model</th><th>population AUC (training vs never-seen patients)</th>"
+                 "<th>TPR at 1 % FPR</th><th>members / non-members</th></tr>")
+    for name, p in m["population"].items():
+        tpr = f"{_fmt(p.get('tpr'))} (FPR resolution {_fmt(p.get('fpr_resolution'))})" if "tpr" in p else "n/a"
+        parts.append(f"<tr><td>{name}</td><td>{_fmt(p.get('auc'))}</td><td>{tpr}</td>"
+                     f"<td>{p.get('n_members')} / {p.get('n_nonmembers')}</td></tr>")
+    return "".join(parts) + "</table>"
 
 
 def write_certificate(ledger_path: str | Path, request_id: str, out_dir: str | Path) -> tuple[Path, Path]:

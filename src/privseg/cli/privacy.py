@@ -84,6 +84,36 @@ def status(
 
 
 @app.command()
+def budget(
+    run: str = typer.Argument(..., help="Run name, run folder, or privacy.sqlite file."),
+    site: str = typer.Option(..., "--site", help="The site whose budget changes."),
+    epsilon: float = typer.Option(..., "--epsilon", help="Its new total epsilon budget (delta unchanged)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders."),
+) -> None:
+    """Change one site's epsilon budget (e.g. so it can pay for an erasure): a decision recorded in
+    its ledger. The noise plan stays as it was; only how far the ledger lets the site go changes."""
+    from privseg.errors import ConfigError
+    from privseg.privacy import BudgetLedger, find_ledgers
+    from privseg.privacy.accountant import check_epsilon
+
+    path = Path(run) if Path(run).exists() else runs_dir / run
+    check_epsilon(epsilon)
+    for ledger_path in find_ledgers(path):
+        ledger = BudgetLedger(ledger_path)
+        if site in ledger.sites():
+            old, delta = ledger.budget(site)
+            spent = ledger.spent(site)
+            if epsilon < spent:
+                raise ConfigError(f"site {site} has already spent epsilon {spent:.4g}: a budget of {epsilon:g} "
+                                  "would be exceeded at once")
+            ledger.set_budget(site, epsilon, delta)
+            out.print(f"site {site}: epsilon budget {old:g} -> {epsilon:g} (spent {spent:.4g}, delta {delta:g}) "
+                      f"in {ledger_path}")
+            return
+    raise ConfigError(f"no ledger under {path} has site {site!r}")
+
+
+@app.command()
 def train(
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."),

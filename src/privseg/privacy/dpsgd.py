@@ -296,8 +296,9 @@ class PatientDPSGD:
 
     ``multipliers[t]`` is the noise multiplier ``z`` booked for global step ``t``; the noised sum
     is divided by ``expected_batch`` (default q*n patients; a public constant such as
-    ``subjects_per_step`` when the sampling rate is fixed, so the update does not reveal n). It is not a ``step_fn`` for a fixed batch:
-    a batch it did not sample itself would be booked as a Poisson sample that never happened."""
+    ``subjects_per_step`` when the sampling rate is fixed, so the update does not reveal n).
+    It is not a ``step_fn`` for a fixed batch: a batch it did not sample itself would be booked
+    as a Poisson sample that never happened."""
 
     def __init__(self, *, q: float, n_subjects: int, multipliers: Sequence[float], clip_norm: float = 1.0,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
@@ -517,24 +518,33 @@ class SiteDPSession:
 
 def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int,
                             total_steps: int) -> SitePlan:
-    """The site's stored plan (so every round uses the schedule fixed before round 1), or a new one.
-    A derived run (``dp.ledger_scope``) keeps the noise of the site's original plan: its rounds
-    spend budget as the original ones did, and the ledger refuses them past the budget."""
-    if dp.ledger_scope:
-        original = ledger.get_plan(site)
-        if original is None:
-            raise ConfigError(f"site {site}: no original DP plan in {ledger.path} for the derived run "
-                              f"{dp.ledger_scope!r}")
-        plan = SitePlan(**{**original, "n_subjects": n_subjects, "total_steps": total_steps})
-        ledger.set_plan(f"{site}@{dp.ledger_scope}", plan.to_dict())
-        return plan
+    """The site's stored plan, or a new one calibrated to its budget.
+
+    Once a site has a plan its noise stays fixed: more rounds, an erased patient (n - 1) or a
+    derived run (``dp.ledger_scope``: an erasure's retrain or calibration) keep the same ``q`` and
+    multipliers, spend budget as the original rounds did, and the ledger refuses what would
+    cross the budget. (Recalibrating would plan the full budget again on top of what is spent.)"""
     stored = ledger.get_plan(site)
-    if stored is not None and stored.get("total_steps") == total_steps and stored.get("n_subjects") == n_subjects:
-        return SitePlan(**stored)
+    if stored is None and dp.ledger_scope:
+        raise ConfigError(f"site {site}: no original DP plan in {ledger.path} for the derived run "
+                          f"{dp.ledger_scope!r}")
+    if stored is not None:
+        plan = SitePlan(**{**stored, "n_subjects": n_subjects})
+        if dp.ledger_scope:
+            ledger.set_plan(f"{site}@{dp.ledger_scope}", plan.to_dict())
+        return plan
     plan = make_plan(dp, site, n_subjects, subjects_per_step, total_steps)
     ledger.set_budget(site, plan.epsilon, plan.delta)
     ledger.set_plan(site, plan.to_dict())
     return plan
+
+
+def site_plan(ledger, site: str, n_subjects: int | None = None) -> SitePlan:
+    """The plan fixed for ``site`` before its first round (what every later DP step of it uses)."""
+    stored = ledger.get_plan(site)
+    if stored is None:
+        raise ConfigError(f"site {site}: no DP plan in {ledger.path}")
+    return SitePlan(**{**stored, **({"n_subjects": n_subjects} if n_subjects is not None else {})})
 
 
 # -- federated hook (patient-level DP at each site) ----------------------------------------

@@ -227,8 +227,10 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     verification failed (``status``); raises :class:`PrivsegError` for bad requests."""
     run_dir = Path(run_dir)
     cfg = FLConfig.load(run_dir)
-    ledger = ErasureLedger(run_dir / LEDGER)
     rid = request.request_id(cfg.name)
+    if not (run_dir / LEDGER).exists() or not ErasureLedger(run_dir / LEDGER).entries(rid):
+        _check_dp_budget(run_dir, cfg, request)  # a new request: refused before any file or compute
+    ledger = ErasureLedger(run_dir / LEDGER)
     say = on_stage or (lambda stage, msg: None)
     entries = ledger.entries(rid)
     if _latest(entries, "completed"):
@@ -256,6 +258,36 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     entries = ledger.entries(rid)
     status = "completed" if _latest(entries, "completed") else "verification-failed"
     return _result(run_dir, ledger, rid, status)
+
+
+def _dp_steps(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> dict[str, int]:
+    """The DP steps each site would take for ``req`` (what the budgets must pay for)."""
+    state = RunState.load(run_dir)
+    if req.kind == "patient":
+        steps = {s.id: req.repair_rounds * cfg.local_steps for s in cfg.sites}
+        steps[req.site] += _local_dp_steps(cfg, req)
+        return steps
+    touched = state.rounds_of_site(req.site)
+    if not touched:
+        return {}
+    remaining = [s.id for s in cfg.sites if s.id != req.site]
+    if req.method == "retrain":
+        rounds = state.rounds_done - min(touched) + 1
+        return {s: rounds * cfg.local_steps for s in remaining}
+    groups = federaser_groups(state, req.site, req.calibration_interval)
+    per_round = max(1, round(req.calibration_ratio * cfg.local_steps))
+    return {s: (len(groups) + req.repair_rounds) * per_round for s in remaining}
+
+
+def _local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
+    return cfg.local_steps * max(1, int(req.epochs or 1))
+
+
+def _check_dp_budget(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> None:
+    from privseg.unlearn.private import dp_of, require_budget
+
+    if dp_of(cfg) is not None and RunState.load(run_dir).rounds_done >= 1:
+        require_budget(run_dir, cfg, _dp_steps(run_dir, cfg, req), f"erasure of {req.kind} at site {req.site}")
 
 
 def _result(run_dir: Path, ledger: ErasureLedger, rid: str, status: str) -> ErasureResult:
@@ -286,21 +318,32 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
         spec = replace(spec, exclude=tuple(x for x in spec.exclude if x not in req.subjects))
         cohort = read_site_cohort(spec.cohort)
         site_cohort = cohort.with_subjects(site_subjects(cohort, spec))
-        say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
-        c0 = time.process_time()
-        res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), req.method,
-                      target=req.target, epochs=req.epochs, params=req.params, out_dir=work / "local",
-                      seed=req.seed, evaluate=False)
+        c0, t0 = time.process_time(), time.perf_counter()
+        from privseg.unlearn.private import dp_local_finetune, dp_of
+
+        if dp_of(cfg) is not None:  # a DP run: the local stage is DP too, and paid from the site's budget
+            steps = _local_dp_steps(cfg, req)
+            say("local_unlearned", f"site {req.site}: {steps} DP fine-tuning step(s) on its other patients")
+            ckpt, info = dp_local_finetune(run_dir, cfg, req.site, req.subjects, run_dir / requested["source"]["path"],
+                                           work / "local", steps, scope=f"erasure/{rid}/local")
+            body = {"site": req.site, **info, "params": {}, "target": "dp", "epochs": req.epochs,
+                    "stopped_early": False, "checks": [], "retain_subjects_at_site": info["retain_patients_at_site"]}
+        else:
+            say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
+            res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), req.method,
+                          target=req.target, epochs=req.epochs, params=req.params, out_dir=work / "local",
+                          seed=req.seed, evaluate=False)
+            r = res.report
+            ckpt = res.checkpoint
+            body = {"site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
+                    "epochs": r["epochs"], "steps_run": r["steps_run"], "stopped_early": r["stopped_early"],
+                    "checks": r["checks"][-1:] if r["checks"] else [],
+                    "retain_subjects_at_site": len(r["request"]["retain"])}
         cfg.sites = [replace(s, exclude=(*s.exclude, *req.subjects)) if s.id == req.site else s for s in cfg.sites]
         cfg.save(run_dir)  # from now on the site never uses the patient again
-        r = res.report
         local = ledger.append(rid, "local_unlearned", {
-            "site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
-            "epochs": r["epochs"], "steps_run": r["steps_run"], "stopped_early": r["stopped_early"],
-            "seconds": r["seconds"], "cpu_s": time.process_time() - c0,
-            "checks": r["checks"][-1:] if r["checks"] else [],
-            "retain_subjects_at_site": len(r["request"]["retain"]),
-            "model": _artefact(run_dir, res.checkpoint), "excluded_at_site": list(req.subjects)})
+            **body, "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "model": _artefact(run_dir, ckpt), "excluded_at_site": list(req.subjects)})
         entries = ledger.entries(rid)
     # 3. repair rounds with every site
     until = n0 + req.repair_rounds
@@ -350,12 +393,13 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
 def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: dict, site: str,
               say: StageCallback) -> None:
     removed = []
-    for a in ver["superseded"]:
+    superseded = [*ver["superseded"], *ver.get("references_superseded", [])]
+    for a in superseded:
         p = run_dir / a["path"]
         if p.is_file():
             p.unlink()
         removed.append(a)
-    for d in sorted({(run_dir / a["path"]).parent for a in ver["superseded"]}, reverse=True):
+    for d in sorted({(run_dir / a["path"]).parent for a in superseded}, reverse=True):
         if d.is_dir() and d != run_dir and not any(d.iterdir()):
             d.rmdir()
     cfg = FLConfig.load(run_dir)
@@ -443,11 +487,21 @@ def _param_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return math.sqrt(num / den) if den else math.nan
 
 
-def _judge(th: dict, after: dict, base: dict, base_name: str) -> tuple[dict, list[str]]:
+def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | None = None,
+           calibrated: dict | None = None) -> tuple[dict, list[str]]:
+    """Checks with ``ok`` True (pass), False (fail) or None (no power / informative only: neither)."""
     # With a retrain to calibrate against, membership is judged relative to it (see _scores).
     mia_key = "mia_auc_calibrated" if "mia_auc_calibrated" in after else "mia_auc"
+    auc_check = {"value": after[mia_key], "max": th["max_mia_auc"], "ok": after[mia_key] <= th["max_mia_auc"]}
+    if before is not None and before.get(mia_key) is not None and before[mia_key] <= th["max_mia_auc"]:
+        # the model before the erasure was already under the bound: this check could not fail
+        auc_check.update(ok=None, result="no power", note=f"the model before the erasure scored "
+                         f"{before[mia_key]:.4f}, already within the bound: the check could not fail")
+    if calibrated and calibrated.get("available"):
+        auc_check.update(ok=None, result="info", note="membership is decided by the per-patient test against "
+                         "the reference models")
     checks = {
-        mia_key: {"value": after[mia_key], "max": th["max_mia_auc"], "ok": after[mia_key] <= th["max_mia_auc"]},
+        mia_key: auc_check,
         "retain_dice_ratio": {"value": after["retain_dice"] / base["retain_dice"], "vs": base_name,
                               "min": th["min_retain_dice_ratio"]},
         "test_dice_ratio": {"value": after["test_dice"] / base["test_dice"], "vs": base_name,
@@ -455,8 +509,18 @@ def _judge(th: dict, after: dict, base: dict, base_name: str) -> tuple[dict, lis
     }
     for k in ("retain_dice_ratio", "test_dice_ratio"):
         checks[k]["ok"] = bool(checks[k]["value"] >= checks[k]["min"])
+    if calibrated and calibrated.get("available"):
+        c = calibrated["check"]
+        checks["membership_calibrated"] = {
+            "value": c["value"], "min": c["alpha"], "vs": f"{c['n_references']} reference models",
+            "ok": {"pass": True, "fail": False}.get(c["result"]), "result": c["result"],
+            "note": "smallest p-value after the erasure among the patients the model before it flagged"
+            if c["value"] is not None else "the model before the erasure flagged no erased patient (p >= "
+            f"{c['alpha']}): the membership test has no power here"}
+    for c in checks.values():
+        c.setdefault("result", "pass" if c["ok"] else "fail")
     failed = [f"{k} {c['value']:.3f} {'>' if 'max' in c else '<'} {c.get('max', c.get('min'))}"
-              for k, c in checks.items() if not c["ok"]]
+              for k, c in checks.items() if c["ok"] is False]
     return checks, failed
 
 
@@ -482,12 +546,47 @@ def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, 
         out["distance_before_to_retrain"] = _param_distance(before, ref)
     out["before"] = _scores(before, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
     out["after"] = _scores(after, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
+    out["calibrated"] = _calibrated(run_dir, before, after, members, groups["retain"], nonmembers, tc, views,
+                                    req.seed)
+    # reference models that trained on the erased patients carry them too: deleted on completion
+    out["references_superseded"] = _references_superseded(run_dir, [m["id"] for m in members])
     base_name, base = ("retrain", out["retrain"]) if reference is not None else ("before", out["before"])
-    out["checks"], out["failed_checks"] = _judge(req.thresholds, out["after"], base, base_name)
+    out["checks"], out["failed_checks"] = _judge(req.thresholds, out["after"], base, base_name, out["before"],
+                                                 out["calibrated"])
     out["passed"] = not out["failed_checks"]
     out["thresholds"] = req.thresholds
     out["verification_s"] = time.perf_counter() - t0
     return out
+
+
+def _calibrated(run_dir: Path, before, after, erased: list[dict], retain: list[dict], never_seen: list[dict],
+                tc: dict, views: int, seed: int) -> dict:
+    """The per-patient membership test of the models before and after the erasure against the run's
+    reference models (:mod:`privseg.audit.reference`), or why it was not run."""
+    from privseg.audit import lira
+    from privseg.audit import reference as refmod
+
+    erased_ids = [m["id"] for m in erased]
+    kept = [r for r in retain if r["id"] not in erased_ids]
+    items = [*erased, *kept, *never_seen]
+    never = [n["id"] for n in never_seen]
+    try:
+        refs = refmod.load_references(run_dir)
+        kw = {"views": views, "seed": seed, "nonmembers": never}
+        tb = refmod.calibrated_test(refs, before, items, tc["patch_size"], tc["num_classes"],
+                                    members=[*erased_ids, *(r["id"] for r in kept)], **kw)
+        ta = refmod.calibrated_test(refs, after, items, tc["patch_size"], tc["num_classes"],
+                                    members=[r["id"] for r in kept], **kw)
+    except ConfigError as exc:
+        return {"available": False, "reason": str(exc)}
+    return {"available": True, "n_references": len(refs.references), "references": refs.summary(),
+            "check": lira.erasure_check(tb, ta, erased_ids), "before": tb, "after": ta}
+
+
+def _references_superseded(run_dir: Path, subjects: Sequence[str]) -> list[dict]:
+    from privseg.audit.reference import superseded
+
+    return superseded(run_dir, subjects)
 
 
 def _verified(rid: str, ledger: ErasureLedger, req: ErasureRequest, after_event: str, evidence: Callable[[], dict],
@@ -509,7 +608,8 @@ def _judged(rid: str, ledger: ErasureLedger, req: ErasureRequest, ver: dict) -> 
     if ver["thresholds"] == req.thresholds:
         return ver
     base_name = "retrain" if "retrain" in ver else "before"
-    checks, failed = _judge(req.thresholds, ver["after"], ver[base_name], base_name)
+    checks, failed = _judge(req.thresholds, ver["after"], ver[base_name], base_name, ver.get("before"),
+                            ver.get("calibrated"))
     ver = {**ver, "checks": checks, "failed_checks": failed, "passed": not failed, "thresholds": req.thresholds,
            "rejudged": True}
     ledger.append(rid, "verified", ver)
