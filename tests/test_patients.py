@@ -225,6 +225,14 @@ def test_cli_data_info_on_a_sites_root_and_with_pinned_splits(tmp_path: Path, ca
     (tmp_path / "bad.csv").write_text("id,site,split\nBRATS_009,hospA,train\n")
     assert main(["data", "info", str(tmp_path / "root"), "--splits", str(tmp_path / "bad.csv")]) == 2
     assert "bad.csv" in capsys.readouterr().err
+    # data check reads a sites root too, and lists the problems of every site
+    assert main(["data", "check", str(tmp_path / "root"), "--quiet"]) == 0
+    (tmp_path / "root" / "hospA" / "labelsTr" / "BRATS_001.nii.gz").unlink()
+    (tmp_path / "root" / "hospB" / "labelsTr" / "BRATS_002.nii.gz").unlink()
+    assert main(["data", "check", str(tmp_path / "root"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "hospA/labelsTr/BRATS_001.nii.gz" in err and "hospB/labelsTr/BRATS_002.nii.gz" in err
+    assert "2 problem(s) found; 6 subject(s) could be read" in err
 
 
 def test_cli_train_writes_the_split_it_used_and_accepts_pinned_splits(tiny_cohort: Cohort, tmp_path: Path,

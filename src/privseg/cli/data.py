@@ -42,13 +42,16 @@ def synth(
         out.print(f"wrote {len(cohort.subjects)} subjects at {len(cohort.sites)} sites to {out_dir}")
 
 
-def _cohorts(path: Path, sites_root: bool, splits: Path | None, classes: str | None) -> list[tuple[str | None, object]]:
+def _cohorts(path: Path, sites_root: bool, splits: Path | None, classes: str | None,
+             problems: list | None = None) -> list[tuple[str | None, object]]:
     """(site, cohort) pairs: one cohort (site None), or with a sites root, as `fl run --sites-root`
     reads it, one cohort per sub-folder named after it. A folder in no known layout whose
-    sub-folders are is taken as a sites root."""
+    sub-folders are is taken as a sites root. With ``problems``, a site that cannot be read is
+    noted there and the other sites are still read."""
     from privseg.cli.cohorts import open_cohort
     from privseg.data.cohort import apply_splits, read_splits
     from privseg.data.formats import is_known_layout
+    from privseg.errors import DataError
 
     if not sites_root and not (path.is_dir() and not is_known_layout(path) and _has_site_folders(path)):
         return [(None, open_cohort(path, splits, classes))]
@@ -57,8 +60,13 @@ def _cohorts(path: Path, sites_root: bool, splits: Path | None, classes: str | N
     pinned = read_splits(splits) if splits else None
     out = []
     for spec in sites_from_root(path):
-        cohort = open_cohort(Path(spec.cohort), None, classes)
-        out.append((spec.id, apply_splits(cohort, pinned, site=spec.id) if pinned else cohort))
+        try:
+            cohort = open_cohort(Path(spec.cohort), None, classes)
+            out.append((spec.id, apply_splits(cohort, pinned, site=spec.id) if pinned else cohort))
+        except DataError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
     return out
 
 
@@ -85,11 +93,11 @@ def check(path: Path = typer.Argument(..., help="Cohort folder or manifest."),
     problems: list[str] = []
     with collect_problems() as noted:  # the readers note a broken subject and go on with the others
         try:
-            cohorts = _cohorts(path, sites_root, splits, classes)
+            cohorts = _cohorts(path, sites_root, splits, classes, noted)
         except DataError as exc:  # nothing readable left (or a broken split file): list what was found
             cohorts = []
             noted.append(exc)
-    problems += [str(e) for e in noted]
+    problems += list(dict.fromkeys(str(e) for e in noted))  # layout detection and reading may note one twice
     subjects = [(s, c) for _, c in cohorts for s in c.subjects]
     with progress("checking", len(subjects), quiet) as update:
         for k, (s, c) in enumerate(subjects):
