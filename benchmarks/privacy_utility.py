@@ -137,6 +137,12 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
            "site_dice": {s: m["mean-dice"] for s, m in last["eval"]["sites"].items()},
            "epsilon_spent": {s: m.get("dp-epsilon") for s, m in last["train"].items()},
            "counts": info["counts"]}
+    if extra:  # the DP result counts only under secret-key noise with every release accounted
+        from privseg.privacy import BudgetLedger, find_ledgers
+
+        out["private"] = all(r["private"] for path in find_ledgers(run_dir) for r in BudgetLedger(path).status())
+        out["epsilon_ledger"] = {r["site"]: r["epsilon_spent"] for path in find_ledgers(run_dir)
+                                 for r in BudgetLedger(path).status()}
     shutil.rmtree(run_dir, ignore_errors=True)  # weights and ledgers are not kept
     return out
 
