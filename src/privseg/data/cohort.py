@@ -395,7 +395,8 @@ def _read_splits_csv(path: Path) -> PinnedSplits:
     header = [h.strip().lower() for h in rows[0]]
     missing = [c for c in ("id", "split") if c not in header]
     if missing:
-        raise DataError(path, f"header {rows[0]} has no {' or '.join(missing)} column (expected id,site,split[,patient])")
+        raise DataError(path, f"header {rows[0]} has no {' or '.join(missing)} column "
+                        "(expected id,site,split[,patient])")
     col = {name: header.index(name) for name in ("id", "split", "site", "patient") if name in header}
     out = PinnedSplits(str(path), {})
     for line, row in enumerate(rows[1:], start=2):
