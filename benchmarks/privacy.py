@@ -11,13 +11,11 @@ and benchmarks/results/privacy_dice_vs_eps.png when the utility part ran.
 1. speed: DP step time / non-private step time, same model, same batch (2 subjects x 2
    patches), per-subject gradients by ``loop`` / ``vmap`` / ``opacus``; unet (3D) and resnet10
    (group norm); CPU.
-2. utility: 3 tasks (3D MRI embedded cohort, 3D CT-like cohort, 2D dermoscopy), 3 sites each,
-   federated (in-process Flower round loop, privseg's ServerApp/ClientApp) non-private vs
-   patient-level DP with fixed clip vs adaptive clip, at each epsilon; mean Dice over sites on
-   held-out subjects; mean +- std over seeds.
+2. utility: the study's comparison, as resumable cells in ``benchmarks/privacy_utility.py``
+   (3 tasks x 3 sites, non-private / fixed clip (C = 1 and a grid of 4) / adaptive clip, ε 1, 3, 8).
 3. accounting: privseg's ε vs Google dp-accounting for the same (q, sigma, steps) sequence.
-4. audit: canary patients + a loss-threshold membership test over many DP trainings ->
-   empirical ε lower bound (Clopper-Pearson, 95 %), compared with the accounted ε.
+4. audit: ``benchmarks/dp_audit.py`` (white-box gradient canary; secret-key vs public-seed noise)
+   -> empirical ε lower bound (Clopper-Pearson, 95 %), compared with the accounted ε.
 5. flower: Flower 1.41's adaptive-clipping update rule (counts clipped) vs Andrew et al. (counts unclipped).
 """
 
@@ -28,7 +26,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -145,106 +142,18 @@ def bench_audit(quick: bool) -> dict:
 
 # -- 2. utility ---------------------------------------------------------------------------
 
-def _make_task(task: str, root: Path, quick: bool):
-    from privseg.data import synth
+def bench_utility(argv: list[str]) -> dict:
+    """The study's comparison runs as resumable cells in ``benchmarks/privacy_utility.py``; this
+    part runs (or resumes) it and quotes its headline keys."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import privacy_utility
 
-    if task == "mri3d":
-        return synth.synth_cohort(root / task, sites=3, subjects=6 if quick else 10, size=32 if quick else 64,
-                                  seed=0, test_fraction=0.34)
-    if task == "ct3d":
-        return synth.synth_cohort(root / task, sites=3, subjects=6 if quick else 10, size=32 if quick else 64,
-                                  seed=1, profiles=["CT"] * 3, test_fraction=0.34)
-    return synth.synth_cohort_2d(root / task, sites=3, subjects=6 if quick else 12, kind="dermoscopy", seed=2,
-                                 test_fraction=0.34)
-
-
-def _fl_dice(cohort, method: str, eps: float | None, seed: int, run_dir: Path, quick: bool) -> tuple[float, dict]:
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
-    from privseg.federated.simulation import simulate_inprocess
-    from privseg.privacy import DPConfig
-    from privseg.train import TrainConfig
-
-    sites = sites_from_cohort(cohort.root)
-    info = check_sites(sites)
-    dims = info["spatial_dims"]
-    rounds, local = (4, 5) if quick else (20, 10)
-    patch = (16 if quick else 32) if dims == 3 else (32 if quick else 64)
-    extra = {}
-    if method != "nonprivate":
-        extra["dp"] = DPConfig(epsilon=eps, delta=1e-3, clip="fixed" if method == "fixed" else "adaptive",
-                               clip_norm=1.0, sampling_rate=0.5).to_dict()
-    tc = TrainConfig(model="unet_tiny" if quick else "unet", patch_size=(patch,) * dims, device="cpu", seed=seed,
-                     subjects_per_step=2, patches_per_subject=2, lr=5e-3, steps=rounds * local,
-                     in_channels=len(info["channels"]), num_classes=len(info["classes"]), spatial_dims=dims,
-                     extra=extra)
-    cfg = FLConfig(name="u", sites=sites, train=tc, rounds=rounds, local_steps=local, eval_every=rounds)
-    state = simulate_inprocess(cfg, run_dir)
-    last = state.rounds[-1]
-    eps_spent = {s: m.get("dp-epsilon") for s, m in last["train"].items()}
-    return float(last["eval"]["overall"]["site-mean-dice"]), eps_spent
-
-
-def bench_utility(quick: bool, seeds: int, eps_list: list[float], tasks: list[str]) -> dict:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for task in tasks:
-            cohort = _make_task(task, root, quick)
-            configs = [("nonprivate", None)] + [(m, e) for e in eps_list for m in ("fixed", "adaptive")]
-            for method, eps in configs:
-                dices, spent = [], []
-                for s in range(seeds):
-                    t0 = time.perf_counter()
-                    d, e = _fl_dice(cohort, method, eps, s, root / f"{task}-{method}-{eps}-{s}", quick)
-                    dices.append(d)
-                    spent.append(e)
-                    print(f"utility {task} {method} eps={eps} seed={s}: Dice {d:.3f} "
-                          f"({time.perf_counter() - t0:.0f} s)",
-                          flush=True)
-                rows.append({"task": task, "method": method, "epsilon": eps, "dice_mean": float(np.mean(dices)),
-                             "dice_std": float(np.std(dices)), "dices": dices, "epsilon_spent": spent})
-    return {"rows": rows}
-
-
-def _summaries(util: dict) -> dict:
-    out = {}
-    rows = util["rows"]
-
-    def mean_of(method, eps):
-        v = [r["dice_mean"] for r in rows if r["method"] == method and r["epsilon"] == eps]
-        return float(np.mean(v)) if v else None
-
-    a8, f8, n = mean_of("adaptive", 8.0), mean_of("fixed", 8.0), mean_of("nonprivate", None)
-    out["adaptive_minus_fixed"] = (a8 - f8) if a8 is not None and f8 is not None else None
-    out["adaptive_over_nonprivate_eps8"] = (a8 / n) if a8 is not None and n else None
-    return out
-
-
-def plot(util: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({r["task"] for r in util["rows"]})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=False):
-        rs = [r for r in util["rows"] if r["task"] == task]
-        for method in ("fixed", "adaptive"):
-            pts = sorted((r["epsilon"], r["dice_mean"], r["dice_std"]) for r in rs if r["method"] == method)
-            if pts:
-                e, m, s = zip(*pts, strict=True)
-                ax.errorbar(e, m, yerr=s, marker="o", capsize=3, label=f"DP {method} clip")
-        for r in rs:
-            if r["method"] == "nonprivate":
-                ax.axhline(r["dice_mean"], color="k", ls="--", label="non-private")
-        ax.set_xscale("log")
-        ax.set_xlabel("epsilon")
-        ax.set_ylabel("mean Dice")
-        ax.set_title(task)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    privacy_utility.main(argv)
+    path = RESULTS / "privacy_utility.json"
+    merged = __import__("json").loads(path.read_text()) if path.exists() else {}
+    keys = ("adaptive_minus_fixed", "adaptive_minus_best_fixed", "adaptive_over_nonprivate_eps8",
+            "cells_done", "cells_total")
+    return {"results": str(path.relative_to(RESULTS.parent.parent)), **{k: merged.get(k) for k in keys}}
 
 
 def write_md(res: dict, path: Path) -> None:
@@ -259,11 +168,9 @@ def write_md(res: dict, path: Path) -> None:
                      for m in ("loop", "vmap", "opacus")]
             lines.append(f"| {r['model']} | {r['patch']}^3 | {r['nonprivate_s']:.3f} | " + " | ".join(cells) + " |")
     if "utility" in res:
-        lines += ["", "## Utility (mean Dice over sites, held-out subjects; mean ± std over seeds)", "",
-                  "| task | method | epsilon | Dice |", "|---|---|---|---|"]
-        for r in res["utility"]["rows"]:
-            lines.append(f"| {r['task']} | {r['method']} | {r['epsilon'] or '-'} | {r['dice_mean']:.3f} ± "
-                         f"{r['dice_std']:.3f} |")
+        u = res["utility"]
+        lines += ["", "## Utility", "", f"Resumable cells: `{u['results']}` ({u.get('cells_done')}/"
+                  f"{u.get('cells_total')} cells)."]
     if "accounting" in res:
         lines += ["", "## Accounting vs dp-accounting", "", "| case | delta | privseg | dp-accounting | rel. error |",
                   "|---|---|---|---|---|"]
@@ -289,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="speed,accounting,flower,audit,utility")
-    ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--eps", default=None, help="comma-separated epsilons (default 1,3,8)")
-    ap.add_argument("--tasks", default="mri3d,ct3d,derm2d")
     ap.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -311,13 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if "audit" in parts:
         res["audit"] = bench_audit(args.quick)
     if "utility" in parts:
-        eps_list = [float(e) for e in (args.eps or "1,3,8").split(",")]
-        seeds = args.seeds or (1 if args.quick else 3)
-        res["utility"] = bench_utility(args.quick, seeds, eps_list, args.tasks.split(","))
-        res.update(_summaries(res["utility"]))
-        plot(res["utility"], args.out.with_name("privacy_dice_vs_eps.png"))
-        res["utility"]["note"] = ("federated (in-process Flower round loop: privseg ServerApp/ClientApp, no Ray); "
-                                  "delta=1e-3 (< 1/n for the small synthetic sites), q=0.5")
+        res["utility"] = bench_utility(["--smoke"] if args.quick else [])
+        res.update({k: res["utility"][k] for k in ("adaptive_minus_fixed", "adaptive_over_nonprivate_eps8")})
     write_json(args.out, res)
     write_md(res, args.out.with_suffix(".md"))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
