@@ -306,3 +306,27 @@ def test_derived_run_gets_fresh_keys_and_books_into_the_sites_ledger(tmp_path):
     assert ledger.spent("H1") > before  # the retrain's releases count for the site
     assert not (sub / "sites" / "H1" / "privacy.sqlite").exists()  # no ledger nobody reads
     assert (sub / "sites" / "H1" / KEY_FILE).read_bytes() != (run / "sites" / "H1" / KEY_FILE).read_bytes()
+
+
+def test_erasing_one_scan_erases_the_whole_patient(tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.train import TrainConfig
+    from privseg.unlearn.federated import ErasureRequest, whole_patients
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=4, size=16)
+    a, b = cohort.select("train", "H1")[:2]
+    subjects = [dc_replace(s, patient_id="PX", split=a.split) if s.id in (a.id, b.id) else s
+                for s in cohort.subjects]
+    cohort.with_subjects(subjects).save()
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    cfg = FLConfig(name="p", sites=sites, train=TrainConfig(model="unet_tiny", in_channels=len(info["channels"]),
+                                                             num_classes=len(info["classes"])))
+    req = whole_patients(cfg, ErasureRequest(kind="patient", site="H1", subjects=(a.id,)))
+    assert set(req.subjects) == {a.id, b.id}
+    by_patient = whole_patients(cfg, ErasureRequest(kind="patient", site="H1", subjects=("PX",)))
+    assert set(by_patient.subjects) == {a.id, b.id}
+    assert by_patient.request_id("p") == req.request_id("p")  # the same patient: the same request

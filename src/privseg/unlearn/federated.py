@@ -215,6 +215,22 @@ def _validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: Erasu
         raise ConfigError(f"the request names every training subject of site {req.site}: erase the site instead")
 
 
+def whole_patients(cfg: FLConfig, req: ErasureRequest) -> ErasureRequest:
+    """The unit is the patient: a request naming one scan (or a patient ID) erases every scan of
+    that patient at the site. Unknown names are left for :func:`_validate` to refuse."""
+    if req.kind != "patient" or req.site not in cfg.site_ids:
+        return req
+    spec = cfg.site(req.site)
+    subjects = site_subjects(read_site_cohort(spec.cohort), replace(spec, exclude=()))
+    patient_of = {s.id: s.patient_id for s in subjects}
+    wanted = {patient_of.get(x, x) for x in req.subjects}
+    expanded = [s.id for s in subjects if s.patient_id in wanted]
+    named = [x for x in req.subjects if x not in patient_of and x not in {s.patient_id for s in subjects}]
+    if not expanded:
+        return req
+    return replace(req, subjects=tuple(dict.fromkeys([*expanded, *named])))
+
+
 # -- the entry point ---------------------------------------------------------------------
 
 def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-process",
@@ -227,6 +243,7 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     verification failed (``status``); raises :class:`PrivsegError` for bad requests."""
     run_dir = Path(run_dir)
     cfg = FLConfig.load(run_dir)
+    request = whole_patients(cfg, request)
     rid = request.request_id(cfg.name)
     if not (run_dir / LEDGER).exists() or not ErasureLedger(run_dir / LEDGER).entries(rid):
         _check_dp_budget(run_dir, cfg, request)  # a new request: refused before any file or compute
