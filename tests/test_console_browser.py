@@ -106,7 +106,7 @@ def test_file_approve_erase_certificate_and_site_isolation_in_chromium(server, t
             log_in("h2")
             shot("01-runs-site-user")
             assert page.locator("#runs a").all_inner_texts() == ["fed"]
-            for url, secret in ((f"/runs/other", "H1"), (f"/runs/other/patients", "H1"),
+            for url, secret in (("/runs/other", "H1"), ("/runs/other/patients", "H1"),
                                 (f"/runs/fed/requests/{h1_rid}", h1_patient),
                                 (f"/runs/fed/requests/{h1_rid}/status", h1_patient)):
                 resp = page.goto(base + url)

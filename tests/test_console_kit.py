@@ -83,7 +83,8 @@ def crafted_root(base: Path) -> tuple[Path, Path]:
     h1 = [s.id for s in cohort.select("train", "H1")]
     ErasureLedger(fed / "erasure" / "ledger.db").append("ER-cli0000000h1", "requested", {
         "run": "fed", "kind": "patient", "site": "H1", "subjects": [h1[0]], "reason": "cli request",
-        "requested_by": "shell user", "source": {"round": 3, "path": "checkpoints/global_r0003.pt", "sha256": "0" * 64}})
+        "requested_by": "shell user",
+        "source": {"round": 3, "path": "checkpoints/global_r0003.pt", "sha256": "0" * 64}})
     (fed / "report.html").write_text("<!DOCTYPE html><title>report</title><p>every site's patients</p>")
     add_users(root)
     return root, cohort.root
