@@ -61,7 +61,7 @@ def epsilon_lower_bound(s_in: np.ndarray, s_out: np.ndarray, delta: float) -> fl
 def run(trials: int, eps_target: float, delta: float, n: int = 4, quiet: bool = False) -> dict:
     from privseg.models import build_model
     from privseg.privacy import NoiseSource, PatientDPSGD, StepEvent, calibrate_sigma, epsilon
-    from privseg.privacy.dpsgd import clipped_sum_loop
+    from privseg.privacy.grad_sample import clipped_sum_loop
     from privseg.train.losses import SegLoss
 
     torch.set_num_threads(1)

@@ -17,9 +17,17 @@ import torch
 
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.models import build_model
-from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, PatientDPSGD, QuantileClipper, StepEvent
+from privseg.privacy import (
+    BudgetLedger,
+    DPConfig,
+    NoiseSource,
+    PatientDPSGD,
+    QuantileClipper,
+    SampledBatch,
+    StepEvent,
+    patient_groups,
+)
 from privseg.privacy.clipping import COUNT_SENSITIVITY, count_sensitivity, split_noise
-from privseg.privacy.dpsgd import SampledBatch, patient_groups
 from privseg.privacy.noise import KEY_FILE, ReproducibleNoiseWarning
 from privseg.train.losses import SegLoss
 

@@ -31,7 +31,7 @@ from privseg.privacy import (
 )
 from privseg.privacy.client_dp import flower_adaptive_clip_trace
 from privseg.privacy.clipping import default_sigma_b
-from privseg.privacy.dpsgd import clipped_sum_loop, clipped_sum_vmap
+from privseg.privacy.grad_sample import clipped_sum_loop, clipped_sum_vmap
 from privseg.train.losses import SegLoss
 
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +37,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privseg.errors import ConfigError, DataError
-from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
+from privseg.federated.private import patient_dp_step_fn
+from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
@@ -47,39 +46,6 @@ from privseg.utils import atomic_path, pick_device
 
 StepFnFactory = Callable[[TrainConfig, ConfigRecord, SiteSpec, Path], StepFn]
 KEEP_LOCAL_STATES = 3
-
-# Preprocessed subjects per (cohort, site, split, spacing), least recently used dropped first,
-# so a simulation worker serving many sites holds only a few in memory.
-_CACHE: OrderedDict[tuple, list[dict]] = OrderedDict()
-_COHORTS: dict[str, Any] = {}
-
-
-def _cohort(path: str):
-    if path not in _COHORTS:
-        _COHORTS[path] = read_site_cohort(path)
-    return _COHORTS[path]
-
-
-def site_items(spec: SiteSpec, split: str, spacing, capacity: int = 8) -> list[dict]:
-    """The site's preprocessed subjects of one split, cached (LRU of ``capacity`` entries)."""
-    from privseg.data.transforms import load_preprocessed
-
-    key = (spec.cohort, spec.cohort_site, spec.exclude, split, tuple(spacing) if spacing else None)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    cohort = _cohort(spec.cohort)
-    items = load_preprocessed(site_subjects(cohort, spec, split), cohort, spacing)
-    _CACHE[key] = items
-    while len(_CACHE) > max(1, capacity):
-        _CACHE.popitem(last=False)
-    return items
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
-    _COHORTS.clear()
-
 
 def resolve_site(context: Context, sites: Sequence[SiteSpec] | None, state_root: str | Path | None,
                  config: ConfigRecord | None = None) -> tuple[SiteSpec, Path]:
@@ -106,11 +72,6 @@ def resolve_site(context: Context, sites: Sequence[SiteSpec] | None, state_root:
             raise ConfigError(f"site {spec.id}: no state-dir in the node config and no run-dir to fall back on")
         state_dir = Path(str(root)) / "sites" / spec.id
     return spec, state_dir
-
-
-def site_seed(site_id: str) -> int:
-    """A stable per-site offset for the training seed (the same on every machine)."""
-    return zlib.crc32(site_id.encode()) % 1_000_003
 
 
 # -- site-local state (FedBN norms) ----------------------------------------------
@@ -153,7 +114,7 @@ def _train_config(config: ConfigRecord) -> TrainConfig:
 
 
 def _check_cohort(spec: SiteSpec, tc: TrainConfig) -> None:
-    cohort = _cohort(spec.cohort)
+    cohort = cached_cohort(spec.cohort)
     if cohort.num_classes != tc.num_classes or len(cohort.channels) != tc.in_channels:
         raise DataError(spec.cohort, f"site {spec.id} has {cohort.num_classes} classes and {len(cohort.channels)} "
                         f"channels; the federation's model has {tc.num_classes} and {tc.in_channels}")
@@ -201,8 +162,8 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     optimizer = make_optimizer(model, tc)
     handle = attach_proximal(optimizer, model, global_params(model, local_keys), mu) if mu > 0 else None
     site_cfg = replace(tc, seed=tc.seed + site_seed(spec.id))
-    if step_fn_factory is None and (tc.extra.get("dp") or {}).get("unit") == "patient":  # privseg.privacy
-        from privseg.privacy.dpsgd import fl_step_fn_factory as step_fn_factory
+    if step_fn_factory is None and (tc.extra.get("dp") or {}).get("unit") == "patient":
+        step_fn_factory = patient_dp_step_fn  # privacy enters here, through privseg.federated.private
     step_fn = step_fn_factory(tc, cfg, spec, state_dir) if step_fn_factory else standard_step
     losses = local_train(model, optimizer, items, site_cfg, (server_round - 1) * steps, server_round * steps, step_fn)
     if handle is not None:

@@ -124,9 +124,9 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
                                           proximal_mu=cfg.proximal_mu)
     if (cfg.train.extra.get("dp") or {}).get("unit") == "site":  # privseg.privacy: client-level DP-FedAvg
-        from privseg.privacy.client_dp import attach_from_config
+        from privseg.federated.private import attach_client_dp
 
-        attach_from_config(strategy, cfg, run_dir)
+        attach_client_dp(strategy, cfg, run_dir)
     from privseg.federated.guard import attach_guard
 
     attach_guard(strategy, cfg, run_dir)  # first of the update hooks: before any clipping or averaging

@@ -12,9 +12,12 @@ subject counts and its model updates. Two ways to describe a federation:
 
 from __future__ import annotations
 
+import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from privseg.data.cohort import Cohort, Subject
 from privseg.errors import ConfigError, DataError
@@ -156,3 +159,37 @@ def check_sites(sites: Sequence[SiteSpec], min_train: int = 1) -> dict:
     assert ref is not None
     return {"classes": list(ref[1].classes), "channels": list(ref[1].channels),
             "spatial_dims": ref[1].spatial_dims, "counts": counts}
+
+
+# Preprocessed subjects per (cohort, site, split, spacing), least recently used dropped first,
+# so a simulation worker serving many sites holds only a few in memory.
+_CACHE: OrderedDict[tuple, list[dict]] = OrderedDict()
+_COHORTS: dict[str, Any] = {}
+
+
+def cached_cohort(path: str):
+    """The cohort at ``path``, read once per process."""
+    if path not in _COHORTS:
+        _COHORTS[path] = read_site_cohort(path)
+    return _COHORTS[path]
+
+
+def site_items(spec: SiteSpec, split: str, spacing, capacity: int = 8) -> list[dict]:
+    """The site's preprocessed subjects of one split, cached (LRU of ``capacity`` entries)."""
+    from privseg.data.transforms import load_preprocessed
+
+    key = (spec.cohort, spec.cohort_site, spec.exclude, split, tuple(spacing) if spacing else None)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    cohort = cached_cohort(spec.cohort)
+    items = load_preprocessed(site_subjects(cohort, spec, split), cohort, spacing)
+    _CACHE[key] = items
+    while len(_CACHE) > max(1, capacity):
+        _CACHE.popitem(last=False)
+    return items
+
+
+def site_seed(site_id: str) -> int:
+    """A stable per-site offset for the training seed (the same on every machine)."""
+    return zlib.crc32(site_id.encode()) % 1_000_003

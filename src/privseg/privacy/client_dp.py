@@ -45,7 +45,7 @@ from flwr.app import Array, ArrayRecord
 
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, check_epsilon
-from privseg.privacy.clipping import QuantileClipper, default_sigma_b
+from privseg.privacy.clipping import make_clipper
 from privseg.privacy.noise import NoiseSource
 
 SERVER = "server"
@@ -91,13 +91,9 @@ class ClientLevelDP:
             noise_multiplier = calibrate_sigma(check_epsilon(epsilon), delta, self.q, int(rounds), what="server")
         self.z = float(noise_multiplier)
         self.epsilon_budget = float(epsilon) if epsilon is not None else math.inf
-        if clip == "adaptive" and sigma_b is None:
-            sigma_b = default_sigma_b(self.m, self.z)
-        self.clipper = (QuantileClipper(clip=clip_norm, target_quantile=target_quantile, lr=clip_lr,
-                                        expected_m=self.m, sigma_b=sigma_b) if clip == "adaptive" else None)
-        if clip not in ("fixed", "adaptive"):
-            raise ConfigError(f"--clip {clip!r} is not fixed or adaptive")
-        self.z_update = self.clipper.update_noise_multiplier(self.z) if self.clipper is not None else self.z
+        self.clipper = make_clipper(clip, clip_norm, self.m, self.z,
+                                    {"target_quantile": target_quantile, "clip_lr": clip_lr, "sigma_b": sigma_b})
+        self.z_update = self.clipper.update_noise_multiplier(self.z)
         self.clip_norm = float(clip_norm)
         self.ledger = ledger
         if ledger is not None:
@@ -109,7 +105,7 @@ class ClientLevelDP:
 
     @property
     def clip(self) -> float:
-        return self.clipper.clip if self.clipper is not None else self.clip_norm
+        return float(self.clipper.clip)
 
     def attach(self, strategy) -> None:
         strategy.update_hooks.append(self.clip_updates)
@@ -169,8 +165,7 @@ class ClientLevelDP:
                 offset += a.size
                 a = (a + noise).astype(a.dtype)
             out[k] = Array(np.ascontiguousarray(a))
-        if self.clipper is not None:
-            self.clipper.update(self.norms, draw=float(self.noise.gaussian("count", server_round, 1)[0]))
+        self.clipper.update(self.norms, draw=float(self.noise.gaussian("count", server_round, 1)[0]))
         eps = math.nan
         if self.ledger is not None:
             eps = self.ledger.commit_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)],
@@ -186,29 +181,3 @@ def ledger_for_run(run_dir: str | Path):
 
 
 __all__ = ["SERVER", "ClientLevelDP", "BudgetExceededError", "flower_adaptive_clip_trace", "ledger_for_run"]
-
-
-def attach_from_config(strategy, cfg, run_dir: str | Path) -> ClientLevelDP:
-    """Attach DP-FedAvg to ``strategy`` from ``cfg.train.extra["dp"]`` (unit ``site``), ledger in
-    ``<run_dir>/privacy.sqlite``; on resume the adaptive clip continues from the ledger."""
-    from privseg.privacy.dpsgd import DPConfig
-
-    dp = DPConfig.from_dict(cfg.train.extra["dp"])
-    ledger = ledger_for_run(run_dir)
-    hooks = ClientLevelDP(n_sites=len(cfg.sites), fraction=cfg.fraction, clip=dp.clip, clip_norm=dp.clip_norm,
-                          noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta, rounds=cfg.rounds,
-                          target_quantile=dp.target_quantile, clip_lr=dp.clip_lr, sigma_b=dp.sigma_b, ledger=ledger,
-                          noise=(NoiseSource.reproducible(cfg.train.seed) if dp.reproducible_noise
-                                 else NoiseSource.for_state_dir(run_dir, "server_noise.key")),
-                          allow_large_delta=dp.allow_large_delta)
-    from privseg.federated.runstate import RunState
-
-    # the clip as it was before the round the server resumes at (a booked first attempt of that
-    # round, cut short by a crash before state.json, must not move the starting point)
-    resume_round = RunState.load_or_new(run_dir).rounds_done + 1
-    last = ledger.last_info(SERVER, before_round=resume_round)
-    if hooks.clipper is not None and last and last.get("clip"):
-        hooks.clipper.clip = float(last["clip"])
-    hooks.attach(strategy)
-    strategy.client_dp = hooks
-    return hooks

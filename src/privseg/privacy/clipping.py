@@ -36,6 +36,7 @@ over many steps (the quantile test in tests/test_privacy.py uses it).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -134,3 +135,57 @@ class QuantileClipper:
     def state(self) -> dict:
         return {"clip": self.clip, "target_quantile": self.target_quantile, "lr": self.lr,
                 "expected_m": self.expected_m, "sigma_b": self.sigma_b}
+
+
+# -- clip rules: one registry, one signature ----------------------------------------------------
+#
+# A rule is a factory ``(clip_norm, expected_m, z_max, options) -> clipper``; a clipper has
+# ``clip`` (the current norm), ``update_noise_multiplier(z)`` (the update's share of the step's
+# noise) and ``update(norms, draw)`` (after the step; ``draw`` is the step's secret N(0, 1) draw
+# for any noise the rule itself releases). A new rule is one decorated function here or anywhere.
+
+ClipRule = Callable[[float, float, float, dict], object]
+CLIP_RULES: dict[str, ClipRule] = {}
+
+
+def clip_rule(name: str) -> Callable[[ClipRule], ClipRule]:
+    def add(factory: ClipRule) -> ClipRule:
+        CLIP_RULES[name] = factory
+        return factory
+    return add
+
+
+def make_clipper(rule: str, clip_norm: float, expected_m: float, z_max: float, options: dict | None = None):
+    if rule not in CLIP_RULES:
+        raise ConfigError(f"--clip {rule!r} is not one of {', '.join(sorted(CLIP_RULES))}")
+    return CLIP_RULES[rule](float(clip_norm), float(expected_m), float(z_max), dict(options or {}))
+
+
+@dataclass
+class FixedClipper:
+    """Clip at a fixed norm (Abadi et al. 2016): the whole step's noise goes on the update."""
+
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.clip > 0:
+            raise ConfigError(f"clip norm {self.clip} must be positive")
+
+    def update_noise_multiplier(self, z: float) -> float:
+        return z
+
+    def update(self, norms, draw: float | None = None) -> None:
+        return None
+
+
+@clip_rule("fixed")
+def _fixed(clip_norm: float, expected_m: float, z_max: float, options: dict) -> FixedClipper:
+    return FixedClipper(clip_norm)
+
+
+@clip_rule("adaptive")
+def _adaptive(clip_norm: float, expected_m: float, z_max: float, options: dict) -> QuantileClipper:
+    sigma_b = options.get("sigma_b")
+    return QuantileClipper(clip=clip_norm, target_quantile=float(options.get("target_quantile", 0.5)),
+                           lr=float(options.get("clip_lr", 0.2)), expected_m=expected_m,
+                           sigma_b=sigma_b if sigma_b is not None else default_sigma_b(expected_m, z_max))

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from privseg.errors import BudgetExceededError
 from privseg.federated.config import FLConfig
+from privseg.privacy import DPConfig, NoiseSource, PrivateSite, patient_groups, site_plan
 from privseg.privacy.accountant import StepEvent, epsilon
 from privseg.privacy.budget import BudgetLedger
-from privseg.privacy.dpsgd import DPConfig, SiteDPSession, engine_for, site_plan
-from privseg.privacy.noise import NoiseSource
+from privseg.privacy.site import engine_for
 
 
 def dp_of(cfg: FLConfig) -> DPConfig | None:
@@ -73,7 +73,7 @@ def dp_local_finetune(run_dir: Path, cfg: FLConfig, site: str, exclude: tuple[st
                       out_dir: Path, steps: int, scope: str) -> tuple[Path, dict]:
     """``steps`` DP-SGD steps on the site's retained patients from ``source``, booked in the site's
     ledger under ``scope``; returns (checkpoint, info)."""
-    from privseg.federated.client_app import site_items, site_seed
+    from privseg.federated.sites import site_items, site_seed
     from privseg.train.checkpoint import load_checkpoint, save_checkpoint
     from privseg.train.loop import make_optimizer
     from privseg.utils import pick_device
@@ -82,14 +82,12 @@ def dp_local_finetune(run_dir: Path, cfg: FLConfig, site: str, exclude: tuple[st
     spec = replace(cfg.site(site), exclude=tuple(dict.fromkeys((*cfg.site(site).exclude, *exclude))))
     tc = cfg.train
     items = site_items(spec, "train", tc.spacing)
-    from privseg.privacy.dpsgd import patient_groups
-
     ledger = site_ledger(run_dir, site)
     plan = site_plan(ledger, site, len(patient_groups(items)))
     noise = (NoiseSource.reproducible(tc.seed + site_seed(site) + 7919) if dp.reproducible_noise
              else NoiseSource.for_state_dir(out_dir))  # fresh key: never the noise of a released round
     engine = engine_for(plan, dp.for_site(site), noise, start=0, subjects_per_step=tc.subjects_per_step)
-    session = SiteDPSession(ledger, plan, engine, scope=scope)
+    session = PrivateSite(ledger, plan, engine, scope=scope)
     model = tc.build_model().to(pick_device(tc.device))
     model.load_state_dict(load_checkpoint(source)["model"])
     optimizer = make_optimizer(model, tc)

@@ -1,0 +1,83 @@
+"""Central patient-level DP training: all training patients of a cohort in one place (one "site"),
+checkpointed in chunks, each chunk one ledger round keyed by its first step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from privseg.errors import BudgetExceededError, ConfigError
+from privseg.privacy.engine import check_dp_model
+from privseg.privacy.site import make_private, noise_source
+from privseg.privacy.spec import DPConfig
+
+
+def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: str = "central",
+                  resume: bool = True, on_step: Callable[[int, int, float], None] | None = None,
+                  items: Sequence[dict] | None = None) -> dict:
+    """Central patient-level DP training (all training subjects of ``cohort`` in one place).
+
+    Checkpoints every ``config.checkpoint_every`` steps; each such chunk is one ledger round in
+    ``out_dir/privacy.sqlite`` (site ``central``), checked before it runs. Returns the trainer's
+    result plus ``epsilon`` / ``delta`` / ``clip``."""
+    from privseg.data.transforms import load_preprocessed
+    from privseg.privacy.budget import BudgetLedger
+    from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+    from privseg.train.loop import make_optimizer
+    from privseg.utils import pick_device, seed_everything
+
+    out_dir = Path(out_dir)
+    subjects = cohort.select("train")
+    if not subjects:
+        raise ConfigError(f"cohort {cohort.name} has no training subjects")
+    seed_everything(config.seed)
+    model = config.build_model().to(pick_device(config.device))
+    check_dp_model(model)
+    optimizer = make_optimizer(model, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ledger = BudgetLedger(Path(dp.ledger) if dp.ledger else out_dir / "privacy.sqlite")
+    if items is None:
+        items = load_preprocessed(subjects, cohort, config.spacing)
+    ckpt = out_dir / "last.pt"
+    start, history = 0, []
+    if not resume and ledger.rounds(site):
+        raise BudgetExceededError(f"{ledger.path} already books DP steps of site {site!r}: a fresh start would "
+                                  "replace released rounds in the ledger; resume, or use a new output folder")
+    if resume and ckpt.exists():
+        payload = load_checkpoint(ckpt)
+        model.load_state_dict(payload["model"])
+        if "optimizer" in payload:
+            optimizer.load_state_dict(payload["optimizer"])
+        start = int(payload["step"])
+        history = list(payload["extra"].get("history", []))
+    # Ledger rows are keyed by the chunk's first step (+1): a chunk repeated after a crash replaces its
+    # own row (same key, same noise, same output), while chunks of another length never collide.
+    booked = sum(r["steps"] for r in ledger.rounds(site, scope="") if r["round"] < start + 1)
+    if booked != start:
+        raise BudgetExceededError(f"{ledger.path}: the ledger books {booked} DP step(s) of site {site!r} before "
+                                  f"step {start}, the checkpoint {ckpt} is at step {start}: refusing to resume "
+                                  "a run whose spend does not match its model")
+    private = make_private(dp, site=site, items=items, ledger=ledger, noise=noise_source(dp, out_dir, config.seed),
+                           subjects_per_step=config.subjects_per_step, total_steps=config.steps, start=start,
+                           resume_round=start + 1 if start else None)  # the clip as it was at `start`
+    t0 = time.perf_counter()
+    step = start
+    eps = ledger.spent(site)
+    while step < config.steps:
+        stop = min(config.steps, (step // config.checkpoint_every + 1) * config.checkpoint_every)
+        round_no = step + 1
+        # the spend is booked before the checkpoint: a crash between them repeats the chunk with the
+        # same noise (same output, same ledger row); the other order could lose a spend
+        losses = private.train_round(model, optimizer, items, config, round_no, step, stop,
+                                     on_step=(lambda s, v: on_step(s, config.steps, v)) if on_step else None)
+        history.extend({"step": step + i + 1, "loss": v} for i, v in enumerate(losses))
+        eps = private.epsilon
+        save_checkpoint(ckpt, model, config=config.to_dict(), step=stop, optimizer=optimizer,
+                        extra={"history": history, "cohort": cohort.name, "dp": dp.to_dict(),
+                               "train_subjects": [s.id for s in subjects]})
+        step = stop
+    return {"model": model, "checkpoint": ckpt, "steps": config.steps, "resumed_from": start, "history": history,
+            "seconds": time.perf_counter() - t0, "epsilon": eps, "delta": private.plan.delta,
+            "budget": private.plan.epsilon, "clip": private.engine.clip, "noise_multiplier": private.plan.base_sigma,
+            "q": private.plan.q}

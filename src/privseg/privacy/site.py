@@ -1,0 +1,90 @@
+"""A site's private training in one object, and the entry point that makes it: :func:`make_private`.
+
+``make_private(spec, site=..., items=..., ledger=..., noise=...)`` -> :class:`PrivateSite`, whose
+``train_round`` is everything patient-level DP needs per round: the budget check before any
+step, the Poisson-sampled, per-patient-clipped, noised steps, and the booking in the ledger.
+Federated training (:mod:`privseg.federated.private`), central training
+(:mod:`privseg.privacy.central`) and erasure (:mod:`privseg.unlearn.private`) all go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from privseg.privacy.budget import BudgetLedger
+from privseg.privacy.engine import PatientDPSGD, patient_groups
+from privseg.privacy.noise import NoiseSource
+from privseg.privacy.plan import SitePlan, plan_from_ledger_or_new
+from privseg.privacy.spec import DPConfig
+
+
+def noise_source(dp: DPConfig, state_dir: str | Path, seed: int) -> NoiseSource:
+    """The site's secret noise key in ``state_dir``, or (``reproducible_noise``) one from the seed."""
+    return NoiseSource.reproducible(seed) if dp.reproducible_noise else NoiseSource.for_state_dir(state_dir)
+
+
+def engine_for(plan: SitePlan, dp: DPConfig, noise: NoiseSource, start: int = 0,
+               subjects_per_step: int | None = None) -> PatientDPSGD:
+    """The site's engine. With a fixed ``--sampling-rate`` the update is divided by the public
+    ``subjects_per_step`` rather than q*n, so nothing the site releases depends on n."""
+    fixed_q = dp.sampling_rate is not None and subjects_per_step
+    return PatientDPSGD(q=plan.q, n_subjects=plan.n_subjects, multipliers=plan.multipliers, clip_norm=dp.clip_norm,
+                        clip_rule=dp.clip, target_quantile=dp.target_quantile, clip_lr=dp.clip_lr,
+                        sigma_b=dp.sigma_b, method=dp.method, noise=noise, start=start,
+                        expected_batch=float(subjects_per_step) if fixed_q else None)
+
+
+class PrivateSite:
+    """A site's private training, bound to its ledger: ``train_round`` checks the ε the round
+    would bring (refusing it before any step if it crosses the budget), runs the engine's
+    Poisson-sampled DP steps, and books the round (one SQLite transaction)."""
+
+    def __init__(self, ledger: BudgetLedger, plan: SitePlan, engine: PatientDPSGD, scope: str = ""):
+        self.ledger = ledger
+        self.plan = plan
+        self.engine = engine
+        self.scope = scope
+        self.epsilon = float("nan")
+
+    def check(self, round_no: int, start: int, stop: int) -> float:
+        return self.ledger.check_round(self.plan.site, round_no, self.plan.events(start, stop), scope=self.scope)
+
+    def commit(self, round_no: int, start: int, stop: int, info: dict | None = None) -> float:
+        # the clip is a DP release (post-processing of the noised count); how many were sampled is not
+        extra = {"clip": self.engine.clip, "steps": [int(start), int(stop)], "noise": self.engine.noise.kind}
+        extra.update(info or {})
+        return self.ledger.commit_round(self.plan.site, round_no, self.plan.events(start, stop), info=extra,
+                                        scope=self.scope)
+
+    def train_round(self, model, optimizer, items, config, round_no: int, start: int, stop: int,
+                    on_step=None) -> list[float]:
+        self.check(round_no, start, stop)  # refuses before any step is taken
+        losses = self.engine.train_steps(model, optimizer, items, config, start, stop, on_step=on_step)
+        self.epsilon = self.commit(round_no, start, stop)
+        return losses
+
+    def round_metrics(self) -> dict:
+        """What the site may tell others after a round: the plan's public figures and the clip."""
+        mult = self.engine.multipliers
+        return {"dp-epsilon": self.epsilon, "dp-delta": self.plan.delta, "dp-budget": self.plan.epsilon,
+                "dp-clip": float(self.engine.clip),
+                "dp-noise-multiplier": float(mult[min(self.engine.step_no, len(mult)) - 1])}
+
+
+def make_private(spec: DPConfig, *, site: str, items: Sequence[dict], ledger: BudgetLedger, noise: NoiseSource,
+                 subjects_per_step: int, total_steps: int, start: int = 0,
+                 resume_round: int | None = None) -> PrivateSite:
+    """The one entry point (as Opacus's ``PrivacyEngine.make_private``): from the run's privacy
+    spec and a site's patients, the site's noise plan (calibrated and stored in its ledger the
+    first time, reused after), its engine (Poisson sampling of patients, per-patient clipping,
+    noise from ``noise``) and its ledger. ``resume_round``: continue the adaptive clip from the
+    site's last round before it (a round re-run after a crash starts from where its first
+    attempt started)."""
+    plan = plan_from_ledger_or_new(ledger, spec, site, len(patient_groups(items)), subjects_per_step, total_steps)
+    engine = engine_for(plan, spec.for_site(site), noise, start=start, subjects_per_step=subjects_per_step)
+    if resume_round is not None:
+        last = ledger.last_info(site, before_round=resume_round, scope=spec.ledger_scope)
+        if last and last.get("clip"):
+            engine.clipper.clip = float(last["clip"])
+    return PrivateSite(ledger, plan, engine, spec.ledger_scope)

@@ -1,0 +1,96 @@
+"""The privacy spec: every DP setting of a run in one typed, validated object, built once.
+
+It travels with the run (``TrainConfig.extra["dp"]`` as a dict, rebuilt with
+:meth:`DPConfig.from_dict` where it is used) and is what :func:`privseg.privacy.make_private`
+takes. Units, neighbouring relation and releases: ``docs/privacy.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from privseg.errors import ConfigError
+from privseg.privacy.accountant import check_delta, check_epsilon
+from privseg.privacy.clipping import CLIP_RULES
+from privseg.privacy.grad_sample import GRAD_METHODS
+
+
+@dataclass
+class DPConfig:
+    """Differential-privacy settings of a run (JSON-serialisable; stored in ``TrainConfig.extra["dp"]``).
+
+    ``unit``: ``patient`` (DP-SGD inside each site) or ``site`` (client-level DP-FedAvg at the
+    server, :mod:`privseg.privacy.client_dp`). ``epsilon``/``delta``: the budget (per site for
+    ``patient``); ``sites`` overrides them per site, e.g. ``{"H2": {"epsilon": 3}}`` -- a
+    hospital can demand a stricter budget. ``clip``: ``fixed`` (at ``clip_norm``) or
+    ``adaptive`` (starting at ``clip_norm``, tracking quantile ``target_quantile`` with
+    learning rate ``clip_lr`` and count noise ``sigma_b``, default m/20). ``noise_schedule``:
+    ``constant`` or ``decay`` (linear to ``decay_ratio`` x the first step's noise), calibrated to
+    spend the budget over the planned steps; ``noise_multiplier`` fixes it instead (then the
+    ledger stops the run when the budget runs out). ``sampling_rate`` ``q``: default
+    ``subjects_per_step / n``. ``allow_large_delta`` permits delta >= 1/n. ``reproducible_noise``:
+noise from the public seed, for tests/benchmarks only (the run is "not private").
+    ``ledger_root``/``ledger_scope``: a derived run (an erasure's retrain or calibration) books each
+    site's spend in ``<ledger_root>/sites/<site>/privacy.sqlite`` -- the site's own ledger -- under
+    its scope, at the noise of the site's original plan."""
+
+    unit: str = "patient"
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    clip: str = "adaptive"
+    clip_norm: float = 1.0
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    sigma_b: float | None = None
+    noise_schedule: str = "constant"
+    decay_ratio: float = 0.5
+    noise_multiplier: float | None = None
+    sampling_rate: float | None = None
+    method: str = "loop"
+    allow_large_delta: bool = False
+    ledger: str | None = None
+    sites: dict = field(default_factory=dict)
+    reproducible_noise: bool = False
+    ledger_root: str | None = None
+    ledger_scope: str = ""
+
+    def __post_init__(self) -> None:
+        self.unit = str(self.unit).lower()
+        if self.unit not in ("patient", "site"):
+            raise ConfigError(f"--dp {self.unit!r} is not patient or site")
+        check_epsilon(self.epsilon)
+        check_delta(self.delta)
+        if self.clip not in CLIP_RULES:
+            raise ConfigError(f"--clip {self.clip!r} is not one of {', '.join(sorted(CLIP_RULES))}")
+        if not self.clip_norm > 0:
+            raise ConfigError(f"--clip-norm {self.clip_norm} must be positive")
+        if self.method not in GRAD_METHODS:
+            raise ConfigError(f"DP method {self.method!r} is not one of {', '.join(GRAD_METHODS)}")
+        if self.sampling_rate is not None and not 0 < self.sampling_rate <= 1:
+            raise ConfigError(f"sampling rate {self.sampling_rate} must be in (0, 1]")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"noise multiplier {self.noise_multiplier} must be positive")
+        if self.noise_schedule not in ("constant", "decay"):
+            raise ConfigError(f"noise schedule {self.noise_schedule!r} is not constant or decay")
+        for site, over in self.sites.items():
+            bad = set(over) - {"epsilon", "delta"}
+            if bad:
+                raise ConfigError(f"per-site DP override for {site!r} has unknown keys {sorted(bad)} "
+                                  "(only epsilon and delta)")
+            if "epsilon" in over:
+                check_epsilon(over["epsilon"], f"epsilon of site {site}")
+            if "delta" in over:
+                check_delta(over["delta"], what=f"delta of site {site}")
+
+    def for_site(self, site: str) -> DPConfig:
+        over = self.sites.get(site, {})
+        return replace(self, epsilon=float(over.get("epsilon", self.epsilon)),
+                       delta=float(over.get("delta", self.delta)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DPConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
