@@ -351,3 +351,43 @@ def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size
                                          [p for p in nonmembers if p in target])
     test.update({"statistic": statistic, "views": views, "seed": seed})
     return test
+
+
+def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *, cohort=None, views: int = 2,
+                   seed: int = 0, statistic: str = "loss") -> dict:
+    """The calibrated test of a run's model (default: the one it serves) on every patient: its
+    training patients are the members, the val/test patients the non-members. Needs the run's
+    reference models (a ConfigError naming the command that trains them otherwise)."""
+    from privseg.data.transforms import load_preprocessed
+
+    run_dir = Path(run_dir)
+    refs = load_references(run_dir)
+    train = sorted({p for ids in _training_patients(run_dir).values() for p in ids})
+    if _is_federated(run_dir):
+        from privseg.federated.config import FLConfig
+        from privseg.federated.runstate import RunState
+        from privseg.federated.sites import read_site_cohort, site_subjects
+
+        cfg = FLConfig.load(run_dir)
+        path = Path(checkpoint) if checkpoint else RunState.load(run_dir).last_checkpoint
+        subjects = [(c, x) for s in cfg.sites for c in [read_site_cohort(s.cohort)] for x in site_subjects(c, s)]
+    else:
+        if cohort is None:
+            raise ConfigError("the calibrated test of a central run needs its cohort (--cohort)")
+        path = Path(checkpoint) if checkpoint else run_dir / "last.pt"
+        subjects = [(cohort, x) for x in cohort.subjects]
+    model = _load_model(path)
+    from privseg.train.checkpoint import load_checkpoint
+
+    tc = load_checkpoint(path)["config"]
+    members = [x for c, x in subjects if x.id in train]
+    nonmembers = [x for c, x in subjects if x.split in ("val", "test")]
+    items = []
+    for c, x in subjects:
+        if x.id in train or x.split in ("val", "test"):
+            items += load_preprocessed([x], c, tc.get("spacing"))
+    res = calibrated_test(refs, model, items, tc["patch_size"], tc["num_classes"], members=[x.id for x in members],
+                          nonmembers=[x.id for x in nonmembers], views=views, seed=seed, statistic=statistic)
+    res["checkpoint"] = str(path)
+    res["references"] = refs.summary()
+    return res

@@ -57,6 +57,8 @@ def erase(
     reference: Path = typer.Option(None, help="Checkpoint of a federated retrain without the erased data, to "
                                    "compare with (default: compare with the model before the erasure)."),
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for the federated rounds."),
+    references: int = typer.Option(None, "--references", min=2, help="Train (or reuse) N reference models of the "
+                                   "run first, for the per-patient membership test (privseg audit references)."),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -85,6 +87,12 @@ def erase(
                          thresholds=_threshold_args(max_mia_auc, min_retain_dice_ratio, min_test_dice_ratio),
                          seed=seed)
     say = (lambda stage, msg: None) if quiet else (lambda stage, msg: console.print(f"[bold]{stage}[/bold]: {msg}"))
+    if references:
+        from privseg.audit.reference import ensure_references
+
+        # before the request: the references train on the run's patients as the model did
+        ensure_references(run_dir, references, backend=backend,
+                          on_reference=lambda k, what: say("references", f"reference model {k}: {what}"))
     res = run_erase(run_dir, req, backend=backend, reference=reference, on_stage=say)
     if not quiet:
         _print_verification(res.verification)
@@ -103,9 +111,19 @@ def _print_verification(ver: dict) -> None:
     rows = [[name, ver[name]["mia_auc"], ver[name]["retain_dice"], ver[name]["test_dice"]]
             for name in ("before", "after", "retrain") if name in ver]
     out.print(table("verification", ["model", "MIA AUC (erased vs unseen)", "retain Dice", "test Dice"], rows))
+    from privseg.audit.certificate import membership_statements
+
     for k, c in ver["checks"].items():
         bound = f"<= {c['max']}" if "max" in c else f">= {c['min']} (vs {c['vs']})"
-        out.print(f"  {k}: {c['value']:.3f} {bound}  {'PASS' if c['ok'] else 'FAIL'}")
+        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
+        label = {None: "NO POWER" if c.get("result") == "no power" else "not used"}.get(
+            c["ok"], "PASS" if c["ok"] else "FAIL")
+        out.print(f"  {k}: {value} {bound}  {label}" + (f"  ({c['note']})" if c.get("note") else ""))
+    m = membership_statements(ver)
+    if not m["available"]:
+        out.print(f"  calibrated membership test: not run ({m['reason']})")
+    for r in m["statements"]:
+        out.print(f"  {r['verdict']}: {r['text']}")
 
 
 @app.command()
