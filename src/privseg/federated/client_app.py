@@ -36,9 +36,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from privseg.data.cohort import SPLITS_FILE, write_splits
 from privseg.errors import ConfigError, DataError
 from privseg.federated.private import patient_dp_step_fn
-from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed
+from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
@@ -169,6 +170,9 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     if handle is not None:
         handle.remove()
     state = model.state_dict()
+    if not (state_dir / SPLITS_FILE).exists():  # the site's split, kept at the site (subject IDs are its data)
+        cohort = cached_cohort(spec.cohort)
+        write_splits(cohort, state_dir, site_subjects(cohort, spec))
     if local_norm:
         save_local_state(state_dir, server_round, {k: state[k] for k in local_keys})
     compute = time.perf_counter() - t1

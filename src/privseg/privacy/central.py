@@ -21,6 +21,7 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     Checkpoints every ``config.checkpoint_every`` steps; each such chunk is one ledger round in
     ``out_dir/privacy.sqlite`` (site ``central``), checked before it runs. Returns the trainer's
     result plus ``epsilon`` / ``delta`` / ``clip``."""
+    from privseg.data.cohort import write_splits
     from privseg.data.transforms import load_preprocessed
     from privseg.privacy.budget import BudgetLedger
     from privseg.train.checkpoint import load_checkpoint, save_checkpoint
@@ -36,6 +37,7 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     check_dp_model(model)
     optimizer = make_optimizer(model, config)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_splits(cohort, out_dir)  # the split this run used, to see and to pin again
     ledger = BudgetLedger(Path(dp.ledger) if dp.ledger else out_dir / "privacy.sqlite")
     if items is None:
         items = load_preprocessed(subjects, cohort, config.spacing)
