@@ -319,3 +319,26 @@ def test_erasure_uses_the_references_and_deletes_those_that_saw_the_patient(run,
     # the next request retrains exactly those, without the erased patient
     after = refmod.ensure_references(d, 4)
     assert after.trained == sorted(int(k) for k in saw_x) and all(subject not in r.patients for r in after.references)
+
+
+def test_central_run_gets_central_references(tmp_path):
+    from privseg.train.loop import Trainer
+
+    cohort = make_tiny_cohort(tmp_path / "tiny", sites=1, per_site=6, size=SIZE)
+    tc = TrainConfig(model="unet_tiny", patch_size=(SIZE,) * 3, steps=3, checkpoint_every=3, device="cpu",
+                     subjects_per_step=2, patches_per_subject=1, in_channels=1, num_classes=3)
+    Trainer(cohort, tc, tmp_path / "central").fit()
+    with pytest.raises(ConfigError, match="--cohort"):
+        refmod.ensure_references(tmp_path / "central", 2)
+    refs = refmod.ensure_references(tmp_path / "central", 2, cohort=cohort)
+    train = {s.id for s in cohort.select("train")}
+    assert refs.trained == [0, 1] and refs.references[0].patients | refs.references[1].patients == train
+    assert not refs.references[0].patients & refs.references[1].patients
+    # two references leave each training patient one that never saw it: too few for a test
+    with pytest.raises(ConfigError, match="fewer than 2 reference models never saw"):
+        refmod.run_membership(tmp_path / "central", cohort=cohort, views=1)
+    more = refmod.ensure_references(tmp_path / "central", 4, cohort=cohort)
+    assert more.reused == [0, 1] and more.trained == [2, 3]
+    res = refmod.run_membership(tmp_path / "central", cohort=cohort, views=1)
+    assert all(r["n_out"] == (2 if p in train else 4) for p, r in res["patients"].items())
+    assert res["population"]["n_members"] == len(train)

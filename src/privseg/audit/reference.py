@@ -288,8 +288,14 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
 
         train_now = _training_patients(run_dir)
         exclude = {s: [p for p in ids if p not in saw.get(s, [])] for s, ids in train_now.items()}
+        # a site whose half is empty (its other patients erased) sits this reference out
+        empty = [s for s in train_now if not saw.get(s)]
+        if len(empty) > 1:
+            raise ConfigError(f"reference model {k}: sites {', '.join(empty)} have no training patient left in "
+                              f"its half; remove {folder.parent} and build a new set ({_command(run_dir)})")
         final, _ = federated_retrain(run_dir, folder / "run", exclude=exclude, from_round=0,
-                                     rounds=int(index["rounds"]), backend=backend)
+                                     drop_site=empty[0] if empty else None, rounds=int(index["rounds"]),
+                                     backend=backend)
         shutil.copyfile(final, folder / "model.pt")
         shutil.rmtree(folder / "run")  # the derived run's other rounds and site states are not needed
     else:
