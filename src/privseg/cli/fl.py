@@ -9,6 +9,7 @@ import typer
 
 from privseg.cli import privacy as P
 from privseg.cli.ui import console, out, progress, table
+from privseg.federated.strategies import FL_STRATEGIES
 
 app = typer.Typer(no_args_is_help=True, help="Federated training across hospitals (Flower).")
 
@@ -127,12 +128,15 @@ def _check_outcome(state, done_before: int) -> None:
                       f"({_reason(reason)[:300]})", highlight=False)
 
 
+_STRATEGY = typer.Option("fedavg", help="One of: " + ", ".join(FL_STRATEGIES) + ".")
+
+
 @app.command()
 def run(
     cohort: Path = _COHORT, site: list[str] = _SITE, sites_root: Path = _SITES_ROOT, only_site: list[str] = _ONLY,
     name: str = typer.Option("fl", help="Run name: the run folder is RUNS/NAME; an existing run resumes."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders."),
-    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg", help="fedavg, fedprox or fedbn."),
+    rounds: int = typer.Option(20, min=1), strategy: str = _STRATEGY,
     local_steps: int = typer.Option(10, min=1, help="Local optimisation steps per site per round."),
     model: str = typer.Option("unet"), norm: str = typer.Option("group", help="batch, group or instance."),
     patch: int = typer.Option(32, min=8), subjects_per_step: int = typer.Option(2, min=1),
@@ -177,7 +181,7 @@ def deploy(
     cohort: Path = _COHORT, site: list[str] = _SITE, sites_root: Path = _SITES_ROOT, only_site: list[str] = _ONLY,
     name: str = typer.Option("fl-deploy", help="Run name: the run folder is RUNS/NAME; an existing run resumes."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders."),
-    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg", help="fedavg, fedprox or fedbn."),
+    rounds: int = typer.Option(20, min=1), strategy: str = _STRATEGY,
     local_steps: int = typer.Option(10, min=1), model: str = typer.Option("unet"),
     norm: str = typer.Option("group"), patch: int = typer.Option(32, min=8),
     subjects_per_step: int = typer.Option(2, min=1), patches_per_subject: int = typer.Option(2, min=1),

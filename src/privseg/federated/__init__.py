@@ -5,9 +5,9 @@ starts a SuperLink and one SuperNode per site on this machine (TLS on loopback) 
 app with ``flwr run``. Run state and checkpoints live in ``runs/<name>/`` (:class:`RunState`).
 """
 
-from privseg.federated.config import STRATEGIES, FLConfig
+from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
 
-__all__ = ["FLConfig", "RunState", "STRATEGIES", "SiteSpec", "check_sites", "sites_from_cohort", "sites_from_folders",
+__all__ = ["FLConfig", "RunState", "SiteSpec", "check_sites", "sites_from_cohort", "sites_from_folders",
            "sites_from_root"]

@@ -11,7 +11,6 @@ from privseg.federated.sites import SiteSpec
 from privseg.train.loop import TrainConfig
 from privseg.utils import check_id, write_json
 
-STRATEGIES = ("fedavg", "fedprox", "fedbn")
 CONFIG_NAME = "fl_config.json"
 
 
@@ -44,12 +43,18 @@ class FLConfig:
     keep_checkpoints: int = 0  # 0: keep every round's global checkpoint
     cache_sites: int = 8  # preprocessed sites kept in memory per client worker
     extra: dict = field(default_factory=dict)
+    strategy_params: dict = field(default_factory=dict)  # the strategy's own settings (see FL_STRATEGIES)
 
     def __post_init__(self) -> None:
         check_id(self.name, "run name")
         self.strategy = self.strategy.lower()
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        from privseg.federated.strategies import FL_STRATEGIES, strategy_param_names
+
+        if self.strategy not in FL_STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(FL_STRATEGIES)}")
+        unknown = sorted(set(self.strategy_params) - strategy_param_names(self.strategy))
+        if unknown:
+            raise ConfigError(f"strategy {self.strategy!r} has no parameter(s) {', '.join(unknown)}")
         for k in ("rounds", "local_steps", "min_sites"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k.replace('_', '-')} must be at least 1 (got {getattr(self, k)})")

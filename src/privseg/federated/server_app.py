@@ -122,7 +122,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     state = RunState.load_or_new(run_dir)
     model, start = _initial_model(cfg, state)
     strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
-                                          proximal_mu=cfg.proximal_mu)
+                                          proximal_mu=cfg.proximal_mu, params=cfg.strategy_params)
     if (cfg.train.extra.get("dp") or {}).get("unit") == "site":  # privseg.privacy: client-level DP-FedAvg
         from privseg.federated.private import attach_client_dp
 

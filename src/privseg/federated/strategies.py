@@ -19,6 +19,7 @@ goes there; and the averaged arrays go through ``self.aggregate_hooks``
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -194,6 +195,36 @@ class _PrivsegMixin:
         return ArrayRecord(out)
 
 
+# -- the registry: a strategy is one decorated factory ``(common, **params) -> strategy`` ------------
+#
+# ``common`` holds the sampling settings every strategy takes (Flower's fraction_* / min_*_nodes);
+# ``params`` are the strategy's own (``FLConfig.strategy_params``), checked against the factory's
+# signature. A new strategy with its own parameter is one class or function in one file.
+
+StrategyFactory = Callable[..., "_PrivsegMixin"]
+FL_STRATEGIES: dict[str, StrategyFactory] = {}
+
+
+def fl_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
+    def add(factory: StrategyFactory) -> StrategyFactory:
+        FL_STRATEGIES[name.lower()] = factory
+        return factory
+    return add
+
+
+def strategy_param_names(name: str) -> set[str]:
+    """The parameters strategy ``name`` takes besides the common sampling settings."""
+    factory = _factory(name)
+    return {p for p in inspect.signature(factory).parameters if p != "common"}
+
+
+def _factory(name: str) -> StrategyFactory:
+    try:
+        return FL_STRATEGIES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown strategy {name!r}: choose {', '.join(FL_STRATEGIES)}") from None
+
+
 class PrivsegFedAvg(_PrivsegMixin, FedAvg):
     """Flower's FedAvg (weighted by each site's number of training subjects)."""
 
@@ -221,17 +252,35 @@ class FedBN(PrivsegFedAvg):
     local_norm = True
 
 
-def build_strategy(name: str, *, min_sites: int = 1, fraction: float = 1.0, proximal_mu: float = 0.01,
-                   evaluate: bool = True) -> _PrivsegMixin:
-    """A strategy by name. ``min_sites`` is both the minimum sampled and the minimum connected."""
+@fl_strategy("fedavg")
+def _fedavg(common: dict) -> PrivsegFedAvg:
+    return PrivsegFedAvg(**common)
+
+
+@fl_strategy("fedprox")
+def _fedprox(common: dict, proximal_mu: float = 0.01) -> PrivsegFedProx:
+    return PrivsegFedProx(proximal_mu=float(proximal_mu), **common)
+
+
+@fl_strategy("fedbn")
+def _fedbn(common: dict) -> FedBN:
+    return FedBN(**common)
+
+
+def build_strategy(name: str, *, min_sites: int = 1, fraction: float = 1.0, evaluate: bool = True,
+                   proximal_mu: float | None = None, params: dict | None = None) -> _PrivsegMixin:
+    """A strategy by name from :data:`FL_STRATEGIES`. ``min_sites`` is both the minimum sampled and the
+    minimum connected; ``params`` the strategy's own settings (``proximal_mu`` is passed on to the
+    strategies that take it)."""
     common = dict(fraction_train=fraction, fraction_evaluate=fraction if evaluate else 0.0,
                   min_train_nodes=min_sites, min_evaluate_nodes=min_sites if evaluate else 0,
                   min_available_nodes=min_sites)
-    key = name.lower()
-    if key == "fedavg":
-        return PrivsegFedAvg(**common)
-    if key == "fedprox":
-        return PrivsegFedProx(proximal_mu=proximal_mu, **common)
-    if key == "fedbn":
-        return FedBN(**common)
-    raise ConfigError(f"unknown strategy {name!r}: choose fedavg, fedprox or fedbn")
+    accepted = strategy_param_names(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ConfigError(f"strategy {name!r} has no parameter(s) {', '.join(unknown)} "
+                          f"(it takes: {', '.join(sorted(accepted)) or 'none'})")
+    if proximal_mu is not None and "proximal_mu" in accepted:
+        params.setdefault("proximal_mu", proximal_mu)
+    return _factory(name)(common, **params)

@@ -59,7 +59,6 @@ from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
 from privseg.utils import check_id, parse_ids, versions
 
 KINDS = ("patient", "site")
-SITE_METHODS = ("federaser", "retrain")
 DEFAULT_THRESHOLDS = {"max_mia_auc": 0.55, "min_retain_dice_ratio": 0.95, "min_test_dice_ratio": 0.95}
 LEDGER = "erasure/ledger.db"
 
@@ -101,8 +100,8 @@ class ErasureRequest:
             raise ConfigError("a site erasure takes no --subject (it removes every patient of the site)")
         if self.method is None:
             self.method = "scrub" if self.kind == "patient" else "federaser"
-        if self.kind == "site" and self.method not in SITE_METHODS:
-            raise ConfigError(f"--method {self.method!r}: a site erasure uses {' or '.join(SITE_METHODS)}")
+        if self.kind == "site" and self.method not in SITE_ERASERS:
+            raise ConfigError(f"--method {self.method!r}: a site erasure uses {' or '.join(SITE_ERASERS)}")
         if self.kind == "patient":
             from privseg.unlearn.strategies import get_strategy
 
@@ -284,16 +283,8 @@ def _dp_steps(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> dict[str, in
         steps = {s.id: req.repair_rounds * cfg.local_steps for s in cfg.sites}
         steps[req.site] += _local_dp_steps(cfg, req)
         return steps
-    touched = state.rounds_of_site(req.site)
-    if not touched:
-        return {}
-    remaining = [s.id for s in cfg.sites if s.id != req.site]
-    if req.method == "retrain":
-        rounds = state.rounds_done - min(touched) + 1
-        return {s: rounds * cfg.local_steps for s in remaining}
-    groups = federaser_groups(state, req.site, req.calibration_interval)
-    per_round = max(1, round(req.calibration_ratio * cfg.local_steps))
-    return {s: (len(groups) + req.repair_rounds) * per_round for s in remaining}
+    steps = SITE_ERASERS[req.method].dp_steps(cfg, state, req)
+    return {s.id: steps for s in cfg.sites if s.id != req.site} if steps else {}
 
 
 def _local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
@@ -782,11 +773,95 @@ def federaser_groups(state: RunState, site: str, interval: int) -> list[list[int
     return [applied[i:i + interval] for i in range(0, len(applied), interval)]
 
 
+# -- site erasure methods: one registry ---------------------------------------------------------
+#
+# A method is an object with ``dp_steps(cfg, state, req)`` (DP steps each remaining site takes, for
+# the budget check before anything runs) and ``run(job)`` -> (model path, seconds, CPU seconds,
+# info for the ledger). A new method is one registered class.
+
+@dataclass
+class SiteJob:
+    run_dir: Path
+    req: ErasureRequest
+    cfg: FLConfig
+    state: RunState
+    touched: list[int]
+    source_round: int
+    work: Path
+    backend: str
+    say: StageCallback
+
+
+SITE_ERASERS: dict[str, object] = {}
+
+
+def site_eraser(name: str):
+    def add(cls):
+        SITE_ERASERS[name] = cls()
+        return cls
+    return add
+
+
+@site_eraser("retrain")
+class RetrainSite:
+    """Exact: a federated retrain without the site from the global model before it joined."""
+
+    def dp_steps(self, cfg: FLConfig, state: RunState, req: ErasureRequest) -> int:
+        touched = state.rounds_of_site(req.site)
+        return (state.rounds_done - min(touched) + 1) * cfg.local_steps if touched else 0
+
+    def run(self, job: SiteJob):
+        joined = min(job.touched)
+        rounds = job.source_round - joined + 1
+        job.say("site_removed", f"federated retrain without {job.req.site} from round {joined - 1}")
+        model_path, _ = federated_retrain(job.run_dir, job.work, drop_site=job.req.site, from_round=joined - 1,
+                                          rounds=rounds, backend=job.backend)
+        seconds, cpu = round_seconds(RunState.load(job.work))
+        return model_path, seconds, cpu, {"from_round": joined - 1, "rounds": rounds}
+
+
+@site_eraser("federaser")
+class FedEraserSite:
+    """FedEraser (Liu et al., IWQoS 2021): calibrated replay of the stored updates without the site."""
+
+    def dp_steps(self, cfg: FLConfig, state: RunState, req: ErasureRequest) -> int:
+        if not state.rounds_of_site(req.site):
+            return 0
+        groups = federaser_groups(state, req.site, req.calibration_interval)
+        return (len(groups) + req.repair_rounds) * max(1, round(req.calibration_ratio * cfg.local_steps))
+
+    def run(self, job: SiteJob):
+        from privseg.federated.simulation import run_rounds
+        from privseg.federated.strategies import build_strategy
+
+        req, cfg, state = job.req, job.cfg, job.state
+        groups = federaser_groups(state, req.site, req.calibration_interval)
+        stored = {int(e["round"]): e.get("updates") for e in state.rounds}
+        missing = [t for g in groups for t in g if not (state.checkpoint_path(t - 1).is_file() and stored.get(t))]
+        if missing:
+            raise ConfigError(f"FedEraser needs the stored updates and global checkpoints of rounds "
+                              f"{missing[:5]}... (the run was trained without --keep-updates, "
+                              "pruned its checkpoints, or an earlier erasure deleted them); use --method retrain")
+        steps = max(1, round(req.calibration_ratio * cfg.local_steps))
+        remaining = [s for s in cfg.sites if s.id != req.site]
+        derived_run(job.run_dir, job.work, sites=remaining, start=state.checkpoint_path(min(job.touched) - 1),
+                    rounds=len(groups) + req.repair_rounds, local_steps=steps, name_suffix=job.work.name)
+        job.say("site_removed", f"FedEraser: {len(groups)} calibration rounds x {steps} local steps, then "
+                                f"{req.repair_rounds} repair round(s), without {req.site}")
+        sub_cfg = FLConfig.load(job.work)
+        strategy = build_strategy(cfg.strategy, min_sites=sub_cfg.min_sites, fraction=1.0,
+                                  proximal_mu=cfg.proximal_mu, params=cfg.strategy_params, evaluate=False)
+        hook = FedEraserCalibration(job.run_dir, groups)
+        strategy.update_hooks.append(hook)
+        final = run_rounds(job.work, job.backend, strategy=strategy)
+        seconds, cpu = round_seconds(final)
+        return final.last_checkpoint, seconds, cpu, {
+            "original_rounds": groups, "local_steps": steps, "repair_rounds": req.repair_rounds,
+            "ratio": req.calibration_ratio, "interval": req.calibration_interval, "calibrated": len(hook.log)}
+
+
 def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, backend: str, reference,
           say: StageCallback, mia_views: int) -> None:
-    from privseg.federated.simulation import run_rounds
-    from privseg.federated.strategies import build_strategy
-
     entries = ledger.entries(rid)
     requested = _latest(entries, "requested")["body"]
     n0 = int(requested["source"]["round"])
@@ -797,43 +872,14 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
     if removed is not None and removed["body"]["method"] != req.method:
         removed = None  # a new attempt with another method
     if removed is None:
-        remaining = [s for s in cfg.sites if s.id != req.site]
         sub_dir = work / req.method
         t0 = time.perf_counter()
         if not touched:
             model_path, info = run_dir / requested["source"]["path"], {"note": "the site never trained"}
             seconds = cpu = 0.0
-        elif req.method == "retrain":
-            joined = min(touched)
-            say("site_removed", f"federated retrain without {req.site} from round {joined - 1}")
-            model_path, _ = federated_retrain(run_dir, sub_dir, drop_site=req.site, from_round=joined - 1,
-                                              rounds=n0 - joined + 1, backend=backend)
-            seconds, cpu = round_seconds(RunState.load(sub_dir))
-            info = {"from_round": joined - 1, "rounds": n0 - joined + 1}
         else:
-            groups = federaser_groups(state, req.site, req.calibration_interval)
-            stored = {int(e["round"]): e.get("updates") for e in state.rounds}
-            missing = [t for g in groups for t in g if not (state.checkpoint_path(t - 1).is_file() and stored.get(t))]
-            if missing:
-                raise ConfigError(f"FedEraser needs the stored updates and global checkpoints of rounds "
-                                  f"{missing[:5]}... (the run was trained without --keep-updates, "
-                                  "pruned its checkpoints, or an earlier erasure deleted them); use --method retrain")
-            steps = max(1, round(req.calibration_ratio * cfg.local_steps))
-            derived_run(run_dir, sub_dir, sites=remaining, start=state.checkpoint_path(min(touched) - 1),
-                        rounds=len(groups) + req.repair_rounds, local_steps=steps, name_suffix=sub_dir.name)
-            say("site_removed", f"FedEraser: {len(groups)} calibration rounds x {steps} local steps, then "
-                                f"{req.repair_rounds} repair round(s), without {req.site}")
-            sub_cfg = FLConfig.load(sub_dir)
-            strategy = build_strategy(cfg.strategy, min_sites=sub_cfg.min_sites, fraction=1.0,
-                                      proximal_mu=cfg.proximal_mu, evaluate=False)
-            hook = FedEraserCalibration(run_dir, groups)
-            strategy.update_hooks.append(hook)
-            final = run_rounds(sub_dir, backend, strategy=strategy)
-            model_path = final.last_checkpoint
-            seconds, cpu = round_seconds(final)
-            info = {"original_rounds": groups, "local_steps": steps, "repair_rounds": req.repair_rounds,
-                    "ratio": req.calibration_ratio,
-                    "interval": req.calibration_interval, "calibrated": len(hook.log)}
+            job = SiteJob(run_dir, req, cfg, state, touched, n0, sub_dir, backend, say)
+            model_path, seconds, cpu, info = SITE_ERASERS[req.method].run(job)
         removed = ledger.append(rid, "site_removed", {
             "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds, "cpu_s": cpu,
             "wall_s": time.perf_counter() - t0, "model": _artefact(run_dir, model_path), **info})

@@ -1,0 +1,98 @@
+"""One registry idiom: a toy FL strategy (with a parameter of its own), a toy site-erasure method
+and a toy clip rule are each one registration, and run through the public API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_cohort
+from privseg.errors import ConfigError
+from privseg.federated import FLConfig, check_sites, sites_from_cohort
+from privseg.federated.simulation import simulate_inprocess
+from privseg.federated.strategies import FL_STRATEGIES, PrivsegFedAvg, fl_strategy
+from privseg.train import TrainConfig
+from privseg.train.checkpoint import load_checkpoint
+
+
+@pytest.fixture
+def toy_strategy():
+    @fl_strategy("damped")
+    def damped(common: dict, server_lr: float = 1.0):
+        strategy = PrivsegFedAvg(**common)
+
+        def step(server_round, arrays):  # global + server_lr * (average - global)
+            from flwr.app import Array, ArrayRecord
+
+            glob = strategy._global
+            return ArrayRecord({k: Array(glob[k].numpy() + server_lr * (arrays[k].numpy() - glob[k].numpy()))
+                                for k in arrays.keys()})
+        strategy.aggregate_hooks.append(step)
+        return strategy
+    yield "damped"
+    FL_STRATEGIES.pop("damped")
+
+
+def _cfg(cohort, **kw):
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
+    return FLConfig(name="reg", sites=sites, train=tc, rounds=1, local_steps=1, eval_every=0, **kw)
+
+
+def test_a_registered_strategy_with_its_own_parameter_runs(toy_strategy, tmp_path):
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=2, size=16)
+    with pytest.raises(ConfigError, match="no parameter"):
+        _cfg(cohort, strategy=toy_strategy, strategy_params={"server_momentum": 0.9})
+    run = tmp_path / "run"
+    state = simulate_inprocess(_cfg(cohort, strategy=toy_strategy, strategy_params={"server_lr": 0.0}), run)
+    assert state.status == "finished"
+    before = load_checkpoint(run / "checkpoints" / "global_r0000.pt")["model"]
+    after = load_checkpoint(run / "checkpoints" / "global_r0001.pt")["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())  # lr 0: no move
+
+
+def test_a_registered_clip_rule_runs_through_make_private(tiny_cohort, tmp_path):
+    from privseg.privacy import CLIP_RULES, DPConfig, clip_rule, train_private
+    from privseg.privacy.clipping import FixedClipper
+
+    @clip_rule("quarter")
+    def quarter(clip_norm, expected_m, z_max, options):
+        return FixedClipper(clip_norm / 4)
+
+    try:
+        dp = DPConfig(epsilon=50.0, delta=1e-2, clip="quarter", clip_norm=2.0, sampling_rate=0.5,
+                      noise_multiplier=1.0, allow_large_delta=True)
+        cfg = TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", steps=1, patch_size=(16, 16, 16),
+                                     subjects_per_step=1, patches_per_subject=1, device="cpu")
+        assert train_private(tiny_cohort, cfg, dp, tmp_path / "c")["clip"] == 0.5
+    finally:
+        CLIP_RULES.pop("quarter")
+    with pytest.raises(ConfigError, match="quarter"):
+        DPConfig(clip="quarter")
+
+
+def test_a_registered_site_erasure_method_runs_through_erase(tmp_path):
+    from privseg.unlearn.federated import SITE_ERASERS, ErasureRequest, erase, site_eraser
+
+    @site_eraser("keep_source")
+    class KeepSource:  # a do-nothing method: the source model is served again
+        def dp_steps(self, cfg, state, req):
+            return 0
+
+        def run(self, job):
+            return job.state.last_checkpoint, 0.0, 0.0, {"note": "toy"}
+
+    try:
+        cohort = make_tiny_cohort(tmp_path / "c", sites=3, per_site=3, size=16)
+        run = tmp_path / "run"
+        simulate_inprocess(_cfg(cohort), run)
+        loose = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
+        res = erase(run, ErasureRequest(kind="site", site="H3", method="keep_source", thresholds=loose))
+        assert res.status == "completed"
+        assert "H3" not in FLConfig.load(run).site_ids
+    finally:
+        SITE_ERASERS.pop("keep_source")
+    with pytest.raises(ConfigError, match="keep_source|federaser"):
+        ErasureRequest(kind="site", site="H3", method="keep_source")
