@@ -1,7 +1,7 @@
 """Benchmark: erasing a patient and a site from a federated run, against federated retraining.
 
 On the embedded federation (3 sites, few training patients each so that the model memorises
-them; DESIGN.md "The embedded cohort must make membership visible"):
+them; docs/architecture.md, "The embedded cohort must make membership visible"):
 
 1. train the original federated run (FedAvg, every site's updates stored);
 2. federated retrain without one patient, and without one site (the gold standards);
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--patient-site", default="H1", help="Site of the patient to erase.")
     p.add_argument("--patient", default="auto", help="Patient to erase; auto: the training patient of "
                    "--patient-site the original model memorised most (highest membership score), so the "
-                   "membership test has power (DESIGN.md).")
+                   "membership test has power (docs/architecture.md).")
     p.add_argument("--fresh", action="store_true", help="Redo the erasures even when their folders exist.")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=HERE / "runs" / "erasure")

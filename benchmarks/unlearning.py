@@ -8,7 +8,7 @@ random_encoder; ``--zero-strategies``), with and without ``fix_decoder``, for a 
 number of epochs (``--target zero``; the study used 20 and 50, the default here is 20:
 what fits on 2 CPU cores).
 
-Default setup (DESIGN.md, "The embedded cohort must make membership visible"): the
+Default setup (docs/architecture.md, "The embedded cohort must make membership visible"): the
 embedded cohort with 2 sites × 7 subjects at 32³ (6 train, 4 val, 4 test), model
 ``unet_tiny`` on whole-volume patches (36³: the foreground crop adds a margin), 2
 subjects × 1 patch per step, 400 steps: the original memorises its 6 training subjects
@@ -21,7 +21,7 @@ retrain, the membership AUC and the time ratio, mean ± std over seeds.
 ``forget_dice_delta + max(0, 0.98 - retain_dice_ratio) + max(0, mia_auc - 0.55)``
 (ties: lower time ratio). ``mia_auc_original`` is the same membership test (forget
 subjects vs test subjects, loss statistic, augmented views) on the original model;
-below 0.7 the benchmark has no power (DESIGN.md).
+below 0.7 the benchmark has no power (docs/architecture.md).
 
 Usage::
 
@@ -111,7 +111,7 @@ def build_cohort(args):
     path = HERE / "data" / f"unlearning_cohort_{size}_s{args.subjects}"
     if (path / "cohort.json").exists():
         return read_cohort(path)
-    # Few training subjects per site and many steps: the original must memorise (DESIGN.md).
+    # Few training subjects per site and many steps: the original must memorise (docs/architecture.md).
     return synth_cohort(path, sites=2, subjects=args.subjects, size=size, seed=0, test_fraction=0.3,
                         val_fraction=0.3)
 

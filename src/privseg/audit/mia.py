@@ -1,6 +1,6 @@
 """Membership inference for segmentation, at patient level.
 
-The unit is the subject (DESIGN.md, principle 1). For every subject the model is
+The unit is the patient (docs/architecture.md, principle 1). For every subject the model is
 run on several augmented views of the whole volume (sliding window); the
 per-subject statistics are
 
@@ -280,15 +280,6 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     out["checkpoint"] = str(checkpoint)
     out["reference_checkpoints"] = [str(p) for p in reference_checkpoints]
     return out
-
-
-
-
-def auc_or_nan(members: Sequence[float], nonmembers: Sequence[float]) -> float:
-    try:
-        return auc(members, nonmembers)
-    except ConfigError:
-        return math.nan
 
 
 # -- power checks ----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Readers for published dataset layouts; each returns a :class:`Cohort`.
 
-Supported layouts (DESIGN.md, principle 4 — real data formats first):
+Supported layouts (docs/architecture.md, principle 4 — real data formats first):
 
 - ``mrbrains18``: ``<root>/<id>/pre/{reg_T1,reg_IR,FLAIR}.nii.gz`` + ``<root>/<id>/segm.nii.gz``.
 - ``msd``: Medical Segmentation Decathlon and nnU-Net raw (v1 and v2): ``dataset.json``,

@@ -2,10 +2,10 @@
 
 With no data given, privseg builds its cohort from the MNI152 2009c (nonlinear, symmetric)
 T1, grey-matter and white-matter templates that ship inside the ``nilearn`` wheel, so nothing
-is downloaded (DESIGN.md, principle 4). Classes follow the MRBrainS 3-tissue scheme:
+is downloaded (docs/architecture.md, principle 4). Classes follow the MRBrainS 3-tissue scheme:
 background, CSF, GM, WM (plus ``lesion`` on request).
 
-The cohort must make membership visible (DESIGN.md, "The embedded cohort must make membership
+The cohort must make membership visible (docs/architecture.md, "The embedded cohort must make membership
 visible"): subjects that are smooth warps of one template with labels that follow the image
 exactly teach a network the rule and nothing about any patient. So every subject gets
 

@@ -87,10 +87,6 @@ def _rdp_batch(q: float, sigmas: np.ndarray, orders: Sequence[float] = ORDERS) -
     return logsumexp(terms, axis=-1) / (a - 1)[None, :]
 
 
-def _rdp_single(q: float, sigma: float, orders: Sequence[float] = ORDERS) -> np.ndarray:
-    return _rdp_batch(q, np.array([sigma]), orders)[0]
-
-
 def rdp_curve(events: Iterable[StepEvent], orders: Sequence[float] = ORDERS) -> np.ndarray:
     """Summed RDP over ``events`` at each order (Mironov 2017, composition theorem)."""
     total = np.zeros(len(orders))

@@ -23,7 +23,7 @@ DP is the server itself (it sees every update), the protection is for whoever ho
 Why not Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` (flwr 1.41)? Its
 ``adaptive_clip_inputs_inplace`` returns ``norm_bit = scaling_factor < 1`` -- True for a
 *clipped* update -- and then applies ``C *= exp(-lr (clipped_fraction - target))``: too many
-clipped updates *shrink* C further, so C collapses toward 0 (the failure DESIGN.md warns of;
+clipped updates *shrink* C further, so C collapses toward 0 (Andrew et al.'s rule run backwards;
 ``benchmarks/privacy.py`` reproduces it). Its fixed-clipping sibling is correct but weights
 and noises with Flower's own conventions and has no ledger; this module implements both modes
 on privseg's strategy hooks (``update_hooks`` / ``aggregate_hooks``), so it composes with

@@ -9,9 +9,7 @@ unlearned, retrain) always has the same colour (:data:`MODEL_COLOURS`).
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -21,8 +19,6 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-
-from privseg.utils import atomic_path  # noqa: E402
 
 # Class 1.. colours (background is transparent); a colour-blind-friendly qualitative set.
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
@@ -56,14 +52,6 @@ def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     fig.savefig(buf, format="png", bbox_inches="tight", facecolor="white", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
-
-
-def save_png(fig: Figure, path: str | os.PathLike) -> bytes:
-    """Write ``fig`` as PNG atomically; returns the PNG bytes (for embedding)."""
-    data = png_bytes(fig)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-    return data
 
 
 # -- image slices -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Segmentation metrics as DESIGN.md defines them.
+"""Segmentation metrics (docs/architecture.md, "Metrics").
 
 - Dice per foreground class and their mean (MONAI's DiceMetric).
 - MAE = mean |softmax probability − one-hot label| over voxels and foreground classes

@@ -38,7 +38,7 @@ from privseg.train.losses import SegLoss
 
 # -- encoder / decoder -----------------------------------------------------------
 def _decoder_module_list(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder modules as the model registry defines them (DESIGN.md: MedicalNet's
+    """The model's decoder modules as the model registry defines them (after MedicalNet's
     ``conv_seg``; the U-Net's up path and final convolution)."""
     from privseg.models import encoder_decoder_modules
 
