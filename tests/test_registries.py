@@ -96,3 +96,20 @@ def test_a_registered_site_erasure_method_runs_through_erase(tmp_path):
         SITE_ERASERS.pop("keep_source")
     with pytest.raises(ConfigError, match="keep_source|federaser"):
         ErasureRequest(kind="site", site="H3", method="keep_source")
+
+
+def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, monkeypatch):
+    from privseg.cli import fl as fl_cli
+    from privseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(fl_cli, "_run_common", lambda mode, cfg, *a, **k: seen.setdefault(mode, cfg))
+    monkeypatch.setattr(fl_cli.P, "status", lambda *a, **k: None)
+    common = ["--cohort", str(tiny_cohort.root), "--runs", str(tmp_path), "--name", "same", "--model", "unet_tiny",
+              "--patch", "16", "--rounds", "2", "--strategy", "fedprox", "--mu", "0.3", "--dp", "patient",
+              "--epsilon", "5", "--delta", "1e-2", "--site-budget", "H2=3", "--clip", "fixed"]
+    assert main(["fl", "run", *common, "--in-process"]) == 0
+    assert main(["fl", "deploy", *common, "--round-timeout", "3600"]) == 0
+    run, deploy = seen["in-process"].to_dict(), seen["deployment"].to_dict()
+    assert run == deploy
+    assert run["train"]["extra"]["dp"]["sites"] == {"H2": {"epsilon": 3.0}} and run["proximal_mu"] == 0.3

@@ -67,10 +67,10 @@ def erase(
     request after a crash finishes it; after completion it is never applied twice."""
     if ctx.invoked_subcommand is not None:
         return
-    from privseg.cli.unlearn import _parse_params
     from privseg.errors import ConfigError
     from privseg.unlearn.federated import ErasureRequest
     from privseg.unlearn.federated import erase as run_erase
+    from privseg.unlearn.strategies import parse_params
 
     if not site:
         raise ConfigError("--site is required")
@@ -81,7 +81,7 @@ def erase(
     run_dir = _run_dir(run)
     subjects = tuple(x for s in (subject or []) for x in s.split(",") if x.strip())
     req = ErasureRequest(kind="site" if whole_site else "patient", site=site, subjects=subjects, reason=reason,
-                         requested_by=requested_by, method=method, params=_parse_params(param), target=target,
+                         requested_by=requested_by, method=method, params=parse_params(param), target=target,
                          epochs=epochs, repair_rounds=repair_rounds, calibration_ratio=calibration_ratio,
                          calibration_interval=calibration_interval,
                          thresholds=_threshold_args(max_mia_auc, min_retain_dice_ratio, min_test_dice_ratio),
@@ -93,7 +93,8 @@ def erase(
         # before the request: the references train on the run's patients as the model did
         ensure_references(run_dir, references, backend=backend,
                           on_reference=lambda k, what: say("references", f"reference model {k}: {what}"))
-    res = run_erase(run_dir, req, backend=backend, reference=reference, on_stage=say)
+    res = _erase_leaving_no_empty_ledger(run_dir, lambda: run_erase(run_dir, req, backend=backend,
+                                                                     reference=reference, on_stage=say))
     if not quiet:
         _print_verification(res.verification)
         out.print(f"request {res.request_id}: {res.status}"
@@ -103,6 +104,29 @@ def erase(
         console.print("[red]verification failed[/red]: the request stays open; re-run it with more "
                       "--repair-rounds, another --method, or a federated retrain as --reference")
         raise typer.Exit(1)
+
+
+def _erase_leaving_no_empty_ledger(run_dir: Path, apply):
+    """Run ``apply`` (the erasure) so that a request refused before anything was recorded leaves
+    the run as it was: the library opens the ledger before it validates the request, and an empty
+    erasure/ledger.db would claim the run has an erasure history. The run's lock is held meanwhile,
+    so no other erasure can be writing to a ledger this removes."""
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.federated.runstate import hold_run
+    from privseg.unlearn.federated import LEDGER
+
+    path = run_dir / LEDGER
+    had_ledger = path.exists()
+    with hold_run(run_dir, "erasure request (privseg erase)"):
+        try:
+            return apply()
+        except BaseException:
+            if not had_ledger and path.exists() and not ErasureLedger(path, create=False).entries():
+                for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                    p.unlink(missing_ok=True)
+                if not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+            raise
 
 
 def _print_verification(ver: dict) -> None:

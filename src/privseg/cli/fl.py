@@ -19,36 +19,20 @@ _SITES_ROOT = typer.Option(None, help="Folder with one sub-folder per site (the 
 _ONLY = typer.Option(None, "--only-site", help="With --cohort: use only these sites (repeatable).")
 
 
-def _build_config(*, cohort, site, sites_root, only_site, name, rounds, strategy, local_steps, model, norm, patch,
-                  subjects_per_step, patches_per_subject, lr, seed, mu, min_sites, fraction, eval_every, keep_updates,
-                  round_timeout, device):
-    from privseg.errors import ConfigError
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
-    from privseg.train import TrainConfig
-    from privseg.utils import check_id
+def _config(opts: dict, round_timeout: float):
+    """The run config of `fl run` / `fl deploy` from their options (one library call each)."""
+    from privseg.federated.assemble import build_fl_config, federation_sites
+    from privseg.privacy import DPConfig
 
-    given = [x for x in (cohort, site, sites_root) if x]
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --cohort, --site (repeatable) or --sites-root")
-    for s in only_site or []:
-        check_id(s, "--only-site")
-    check_id(name, "--name")
-    if cohort:
-        sites = sites_from_cohort(cohort, only_site or None)
-    elif site:
-        sites = sites_from_folders(site)
-    else:
-        sites = sites_from_root(sites_root)
-    info = check_sites(sites)
-    dims = info["spatial_dims"]
-    tc = TrainConfig(model=model, norm=norm, patch_size=(patch,) * dims, subjects_per_step=subjects_per_step,
-                     patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
-                     device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     spatial_dims=dims)
-    tc.build_model()  # a bad model/norm name fails here, before any process starts
-    return FLConfig(name=name, sites=sites, train=tc, strategy=strategy, rounds=rounds, local_steps=local_steps,
-                    proximal_mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
-                    keep_updates=keep_updates, round_timeout=round_timeout), info
+    dp = None if opts["dp"] == "none" else DPConfig.from_options(
+        unit=opts["dp"], epsilon=opts["epsilon"], delta=opts["delta"], clip=opts["clip"], clip_norm=opts["clip_norm"],
+        target_quantile=opts["target_quantile"], noise_schedule=opts["noise_schedule"],
+        site_budget=opts["site_budget"], config_file=opts["dp_config"], allow_large_delta=opts["allow_large_delta"],
+        method=opts["dp_method"])
+    sites = federation_sites(opts["cohort"], opts["site"], opts["sites_root"], opts["only_site"])
+    keys = ("name", "rounds", "strategy", "local_steps", "model", "norm", "patch", "subjects_per_step",
+            "patches_per_subject", "lr", "seed", "mu", "min_sites", "fraction", "eval_every", "keep_updates", "device")
+    return build_fl_config(sites=sites, round_timeout=round_timeout, dp=dp, **{k: opts[k] for k in keys})
 
 
 def _round_info(e: dict) -> str:
@@ -158,16 +142,7 @@ def run(
 ) -> None:
     """Federated training in simulation (Flower on Ray); resumes RUNS/NAME after a crash.
     With --dp patient|site, every round is accounted per site and stops before a budget is crossed."""
-    cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=only_site, name=name,
-                           rounds=rounds,
-                           strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
-                           subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
-                           seed=seed, mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
-                           keep_updates=keep_updates, round_timeout=3600.0, device=device)
-    if dp != "none":
-        P.attach_dp(cfg, dp=dp, epsilon=epsilon, delta=delta, clip=clip, clip_norm=clip_norm,
-                    target_quantile=target_quantile, noise_schedule=noise_schedule, site_budget=site_budget,
-                    dp_config=dp_config, allow_large_delta=allow_large_delta, dp_method=dp_method)
+    cfg = _config(locals(), round_timeout=3600.0)
     if in_process:
         _run_common("in-process", cfg, runs_dir, quiet)
     else:
@@ -197,21 +172,24 @@ def deploy(
                                         help="Authenticate each SuperNode with its own key pair (default: on when "
                                         "privseg starts the SuperLink with TLS; with --superlink, register the keys "
                                         "in deploy/certs/nodes/ yourself)."),
-    device: str = typer.Option("cpu"), quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = typer.Option("cpu"),
+    dp: str = P._FL_DP, epsilon: float = P._EPS, delta: float = P._DELTA, clip: str = P._CLIP,
+    clip_norm: float = P._CLIP_NORM, target_quantile: float = P._QUANTILE, noise_schedule: str = P._SCHEDULE,
+    site_budget: list[str] = P._SITE_BUDGET, dp_config: Path = P._RUN_CONFIG, allow_large_delta: bool = P._LARGE_DELTA,
+    dp_method: str = P._METHOD,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them."""
+    """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them.
+    With --dp patient|site, the same accounting as `fl run` (each site's ledger in its state folder)."""
     if insecure:  # printed even with --quiet: a security downgrade is never silent
         from privseg.federated.deploy import INSECURE_WARNING
 
         console.print(f"[bold yellow]privseg: warning:[/bold yellow] --insecure: {INSECURE_WARNING}", highlight=False)
-    cfg, _ = _build_config(cohort=cohort, site=site, sites_root=sites_root, only_site=only_site, name=name,
-                           rounds=rounds,
-                           strategy=strategy, local_steps=local_steps, model=model, norm=norm, patch=patch,
-                           subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject, lr=lr,
-                           seed=seed, mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
-                           keep_updates=keep_updates, round_timeout=round_timeout, device=device)
+    cfg = _config(locals(), round_timeout=round_timeout)
     _run_common("deployment", cfg, runs_dir, quiet, superlink=superlink, root_certificates=root_certificates,
                 insecure=insecure, supernode_auth=supernode_auth)
+    if dp != "none" and not quiet:
+        P.status(str(runs_dir / cfg.name), runs_dir, False)
 
 
 @app.command()
@@ -250,6 +228,26 @@ def _print_status(state) -> None:
         srows = [[s, m["round"], m.get("num-examples", 0), *m.get("dice", []), m.get("mean-dice", 0.0),
                   m.get("mae", 0.0)] for s, m in sorted(latest.items())]
         ncls = max(len(m.get("dice", [])) for m in latest.values())
+        names = _class_names(state.run_dir, ncls)
         out.print(table("latest evaluation per site (held-out subjects)",
-                        ["site", "round", "subjects", *[f"Dice c{k + 1}" for k in range(ncls)], "mean Dice", "MAE"],
-                        srows))
+                        ["site", "round", "subjects", *[f"Dice {n}" for n in names], "mean Dice", "MAE"], srows))
+
+
+def _class_names(run_dir: Path, n_foreground: int) -> list[str]:
+    """The foreground class names of a run (e.g. CSF, GM, WM), from the cohort of its first readable
+    site; "c1", "c2", ... only when no site's data is readable from here (a deployment's sites)."""
+    from privseg.errors import PrivsegError
+    from privseg.federated.sites import read_site_cohort
+
+    try:
+        sites = json.loads((Path(run_dir) / "fl_config.json").read_text()).get("sites") or []
+    except (OSError, ValueError, AttributeError):
+        sites = []
+    for spec in sites:
+        try:
+            classes = read_site_cohort(spec["cohort"]).classes[1:]
+        except (PrivsegError, OSError, KeyError, TypeError):
+            continue
+        if len(classes) == n_foreground:
+            return list(classes)
+    return [f"c{k + 1}" for k in range(n_foreground)]

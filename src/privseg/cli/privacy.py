@@ -29,32 +29,6 @@ _LARGE_DELTA = typer.Option(False, "--allow-large-delta", help="Allow delta >= 1
 _METHOD = typer.Option("loop", "--dp-method", help="Per-subject gradients: loop, vmap or opacus.")
 
 
-def _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
-               allow_large_delta, method):
-    from privseg.errors import ConfigError
-    from privseg.privacy import DPConfig
-
-    d = {"unit": dp, "epsilon": epsilon, "delta": delta, "clip": clip, "clip_norm": clip_norm,
-         "target_quantile": target_quantile, "noise_schedule": noise_schedule, "allow_large_delta": allow_large_delta,
-         "method": method, "sites": {}}
-    if dp_config:
-        try:
-            extra = json.loads(Path(dp_config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--dp-config {dp_config}: cannot read JSON ({exc})") from None
-        sites = extra.pop("sites", {})
-        d.update(extra)
-        d["sites"].update(sites)
-    for item in site_budget or []:
-        try:
-            site, val = item.split("=", 1)
-            parts = val.split(",")
-            d["sites"][site] = {"epsilon": float(parts[0]), **({"delta": float(parts[1])} if len(parts) > 1 else {})}
-        except ValueError:
-            raise ConfigError(f"--site-budget {item!r}: expected SITE=EPSILON or SITE=EPSILON,DELTA") from None
-    return DPConfig.from_dict(d)
-
-
 @app.command()
 def status(
     run: str = typer.Argument(..., help="Run name, run folder, or privacy.sqlite file."),
@@ -129,13 +103,14 @@ def train(
     """Central patient-level DP-SGD training (all training subjects in one place)."""
     from privseg.cli.cohorts import open_cohort
     from privseg.errors import ConfigError
-    from privseg.privacy import train_private
+    from privseg.privacy import DPConfig, train_private
     from privseg.train import TrainConfig
 
-    cfg_dp = _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, None, None,
-                        allow_large_delta, dp_method)
+    cfg_dp = DPConfig.from_options(unit=dp, epsilon=epsilon, delta=delta, clip=clip, clip_norm=clip_norm,
+                                   target_quantile=target_quantile, noise_schedule=noise_schedule,
+                                   allow_large_delta=allow_large_delta, method=dp_method)
     if cfg_dp.unit != "patient":
-        raise ConfigError("--dp site needs a federation: use `privseg privacy fl-run`")
+        raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, splits, classes)
     cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
                                  subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
@@ -147,19 +122,3 @@ def train(
                   f"(budget {result['budget']:g}; noise multiplier {result['noise_multiplier']:.3f}, "
                   f"q={result['q']:.3g}, "
                   f"final clip {result['clip']:.4g})")
-
-
-def attach_dp(cfg, *, dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
-              allow_large_delta, dp_method) -> None:
-    """Put the DP settings into a federated config (`privseg fl run --dp patient|site`)."""
-    from privseg.errors import ConfigError
-    from privseg.privacy import check_dp_model
-
-    dpc = _dp_config(dp, epsilon, delta, clip, clip_norm, target_quantile, noise_schedule, site_budget, dp_config,
-                     allow_large_delta, dp_method)
-    unknown = set(dpc.sites) - set(cfg.site_ids)
-    if unknown:
-        raise ConfigError(f"--site-budget names unknown site(s) {sorted(unknown)} (sites: {', '.join(cfg.site_ids)})")
-    if dpc.unit == "patient":
-        check_dp_model(cfg.train.build_model())
-    cfg.train.extra["dp"] = dpc.to_dict()

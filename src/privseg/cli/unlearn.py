@@ -6,28 +6,12 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.cohorts import CLASSES, SPLITS, open_cohort
+from privseg.cli.cohorts import CLASSES, CT_WINDOW, SPLITS, open_cohort
 from privseg.cli.ui import out, progress, table
 
 
 def register(app: typer.Typer) -> None:
     app.command()(unlearn)
-
-
-def _parse_params(values: list[str] | None) -> dict:
-    from privseg.errors import ConfigError
-
-    params: dict = {}
-    for v in values or []:
-        if "=" not in v:
-            raise ConfigError(f"--param {v!r}: expected KEY=VALUE")
-        k, raw = v.split("=", 1)
-        try:
-            val: object = float(raw) if any(c in raw for c in ".eE") else int(raw)
-        except ValueError:
-            val = raw
-        params[k.strip()] = val
-    return params
 
 
 def unlearn(
@@ -47,28 +31,47 @@ def unlearn(
     seed: int = typer.Option(0),
     check_every: int = typer.Option(2, min=1, help="--target unseen: steps between membership checks."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    splits: Path = SPLITS, classes: str = CLASSES,
+    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Remove subjects' influence from a trained model; writes OUT/unlearned.pt and OUT/report.json."""
+    """Remove subjects' influence from a trained model; writes OUT/unlearned.pt and OUT/report.json.
+    Then every model (original, unlearned, retrain) is evaluated on the retain, forget and test
+    subjects, with progress: on CPU this can take longer than the unlearning."""
     from privseg.unlearn import parse_ids, report_rows
     from privseg.unlearn import unlearn as run_unlearn
+    from privseg.unlearn.engine import mia_warnings
 
     ids = parse_ids(forget, "--forget")
-    params = _parse_params(param)
-    c = open_cohort(cohort, splits, classes)
+    from privseg.unlearn.strategies import parse_params
+
+    params = parse_params(param)
+    c = open_cohort(cohort, splits, classes, ct_window, checkpoint)
     with progress(f"unlearning ({strategy})", 100, quiet) as update:
+        evaluating = False
+
+        def on_evaluate(done: int, total: int) -> None:
+            nonlocal evaluating
+            if not evaluating:  # a phase of its own, counted in subject passes
+                evaluating = True
+                update(done, "original, unlearned and retrain models", total=total, description="evaluating")
+            else:
+                update(done, "subject passes")
+
         result = run_unlearn(checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target,
                              params=params, out_dir=out_dir, seed=seed, retrain_checkpoint=retrain,
-                             check_every=check_every, device=device,
+                             check_every=check_every, device=device, on_evaluate=on_evaluate,
                              on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)),
                                                                  f"step {s}/{n} loss {loss:.3f}"))
     if quiet:
         return
     r = result.report
     cols, rows = report_rows(r)
+    # one column per model, one row per metric: fits a terminal, and the CI sits under its AUC
     out.print(table(f"{strategy}{' + fix_decoder' if r['fix_decoder'] else ''}, target {target}: "
-                    f"{r['steps_run']} steps, {r['seconds']:.1f} s", cols, rows))
+                    f"{r['steps_run']} steps, {r['seconds']:.1f} s", ["metric", *[row[0] for row in rows]],
+                    [[c, *[row[i] for row in rows]] for i, c in enumerate(cols) if i]))
+    for warning in mia_warnings(r):
+        out.print(f"[bold yellow]* membership AUC:[/bold yellow] {warning}", highlight=False)
     if "forget_dice_distance_to_retrain" in r:
         out.print(f"|forget Dice - retrain's| = {r['forget_dice_distance_to_retrain']:.4f}   "
                   f"retain Dice / retrain's = {r['retain_dice_ratio']:.3f}")

@@ -7,7 +7,9 @@ takes. Units, neighbouring relation and releases: ``docs/privacy.md``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from privseg.errors import ConfigError
 from privseg.privacy.accountant import check_delta, check_epsilon
@@ -89,6 +91,36 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_options(cls, *, unit: str = "patient", epsilon: float = 8.0, delta: float = 1e-5, clip: str = "adaptive",
+                     clip_norm: float = 1.0, target_quantile: float = 0.5, noise_schedule: str = "constant",
+                     site_budget: list[str] | None = None, config_file: str | Path | None = None,
+                     allow_large_delta: bool = False, method: str = "loop") -> DPConfig:
+        """The spec from command-line style options: ``site_budget`` items ``SITE=EPS[,DELTA]``,
+        ``config_file`` a JSON file of settings (``{"sites": {"H2": {"epsilon": 3}}}``)."""
+        d = {"unit": unit, "epsilon": epsilon, "delta": delta, "clip": clip, "clip_norm": clip_norm,
+             "target_quantile": target_quantile, "noise_schedule": noise_schedule,
+             "allow_large_delta": allow_large_delta, "method": method, "sites": {}}
+        if config_file:
+            try:
+                extra = json.loads(Path(config_file).read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"--dp-config {config_file}: cannot read JSON ({exc})") from None
+            if not isinstance(extra, dict):
+                raise ConfigError(f"--dp-config {config_file}: expected a JSON object")
+            sites = extra.pop("sites", {})
+            d.update(extra)
+            d["sites"].update(sites)
+        for item in site_budget or []:
+            try:
+                site, val = item.split("=", 1)
+                parts = val.split(",")
+                d["sites"][site] = {"epsilon": float(parts[0]),
+                                    **({"delta": float(parts[1])} if len(parts) > 1 else {})}
+            except ValueError:
+                raise ConfigError(f"--site-budget {item!r}: expected SITE=EPSILON or SITE=EPSILON,DELTA") from None
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> DPConfig:

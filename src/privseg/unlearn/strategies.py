@@ -210,6 +210,21 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 
 
+def parse_params(values: list[str] | None) -> dict:
+    """``KEY=VALUE`` items (``--param``) as a dict; numbers become int or float."""
+    params: dict = {}
+    for v in values or []:
+        if "=" not in v:
+            raise ConfigError(f"--param {v!r}: expected KEY=VALUE")
+        k, raw = v.split("=", 1)
+        try:
+            val: object = float(raw) if any(c in raw for c in ".eE") else int(raw)
+        except ValueError:
+            val = raw
+        params[k.strip()] = val
+    return params
+
+
 def register(name: str, **defaults) -> Callable[[StrategyFn], StrategyFn]:
     def deco(fn: StrategyFn) -> StrategyFn:
         STRATEGIES[name] = Strategy(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0])

@@ -1,0 +1,61 @@
+"""Assembling a federated run from options: one function, used by `fl run`, `fl deploy`, the
+benchmarks, the demo and the tests, so the same options always make the same run config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from privseg.errors import ConfigError
+from privseg.federated.config import FLConfig
+from privseg.federated.sites import SiteSpec, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
+from privseg.privacy import DPConfig, check_dp_model
+from privseg.train import TrainConfig
+from privseg.utils import check_id
+
+
+def federation_sites(cohort: str | Path | None = None, site: Sequence[str] | None = None,
+                     sites_root: str | Path | None = None, only_site: Sequence[str] | None = None) -> list[SiteSpec]:
+    """The sites from exactly one of: a multi-site cohort (optionally ``only_site``), ``ID=FOLDER``
+    items, or a folder with one sub-folder per site."""
+    given = [x for x in (cohort, site, sites_root) if x]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --cohort, --site (repeatable) or --sites-root")
+    for s in only_site or []:
+        check_id(s, "--only-site")
+    if cohort:
+        return sites_from_cohort(cohort, list(only_site) if only_site else None)
+    if site:
+        return sites_from_folders(list(site))
+    return sites_from_root(sites_root)
+
+
+def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int = 20, strategy: str = "fedavg",
+                    local_steps: int = 10, model: str = "unet", norm: str = "group", patch: int = 32,
+                    subjects_per_step: int = 2, patches_per_subject: int = 2, lr: float = 2e-3, seed: int = 0,
+                    mu: float = 0.01, min_sites: int = 1, fraction: float = 1.0, eval_every: int = 1,
+                    keep_updates: bool = False, round_timeout: float = 3600.0, device: str = "cpu",
+                    dp: DPConfig | None = None, strategy_params: dict | None = None) -> FLConfig:
+    """A validated :class:`FLConfig` (the model is built once so a bad name fails before any
+    process starts; DP budgets must name known sites and the model must suit per-patient clipping)."""
+    check_id(name, "--name")
+    info = check_sites(list(sites))
+    dims = info["spatial_dims"]
+    tc = TrainConfig(model=model, norm=norm, patch_size=(patch,) * dims, subjects_per_step=subjects_per_step,
+                     patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
+                     device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     spatial_dims=dims)
+    built = tc.build_model()
+    cfg = FLConfig(name=name, sites=list(sites), train=tc, strategy=strategy, rounds=rounds, local_steps=local_steps,
+                   proximal_mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
+                   keep_updates=keep_updates, round_timeout=round_timeout, strategy_params=dict(strategy_params or {}))
+    if dp is not None:
+        unknown = set(dp.sites) - set(cfg.site_ids)
+        if unknown:
+            raise ConfigError(f"--site-budget names unknown site(s) {sorted(unknown)} "
+                              f"(sites: {', '.join(cfg.site_ids)})")
+        if dp.unit == "patient":
+            check_dp_model(built)
+        cfg.train.extra["dp"] = dp.to_dict()
+        FLConfig.from_dict(cfg.to_dict())  # the DP run's own checks (e.g. no evaluation on training patients)
+    return cfg
