@@ -89,7 +89,7 @@ def test_a_registered_site_erasure_method_runs_through_erase(tmp_path):
         run = tmp_path / "run"
         simulate_inprocess(_cfg(cohort), run)
         loose = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
-        res = erase(run, ErasureRequest(kind="site", site="H3", method="keep_source", thresholds=loose))
+        res = erase(run, ErasureRequest(kind="site", site="H3", method="keep_source", thresholds=loose), mia_views=1)
         assert res.status == "completed"
         assert "H3" not in FLConfig.load(run).site_ids
     finally:
