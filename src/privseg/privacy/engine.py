@@ -164,16 +164,10 @@ class PatientDPSGD:
                     on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Steps ``start .. stop``, each on its own Poisson sample; the draws depend only on the
         noise key and the step, so a resumed run repeats an uninterrupted one."""
-        from privseg.data.transforms import PatchSampler
-        from privseg.train.losses import SegLoss
+        from privseg.train.loop import prepare_steps
 
-        if not items:
-            raise ConfigError("no training subjects")
         check_dp_model(model)
-        device = next(model.parameters()).device
-        loss_fn = loss_fn or SegLoss()
-        sampler = sampler or PatchSampler(config.patch_size, config.patches_per_subject, config.seed)
-        model.train()
+        device, loss_fn, sampler = prepare_steps(model, items, config, loss_fn, sampler)
         losses = []
         for step in range(start, stop):
             self.step_no = step

@@ -97,6 +97,16 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
+def prepare_steps(model: torch.nn.Module, items: Sequence[dict], config, loss_fn: SegLoss | None = None,
+                  sampler: PatchSampler | None = None) -> tuple[torch.device, SegLoss, PatchSampler]:
+    """What every step loop needs: the model's device, the loss, the patch sampler; model in train mode."""
+    if not items:
+        raise ConfigError("no training subjects")
+    model.train()
+    return (next(model.parameters()).device, loss_fn or SegLoss(),
+            sampler or PatchSampler(config.patch_size, config.patches_per_subject, config.seed))
+
+
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, items: Sequence[dict],
                 config: TrainConfig, *, start: int = 0, stop: int | None = None, step_fn: StepFn = standard_step,
                 loss_fn: SegLoss | None = None, sampler: PatchSampler | None = None,
@@ -104,13 +114,8 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, items:
     """Run steps ``start`` .. ``stop`` on ``items``. Each step draws ``subjects_per_step``
     subjects and ``patches_per_subject`` patches from each; the draw depends only on
     (seed, step), so a resumed run repeats an uninterrupted one."""
-    if not items:
-        raise ConfigError("no training subjects")
     stop = config.steps if stop is None else stop
-    device = next(model.parameters()).device
-    loss_fn = loss_fn or SegLoss()
-    sampler = sampler or PatchSampler(config.patch_size, config.patches_per_subject, config.seed)
-    model.train()
+    device, loss_fn, sampler = prepare_steps(model, items, config, loss_fn, sampler)
     losses = []
     for step in range(start, stop):
         rng = np.random.default_rng((config.seed, step))
