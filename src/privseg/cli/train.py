@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.cohorts import CLASSES, SPLITS, open_cohort
+from privseg.cli.cohorts import CLASSES, CT_WINDOW, SPACING, SPLITS, open_cohort, parse_spacing
 from privseg.cli.ui import out, progress, table
 from privseg.utils import write_json
 
@@ -30,16 +30,20 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."),
-    splits: Path = SPLITS, classes: str = CLASSES,
+    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW, spacing: str = SPACING,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a segmentation model on a cohort's training subjects."""
+    from privseg.data.transforms import ct_window as task_window
     from privseg.train import TrainConfig, Trainer
 
-    c = open_cohort(cohort, splits, classes)
+    c = open_cohort(cohort, splits, classes, ct_window)
+    # the window a CT model learnt its intensities under, so evaluate/predict/unlearn apply it again
+    extra = ({"ct_window": list(task_window(c))} if any(s.modality.upper() == "CT" for s in c.subjects) else {})
     cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
                                  subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
-                                 lr=lr, seed=seed, device=device)
+                                 lr=lr, seed=seed, device=device, spacing=parse_spacing(spacing, c.spatial_dims),
+                                 extra=extra)
     with progress("training", steps, quiet) as update:
         result = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not quiet:
@@ -53,13 +57,13 @@ def evaluate(
     split: str = typer.Option("test", help="train, val or test."),
     json_out: Path = typer.Option(None, "--json", help="Write the full result as JSON."),
     hd95: bool = typer.Option(False, help="Also compute HD95 (slower)."),
-    splits: Path = SPLITS, classes: str = CLASSES,
+    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Per-subject and per-site Dice/MAE table of a checkpoint."""
     from privseg.train.inference import evaluate_checkpoint
 
-    c = open_cohort(cohort, splits, classes)
+    c = open_cohort(cohort, splits, classes, ct_window, checkpoint)
     n = len(c.select(split))
     with progress("evaluating", n, quiet) as update:
         result = evaluate_checkpoint(checkpoint, c, split, with_hd95=hd95, on_subject=lambda k, _n: update(k))
@@ -83,11 +87,13 @@ def predict(
     checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     subject: str = typer.Option(..., help="Subject ID to segment."),
-    out_path: Path = typer.Option(..., "--out", help="Output label map (.nii.gz)."),
-    splits: Path = SPLITS, classes: str = CLASSES,
+    out_path: Path = typer.Option(..., "--out", help="Output label map: .nii.gz for a 3D cohort, .png for a 2D one."),
+    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW,
 ) -> None:
-    """Write a subject's predicted label map as NIfTI with the input image's affine and header."""
-    from privseg.train.inference import predict_subject_to_nifti
+    """Write a subject's predicted label map in the input's own space: for a 3D cohort a NIfTI with
+    the image's affine and header; for a 2D cohort a PNG mask of the image's size, in the dataset's
+    label values (e.g. 0/255 where the masks are 0/255)."""
+    from privseg.train.inference import predict_subject
 
-    path = predict_subject_to_nifti(checkpoint, open_cohort(cohort, splits, classes), subject, out_path)
+    path = predict_subject(checkpoint, open_cohort(cohort, splits, classes, ct_window, checkpoint), subject, out_path)
     out.print(f"wrote {path}")

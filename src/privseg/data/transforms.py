@@ -2,14 +2,22 @@
 
 ``load_subject`` reads and validates a subject's files; ``preprocess`` reorients to
 RAS, resamples to a target spacing, crops to the foreground and normalises the
-intensities per modality (z-score inside the foreground for MR, a fixed window
+intensities per modality (z-score inside the foreground for MR, an intensity window
 for CT, [0, 1] for photographs); ``PatchSampler`` draws training patches.
+
+The CT window is the task's (:func:`ct_window`): ``info["ct_window"]`` of the cohort (a
+manifest's ``info``, or set from the command line's ``--ct-window``), else ``"ct_window"`` in
+the dataset's own ``dataset.json``, else :data:`CT_WINDOW`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +39,54 @@ from privseg.data.cohort import Cohort, Subject
 from privseg.data.validate import Volume, check_label_values, check_pair, read_volume
 from privseg.errors import ConfigError, DataError
 
-CT_WINDOW = (-200.0, 300.0)  # soft-tissue window in HU; wide enough for kidney and brain
+CT_WINDOW = (-200.0, 300.0)  # default soft-tissue window in HU; a task with another contrast declares its own
+
+
+def parse_ct_window(value: object, where: str) -> tuple[float, float]:
+    """``"LO,HI"`` or ``[LO, HI]`` (HU) -> (lo, hi); ConfigError naming ``where`` otherwise."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        if isinstance(parts, (str, bytes)) or len(parts) != 2:  # type: ignore[arg-type]
+            raise ValueError
+        lo, hi = (float(x) for x in parts)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} {value!r}: give the CT window as two numbers in HU, LO,HI "
+                          "(e.g. -1000,1000 for the whole head, 0,80 for brain)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise ConfigError(f"{where} {value!r}: the window needs finite LO < HI (got {lo:g}, {hi:g})")
+    return lo, hi
+
+
+@lru_cache(maxsize=64)
+def _dataset_json_window(path: str, mtime_ns: int) -> tuple[float, float] | None:
+    """``ct_window`` of a dataset.json, read once per file version (load_subject runs per subject)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # the format reader reports an unreadable dataset.json
+    if not isinstance(raw, dict) or raw.get("ct_window") is None:
+        return None
+    try:
+        return parse_ct_window(raw["ct_window"], "ct_window")
+    except ConfigError as exc:
+        raise DataError(path, str(exc)) from None
+
+
+def ct_window(cohort: Cohort) -> tuple[float, float]:
+    """The CT intensity window (HU) of a cohort's task, mapped to [0, 1] with clipping."""
+    declared = cohort.info.get("ct_window")
+    if declared is not None:
+        try:
+            return parse_ct_window(declared, "ct_window")
+        except ConfigError as exc:
+            raise DataError(cohort.root or cohort.name, f"cohort info {exc}") from None
+    if cohort.root is not None:
+        ds = Path(cohort.root) / "dataset.json"
+        if ds.is_file():
+            found = _dataset_json_window(str(ds), ds.stat().st_mtime_ns)
+            if found is not None:
+                return found
+    return CT_WINDOW
 
 
 @dataclass
@@ -43,6 +98,7 @@ class SubjectData:
     label: torch.Tensor | None  # (1, *spatial) int64
     affine: np.ndarray  # 4x4 of the (preprocessed) grid
     source: Volume  # first image channel as read, for writing predictions back
+    ct_window: tuple[float, float] = CT_WINDOW  # the task's, applied by preprocess to CT subjects
 
 
 def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
@@ -100,7 +156,7 @@ def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
                             "an empty or failed export? If subjects without any structure are real in this task, "
                             'set "allow_empty_labels": true in the cohort manifest\'s info')
         label = torch.from_numpy(lab.array[None])
-    return SubjectData(subject, torch.from_numpy(image), label, first.affine, first)
+    return SubjectData(subject, torch.from_numpy(image), label, first.affine, first, ct_window(cohort))
 
 
 def remap_labels(array: np.ndarray, label_map: dict) -> np.ndarray:
@@ -117,7 +173,8 @@ def remap_labels(array: np.ndarray, label_map: dict) -> np.ndarray:
 
 
 def preprocess_transform(
-    modality: str, spatial_dims: int = 3, spacing: Sequence[float] | None = None, crop_foreground: bool = True
+    modality: str, spatial_dims: int = 3, spacing: Sequence[float] | None = None, crop_foreground: bool = True,
+    ct_window: Sequence[float] = CT_WINDOW,
 ) -> Compose:
     """The deterministic part of the pipeline, the same at training and inference."""
     keys = ["image", "label"]
@@ -134,7 +191,8 @@ def preprocess_transform(
     mod = modality.upper()
     if mod == "CT":
         steps.append(
-            ScaleIntensityRanged(keys="image", a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)
+            ScaleIntensityRanged(keys="image", a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=0.0,
+                                 b_max=1.0, clip=True)
         )
     elif mod in ("RGB", "PHOTO", "DERMOSCOPY"):
         steps.append(ScaleIntensityd(keys="image", channel_wise=True))
@@ -151,7 +209,7 @@ def preprocess(data: SubjectData, spacing: Sequence[float] | None = None, crop_f
     item = {"image": MetaTensor(data.image.float(), affine=affine)}
     if data.label is not None:
         item["label"] = MetaTensor(data.label, affine=affine)
-    transform = preprocess_transform(data.subject.modality, dims, spacing, crop_foreground)
+    transform = preprocess_transform(data.subject.modality, dims, spacing, crop_foreground, data.ct_window)
     out = transform(item)
     out["id"] = data.subject.id
     out["site"] = data.subject.site

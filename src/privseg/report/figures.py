@@ -62,6 +62,28 @@ def _focus(label: np.ndarray | None, shape: Sequence[int]) -> list[int]:
     return [s // 2 for s in shape]
 
 
+def voxel_spacing(image) -> tuple[float, ...] | None:
+    """Voxel sizes (mm) of a preprocessed image (a MetaTensor's affine), or None without one."""
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        return None
+    a = np.asarray(affine, dtype=float)
+    n = a.shape[0] - 1
+    return tuple(float(v) for v in np.linalg.norm(a[:n, :n], axis=0))
+
+
+def view_aspects(spacing: Sequence[float] | None, ndim: int) -> list[float]:
+    """Pixel height/width of each view of :func:`views`, so a 3 mm slice is drawn 3 times as tall
+    as a 1 mm pixel (without it coronal and sagittal views of thick slices are flattened strips)."""
+    if spacing is None or len(spacing) < ndim or not all(v > 0 for v in spacing[:ndim]):
+        return [1.0] * (1 if ndim == 2 else 3)
+    if ndim == 2:
+        sx, sy = spacing[:2]
+        return [sy / sx]
+    sx, sy, sz = spacing[:3]
+    return [sy / sx, sz / sx, sz / sy]
+
+
 def views(volume: np.ndarray, centre: Sequence[int]) -> list[tuple[str, np.ndarray]]:
     """(name, 2D slice) for axial, coronal, sagittal of a RAS volume (x, y, z); one 'image'
     view for 2D. Slices are transposed so the first shown axis is horizontal."""
@@ -72,17 +94,18 @@ def views(volume: np.ndarray, centre: Sequence[int]) -> list[tuple[str, np.ndarr
 
 
 def _show(ax, image2d: np.ndarray, label2d: np.ndarray | None, num_classes: int, title: str,
-          contour: np.ndarray | None = None) -> None:
+          contour: np.ndarray | None = None, aspect: float = 1.0) -> None:
     lo, hi = np.percentile(image2d, [1, 99]) if image2d.size else (0, 1)
-    ax.imshow(image2d, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    ax.imshow(image2d, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect)
     if label2d is not None:
         ax.imshow(np.ma.masked_equal(label2d, 0), cmap=label_cmap(num_classes), origin="lower", alpha=0.45,
-                  vmin=0, vmax=num_classes - 1, interpolation="nearest")
+                  vmin=0, vmax=num_classes - 1, interpolation="nearest", aspect=aspect)
     if contour is not None:
         for k in range(1, num_classes):
             if np.any(contour == k) and not np.all(contour == k):
                 ax.contour((contour == k).astype(float), levels=[0.5], colors=[class_colour(k)], linewidths=0.8,
                            origin="lower")
+    ax.set_aspect(aspect)  # contour resets nothing, but keep the voxel aspect explicit for every panel
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -95,14 +118,16 @@ def _class_legend(fig: Figure, classes: Sequence[str], extra: Sequence[Patch] = 
 
 
 def cohort_examples(examples: Sequence[dict], classes: Sequence[str]) -> Figure:
-    """One axial slice per site: ``examples`` = [{"site", "id", "image", "label"}] (3D or 2D arrays)."""
+    """One axial slice per site: ``examples`` = [{"site", "id", "image", "label"}] (3D or 2D arrays),
+    each with an optional ``"spacing"`` (mm per voxel axis) for the pixel aspect."""
     n = len(examples)
     fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.4), squeeze=False)
     for ax, ex in zip(axes[0], examples, strict=True):
         centre = _focus(ex.get("label"), ex["image"].shape)
         name, img = views(ex["image"], centre)[0]
         lab = views(ex["label"], centre)[0][1] if ex.get("label") is not None else None
-        _show(ax, img, lab, len(classes), f"{ex['site']} · {ex['id']} ({name})")
+        _show(ax, img, lab, len(classes), f"{ex['site']} · {ex['id']} ({name})",
+              aspect=view_aspects(ex.get("spacing"), ex["image"].ndim)[0])
     _class_legend(fig, classes)
     fig.suptitle("One example per site: image with ground-truth labels")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -110,18 +135,21 @@ def cohort_examples(examples: Sequence[dict], classes: Sequence[str]) -> Figure:
 
 
 def overlays(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, classes: Sequence[str],
-             title: str) -> Figure:
+             title: str, spacing: Sequence[float] | None = None) -> Figure:
     """Prediction vs ground truth in axial, coronal and sagittal views: top row ground truth,
-    bottom row prediction (filled) with the ground truth as outline."""
+    bottom row prediction (filled) with the ground truth as outline. ``spacing`` (mm per voxel
+    axis, e.g. :func:`voxel_spacing` of the image) draws each view at its true proportions."""
     centre = _focus(label if label is not None else pred, image.shape)
     iv = views(image, centre)
+    aspect = view_aspects(spacing, image.ndim)
     gv = views(label, centre) if label is not None else [(n, None) for n, _ in iv]
     pv = views(pred, centre)
     cols = len(iv)
     fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.6), squeeze=False)
     for j in range(cols):
-        _show(axes[0, j], iv[j][1], gv[j][1], len(classes), f"ground truth, {iv[j][0]}")
-        _show(axes[1, j], iv[j][1], pv[j][1], len(classes), f"prediction, {iv[j][0]}", contour=gv[j][1])
+        _show(axes[0, j], iv[j][1], gv[j][1], len(classes), f"ground truth, {iv[j][0]}", aspect=aspect[j])
+        _show(axes[1, j], iv[j][1], pv[j][1], len(classes), f"prediction, {iv[j][0]}", contour=gv[j][1],
+              aspect=aspect[j])
     _class_legend(fig, classes, [Patch(facecolor="none", edgecolor="k", label="outline = ground truth")])
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -129,18 +157,20 @@ def overlays(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, clas
 
 
 def side_by_side(image: np.ndarray, label: np.ndarray | None, preds: Mapping[str, np.ndarray],
-                 classes: Sequence[str], title: str) -> Figure:
+                 classes: Sequence[str], title: str, spacing: Sequence[float] | None = None) -> Figure:
     """A subject under several models (original / unlearned / retrain): one column per model,
-    rows axial and coronal (one row for 2D)."""
+    rows axial and coronal (one row for 2D), drawn at the voxel ``spacing``'s proportions."""
     centre = _focus(label, image.shape)
     iv = views(image, centre)[:2]
+    aspect = view_aspects(spacing, image.ndim)
     panels = ([("ground truth", label)] if label is not None else []) + list(preds.items())
     fig, axes = plt.subplots(len(iv), len(panels), figsize=(3.0 * len(panels), 3.1 * len(iv)), squeeze=False)
     for j, (name, vol) in enumerate(panels):
         vv = views(vol, centre)
         gv = views(label, centre) if label is not None and name != "ground truth" else [(None, None)] * len(vv)
         for i in range(len(iv)):
-            _show(axes[i, j], iv[i][1], vv[i][1], len(classes), f"{name}, {iv[i][0]}", contour=gv[i][1])
+            _show(axes[i, j], iv[i][1], vv[i][1], len(classes), f"{name}, {iv[i][0]}", contour=gv[i][1],
+                  aspect=aspect[i])
     _class_legend(fig, classes)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

@@ -401,7 +401,7 @@ def _cohort_section(b: Builder, cohort, sites_in_run: Sequence[str] | None = Non
         except PrivsegError:
             continue
         examples.append({"site": s, "id": subs[0].id, "image": _arr(it["image"][0]),
-                         "label": _arr(it["label"][0]).astype(int)})
+                         "label": _arr(it["label"][0]).astype(int), "spacing": F.voxel_spacing(it["image"])})
     if examples:
         body += b.fig("cohort_examples", F.cohort_examples(examples, cohort.classes),
                       "One subject per site after preprocessing (RAS, foreground crop, intensity normalisation); "
@@ -464,7 +464,8 @@ def _overlay_section(b: Builder, cohort, ckpt: Path, subjects: Sequence[str] | N
         label = _arr(it["label"][0]).astype(int) if "label" in it else None
         s = cohort.subject(sid)
         body += b.fig(f"overlay_{sid}", F.overlays(_arr(it["image"][0]), label, pred, cohort.classes,
-                                                   f"{sid} (site {s.site}, {s.split})"),
+                                                   f"{sid} (site {s.site}, {s.split})",
+                                                   spacing=F.voxel_spacing(it["image"])),
                       f"Subject {sid}: prediction vs ground truth, axial / coronal / sagittal.")
     b.add("overlays", body)
 
@@ -612,7 +613,8 @@ def _unlearn_section(b: Builder, src: Source, cohort, subjects: Sequence[str] | 
             preds = {k: _predict(m, c, it) for k, (c, m) in loaded.items()}
             body += b.fig(f"forgotten_{sid}", F.side_by_side(
                 _arr(it["image"][0]), _arr(it["label"][0]).astype(int) if "label" in it else None, preds,
-                cohort.classes, f"Forgotten subject {sid}: before / after / retrain"),
+                cohort.classes, f"Forgotten subject {sid}: before / after / retrain",
+                spacing=F.voxel_spacing(it["image"])),
                 f"Forgotten subject {sid} under each model (outline: ground truth).")
         from privseg.audit.mia import subject_statistics
 

@@ -1,5 +1,6 @@
-"""Sliding-window inference (MONAI), per-subject evaluation, and predictions written back
-as NIfTI in the input's own space (affine and header), so viewers overlay them."""
+"""Sliding-window inference (MONAI), per-subject evaluation, and predictions written back in
+the input's own space: NIfTI with its affine and header (3D), a PNG mask of its size (2D), so
+viewers overlay them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from privseg.train import metrics
@@ -65,11 +67,12 @@ def write_prediction(item: dict, probs: torch.Tensor, source, out_path: str | os
     """Undo the preprocessing (crop, resampling, orientation) with MONAI's inverse and
     write the label map with the source image's affine and header."""
     import nibabel as nib
-    from monai.data import MetaTensor
 
     from privseg.utils import atomic_path
 
     pred = probs.argmax(0, keepdim=True).to(torch.float32)
+    if isinstance(pred, MetaTensor):  # keep only the image's geometry: MONAI warns when two affines meet
+        pred = pred.as_tensor()
     image = item["image"]
     pred_mt = MetaTensor(pred, affine=image.affine, applied_operations=list(image.applied_operations))
     inverted = item["transform"].inverse({"image": pred_mt})["image"]
@@ -91,6 +94,32 @@ def write_prediction(item: dict, probs: torch.Tensor, source, out_path: str | os
         finally:
             if real_tmp.exists():
                 real_tmp.unlink()
+    return out_path
+
+
+def write_mask_2d(probs: torch.Tensor, source, out_path: str | os.PathLike, label_map: dict | None = None) -> Path:
+    """Write a 2D prediction as an 8-bit PNG mask of the image's size. With the cohort's
+    ``label_map`` (raw value -> class, e.g. {255: 1}) the classes go back to the dataset's own values,
+    so the mask reads like the ground-truth masks it sits beside; otherwise the value is the class index."""
+    from PIL import Image
+
+    from privseg.utils import atomic_path
+
+    arr = np.asarray(torch.as_tensor(probs).argmax(0)).astype(np.int64)
+    shape = tuple(source.array.shape[:2])
+    if arr.shape != shape:
+        raise RuntimeError(f"prediction has shape {arr.shape}, the image {shape}")
+    values = np.arange(int(probs.shape[0]))
+    if label_map:
+        inverse = {int(v): int(k) for k, v in label_map.items()}
+        if len(inverse) == len(label_map):  # one raw value per class: invertible
+            values = np.array([inverse.get(k, k) for k in range(len(values))])
+    if values.max() > 255 or values.min() < 0:
+        raise RuntimeError(f"class values {values.tolist()} do not fit an 8-bit mask")
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:  # the temporary name has no .png suffix: name the format
+            Image.fromarray(values[arr].astype(np.uint8), mode="L").save(f, format="PNG")
     return out_path
 
 
@@ -116,26 +145,55 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cohort, split: str | None
     check_fits(cfg, cohort, checkpoint)
     subjects = [cohort.subject(i) for i in subject_ids] if subject_ids else cohort.select(split)
     model = model_from_checkpoint(payload, checkpoint)
-    items = load_preprocessed(subjects, cohort, cfg.get("spacing"))
+    items = load_preprocessed(subjects, _with_model_window(cohort, cfg), cfg.get("spacing"))
     rows = evaluate_subjects(model, items, cfg["patch_size"], cfg["num_classes"], with_hd95, on_subject)
     return {"checkpoint": str(checkpoint), "split": split, "classes": cohort.classes, "subjects": rows,
             "summary": summarise(rows)}
 
 
-def predict_subject_to_nifti(checkpoint: str | os.PathLike, cohort, subject_id: str,
-                             out_path: str | os.PathLike) -> Path:
-    """Segment one subject and write the label map in the subject's original image space."""
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def predict_subject(checkpoint: str | os.PathLike, cohort, subject_id: str, out_path: str | os.PathLike) -> Path:
+    """Segment one subject and write the label map in its original space: NIfTI with the image's
+    affine and header for a 3D cohort, a PNG mask of the image's size for a 2D one."""
     from privseg.data.transforms import load_subject, preprocess
     from privseg.errors import ConfigError
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-    if cohort.spatial_dims != 3:
-        raise ConfigError("predict writes NIfTI and needs a 3D cohort")
+    name = str(out_path).lower()
+    if cohort.spatial_dims == 2 and name.endswith(NIFTI_SUFFIXES):
+        raise ConfigError(f"--out {out_path}: a 2D cohort's prediction is a PNG mask; give a .png path")
+    if cohort.spatial_dims == 3 and name.endswith(".png"):
+        raise ConfigError(f"--out {out_path}: a 3D prediction is a NIfTI label map; give a .nii.gz path")
     payload = load_checkpoint(checkpoint)
     cfg = payload["config"]
     check_fits(cfg, cohort, checkpoint)
     model = model_from_checkpoint(payload, checkpoint)
-    data = load_subject(cohort.subject(subject_id), cohort)
+    data = load_subject(cohort.subject(subject_id), _with_model_window(cohort, cfg))
     item = preprocess(data, cfg.get("spacing"))
     probs = predict_probs(model, item["image"], cfg["patch_size"])
+    if cohort.spatial_dims == 2:
+        return write_mask_2d(probs, data.source, out_path, cohort.info.get("label_map"))
     return write_prediction(item, probs, data.source, out_path)
+
+
+def predict_subject_to_nifti(checkpoint: str | os.PathLike, cohort, subject_id: str,
+                             out_path: str | os.PathLike) -> Path:
+    """Segment one subject of a 3D cohort and write the label map in the subject's original image space."""
+    from privseg.errors import ConfigError
+
+    if cohort.spatial_dims != 3:
+        raise ConfigError("a NIfTI prediction needs a 3D cohort; predict_subject writes a 2D one as PNG")
+    return predict_subject(checkpoint, cohort, subject_id, out_path)
+
+
+def _with_model_window(cohort, cfg: dict):
+    """The cohort with the CT window the model trained with (``extra.ct_window``), unless the cohort
+    already names one: intensities must be scaled as they were at training."""
+    from dataclasses import replace
+
+    recorded = (cfg.get("extra") or {}).get("ct_window") if isinstance(cfg.get("extra"), dict) else None
+    if recorded is None or cohort.info.get("ct_window") is not None:
+        return cohort
+    return replace(cohort, info={**cohort.info, "ct_window": list(recorded)})

@@ -70,13 +70,15 @@ def _load_model(path, cohort: Cohort, what: str) -> tuple[dict, torch.nn.Module]
     return payload, model_from_checkpoint(payload, path)
 
 
-def _group_metrics(model: torch.nn.Module, groups: dict[str, list[dict]], cfg: TrainConfig) -> dict:
+def _group_metrics(model: torch.nn.Module, groups: dict[str, list[dict]], cfg: TrainConfig,
+                   tick: Callable[[int], None] | None = None) -> dict:
     out = {}
     for name, items in groups.items():
         if not items:
             out[name] = {"n": 0, "dice": math.nan, "mae": math.nan, "subjects": []}
             continue
-        rows = evaluate_subjects(model, items, cfg.patch_size, cfg.num_classes)
+        rows = evaluate_subjects(model, items, cfg.patch_size, cfg.num_classes,
+                                 on_subject=(lambda k, n: tick(1)) if tick else None)
         out[name] = {"n": len(rows), "dice": metrics.mean([r["mean_dice"] for r in rows]),
                      "mae": metrics.mean([r["mae"] for r in rows]),
                      "subjects": [{"id": r["id"], "dice": r["mean_dice"], "mae": r["mae"]} for r in rows]}
@@ -105,7 +107,7 @@ def _mia(model, forget_items, test_items, cfg: TrainConfig, views: int, seed: in
     res = mia.audit_items(model, forget_items, test_items, cfg.patch_size, cfg.num_classes, views=views, seed=seed,
                           n_boot=1000)
     out = {"auc": res.auc, "ci": [res.ci_low, res.ci_high], "members": res.n_members,
-           "nonmembers": res.n_nonmembers, "views": views}
+           "nonmembers": res.n_nonmembers, "views": views, "warning": res.warning}
     if reference is not None or reference_rows is not None:
         cal = mia.audit_items(model, forget_items, test_items, cfg.patch_size, cfg.num_classes, views=views,
                               seed=seed, n_boot=1000, reference_models=[reference] if reference is not None else (),
@@ -177,7 +179,8 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
             utility_fraction: float = 0.9,
             mia_views: int = 2, evaluate: bool = True, device: str = "auto",
             on_step: Callable[[int, int, float], None] | None = None, items: dict[str, dict] | None = None,
-            original_metrics: dict | None = None, retrain_metrics: dict | None = None) -> UnlearnResult:
+            original_metrics: dict | None = None, retrain_metrics: dict | None = None,
+            on_evaluate: Callable[[int, int], None] | None = None) -> UnlearnResult:
     """Remove the forget subjects' influence from ``checkpoint``'s model with ``strategy``.
 
     Nothing is written unless everything succeeded; with ``out_dir`` the new model goes
@@ -187,7 +190,8 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     (the ``"original"`` block of an earlier report on the same request); ``retrain_metrics`` likewise caches the
     retrained model's evaluation (the ``"retrain"`` block of an earlier report with the same ``retrain_checkpoint``,
     request, ``mia_views`` and ``seed``; its ``"reference_rows"`` spare re-running the reference model for the
-    calibrated membership AUC)."""
+    calibrated membership AUC). ``on_evaluate(done, total)`` reports the evaluation after the strategy, in
+    subject passes (one subject through one model), which on CPU can take longer than the unlearning."""
     strat = get_strategy(strategy)
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
@@ -301,31 +305,53 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
 
     if evaluate:
         groups = {"retain": retain_items, "forget": forget_items, "test": test_items}
+        # every pass below runs a model over whole subjects; counted so a caller can show progress
+        n_groups = len(retain_items) + len(forget_items) + len(test_items)
+        n_mia = (len(forget_items) + len(test_items)) if test_items else 0
+        fresh_retrain = retrain_model is not None and retrain_metrics is None
+        total = ((n_groups + n_mia if original_metrics is None else 0) + (n_groups + n_mia if fresh_retrain else 0)
+                 + n_groups + n_mia)
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_evaluate:
+                on_evaluate(done, total)
+
+        if on_evaluate:
+            on_evaluate(0, total)
         res: dict = {}
-        if original_metrics is not None:
-            res["original"] = original_metrics
-        else:
-            res["original"] = _group_metrics(original, groups, cfg)
-            res["original"]["mia"] = _mia(original, forget_items, test_items, cfg, mia_views, seed, retrain_model)
+        # the retrained model first: its membership rows are the reference of the original's and the
+        # unlearned model's calibrated AUC, so the reference model runs over the subjects once, not twice
         if retrain_model is not None:
             if retrain_metrics is not None:
                 res["retrain"] = retrain_metrics
             else:
                 retrain_model = retrain_model.to(dev)
-                res["retrain"] = _group_metrics(retrain_model, groups, cfg)
+                res["retrain"] = _group_metrics(retrain_model, groups, cfg, tick)
                 rm = mia.audit_items(retrain_model, forget_items, test_items, cfg.patch_size, cfg.num_classes,
                                      views=mia_views, seed=seed, n_boot=1000) if test_items else None
+                tick(n_mia)
                 res["retrain"]["mia"] = ({"auc": rm.auc, "ci": [rm.ci_low, rm.ci_high], "members": rm.n_members,
-                                          "nonmembers": rm.n_nonmembers, "views": mia_views} if rm is not None
-                                         else {"auc": math.nan})
+                                          "nonmembers": rm.n_nonmembers, "views": mia_views, "warning": rm.warning}
+                                         if rm is not None else {"auc": math.nan})
                 if rm is not None:
                     res["retrain"]["reference_rows"] = {
                         "members": [{k: r[k] for k in ("id", "loss", "dice")} for r in rm.members],
                         "nonmembers": [{k: r[k] for k in ("id", "loss", "dice")} for r in rm.nonmembers]}
-        res["unlearned"] = _group_metrics(new_model, groups, cfg)
         ref_rows = res.get("retrain", {}).get("reference_rows")
+        if original_metrics is not None:
+            res["original"] = original_metrics
+        else:
+            res["original"] = _group_metrics(original, groups, cfg, tick)
+            res["original"]["mia"] = _mia(original, forget_items, test_items, cfg, mia_views, seed,
+                                          None if ref_rows else retrain_model, ref_rows)
+            tick(n_mia)
+        res["unlearned"] = _group_metrics(new_model, groups, cfg, tick)
         res["unlearned"]["mia"] = _mia(new_model, forget_items, test_items, cfg, mia_views, seed,
                                        None if ref_rows else retrain_model, ref_rows)
+        tick(n_mia)
         report.update(res)
         u = _flat(res["unlearned"])
         report["vs_original"] = {k: u[k] - v for k, v in _flat(res["original"]).items()}
@@ -356,12 +382,23 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
 def report_rows(report: dict) -> tuple[list[str], list[list]]:
     """A readable table of a report: one row per model."""
     cols = ["model", "retain Dice", "forget Dice", "test Dice", "retain MAE", "forget MAE", "Dice gap", "MAE gap",
-            "MIA AUC"]
+            "MIA AUC", "MIA 95 % CI"]
     rows = []
     for name in ("original", "unlearned", "retrain"):
         m = report.get(name)
         if not m:
             continue
+        mia_ = m.get("mia", {})
+        ci = mia_.get("ci")
+        # a CI from fewer than 5 members or non-members is marked; mia_warnings() says why
+        ci_text = (f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-") + (" *" if mia_.get("warning") else "")
         rows.append([name, m["retain"]["dice"], m["forget"]["dice"], m["test"]["dice"], m["retain"]["mae"],
-                     m["forget"]["mae"], m["dice_gap"], m["mae_gap"], m.get("mia", {}).get("auc", math.nan)])
+                     m["forget"]["mae"], m["dice_gap"], m["mae_gap"], mia_.get("auc", math.nan), ci_text])
     return cols, rows
+
+
+def mia_warnings(report: dict) -> list[str]:
+    """The small-sample warnings of a report's membership AUCs (one per distinct text), to print
+    with the table: an AUC of 1.000, CI [1, 1] from 1 member vs 2 non-members means nothing."""
+    found = [report.get(name, {}).get("mia", {}).get("warning") for name in ("original", "unlearned", "retrain")]
+    return list(dict.fromkeys(w for w in found if w))
