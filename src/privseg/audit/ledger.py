@@ -141,21 +141,12 @@ class ErasureLedger:
         """One summary per request: ID, kind, site, subjects, status (its latest event), last hash."""
         out: dict[str, dict] = {}
         for e in self.entries():
-            r = out.setdefault(e["request"], {"request": e["request"], "events": []})
-            r["events"].append(e["event"])
-            r["status"], r["at"], r["hash"] = e["event"], e["at"], e["hash"]
-            if e["event"] == "requested":
-                b = e["body"]
-                r.update(kind=b.get("kind"), site=b.get("site"), subjects=b.get("subjects", []),
-                         reason=b.get("reason"), requested_at=e["at"])
-            if e["event"] == "verified":
-                r["passed"] = e["body"].get("passed")
+            fold_request(out, e)
         return list(out.values())
 
     def erased_subjects(self, site: str | None = None) -> dict[str, str]:
         """Subject ID -> request ID, for every completed patient erasure (of ``site``)."""
-        done = {r["request"]: r for r in self.requests() if "completed" in r["events"] and r.get("kind") == "patient"}
-        return {s: rid for rid, r in done.items() if site is None or r.get("site") == site for s in r["subjects"]}
+        return erased_in(self.requests(), site)
 
     def verify(self) -> tuple[bool, list[str]]:
         """Recompute the hash chain; returns (intact, problems)."""
@@ -167,13 +158,7 @@ class ErasureLedger:
         except sqlite3.DatabaseError as exc:
             return False, [f"{self.path}: unreadable ({exc})"]
         for e in rows:
-            if e["seq"] != expected_seq:
-                problems.append(f"row {e['seq']}: sequence gap (expected {expected_seq})")
-            if e["prev_hash"] != prev:
-                problems.append(f"row {e['seq']}: previous-hash link broken")
-            h = entry_hash(e["prev_hash"], e["seq"], e["request"], e["event"], e["at"], e["body"])
-            if h != e["hash"]:
-                problems.append(f"row {e['seq']} ({e['request']} {e['event']}): content does not match its hash")
+            problems += check_row(e, prev, expected_seq)
             prev, expected_seq = e["hash"], e["seq"] + 1
         return not problems, problems
 
@@ -181,6 +166,39 @@ class ErasureLedger:
     def head(self) -> str:
         rows = self.entries()
         return rows[-1]["hash"] if rows else GENESIS
+
+
+def check_row(e: dict, prev: str, expected_seq: int) -> list[str]:
+    """The chain problems of one row, given the previous row's hash and the expected sequence
+    number (shared by :meth:`ErasureLedger.verify` and the console's incremental check)."""
+    problems = []
+    if e["seq"] != expected_seq:
+        problems.append(f"row {e['seq']}: sequence gap (expected {expected_seq})")
+    if e["prev_hash"] != prev:
+        problems.append(f"row {e['seq']}: previous-hash link broken")
+    h = entry_hash(e["prev_hash"], e["seq"], e["request"], e["event"], e["at"], e["body"])
+    if h != e["hash"]:
+        problems.append(f"row {e['seq']} ({e['request']} {e['event']}): content does not match its hash")
+    return problems
+
+
+def fold_request(out: dict[str, dict], e: dict) -> None:
+    """Fold one entry into the per-request summaries ``out`` (see :meth:`ErasureLedger.requests`)."""
+    r = out.setdefault(e["request"], {"request": e["request"], "events": []})
+    r["events"].append(e["event"])
+    r["status"], r["at"], r["hash"] = e["event"], e["at"], e["hash"]
+    if e["event"] == "requested":
+        b = e["body"]
+        r.update(kind=b.get("kind"), site=b.get("site"), subjects=b.get("subjects", []),
+                 reason=b.get("reason"), requested_at=e["at"])
+    if e["event"] == "verified":
+        r["passed"] = e["body"].get("passed")
+
+
+def erased_in(requests: Iterable[dict], site: str | None = None) -> dict[str, str]:
+    """Subject ID -> request ID, for every completed patient erasure (of ``site``) among request summaries."""
+    done = {r["request"]: r for r in requests if "completed" in r["events"] and r.get("kind") == "patient"}
+    return {s: rid for rid, r in done.items() if site is None or r.get("site") == site for s in r["subjects"]}
 
 
 def find_ledgers(paths: Iterable[str | Path]) -> list[Path]:

@@ -10,8 +10,8 @@ so nothing about other sites leaks.
 from __future__ import annotations
 
 import html
-import json
 import secrets
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ MAX_BODY = 16 * 1024  # bytes of one form; a larger one is refused with 413
 MAX_FIELD = {"reason": 2000, "note": 2000, "username": 64, "password": 1024}
 MAX_OTHER_FIELD = 200
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
-LEDGER_PAGE = 100
+PAGE = 50  # rows of a request list or of the ledger per page
 STAGES = {"patient": ("requested", "local_unlearned", "repaired", "verified", "completed"),
           "site": ("requested", "site_removed", "verified", "completed")}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -298,13 +298,15 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
         return c.page(ctx, "budget.html", run=s, rows=rows, charts=charts, dp=s["dp"])
 
     # -- patients and requests -----------------------------------------------------------------
-    def visible_requests(ctx: Ctx, d: Path, run: str) -> list[dict]:
-        """Console records and ledger-only (CLI) requests of one run that the user may see."""
-        from privseg.audit.ledger import ErasureLedger
+    def visible_requests(ctx: Ctx, d: Path, run: str, records: list[dict] | None = None) -> list[dict]:
+        """Console records and ledger-only (CLI) requests of one run that the user may see
+        (``records``: the run's console records, when already read)."""
+        from privseg.console.cache import ledger_view
 
-        recs = {r["id"]: r for r in c.store.list(run) if ctx.user.sees_site(r["site"])}
+        recs = {r["id"]: r for r in (c.store.list(run) if records is None else records)
+                if ctx.user.sees_site(r["site"])}
         path = erasure.ledger_path(d)
-        ledger = {r["request"]: r for r in ErasureLedger(path).requests()} if path.exists() else {}
+        ledger = ledger_view(path).requests if path.exists() else {}
         out = []
         for rid, r in recs.items():
             out.append({**r, "ledger_status": (ledger.get(rid) or {}).get("status")})
@@ -315,6 +317,17 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
                             "filed_by": "command line", "filed_at": None, "ledger_status": r.get("status")})
         return out
 
+    def paged(ctx: Ctx, items: list) -> dict:
+        """One page of ``items`` (``?page=N``, from 1; out of range: the nearest page)."""
+        try:
+            page_no = int(ctx.request.query_params.get("page", "1"))
+        except ValueError:
+            page_no = 1
+        pages = max(1, -(-len(items) // PAGE))
+        page_no = min(max(1, page_no), pages)
+        return {"shown": items[(page_no - 1) * PAGE: page_no * PAGE], "page": page_no, "pages": pages,
+                "n": len(items)}
+
     def patients_page(ctx: Ctx) -> Response:
         d, s = c.run_for(ctx, ctx.param("run"))
         site = ctx.user.site or ctx.request.query_params.get("site") or (s["sites"][0] if s["sites"] else "")
@@ -322,21 +335,26 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
             if ctx.user.site is not None:
                 raise forbidden()
             raise HTTPError(404, "No such site in this run.")
-        pending = {x: r["id"] for r in c.store.list(s["name"], states=OPEN) if r["site"] == site
-                   for x in r["subjects"]}
-        return c.page(ctx, "patients.html", run=s, site=site, patients=erasure.patients(d, site), pending=pending)
+        open_scans = {x: r["id"] for r in c.store.list(s["name"], states=OPEN) if r["site"] == site
+                      for x in r["subjects"]}
+        patients = erasure.patients(d, site)
+        # a request names scans (each patient's every scan): the patient is pending if one of them is
+        pending = {p["id"]: rid for p in patients for scan in p["scans"] if (rid := open_scans.get(scan["id"]))}
+        return c.page(ctx, "patients.html", run=s, site=site, patients=patients, pending=pending)
 
     def requests_page(ctx: Ctx) -> Response:
         d, s = c.run_for(ctx, ctx.param("run"))
-        return c.page(ctx, "requests.html", run=s, requests=visible_requests(ctx, d, s["name"]))
+        return c.page(ctx, "requests.html", run=s, **paged(ctx, visible_requests(ctx, d, s["name"])))
 
     def inbox_page(ctx: Ctx) -> Response:
+        records: dict[str, list[dict]] = {}
+        for r in c.store.list():  # one query for every run
+            records.setdefault(r["run"], []).append(r)
         items = []
         for s in runs.list_runs(c.root, ctx.user):
-            d = c.root / s["name"]
-            items += visible_requests(ctx, d, s["name"])
+            items += visible_requests(ctx, c.root / s["name"], s["name"], records.get(s["name"], []))
         items.sort(key=lambda r: (r["state"] not in ("filed",), -(r.get("filed_at") or 0)))
-        return c.page(ctx, "inbox.html", requests=items)
+        return c.page(ctx, "inbox.html", **paged(ctx, items))
 
     def file_request(ctx: Ctx) -> Response:
         d, s = c.run_for(ctx, ctx.param("run"))
@@ -358,6 +376,7 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
                 raise forbidden()
             raise HTTPError(400, f"Unknown site {site!r} in this run. Nothing was changed.")
         erasure.check_new(d, kind, site, subjects)
+        subjects = erasure.expand(d, kind, site, subjects)  # a patient ID -> every scan of that patient
         rid = erasure.request_id(d, kind, site, subjects)
         if not c.store.list(s["name"], states=("running",)):
             from privseg.federated.runstate import hold_run
@@ -421,7 +440,9 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
         return RedirectResponse(f"/runs/{quote(s['name'])}/requests/{rid}", status_code=303)
 
     def certificate(ctx: Ctx) -> Response:
-        from privseg.audit.certificate import write_certificate
+        from privseg.audit.certificate import render_html, summarise
+        from privseg.console.cache import ledger_view
+        from privseg.utils import write_json
 
         d, s = c.run_for(ctx, ctx.param("run"))
         rid, fmt = ctx.param("rid"), ctx.param("fmt")
@@ -430,40 +451,44 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
             raise HTTPError(404, "Certificates come as .html or .json.")
         if not entries:
             raise HTTPError(409, "The erasure has not started: there is no certificate yet.")
-        with tempfile.TemporaryDirectory() as tmp:
-            j, h = write_certificate(erasure.ledger_path(d), rid, tmp)
-            data = (h if fmt == "html" else j).read_bytes()
+        path = erasure.ledger_path(d)
+        view = ledger_view(path)
+        # what write_certificate writes, with the chain check of the ledger view (a full re-hash of
+        # the ledger per download made this page slow); test_console checks the two agree
+        s_ = summarise(entries)
+        if fmt == "html":
+            data = render_html(s_, view.ok, view.problems, str(path)).encode()
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_json(Path(tmp) / "c.json", {"certificate": s_, "ledger": str(path), "chain_intact": view.ok,
+                                                  "chain_problems": view.problems, "entries": entries})
+                data = (Path(tmp) / "c.json").read_bytes()
         resp = Response(data, media_type="text/html" if fmt == "html" else "application/json",
                         headers={"content-disposition": f'attachment; filename="{rid}.{fmt}"'})
         return _secure_headers(resp, DOC_CSP)
 
     def ledger_page(ctx: Ctx) -> Response:
-        from privseg.audit.ledger import ErasureLedger
+        from privseg.console.cache import ledger_view
 
         d, s = c.run_for(ctx, ctx.param("run"))
         path = erasure.ledger_path(d)
         if not path.exists():
             return c.page(ctx, "ledger.html", run=s, exists=False)
-        ledger = ErasureLedger(path, create=False)
-        t0 = time.perf_counter()
-        ok, problems = ledger.verify()
-        took = time.perf_counter() - t0
-        entries = ledger.entries()
-        if ctx.user.site is not None:  # the site's requests, from the rows already read
-            mine = {e["request"] for e in entries
-                    if e["event"] == "requested" and e["body"].get("site") == ctx.user.site}
-            entries = [e for e in entries if e["request"] in mine]
-            problems = [f"{len(problems)} problem(s) found; the privacy officer sees the details"] if problems else []
         try:
-            page_no = max(1, int(ctx.request.query_params.get("page", "1")))
-        except ValueError:
-            page_no = 1
-        entries.reverse()
-        pages = max(1, -(-len(entries) // LEDGER_PAGE))
-        shown = entries[(page_no - 1) * LEDGER_PAGE: page_no * LEDGER_PAGE]
-        return c.page(ctx, "ledger.html", run=s, exists=True, ok=ok, problems=problems, took=took,
-                      n=len(entries), shown=shown, page=min(page_no, pages), pages=pages, head=ledger.head,
-                      json=lambda b: json.dumps(b, sort_keys=True)[:300])
+            view = ledger_view(path)
+        except sqlite3.DatabaseError as exc:
+            return c.page(ctx, "ledger.html", run=s, exists=True, ok=False, checked=0, new=0, took=0.0,
+                          problems=[f"unreadable ({exc})" if ctx.user.site is None else "the ledger is unreadable"],
+                          head="", n=0, shown=[], page=1, pages=1)
+        problems = view.problems
+        seqs = view.all_seqs
+        if ctx.user.site is not None:  # the site's requests only
+            seqs = view.seqs_of_site(ctx.user.site)
+            problems = [f"{len(problems)} problem(s) found; the privacy officer sees the details"] if problems else []
+        p = paged(ctx, seqs[::-1])  # newest first
+        return c.page(ctx, "ledger.html", run=s, exists=True, ok=view.ok, problems=problems, took=view.check_s,
+                      checked=view.n, new=view.checked_new, head=view.head,
+                      **{**p, "shown": view.rows(p["shown"])})
 
     async def static(request: Request) -> Response:
         name = request.path_params["name"]
@@ -506,6 +531,11 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
                                             "</p><p><a href='/runs'>Runs</a></p>", status_code=exc.status_code))
 
     def startup() -> None:
+        import threading
+
+        from privseg.console.cache import warm
+
+        threading.Thread(target=warm, args=(c.root,), name="console-warm", daemon=True).start()
         if c.runner is not None:
             c.runner.start()
 

@@ -39,35 +39,54 @@ def _request(kind: str, site: str, subjects: list[str], reason: str = "", reques
                           repair_rounds=int(s.get("repair_rounds", 1)), thresholds=s.get("thresholds") or {})
 
 
+def expand(run_dir: Path, kind: str, site: str, subjects: list[str]) -> list[str]:
+    """The scans a request erases: every scan of each named patient (a scan ID or a patient ID)
+    at the site, as the erasure itself expands it; names it does not know are kept (refused by
+    :func:`check_new`)."""
+    from privseg.federated.config import FLConfig
+    from privseg.unlearn.federated import whole_patients
+
+    return list(whole_patients(FLConfig.load(run_dir), _request(kind, site, subjects)).subjects)
+
+
 def request_id(run_dir: Path, kind: str, site: str, subjects: list[str]) -> str:
-    """The ledger's ID of this request (the same (run, kind, site, subjects), the same ID)."""
+    """The ledger's ID of this request (the same (run, kind, site, patients), the same ID: the
+    scans are expanded to whole patients first, as the erasure does)."""
     from privseg.federated.config import FLConfig
 
-    return _request(kind, site, subjects).request_id(FLConfig.load(run_dir).name)
+    scans = expand(run_dir, kind, site, subjects)
+    return _request(kind, site, scans).request_id(FLConfig.load(run_dir).name)
+
+
+def _training_scans(run_dir: Path, site: str) -> list[tuple]:
+    """(subject, erased_by) of each training scan of the site; ``erased_by``: the request ID of
+    its erasure, "excluded", or None."""
+    from privseg.console import cache
+    from privseg.federated.config import FLConfig
+
+    spec = FLConfig.load(run_dir).site(site)
+    path = ledger_path(run_dir)
+    erased = cache.ledger_view(path).erased_subjects(site) if path.exists() else {}
+    return [(s, erased.get(s.id) or ("excluded" if s.id in spec.exclude else None))
+            for s in cache.cohort(spec.cohort).select("train", spec.cohort_site)]
 
 
 def patients(run_dir: Path, site: str) -> list[dict]:
-    """The site's training patients: ``{"id", "erased_by"}`` (``erased_by``: request ID or None)."""
-    from privseg.audit.ledger import ErasureLedger
-    from privseg.federated.config import FLConfig
-    from privseg.federated.sites import read_site_cohort
-
-    cfg = FLConfig.load(run_dir)
-    spec = cfg.site(site)
-    cohort = read_site_cohort(spec.cohort)
-    path = ledger_path(run_dir)
-    erased = ErasureLedger(path).erased_subjects(site) if path.exists() else {}
-    out = []
-    for s in cohort.select("train", spec.cohort_site):
-        by = erased.get(s.id) or ("excluded" if s.id in spec.exclude else None)
-        out.append({"id": s.id, "erased_by": by})
-    return out
+    """The site's training patients, each with its scans: ``{"id", "scans": [{"id", "erased_by"}],
+    "erased_by"}`` (``erased_by``: of the patient's first erased scan, or None)."""
+    out: dict[str, dict] = {}
+    for s, by in _training_scans(run_dir, site):
+        p = out.setdefault(s.patient_id, {"id": s.patient_id, "scans": [], "erased_by": None})
+        p["scans"].append({"id": s.id, "erased_by": by})
+        p["erased_by"] = p["erased_by"] or by
+    return list(out.values())
 
 
 def check_new(run_dir: Path, kind: str, site: str, subjects: list[str]) -> None:
     """Refuse, with a clear message, a request the erasure would refuse (before anything is
-    written): unknown or erased site, a patient who is unknown, not a training patient of that
-    site, or already erased, or every training patient of the site."""
+    written): unknown or erased site; a name (scan or patient ID) that is unknown or not a
+    training patient of that site; a patient already (partly) erased; or every remaining training
+    patient of the site."""
     from privseg.federated.config import FLConfig
 
     cfg = FLConfig.load(run_dir)
@@ -81,12 +100,16 @@ def check_new(run_dir: Path, kind: str, site: str, subjects: list[str]) -> None:
             raise ConfigError(f"site {site} is the only site of the run: nothing would remain")
         return
     known = {p["id"]: p for p in patients(run_dir, site)}
+    patient_of = {scan["id"]: p for p in known.values() for scan in p["scans"]}
+    named = set()
     for s in subjects:
-        if s not in known:
+        p = patient_of.get(s) or known.get(s)
+        if p is None:
             raise ConfigError(f"patient {s!r} is not a training patient of site {site}")
-        if known[s]["erased_by"]:
-            raise ConfigError(f"patient {s} was already erased at site {site} ({known[s]['erased_by']})")
-    if not {k for k, p in known.items() if not p["erased_by"]} - set(subjects):
+        if p["erased_by"]:
+            raise ConfigError(f"patient {s} was already erased at site {site} ({p['erased_by']})")
+        named.add(p["id"])
+    if not {k for k, p in known.items() if not p["erased_by"]} - named:
         raise ConfigError(f"the request names every remaining training patient of site {site}: "
                           "erase the site instead")
 

@@ -55,6 +55,13 @@ def can_see_run(user: User, cfg: dict) -> bool:
 
 
 def summary(d: Path) -> dict:
+    """The run's summary (shared, read-only: pages must not modify it), re-read when its files change."""
+    from privseg.console.cache import run_summary
+
+    return run_summary(d, _summary)
+
+
+def _summary(d: Path) -> dict:
     cfg, st = _json(d / "fl_config.json"), _json(d / "state.json")
     sites, withdrawn = run_sites(cfg)
     dice = None
@@ -106,8 +113,9 @@ def rounds_view(s: dict, user: User) -> tuple[list[dict], dict[str, list[tuple[i
 
 def budgets(d: Path, s: dict, user: User) -> list[dict]:
     """Per visible site: ε budget, spent, δ, ε after each booked round, refused rounds, warning."""
+    from privseg.console.cache import budget_status
     from privseg.errors import PrivsegError
-    from privseg.privacy.budget import BudgetLedger, find_ledgers
+    from privseg.privacy.budget import find_ledgers
 
     try:
         paths = find_ledgers(d)
@@ -127,15 +135,14 @@ def budgets(d: Path, s: dict, user: User) -> list[dict]:
     out = []
     for path in paths:
         try:
-            ledger = BudgetLedger(path)
-            for row in ledger.status():
-                if not user.sees_site(row["site"]):
-                    continue
-                share = row["epsilon_spent"] / row["epsilon_budget"] if row["epsilon_budget"] else 1.0
-                out.append({**row, "rounds_booked": [(r["round"], r["epsilon"]) for r in ledger.rounds(row["site"])],
-                            "refused": refusals.get(row["site"], []), "share": share,
-                            "warning": "budget exhausted" if share >= 1 - 1e-9 else (
-                                f"{share:.0%} of the budget spent" if share >= BUDGET_WARN else None)})
+            rows = budget_status(path)  # exact ε (the accountant over every event), once per ledger change
         except PrivsegError:
             continue
+        for row in rows:
+            if not user.sees_site(row["site"]):
+                continue
+            share = row["epsilon_spent"] / row["epsilon_budget"] if row["epsilon_budget"] else 1.0
+            out.append({**row, "refused": refusals.get(row["site"], []), "share": share,
+                        "warning": "budget exhausted" if share >= 1 - 1e-9 else (
+                            f"{share:.0%} of the budget spent" if share >= BUDGET_WARN else None)})
     return sorted(out, key=lambda r: r["site"])
