@@ -156,7 +156,8 @@ def test_file_approve_erase_certificate_and_site_isolation_in_chromium(server, t
             c = cert["certificate"]
             assert cert["chain_intact"] and c["status"] == "COMPLETED" and c["request"] == rid
             assert c["subjects"] == [patient] and c["site"] == "H2" and c["reason"] == "GDPR art. 17 <b>request</b>"
-            assert "h2 (site H2)" in c["requested_by"] and "approved by dpo (officer)" in c["requested_by"]
+            assert c["requested_by"] == "h2 (site H2)" and c["approved_by"] == "dpo (officer)"
+            assert "<th>Approved by</th><td>dpo (officer)</td>" in cert_html
             assert [e["event"] for e in c["events"]] == ["requested", "local_unlearned", "repaired", "verified",
                                                          "completed"]
             assert rid in cert_html and "COMPLETED" in cert_html and "<script" not in cert_html

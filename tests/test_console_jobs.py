@@ -76,6 +76,9 @@ def test_restart_during_a_job_resumes_from_the_ledger_and_applies_nothing_twice(
     assert events[:len([e for e in killed_at if e != "failed"])] == [e for e in killed_at if e != "failed"]
     assert RunState.load(root / "fed").rounds_done == rounds_before + 1  # one repair round, not two
     assert cert["chain_intact"] and cert["certificate"]["status"] == "COMPLETED"
-    who = cert["certificate"]["requested_by"]
-    assert "h2 (site H2)" in who and "approved by dpo (officer)" in who
+    # requester and approver, each authenticated, each in its own field of the ledger's request
+    assert cert["certificate"]["requested_by"] == "h2 (site H2)"
+    assert cert["certificate"]["approved_by"] == "dpo (officer)"
+    requested = next(e for e in cert["entries"] if e["event"] == "requested")["body"]
+    assert (requested["requested_by"], requested["approved_by"]) == ("h2 (site H2)", "dpo (officer)")
     assert ErasureLedger(ledger_file).verify() == (True, [])

@@ -113,7 +113,8 @@ def summarise(entries: list[dict]) -> dict:
     return {
         "request": entries[0]["request"], "status": status, "run": req.get("run"), "kind": req.get("kind"),
         "site": req.get("site"), "subjects": req.get("subjects", []), "reason": req.get("reason"),
-        "requested_by": req.get("requested_by"), "requested_at": by["requested"]["at"],
+        "requested_by": req.get("requested_by"), "approved_by": req.get("approved_by") or None,  # None: not recorded
+        "requested_at": by["requested"]["at"],
         "completed_at": by["completed"]["at"] if done else None, "method": ran.get("strategy") or req.get("method"),
         "settings": settings,
         "source_model": req.get("source"), "work": work["body"] if work else None,
@@ -135,7 +136,9 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
              "<h2>Request</h2><table>",
              _rows([("Request ID", s["request"]), ("Kind", s["kind"]), ("Site", s["site"]),
                     ("Subjects", s["subjects"] or "all of the site"), ("Reason", s["reason"]),
-                    ("Requested by", s["requested_by"]), ("Recorded at (UTC)", s["requested_at"]),
+                    ("Requested by", s["requested_by"]),
+                    ("Approved by", s.get("approved_by") or "not recorded in the ledger"),
+                    ("Recorded at (UTC)", s["requested_at"]),
                     ("Completed at (UTC)", s["completed_at"] or "not completed")]),
              "</table><h2>Model and method</h2><table>"]
     src = s["source_model"] or {}

@@ -30,12 +30,12 @@ def default_thresholds() -> dict:
 
 
 def _request(kind: str, site: str, subjects: list[str], reason: str = "", requested_by: str = "",
-             settings: dict | None = None):
+             settings: dict | None = None, approved_by: str = ""):
     from privseg.unlearn.federated import ErasureRequest
 
     s = settings or {}
     return ErasureRequest(kind=kind, site=site, subjects=tuple(subjects), reason=reason, requested_by=requested_by,
-                          method=s.get("method") or None, epochs=s.get("epochs"),
+                          approved_by=approved_by, method=s.get("method") or None, epochs=s.get("epochs"),
                           repair_rounds=int(s.get("repair_rounds", 1)), thresholds=s.get("thresholds") or {})
 
 
@@ -156,6 +156,6 @@ def apply(run_dir: Path, rec: dict, on_stage: Callable[[str, str], None]):
     ledger). The requester and the approver are written into the ledger's ``requested`` entry."""
     from privseg.unlearn.federated import erase
 
-    who = f"{rec['filed_by']}; approved by {rec['decided_by']}"
-    req = _request(rec["kind"], rec["site"], rec["subjects"], rec["reason"], who, rec["settings"])
+    req = _request(rec["kind"], rec["site"], rec["subjects"], rec["reason"], rec["filed_by"], rec["settings"],
+                   approved_by=rec["decided_by"] or "")
     return erase(run_dir, req, on_stage=on_stage)

@@ -77,6 +77,7 @@ class ErasureRequest:
     subjects: tuple[str, ...] = ()
     reason: str = ""
     requested_by: str = ""
+    approved_by: str = ""  # who approved it (the console's officer); not part of the request ID
     method: str | None = None
     params: dict = field(default_factory=dict)
     target: str = "unseen"
