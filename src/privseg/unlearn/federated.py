@@ -102,7 +102,7 @@ class ErasureRequest:
         if self.method is None:
             self.method = "scrub" if self.kind == "patient" else "federaser"
         if self.kind == "site" and self.method not in SITE_ERASERS:
-            raise ConfigError(f"--method {self.method!r}: a site erasure uses {' or '.join(SITE_ERASERS)}")
+            raise ConfigError(f"--method {self.method!r}: a site erasure uses {' or '.join(sorted(SITE_ERASERS))}")
         if self.kind == "patient":
             from privseg.unlearn.strategies import get_strategy
 
