@@ -120,10 +120,13 @@ def progress(description: str, total: int, quiet: bool = False) -> Iterator[Call
             bar.stop()
 
 
+TEXT_COLUMNS = ("subject", "site", "split", "class", "strategy", "metric")
+
+
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c, justify="right" if c not in ("subject", "site", "split", "class", "strategy", "metric") else "left")
+        t.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
     for r in rows:
         t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
     return t
