@@ -91,7 +91,9 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     n_before = len(list(cells_dir.glob("*.json")))
     assert 2 <= n_before < 6, "the kill must land mid-run"
     partial = json.loads((killed / "results" / "tiny.json").read_text())
-    assert not partial["complete"] and partial["cells_done"] == n_before and partial["eta_s"] > 0
+    # a kill between a cell's file and the merge after it leaves the table one cell behind (the cell
+    # itself is kept and merged by the next run)
+    assert not partial["complete"] and partial["cells_done"] in (n_before - 1, n_before) and partial["eta_s"] > 0
     assert "PARTIAL" in (killed / "results" / "tiny.md").read_text()
 
     r = _run(slow, killed)  # --resume is the default
