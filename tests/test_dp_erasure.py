@@ -12,7 +12,7 @@ from conftest import make_tiny_cohort
 from privseg.audit.certificate import summarise
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.errors import BudgetExceededError
+from privseg.errors import BudgetExceededError, ConfigError
 from privseg.federated import FLConfig, check_sites, sites_from_cohort
 from privseg.federated.simulation import simulate_inprocess
 from privseg.privacy import BudgetLedger, DPConfig
@@ -64,6 +64,9 @@ def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
     patient = cohort.select("train", "H1")[0].id
     ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
     rows_before = ledger.rounds("H1")
+    with pytest.raises(ConfigError, match="unknown"):  # a bad request: refused before the ledger file exists
+        erase(run, ErasureRequest(kind="patient", site="H1", subjects=("NOPE",), thresholds=LOOSE))
+    assert not (run / LEDGER).exists()
     with pytest.raises(BudgetExceededError, match="refused before any training") as info:
         erase(run, ErasureRequest(kind="patient", site="H1", subjects=(patient,), thresholds=LOOSE))
     assert "needs epsilon" in str(info.value) and "left" in str(info.value) and "budget" in str(info.value)

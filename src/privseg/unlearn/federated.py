@@ -215,6 +215,13 @@ def _validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: Erasu
         raise ConfigError(f"the request names every training subject of site {req.site}: erase the site instead")
 
 
+class _NoErasuresYet:
+    """Stands in for the ledger of a run that has none: nothing erased yet."""
+
+    def erased_subjects(self, site: str) -> dict:
+        return {}
+
+
 def whole_patients(cfg: FLConfig, req: ErasureRequest) -> ErasureRequest:
     """The unit is the patient: a request naming one scan (or a patient ID) erases every scan of
     that patient at the site. Unknown names are left for :func:`_validate` to refuse."""
@@ -245,6 +252,8 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     cfg = FLConfig.load(run_dir)
     request = whole_patients(cfg, request)
     rid = request.request_id(cfg.name)
+    if not (run_dir / LEDGER).exists():  # a bad first request is refused before the ledger file exists
+        _validate(cfg, RunState.load(run_dir), request, _NoErasuresYet())
     if not (run_dir / LEDGER).exists() or not ErasureLedger(run_dir / LEDGER).entries(rid):
         _check_dp_budget(run_dir, cfg, request)  # a new request: refused before any file or compute
     ledger = ErasureLedger(run_dir / LEDGER)
