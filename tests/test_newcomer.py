@@ -331,3 +331,33 @@ def test_unlearn_runs_the_retrained_model_once_per_subject(tiny, tmp_path, monke
     done = [d for d, _ in seen]
     assert done[0] == 0 and done[-1] == seen[-1][1] and done == sorted(done)  # from 0 to the total, never back
     assert torch.isfinite(torch.tensor(res.report["mia_auc"]["retrain"]))
+
+
+def test_fl_run_pins_splits_from_a_file_and_writes_them_at_each_site(tiny_cohort, tmp_path, capsys):
+    import csv
+
+    from privseg.cli import main
+
+    rows = []
+    for site in tiny_cohort.sites:
+        subs = [s for s in tiny_cohort.subjects if s.site == site]
+        for k, s in enumerate(subs):  # the first subject of each site goes to test, the rest to train
+            rows.append([s.id, site, "test" if k == 0 else "train"])
+    pinned = tmp_path / "pinned.csv"
+    with open(pinned, "w", newline="") as f:
+        csv.writer(f).writerows([["id", "site", "split"], *rows])
+    args = ["fl", "run", "--cohort", str(tiny_cohort.root), "--runs", str(tmp_path / "runs"), "--name", "pin",
+            "--model", "unet_tiny", "--patch", "16", "--rounds", "1", "--local-steps", "1", "--in-process",
+            "--eval-every", "0", "--quiet", "--splits", str(pinned)]
+    assert main(args) == 0
+    for site in tiny_cohort.sites:
+        with open(tmp_path / "runs" / "pin" / "sites" / site / "splits.csv") as f:
+            written = {r["id"]: r["split"] for r in csv.DictReader(f)}
+        assert written == {r[0]: r[2] for r in rows if r[1] == site}
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as f:
+        csv.writer(f).writerows([["id", "site", "split"], *rows[1:]])  # one subject missing
+    capsys.readouterr()
+    assert main([*args[:-1], str(bad), "--name", "pin2"]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "pin2").exists()

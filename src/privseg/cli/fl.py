@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from privseg.cli import privacy as P
+from privseg.cli.cohorts import SPLITS
 from privseg.cli.ui import console, out, progress, table
 from privseg.federated.strategies import FL_STRATEGIES
 
@@ -29,7 +30,7 @@ def _config(opts: dict, round_timeout: float):
         target_quantile=opts["target_quantile"], noise_schedule=opts["noise_schedule"],
         site_budget=opts["site_budget"], config_file=opts["dp_config"], allow_large_delta=opts["allow_large_delta"],
         method=opts["dp_method"])
-    sites = federation_sites(opts["cohort"], opts["site"], opts["sites_root"], opts["only_site"])
+    sites = federation_sites(opts["cohort"], opts["site"], opts["sites_root"], opts["only_site"], opts["splits"])
     keys = ("name", "rounds", "strategy", "local_steps", "model", "norm", "patch", "subjects_per_step",
             "patches_per_subject", "lr", "seed", "mu", "min_sites", "fraction", "eval_every", "keep_updates", "device")
     return build_fl_config(sites=sites, round_timeout=round_timeout, dp=dp, **{k: opts[k] for k in keys})
@@ -136,7 +137,7 @@ def run(
     dp: str = P._FL_DP, epsilon: float = P._EPS, delta: float = P._DELTA, clip: str = P._CLIP,
     clip_norm: float = P._CLIP_NORM, target_quantile: float = P._QUANTILE, noise_schedule: str = P._SCHEDULE,
     site_budget: list[str] = P._SITE_BUDGET, dp_config: Path = P._RUN_CONFIG, allow_large_delta: bool = P._LARGE_DELTA,
-    dp_method: str = P._METHOD,
+    dp_method: str = P._METHOD, splits: Path = SPLITS,
     in_process: bool = typer.Option(False, help="Run the sites in this process, without Ray (debugging, small runs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -176,7 +177,7 @@ def deploy(
     dp: str = P._FL_DP, epsilon: float = P._EPS, delta: float = P._DELTA, clip: str = P._CLIP,
     clip_norm: float = P._CLIP_NORM, target_quantile: float = P._QUANTILE, noise_schedule: str = P._SCHEDULE,
     site_budget: list[str] = P._SITE_BUDGET, dp_config: Path = P._RUN_CONFIG, allow_large_delta: bool = P._LARGE_DELTA,
-    dp_method: str = P._METHOD,
+    dp_method: str = P._METHOD, splits: Path = SPLITS,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them.

@@ -4,6 +4,7 @@ benchmarks, the demo and the tests, so the same options always make the same run
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from privseg.errors import ConfigError
@@ -15,9 +16,18 @@ from privseg.utils import check_id
 
 
 def federation_sites(cohort: str | Path | None = None, site: Sequence[str] | None = None,
-                     sites_root: str | Path | None = None, only_site: Sequence[str] | None = None) -> list[SiteSpec]:
+                     sites_root: str | Path | None = None, only_site: Sequence[str] | None = None,
+                     splits: str | Path | None = None) -> list[SiteSpec]:
     """The sites from exactly one of: a multi-site cohort (optionally ``only_site``), ``ID=FOLDER``
-    items, or a folder with one sub-folder per site."""
+    items, or a folder with one sub-folder per site; ``splits`` pins every site's splits from one
+    file (rows keyed by site ID and subject, as ``splits.csv`` beside a run has them)."""
+    sites = _sites(cohort, site, sites_root, only_site)
+    if splits:
+        sites = [replace(s, splits=str(Path(splits).resolve())) for s in sites]
+    return sites
+
+
+def _sites(cohort, site, sites_root, only_site) -> list[SiteSpec]:
     given = [x for x in (cohort, site, sites_root) if x]
     if len(given) != 1:
         raise ConfigError("give exactly one of --cohort, --site (repeatable) or --sites-root")

@@ -56,7 +56,8 @@ def resolve_site(context: Context, sites: Sequence[SiteSpec] | None, state_root:
     if "site" in nc and "cohort" in nc:
         spec = SiteSpec(id=str(nc["site"]), cohort=str(nc["cohort"]),
                         cohort_site=str(nc.get("cohort-site", "")) or None,
-                        exclude=tuple(i for i in str(nc.get("exclude", "")).split(",") if i))
+                        exclude=tuple(i for i in str(nc.get("exclude", "")).split(",") if i),
+                        splits=str(nc.get("splits", "")) or None)
     elif sites is not None and "partition-id" in nc:
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(sites):

@@ -364,7 +364,8 @@ def _node_config(site, state_dir: Path) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return " ".join([f"site={q(site.id)}", f"cohort={q(site.cohort)}", f"cohort-site={q(site.cohort_site or '')}",
-                     f"state-dir={q(state_dir)}", f"exclude={q(','.join(site.exclude))}"])  # erased subjects
+                     f"state-dir={q(state_dir)}", f"exclude={q(','.join(site.exclude))}",  # erased subjects
+                     f"splits={q(site.splits or '')}"])
 
 
 def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], None] | None = None,

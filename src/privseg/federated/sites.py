@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from privseg.data.cohort import Cohort, Subject
+from privseg.data.cohort import Cohort, Subject, apply_splits, read_splits
 from privseg.errors import ConfigError, DataError
 from privseg.utils import check_id
 
@@ -28,12 +28,14 @@ from privseg.utils import check_id
 class SiteSpec:
     """One site: its ID in the federation, the cohort holding its data, the site name
     inside that cohort (``None``: every subject of the cohort belongs to this site), and the
-    subjects erased at this site (``exclude``: never used again for training or evaluation)."""
+    subjects erased at this site (``exclude``: never used again for training or evaluation), and
+    a split file pinning its subjects' splits (``splits``: ``splits_final.json`` shape or CSV)."""
 
     id: str
     cohort: str
     cohort_site: str | None = None
     exclude: tuple[str, ...] = ()
+    splits: str | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id, "site ID")
@@ -48,7 +50,7 @@ class SiteSpec:
     def from_dict(cls, d: dict) -> SiteSpec:
         try:
             return cls(id=d["id"], cohort=d["cohort"], cohort_site=d.get("cohort_site"),
-                       exclude=tuple(d.get("exclude") or ()))
+                       exclude=tuple(d.get("exclude") or ()), splits=d.get("splits") or None)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed site entry {d!r} ({exc})") from None
 
@@ -60,12 +62,27 @@ def read_site_cohort(cohort_path: str | Path) -> Cohort:
 
 
 def site_subjects(cohort: Cohort, spec: SiteSpec, split: str | None = None) -> list[Subject]:
-    """The site's subjects of one split (all splits with ``None``), erased subjects left out."""
+    """The site's subjects of one split (all splits with ``None``), erased subjects left out; with
+    ``spec.splits``, the splits are the ones the file pins (every subject of the site in it)."""
     if spec.cohort_site is not None and spec.cohort_site not in cohort.sites:
         raise ConfigError(f"site {spec.id}: cohort {spec.cohort} has no site {spec.cohort_site!r} "
                           f"(sites: {', '.join(cohort.sites) or 'none'})")
+    subjects = cohort.select(None, spec.cohort_site)
+    if spec.splits:
+        subjects = apply_splits(cohort.with_subjects(subjects), _pinned(spec.splits), site=spec.id).subjects
     erased = set(spec.exclude)
-    return [s for s in cohort.select(split, spec.cohort_site) if s.id not in erased]
+    return [s for s in subjects if (split is None or s.split == split) and s.id not in erased]
+
+
+def _pinned(path: str):
+    """A split file, read once per process (per path and modification time)."""
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime if Path(path).exists() else None)
+    if key not in _PINNED:
+        _PINNED[key] = read_splits(path)
+    return _PINNED[key]
+
+
+_PINNED: dict = {}
 
 
 def sites_from_cohort(cohort_path: str | Path, only: Sequence[str] | None = None) -> list[SiteSpec]:
