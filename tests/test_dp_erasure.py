@@ -77,6 +77,10 @@ def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
     assert cli_main(["privacy", "budget", str(run), "--site", "H2", "--epsilon", "40"]) == 0
     assert cli_main(["privacy", "budget", str(run), "--site", "H1", "--epsilon", "1"]) == 2  # below what is spent
     capsys.readouterr()
-    res = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(patient,), thresholds=LOOSE))
-    assert res.status == "completed"
+    assert cli_main(["erase", "--run", str(run), "--site", "H1", "--subject", patient, "--reason", "GDPR art. 17",
+                     "--requested-by", "h1 lead", "--approved-by", "dpo", "--max-mia-auc", "1",
+                     "--min-retain-dice-ratio", "0", "--min-test-dice-ratio", "0", "--quiet"]) == 0
+    entries = ErasureLedger(run / LEDGER).entries()
+    s = summarise([e for e in entries if e["request"] == entries[-1]["request"]])
+    assert s["status"] == "COMPLETED" and s["approved_by"] == "dpo" and s["requested_by"] == "h1 lead"
     assert ledger.spent("H1") <= 40.0

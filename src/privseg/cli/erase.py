@@ -40,6 +40,8 @@ def erase(
     whole_site: bool = typer.Option(False, "--whole-site", help="Erase the whole site (it leaves the federation)."),
     reason: str = typer.Option("", help="Why, for the ledger (e.g. 'GDPR art. 17')."),
     requested_by: str = typer.Option("", help="Who asked, for the ledger."),
+    approved_by: str = typer.Option("", help="Who approved the request (e.g. the data-protection officer), "
+                                    "for the ledger and the certificate."),
     method: str = typer.Option(None, help="Patient: an unlearning strategy (default scrub). "
                                "Site: federaser (default) or retrain."),
     param: list[str] = typer.Option(None, help="Strategy hyper-parameter KEY=VALUE (repeatable)."),
@@ -81,7 +83,8 @@ def erase(
     run_dir = _run_dir(run)
     subjects = tuple(x for s in (subject or []) for x in s.split(",") if x.strip())
     req = ErasureRequest(kind="site" if whole_site else "patient", site=site, subjects=subjects, reason=reason,
-                         requested_by=requested_by, method=method, params=parse_params(param), target=target,
+                         requested_by=requested_by, approved_by=approved_by, method=method,
+                         params=parse_params(param), target=target,
                          epochs=epochs, repair_rounds=repair_rounds, calibration_ratio=calibration_ratio,
                          calibration_interval=calibration_interval,
                          thresholds=_threshold_args(max_mia_auc, min_retain_dice_ratio, min_test_dice_ratio),
