@@ -42,7 +42,7 @@ def _synthetic(seed: int, n: int = 2000, refs: int = 4, gain: float = 0.25):
     ids = [f"P{i}" for i in range(n)]
     difficulty = rng.normal(0, 1, n)
     saw = [set() for _ in range(refs)]
-    for i, p in enumerate(ids[: n // 2]):  # the first half is the references' training pool
+    for p in ids[: n // 2]:  # the first half is the references' training pool
         for j in range(refs // 2):
             saw[2 * j + int(rng.integers(2))].add(p)
     ref_scores = [{p: difficulty[i] + rng.normal(0, 0.3) + (1.0 if p in saw[k] else 0.0)

@@ -71,8 +71,9 @@ def membership_statements(ver: dict) -> dict:
     for r in chk["subjects"]:
         if r["flagged_before"]:
             verdict = "PASS" if r["indistinguishable_after"] else "FAIL"
+            after = "indistinguishable from" if r["indistinguishable_after"] else "still distinguishable from"
             text = (f"patient {r['id']}: model before the erasure flagged (p = {r['p_before']:.4f} < {alpha}); "
-                    f"erased model {'indistinguishable from' if r['indistinguishable_after'] else 'still distinguishable from'}"
+                    f"erased model {after}"
                     f" the {r['n_out']} reference models that never saw the patient (p = {r['p_after']:.4f}"
                     f"{' >= ' if r['indistinguishable_after'] else ' < '}{alpha})")
         else:

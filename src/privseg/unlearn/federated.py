@@ -230,9 +230,10 @@ def whole_patients(cfg: FLConfig, req: ErasureRequest) -> ErasureRequest:
     spec = cfg.site(req.site)
     subjects = site_subjects(read_site_cohort(spec.cohort), replace(spec, exclude=()))
     patient_of = {s.id: s.patient_id for s in subjects}
+    patients = set(patient_of.values())
     wanted = {patient_of.get(x, x) for x in req.subjects}
     expanded = [s.id for s in subjects if s.patient_id in wanted]
-    named = [x for x in req.subjects if x not in patient_of and x not in {s.patient_id for s in subjects}]
+    named = [x for x in req.subjects if x not in patient_of and x not in patients]
     if not expanded:
         return req
     return replace(req, subjects=tuple(dict.fromkeys([*expanded, *named])))
@@ -286,9 +287,8 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     return _result(run_dir, ledger, rid, status)
 
 
-def _dp_steps(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> dict[str, int]:
+def _dp_steps(cfg: FLConfig, state: RunState, req: ErasureRequest) -> dict[str, int]:
     """The DP steps each site would take for ``req`` (what the budgets must pay for)."""
-    state = RunState.load(run_dir)
     if req.kind == "patient":
         steps = {s.id: req.repair_rounds * cfg.local_steps for s in cfg.sites}
         steps[req.site] += _local_dp_steps(cfg, req)
@@ -304,8 +304,11 @@ def _local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
 def _check_dp_budget(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> None:
     from privseg.unlearn.private import dp_of, require_budget
 
-    if dp_of(cfg) is not None and RunState.load(run_dir).rounds_done >= 1:
-        require_budget(run_dir, cfg, _dp_steps(run_dir, cfg, req), f"erasure of {req.kind} at site {req.site}")
+    if dp_of(cfg) is None:
+        return
+    state = RunState.load(run_dir)
+    if state.rounds_done >= 1:
+        require_budget(run_dir, cfg, _dp_steps(cfg, state, req), f"erasure of {req.kind} at site {req.site}")
 
 
 def _result(run_dir: Path, ledger: ErasureLedger, rid: str, status: str) -> ErasureResult:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from privseg.errors import BudgetExceededError
 from privseg.federated.config import FLConfig
-from privseg.privacy import DPConfig, NoiseSource, PrivateSite, patient_groups, site_plan
+from privseg.privacy import DPConfig, NoiseSource, make_private, patient_groups, site_plan
 from privseg.privacy.accountant import StepEvent, epsilon
 from privseg.privacy.budget import BudgetLedger
-from privseg.privacy.site import engine_for
 
 
 def dp_of(cfg: FLConfig) -> DPConfig | None:
@@ -82,18 +81,16 @@ def dp_local_finetune(run_dir: Path, cfg: FLConfig, site: str, exclude: tuple[st
     spec = replace(cfg.site(site), exclude=tuple(dict.fromkeys((*cfg.site(site).exclude, *exclude))))
     tc = cfg.train
     items = site_items(spec, "train", tc.spacing)
-    ledger = site_ledger(run_dir, site)
-    plan = site_plan(ledger, site, len(patient_groups(items)))
     noise = (NoiseSource.reproducible(tc.seed + site_seed(site) + 7919) if dp.reproducible_noise
              else NoiseSource.for_state_dir(out_dir))  # fresh key: never the noise of a released round
-    engine = engine_for(plan, dp.for_site(site), noise, start=0, subjects_per_step=tc.subjects_per_step)
-    session = PrivateSite(ledger, plan, engine, scope=scope)
+    # the site's original plan (a site with a plan keeps it), booked under the erasure's scope
+    private = make_private(replace(dp, ledger_scope=scope), site=site, items=items, ledger=site_ledger(run_dir, site),
+                           noise=noise, subjects_per_step=tc.subjects_per_step, total_steps=tc.steps)
     model = tc.build_model().to(pick_device(tc.device))
     model.load_state_dict(load_checkpoint(source)["model"])
-    optimizer = make_optimizer(model, tc)
-    session.check(1, 0, steps)
-    engine.train_steps(model, optimizer, items, replace(tc, seed=tc.seed + site_seed(site)), 0, steps)
-    eps = session.commit(1, 0, steps)
+    private.train_round(model, make_optimizer(model, tc), items, replace(tc, seed=tc.seed + site_seed(site)),
+                        1, 0, steps)
+    eps = private.epsilon
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "unlearned.pt"
     save_checkpoint(ckpt, model, config=tc.to_dict(), step=steps,
