@@ -7,6 +7,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privseg.errors import ConfigError
+from privseg.errors import CheckpointError, ConfigError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -103,6 +104,21 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def load_weights_only(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load`` with ``weights_only=True``; any failure is a :class:`CheckpointError`
+    naming the file, and pickled objects are refused rather than executed (checkpoints, stored
+    updates, MedicalNet weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except Exception as exc:  # weights_only refuses pickled objects with UnpicklingError
+        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def versions() -> dict[str, str]:

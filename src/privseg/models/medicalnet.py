@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privseg.errors import CheckpointError, ConfigError
+from privseg.utils import load_weights_only
 
 NORMS = ("batch", "group", "instance")
 UPSAMPLES = ("transpose", "trilinear")
@@ -284,8 +285,6 @@ def load_medicalnet_weights(model: nn.Module, path: str | os.PathLike) -> dict[s
     missing, unreadable, not a state dict, or fits none of the model's tensors.
     """
     path = Path(path)
-    from privseg.train.checkpoint import load_weights_only  # late: train imports models
-
     payload = load_weights_only(path, "MedicalNet weights file")
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]

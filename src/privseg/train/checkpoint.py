@@ -7,14 +7,13 @@ weights_only=True)`` reads it and no pickle from a stranger is ever executed.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from privseg.errors import CheckpointError
-from privseg.utils import atomic_path, versions
+from privseg.utils import atomic_path, load_weights_only, versions  # load_weights_only: also read from here
 
 FORMAT = "privseg-checkpoint/1"
 
@@ -37,19 +36,6 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: 
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
-
-
-def load_weights_only(path: Path, what: str = "checkpoint") -> Any:
-    """``torch.load`` with ``weights_only=True``; any failure is a :class:`CheckpointError`
-    naming the file, and pickled objects are refused rather than executed."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
-    except Exception as exc:  # weights_only refuses pickled objects with UnpicklingError
-        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
