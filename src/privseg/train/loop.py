@@ -22,6 +22,7 @@ from privseg.errors import ConfigError
 from privseg.models import build_model
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint
 from privseg.train.losses import SegLoss
+from privseg.train.tracking import RunTracker
 from privseg.utils import pick_device, seed_everything
 
 
@@ -164,7 +165,7 @@ class Trainer:
             items = load_preprocessed(self.subjects, self.cohort, cfg.spacing)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_splits(self.cohort, self.out_dir)  # splits.csv: the split this run used, to see and to pin again
-        tracker = self._start_tracking(history)  # privseg.report: run.json, live metrics, TensorBoard
+        tracker = self._start_tracking(history)  # privseg.train.tracking: run.json, live metrics, TensorBoard
 
         def _on_step(s: int, loss: float) -> None:
             tracker.log_metrics(s, {"loss": loss})
@@ -198,8 +199,6 @@ class Trainer:
         self._tracker.write_history(history)  # metrics.jsonl, same format as before, atomically
 
     def _start_tracking(self, history: list[dict]):
-        from privseg.report.tracking import RunTracker
-
         root = self.cohort.root
         self._tracker = RunTracker(self.out_dir, kind="train")
         self._tracker.log_config(self.config.to_dict(), cohort=self.cohort.name,
