@@ -1,7 +1,10 @@
 """The privacy officer's console: a web app over the run folders, ledgers and certificates
 that the command line writes (``privseg console --runs DIR``).
 
-* :mod:`~privseg.console.app` -- pages, login, CSRF, roles (Starlette + Jinja2 templates);
+* :mod:`~privseg.console.app` -- the app (Starlette + Jinja2 templates), built from
+  :mod:`~privseg.console.web` (sessions, CSRF, roles: the guard every page goes through) and the
+  pages by concern: :mod:`~privseg.console.login_pages`, :mod:`~privseg.console.run_pages`,
+  :mod:`~privseg.console.erasure_pages`;
 * :mod:`~privseg.console.accounts` -- users (argon2 hashes), sessions, login throttling;
 * :mod:`~privseg.console.store` -- requests filed, approved or rejected, and their jobs;
 * :mod:`~privseg.console.jobs` / :mod:`~privseg.console.worker` -- approved erasures run in a

@@ -1,0 +1,82 @@
+"""The pages of runs: the list, one run's rounds, its HTML report, privacy budgets and erasure ledger.
+Each handler is ``(console, ctx) -> Response``; :func:`register_runs` binds them to their URLs."""
+
+from __future__ import annotations
+
+import sqlite3
+from functools import partial
+
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from privseg.console import erasure, runs
+from privseg.console.web import DOC_CSP, Console, Ctx, HTTPError, forbidden, paged, secure_headers
+
+
+def runs_page(c: Console, ctx: Ctx) -> Response:
+    return c.page(ctx, "runs.html", runs=runs.list_runs(c.root, ctx.user))
+
+
+def run_page(c: Console, ctx: Ctx) -> Response:
+    from privseg.console.svg import line_chart
+
+    d, s = c.run_for(ctx, ctx.param("run"))
+    rows, curves = runs.rounds_view(s, ctx.user)
+    chart = line_chart(curves, title="Dice per site after each round", ylabel="mean Dice", ymin=0.0)
+    return c.page(ctx, "run.html", run=s, rows=rows, chart=chart,
+                  report=s["has_report"] and ctx.user.site is None)
+
+
+def report_page(c: Console, ctx: Ctx) -> Response:
+    d, s = c.run_for(ctx, ctx.param("run"))
+    if ctx.user.site is not None:
+        raise forbidden()  # the report shows every site's patients
+    if not s["has_report"]:
+        raise HTTPError(404, "This run has no report.html (write one with `privseg report`).")
+    return secure_headers(FileResponse(d / "report.html", media_type="text/html"), DOC_CSP)
+
+
+def budget_page(c: Console, ctx: Ctx) -> Response:
+    from privseg.console.svg import line_chart
+
+    d, s = c.run_for(ctx, ctx.param("run"))
+    rows = runs.budgets(d, s, ctx.user)
+    charts = [line_chart({r["site"]: [(float(x), float(y)) for x, y in r["rounds_booked"]]},
+                         title=f"ε spent by site {r['site']}", ylabel="ε", hline=r["epsilon_budget"],
+                         hlabel=f"budget {r['epsilon_budget']:g}", ymin=0.0) for r in rows]
+    return c.page(ctx, "budget.html", run=s, rows=rows, charts=charts, dp=s["dp"])
+
+
+def ledger_page(c: Console, ctx: Ctx) -> Response:
+    from privseg.console.cache import ledger_view
+
+    d, s = c.run_for(ctx, ctx.param("run"))
+    path = erasure.ledger_path(d)
+    if not path.exists():
+        return c.page(ctx, "ledger.html", run=s, exists=False)
+    try:
+        view = ledger_view(path)
+    except sqlite3.DatabaseError as exc:
+        return c.page(ctx, "ledger.html", run=s, exists=True, ok=False, checked=0, new=0, took=0.0,
+                      problems=[f"unreadable ({exc})" if ctx.user.site is None else "the ledger is unreadable"],
+                      head="", n=0, shown=[], page=1, pages=1)
+    problems = view.problems
+    seqs = view.all_seqs
+    if ctx.user.site is not None:  # the site's requests only
+        seqs = view.seqs_of_site(ctx.user.site)
+        problems = [f"{len(problems)} problem(s) found; the privacy officer sees the details"] if problems else []
+    p = paged(ctx, seqs[::-1])  # newest first
+    return c.page(ctx, "ledger.html", run=s, exists=True, ok=view.ok, problems=problems, took=view.check_s,
+                  checked=view.n, new=view.checked_new, head=view.head,
+                  **{**p, "shown": view.rows(p["shown"])})
+
+
+def register_runs(c: Console) -> list[Route]:
+    """The run pages, open to every role (what a site-scoped user sees is cut to its site)."""
+    return [
+        Route("/runs", c.guard(partial(runs_page, c))),
+        Route("/runs/{run}", c.guard(partial(run_page, c))),
+        Route("/runs/{run}/report", c.guard(partial(report_page, c))),
+        Route("/runs/{run}/budget", c.guard(partial(budget_page, c))),
+        Route("/runs/{run}/ledger", c.guard(partial(ledger_page, c))),
+    ]
