@@ -683,6 +683,89 @@ def _erasure_section(b: Builder, run_dir: Path | None) -> None:
 
 
 # -- the report -------------------------------------------------------------------------------
+def _federated_curves(b: Builder, src: Source) -> str:
+    """A federated run's loss and Dice per site and round, and the table of rounds."""
+    body = ""
+    rounds = src.data.get("rounds", [])
+    loss = {}
+    dice = {}
+    overall = []
+    for e in rounds:
+        for site, m in (e.get("train") or {}).items():
+            if m.get("train-loss") is not None:
+                loss.setdefault(site, []).append((e["round"], float(m["train-loss"])))
+        ev = e.get("eval") or {}
+        for site, m in (ev.get("sites") or {}).items():
+            if m.get("mean-dice") is not None and m.get("num-examples", 1):
+                dice.setdefault(site, []).append((e["round"], float(m["mean-dice"])))
+        if (ev.get("overall") or {}).get("site-mean-dice") is not None:
+            overall.append((e["round"], float(ev["overall"]["site-mean-dice"])))
+    if loss:
+        body += b.fig("loss_per_site", F.loss_curve([], dict(sorted(loss.items())), "federated round"),
+                      "Mean local training loss of each site per round.")
+    if dice:
+        body += b.fig("dice_per_round", F.dice_per_round(dict(sorted(dice.items())), overall),
+                      "Mean foreground Dice on each site's evaluation subjects after each round.")
+        rows = [[e["round"], *[((e.get("eval") or {}).get("sites") or {}).get(s, {}).get("mean-dice")
+                               for s in sorted(dice)], len(e.get("failed") or []), e.get("applied")]
+                for e in rounds]
+        body += "<h3>Rounds</h3>" + table(["round", *[f"Dice {s}" for s in sorted(dice)], "failed sites",
+                                            "applied"], rows)
+    return body
+
+
+def _training_section(b: Builder, src: Source, ckpt_meta: dict) -> None:
+    """Training curves: loss per step of a training run, or per site and round of a federated one."""
+    body = ""
+    if src.kind == "train" and src.run_dir is not None:
+        hist = [h for h in read_metrics(src.run_dir) if "loss" in h] or ckpt_meta.get("extra", {}).get("history", [])
+        if hist:
+            body += b.fig("loss", F.loss_curve(hist), "Training loss per step (patch batches).")
+    if src.kind == "federated":
+        body += _federated_curves(b, src)
+    b.add("training", body)
+
+
+def _evaluated_checkpoint(src: Source) -> tuple[Path | None, str]:
+    """(the checkpoint the metrics and overlays are of, a note on it): a federated run's last
+    global model, otherwise the source's own checkpoint."""
+    eval_ckpt, note = src.checkpoint, ""
+    if src.kind == "federated" and src.run_dir is not None:
+        last = src.data.get("last_checkpoint")
+        eval_ckpt = src.run_dir / last if last and (src.run_dir / last).is_file() else None
+        if src.data.get("strategy") == "fedbn":
+            note = "Global model without the sites' own normalisation layers (FedBN keeps those at the sites)."
+    return eval_ckpt, note
+
+
+def _metrics_section(b: Builder, src: Source, coh, eval_ckpt: Path | None, note: str, evaluate: bool) -> None:
+    """Segmentation metrics: the evaluation the source is or has beside it, recomputed with HD95
+    on the cohort's test (or validation) split when ``evaluate`` and it has none."""
+    result = None
+    if src.kind == "evaluation":
+        result = src.data
+    elif src.run_dir is not None and (src.run_dir / "evaluation.json").is_file():
+        try:
+            cand = _read_json(src.run_dir / "evaluation.json")
+            result = cand if _json_kind(cand) == "evaluation" else None
+        except DataError:
+            result = None
+    needs_hd = result is None or not any("hd95" in r for r in result.get("subjects", []))
+    if (evaluate and needs_hd and coh is not None and eval_ckpt is not None and src.kind != "unlearn"
+            and (coh.select("test") or result is None)):
+        from privseg.train.inference import evaluate_checkpoint
+
+        split = "test" if coh.select("test") else "val" if coh.select("val") else None
+        if split:
+            import warnings
+
+            with warnings.catch_warnings():  # MONAI warns on classes absent from a prediction (HD95 = NaN)
+                warnings.simplefilter("ignore")
+                result = evaluate_checkpoint(eval_ckpt, coh, split, with_hd95=True)
+    if result is not None:
+        b.add("metrics", _eval_tables(b, result, note))
+
+
 def build_report(path: str | os.PathLike, out_html: str | os.PathLike, subjects: Sequence[str] | None = None,
                  cohort: str | os.PathLike | None = None, evaluate: bool = True) -> Path:
     """Write one self-contained HTML report of the run or result at ``path`` to ``out_html``
@@ -714,70 +797,9 @@ def build_report(path: str | os.PathLike, out_html: str | os.PathLike, subjects:
     if coh is not None:
         _cohort_section(b, coh, [s for s in sites_in_run if s in coh.sites] if sites_in_run else None)
 
-    # training curves
-    body = ""
-    if src.kind == "train" and src.run_dir is not None:
-        hist = [h for h in read_metrics(src.run_dir) if "loss" in h] or ckpt_meta.get("extra", {}).get("history", [])
-        if hist:
-            body += b.fig("loss", F.loss_curve(hist), "Training loss per step (patch batches).")
-    if src.kind == "federated":
-        rounds = src.data.get("rounds", [])
-        loss = {}
-        dice = {}
-        overall = []
-        for e in rounds:
-            for site, m in (e.get("train") or {}).items():
-                if m.get("train-loss") is not None:
-                    loss.setdefault(site, []).append((e["round"], float(m["train-loss"])))
-            ev = e.get("eval") or {}
-            for site, m in (ev.get("sites") or {}).items():
-                if m.get("mean-dice") is not None and m.get("num-examples", 1):
-                    dice.setdefault(site, []).append((e["round"], float(m["mean-dice"])))
-            if (ev.get("overall") or {}).get("site-mean-dice") is not None:
-                overall.append((e["round"], float(ev["overall"]["site-mean-dice"])))
-        if loss:
-            body += b.fig("loss_per_site", F.loss_curve([], dict(sorted(loss.items())), "federated round"),
-                          "Mean local training loss of each site per round.")
-        if dice:
-            body += b.fig("dice_per_round", F.dice_per_round(dict(sorted(dice.items())), overall),
-                          "Mean foreground Dice on each site's evaluation subjects after each round.")
-            rows = [[e["round"], *[((e.get("eval") or {}).get("sites") or {}).get(s, {}).get("mean-dice")
-                                   for s in sorted(dice)], len(e.get("failed") or []), e.get("applied")]
-                    for e in rounds]
-            body += "<h3>Rounds</h3>" + table(["round", *[f"Dice {s}" for s in sorted(dice)], "failed sites",
-                                                "applied"], rows)
-    b.add("training", body)
-
-    # metrics
-    result, note = None, ""
-    if src.kind == "evaluation":
-        result = src.data
-    elif src.run_dir is not None and (src.run_dir / "evaluation.json").is_file():
-        try:
-            cand = _read_json(src.run_dir / "evaluation.json")
-            result = cand if _json_kind(cand) == "evaluation" else None
-        except DataError:
-            result = None
-    eval_ckpt = src.checkpoint
-    if src.kind == "federated" and src.run_dir is not None:
-        last = src.data.get("last_checkpoint")
-        eval_ckpt = src.run_dir / last if last and (src.run_dir / last).is_file() else None
-        if src.data.get("strategy") == "fedbn":
-            note = "Global model without the sites' own normalisation layers (FedBN keeps those at the sites)."
-    needs_hd = result is None or not any("hd95" in r for r in result.get("subjects", []))
-    if (evaluate and needs_hd and coh is not None and eval_ckpt is not None and src.kind != "unlearn"
-            and (coh.select("test") or result is None)):
-        from privseg.train.inference import evaluate_checkpoint
-
-        split = "test" if coh.select("test") else "val" if coh.select("val") else None
-        if split:
-            import warnings
-
-            with warnings.catch_warnings():  # MONAI warns on classes absent from a prediction (HD95 = NaN)
-                warnings.simplefilter("ignore")
-                result = evaluate_checkpoint(eval_ckpt, coh, split, with_hd95=True)
-    if result is not None:
-        b.add("metrics", _eval_tables(b, result, note))
+    _training_section(b, src, ckpt_meta)
+    eval_ckpt, note = _evaluated_checkpoint(src)
+    _metrics_section(b, src, coh, eval_ckpt, note, evaluate)
 
     if coh is not None and eval_ckpt is not None and src.kind != "unlearn":
         _overlay_section(b, coh, eval_ckpt, subjects)
