@@ -114,6 +114,21 @@ def check_new(run_dir: Path, kind: str, site: str, subjects: list[str]) -> None:
                           "erase the site instead")
 
 
+def _setting(form: dict, key: str, parse: Callable[[str], float], name: str, what: str, lo: float, hi: float,
+             bounds: str) -> float | None:
+    """One number of the approval form, parsed and within ``[lo, hi]``; None when left empty."""
+    raw = (form.get(key) or "").strip()
+    if not raw:
+        return None
+    try:
+        v = parse(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not {what}") from None
+    if not lo <= v <= hi:
+        raise ConfigError(f"{name} must be between {bounds}")
+    return v
+
+
 def clean_settings(form: dict) -> dict:
     """The officer's approval settings, checked: method, epochs, repair rounds, thresholds."""
     out: dict = {}
@@ -121,25 +136,13 @@ def clean_settings(form: dict) -> dict:
     if method:
         out["method"] = method
     for key, (lo, hi) in SETTING_LIMITS.items():
-        raw = (form.get(key) or "").strip()
-        if raw:
-            try:
-                v = int(raw)
-            except ValueError:
-                raise ConfigError(f"{key.replace('_', ' ')}: {raw!r} is not a whole number") from None
-            if not lo <= v <= hi:
-                raise ConfigError(f"{key.replace('_', ' ')} must be between {lo} and {hi}")
+        v = _setting(form, key, int, key.replace("_", " "), "a whole number", lo, hi, f"{lo} and {hi}")
+        if v is not None:
             out[key] = v
     th = {}
     for key in default_thresholds():
-        raw = (form.get(key) or "").strip()
-        if raw:
-            try:
-                v = float(raw)
-            except ValueError:
-                raise ConfigError(f"{key}: {raw!r} is not a number") from None
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{key} must be between 0 and 1")
+        v = _setting(form, key, float, key, "a number", 0.0, 1.0, "0 and 1")
+        if v is not None:
             th[key] = v
     if th:
         out["thresholds"] = th
