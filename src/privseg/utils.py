@@ -8,16 +8,17 @@ import random
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from privseg.errors import CheckpointError, ConfigError
 
+T = TypeVar("T")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -41,6 +42,18 @@ def parse_ids(ids, what: str = "IDs") -> list[str]:
     if not out:
         raise ConfigError(f"{what}: the request is empty; name at least one subject ID")
     return out
+
+
+def registrar(table: dict[str, T], name: str) -> Callable[[T], T]:
+    """A decorator that files what it decorates in ``table`` under ``name`` and returns it
+    unchanged: the one idiom of privseg's registries (clip rules, per-subject gradient methods,
+    FL strategies)."""
+
+    def add(entry: T) -> T:
+        table[name] = entry
+        return entry
+
+    return add
 
 
 def seed_everything(seed: int) -> None:

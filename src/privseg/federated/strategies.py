@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from torch import nn
 
 from privseg.errors import ConfigError
+from privseg.utils import registrar
 
 UpdateHook = Callable[[int, list[Message], ArrayRecord], list[Message]]
 AggregateHook = Callable[[int, ArrayRecord], ArrayRecord]
@@ -206,10 +207,7 @@ FL_STRATEGIES: dict[str, StrategyFactory] = {}
 
 
 def fl_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    def add(factory: StrategyFactory) -> StrategyFactory:
-        FL_STRATEGIES[name.lower()] = factory
-        return factory
-    return add
+    return registrar(FL_STRATEGIES, name.lower())
 
 
 def strategy_param_names(name: str) -> set[str]:

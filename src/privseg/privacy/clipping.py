@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from privseg.errors import ConfigError
+from privseg.utils import registrar
 
 
 def split_noise(z: float, sigma_b: float) -> float:
@@ -149,10 +150,7 @@ CLIP_RULES: dict[str, ClipRule] = {}
 
 
 def clip_rule(name: str) -> Callable[[ClipRule], ClipRule]:
-    def add(factory: ClipRule) -> ClipRule:
-        CLIP_RULES[name] = factory
-        return factory
-    return add
+    return registrar(CLIP_RULES, name)
 
 
 def make_clipper(rule: str, clip_norm: float, expected_m: float, z_max: float, options: dict | None = None):

@@ -25,16 +25,14 @@ import torch
 from torch import nn
 
 from privseg.privacy.clipping import clip_factors
+from privseg.utils import registrar
 
 GradMethod = Callable[..., tuple[list[torch.Tensor], torch.Tensor, float]]
 GRAD_METHODS: dict[str, GradMethod] = {}
 
 
 def per_subject(name: str) -> Callable[[GradMethod], GradMethod]:
-    def add(fn: GradMethod) -> GradMethod:
-        GRAD_METHODS[name] = fn
-        return fn
-    return add
+    return registrar(GRAD_METHODS, name)
 
 
 def _params(model: nn.Module) -> list[nn.Parameter]:
