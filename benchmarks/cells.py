@@ -25,7 +25,6 @@ with ``run_cell(cell, work_dir) -> metrics dict``, ``merge(done) -> summary dict
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -152,21 +151,13 @@ class Runner:
 
     # -- lock ---------------------------------------------------------------------------
     def lock(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        from privseg.utils import try_lock_file
+
         path = self.root / "lock"
-        fh = open(path, "a+")  # noqa: SIM115 - held for the runner's lifetime
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise LockedError(f"{self.bench}: another runner is working on this benchmark ({holder}; lock {path}); "
-                              "wait for it to finish or stop that process, then run again") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        fh.flush()
+        fh, holder = try_lock_file(path, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        if fh is None:  # the file is held for the runner's lifetime
+            raise LockedError(f"{self.bench}: another runner is working on this benchmark ({holder or 'unknown'}; "
+                              f"lock {path}); wait for it to finish or stop that process, then run again")
         self._lock_fh = fh
 
     def unlock(self) -> None:

@@ -11,7 +11,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +87,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def try_lock_file(path: str | os.PathLike, note: str) -> tuple[IO[str] | None, str]:
+    """Take an exclusive OS lock on ``path`` (created, with its folder, if missing) without
+    waiting. Got it: (the open file, which holds the lock until closed, ""), with ``note`` (who
+    holds it) written into the file. Held elsewhere: (None, the holder's note). A killed process
+    releases its lock."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - the caller holds it as long as it holds the lock
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        return None, holder
+    fh.seek(0)
+    fh.truncate()
+    fh.write(note)
+    fh.flush()
+    return fh, ""
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from privseg.errors import ConfigError, DataError
-from privseg.utils import write_json
+from privseg.utils import try_lock_file, write_json
 
 STATE_NAME = "state.json"
 
@@ -126,7 +126,6 @@ def hold_run(run_dir: str | Path, what: str):
     """Hold the run's lock (``run_dir/.lock``) while training or erasing; a second holder in
     another process gets a clear error instead of both writing the run. The lock is an OS
     file lock, so a killed process releases it."""
-    import fcntl
     import os
 
     path = Path(run_dir) / ".lock"
@@ -138,20 +137,10 @@ def hold_run(run_dir: str | Path, what: str):
         finally:
             _HELD[key][1] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")  # noqa: SIM115 - held for the duration of the context
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"run {Path(run_dir).name} is busy: {holder} holds it; "
-                          "try again when it has finished") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{what} (pid {os.getpid()})")
-    f.flush()
+    f, holder = try_lock_file(path, f"{what} (pid {os.getpid()})")
+    if f is None:
+        raise ConfigError(f"run {Path(run_dir).name} is busy: {holder or 'another process'} holds it; "
+                          "try again when it has finished")
     _HELD[key] = [f, 1]
     try:
         yield
