@@ -1,0 +1,124 @@
+"""Erasure of a patient at a site, the stages after ``requested``: ``local_unlearned`` (an
+unlearning strategy at the site, on the site's data only; DP fine-tuning in a DP run), ``repaired``
+(ordinary federated rounds with every site from the unlearned model), ``verified`` and
+``completed`` (see :mod:`privseg.unlearn.federated` for the whole sequence)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from privseg.audit.ledger import ErasureLedger
+from privseg.errors import CheckpointError
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.federated.sites import read_site_cohort, site_subjects
+from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _latest
+from privseg.unlearn.site_erasure import round_seconds
+from privseg.unlearn.verification import _complete, _superseded, _verified, _verify_patient
+
+
+def _local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
+    return cfg.local_steps * max(1, int(req.epochs or 1))
+
+
+def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, backend: str, reference,
+             say: StageCallback, mia_views: int) -> None:
+    entries = ledger.entries(rid)
+    requested = _latest(entries, "requested")["body"]
+    n0 = int(requested["source"]["round"])
+    # 2. local unlearning at the site
+    local = _latest(entries, "local_unlearned")
+    if local is None:
+        local = _local_unlearn(run_dir, req, rid, ledger, requested, say)
+    # 3. repair rounds with every site
+    repaired = _repair(run_dir, req, rid, ledger, n0, local, backend, say)
+
+    # 4. verification
+    def evidence() -> dict:
+        body = _verify_patient(run_dir, req, requested, repaired["body"], reference, mia_views)
+        intermediate = [run_dir / local["body"]["model"]["path"]] if req.repair_rounds > 0 else []
+        body["superseded"] = _superseded(run_dir, upto_round=n0, extra=intermediate)
+        body["seconds_erasure"] = float(local["body"]["seconds"]) + float(repaired["body"]["seconds"])
+        body["cpu_s_erasure"] = float(local["body"].get("cpu_s", 0)) + float(repaired["body"].get("cpu_s", 0))
+        return body
+
+    ver = _verified(rid, ledger, req, "repaired", evidence, say, "membership test and Dice")
+    if ver is None:
+        return
+    # 5. complete: delete what still carries the patient
+    _complete(run_dir, rid, ledger, ver, repaired["body"]["model"], req.site, say)
+
+
+def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, requested: dict,
+                   say: StageCallback) -> dict:
+    """Unlearn at the site with its own data, exclude the patient there; the ``local_unlearned`` entry."""
+    from privseg.unlearn.engine import unlearn
+    from privseg.unlearn.private import dp_local_finetune, dp_of
+
+    work = run_dir / "erasure" / rid
+    cfg = FLConfig.load(run_dir)
+    spec = cfg.site(req.site)
+    # a crash after the exclusion was saved but before the ledger entry: the patient is still this request's
+    spec = replace(spec, exclude=tuple(x for x in spec.exclude if x not in req.subjects))
+    cohort = read_site_cohort(spec.cohort)
+    site_cohort = cohort.with_subjects(site_subjects(cohort, spec))
+    c0, t0 = time.process_time(), time.perf_counter()
+    if dp_of(cfg) is not None:  # a DP run: the local stage is DP too, and paid from the site's budget
+        steps = _local_dp_steps(cfg, req)
+        say("local_unlearned", f"site {req.site}: {steps} DP fine-tuning step(s) on its other patients")
+        ckpt, info = dp_local_finetune(run_dir, cfg, req.site, req.subjects, run_dir / requested["source"]["path"],
+                                       work / "local", steps, scope=f"erasure/{rid}/local")
+        body = {"site": req.site, **info, "params": {}, "target": "dp", "epochs": req.epochs,
+                "stopped_early": False, "checks": [], "retain_subjects_at_site": info["retain_patients_at_site"]}
+    else:
+        say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
+        res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), req.method,
+                      target=req.target, epochs=req.epochs, params=req.params, out_dir=work / "local",
+                      seed=req.seed, evaluate=False)
+        r = res.report
+        ckpt = res.checkpoint
+        body = {"site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
+                "epochs": r["epochs"], "steps_run": r["steps_run"], "stopped_early": r["stopped_early"],
+                "checks": r["checks"][-1:] if r["checks"] else [],
+                "retain_subjects_at_site": len(r["request"]["retain"])}
+    cfg.sites = [replace(s, exclude=(*s.exclude, *req.subjects)) if s.id == req.site else s for s in cfg.sites]
+    cfg.save(run_dir)  # from now on the site never uses the patient again
+    return ledger.append(rid, "local_unlearned", {
+        **body, "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+        "model": _artefact(run_dir, ckpt), "excluded_at_site": list(req.subjects)})
+
+
+def _repair(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, n0: int, local: dict,
+            backend: str, say: StageCallback) -> dict:
+    """Run the repair rounds not yet recorded (from the unlearned model); the latest ``repaired`` entry."""
+    from privseg.federated.simulation import run_rounds
+
+    until = n0 + req.repair_rounds
+    repaired = _after(ledger.entries(rid), "repaired", "requested")
+    if repaired is None or int(repaired["body"]["until_round"]) < until:
+        state = RunState.load(run_dir)
+        tagged = [e for e in state.rounds if int(e["round"]) > n0 and e.get("erasure") != rid]
+        if tagged:
+            raise CheckpointError(f"run {run_dir.name} trained round {tagged[0]['round']} after the request "
+                                  f"(made at round {n0}) outside this erasure; submit a new request")
+        state.data["restart_from"] = {"after_round": n0, "until_round": until, "request": rid,
+                                      "checkpoint": local["body"]["model"]["path"]}
+        state.save()
+        t0 = time.perf_counter()
+        if until > state.rounds_done:
+            say("repaired", f"{until - state.rounds_done} repair round(s) with every site")
+            state = run_rounds(run_dir, backend, rounds=until)
+        if state.rounds_done < until:
+            raise CheckpointError(f"repair rounds stopped at round {state.rounds_done} ({state.status}); "
+                                  f"{state.data.get('stop_reason', '')}")
+        repair_s, repair_cpu = round_seconds(state, lambda e: e.get("erasure") == rid)
+        ckpt = state.checkpoint_path(until) if until > n0 else run_dir / local["body"]["model"]["path"]
+        if until == n0:  # no repair: the unlearned model is served as it is
+            state.data["last_checkpoint"] = local["body"]["model"]["path"]
+            state.save()
+        ledger.append(rid, "repaired", {"rounds": list(range(n0 + 1, until + 1)), "until_round": until,
+                                        "seconds": repair_s, "cpu_s": repair_cpu, "wall_s": time.perf_counter() - t0,
+                                        "model": _artefact(run_dir, ckpt)})
+    return _after(ledger.entries(rid), "repaired", "requested")

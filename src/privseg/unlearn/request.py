@@ -1,0 +1,186 @@
+"""An erasure request and its ledger: what to erase (:class:`ErasureRequest`), its ID, the checks
+that refuse a bad request before anything runs, and reading the request's stages back from the
+run's erasure ledger (:mod:`privseg.audit.ledger`)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from privseg.audit.ledger import ErasureLedger, canonical, file_sha256
+from privseg.errors import ConfigError
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.federated.sites import read_site_cohort, site_subjects
+from privseg.utils import check_id, parse_ids
+
+KINDS = ("patient", "site")
+DEFAULT_THRESHOLDS = {"max_mia_auc": 0.55, "min_retain_dice_ratio": 0.95, "min_test_dice_ratio": 0.95}
+LEDGER = "erasure/ledger.db"
+
+StageCallback = Callable[[str, str], None]
+
+
+@dataclass
+class ErasureRequest:
+    """What to erase, why, and how. ``method``: an unlearning strategy for a patient (default
+    ``scrub``), ``federaser`` or ``retrain`` for a site. ``thresholds`` override
+    :data:`DEFAULT_THRESHOLDS` (``min_*_dice_ratio`` compare with the federated retrain when one
+    is given, else with the model before the erasure)."""
+
+    kind: str
+    site: str
+    subjects: tuple[str, ...] = ()
+    reason: str = ""
+    requested_by: str = ""
+    approved_by: str = ""  # who approved it (the console's officer); not part of the request ID
+    method: str | None = None
+    params: dict = field(default_factory=dict)
+    target: str = "unseen"
+    epochs: int | None = None
+    repair_rounds: int = 1
+    calibration_ratio: float = 0.5  # FedEraser: local steps of a calibration round / original local steps
+    calibration_interval: int = 2  # FedEraser: calibrate every n-th round of the site's rounds
+    thresholds: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"erasure kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        check_id(self.site, "--site")
+        self.subjects = tuple(parse_ids(list(self.subjects), "--subject")) if self.subjects else ()
+        for s in self.subjects:
+            check_id(s, "--subject")
+        if self.kind == "patient" and not self.subjects:
+            raise ConfigError("a patient erasure needs --subject (one or more subject IDs)")
+        if self.kind == "site" and self.subjects:
+            raise ConfigError("a site erasure takes no --subject (it removes every patient of the site)")
+        if self.method is None:
+            self.method = "scrub" if self.kind == "patient" else "federaser"
+        # imported here: the registry's module builds on this one
+        from privseg.unlearn.site_erasure import SITE_ERASERS
+
+        if self.kind == "site" and self.method not in SITE_ERASERS:
+            raise ConfigError(f"--method {self.method!r}: a site erasure uses {' or '.join(sorted(SITE_ERASERS))}")
+        if self.kind == "patient":
+            from privseg.unlearn.strategies import get_strategy
+
+            get_strategy(self.method).resolve(self.params)
+        if self.repair_rounds < 0:
+            raise ConfigError(f"--repair-rounds must be >= 0 (got {self.repair_rounds})")
+        if not 0 < self.calibration_ratio <= 1 or self.calibration_interval < 1:
+            raise ConfigError("FedEraser calibration ratio must be in (0, 1] and the interval >= 1")
+        unknown = sorted(set(self.thresholds) - set(DEFAULT_THRESHOLDS))
+        if unknown:
+            raise ConfigError(f"unknown threshold(s) {', '.join(unknown)} (known: {', '.join(DEFAULT_THRESHOLDS)})")
+        self.thresholds = {**DEFAULT_THRESHOLDS, **{k: float(v) for k, v in self.thresholds.items()}}
+
+    def request_id(self, run_name: str) -> str:
+        """The same (run, kind, site, subjects) is the same request, whatever the settings."""
+        key = canonical({"run": run_name, "kind": self.kind, "site": self.site, "subjects": sorted(self.subjects)})
+        return "ER-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["subjects"] = list(self.subjects)
+        return d
+
+
+@dataclass
+class ErasureResult:
+    request_id: str
+    status: str  # completed | already-completed | verification-failed
+    passed: bool
+    model: Path | None
+    entries: list[dict]
+    ledger: Path
+
+    @property
+    def verification(self) -> dict:
+        return next((e["body"] for e in reversed(self.entries) if e["event"] == "verified"), {})
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def _rel(run_dir: Path, path: Path) -> str:
+    return str(Path(path).resolve().relative_to(run_dir.resolve()))
+
+
+def _artefact(run_dir: Path, path: Path) -> dict:
+    return {"path": _rel(run_dir, path), "sha256": file_sha256(path)}
+
+
+def _latest(entries: list[dict], event: str) -> dict | None:
+    return next((e for e in reversed(entries) if e["event"] == event), None)
+
+
+def _after(entries: list[dict], event: str, than: str) -> dict | None:
+    """The latest ``event`` entry if it is newer than the latest ``than`` entry."""
+    e, t = _latest(entries, event), _latest(entries, than)
+    return e if e is not None and (t is None or e["seq"] > t["seq"]) else None
+
+
+# -- validation ------------------------------------------------------------------------
+
+def _validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: ErasureLedger) -> None:
+    if state.rounds_done < 1:
+        raise ConfigError(f"run {cfg.name} has no trained rounds: nothing to erase from")
+    if req.site not in cfg.site_ids:
+        withdrawn = cfg.extra.get("withdrawn_sites", [])
+        if req.site in withdrawn:
+            raise ConfigError(f"site {req.site} was already erased from run {cfg.name}")
+        raise ConfigError(f"unknown site {req.site!r} in run {cfg.name} (sites: {', '.join(cfg.site_ids)})")
+    spec = cfg.site(req.site)
+    if req.kind == "site":
+        if len(cfg.sites) < 2:
+            raise ConfigError(f"site {req.site} is the only site of run {cfg.name}: nothing would remain")
+        return
+    already = ledger.erased_subjects(req.site)
+    for s in req.subjects:
+        if s in spec.exclude or s in already:
+            by = f" by request {already[s]}" if s in already else ""
+            raise ConfigError(f"subject {s} was already erased at site {req.site}{by}")
+    cohort = read_site_cohort(spec.cohort)
+    train = {s.id for s in site_subjects(cohort, spec, "train")}
+    for s in req.subjects:
+        if s not in train:
+            known = any(x.id == s for x in site_subjects(cohort, spec))
+            raise ConfigError(f"subject {s} {'is not a training subject' if known else 'is unknown'} at site "
+                              f"{req.site} (cohort {spec.cohort})")
+    if not train - set(req.subjects):
+        raise ConfigError(f"the request names every training subject of site {req.site}: erase the site instead")
+
+
+class _NoErasuresYet:
+    """Stands in for the ledger of a run that has none: nothing erased yet."""
+
+    def erased_subjects(self, site: str) -> dict:
+        return {}
+
+
+def whole_patients(cfg: FLConfig, req: ErasureRequest) -> ErasureRequest:
+    """The unit is the patient: a request naming one scan (or a patient ID) erases every scan of
+    that patient at the site. Unknown names are left for :func:`_validate` to refuse."""
+    if req.kind != "patient" or req.site not in cfg.site_ids:
+        return req
+    spec = cfg.site(req.site)
+    subjects = site_subjects(read_site_cohort(spec.cohort), replace(spec, exclude=()))
+    patient_of = {s.id: s.patient_id for s in subjects}
+    patients = set(patient_of.values())
+    wanted = {patient_of.get(x, x) for x in req.subjects}
+    expanded = [s.id for s in subjects if s.patient_id in wanted]
+    named = [x for x in req.subjects if x not in patient_of and x not in patients]
+    if not expanded:
+        return req
+    return replace(req, subjects=tuple(dict.fromkeys([*expanded, *named])))
+
+
+
+def _result(run_dir: Path, ledger: ErasureLedger, rid: str, status: str) -> ErasureResult:
+    entries = ledger.entries(rid)
+    done = _latest(entries, "completed")
+    ver = _latest(entries, "verified")
+    model = run_dir / done["body"]["model"]["path"] if done else None
+    return ErasureResult(rid, status, bool(ver and ver["body"].get("passed")), model, entries, ledger.path)

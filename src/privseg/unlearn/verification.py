@@ -1,0 +1,285 @@
+"""Verification of an erasure and the record that closes it: the models before and after the
+erasure (and a federated retrain, when given) scored on the erased subjects, the retained ones
+and never-seen ones (Dice, membership AUC, the per-patient test against the run's reference
+models), judged against the request's thresholds; on success the superseded artefacts are
+deleted and the ``completed`` entry records them with the new model and the site's DP bound."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from privseg.audit.ledger import ErasureLedger
+from privseg.errors import ConfigError, PrivsegError
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
+from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _rel
+
+
+def _site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
+    return {p: read_site_cohort(p) for p in dict.fromkeys(s.cohort for s in specs)}
+
+
+def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
+    dp = cfg.train.extra.get("dp") or {}
+    if not dp:
+        return None
+    from privseg.privacy.budget import BudgetLedger, find_ledgers
+
+    try:
+        for path in find_ledgers(run_dir):
+            for row in BudgetLedger(path).status():
+                if row["site"] == site:
+                    return {"unit": dp.get("unit"), "epsilon": row["epsilon_spent"], "delta": row["delta"],
+                            "ledger": _rel(run_dir, path), "private": row["private"], "guarantee": row["guarantee"],
+                            "meaning": "patient-level DP: a bound for every patient of the site" if dp.get(
+                                "unit") == "patient" else "site-level DP: a bound for the site's whole data"}
+    except PrivsegError:
+        return None
+    return None
+
+
+def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: dict, site: str,
+              say: StageCallback) -> None:
+    removed = []
+    superseded = [*ver["superseded"], *ver.get("references_superseded", [])]
+    for a in superseded:
+        p = run_dir / a["path"]
+        if p.is_file():
+            p.unlink()
+        removed.append(a)
+    for d in sorted({(run_dir / a["path"]).parent for a in superseded}, reverse=True):
+        if d.is_dir() and d != run_dir and not any(d.iterdir()):
+            d.rmdir()
+    cfg = FLConfig.load(run_dir)
+    ledger.append(rid, "completed", {"model": model, "removed": removed, "passed": True,
+                                     "dp": _dp_bound(run_dir, cfg, site)})
+    say("completed", f"{len(removed)} superseded file(s) deleted; the run now serves {model['path']}")
+
+
+def _superseded(run_dir: Path, upto_round: int, from_round: int = 1, sites: Sequence[str] | None = None,
+                extra: Sequence[Path] = ()) -> list[dict]:
+    """Files derived from rounds ``from_round..upto_round``: global checkpoints (round 0, the
+    data-free initial model, stays), stored updates, site-local states; plus ``extra``."""
+    out = []
+    state = RunState.load(run_dir)
+    for r in range(max(1, from_round), upto_round + 1):
+        for p in [state.checkpoint_path(r), *sorted((run_dir / "updates" / f"r{r:04d}").glob("*.pt"))]:
+            if p.is_file():
+                out.append(_artefact(run_dir, p))
+    for d in sorted((run_dir / "sites").glob("*")):
+        for p in sorted(d.glob("local_r*.pt")):
+            r = int(p.stem.split("_r")[1])
+            if from_round <= r <= upto_round or (sites is not None and d.name in sites):
+                out.append(_artefact(run_dir, p))
+    out += [_artefact(run_dir, p) for p in extra if Path(p).is_file()]
+    return out
+
+
+# -- verification ------------------------------------------------------------------------
+
+def _load(specs: Sequence[SiteSpec], ids_by_site: dict[str, list[str]], spacing) -> list[dict]:
+    from privseg.data.transforms import load_preprocessed
+
+    cohorts = _site_cohorts(specs)
+    items = []
+    for spec in specs:
+        ids = ids_by_site.get(spec.id, [])
+        if ids:
+            c = cohorts[spec.cohort]
+            items += load_preprocessed([c.subject(i) for i in ids], c, spacing)
+    return items
+
+
+def _model(path: Path) -> tuple[torch.nn.Module, dict]:
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    payload = load_checkpoint(path)
+    return model_from_checkpoint(payload, path).eval(), payload["config"]
+
+
+def _scores(model, groups: dict[str, list[dict]], members, nonmembers, tc: dict, views: int, seed: int,
+            reference_rows: tuple[list[dict], list[dict]] | None = None) -> tuple[dict, tuple[list, list]]:
+    """Dice per group and the membership AUC of ``members`` vs ``nonmembers``; with the retrain's
+    per-subject rows, also the AUC calibrated against it (each subject's score relative to the
+    retrain's on the same subject: a patient that is easy for any model no longer looks like a
+    member). Returns (scores, this model's rows)."""
+    from privseg.audit import mia
+    from privseg.train import metrics
+    from privseg.train.inference import evaluate_subjects
+
+    out = {}
+    for name, items in groups.items():
+        rows = evaluate_subjects(model, items, tc["patch_size"], tc["num_classes"]) if items else []
+        out[f"{name}_dice"] = metrics.mean([r["mean_dice"] for r in rows]) if rows else math.nan
+        out[f"{name}_n"] = len(rows)
+    res = mia.audit_items(model, members, nonmembers, tc["patch_size"], tc["num_classes"], views=views, seed=seed,
+                          n_boot=1000)
+    out["mia_auc"], out["mia_ci"] = res.auc, [res.ci_low, res.ci_high]
+    out["member_scores"] = [{"id": r["id"], "score": r["score"], "dice": r["dice"]} for r in res.members]
+    out["nonmember_mean_score"] = float(sum(r["score"] for r in res.nonmembers) / len(res.nonmembers))
+    keep = ("id", "loss", "dice")
+    rows = ([{k: r[k] for k in keep} for r in res.members], [{k: r[k] for k in keep} for r in res.nonmembers])
+    if reference_rows is not None:
+        cal = mia.audit_items(model, members, nonmembers, tc["patch_size"], tc["num_classes"], views=views, seed=seed,
+                              n_boot=1000, member_rows=[dict(r) for r in rows[0]],
+                              nonmember_rows=[dict(r) for r in rows[1]], reference_rows=[reference_rows])
+        out["mia_auc_calibrated"] = cal.auc
+    return out, rows
+
+
+def _param_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """||a - b|| / ||b|| over the floating-point state."""
+    sa, sb = a.state_dict(), b.state_dict()
+    num = sum(float((sa[k].float() - sb[k].float()).pow(2).sum()) for k in sb if sb[k].is_floating_point())
+    den = sum(float(sb[k].float().pow(2).sum()) for k in sb if sb[k].is_floating_point())
+    return math.sqrt(num / den) if den else math.nan
+
+
+def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | None = None,
+           calibrated: dict | None = None) -> tuple[dict, list[str]]:
+    """Checks with ``ok`` True (pass), False (fail) or None (no power / informative only: neither)."""
+    # With a retrain to calibrate against, membership is judged relative to it (see _scores).
+    mia_key = "mia_auc_calibrated" if "mia_auc_calibrated" in after else "mia_auc"
+    auc_check = {"value": after[mia_key], "max": th["max_mia_auc"], "ok": after[mia_key] <= th["max_mia_auc"]}
+    if before is not None and before.get(mia_key) is not None and before[mia_key] <= th["max_mia_auc"]:
+        # the model before the erasure was already under the bound: this check could not fail
+        auc_check.update(ok=None, result="no power", note=f"the model before the erasure scored "
+                         f"{before[mia_key]:.4f}, already within the bound: the check could not fail")
+    if calibrated and calibrated.get("available"):
+        auc_check.update(ok=None, result="info", note="membership is decided by the per-patient test against "
+                         "the reference models")
+    checks = {
+        mia_key: auc_check,
+        "retain_dice_ratio": {"value": after["retain_dice"] / base["retain_dice"], "vs": base_name,
+                              "min": th["min_retain_dice_ratio"]},
+        "test_dice_ratio": {"value": after["test_dice"] / base["test_dice"], "vs": base_name,
+                            "min": th["min_test_dice_ratio"]},
+    }
+    for k in ("retain_dice_ratio", "test_dice_ratio"):
+        checks[k]["ok"] = bool(checks[k]["value"] >= checks[k]["min"])
+    if calibrated and calibrated.get("available"):
+        c = calibrated["check"]
+        checks["membership_calibrated"] = {
+            "value": c["value"], "min": c["alpha"], "vs": f"{c['n_references']} reference models",
+            "ok": {"pass": True, "fail": False}.get(c["result"]), "result": c["result"],
+            "note": "smallest p-value after the erasure among the patients the model before it flagged"
+            if c["value"] is not None else "the model before the erasure flagged no erased patient (p >= "
+            f"{c['alpha']}): the membership test has no power here"}
+    for c in checks.values():
+        c.setdefault("result", "pass" if c["ok"] else "fail")
+    failed = [f"{k} {c['value']:.3f} {'>' if 'max' in c else '<'} {c.get('max', c.get('min'))}"
+              for k, c in checks.items() if c["ok"] is False]
+    return checks, failed
+
+
+def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, members_by_site: dict,
+            nonmembers_by_site: dict, retain_by_site: dict, test_by_site: dict, specs: Sequence[SiteSpec],
+            reference, views: int) -> dict:
+    after, tc = _model(after_path)
+    before, _ = _model(source)
+    members = _load(specs, members_by_site, tc.get("spacing"))
+    nonmembers = _load(specs, nonmembers_by_site, tc.get("spacing"))
+    if not nonmembers:
+        raise ConfigError("verification needs never-seen subjects (val or test splits) to compare with")
+    groups = {"retain": _load(specs, retain_by_site, tc.get("spacing")),
+              "test": _load(specs, test_by_site, tc.get("spacing"))}
+    t0 = time.perf_counter()
+    out = {"members": members_by_site, "nonmembers": nonmembers_by_site, "mia_views": views}
+    ref_rows = None
+    if reference is not None:
+        ref, _ = _model(Path(reference))
+        out["retrain"], ref_rows = _scores(ref, groups, members, nonmembers, tc, views, req.seed)
+        out["retrain"]["checkpoint"] = str(reference)
+        out["distance_to_retrain"] = _param_distance(after, ref)
+        out["distance_before_to_retrain"] = _param_distance(before, ref)
+    out["before"] = _scores(before, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
+    out["after"] = _scores(after, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
+    out["calibrated"] = _calibrated(run_dir, before, after, members, groups["retain"], nonmembers, tc, views,
+                                    req.seed)
+    # reference models that trained on the erased patients carry them too: deleted on completion
+    out["references_superseded"] = _references_superseded(run_dir, [m["id"] for m in members])
+    base_name, base = ("retrain", out["retrain"]) if reference is not None else ("before", out["before"])
+    out["checks"], out["failed_checks"] = _judge(req.thresholds, out["after"], base, base_name, out["before"],
+                                                 out["calibrated"])
+    out["passed"] = not out["failed_checks"]
+    out["thresholds"] = req.thresholds
+    out["verification_s"] = time.perf_counter() - t0
+    return out
+
+
+def _calibrated(run_dir: Path, before, after, erased: list[dict], retain: list[dict], never_seen: list[dict],
+                tc: dict, views: int, seed: int) -> dict:
+    """The per-patient membership test of the models before and after the erasure against the run's
+    reference models (:mod:`privseg.audit.reference`), or why it was not run."""
+    from privseg.audit import lira
+    from privseg.audit import reference as refmod
+
+    erased_ids = [m["id"] for m in erased]
+    kept = [r for r in retain if r["id"] not in erased_ids]
+    items = [*erased, *kept, *never_seen]
+    never = [n["id"] for n in never_seen]
+    try:
+        refs = refmod.load_references(run_dir)
+        kw = {"views": views, "seed": seed, "nonmembers": never}
+        tb = refmod.calibrated_test(refs, before, items, tc["patch_size"], tc["num_classes"],
+                                    members=[*erased_ids, *(r["id"] for r in kept)], **kw)
+        ta = refmod.calibrated_test(refs, after, items, tc["patch_size"], tc["num_classes"],
+                                    members=[r["id"] for r in kept], **kw)
+    except ConfigError as exc:
+        return {"available": False, "reason": str(exc)}
+    return {"available": True, "n_references": len(refs.references), "references": refs.summary(),
+            "check": lira.erasure_check(tb, ta, erased_ids), "before": tb, "after": ta}
+
+
+def _references_superseded(run_dir: Path, subjects: Sequence[str]) -> list[dict]:
+    from privseg.audit.reference import superseded
+
+    return superseded(run_dir, subjects)
+
+
+def _verified(rid: str, ledger: ErasureLedger, req: ErasureRequest, after_event: str, evidence: Callable[[], dict],
+              say: StageCallback, what: str) -> dict | None:
+    """The verification of the latest ``after_event`` (computed by ``evidence`` once, then read from the
+    ledger), judged with the request's thresholds; None when it failed."""
+    if _after(ledger.entries(rid), "verified", after_event) is None:
+        say("verified", what)
+        ledger.append(rid, "verified", evidence())
+    ver = _judged(rid, ledger, req, _after(ledger.entries(rid), "verified", after_event)["body"])
+    if not ver["passed"]:
+        say("verified", "verification FAILED: " + "; ".join(ver["failed_checks"]))
+        return None
+    return ver
+
+
+def _judged(rid: str, ledger: ErasureLedger, req: ErasureRequest, ver: dict) -> dict:
+    """The stored verification, judged again (and recorded) when the request's thresholds changed."""
+    if ver["thresholds"] == req.thresholds:
+        return ver
+    base_name = "retrain" if "retrain" in ver else "before"
+    checks, failed = _judge(req.thresholds, ver["after"], ver[base_name], base_name, ver.get("before"),
+                            ver.get("calibrated"))
+    ver = {**ver, "checks": checks, "failed_checks": failed, "passed": not failed, "thresholds": req.thresholds,
+           "rejudged": True}
+    ledger.append(rid, "verified", ver)
+    return ver
+
+
+def _split_ids(cohorts, spec: SiteSpec, splits: Sequence[str]) -> list[str]:
+    return [s.id for s in site_subjects(cohorts[spec.cohort], spec) if s.split in splits]
+
+
+def _verify_patient(run_dir: Path, req: ErasureRequest, requested: dict, repaired: dict, reference,
+                    views: int) -> dict:
+    cfg = FLConfig.load(run_dir)
+    cohorts = _site_cohorts(cfg.sites)
+    return _verify(run_dir, req, run_dir / requested["source"]["path"], run_dir / repaired["model"]["path"],
+                   {req.site: list(req.subjects)},
+                   {s.id: _split_ids(cohorts, s, ("val", "test")) for s in cfg.sites},
+                   {s.id: _split_ids(cohorts, s, ("train",)) for s in cfg.sites},
+                   {s.id: _split_ids(cohorts, s, ("test",)) for s in cfg.sites}, cfg.sites, reference, views)
