@@ -212,3 +212,19 @@ def find_ledgers(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_dir():
             out.extend(sorted(p.glob("*/erasure/ledger.db")))
     return out
+
+
+def verify_ledgers(paths: Iterable[str | Path]) -> list[dict]:
+    """Recompute the hash chain of every ledger named or found under ``paths``: per ledger its
+    ``path``, ``ok``, ``entries`` (None when broken), ``head`` and ``problems``."""
+    paths = [Path(p) for p in paths]
+    found = find_ledgers(paths)
+    if not found:
+        raise DataError(paths[0] if paths else Path("."), "no erasure ledger (erasure/ledger.db) here")
+    checks = []
+    for p in found:
+        led = ErasureLedger(p, create=False)
+        ok, problems = led.verify()
+        checks.append({"path": p, "ok": ok, "entries": len(led.entries()) if ok else None, "head": led.head,
+                       "problems": problems})
+    return checks

@@ -27,7 +27,7 @@ from contextlib import closing
 from pathlib import Path
 
 from privseg.errors import BudgetExceededError, ConfigError, DataError
-from privseg.privacy.accountant import StepEvent, epsilon
+from privseg.privacy.accountant import StepEvent, check_epsilon, epsilon
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (site TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL,
@@ -198,3 +198,27 @@ def find_ledgers(path: str | Path) -> list[Path]:
     if not found:
         raise DataError(p, "no privacy ledger (privacy.sqlite) here or under sites/*/")
     return found
+
+
+def budget_status(path: str | Path) -> list[dict]:
+    """:meth:`BudgetLedger.status` of every ledger under a run folder (or of the file), each row
+    with its ``ledger`` path."""
+    return [{**r, "ledger": str(p)} for p in find_ledgers(path) for r in BudgetLedger(p).status()]
+
+
+def change_budget(path: str | Path, site: str, eps: float) -> dict:
+    """Set ``site``'s total epsilon budget (delta unchanged) in the ledger under ``path`` that has
+    the site: a decision recorded in the ledger; the noise plan stays as it was. Refused below what
+    the site has spent. Returns the ledger, the old budget, the spend and delta."""
+    check_epsilon(eps)
+    for ledger_path in find_ledgers(path):
+        ledger = BudgetLedger(ledger_path)
+        if site in ledger.sites():
+            old, delta = ledger.budget(site)
+            spent = ledger.spent(site)
+            if eps < spent:
+                raise ConfigError(f"site {site} has already spent epsilon {spent:.4g}: a budget of {eps:g} "
+                                  "would be exceeded at once")
+            ledger.set_budget(site, eps, delta)
+            return {"ledger": ledger_path, "old": old, "spent": spent, "delta": delta}
+    raise ConfigError(f"no ledger under {path} has site {site!r}")

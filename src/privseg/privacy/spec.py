@@ -126,3 +126,17 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     def from_dict(cls, d: dict) -> DPConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def dp_from_options(*, dp: str = "none", epsilon: float = 8.0, delta: float = 1e-5, clip: str = "adaptive",
+                    clip_norm: float = 1.0, target_quantile: float = 0.5, noise_schedule: str = "constant",
+                    allow_large_delta: bool = False, dp_method: str = "loop", site_budget: list[str] | None = None,
+                    dp_config: str | Path | None = None) -> DPConfig | None:
+    """:meth:`DPConfig.from_options` from the options named as the commands name them
+    (``--dp``, ``--dp-method``, ``--dp-config``); ``dp="none"``: no DP (None)."""
+    if dp == "none":
+        return None
+    return DPConfig.from_options(unit=dp, epsilon=epsilon, delta=delta, clip=clip, clip_norm=clip_norm,
+                                 target_quantile=target_quantile, noise_schedule=noise_schedule,
+                                 site_budget=site_budget, config_file=dp_config,
+                                 allow_large_delta=allow_large_delta, method=dp_method)

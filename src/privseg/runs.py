@@ -1,0 +1,211 @@
+"""Runs as every entry point (CLI, benchmarks, demo, tests) finds, drives and judges them: one
+rule for where a run folder is, a federated run driven in any of its modes, how it ended, and an
+erasure request applied under the run's lock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from privseg.errors import ConfigError, DataError, PrivsegError
+
+RUNS = Path("runs")
+MODES = ("simulation", "in-process", "deployment")
+
+
+def run_folder(run: str | Path, runs: str | Path = RUNS, marker: str | None = None, what: str | None = None) -> Path:
+    """The one rule for run folders: RUN itself when it is there (holding ``marker`` when one is
+    named), else RUNS/RUN. With ``what``, a RUNS/RUN without ``marker`` is refused, naming the path."""
+    p = Path(run)
+    if (p / marker).is_file() if marker else p.exists():
+        return p
+    cand = Path(runs) / run
+    if what and not (cand / marker).is_file():
+        raise DataError(p, f"not a {what} (no {marker} here or under {Path(runs)}/)")
+    return cand
+
+
+def find_run(run: str | Path, root: str | Path = RUNS) -> dict:
+    """``describe_run`` of a run folder, or of the run of that name found under ``root``."""
+    from privseg.report.tracking import describe_run, find_runs
+
+    run, root = Path(run), Path(root)
+    info = describe_run(run) if run.is_dir() else None
+    if info is None and root.is_dir():
+        named = [r for r in find_runs(root) if r["name"] == str(run) or Path(r["path"]).name == str(run)]
+        info = named[0] if named else None
+    if info is None:
+        raise DataError(run, "not a run folder, and no run of that name under " + str(root))
+    return info
+
+
+# -- federated runs ------------------------------------------------------------------------------
+def rounds_done(run_dir: Path) -> int:
+    """Rounds a federated run has behind it (0 for a new run)."""
+    from privseg.federated import RunState
+
+    return RunState.load_or_new(run_dir).rounds_done if (Path(run_dir) / "state.json").exists() else 0
+
+
+def run_federated(mode: str, cfg, run_dir: Path, on_round: Callable[[dict], None] | None = None, **kw):
+    """Run (or resume) ``cfg`` in RUN_DIR: ``simulation`` (Flower on Ray), ``in-process`` (no Ray)
+    or ``deployment`` (SuperLink and SuperNodes); ``kw`` goes to that mode's runner. Returns the
+    run state."""
+    if mode == "simulation":
+        from privseg.federated.simulation import simulate
+
+        return simulate(cfg, run_dir, on_round=on_round, **kw)
+    if mode == "in-process":
+        from privseg.federated.simulation import simulate_inprocess
+
+        return simulate_inprocess(cfg, run_dir, on_round=on_round, **kw)
+    if mode == "deployment":
+        from privseg.federated.deploy import deploy
+
+        return deploy(cfg, run_dir, on_round=on_round, **kw)
+    raise ConfigError(f"mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def flower_reason(text: str) -> str:
+    """Flower's error reply text ``<class 'privseg.errors.DataError'>:<'path: problem'>`` as
+    ``DataError: path: problem``."""
+    m = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", text.strip(), re.S)
+    return f"{m.group(1)}: {m.group(2)}" if m else text.strip()
+
+
+def check_outcome(state, done_before: int) -> list[str]:
+    """Fail loudly when the rounds run after ``done_before`` applied none (every site failed, e.g.
+    on unreadable data), with the first site error, instead of a "finished" run that learnt
+    nothing. Returns a warning per site that failed in every round while others trained."""
+    new = [e for e in state.rounds if int(e["round"]) > done_before]
+    if not new:
+        return []
+    failed = [f for e in new for f in e.get("failed", [])]
+    if not any(e.get("applied") for e in new):
+        first = f"{failed[0]['site']}: {flower_reason(failed[0]['reason'])}" if failed else "no site replied"
+        raise PrivsegError(f"{state.run_dir}: none of the {len(new)} round(s) run was applied (too few site "
+                           f"updates); first failure: {first}")
+    always = set.intersection(*[{f["site"] for f in e.get("failed", [])} for e in new])
+    return [f"site {site} failed in every round "
+            f"({flower_reason(next(f['reason'] for f in failed if f['site'] == site))[:300]})"
+            for site in sorted(always)]
+
+
+def class_names(run_dir: Path, n_foreground: int) -> list[str]:
+    """The foreground class names of a federated run (e.g. CSF, GM, WM), from the cohort of its
+    first readable site; "c1", "c2", ... only when no site's data is readable from here (a
+    deployment's sites)."""
+    from privseg.federated.sites import read_site_cohort
+
+    try:
+        sites = json.loads((Path(run_dir) / "fl_config.json").read_text()).get("sites") or []
+    except (OSError, ValueError, AttributeError):
+        sites = []
+    for spec in sites:
+        try:
+            classes = read_site_cohort(spec["cohort"]).classes[1:]
+        except (PrivsegError, OSError, KeyError, TypeError):
+            continue
+        if len(classes) == n_foreground:
+            return list(classes)
+    return [f"c{k + 1}" for k in range(n_foreground)]
+
+
+class _DropFlowerSimulationDeprecation(logging.Filter):
+    """Flower logs "DEPRECATED FEATURE: The `run_simulation` function ..." at every simulation.
+    The advice (use `flwr run`) is for code that calls Flower; privseg calls run_simulation itself
+    because it drives the rounds in this process (progress, run state, resume), so a user can do
+    nothing about the line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Hide third-party warnings that ask nothing of a privseg user (each with its reason)."""
+    flwr = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropFlowerSimulationDeprecation) for f in flwr.filters):
+        flwr.addFilter(_DropFlowerSimulationDeprecation())
+    # Ray's tip announces that zero-GPU actors will one day see the GPUs. privseg gives simulated
+    # sites num_gpus=0 and relies on today's behaviour (Ray hides the GPUs from them); nothing to do.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
+                            category=FutureWarning)
+
+
+# -- erasure -------------------------------------------------------------------------------------
+def erasure_request(run: str | None, *, site: str | None, subject: list[str] | None = None,
+                    whole_site: bool = False, param: list[str] | None = None, max_mia_auc: float | None = None,
+                    min_retain_dice_ratio: float | None = None, min_test_dice_ratio: float | None = None,
+                    **fields) -> tuple[Path, object]:
+    """The federated run folder and the :class:`ErasureRequest` of the erase options: a patient
+    (``subject``, repeatable or ``A,B``) or a whole site; ``param`` as KEY=VALUE items; thresholds
+    left out take the defaults."""
+    from privseg.unlearn.federated import ErasureRequest
+    from privseg.unlearn.strategies import parse_params
+
+    if not site:
+        raise ConfigError("--site is required")
+    if whole_site and subject:
+        raise ConfigError("give --subject or --whole-site, not both")
+    if not whole_site and not subject:
+        raise ConfigError("name the patient(s) with --subject, or erase the site with --whole-site")
+    run_dir = federated_run(run)
+    subjects = tuple(x for s in (subject or []) for x in s.split(",") if x.strip())
+    given = {"max_mia_auc": max_mia_auc, "min_retain_dice_ratio": min_retain_dice_ratio,
+             "min_test_dice_ratio": min_test_dice_ratio}
+    return run_dir, ErasureRequest(kind="site" if whole_site else "patient", site=site, subjects=subjects,
+                                   params=parse_params(param), **fields,
+                                   thresholds={k: v for k, v in given.items() if v is not None})
+
+
+def federated_run(run: str | None) -> Path:
+    """The federated run folder RUN names (a folder, or a run name under runs/)."""
+    if not run:
+        raise ConfigError("--run is required (a federated run folder, or a run name under runs/)")
+    return run_folder(run, RUNS, "fl_config.json", what="federated run")
+
+
+def erase_from_run(run_dir: Path, request, references: int | None = None, backend: str = "in-process",
+                   on_stage: Callable[[str, str], None] | None = None, **kw):
+    """``privseg.unlearn.federated.erase`` under the run's lock, so that a request refused before
+    anything was recorded leaves the run as it was: the library opens the ledger before it
+    validates the request, and an empty erasure/ledger.db would claim the run has an erasure
+    history. The lock means no other erasure can be writing to a ledger this removes. With
+    ``references``, that many reference models of the run are trained (or reused) first, for the
+    per-patient membership test."""
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.federated.runstate import hold_run
+    from privseg.unlearn.federated import LEDGER, erase
+
+    say = on_stage or (lambda stage, msg: None)
+    if references:
+        from privseg.audit.reference import ensure_references
+
+        # before the request: the references train on the run's patients as the model did
+        ensure_references(run_dir, references, backend=backend,
+                          on_reference=lambda k, what: say("references", f"reference model {k}: {what}"))
+    path = run_dir / LEDGER
+    had_ledger = path.exists()
+    with hold_run(run_dir, "erasure request (privseg erase)"):
+        try:
+            return erase(run_dir, request, backend=backend, on_stage=on_stage, **kw)
+        except BaseException:
+            if not had_ledger and path.exists() and not ErasureLedger(path, create=False).entries():
+                for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                    p.unlink(missing_ok=True)
+                if not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+            raise
+
+
+def erasure_requests(run_dir: Path) -> list[dict]:
+    """The erasure requests recorded in a run's ledger (none when it has no ledger)."""
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.unlearn.federated import LEDGER
+
+    path = run_dir / LEDGER
+    return ErasureLedger(path, create=False).requests() if path.exists() else []
