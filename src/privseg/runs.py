@@ -4,7 +4,6 @@ erasure request applied under the run's lock."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import warnings
@@ -93,26 +92,6 @@ def check_outcome(state, done_before: int) -> list[str]:
     return [f"site {site} failed in every round "
             f"({flower_reason(next(f['reason'] for f in failed if f['site'] == site))[:300]})"
             for site in sorted(always)]
-
-
-def class_names(run_dir: Path, n_foreground: int) -> list[str]:
-    """The foreground class names of a federated run (e.g. CSF, GM, WM), from the cohort of its
-    first readable site; "c1", "c2", ... only when no site's data is readable from here (a
-    deployment's sites)."""
-    from privseg.federated.sites import read_site_cohort
-
-    try:
-        sites = json.loads((Path(run_dir) / "fl_config.json").read_text()).get("sites") or []
-    except (OSError, ValueError, AttributeError):
-        sites = []
-    for spec in sites:
-        try:
-            classes = read_site_cohort(spec["cohort"]).classes[1:]
-        except (PrivsegError, OSError, KeyError, TypeError):
-            continue
-        if len(classes) == n_foreground:
-            return list(classes)
-    return [f"c{k + 1}" for k in range(n_foreground)]
 
 
 class _DropFlowerSimulationDeprecation(logging.Filter):

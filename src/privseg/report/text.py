@@ -140,8 +140,6 @@ def round_info(e: dict) -> str:
 
 def print_fl_status(out: Console, state) -> None:
     """A federated run's rounds and each site's latest held-out evaluation."""
-    from privseg.runs import class_names
-
     d = state.data
     out.print(f"run [bold]{d.get('name', state.run_dir.name)}[/bold] ({d.get('strategy')}): "
               f"{state.rounds_done}/{d.get('rounds_planned', '?')} rounds, status {state.status}, "
@@ -162,6 +160,27 @@ def print_fl_status(out: Console, state) -> None:
         names = class_names(state.run_dir, max(len(m.get("dice", [])) for m in latest.values()))
         out.print(table("latest evaluation per site (held-out subjects)",
                         ["site", "round", "subjects", *[f"Dice {n}" for n in names], "mean Dice", "MAE"], srows))
+
+
+def class_names(run_dir: Path, n_foreground: int) -> list[str]:
+    """The foreground class names of a federated run (e.g. CSF, GM, WM), from the cohort of its
+    first readable site; "c1", "c2", ... only when no site's data is readable from here (a
+    deployment's sites)."""
+    from privseg.errors import PrivsegError
+    from privseg.federated.sites import read_site_cohort
+
+    try:
+        sites = json.loads((Path(run_dir) / "fl_config.json").read_text()).get("sites") or []
+    except (OSError, ValueError, AttributeError):
+        sites = []
+    for spec in sites:
+        try:
+            classes = read_site_cohort(spec["cohort"]).classes[1:]
+        except (PrivsegError, OSError, KeyError, TypeError):
+            continue
+        if len(classes) == n_foreground:
+            return list(classes)
+    return [f"c{k + 1}" for k in range(n_foreground)]
 
 
 def print_budget(out: Console, err: Console, rows: list[dict], path: Path) -> None:
