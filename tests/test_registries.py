@@ -113,3 +113,22 @@ def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, m
     run, deploy = seen["in-process"].to_dict(), seen["deployment"].to_dict()
     assert run == deploy
     assert run["train"]["extra"]["dp"]["sites"] == {"H2": {"epsilon": 3.0}} and run["proximal_mu"] == 0.3
+
+
+def test_fedavgm_applies_the_average_update_at_its_server_learning_rate(tmp_path):
+    """FedAvgM with server learning rate 2 moves the global model twice as far as FedAvg from the
+    same start with the same site updates (momentum 0)."""
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=2, size=16)
+    with pytest.raises(ConfigError, match="server_learning_rate"):
+        from privseg.federated.strategies import build_strategy
+
+        build_strategy("fedavgm", params={"server_learning_rate": 0})
+    moved = {}
+    for name, params in (("fedavg", {}), ("fedavgm", {"server_learning_rate": 2.0})):
+        run = tmp_path / name
+        assert simulate_inprocess(_cfg(cohort, strategy=name, strategy_params=params), run).status == "finished"
+        r0 = load_checkpoint(run / "checkpoints" / "global_r0000.pt")["model"]
+        r1 = load_checkpoint(run / "checkpoints" / "global_r0001.pt")["model"]
+        moved[name] = {k: r1[k] - r0[k] for k in r0 if r0[k].is_floating_point()}
+    for k, d in moved["fedavg"].items():
+        assert torch.allclose(moved["fedavgm"][k], 2 * d, atol=1e-5), k
