@@ -243,10 +243,10 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny, tmp_path, c
 
 
 def test_plain_progress_reports_phases_and_the_last_state(monkeypatch, capsys):
-    from privseg.cli import ui
+    from privseg.report import text
 
-    monkeypatch.setattr(ui, "PLAIN_EVERY_S", 1e9)
-    with ui.progress("work", 100) as update:
+    monkeypatch.setattr(text, "PLAIN_EVERY_S", 1e9)
+    with text.progress("work", 100) as update:
         for k in range(1, 56):
             update(k, f"item {k}")
         update(0, total=4, description="checking")
@@ -270,13 +270,13 @@ def test_predict_raises_no_monai_warning(tiny, tmp_path):
 
 
 def test_flower_deprecation_and_ray_tip_are_silenced():
-    from privseg.cli import ui
+    from privseg.runs import silence_known_noise
 
     flwr = logging.getLogger("flwr")
     msg = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated and will be removed in a future "
            "version of Flower. Please use `flwr run` in the CLI instead to run your simulation.")
     with warnings.catch_warnings(record=True) as caught:
-        ui.silence_known_noise()
+        silence_known_noise()
         warnings.warn("Tip: In future versions of Ray, Ray will no longer override accelerator visible devices "
                       "env var if num_gpus=0 or num_gpus=None (default).", FutureWarning, stacklevel=1)
         warnings.warn("another future change", FutureWarning, stacklevel=1)

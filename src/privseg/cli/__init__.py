@@ -11,24 +11,16 @@ import sys
 import click
 import typer
 
-from privseg.cli import audit as audit_cmds
-from privseg.cli import data as data_cmds
-from privseg.cli import train as train_cmds
-from privseg.cli import unlearn as unlearn_cmds
+from privseg.cli import audit, console, data, erase, fl, privacy, runs, train
 from privseg.errors import PrivsegError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="privseg: private federated segmentation, unlearning and audits.")
-app.add_typer(data_cmds.app, name="data")
-train_cmds.register(app)
-unlearn_cmds.register(app)
-app.add_typer(audit_cmds.app, name="audit")
-app.add_typer(__import__("privseg.cli.fl", fromlist=["app"]).app, name="fl")
-app.add_typer(__import__("privseg.cli.privacy", fromlist=["app"]).app, name="privacy")
-__import__("privseg.cli.report", fromlist=["register"]).register(app)
-app.add_typer(__import__("privseg.cli.runs", fromlist=["app"]).app, name="runs")
-__import__("privseg.cli.erase", fromlist=["register"]).register(app)
-__import__("privseg.cli.console", fromlist=["register"]).register(app)
+for command in (train.train, train.evaluate, train.predict, train.unlearn, runs.report):
+    app.command()(command)
+for name, group in (("data", data.app), ("audit", audit.app), ("fl", fl.app), ("privacy", privacy.app),
+                    ("runs", runs.app), ("erase", erase.app), ("ledger", erase.ledger_app), ("console", console.app)):
+    app.add_typer(group, name=name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,12 @@ from pathlib import Path
 import typer
 
 from privseg.cli.ui import console as err
-from privseg.cli.ui import out, table
+from privseg.cli.ui import out
+from privseg.errors import ConfigError
+from privseg.report.text import table
 
 app = typer.Typer(help="The privacy officer's web console: erasure requests, budgets, certificates, with roles.",
                   invoke_without_command=True)
-
 _RUNS = typer.Option(Path("runs"), "--runs", help="Folder holding the federated run folders.")
 
 
@@ -24,10 +25,17 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _accounts(runs: Path, must_exist: bool = True):
+    from privseg.console.accounts import Accounts
+
+    if must_exist and not runs.is_dir():
+        raise ConfigError(f"--runs {runs}: no such folder")
+    return Accounts(runs)
+
+
 @app.callback()
 def serve(
-    ctx: typer.Context,
-    runs: Path = _RUNS,
+    ctx: typer.Context, runs: Path = _RUNS,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8700, min=1, max=65535),
     certfile: Path = typer.Option(None, help="TLS certificate (PEM); with --keyfile, serve HTTPS."),
@@ -42,17 +50,13 @@ def serve(
     import uvicorn
 
     from privseg.console import create_app
-    from privseg.console.accounts import Accounts
-    from privseg.errors import ConfigError
 
     if (certfile is None) != (keyfile is None):
         raise ConfigError("give both --certfile and --keyfile for TLS, or neither")
     for p in (certfile, keyfile):
         if p is not None and not p.is_file():
             raise ConfigError(f"{p}: no such file")
-    if not runs.is_dir():
-        raise ConfigError(f"--runs {runs}: no such folder")
-    if not Accounts(runs).users():
+    if not _accounts(runs).users():
         err.print(f"[yellow]no account yet[/yellow]: add one with `privseg console add-user NAME --role officer "
                   f"--runs {runs}`")
     if not _loopback(host) and certfile is None:
@@ -63,12 +67,6 @@ def serve(
     uvicorn.run(create_app(runs, secure=tls, idle_minutes=idle_minutes, max_hours=max_hours), host=host, port=port,
                 ssl_certfile=str(certfile) if tls else None, ssl_keyfile=str(keyfile) if tls else None,
                 log_level="warning", proxy_headers=False, server_header=False)
-
-
-def _read_password(from_stdin: bool) -> str:
-    if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
 @app.command("add-user")
@@ -83,37 +81,25 @@ def add_user(
                                         "of standard input (for scripts) instead of prompting."),
 ) -> None:
     """Add a console account. The password is prompted (never taken from the command line)."""
-    from privseg.console.accounts import Accounts
-    from privseg.errors import ConfigError
-
-    if not runs.is_dir():
-        raise ConfigError(f"--runs {runs}: no such folder")
-    accounts = Accounts(runs)
+    accounts = _accounts(runs)
     if not replace and accounts.get(name) is not None:
         raise ConfigError(f"user {name} exists (use --replace to change role, site or password)")
-    user = accounts.add_user(name, role, _read_password(password_stdin), site=site, replace=replace)
+    password = (sys.stdin.readline().rstrip("\r\n") if password_stdin
+                else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+    user = accounts.add_user(name, role, password, site=site, replace=replace)
     out.print(f"user {user.name}: {user.role}" + (f" of site {user.site}" if user.site else ""))
 
 
 @app.command("users")
 def users(runs: Path = _RUNS) -> None:
     """List the console's accounts."""
-    from privseg.console.accounts import Accounts
-
     out.print(table(f"console users ({runs})", ["name", "role", "site"],
-                    [[u.name, u.role, u.site or "all"] for u in Accounts(runs).users()]))
+                    [[u.name, u.role, u.site or "all"] for u in _accounts(runs, False).users()]))
 
 
 @app.command("remove-user")
 def remove_user(name: str = typer.Argument(...), runs: Path = _RUNS) -> None:
     """Remove an account (its sessions end at once)."""
-    from privseg.console.accounts import Accounts
-    from privseg.errors import ConfigError
-
-    if not Accounts(runs).remove_user(name):
+    if not _accounts(runs, False).remove_user(name):
         raise ConfigError(f"no user {name}")
     out.print(f"user {name} removed")
-
-
-def register(root: typer.Typer) -> None:
-    root.add_typer(app, name="console")

@@ -1,4 +1,4 @@
-"""`privseg train|evaluate|predict`."""
+"""`privseg train|evaluate|predict|unlearn`: a model trained, scored, applied, and made to forget."""
 
 from __future__ import annotations
 
@@ -6,94 +6,101 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.cohorts import CLASSES, CT_WINDOW, SPACING, SPLITS, open_cohort, parse_spacing
-from privseg.cli.ui import out, progress, table
+from privseg.cli.ui import PARAM, QUIET, READING, SPACING, TRAINING, out, progress, take, with_options
+from privseg.cohorts import open_cohort, parse_spacing
+from privseg.data.transforms import ct_window
+from privseg.report.text import print_dice, print_unlearning
+from privseg.train import TrainConfig, Trainer
+from privseg.train.inference import evaluate_checkpoint, predict_subject
 from privseg.utils import write_json
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(train)
-    app.command()(evaluate)
-    app.command()(predict)
+def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
+          cohort: Path = typer.Option(..., help="Cohort folder or manifest.")): ...
 
 
-def train(
-    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
-    out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
-    model: str = typer.Option("unet", help="Network name (unet, unet_tiny, resnet10/18/34/50)."),
-    norm: str = typer.Option("group", help="batch, group or instance."),
-    steps: int = typer.Option(300, min=1),
-    patch: int = typer.Option(64, min=8, help="Patch side in voxels."),
-    subjects_per_step: int = typer.Option(2, min=1),
-    patches_per_subject: int = typer.Option(2, min=1),
-    lr: float = typer.Option(2e-3),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."),
-    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW, spacing: str = SPACING,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-) -> None:
+@with_options(..., TRAINING, *READING, SPACING, QUIET)
+def train(cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
+          out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
+          steps: int = typer.Option(300, min=1),
+          resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."), **o) -> None:
     """Train a segmentation model on a cohort's training subjects."""
-    from privseg.data.transforms import ct_window as task_window
-    from privseg.train import TrainConfig, Trainer
-
-    c = open_cohort(cohort, splits, classes, ct_window)
+    c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"])
     # the window a CT model learnt its intensities under, so evaluate/predict/unlearn apply it again
-    extra = ({"ct_window": list(task_window(c))} if any(s.modality.upper() == "CT" for s in c.subjects) else {})
-    cfg = TrainConfig.for_cohort(c, model=model, norm=norm, steps=steps, patch_size=(patch,) * c.spatial_dims,
-                                 subjects_per_step=subjects_per_step, patches_per_subject=patches_per_subject,
-                                 lr=lr, seed=seed, device=device, spacing=parse_spacing(spacing, c.spatial_dims),
-                                 extra=extra)
-    with progress("training", steps, quiet) as update:
-        result = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
-    if not quiet:
-        out.print(f"checkpoint: {result['checkpoint']}  ({result['seconds']:.0f} s, resumed from step "
-                  f"{result['resumed_from']})")
+    extra = {"ct_window": list(ct_window(c))} if any(s.modality.upper() == "CT" for s in c.subjects) else {}
+    t = take(o, TRAINING)
+    cfg = TrainConfig.for_cohort(c, steps=steps, patch_size=(t.pop("patch"),) * c.spatial_dims, **t, extra=extra,
+                                 spacing=parse_spacing(o["spacing"], c.spatial_dims))
+    with progress("training", steps, o["quiet"]) as update:
+        r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
+    if not o["quiet"]:
+        out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s, resumed from step {r['resumed_from']})")
 
 
-def evaluate(
-    checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
-    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
-    split: str = typer.Option("test", help="train, val or test."),
-    json_out: Path = typer.Option(None, "--json", help="Write the full result as JSON."),
-    hd95: bool = typer.Option(False, help="Also compute HD95 (slower)."),
-    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-) -> None:
+@with_options(MODEL, ..., *READING, QUIET)
+def evaluate(split: str = typer.Option("test", help="train, val or test."),
+             json_out: Path = typer.Option(None, "--json", help="Write the full result as JSON."),
+             hd95: bool = typer.Option(False, help="Also compute HD95 (slower)."), **o) -> None:
     """Per-subject and per-site Dice/MAE table of a checkpoint."""
-    from privseg.train.inference import evaluate_checkpoint
-
-    c = open_cohort(cohort, splits, classes, ct_window, checkpoint)
-    n = len(c.select(split))
-    with progress("evaluating", n, quiet) as update:
-        result = evaluate_checkpoint(checkpoint, c, split, with_hd95=hd95, on_subject=lambda k, _n: update(k))
-    print_dice_table(result)
+    c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"], o["checkpoint"])
+    with progress("evaluating", len(c.select(split)), o["quiet"]) as update:
+        result = evaluate_checkpoint(o["checkpoint"], c, split, with_hd95=hd95, on_subject=lambda k, _n: update(k))
+    print_dice(out, result)
     if json_out:
         write_json(json_out, result)
 
 
-def print_dice_table(result: dict) -> None:
-    classes = result["classes"][1:]
-    rows = [[r["id"], r["site"], *r["dice"], r["mean_dice"], r["mae"]] for r in result["subjects"]]
-    summary = result["summary"]
-    for site, s in summary["sites"].items():
-        rows.append([f"[bold]{site} mean", site, *s["dice"], s["mean_dice"], s["mae"]])
-    o = summary["overall"]
-    rows.append(["[bold]all", "", *o.get("dice", []), o["mean_dice"], o["mae"]])
-    out.print(table(f"Dice on {result['split']} subjects", ["subject", "site", *classes, "mean Dice", "MAE"], rows))
-
-
-def predict(
-    checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
-    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
-    subject: str = typer.Option(..., help="Subject ID to segment."),
-    out_path: Path = typer.Option(..., "--out", help="Output label map: .nii.gz for a 3D cohort, .png for a 2D one."),
-    splits: Path = SPLITS, classes: str = CLASSES, ct_window: str = CT_WINDOW,
-) -> None:
+@with_options(MODEL, ..., *READING)
+def predict(subject: str = typer.Option(..., help="Subject ID to segment."), out_path: Path = typer.Option(
+        ..., "--out", help="Output label map: .nii.gz for a 3D cohort, .png for a 2D one."), **o) -> None:
     """Write a subject's predicted label map in the input's own space: for a 3D cohort a NIfTI with
     the image's affine and header; for a 2D cohort a PNG mask of the image's size, in the dataset's
     label values (e.g. 0/255 where the masks are 0/255)."""
-    from privseg.train.inference import predict_subject
+    c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"], o["checkpoint"])
+    out.print(f"wrote {predict_subject(o['checkpoint'], c, subject, out_path)}")
 
-    path = predict_subject(checkpoint, open_cohort(cohort, splits, classes, ct_window, checkpoint), subject, out_path)
-    out.print(f"wrote {path}")
+
+@with_options(..., *READING, QUIET)
+def unlearn(
+    checkpoint: Path = typer.Option(..., help="Trained checkpoint (.pt)."),
+    cohort: Path = typer.Option(..., help="Cohort folder or manifest the model was trained on."),
+    forget: str = typer.Option(..., help="Comma-separated subject IDs to erase, e.g. S03,S07."),
+    strategy: str = typer.Option("noisy_label", help="noisy_label, retain_label, max_loss, random_encoder, "
+                                 "learn_others, learn_noise, neggrad_plus, scrub, salun or retrain."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for unlearned.pt and report.json."),
+    fix_decoder: bool = typer.Option(False, "--fix-decoder", help="Keep the decoder frozen."),
+    epochs: int = typer.Option(None, min=1, help="Epochs (passes over the forget subjects); default 20 for "
+                               "--target zero, 50 (maximum) for --target unseen."),
+    target: str = typer.Option("zero", help="zero (drive forget Dice down, the study) or unseen (stop when the "
+                               "forget subjects look like never-seen patients)."),
+    retrain: Path = typer.Option(None, help="Retrained reference checkpoint (--strategy retrain) to compare with."),
+    param: list[str] = PARAM, seed: int = typer.Option(0),
+    check_every: int = typer.Option(2, min=1, help="--target unseen: steps between membership checks."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."), **o,
+) -> None:
+    """Remove subjects' influence from a trained model; writes OUT/unlearned.pt and OUT/report.json.
+    Then every model (original, unlearned, retrain) is evaluated on the retain, forget and test
+    subjects, with progress: on CPU this can take longer than the unlearning."""
+    from privseg.unlearn import parse_ids
+    from privseg.unlearn import unlearn as run_unlearn
+    from privseg.unlearn.strategies import parse_params
+
+    ids, params = parse_ids(forget, "--forget"), parse_params(param)
+    c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"], checkpoint)
+    with progress(f"unlearning ({strategy})", 100, o["quiet"]) as update:
+        started = []
+
+        def on_evaluate(done: int, total: int) -> None:
+            if not started:  # a phase of its own, counted in subject passes
+                started.append(True)
+                update(done, "original, unlearned and retrain models", total=total, description="evaluating")
+            else:
+                update(done, "subject passes")
+
+        result = run_unlearn(checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target,
+                             params=params, out_dir=out_dir, seed=seed, retrain_checkpoint=retrain,
+                             check_every=check_every, device=device, on_evaluate=on_evaluate,
+                             on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)),
+                                                                 f"step {s}/{n} loss {loss:.3f}"))
+    if not o["quiet"]:
+        print_unlearning(out, result, strategy, target)

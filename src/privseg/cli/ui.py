@@ -1,132 +1,98 @@
-"""Rich helpers shared by the sub-commands: progress bars and tables."""
+"""Glue shared by the sub-commands: the two consoles, progress on stderr, and option groups that
+several commands take (one definition each, added to a command with :func:`with_options`)."""
 
 from __future__ import annotations
 
-import logging
-import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import inspect
+from pathlib import Path
 
+import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-console = Console(stderr=True)
-out = Console()
+from privseg.report import text
+from privseg.runs import silence_known_noise
 
-# Redirected output gets a plain line at every tenth of the work, and at least this often.
-PLAIN_EVERY_S = 30.0
-
-
-class _DropFlowerSimulationDeprecation(logging.Filter):
-    """Flower logs "DEPRECATED FEATURE: The `run_simulation` function ..." at every simulation.
-    The advice (use `flwr run`) is for code that calls Flower; privseg calls run_simulation itself
-    because it drives the rounds in this process (progress, run state, resume), so a user can do
-    nothing about the line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
-def silence_known_noise() -> None:
-    """Hide third-party warnings that ask nothing of a privseg user (each with its reason)."""
-    flwr = logging.getLogger("flwr")
-    if not any(isinstance(f, _DropFlowerSimulationDeprecation) for f in flwr.filters):
-        flwr.addFilter(_DropFlowerSimulationDeprecation())
-    # Ray's tip announces that zero-GPU actors will one day see the GPUs. privseg gives simulated
-    # sites num_gpus=0 and relies on today's behaviour (Ray hides the GPUs from them); nothing to do.
-    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
-                            category=FutureWarning)
-
-
+console, out = Console(stderr=True), Console()
 silence_known_noise()
+PARAM = typer.Option(None, help="Strategy hyper-parameter KEY=VALUE (repeatable).")
 
 
-def _plain(description: str, total: int) -> tuple[Callable[..., None], Callable[[], None]]:
-    """Log lines for a non-terminal stderr (a file, a pipe, CI): a live bar would be written
-    there as one frame at the end, or as control codes."""
-    state = {"description": description, "total": total, "t0": time.monotonic(), "last_t": None,
-             "last_tenth": -1, "line": None}
-
-    def emit(completed: int, info: str) -> None:
-        total_ = max(int(state["total"]), 1)
-        line = f"{state['description']}: {completed}/{state['total']}" + (f"  {info}" if info else "") \
-            + f"  ({time.monotonic() - state['t0']:.0f} s)"
-        console.print(line, highlight=False, markup=True, soft_wrap=True)
-        state["last_t"], state["last_tenth"], state["line"] = time.monotonic(), 10 * completed // total_, None
-
-    def update(completed: int, info: str = "", *, total: int | None = None, description: str | None = None) -> None:
-        if total is not None or description is not None:  # a new phase starts its own count
-            close()  # after the last state of the phase before
-            state["total"] = state["total"] if total is None else total
-            state["description"] = description or state["description"]
-            state["t0"], state["last_t"], state["last_tenth"] = time.monotonic(), None, -1
-        total_ = max(int(state["total"]), 1)
-        due = (state["last_t"] is None or 10 * completed // total_ > state["last_tenth"]
-               or completed >= state["total"] or time.monotonic() - state["last_t"] >= PLAIN_EVERY_S)
-        if due:
-            emit(completed, info)
-        else:
-            state["line"] = (completed, info)
-
-    def close() -> None:
-        pending = state["line"]
-        if pending is not None:  # the last state reached is always reported
-            emit(*pending)
-
-    return update, close
+def progress(description: str, total: int, quiet: bool = False):
+    return text.progress(description, total, quiet, console=console)
 
 
-@contextmanager
-def progress(description: str, total: int, quiet: bool = False) -> Iterator[Callable[..., None]]:
-    """Yield ``update(completed, info="", *, total=None, description=None)``; silent with ``quiet``.
-
-    Nothing is shown before the first update, so a command that fails while reading its data
-    prints only the error (not a bar stuck at 0). ``total``/``description`` start a new phase
-    (e.g. evaluating after training). On a terminal this is a Rich bar; otherwise plain lines."""
-    if quiet:
-        yield lambda *a, **k: None
-        return
-    if not console.is_terminal:
-        update, close = _plain(description, total)
-        try:
-            yield update
-        finally:
-            close()
-        return
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=console, transient=False)
-    task = None
-
-    def rich_update(completed: int, info: str = "", *, total: int | None = None,
-                    description: str | None = None) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(description or desc0, total=total if total is not None else total0, info="")
-        elif total is not None or description is not None:
-            bar.stop_task(task)  # the finished phase stays on screen; the new one gets its own line
-            task = bar.add_task(description or bar.tasks[-1].description, info="",
-                                total=total if total is not None else bar.tasks[-1].total)
-        bar.update(task, completed=completed, info=info)
-
-    desc0, total0 = description, total
-    try:
-        yield rich_update
-    finally:
-        if task is not None:
-            bar.stop()
+def with_options(*groups, **replaced):
+    """Give a command the options of ``groups`` (functions whose parameters are typer options),
+    after its own parameters or where ``...`` stands among the groups; a group's option also
+    defines a parameter of the command's own by that name, and ``replaced`` swaps an option's
+    definition (e.g. another default). Typer reads the signature set here."""
+    def decorate(f):
+        shared = {n for g in groups if g is not ... for n in inspect.signature(g).parameters}
+        params = []
+        for g in groups if ... in groups else (..., *groups):
+            for p in inspect.signature(f if g is ... else g, eval_str=True).parameters.values():
+                if p.kind is not p.VAR_KEYWORD and not (g is ... and p.name in shared):
+                    params.append(p.replace(kind=p.KEYWORD_ONLY, default=replaced.get(p.name, p.default)))
+        f.__signature__ = inspect.Signature(params)
+        return f
+    return decorate
 
 
-TEXT_COLUMNS = ("subject", "site", "split", "class", "strategy", "metric")
+def take(options: dict, group) -> dict:
+    """Remove the options of ``group`` from a command's ``options`` and return them."""
+    return {k: options.pop(k) for k in inspect.signature(group).parameters}
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
-    for r in rows:
-        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
-    return t
+def QUIET(quiet: bool = typer.Option(False, "--quiet", "-q")): ...
+
+
+def RUNS(runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders.")): ...
+
+
+def JSON(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")): ...
+
+
+def SPLITS(splits: Path = typer.Option(None, help="Pin the splits from a file: nnU-Net's splits_final.json (fold "
+                                       "0), or a CSV with columns id,site,split (optional patient), e.g. a run's "
+                                       "splits.csv.")): ...
+
+
+def CLASSES(classes: str = typer.Option(None, help="Declare the classes of a plain NIfTI or 2D image folder, one "
+                                        "name per label value 0, 1, 2, ..., e.g. background,lesion.")): ...
+
+
+def CT_WINDOW(ct_window: str = typer.Option(
+        None, metavar="LO,HI", help="CT intensity window in HU mapped to [0, 1], e.g. --ct-window=0,80 for brain "
+        "(default: the cohort's ct_window in its manifest info or dataset.json, else -200,300). Recorded in the "
+        "checkpoint, so evaluate/predict/unlearn use it again.")): ...
+
+
+def SPACING(spacing: str = typer.Option(
+        None, metavar="MM", help="Resample 3D volumes to this voxel spacing in mm: one number (isotropic) or X,Y,Z, "
+        "e.g. 1 or 1,1,3 (default: keep each volume's own). Recorded in the checkpoint.")): ...
+
+
+def TRAINING(
+    model: str = typer.Option("unet", help="Network name (unet, unet_tiny, resnet10/18/34/50)."),
+    norm: str = typer.Option("group", help="batch, group or instance."),
+    patch: int = typer.Option(64, min=8, help="Patch side in voxels."),
+    subjects_per_step: int = typer.Option(2, min=1), patches_per_subject: int = typer.Option(2, min=1),
+    lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+): ...
+
+
+def DP(
+    dp: str = typer.Option("patient", help="DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server)."),
+    epsilon: float = typer.Option(8.0, help="Privacy budget epsilon (per site)."),
+    delta: float = typer.Option(1e-5, help="delta; must be below 1/(patients at the site)."),
+    clip: str = typer.Option("adaptive", help="fixed or adaptive (private quantile, Andrew et al. 2021)."),
+    clip_norm: float = typer.Option(1.0, help="Clip norm (adaptive: its starting value)."),
+    target_quantile: float = typer.Option(0.5, help="Adaptive clip: target quantile of the norms."),
+    noise_schedule: str = typer.Option("constant", help="constant or decay (calibrated to the budget)."),
+    allow_large_delta: bool = typer.Option(False, "--allow-large-delta", help="Allow delta >= 1/n (not recommended)."),
+    dp_method: str = typer.Option("loop", help="Per-subject gradients: loop, vmap or opacus."),
+): ...
+
+
+READING = (SPLITS, CLASSES, CT_WINDOW)  # how the model commands read a cohort
