@@ -172,6 +172,41 @@ def unseen_stopper(forget_items: list[dict], calib_items: list[dict], cfg: Train
     return should_stop
 
 
+@dataclass
+class _Loaded:
+    """What the load stage found: the original model, its subjects by role and their preprocessed items."""
+
+    payload: dict
+    model: torch.nn.Module
+    cfg: TrainConfig
+    trained: list[str] | None
+    retain_subj: list
+    forget_subj: list
+    test_subj: list
+    calib_subj: list
+    retrain_model: torch.nn.Module | None
+    retrain_seconds: float | None
+    retain_items: list[dict]
+    forget_items: list[dict]
+    test_items: list[dict]
+    calib_items: list[dict]
+
+
+@dataclass
+class _Run:
+    """What the run stage produced: the unlearned model and how it got there."""
+
+    model: torch.nn.Module
+    original: torch.nn.Module | None
+    ctx: UnlearnContext
+    checks: list[dict]
+    floor: float
+    seconds: float
+    budget: int
+    steps_per_epoch: int
+    device: torch.device
+
+
 def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: str = "noisy_label", *,
             fix_decoder: bool = False, epochs: int | None = None, target: str = "zero", params: dict | None = None,
             out_dir=None, seed: int = 0, calibration: Sequence[str] | None = None, retrain_checkpoint=None,
@@ -192,6 +227,23 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     request, ``mia_views`` and ``seed``; its ``"reference_rows"`` spare re-running the reference model for the
     calibrated membership AUC). ``on_evaluate(done, total)`` reports the evaluation after the strategy, in
     subject passes (one subject through one model), which on CPU can take longer than the unlearning."""
+    strat, resolved, epochs, forget_ids = _validate(strategy, target, epochs, check_every, params, forget)
+    data = _load(checkpoint, cohort, forget_ids, calibration, retrain_checkpoint, retrain_seconds, items)
+    run = _run(strat, resolved, data, strategy=strategy, target=target, epochs=epochs, fix_decoder=fix_decoder,
+               seed=seed, check_every=check_every, auc_threshold=auc_threshold, utility_fraction=utility_fraction,
+               keep_original=evaluate and original_metrics is None, device=device, on_step=on_step)
+    report = _run_report(checkpoint, cohort, forget_ids, data, run, strategy=strategy, target=target,
+                         fix_decoder=fix_decoder, resolved=resolved, epochs=epochs, check_every=check_every,
+                         auc_threshold=auc_threshold, seed=seed)
+    if evaluate:
+        report.update(_evaluate(data, run, mia_views, seed, original_metrics, retrain_metrics, on_evaluate))
+    ckpt_path, report_path = _write(out_dir, checkpoint, cohort, forget_ids, data, run, report, strategy, target)
+    return UnlearnResult(run.model, report, ckpt_path, report_path)
+
+
+def _validate(strategy: str, target: str, epochs: int | None, check_every: int, params: dict | None,
+              forget: str | Sequence[str]):
+    """Refuse a bad request before any file is read: (strategy, resolved params, epochs, forget IDs)."""
     strat = get_strategy(strategy)
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
@@ -203,7 +255,13 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
         raise ConfigError(f"check_every must be at least 1 (got {check_every})")
     resolved = strat.resolve(params)
     forget_ids = parse_ids(forget, "--forget")
+    return strat, resolved, epochs, forget_ids
 
+
+def _load(checkpoint, cohort: Cohort, forget_ids: list[str], calibration: Sequence[str] | None,
+          retrain_checkpoint, retrain_seconds: float | None, items: dict[str, dict] | None) -> _Loaded:
+    """The original (and retrained) model, the subjects by role, checked against what trained each model,
+    and their preprocessed items (cached by ID when the caller gives a cache)."""
     payload, model = _load_model(checkpoint, cohort, "--checkpoint")
     cfg = TrainConfig.from_dict(payload["config"])
     try:
@@ -238,20 +296,24 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
         if retrain_seconds is None:
             retrain_seconds = rp.get("extra", {}).get("unlearn", {}).get("seconds")
 
-    # -- load data (cached by ID when the caller gives a cache) ------------------
     cache = items if items is not None else {}
     need = [s for s in (*retain_subj, *forget_subj, *test_subj, *calib_subj) if s.id not in cache]
     for s, it in zip(need, load_preprocessed(need, cohort, cfg.spacing), strict=True):
         cache[s.id] = it
-    retain_items = [cache[s.id] for s in retain_subj]
-    forget_items = [cache[s.id] for s in forget_subj]
-    test_items = [cache[s.id] for s in test_subj]
-    calib_items = [cache[s.id] for s in calib_subj]
+    return _Loaded(payload, model, cfg, trained, retain_subj, forget_subj, test_subj, calib_subj, retrain_model,
+                   retrain_seconds, [cache[s.id] for s in retain_subj], [cache[s.id] for s in forget_subj],
+                   [cache[s.id] for s in test_subj], [cache[s.id] for s in calib_subj])
 
+
+def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, epochs: int, fix_decoder: bool,
+         seed: int, check_every: int, auc_threshold: float, utility_fraction: float, keep_original: bool,
+         device: str, on_step: Callable[[int, int, float], None] | None) -> _Run:
+    """Run the strategy on the original model (moved to ``device``), within the step budget of ``epochs``."""
+    cfg, forget_items, calib_items = data.cfg, data.forget_items, data.calib_items
     dev = pick_device(device)
-    model = model.to(dev)
+    model = data.model.to(dev)
     original = None
-    if evaluate and original_metrics is None:
+    if keep_original:
         import copy
 
         original = copy.deepcopy(model)
@@ -266,7 +328,7 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     should_stop = (unseen_stopper(forget_items, calib_items, cfg, auc_threshold=auc_threshold, utility_floor=floor,
                                   log=checks) if target == "unseen" else (lambda step, m: False))
     dec_names = decoder_parameter_names(model)
-    ctx = UnlearnContext(config=cfg, retain_items=retain_items, forget_items=forget_items, steps=budget,
+    ctx = UnlearnContext(config=cfg, retain_items=data.retain_items, forget_items=forget_items, steps=budget,
                          steps_per_epoch=steps_per_epoch, seed=seed, check_every=check_every,
                          should_stop=should_stop, decoder_names=dec_names, fix_decoder=fix_decoder, device=dev,
                          on_step=(lambda s, loss: on_step(s, budget, loss)) if on_step else None)
@@ -286,97 +348,123 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
             p.requires_grad_(True)
     seconds = time.perf_counter() - t0
     new_model.eval()
+    return _Run(new_model, original, ctx, checks, floor, seconds, budget, steps_per_epoch, dev)
 
+
+def _run_report(checkpoint, cohort: Cohort, forget_ids: list[str], data: _Loaded, run: _Run, *, strategy: str,
+                target: str, fix_decoder: bool, resolved: dict, epochs: int, check_every: int, auc_threshold: float,
+                seed: int) -> dict:
+    """The report's account of the request and the run (the evaluation adds the models' scores)."""
     report: dict = {
         "request": {"checkpoint": str(checkpoint), "cohort": cohort.name, "forget": forget_ids,
-                    "retain": [s.id for s in retain_subj], "test": [s.id for s in test_subj],
-                    "calibration": [s.id for s in calib_subj]},
+                    "retain": [s.id for s in data.retain_subj], "test": [s.id for s in data.test_subj],
+                    "calibration": [s.id for s in data.calib_subj]},
         "strategy": strategy, "fix_decoder": bool(fix_decoder and strategy != "retrain"), "target": target,
-        "params": resolved, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-        "step_budget": budget if strategy != "retrain" else cfg.steps, "epoch_definition": EPOCH_DEFINITION,
-        "steps_run": ctx.steps_run, "stopped_early": ctx.stopped_early, "check_every": check_every,
-        "auc_threshold": auc_threshold, "utility_floor": floor, "checks": checks, "seed": seed, "seconds": seconds,
-        "strategy_log": ctx.log, "subjects_seen": sorted(set(ctx.sampler.seen)), "versions": versions(),
+        "params": resolved, "epochs": epochs, "steps_per_epoch": run.steps_per_epoch,
+        "step_budget": run.budget if strategy != "retrain" else data.cfg.steps, "epoch_definition": EPOCH_DEFINITION,
+        "steps_run": run.ctx.steps_run, "stopped_early": run.ctx.stopped_early, "check_every": check_every,
+        "auc_threshold": auc_threshold, "utility_floor": run.floor, "checks": run.checks, "seed": seed,
+        "seconds": run.seconds, "strategy_log": run.ctx.log, "subjects_seen": sorted(set(run.ctx.sampler.seen)),
+        "versions": versions(),
     }
-    if retrain_seconds:
-        report["retrain_seconds"] = float(retrain_seconds)
-        report["time_ratio"] = seconds / float(retrain_seconds)
-        report["speedup"] = float(retrain_seconds) / max(seconds, 1e-9)
+    if data.retrain_seconds:
+        report["retrain_seconds"] = float(data.retrain_seconds)
+        report["time_ratio"] = run.seconds / float(data.retrain_seconds)
+        report["speedup"] = float(data.retrain_seconds) / max(run.seconds, 1e-9)
+    return report
 
-    if evaluate:
-        groups = {"retain": retain_items, "forget": forget_items, "test": test_items}
-        # every pass below runs a model over whole subjects; counted so a caller can show progress
-        n_groups = len(retain_items) + len(forget_items) + len(test_items)
-        n_mia = (len(forget_items) + len(test_items)) if test_items else 0
-        fresh_retrain = retrain_model is not None and retrain_metrics is None
-        total = ((n_groups + n_mia if original_metrics is None else 0) + (n_groups + n_mia if fresh_retrain else 0)
-                 + n_groups + n_mia)
-        done = 0
 
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_evaluate:
-                on_evaluate(done, total)
+def _evaluate(data: _Loaded, run: _Run, mia_views: int, seed: int, original_metrics: dict | None,
+              retrain_metrics: dict | None, on_evaluate: Callable[[int, int], None] | None) -> dict:
+    """Scores of the original, unlearned and (when given) retrained model, and the differences between them."""
+    cfg, forget_items, test_items = data.cfg, data.forget_items, data.test_items
+    retrain_model = data.retrain_model
+    groups = {"retain": data.retain_items, "forget": forget_items, "test": test_items}
+    # every pass below runs a model over whole subjects; counted so a caller can show progress
+    n_groups = len(data.retain_items) + len(forget_items) + len(test_items)
+    n_mia = (len(forget_items) + len(test_items)) if test_items else 0
+    fresh_retrain = retrain_model is not None and retrain_metrics is None
+    total = ((n_groups + n_mia if original_metrics is None else 0) + (n_groups + n_mia if fresh_retrain else 0)
+             + n_groups + n_mia)
+    done = 0
 
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
         if on_evaluate:
-            on_evaluate(0, total)
-        res: dict = {}
-        # the retrained model first: its membership rows are the reference of the original's and the
-        # unlearned model's calibrated AUC, so the reference model runs over the subjects once, not twice
-        if retrain_model is not None:
-            if retrain_metrics is not None:
-                res["retrain"] = retrain_metrics
-            else:
-                retrain_model = retrain_model.to(dev)
-                res["retrain"] = _group_metrics(retrain_model, groups, cfg, tick)
-                rm = mia.audit_items(retrain_model, forget_items, test_items, cfg.patch_size, cfg.num_classes,
-                                     views=mia_views, seed=seed, n_boot=1000) if test_items else None
-                tick(n_mia)
-                res["retrain"]["mia"] = ({"auc": rm.auc, "ci": [rm.ci_low, rm.ci_high], "members": rm.n_members,
-                                          "nonmembers": rm.n_nonmembers, "views": mia_views, "warning": rm.warning}
-                                         if rm is not None else {"auc": math.nan})
-                if rm is not None:
-                    res["retrain"]["reference_rows"] = {
-                        "members": [{k: r[k] for k in ("id", "loss", "dice")} for r in rm.members],
-                        "nonmembers": [{k: r[k] for k in ("id", "loss", "dice")} for r in rm.nonmembers]}
-        ref_rows = res.get("retrain", {}).get("reference_rows")
-        if original_metrics is not None:
-            res["original"] = original_metrics
-        else:
-            res["original"] = _group_metrics(original, groups, cfg, tick)
-            res["original"]["mia"] = _mia(original, forget_items, test_items, cfg, mia_views, seed,
-                                          None if ref_rows else retrain_model, ref_rows)
-            tick(n_mia)
-        res["unlearned"] = _group_metrics(new_model, groups, cfg, tick)
-        res["unlearned"]["mia"] = _mia(new_model, forget_items, test_items, cfg, mia_views, seed,
-                                       None if ref_rows else retrain_model, ref_rows)
-        tick(n_mia)
-        report.update(res)
-        u = _flat(res["unlearned"])
-        report["vs_original"] = {k: u[k] - v for k, v in _flat(res["original"]).items()}
-        if "retrain" in res:
-            r = _flat(res["retrain"])
-            report["vs_retrain"] = {k: u[k] - v for k, v in r.items()}
-            report["forget_dice_distance_to_retrain"] = abs(u["forget_dice"] - r["forget_dice"])
-            report["retain_dice_ratio"] = u["retain_dice"] / r["retain_dice"] if r["retain_dice"] else math.nan
-        report["mia_auc"] = {"original": res["original"]["mia"]["auc"], "unlearned": res["unlearned"]["mia"]["auc"],
-                             "retrain": res.get("retrain", {}).get("mia", {}).get("auc")}
+            on_evaluate(done, total)
 
-    ckpt_path = report_path = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        trained_list = [s.id for s in retain_subj] if strategy == "retrain" else list(
-            trained or [*[s.id for s in retain_subj], *forget_ids])
-        extra = {"train_subjects": trained_list, "cohort": cohort.name,
-                 "unlearn": {"strategy": strategy, "forgotten": forget_ids, "target": target,
-                             "fix_decoder": report["fix_decoder"], "seconds": seconds, "source": str(checkpoint)}}
-        ckpt_path = save_checkpoint(out_dir / "unlearned.pt", new_model, config=cfg.to_dict(),
-                                    step=int(payload.get("step", 0)) + ctx.steps_run, extra=extra)
-        report["output"] = str(ckpt_path)
-        report_path = out_dir / "report.json"
-        write_json(report_path, report)
-    return UnlearnResult(new_model, report, ckpt_path, report_path)
+    if on_evaluate:
+        on_evaluate(0, total)
+    res: dict = {}
+    # the retrained model first: its membership rows are the reference of the original's and the
+    # unlearned model's calibrated AUC, so the reference model runs over the subjects once, not twice
+    if retrain_model is not None:
+        if retrain_metrics is not None:
+            res["retrain"] = retrain_metrics
+        else:
+            retrain_model = retrain_model.to(run.device)
+            res["retrain"] = _retrain_metrics(retrain_model, groups, cfg, mia_views, seed, tick, n_mia)
+    ref_rows = res.get("retrain", {}).get("reference_rows")
+    if original_metrics is not None:
+        res["original"] = original_metrics
+    else:
+        res["original"] = _group_metrics(run.original, groups, cfg, tick)
+        res["original"]["mia"] = _mia(run.original, forget_items, test_items, cfg, mia_views, seed,
+                                      None if ref_rows else retrain_model, ref_rows)
+        tick(n_mia)
+    res["unlearned"] = _group_metrics(run.model, groups, cfg, tick)
+    res["unlearned"]["mia"] = _mia(run.model, forget_items, test_items, cfg, mia_views, seed,
+                                   None if ref_rows else retrain_model, ref_rows)
+    tick(n_mia)
+    out = dict(res)
+    u = _flat(res["unlearned"])
+    out["vs_original"] = {k: u[k] - v for k, v in _flat(res["original"]).items()}
+    if "retrain" in res:
+        r = _flat(res["retrain"])
+        out["vs_retrain"] = {k: u[k] - v for k, v in r.items()}
+        out["forget_dice_distance_to_retrain"] = abs(u["forget_dice"] - r["forget_dice"])
+        out["retain_dice_ratio"] = u["retain_dice"] / r["retain_dice"] if r["retain_dice"] else math.nan
+    out["mia_auc"] = {"original": res["original"]["mia"]["auc"], "unlearned": res["unlearned"]["mia"]["auc"],
+                      "retrain": res.get("retrain", {}).get("mia", {}).get("auc")}
+    return out
+
+
+def _retrain_metrics(model: torch.nn.Module, groups: dict[str, list[dict]], cfg: TrainConfig, views: int, seed: int,
+                     tick: Callable[[int], None], n_mia: int) -> dict:
+    """The retrained model's scores, with its per-subject membership rows (the reference of the calibrated AUC)."""
+    forget_items, test_items = groups["forget"], groups["test"]
+    out = _group_metrics(model, groups, cfg, tick)
+    rm = mia.audit_items(model, forget_items, test_items, cfg.patch_size, cfg.num_classes,
+                         views=views, seed=seed, n_boot=1000) if test_items else None
+    tick(n_mia)
+    out["mia"] = ({"auc": rm.auc, "ci": [rm.ci_low, rm.ci_high], "members": rm.n_members,
+                   "nonmembers": rm.n_nonmembers, "views": views, "warning": rm.warning}
+                  if rm is not None else {"auc": math.nan})
+    if rm is not None:
+        out["reference_rows"] = {
+            "members": [{k: r[k] for k in ("id", "loss", "dice")} for r in rm.members],
+            "nonmembers": [{k: r[k] for k in ("id", "loss", "dice")} for r in rm.nonmembers]}
+    return out
+
+
+def _write(out_dir, checkpoint, cohort: Cohort, forget_ids: list[str], data: _Loaded, run: _Run, report: dict,
+           strategy: str, target: str) -> tuple[Path | None, Path | None]:
+    """With ``out_dir``: the unlearned checkpoint and the report beside it; (None, None) without."""
+    if out_dir is None:
+        return None, None
+    out_dir = Path(out_dir)
+    retain_ids = [s.id for s in data.retain_subj]
+    trained_list = retain_ids if strategy == "retrain" else list(data.trained or [*retain_ids, *forget_ids])
+    extra = {"train_subjects": trained_list, "cohort": cohort.name,
+             "unlearn": {"strategy": strategy, "forgotten": forget_ids, "target": target,
+                         "fix_decoder": report["fix_decoder"], "seconds": run.seconds, "source": str(checkpoint)}}
+    ckpt_path = save_checkpoint(out_dir / "unlearned.pt", run.model, config=data.cfg.to_dict(),
+                                step=int(data.payload.get("step", 0)) + run.ctx.steps_run, extra=extra)
+    report["output"] = str(ckpt_path)
+    report_path = out_dir / "report.json"
+    write_json(report_path, report)
+    return ckpt_path, report_path
 
 
 def report_rows(report: dict) -> tuple[list[str], list[list]]:
