@@ -21,15 +21,16 @@ LAYERS: dict[str, int] = {
     "models": 2, "train": 2,
     "privacy": 3,
     "federated": 4,
-    "unlearn": 5,
-    "audit": 6, "report": 6,
-    "cli": 7, "console": 7,
+    "audit": 5,                  # membership tests, ledger, certificates: what verifies an erasure
+    "unlearn": 6,
+    "report": 7,
+    "cli": 8, "console": 8,
     # the package's top-level modules
     "errors": 0, "utils": 0,     # shared helpers every layer may use
     "__init__": 0,               # privseg/__init__.py re-exports the errors only
-    "cohorts": 6, "runs": 6,     # cohorts and runs as every entry point opens and drives them: they compose
+    "cohorts": 7, "runs": 7,     # cohorts and runs as every entry point opens and drives them: they compose
                                  # data, train, federated, unlearn and audit, and the text reports use them
-    "__main__": 7,               # `python -m privseg` is the command line
+    "__main__": 8,               # `python -m privseg` is the command line
 }
 # within a layer, the directions the architecture rules out as well
 FORBIDDEN_SAME_LAYER = {("models", "train")}  # models do not import train (checkpoints live in train)

@@ -24,6 +24,7 @@ from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.errors import ConfigError
 from privseg.federated import FLConfig, check_sites, sites_from_cohort
+from privseg.federated import retrain as fed_retrain
 from privseg.federated.simulation import simulate_inprocess
 from privseg.train import TrainConfig
 from privseg.unlearn import federated as fed
@@ -255,7 +256,7 @@ def test_references_are_reused_not_retrained_and_foreign_sets_are_refused(traine
     def no_training(*a, **kw):
         raise AssertionError("a reference model was retrained")
 
-    monkeypatch.setattr(fed, "federated_retrain", no_training)
+    monkeypatch.setattr(fed_retrain, "federated_retrain", no_training)
     again = refmod.ensure_references(d, 4)
     assert again.reused == [0, 1, 2, 3] and again.trained == []
     monkeypatch.undo()

@@ -9,7 +9,7 @@ training patients, the way the run itself was trained:
 
 * federated run: a federated retrain from the run's initial (round-0, data-free) global model,
   the same sites, strategy and number of training rounds, each site keeping its half
-  (:func:`privseg.unlearn.federated.federated_retrain`);
+  (:func:`privseg.federated.retrain.federated_retrain`);
 * central run (a ``Trainer`` folder with ``last.pt``): the central trainer on the half, same
   config and seed (so the same initial model).
 
@@ -284,7 +284,7 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
     folder = run_dir / REF_DIR / str(k)
     t0, c0 = time.perf_counter(), time.process_time()
     if index["identity"]["kind"] == "federated":
-        from privseg.unlearn.federated import federated_retrain
+        from privseg.federated import retrain
 
         train_now = _training_patients(run_dir)
         exclude = {s: [p for p in ids if p not in saw.get(s, [])] for s, ids in train_now.items()}
@@ -293,7 +293,7 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
         if len(empty) > 1:
             raise ConfigError(f"reference model {k}: sites {', '.join(empty)} have no training patient left in "
                               f"its half; remove {folder.parent} and build a new set ({_command(run_dir)})")
-        final, _ = federated_retrain(run_dir, folder / "run", exclude=exclude, from_round=0,
+        final, _ = retrain.federated_retrain(run_dir, folder / "run", exclude=exclude, from_round=0,
                                      drop_site=empty[0] if empty else None, rounds=int(index["rounds"]),
                                      backend=backend)
         shutil.copyfile(final, folder / "model.pt")
@@ -397,3 +397,59 @@ def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     res["checkpoint"] = str(path)
     res["references"] = refs.summary()
     return res
+
+
+# -- a stopping rule for local unlearning --------------------------------------------------
+
+STOP_P = 0.1  # stop at twice ALPHA: a margin for the repair rounds that follow the local stage
+
+
+def calibrated_stopper(refs: ReferenceSet, forget: Sequence[dict], never_seen: Sequence[dict], patch_size,
+                       num_classes: int, *, views: int = 2, seed: int = 0, statistic: str = "loss",
+                       stop_p: float = STOP_P, utility_fraction: float = 0.9,
+                       log: list | None = None) -> Callable[[int, object], bool]:
+    """``should_stop(step, model)`` for local unlearning: True once the calibrated test no longer
+    tells any ``forget`` patient from patients nobody trained on (every p >= ``stop_p``), while
+    the model still works on ``never_seen`` (their mean Dice at least ``utility_fraction`` of its
+    value at the first check, taken before the first step; a strategy that wrecks the model would
+    otherwise "forget" at once).
+
+    Only data the erasing site holds is needed: its forget and never-seen patients (these also
+    give the shift of :func:`privseg.audit.lira.per_patient_test`) and the reference models'
+    scores on them, computed once and cached with the references."""
+    import torch
+
+    from privseg.audit.mia import subject_statistics
+
+    if not never_seen:
+        raise ConfigError("the calibrated stopping rule needs never-seen patients at the site (a val or test "
+                          "split) to estimate the shift")
+    items = [*forget, *never_seen]
+    ref_scores = [{p: lira.lira_score(r, statistic) for p, r in
+                   ref.statistics(items, patch_size, num_classes, views, seed).items()} for ref in refs.references]
+    saw = [ref.patients for ref in refs.references]
+    nobody = [it["id"] for it in never_seen if not any(it["id"] in s for s in saw)]
+    floor: list[float] = []
+
+    def should_stop(step: int, model) -> bool:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                rows = {it["id"]: subject_statistics(model, [it], patch_size, num_classes, views,
+                                                     _view_seed(seed, it["id"]))[0] for it in items}
+        finally:
+            model.train(was_training)
+        test = lira.per_patient_test({p: lira.lira_score(r, statistic) for p, r in rows.items()}, ref_scores, saw,
+                                     nobody)
+        p_forget = {it["id"]: test["patients"][it["id"]]["p"] for it in forget}
+        dice = float(np.mean([rows[it["id"]]["dice"] for it in never_seen]))
+        if not floor:
+            floor.append(utility_fraction * dice)
+        done = min(p_forget.values()) >= stop_p and dice >= floor[0]
+        if log is not None:
+            log.append({"step": step, "p": p_forget, "never_seen_dice": dice, "utility_floor": floor[0],
+                        "stop_p": stop_p, "statistic": statistic, "stop": done})
+        return done
+
+    return should_stop

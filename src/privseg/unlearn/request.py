@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, canonical, file_sha256
+from privseg.audit.lira import STATISTICS
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
@@ -28,7 +29,10 @@ class ErasureRequest:
     """What to erase, why, and how. ``method``: an unlearning strategy for a patient (default
     ``scrub``), ``federaser`` or ``retrain`` for a site. ``thresholds`` override
     :data:`DEFAULT_THRESHOLDS` (``min_*_dice_ratio`` compare with the federated retrain when one
-    is given, else with the model before the erasure)."""
+    is given, else with the model before the erasure). ``target`` ``calibrated`` stops the local
+    unlearning once the per-patient test against the run's reference models no longer flags the
+    patient; ``statistic`` is that test's score (``loss`` or ``dice``), in the stopping rule and
+    the verification alike."""
 
     kind: str
     site: str
@@ -45,6 +49,7 @@ class ErasureRequest:
     calibration_interval: int = 2  # FedEraser: calibrate every n-th round of the site's rounds
     thresholds: dict = field(default_factory=dict)
     seed: int = 0
+    statistic: str = "loss"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,6 +73,8 @@ class ErasureRequest:
             from privseg.unlearn.strategies import get_strategy
 
             get_strategy(self.method).resolve(self.params)
+        if self.statistic not in STATISTICS:
+            raise ConfigError(f"--statistic {self.statistic!r} is not one of {', '.join(STATISTICS)}")
         if self.repair_rounds < 0:
             raise ConfigError(f"--repair-rounds must be >= 0 (got {self.repair_rounds})")
         if not 0 < self.calibration_ratio <= 1 or self.calibration_interval < 1:

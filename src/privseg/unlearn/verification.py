@@ -201,7 +201,7 @@ def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, 
     out["before"] = _scores(before, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
     out["after"] = _scores(after, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
     out["calibrated"] = _calibrated(run_dir, before, after, members, groups["retain"], nonmembers, tc, views,
-                                    req.seed)
+                                    req.seed, req.statistic)
     # reference models that trained on the erased patients carry them too: deleted on completion
     out["references_superseded"] = _references_superseded(run_dir, [m["id"] for m in members])
     base_name, base = ("retrain", out["retrain"]) if reference is not None else ("before", out["before"])
@@ -214,7 +214,7 @@ def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, 
 
 
 def _calibrated(run_dir: Path, before, after, erased: list[dict], retain: list[dict], never_seen: list[dict],
-                tc: dict, views: int, seed: int) -> dict:
+                tc: dict, views: int, seed: int, statistic: str = "loss") -> dict:
     """The per-patient membership test of the models before and after the erasure against the run's
     reference models (:mod:`privseg.audit.reference`), or why it was not run."""
     from privseg.audit import lira
@@ -226,7 +226,7 @@ def _calibrated(run_dir: Path, before, after, erased: list[dict], retain: list[d
     never = [n["id"] for n in never_seen]
     try:
         refs = refmod.load_references(run_dir)
-        kw = {"views": views, "seed": seed, "nonmembers": never}
+        kw = {"views": views, "seed": seed, "nonmembers": never, "statistic": statistic}
         tb = refmod.calibrated_test(refs, before, items, tc["patch_size"], tc["num_classes"],
                                     members=[*erased_ids, *(r["id"] for r in kept)], **kw)
         ta = refmod.calibrated_test(refs, after, items, tc["patch_size"], tc["num_classes"],
