@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +344,60 @@ def test_central_run_gets_central_references(tmp_path):
     res = refmod.run_membership(tmp_path / "central", cohort=cohort, views=1)
     assert all(r["n_out"] == (2 if p in train else 4) for p, r in res["patients"].items())
     assert res["population"]["n_members"] == len(train)
+
+
+# -- the calibrated stopping rule of local unlearning ------------------------------------------
+
+class _Ref:
+    """A reference model seen only through what the stopping rule asks of it."""
+
+    def __init__(self, model, saw: set[str]):
+        self.model, self.patients = model, saw
+
+    def statistics(self, items, patch_size, num_classes, views, seed):
+        return {r["id"]: {"loss": r["loss"], "dice": r["dice"]}
+                for r in mia.subject_statistics(self.model, items, patch_size, num_classes, views)}
+
+
+def test_calibrated_stopper_waits_while_the_patient_is_flagged_and_stops_once_it_is_not():
+    pool, unseen = _items(6, 1), _items(4, 2)
+    pool_ids = {"S": [i["id"] for i in pool]}
+    refs = []
+    for k in range(6):
+        half = set(refmod.halves(pool_ids, k, seed=0)["S"])
+        refs.append(_Ref(Memoriser([i for i in pool if i["id"] in half], seed=100 + k), half))
+    ref_set = refmod.ReferenceSet(Path("."), {}, refs, [], [])
+    log: list[dict] = []
+    stop = refmod.calibrated_stopper(ref_set, pool[:1], unseen, (SIZE,) * 3, 3, views=1, log=log,
+                                     utility_fraction=0.0)
+    assert not stop(0, Memoriser(pool, seed=7))  # memorised: flagged, keep unlearning
+    assert stop(2, Memoriser(pool[1:], seed=8))  # a model that never saw it: indistinguishable, stop
+    assert [e["stop"] for e in log] == [False, True] and log[0]["p"][pool[0]["id"]] < refmod.STOP_P
+    assert log[1]["p"][pool[0]["id"]] >= refmod.STOP_P
+    with pytest.raises(ConfigError, match="never-seen"):
+        refmod.calibrated_stopper(ref_set, pool[:1], [], (SIZE,) * 3, 3)
+
+
+def test_erasure_with_the_calibrated_target_records_its_checks(run, tmp_path):
+    cohort, d = run
+    subject = [s.id for s in cohort.select("train", "H1")][0]
+    res = erase(d, ErasureRequest(kind="patient", site="H1", subjects=(subject,), epochs=3, thresholds=LOOSE,
+                                  target="calibrated", method="noisy_label"), mia_views=1)
+    local = ErasureLedger(d / LEDGER).events(res.request_id)["local_unlearned"]["body"]
+    assert local["target"] == "calibrated" and local["n_checks"] >= 1
+    last = local["checks"][-1]
+    assert subject in last["p"] and last["stop"] == (local["stopped_early"] or last["stop"])
+    assert local["steps_run"] <= 3 * 1  # epochs x ceil(1 patient / 2 per step)
+
+
+def test_calibrated_target_without_references_is_refused_before_anything_is_recorded(run, tmp_path):
+    cohort, d = run
+    shutil.rmtree(d / "audit")
+    subject = [s.id for s in cohort.select("train", "H1")][0]
+    with pytest.raises(ConfigError, match="privseg audit references --run"):
+        erase(d, ErasureRequest(kind="patient", site="H1", subjects=(subject,), target="calibrated"))
+    assert not (d / LEDGER).exists()
+    with pytest.raises(ConfigError, match="--target"):
+        ErasureRequest(kind="patient", site="H1", subjects=(subject,), target="sometimes")
+    with pytest.raises(ConfigError, match="--statistic"):
+        ErasureRequest(kind="patient", site="H1", subjects=(subject,), statistic="auc")

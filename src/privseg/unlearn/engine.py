@@ -43,8 +43,8 @@ from privseg.train.loop import TrainConfig
 from privseg.unlearn.strategies import UnlearnContext, decoder_parameter_names, get_strategy
 from privseg.utils import parse_ids, pick_device, seed_everything, versions, write_json
 
-TARGETS = ("zero", "unseen")
-DEFAULT_EPOCHS = {"zero": 20, "unseen": 50}
+TARGETS = ("zero", "unseen", "calibrated")
+DEFAULT_EPOCHS = {"zero": 20, "unseen": 50, "calibrated": 50}
 EPOCH_DEFINITION = ("one epoch = ceil(n_forget / subjects_per_step) steps (every forget subject drawn once); "
                     "each step draws subjects_per_step subjects x patches_per_subject patches, plus an equal "
                     "retain batch for strategies that interleave retain subjects; retain-only strategies get the "
@@ -215,7 +215,8 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
             mia_views: int = 2, evaluate: bool = True, device: str = "auto",
             on_step: Callable[[int, int, float], None] | None = None, items: dict[str, dict] | None = None,
             original_metrics: dict | None = None, retrain_metrics: dict | None = None,
-            on_evaluate: Callable[[int, int], None] | None = None) -> UnlearnResult:
+            on_evaluate: Callable[[int, int], None] | None = None, references=None,
+            statistic: str = "loss") -> UnlearnResult:
     """Remove the forget subjects' influence from ``checkpoint``'s model with ``strategy``.
 
     Nothing is written unless everything succeeded; with ``out_dir`` the new model goes
@@ -226,12 +227,20 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     retrained model's evaluation (the ``"retrain"`` block of an earlier report with the same ``retrain_checkpoint``,
     request, ``mia_views`` and ``seed``; its ``"reference_rows"`` spare re-running the reference model for the
     calibrated membership AUC). ``on_evaluate(done, total)`` reports the evaluation after the strategy, in
-    subject passes (one subject through one model), which on CPU can take longer than the unlearning."""
+    subject passes (one subject through one model), which on CPU can take longer than the unlearning.
+    ``target="calibrated"`` stops with :func:`privseg.audit.reference.calibrated_stopper` against
+    ``references`` (default: the reference models kept with the checkpoint's run folder) scored
+    with ``statistic``."""
     strat, resolved, epochs, forget_ids = _validate(strategy, target, epochs, check_every, params, forget)
+    if target == "calibrated" and references is None:
+        from privseg.audit.reference import load_references
+
+        references = load_references(Path(checkpoint).parent)  # a ConfigError naming the command if none
     data = _load(checkpoint, cohort, forget_ids, calibration, retrain_checkpoint, retrain_seconds, items)
     run = _run(strat, resolved, data, strategy=strategy, target=target, epochs=epochs, fix_decoder=fix_decoder,
                seed=seed, check_every=check_every, auc_threshold=auc_threshold, utility_fraction=utility_fraction,
-               keep_original=evaluate and original_metrics is None, device=device, on_step=on_step)
+               keep_original=evaluate and original_metrics is None, device=device, on_step=on_step,
+               references=references, statistic=statistic, views=mia_views)
     report = _run_report(checkpoint, cohort, forget_ids, data, run, strategy=strategy, target=target,
                          fix_decoder=fix_decoder, resolved=resolved, epochs=epochs, check_every=check_every,
                          auc_threshold=auc_threshold, seed=seed)
@@ -307,7 +316,8 @@ def _load(checkpoint, cohort: Cohort, forget_ids: list[str], calibration: Sequen
 
 def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, epochs: int, fix_decoder: bool,
          seed: int, check_every: int, auc_threshold: float, utility_fraction: float, keep_original: bool,
-         device: str, on_step: Callable[[int, int, float], None] | None) -> _Run:
+         device: str, on_step: Callable[[int, int, float], None] | None, references=None, statistic: str = "loss",
+         views: int = 2) -> _Run:
     """Run the strategy on the original model (moved to ``device``), within the step budget of ``epochs``."""
     cfg, forget_items, calib_items = data.cfg, data.forget_items, data.calib_items
     dev = pick_device(device)
@@ -327,6 +337,12 @@ def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, ep
         floor = utility_fraction * metrics.mean([r["dice"] for r in base])
     should_stop = (unseen_stopper(forget_items, calib_items, cfg, auc_threshold=auc_threshold, utility_floor=floor,
                                   log=checks) if target == "unseen" else (lambda step, m: False))
+    if target == "calibrated":
+        from privseg.audit.reference import calibrated_stopper
+
+        should_stop = calibrated_stopper(references, forget_items, calib_items, cfg.patch_size, cfg.num_classes,
+                                         views=views, seed=seed, statistic=statistic,
+                                         utility_fraction=utility_fraction, log=checks)
     dec_names = decoder_parameter_names(model)
     ctx = UnlearnContext(config=cfg, retain_items=data.retain_items, forget_items=forget_items, steps=budget,
                          steps_per_epoch=steps_per_epoch, seed=seed, check_every=check_every,

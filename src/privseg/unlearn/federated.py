@@ -99,6 +99,10 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     rid = request.request_id(cfg.name)
     if not (run_dir / LEDGER).exists():  # a bad first request is refused before the ledger file exists
         _validate(cfg, RunState.load(run_dir), request, _NoErasuresYet())
+    if request.kind == "patient" and request.target == "calibrated":
+        from privseg.audit.reference import load_references
+
+        load_references(run_dir)  # none: refused before anything is recorded, naming the command
     if not (run_dir / LEDGER).exists() or not ErasureLedger(run_dir / LEDGER).entries(rid):
         _check_dp_budget(run_dir, cfg, request)  # a new request: refused before any file or compute
     ledger = ErasureLedger(run_dir / LEDGER)

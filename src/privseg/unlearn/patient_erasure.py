@@ -31,7 +31,7 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
     # 2. local unlearning at the site
     local = _latest(entries, "local_unlearned")
     if local is None:
-        local = _local_unlearn(run_dir, req, rid, ledger, requested, say)
+        local = _local_unlearn(run_dir, req, rid, ledger, requested, say, mia_views)
     # 3. repair rounds with every site
     repaired = _repair(run_dir, req, rid, ledger, n0, local, backend, say)
 
@@ -52,8 +52,10 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
 
 
 def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, requested: dict,
-                   say: StageCallback) -> dict:
-    """Unlearn at the site with its own data, exclude the patient there; the ``local_unlearned`` entry."""
+                   say: StageCallback, mia_views: int = 2) -> dict:
+    """Unlearn at the site with its own data, exclude the patient there; the ``local_unlearned`` entry.
+    Target ``calibrated``: stop once the run's reference models no longer tell the patient from
+    the site's never-seen ones (scored as the verification scores them: ``mia_views``)."""
     from privseg.unlearn.engine import unlearn
     from privseg.unlearn.private import dp_local_finetune, dp_of
 
@@ -74,14 +76,19 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
                 "stopped_early": False, "checks": [], "retain_subjects_at_site": info["retain_patients_at_site"]}
     else:
         say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
+        refs = None
+        if req.target == "calibrated":
+            from privseg.audit.reference import load_references
+
+            refs = load_references(run_dir)
         res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), req.method,
                       target=req.target, epochs=req.epochs, params=req.params, out_dir=work / "local",
-                      seed=req.seed, evaluate=False)
+                      seed=req.seed, evaluate=False, references=refs, statistic=req.statistic, mia_views=mia_views)
         r = res.report
         ckpt = res.checkpoint
         body = {"site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
                 "epochs": r["epochs"], "steps_run": r["steps_run"], "stopped_early": r["stopped_early"],
-                "checks": r["checks"][-1:] if r["checks"] else [],
+                "checks": r["checks"][-1:] if r["checks"] else [], "n_checks": len(r["checks"]),
                 "retain_subjects_at_site": len(r["request"]["retain"])}
     cfg.sites = [replace(s, exclude=(*s.exclude, *req.subjects)) if s.id == req.site else s for s in cfg.sites]
     cfg.save(run_dir)  # from now on the site never uses the patient again

@@ -73,6 +73,11 @@ class ErasureRequest:
             from privseg.unlearn.strategies import get_strategy
 
             get_strategy(self.method).resolve(self.params)
+        if self.kind == "patient":
+            from privseg.unlearn.engine import TARGETS
+
+            if self.target not in TARGETS:
+                raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.statistic not in STATISTICS:
             raise ConfigError(f"--statistic {self.statistic!r} is not one of {', '.join(STATISTICS)}")
         if self.repair_rounds < 0:
