@@ -12,6 +12,7 @@ certificate. Everything goes to demo_out/.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,11 @@ def _train_subjects(cohort: Path) -> list[str]:
 if __name__ == "__main__":
     t0 = time.perf_counter()
     cohort = OUT / "cohort"
+    # a fresh start but for the embedded cohort (slow to build): the erasure ledgers of a previous
+    # demo would otherwise refuse to erase the same patients from the same models again
+    for old in (OUT.iterdir() if OUT.is_dir() else ()):
+        if old.name != "cohort":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     if not (cohort / "cohort.json").exists():
         run("data", "synth", "--out", str(cohort), "--sites", "3", "--subjects", "6", "--size", "48", "--seed", "0")
     run("data", "info", str(cohort))

@@ -30,7 +30,10 @@ def erase(
     method: str = typer.Option(None, help="Patient: an unlearning strategy (default scrub). "
                                "Site: federaser (default) or retrain."),
     param: list[str] = PARAM,
-    target: str = typer.Option("unseen", help="Patient: unseen (stop when the patient looks never-seen) or zero."),
+    target: str = typer.Option("unseen", help="Patient: unseen (stop when the patient looks never-seen), calibrated "
+                               "(stop when the run's reference models no longer tell it from never-seen patients; "
+                               "needs --references or privseg audit references) or zero."),
+    statistic: str = typer.Option("loss", help="Per-patient membership test statistic: loss or dice."),
     epochs: int = typer.Option(None, min=1, help="Patient: maximum unlearning epochs."),
     repair_rounds: int = typer.Option(1, min=0, help="Patient: federated rounds with every site after unlearning."),
     calibration_ratio: float = typer.Option(0.5, help="FedEraser: calibration local steps / original local steps."),

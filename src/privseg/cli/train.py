@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import PARAM, QUIET, READING, SPACING, TRAINING, out, progress, take, with_options
+from privseg.cli.ui import PARAM, QUIET, READING, SPACING, TRAINING, console, out, progress, take, with_options
 from privseg.cohorts import open_cohort, parse_spacing
 from privseg.data.transforms import ct_window
 from privseg.report.text import print_dice, print_unlearning
@@ -70,9 +70,15 @@ def unlearn(
     out_dir: Path = typer.Option(..., "--out", help="Folder for unlearned.pt and report.json."),
     fix_decoder: bool = typer.Option(False, "--fix-decoder", help="Keep the decoder frozen."),
     epochs: int = typer.Option(None, min=1, help="Epochs (passes over the forget subjects); default 20 for "
-                               "--target zero, 50 (maximum) for --target unseen."),
-    target: str = typer.Option("zero", help="zero (drive forget Dice down, the study) or unseen (stop when the "
-                               "forget subjects look like never-seen patients)."),
+                               "--target zero, 50 (maximum) for --target unseen or calibrated."),
+    target: str = typer.Option("zero", help="zero (drive forget Dice down, the study), unseen (stop when the "
+                               "forget subjects look like never-seen patients) or calibrated (stop when the run's "
+                               "reference models no longer tell them from never-seen ones)."),
+    statistic: str = typer.Option("loss", help="Per-patient membership test statistic: loss or dice."),
+    reason: str = typer.Option("", help="Why, for the erasure ledger."),
+    requested_by: str = typer.Option("", help="Who asked, for the erasure ledger."),
+    approved_by: str = typer.Option("", help="Who approved it, for the ledger and the certificate."),
+    certificate: Path = typer.Option(None, help="Write the erasure certificate (JSON + HTML) into this folder."),
     retrain: Path = typer.Option(None, help="Retrained reference checkpoint (--strategy retrain) to compare with."),
     param: list[str] = PARAM, seed: int = typer.Option(0),
     check_every: int = typer.Option(2, min=1, help="--target unseen: steps between membership checks."),
@@ -80,9 +86,10 @@ def unlearn(
 ) -> None:
     """Remove subjects' influence from a trained model; writes OUT/unlearned.pt and OUT/report.json.
     Then every model (original, unlearned, retrain) is evaluated on the retain, forget and test
-    subjects, with progress: on CPU this can take longer than the unlearning."""
+    subjects, with progress: on CPU this can take longer than the unlearning. The erasure is
+    recorded in the erasure ledger of the checkpoint's folder, as a federated one is."""
     from privseg.unlearn import parse_ids
-    from privseg.unlearn import unlearn as run_unlearn
+    from privseg.unlearn.central import erase_central
     from privseg.unlearn.strategies import parse_params
 
     ids, params = parse_ids(forget, "--forget"), parse_params(param)
@@ -97,10 +104,15 @@ def unlearn(
             else:
                 update(done, "subject passes")
 
-        result = run_unlearn(checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target,
-                             params=params, out_dir=out_dir, seed=seed, retrain_checkpoint=retrain,
-                             check_every=check_every, device=device, on_evaluate=on_evaluate,
-                             on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)),
-                                                                 f"step {s}/{n} loss {loss:.3f}"))
+        result, rid, ledger, ver, cert = erase_central(
+            checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target, params=params,
+            out_dir=out_dir, seed=seed, retrain_checkpoint=retrain, check_every=check_every, device=device,
+            on_evaluate=on_evaluate, statistic=statistic, reason=reason, requested_by=requested_by,
+            approved_by=approved_by, certificate_dir=certificate,
+            on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)), f"step {s}/{n} loss {loss:.3f}"))
     if not o["quiet"]:
         print_unlearning(out, result, strategy, target)
+        out.print(f"ledger: {ledger} (request {rid})" + (f"\ncertificate: {cert[1]}" if cert else ""))
+    if not ver["passed"]:  # said even under --quiet: the ledger records the erasure as not completed
+        console.print(f"[red]erasure verification failed[/red] (request {rid}, not completed): "
+                      + "; ".join(ver["failed_checks"]))
