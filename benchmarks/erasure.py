@@ -3,14 +3,14 @@
     OMP_NUM_THREADS=1 python benchmarks/erasure.py [--resume] [--cells a,b] [--list] [--smoke]
 
 The federation is the embedded power cohort (:func:`privseg.data.synth.power_cohort`: 3 sites x 16
-patients at 24^3, 36 training and 12 never seen) trained the way
+patients at 24^3, 36 training and 12 never seen) trained with FedAvg the way
 :data:`privseg.data.synth.POWER_TRAINING` trains a pooled model that memorises (4-level U-Net,
-whole-volume patches, 2 patients per step, lr 3e-3), here 40 rounds x 16 local steps at every site
-(1,920 steps in all, about the pooled preset's 2,000). The server applies the sites' mean update
-at learning rate 3 (FedAvgM, momentum 0: the sum of the updates): plain FedAvg moves each
-patient's contribution by a third of its site's update, and at this compute its model did not
-memorise (membership AUC 0.600, null 0.611; a pooled model at 800 steps scores 0.65). Every
-site's update is kept (FedEraser needs them). Cells, each written to ``benchmarks/runs/erasure/cells/`` when done:
+whole-volume patches, 2 patients per step, lr 3e-3), here 120 rounds x 16 local steps at every
+site. FedAvg moves each patient's contribution by a third of its site's update (3 sites), so a
+federation needs about three times the pooled preset's 2,000 steps to memorise as much: measured
+at 40 rounds (1,920 site steps), membership AUC 0.600 (null 0.611) with FedAvg and 0.465 (null
+0.306) with FedAvgM at server learning rate 3 -- no power either way. Every site's update is kept
+(FedEraser needs them). Cells, each written to ``benchmarks/runs/erasure/cells/`` when done:
 
 1. ``original``: trains the run; the membership power check of its model (all training vs all
    never-seen patients, Dice of the un-augmented volume, and the null control between two
@@ -47,6 +47,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -59,12 +60,12 @@ import cells  # noqa: E402
 
 BENCH = "erasure"
 VERSION = "erasure-power-1"  # bump when a change makes old cells incomparable
-FULL = {"sites": 3, "subjects": 16, "size": 24, "rounds": 40, "local_steps": 16, "model": "unet", "lr": 3e-3,
-        "strategy": "fedavgm", "server_learning_rate": 3.0,
+FULL = {"sites": 3, "subjects": 16, "size": 24, "rounds": 120, "local_steps": 16, "model": "unet", "lr": 3e-3,
+        "strategy": "fedavg", "server_learning_rate": 1.0,
         "subjects_per_step": 2, "seed": 0, "references": 8, "mia_statistic": "dice", "mia_views": 1,
         "n_memorised": 4, "n_random": 4, "site": "H2"}
 SMOKE = {"sites": 2, "subjects": 6, "size": 24, "rounds": 2, "local_steps": 2, "model": "unet_tiny", "lr": 3e-3,
-         "strategy": "fedavgm", "server_learning_rate": 2.0,
+         "strategy": "fedavg", "server_learning_rate": 1.0,
          "subjects_per_step": 2, "seed": 0, "references": 4, "mia_statistic": "dice", "mia_views": 1,
          "n_memorised": 1, "n_random": 1, "site": "H2"}
 # How a patient is erased: local unlearning at the site, stopped as soon as the calibrated test no
@@ -125,7 +126,8 @@ def _fl_config(s: dict, cohort):
                      num_classes=len(info["classes"]))
     return FLConfig(name="original", sites=sites, train=tc, rounds=s["rounds"], local_steps=s["local_steps"],
                     eval_every=0, keep_updates=True, strategy=s["strategy"],
-                    strategy_params={"server_learning_rate": s["server_learning_rate"]})
+                    strategy_params={} if s["strategy"] == "fedavg" else
+                    {"server_learning_rate": s["server_learning_rate"]})
 
 
 def _original(shared: Path) -> Path:
@@ -411,9 +413,11 @@ def _f(v, nd=3) -> str:
 
 def render(out: dict, done: dict) -> list[str]:
     m = {k: v["metrics"] for k, v in done.items()}
-    lines = ["Embedded power federation: 3 sites x 16 patients at 24^3 (36 training, 12 never seen), FedAvg "
-             "40 rounds x 16 local steps, 4-level U-Net on whole volumes; erasure times are CPU seconds of "
-             "the training rounds against a federated retrain's (verification excluded).", ""]
+    p = done["original"]["params"] if "original" in done else FULL
+    lines = [f"Embedded power federation: {p['sites']} sites x {p['subjects']} patients at {p['size']}^3, "
+             f"{p['strategy']} {p['rounds']} rounds x {p['local_steps']} local steps, model {p['model']} on whole "
+             "volumes; erasure times are CPU seconds of the training rounds against a federated retrain's "
+             "(verification excluded).", ""]
     if "mia_auc_all_train" in out:
         lines += [f"Memorisation of the original model: membership AUC all training vs all never-seen "
                   f"**{out['mia_auc_all_train']:.3f}**, null control {out['mia_null_control']:.3f}; power check "
@@ -467,8 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="privseg-erasure-smoke-"))
         args.runs, args.results = tmp / "runs", tmp / "results"
         print(f"smoke run in {tmp}", flush=True)
-    shared = args.runs / BENCH / "work" / "_shared"
-    return cells.run(BENCH, VERSION, make_cells(SMOKE if args.smoke else FULL),
+    setting = SMOKE if args.smoke else FULL
+    # the cohort and the original run belong to one training setting: another setting, another folder
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    shared = args.runs / BENCH / "work" / f"_shared-{key}"
+    return cells.run(BENCH, VERSION, make_cells(setting),
                      lambda c, w: run_cell(c, w, shared), merge, render, args, argv)
 
 

@@ -246,10 +246,8 @@ class PrivsegFedProx(_PrivsegMixin, FedProx):
 class PrivsegFedAvgM(_PrivsegMixin, FedAvgM):
     """Flower's FedAvgM (Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data
     Distribution for Federated Visual Classification", 2019): the averaged update is applied with
-    a server learning rate and momentum. FedAvg moves a patient's own contribution by 1/n_sites of
-    its site's update each round; a server learning rate of n_sites applies every site's update at
-    full strength, so per patient visit the federation learns (and memorises) as much as pooled
-    training does (docs/architecture.md, the embedded cohort and membership)."""
+    a server learning rate and momentum (``strategy_params``: ``server_learning_rate``,
+    ``server_momentum``)."""
 
     name = "fedavgm"
 
