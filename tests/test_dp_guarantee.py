@@ -114,13 +114,13 @@ def test_federated_dp_run_keeps_the_key_at_the_site_and_out_of_every_other_file(
     cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=3, size=16)
     sites = sites_from_cohort(cohort.root)
     info = check_sites(sites)
-    dp = DPConfig(epsilon=8.0, delta=1e-3, clip="fixed", sampling_rate=0.5).to_dict()
+    dp = DPConfig(epsilon=8.0, delta=1e-3, clip="fixed", sampling_rate=0.5)
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
                      patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=1, extra={"dp": dp})
+                     steps=1)
     run = tmp_path / "run"
-    state = simulate_inprocess(FLConfig(name="k", sites=sites, train=tc, rounds=1, local_steps=1, eval_every=1),
-                               run)
+    state = simulate_inprocess(FLConfig(name="k", sites=sites, train=tc, rounds=1, local_steps=1, eval_every=1,
+                                        privacy=dp), run)
     assert state.status == "finished"
     keys = {p.parent.name: p.read_bytes() for p in run.glob("sites/*/" + KEY_FILE)}
     assert sorted(keys) == ["H1", "H2"] and keys["H1"] != keys["H2"]
@@ -145,11 +145,10 @@ def test_dp_run_refuses_evaluation_on_training_patients(tiny_cohort):
 
     sites = sites_from_cohort(tiny_cohort.root)
     info = check_sites(sites)
-    tc = TrainConfig(model="unet_tiny", in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     extra={"dp": DPConfig().to_dict()})
+    tc = TrainConfig(model="unet_tiny", in_channels=len(info["channels"]), num_classes=len(info["classes"]))
     with pytest.raises(ConfigError, match="eval-split"):
-        FLConfig(name="x", sites=sites, train=tc, eval_split="train")
-    FLConfig(name="x", sites=sites, train=tc, eval_split="test")
+        FLConfig(name="x", sites=sites, train=tc, eval_split="train", privacy=DPConfig())
+    FLConfig(name="x", sites=sites, train=tc, eval_split="test", privacy=DPConfig())
     FLConfig(name="x", sites=sites, train=TrainConfig(model="unet_tiny"), eval_split="train")  # no DP: allowed
 
 
@@ -299,12 +298,13 @@ def test_derived_run_gets_fresh_keys_and_books_into_the_sites_ledger(tmp_path):
     cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=3, size=16)
     sites = sites_from_cohort(cohort.root)
     info = check_sites(sites)
-    dp = DPConfig(epsilon=200.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.0).to_dict()
+    dp = DPConfig(epsilon=200.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.0)
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
                      patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=2, extra={"dp": dp})
+                     steps=2)
     run = tmp_path / "run"
-    simulate_inprocess(FLConfig(name="d", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0), run)
+    simulate_inprocess(FLConfig(name="d", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0, privacy=dp),
+                       run)
     ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
     before = ledger.spent("H1")
     sub = run / "erasure" / "req" / "retrain"
@@ -338,3 +338,33 @@ def test_erasing_one_scan_erases_the_whole_patient(tmp_path):
     by_patient = whole_patients(cfg, ErasureRequest(kind="patient", site="H1", subjects=("PX",)))
     assert set(by_patient.subjects) == {a.id, b.id}
     assert by_patient.request_id("p") == req.request_id("p")  # the same patient: the same request
+
+
+def test_gaussian_noise_is_the_textbook_box_muller_of_the_chacha20_stream_bit_for_bit():
+    """The fast path draws exactly what the plain formula draws from the same keystream, so a run
+    resumed on either draws the same noise (a repeated round releases the same output)."""
+    import hashlib
+    import hmac
+    import math
+    import warnings
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from privseg.privacy.noise import NoiseSource
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ns = NoiseSource.reproducible(3)
+
+    def textbook(purpose: str, index: int, size: int) -> torch.Tensor:
+        nonce = b"\0\0\0\0" + hmac.new(ns.key, f"{purpose}:{index}".encode(), hashlib.sha256).digest()[:12]
+        half = (size + 1) // 2
+        stream = Cipher(algorithms.ChaCha20(ns.key, nonce), mode=None).encryptor().update(bytes(16 * half))
+        words = np.frombuffer(stream, dtype="<u8")
+        u = torch.from_numpy(((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53)
+        r, a = torch.sqrt(-2.0 * torch.log(u[:half])), 2.0 * math.pi * u[half:]
+        return torch.cat([r * torch.cos(a), r * torch.sin(a)])[:size]
+
+    for size in (1, 2, 7, 4096, 100_001):
+        assert torch.equal(ns.gaussian("gradient", 5, size), textbook("gradient", 5, size)), size
+    assert ns.uniform("u", 1, 3).dtype == np.float64 and ns.integer("i", 1, 10) in range(10)

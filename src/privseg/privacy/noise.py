@@ -101,22 +101,36 @@ class NoiseSource:
         return cls(key, True)
 
     # -- drawing --------------------------------------------------------------------------
-    def _stream(self, purpose: str, index: int, nbytes: int) -> bytes:
+    def _stream(self, purpose: str, index: int, nbytes: int) -> bytearray:
+        """``nbytes`` of the keystream of (purpose, index), in a writable buffer (encrypting zeros in
+        place: no second copy of a stream that is 8 bytes per model parameter)."""
         nonce = b"\0\0\0\0" + hmac.new(self.key, f"{purpose}:{int(index)}".encode(), hashlib.sha256).digest()[:12]
-        return Cipher(algorithms.ChaCha20(self.key, nonce), mode=None).encryptor().update(bytes(nbytes))
+        buf = bytearray(nbytes + 63)  # update_into wants room for a block more than it writes
+        n = Cipher(algorithms.ChaCha20(self.key, nonce), mode=None).encryptor().update_into(bytes(nbytes), buf)
+        del buf[n:]
+        return buf
 
     def uniform(self, purpose: str, index: int, size: int) -> np.ndarray:
         """``size`` floats, uniform in (0, 1)."""
         words = np.frombuffer(self._stream(purpose, index, 8 * int(size)), dtype="<u8")
-        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+        np.right_shift(words, np.uint64(11), out=words)  # in place: the same values, fewer temporaries
+        out = words.astype(np.float64)
+        out += 0.5
+        out *= 2.0 ** -53
+        return out
 
     def gaussian(self, purpose: str, index: int, size: int) -> torch.Tensor:
         """``size`` standard normal draws (float64, CPU), Box--Muller."""
         half = (int(size) + 1) // 2
         u = torch.from_numpy(self.uniform(purpose, index, 2 * half))
-        radius = torch.sqrt(-2.0 * torch.log(u[:half]))
-        angle = 2.0 * math.pi * u[half:]
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[: int(size)]
+        # in place and into one output: the same float64 operations as the textbook form
+        # sqrt(-2 log u1) * (cos, sin)(2 pi u2), at a fraction of the memory traffic
+        radius = u[:half].log_().mul_(-2.0).sqrt_()
+        angle = u[half:].mul_(2.0 * math.pi)
+        out = torch.empty(2 * half, dtype=torch.float64)
+        torch.mul(radius, torch.cos(angle), out=out[:half])
+        torch.mul(radius, angle.sin_(), out=out[half:])
+        return out[: int(size)]
 
     def integer(self, purpose: str, index: int, high: int = 2 ** 31) -> int:
         return int(np.frombuffer(self._stream(purpose, index, 8), dtype="<u8")[0] % np.uint64(high))
