@@ -1,402 +1,610 @@
-"""Benchmark: subject-level unlearning against the retrain-from-scratch reference.
+"""Benchmark (issue 4): the study's unlearning table on the power cohort, as resumable cells.
 
-For each seed (a different forget set): train the original model on the cohort's
-training subjects (once, seed 0), retrain from scratch without the forget subjects
-(the exact reference), then run every strategy with ``--target unseen`` (``--unseen-fd``
-adds ``fix_decoder``), and the study's four (noisy_label, retain_label, max_loss,
-random_encoder; ``--zero-strategies``), with and without ``fix_decoder``, for a fixed
-number of epochs (``--target zero``; the study used 20 and 50, the default here is 20:
-what fits on 2 CPU cores).
+    OMP_NUM_THREADS=1 python benchmarks/unlearning.py [--resume] [--cells a,b] [--list] [--smoke]
 
-Default setup (docs/architecture.md, "The embedded cohort must make membership visible"): the
-embedded cohort with 2 sites × 7 subjects at 32³ (6 train, 4 val, 4 test), model
-``unet_tiny`` on whole-volume patches (36³: the foreground crop adds a margin), 2
-subjects × 1 patch per step, 400 steps: the original memorises its 6 training subjects
-(membership AUC ≈ 0.96 on the loss, all training vs 8 unseen subjects), so the
-membership targets have power. Prints and writes ``benchmarks/results/unlearning.{json,md}``:
-the study's table (retain/forget Dice and MAE, gaps) plus test Dice, the distance to
-retrain, the membership AUC and the time ratio, mean ± std over seeds.
+Setting: the embedded power cohort (:func:`privseg.data.synth.power_cohort`: 3 sites x 16
+patients at 24^3; 36 training, 12 never seen) and one pooled model trained as
+:data:`privseg.data.synth.POWER_TRAINING` says (``unet``, group norm, whole-volume patch, 2
+patients per step, lr 3e-3, 2,000 steps), as ``benchmarks/power_check.py`` trains it: it
+memorises (membership AUC 0.968 with the Dice of the un-augmented volume, ``POWER_MIA``).
 
-``best`` (JSON): the strategy with ``--target unseen`` with the lowest mean
-``forget_dice_delta + max(0, 0.98 - retain_dice_ratio) + max(0, mia_auc - 0.55)``
-(ties: lower time ratio). ``mia_auc_original`` is the same membership test (forget
-subjects vs test subjects, loss statistic, augmented views) on the original model;
-below 0.7 the benchmark has no power (docs/architecture.md).
+Cells, per seed s in 0, 1, 2 (every cell of seed 0 comes before seed 1's, so a partial run
+already answers the question on one seed):
 
-Usage::
+1. ``original-seed{s}``: trains the original (training seed s) and runs
+   :func:`privseg.audit.mia.power_check_model` (all training vs all never-seen patients, and the
+   null control). It chooses the forget set: the 2 training patients the original memorises most
+   (highest Dice above the mean Dice of the never-seen patients of their own site, so an easy
+   site does not pass for memorisation) and 2 others at random (seeded by s). Without power
+   every forgetting result would be vacuous: the seed's later cells refuse to run.
+2. ``retrain-seed{s}``: the same training without the forget set (``strategy="retrain"``): the
+   gold standard, and the time every strategy is compared with.
+3. ``{strategy}[+fd]-zero-e{20,50}-seed{s}``: the study's strategies (the six approximate ones of
+   the registry's "study's strategies" section; retrain, the seventh, is cell 2), each with and
+   without ``fix_decoder``, at the study's 20 and 50 epochs with ``--target zero``; the field
+   baselines (``neggrad_plus``, ``scrub``, ``salun``) at the same budgets without it.
+4. ``{strategy}-unseen-e50-seed{s}``: all nine with ``--target unseen`` (stop once the forget
+   patients look never seen; at most 50 epochs, checked every 2 epochs). The power cohort has
+   no val split, so the stopping rule compares with the same 12 never-seen patients the
+   membership AUC below uses: read the unseen rows' uncalibrated AUC as optimistic and the
+   retrain-calibrated numbers as the check.
 
-    python benchmarks/unlearning.py --quick --threads 1   # minutes on CPU
-    python benchmarks/unlearning.py --threads 1           # 3 seeds (about 30-40 min on 2 busy CPU cores)
-    python benchmarks/unlearning.py --cohort PATH     # any cohort privseg can read
+Per cell (unlearned model vs the retrain of the same seed): ``time_ratio`` = CPU seconds of the
+unlearning (from the call to the start of the evaluation: stopping checks count, evaluation does
+not) / CPU seconds of the retrain, so a shared machine does not inflate either (wall-clock ratio
+beside it); ``retain_dice_ratio``; ``forget_dice_delta`` = |forget Dice - retrain's forget
+Dice|; ``test_dice_ratio``; ``mia_auc``: membership AUC of the forget patients vs the 12
+never-seen ones (``POWER_MIA``: Dice, one un-augmented view); ``mia_auc_calibrated``: the same
+with each patient's score minus the retrain's score (the retrain trained on neither group);
+``mia_calibrated_pass_rate``: the share of forget patients whose calibrated score is not above
+every never-seen patient's (p = (1 + #never-seen scoring at least as high) / 13 >= 0.1). The
+engine's own membership AUC (loss statistic) is kept as ``mia_auc_loss``.
+
+Trade-off (the study's "retain/forget trade-off", made comparable to the gold standard):
+``trade_off = min(retain_dice_ratio, 1) - forget_dice_delta``, per seed, then mean over seeds.
+1 means the model segments the retained and the forgotten patients exactly as the retrain does;
+keeping retain Dice and driving forget Dice far below the retrain's (the study's Dice gap)
+scores lower, since a forget patient segmented worse than any unseen one is itself a membership
+signal. The study's Dice gap (retain - forget) is in the table too.
+
+Keys (``unlearning.json``): ``best``: among all (strategy, fix_decoder, target, epochs) rows
+with mean ``retain_dice_ratio >= 0.98``, the highest mean ``trade_off`` (ties: lower time
+ratio); when no row reaches 0.98, the highest ``trade_off`` of all, with ``meets_retain`` false.
+It gives ``time_ratio``, ``retain_dice_ratio``, ``forget_dice_delta``, ``mia_auc``,
+``mia_calibrated_pass_rate`` (and the rest of its row). ``mia_auc_original``: forget set vs
+never-seen, original model (mean over seeds; half the set was chosen as the most memorised, so
+the random half is given separately); ``mia_auc_all_train`` and ``mia_null_control``: the power
+checks; ``table``: a row per configuration with mean, std and values over seeds;
+``study_finding``: "Noisy Label gives the best retain/forget trade-off" holds at an epoch budget
+when a noisy_label row (with or without fix_decoder) has the highest mean trade-off among the
+study's strategies at ``--target zero``; it holds when it holds at 20 and at 50 epochs.
+Targets: time ratio <= 0.05, retain Dice ratio >= 0.98, |delta forget Dice| <= 0.03, membership
+AUC <= 0.55, calibrated pass rate 1.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import statistics
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
 
-HERE = Path(__file__).resolve().parent
-TARGETS_SPEC = {"time_ratio": 0.05, "retain_dice_ratio": 0.98, "forget_dice_delta": 0.03, "mia_auc": 0.55}
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cohort", type=Path, default=None, help="Cohort folder/manifest (default: embedded cohort).")
-    p.add_argument("--quick", action="store_true", help="Small grid that runs in minutes on CPU.")
-    p.add_argument("--seeds", type=int, default=None, help="Seeds / forget sets (default 3; quick 2).")
-    p.add_argument("--forget-size", type=int, default=2, help="Subjects per forget request.")
-    p.add_argument("--model", default="unet_tiny")
-    p.add_argument("--size", type=int, default=None, help="Embedded cohort volume side (default 32; quick 24).")
-    p.add_argument("--subjects", type=int, default=7, help="Embedded cohort subjects per site (2 sites; "
-                   "30 %% test, 30 %% val: 7 gives 6 train, 4 val, 4 test).")
-    p.add_argument("--steps", type=int, default=None, help="Original training steps (default 400; quick 300).")
-    p.add_argument("--patch", type=int, default=None, help="Patch side (default: the preprocessed volume's side, "
-                   "rounded up to what the model divides; 36 for the default 32³ cohort, whose foreground crop "
-                   "adds a margin: one window per subject at inference).")
-    p.add_argument("--subjects-per-step", type=int, default=2)
-    p.add_argument("--patches-per-subject", type=int, default=1)
-    p.add_argument("--epochs", default=None, help="Comma-separated epoch budgets for --target zero "
-                   "(default 20; quick 10; the study: 20,50).")
-    p.add_argument("--unseen-epochs", type=int, default=None,
-                   help="Maximum epoch budget for --target unseen (default 20; quick 10).")
-    p.add_argument("--check-every", type=int, default=5, help="Steps between --target unseen stopping checks.")
-    p.add_argument("--strategies", default=None, help="Comma-separated subset of strategies (--target unseen).")
-    p.add_argument("--zero-strategies", default="noisy_label,retain_label,max_loss,random_encoder",
-                   help="Strategies run with --target zero, each with and without fix_decoder.")
-    p.add_argument("--unseen-fd", action="store_true", help="Also run --target unseen with fix_decoder.")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
-    p.add_argument("--work", type=Path, default=HERE / "runs" / "unlearning", help="Scratch folder.")
-    p.add_argument("--results", type=Path, default=HERE / "results", help="Where unlearning.json/.md go.")
-    p.add_argument("--first-seed", type=int, default=0, help="Run seeds first-seed .. first-seed+seeds-1.")
-    p.add_argument("--command", default=None, help="The command line to record in the results (default: this one; "
-                   "useful with --merge to record the per-seed commands).")
-    p.add_argument("--notes", type=Path, default=None, help="A markdown file appended to unlearning.md (and kept "
-                   "in the JSON): the reading of the results.")
-    p.add_argument("--merge", type=Path, nargs="+", default=None,
-                   help="Merge the runs of several unlearning.json files (e.g. one per seed) and re-summarise.")
-    return p.parse_args(argv)
+import cells  # noqa: E402
+
+BENCH = "unlearning"
+VERSION = "unlearning-power-1"  # bump when a change makes old cells incomparable
+STUDY = ("noisy_label", "retain_label", "max_loss", "random_encoder", "learn_others", "learn_noise")
+FIELD = ("neggrad_plus", "scrub", "salun")
+SEEDS = (0, 1, 2)
+# the smoke run checks the pipeline (every kind of cell once), not the strategies (tests/ do)
+SMOKE = {"seeds": (0,), "study": ("noisy_label", "retain_label"), "field": ("scrub",)}
+P_PASS = 0.1  # a forget patient passes the calibrated test at p >= 0.1, as privseg's calibrated target
+TARGETS = {"time_ratio": ("<=", 0.05), "retain_dice_ratio": (">=", 0.98), "forget_dice_delta": ("<=", 0.03),
+           "mia_auc": ("<=", 0.55), "mia_calibrated_pass_rate": (">=", 1.0)}
 
 
-def fmt(values, digits=3) -> str:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return "–"
-    m = statistics.fmean(vals)
-    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+def settings(smoke: bool) -> dict:
+    from privseg.data.synth import POWER_MIA, POWER_SIZE, POWER_SUBJECTS, POWER_TRAINING
+
+    full = {"sites": 3, "subjects": POWER_SUBJECTS, "size": POWER_SIZE, "cohort_seed": 0,
+            **{k: POWER_TRAINING[k] for k in ("model", "lr", "steps", "subjects_per_step", "patches_per_subject")},
+            "mia_statistic": POWER_MIA["statistic"], "mia_views": POWER_MIA["views"],
+            "n_memorised": 2, "n_random": 2, "zero_epochs": [20, 50], "unseen_epochs": 50, "check_every": 4,
+            "smoke": False}
+    if not smoke:
+        return full
+    # the pipeline only: far too small to memorise or to pass the power check's size rules
+    return {**full, "sites": 2, "subjects": 6, "model": "unet_tiny", "steps": 4, "n_memorised": 1, "n_random": 1,
+            "zero_epochs": [1, 2], "unseen_epochs": 2, "check_every": 1, "smoke": True}
 
 
-def mean(values) -> float:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.fmean(vals) if vals else math.nan
+def _label(strategy: str, fd: bool) -> str:
+    return strategy + ("+fd" if fd else "")
 
 
-def build_cohort(args):
-    from privseg.data.formats import read_cohort
-
-    if args.cohort is not None:
-        return read_cohort(args.cohort)
-    from privseg.data.synth import synth_cohort
-
-    size = args.size
-    path = HERE / "data" / f"unlearning_cohort_{size}_s{args.subjects}"
-    if (path / "cohort.json").exists():
-        return read_cohort(path)
-    # Few training subjects per site and many steps: the original must memorise (docs/architecture.md).
-    return synth_cohort(path, sites=2, subjects=args.subjects, size=size, seed=0, test_fraction=0.3,
-                        val_fraction=0.3)
+# relative costs: a 2,000-step training is 1; an unlearning step about 1/2,000 (twice that for the
+# strategies that add a retain batch), an evaluation about 60 steps' worth, and with --target unseen
+# (assumed to stop halfway) a stopping check about 4 steps' worth every 2 epochs
+_DOUBLE = {"noisy_label", "neggrad_plus", "scrub", "salun"}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.merge:
-        return merge(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    quick = args.quick
-    args.seeds = args.seeds or (2 if quick else 3)
-    args.size = args.size or (24 if quick else 32)
-    args.steps = args.steps or (300 if quick else 400)
-    epochs = [int(e) for e in (args.epochs or ("10" if quick else "20")).split(",")]
-    unseen_epochs = args.unseen_epochs or (10 if quick else 20)
-
-    from privseg.train import TrainConfig, Trainer
-    from privseg.unlearn import STRATEGIES, unlearn
-    from privseg.utils import versions, write_json
-
-    names = [s for s in (args.strategies.split(",") if args.strategies else STRATEGIES) if s != "retrain"]
-    zero_names = [s for s in args.zero_strategies.split(",") if s and s != "retrain"]
-    cohort = build_cohort(args)
-    train_ids = [s.id for s in cohort.select("train")]
-    if not args.patch:
-        from privseg.data.transforms import load_preprocessed
-
-        side = max(max(torch.as_tensor(it["image"]).shape[1:]) for it in load_preprocessed(
-            cohort.select("train")[:1], cohort, None))
-        div = 4 if args.model == "unet_tiny" else 8
-        args.patch = int(math.ceil(side / div) * div)
-    print(f"cohort {cohort.name}: {len(train_ids)} train, {len(cohort.select('val'))} val, "
-          f"{len(cohort.select('test'))} test subjects", flush=True)
-    work = args.work / (f"{cohort.name}_{len(train_ids)}tr_{args.model}_{args.size}_{args.patch}_{args.steps}_"
-                        f"{args.subjects_per_step}x{args.patches_per_subject}")
-    cfg = TrainConfig.for_cohort(cohort, model=args.model, patch_size=(args.patch,) * cohort.spatial_dims,
-                                 steps=args.steps, checkpoint_every=args.steps, seed=0, device=args.device,
-                                 subjects_per_step=args.subjects_per_step,
-                                 patches_per_subject=args.patches_per_subject)
-    t0 = time.perf_counter()
-    orig_dir = work / "original"
-    if not (orig_dir / "last.pt").exists() or json.loads((orig_dir / "done.json").read_text() if (
-            orig_dir / "done.json").exists() else "{}").get("steps") != args.steps:
-        res = Trainer(cohort, cfg, orig_dir).fit(resume=False)
-        (orig_dir / "done.json").write_text(json.dumps({"steps": args.steps, "seconds": res["seconds"]}))
-    original_seconds = json.loads((orig_dir / "done.json").read_text())["seconds"]
-    print(f"original: {args.steps} steps, {original_seconds:.0f} s", flush=True)
-    ckpt = orig_dir / "last.pt"
-
-    items: dict = {}
-    runs: list[dict] = []
-    grid = [(n, fd, "zero", e) for n in zero_names for fd in (False, True) for e in epochs]
-    grid += [(n, fd, "unseen", unseen_epochs) for n in names for fd in ((False, True) if args.unseen_fd else (False,))]
-    mia_all_train = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        rng = np.random.default_rng(1000 + seed)
-        forget = sorted(rng.choice(train_ids, size=args.forget_size, replace=False).tolist())
-        rdir = work / f"retrain_seed{seed}"
-        rt = unlearn(ckpt, cohort, forget, "retrain", out_dir=rdir, seed=seed, items=items, device=args.device,
-                     evaluate=True, mia_views=2)
-        retrain_ckpt = rdir / "unlearned.pt"
-        original_metrics = rt.report["original"]
-        print(f"seed {seed}: forget {forget}; retrain {rt.report['seconds']:.0f} s; original MIA AUC "
-              f"{original_metrics['mia']['auc']:.3f}; retrain's {rt.report['unlearned']['mia']['auc']:.3f}",
-              flush=True)
-        # Power check with more members: all training subjects vs test subjects, original model.
-        from privseg.audit.mia import audit_items
-        from privseg.train import load_checkpoint, model_from_checkpoint
-
-        om = model_from_checkpoint(load_checkpoint(ckpt))
-        if not mia_all_train:
-            tr = [items[i] for i in train_ids if i in items]
-            te = [items[s.id] for s in cohort.select("test")]
-            mia_all_train.append(audit_items(om, tr, te, cfg.patch_size, cfg.num_classes, views=2, n_boot=500).auc)
-        runs.append({"seed": seed, "forget": forget, "strategy": "retrain", "fix_decoder": False, "target": "exact",
-                     "epochs": None, "report": _slim(rt.report, unlearned_key="unlearned")})
-        retrain_metrics = None
-        for name, fd, target, ep in grid:
-            res = unlearn(ckpt, cohort, forget, name, fix_decoder=fd, epochs=ep, target=target, seed=seed,
-                          retrain_checkpoint=retrain_ckpt, items=items, device=args.device, mia_views=2,
-                          original_metrics=original_metrics, retrain_metrics=retrain_metrics,
-                          check_every=args.check_every)
-            r = res.report
-            retrain_metrics = r["retrain"]
-            runs.append({"seed": seed, "forget": forget, "strategy": name, "fix_decoder": fd, "target": target,
-                         "epochs": ep, "report": _slim(r)})
-            print(f"  {name:<15}{' +fd' if fd else '    '} {target:<6} ep={ep:<3} steps={r['steps_run']:<4} "
-                  f"retain {r['unlearned']['retain']['dice']:.3f} forget {r['unlearned']['forget']['dice']:.3f} "
-                  f"(retrain {r['retrain']['forget']['dice']:.3f}) test {r['unlearned']['test']['dice']:.3f} "
-                  f"MIA {r['unlearned']['mia']['auc']:.2f} t/rt {r['time_ratio']:.3f}", flush=True)
-            write_json(args.results / f"unlearning.partial{args.first_seed}.json", {"runs": runs})
-
-    meta = {
-        "benchmark": "unlearning", "quick": quick, "cohort": cohort.name, "model": args.model, "size": args.size,
-        "patch": args.patch, "original_steps": args.steps, "original_seconds": original_seconds,
-        "forget_size": args.forget_size, "epochs": epochs, "unseen_epochs": unseen_epochs,
-        "check_every": args.check_every, "subjects_per_step": args.subjects_per_step,
-        "patches_per_subject": args.patches_per_subject,
-        "split": {k: len(cohort.select(k)) for k in ("train", "val", "test")},
-        "command": args.command or "python benchmarks/unlearning.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "targets": TARGETS_SPEC,
-        "mia_auc_original_all_train": mean(mia_all_train), "versions": versions(),
-        "wall_seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
-        "device": str(torch.cuda.get_device_name(0)) if torch.cuda.is_available() and args.device != "cpu" else "cpu",
-    }
-    return finish(meta, runs, args.results)
+def _strategy_cell(base: dict, name: str, fd: bool, target: str, epochs: int) -> cells.Cell:
+    steps = epochs * 2 * (2 if name in _DOUBLE else 1)
+    cost = 60 + (steps / 2 + epochs if target == "unseen" else steps)
+    return cells.Cell(f"{_label(name, fd)}-{target}-e{epochs}-seed{base['seed']}",
+                      {**base, "strategy": name, "fix_decoder": fd, "target": target, "epochs": epochs},
+                      cost=cost / base["steps"])
 
 
-def finish(meta: dict, runs: list[dict], results: Path) -> int:
-    from privseg.utils import atomic_path, write_json
-
-    summary = summarise(runs)
-    best = pick_best(summary)
-    mia_orig = mean([r["report"]["original"]["mia"]["auc"] for r in runs if r["strategy"] == "retrain"])
-    if best is not None:
-        best = {**best, "mia_auc_original": mia_orig}
-    result = {**meta, "seeds": len({r["seed"] for r in runs}), "best": best, "mia_auc_original": mia_orig,
-              "mia_power": mia_orig >= 0.7, "study_finding": study_finding(summary, max(meta["epochs"])),
-              "summary": summary, "runs": runs}
-    md = render_markdown(result)
-    print(md)
-    write_json(results / "unlearning.json", result)
-    with atomic_path(results / "unlearning.md") as tmp:
-        tmp.write_text(md)
-    return 0
-
-
-def merge(args) -> int:
-    allparts = [json.loads(Path(p).read_text()) for p in args.merge]
-    runs = [r for p in allparts for r in p["runs"]]
-    parts = [p for p in allparts if "benchmark" in p]  # partial files carry runs only
-    meta = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "best", "study_finding", "seeds",
-                                                             "mia_auc_original", "mia_power")}
-    meta["mia_auc_original_all_train"] = mean([p["mia_auc_original_all_train"] for p in parts])
-    meta["original_seconds"] = mean([p["original_seconds"] for p in parts])
-    meta["wall_seconds"] = sum(p["wall_seconds"] for p in parts)
-    meta["merged_from"] = [str(p) for p in args.merge]
-    meta["command"] = args.command or meta.get("command")
-    if args.notes:
-        meta["notes"] = args.notes.read_text()
-    return finish(meta, runs, args.results)
-
-
-def _slim(r: dict, unlearned_key: str = "unlearned") -> dict:
-    """The parts of a report the tables need (per-subject rows dropped)."""
-    def strip(m):
-        if not m:
-            return m
-        return {k: ({kk: vv for kk, vv in v.items() if kk != "subjects"} if isinstance(v, dict) else v)
-                for k, v in m.items() if k != "reference_rows"}
-
-    return {"original": strip(r.get("original")), "unlearned": strip(r.get(unlearned_key)),
-            "retrain": strip(r.get("retrain")), "seconds": r["seconds"], "time_ratio": r.get("time_ratio"),
-            "steps_run": r["steps_run"], "stopped_early": r["stopped_early"], "params": r["params"],
-            "forget_dice_distance_to_retrain": r.get("forget_dice_distance_to_retrain"),
-            "retain_dice_ratio": r.get("retain_dice_ratio"), "checks": r.get("checks", [])}
-
-
-METRICS = ("retain_dice", "forget_dice", "retain_mae", "forget_mae", "dice_gap", "mae_gap", "test_dice",
-           "forget_dice_delta", "retain_dice_ratio", "mia_auc", "mia_auc_calibrated", "time_ratio", "steps")
-
-
-def _values(run: dict) -> dict:
-    r = run["report"]
-    u = r["unlearned"]
-    return {"retain_dice": u["retain"]["dice"], "forget_dice": u["forget"]["dice"], "retain_mae": u["retain"]["mae"],
-            "forget_mae": u["forget"]["mae"], "dice_gap": u["dice_gap"], "mae_gap": u["mae_gap"],
-            "test_dice": u["test"]["dice"], "forget_dice_delta": r.get("forget_dice_distance_to_retrain"),
-            "retain_dice_ratio": r.get("retain_dice_ratio"), "mia_auc": u["mia"]["auc"],
-            "mia_auc_calibrated": u["mia"].get("auc_calibrated"), "time_ratio": r.get("time_ratio"),
-            "steps": r["steps_run"]}
-
-
-def summarise(runs: list[dict]) -> list[dict]:
-    groups: dict = {}
-    for run in runs:
-        key = (run["strategy"], run["fix_decoder"], run["target"], run["epochs"])
-        groups.setdefault(key, []).append(_values(run))
-    # The original model, from the retrain runs' "original" block.
-    orig = [{"retain_dice": r["report"]["original"]["retain"]["dice"],
-             "forget_dice": r["report"]["original"]["forget"]["dice"],
-             "retain_mae": r["report"]["original"]["retain"]["mae"],
-             "forget_mae": r["report"]["original"]["forget"]["mae"],
-             "dice_gap": r["report"]["original"]["dice_gap"], "mae_gap": r["report"]["original"]["mae_gap"],
-             "test_dice": r["report"]["original"]["test"]["dice"], "mia_auc": r["report"]["original"]["mia"]["auc"]}
-            for r in runs if r["strategy"] == "retrain"]
-    out = [{"strategy": "original", "fix_decoder": False, "target": "-", "epochs": None, "n": len(orig),
-            **{m: {"mean": mean([v.get(m) for v in orig]), "values": [v.get(m) for v in orig]} for m in METRICS}}]
-    for (s, fd, t, e), vals in groups.items():
-        out.append({"strategy": s, "fix_decoder": fd, "target": t, "epochs": e, "n": len(vals),
-                    **{m: {"mean": mean([v[m] for v in vals]), "values": [v[m] for v in vals]} for m in METRICS}})
+def make_cells(s: dict, seeds=SEEDS, study=STUDY, field=FIELD) -> list[cells.Cell]:
+    """Per seed: the original, the retrain, then the zero grid at the smallest budget, the unseen
+    target, the larger budgets (the cheap rows of a seed first)."""
+    out = []
+    grid = [(n, fd) for fd in (False, True) for n in study] + [(n, False) for n in field]
+    for seed in seeds:
+        base = {**s, "seed": seed}
+        out += [cells.Cell(f"original-seed{seed}", base, cost=1.05), cells.Cell(f"retrain-seed{seed}", base, cost=1.0)]
+        first, *rest = s["zero_epochs"]
+        out += [_strategy_cell(base, n, fd, "zero", first) for n, fd in grid]
+        out += [_strategy_cell(base, n, False, "unseen", s["unseen_epochs"]) for n in (*study, *field)]
+        out += [_strategy_cell(base, n, fd, "zero", e) for e in rest for n, fd in grid]
     return out
 
 
-def _score(row: dict) -> float:
-    return (row["forget_dice_delta"]["mean"] + max(0.0, 0.98 - row["retain_dice_ratio"]["mean"])
-            + max(0.0, row["mia_auc"]["mean"] - 0.55))
+# -- shared state of a seed ---------------------------------------------------------------------
+
+_ITEMS: dict[str, dict] = {}  # preprocessed patients by ID, shared by the cells of one process
 
 
-def pick_best(summary: list[dict]) -> dict | None:
-    cands = [r for r in summary if r["target"] == "unseen"]
-    if not cands:
-        return None
-    row = min(cands, key=lambda r: (_score(r), r["time_ratio"]["mean"]))
-    best = {"strategy": row["strategy"] + (" + fix_decoder" if row["fix_decoder"] else ""),
-            "time_ratio": row["time_ratio"]["mean"], "retain_dice_ratio": row["retain_dice_ratio"]["mean"],
-            "forget_dice_delta": row["forget_dice_delta"]["mean"], "mia_auc": row["mia_auc"]["mean"],
-            "steps": row["steps"]["mean"], "score": _score(row)}
-    best["targets_met"] = {
-        "time_ratio <= 0.05": best["time_ratio"] <= TARGETS_SPEC["time_ratio"],
-        "retain_dice_ratio >= 0.98": best["retain_dice_ratio"] >= TARGETS_SPEC["retain_dice_ratio"],
-        "forget_dice_delta <= 0.03": best["forget_dice_delta"] <= TARGETS_SPEC["forget_dice_delta"],
-        "mia_auc <= 0.55": best["mia_auc"] <= TARGETS_SPEC["mia_auc"],
-    }
-    return best
+def _cohort(s: dict, shared: Path):
+    from privseg.data.cohort import MANIFEST_NAME, Cohort
+    from privseg.data.synth import power_cohort
+
+    manifest = shared / "cohort" / MANIFEST_NAME
+    if not manifest.exists():
+        return power_cohort(manifest.parent, sites=s["sites"], subjects=s["subjects"], size=s["size"],
+                            seed=s["cohort_seed"], check=not s["smoke"])
+    return Cohort.from_manifest(manifest)
 
 
-def study_finding(summary: list[dict], epochs: int) -> dict:
-    """Does Noisy Label give the best trade-off with --target zero (the study's claim)? Ranked by the
-    study's headline number, the Dice gap (retain − forget), at the largest epoch budget; also by retain Dice
-    among strategies that brought forget Dice below half the original's."""
-    rows = [r for r in summary if r["target"] == "zero" and r["epochs"] == epochs]
+def _items(cohort, ids: list[str]) -> list[dict]:
+    from privseg.data.transforms import load_preprocessed
+
+    need = [cohort.subject(i) for i in ids if i not in _ITEMS]
+    for subj, item in zip(need, load_preprocessed(need, cohort, None), strict=True):
+        _ITEMS[subj.id] = item
+    return [_ITEMS[i] for i in ids]
+
+
+def _split(cohort) -> tuple[list[str], list[str]]:
+    return [x.id for x in cohort.select("train")], [x.id for x in cohort.select("test")]
+
+
+def _record(cells_dir: Path, name: str) -> dict:
+    path = cells_dir / f"{name}.json"
+    if not path.is_file():
+        raise RuntimeError(f"cell {name} has not run yet ({path}); run it first: --cells {name}")
+    return json.loads(path.read_text())["metrics"]
+
+
+def _seed_dir(shared: Path, seed: int) -> Path:
+    return shared / f"seed{seed}"
+
+
+def _checkpoint(path: Path, cell: str) -> Path:
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing (the work folder was cleaned?); rerun: --no-resume --cells {cell}")
+    return path
+
+
+def _powered(s: dict, cells_dir: Path) -> dict:
+    """The original cell's record of this seed; refuses when its model has no membership power."""
+    name = f"original-seed{s['seed']}"
+    rec = _record(cells_dir, name)
+    power = rec["power"]
+    if not power["passed"]:
+        if s["smoke"]:
+            print(f"  (smoke: {name} has no membership power; going on anyway)", flush=True)
+        else:
+            raise RuntimeError(
+                f"seed {s['seed']}: the original model has no membership power (AUC all training vs never-seen "
+                f"{power.get('member_auc', math.nan):.3f}, null control {power.get('null_auc', math.nan):.3f}: "
+                f"{'; '.join(power['problems'])}); every forgetting result of this seed would be vacuous, so its "
+                f"cells refuse to run. Fix privseg.data.synth.POWER_TRAINING, then: --no-resume --cells {name}")
+    return rec
+
+
+class _Clock:
+    """CPU and wall seconds from construction to the engine's first ``on_evaluate`` call (the
+    end of the unlearning, stopping checks included; the evaluation excluded)."""
+
+    def __init__(self) -> None:
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+        self.cpu = self.wall = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.cpu is None:
+            self.cpu, self.wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+
+
+def _membership(model, forget: list[dict], never: list[dict], cfg, s: dict, reference: dict | None = None) -> dict:
+    """Membership of the forget patients vs the never-seen ones (``POWER_MIA``); with ``reference``
+    (the retrain's rows) also calibrated: each score minus the retrain's, and a p-value per patient."""
+    from privseg.audit.mia import audit_items
+
+    kw = {"statistic": s["mia_statistic"], "views": s["mia_views"], "seed": s["seed"], "n_boot": 1000}
+    raw = audit_items(model, forget, never, cfg.patch_size, cfg.num_classes, **kw)
+    slim = {g: [{k: r[k] for k in ("id", "loss", "dice")} for r in rows]
+            for g, rows in (("members", raw.members), ("nonmembers", raw.nonmembers))}
+    out = {"auc": raw.auc, "ci": [raw.ci_low, raw.ci_high], "rows": slim}
+    if reference is not None:
+        cal = audit_items(model, forget, never, cfg.patch_size, cfg.num_classes, **kw,
+                          reference_rows=[(reference["members"], reference["nonmembers"])],
+                          member_rows=raw.members, nonmember_rows=raw.nonmembers)
+        never_scores = [r["score"] for r in cal.nonmembers]
+        patients = {}
+        for r in cal.members:
+            p = (1 + sum(x >= r["score"] for x in never_scores)) / (1 + len(never_scores))
+            patients[r["id"]] = {"score": r["score"], "p": p, "pass": p >= P_PASS}
+        out.update({"auc_calibrated": cal.auc, "ci_calibrated": [cal.ci_low, cal.ci_high], "patients": patients,
+                    "calibrated_pass_rate": sum(v["pass"] for v in patients.values()) / len(patients)})
+    return out
+
+
+# -- cells --------------------------------------------------------------------------------------
+
+def _choose_forget(s: dict, cohort, power: dict) -> dict:
+    site = {x.id: x.site for x in cohort.subjects}
+    members, never = power["member_scores"], power["nonmember_scores"]
+    by_site: dict[str, list[float]] = {}
+    for p, v in never.items():
+        by_site.setdefault(site[p], []).append(v)
+    overall = float(np.mean(list(never.values())))
+    excess = {p: v - (float(np.mean(by_site[site[p]])) if site[p] in by_site else overall)
+              for p, v in members.items()}
+    memorised = sorted(members, key=lambda p: (-excess[p], p))[:s["n_memorised"]]
+    rest = sorted(p for p in members if p not in memorised)
+    rng = np.random.default_rng((s["seed"], 4))  # seeded: the same forget set on every rerun
+    random_ = sorted(str(x) for x in rng.choice(rest, size=s["n_random"], replace=False))
+    return {"forget": memorised + random_, "memorised": memorised, "random": random_,
+            "excess": {p: excess[p] for p in memorised + random_}}
+
+
+def original_cell(s: dict, shared: Path) -> dict:
+    from privseg.audit.mia import power_check_model
+    from privseg.train import TrainConfig, save_checkpoint, train_steps
+    from privseg.train.loop import make_optimizer
+    from privseg.utils import seed_everything
+
+    cohort = _cohort(s, shared)
+    train_ids, never_ids = _split(cohort)
+    train, never = _items(cohort, train_ids), _items(cohort, never_ids)
+    # whole-volume patches: training sees every patient exactly as the membership test scores it
+    volume = tuple(max(int(i["image"].shape[d + 1]) for i in train + never) for d in range(3))
+    cfg = TrainConfig(model=s["model"], norm="group", patch_size=volume, subjects_per_step=s["subjects_per_step"],
+                      patches_per_subject=s["patches_per_subject"], lr=s["lr"], steps=s["steps"], seed=s["seed"],
+                      device="cpu", in_channels=len(cohort.channels), num_classes=cohort.num_classes)
+    seed_everything(cfg.seed)
+    model = cfg.build_model()
+    opt = make_optimizer(model, cfg)
+    clock = _Clock()
+    losses = train_steps(model, opt, train, cfg, on_step=lambda k, loss: print(
+        f"  original step {k}/{cfg.steps} loss {loss:.4f}", flush=True) if k % 250 == 0 else None)
+    clock(0, 0)
+    ckpt = _seed_dir(shared, s["seed"]) / "original.pt"
+    save_checkpoint(ckpt, model, config=cfg.to_dict(), step=cfg.steps,
+                    extra={"train_subjects": train_ids, "cohort": cohort.name})
+    model.eval()
+    small = {} if not s["smoke"] else {"min_members": 1, "min_nonmembers": 2}
+    power = power_check_model(model, train, never, volume, cfg.num_classes, statistic=s["mia_statistic"],
+                              views=s["mia_views"], seed=s["seed"], raise_on_fail=False, **small)
+    keep = ("member_auc", "member_ci", "member_p", "null_auc", "null_sd", "null_pass_rate", "passed", "problems",
+            "member_scores", "nonmember_scores")
+    power = {k: power.get(k) for k in keep}
+    choice = _choose_forget(s, cohort, power)
+    print(f"  original: membership AUC {power['member_auc']:.3f}, null {power['null_auc']:.3f}, "
+          f"passed {power['passed']}; forget {choice['forget']} (memorised {choice['memorised']})", flush=True)
+    return {"checkpoint": str(ckpt), "cpu_s": clock.cpu, "wall_s": clock.wall, "volume": list(volume),
+            "n_train": len(train_ids), "n_never_seen": len(never_ids), "train_loss_last50": float(
+                np.mean(losses[-50:])), "power": power, **choice}
+
+
+def retrain_cell(s: dict, shared: Path, cells_dir: Path) -> dict:
+    from privseg.train import TrainConfig, load_checkpoint, model_from_checkpoint
+    from privseg.unlearn import unlearn
+
+    orig = _powered(s, cells_dir)
+    cohort = _cohort(s, shared)
+    train_ids, never_ids = _split(cohort)
+    forget_items, never_items = _items(cohort, orig["forget"]), _items(cohort, never_ids)
+    _items(cohort, train_ids)
+    folder = _seed_dir(shared, s["seed"])
+    (folder / "eval_cache.json").unlink(missing_ok=True)  # it held the previous retrain's scores
+    ckpt = _checkpoint(folder / "original.pt", f"original-seed{s['seed']}")
+    clock = _Clock()
+    res = unlearn(ckpt, cohort, orig["forget"], "retrain", out_dir=folder / "retrain", seed=s["seed"], items=_ITEMS,
+                  device="cpu", evaluate=True, mia_views=s["mia_views"], on_evaluate=clock,
+                  on_step=lambda k, n, loss: print(f"  retrain step {k}/{s['steps']}", flush=True)
+                  if k % 250 == 0 else None)
+    payload = load_checkpoint(ckpt)
+    cfg = TrainConfig.from_dict(payload["config"])
+    original = model_from_checkpoint(payload, ckpt).eval()
+    mine = _membership(res.model, forget_items, never_items, cfg, s)
+    before = _membership(original, forget_items, never_items, cfg, s, reference=mine["rows"])
+    u = res.report["unlearned"]
+    return {"forget": orig["forget"], "cpu_s": clock.cpu, "wall_s": res.report["seconds"],
+            "steps": res.report["steps_run"], "retain_dice": u["retain"]["dice"], "forget_dice": u["forget"]["dice"],
+            "test_dice": u["test"]["dice"], "dice_gap": u["dice_gap"], "mia_auc": mine["auc"],
+            "mia_ci": mine["ci"], "rows": mine["rows"], "mia_auc_loss": u["mia"]["auc"],
+            "original": {"retain_dice": res.report["original"]["retain"]["dice"],
+                         "forget_dice": res.report["original"]["forget"]["dice"],
+                         "test_dice": res.report["original"]["test"]["dice"],
+                         "dice_gap": res.report["original"]["dice_gap"], "mia_auc": before["auc"],
+                         "mia_auc_calibrated": before["auc_calibrated"],
+                         "mia_calibrated_pass_rate": before["calibrated_pass_rate"],
+                         "patients": before["patients"]}}
+
+
+def strategy_cell(s: dict, shared: Path, cells_dir: Path) -> dict:
+    from privseg.train import TrainConfig, load_checkpoint
+    from privseg.unlearn import unlearn
+    from privseg.utils import write_json
+
+    orig = _powered(s, cells_dir)
+    rt = _record(cells_dir, f"retrain-seed{s['seed']}")
+    cohort = _cohort(s, shared)
+    train_ids, never_ids = _split(cohort)
+    forget_items, never_items = _items(cohort, orig["forget"]), _items(cohort, never_ids)
+    _items(cohort, train_ids)
+    folder = _seed_dir(shared, s["seed"])
+    ckpt = _checkpoint(folder / "original.pt", f"original-seed{s['seed']}")
+    retrain = _checkpoint(folder / "retrain" / "unlearned.pt", f"retrain-seed{s['seed']}")
+    # the original's and the retrain's evaluation are the same for every cell of a seed: the
+    # first cell computes them, the others read them
+    cache_path = folder / "eval_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    clock = _Clock()
+    res = unlearn(ckpt, cohort, orig["forget"], s["strategy"], fix_decoder=s["fix_decoder"], epochs=s["epochs"],
+                  target=s["target"], seed=s["seed"], retrain_checkpoint=retrain, items=_ITEMS, device="cpu",
+                  mia_views=s["mia_views"], check_every=s["check_every"], original_metrics=cache.get("original"),
+                  retrain_metrics=cache.get("retrain"), on_evaluate=clock)
+    r = res.report
+    if not cache:
+        write_json(cache_path, {"original": r["original"], "retrain": r["retrain"]})
+    cfg = TrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+    m = _membership(res.model, forget_items, never_items, cfg, s, reference=rt["rows"])
+    u, ret = r["unlearned"], r["retrain"]
+    delta = r["forget_dice_distance_to_retrain"]
+    out = {"forget": orig["forget"], "steps": r["steps_run"], "stopped_early": r["stopped_early"],
+           "n_checks": len(r["checks"]), "cpu_s": clock.cpu, "wall_s": r["seconds"],
+           "time_ratio": clock.cpu / rt["cpu_s"], "wall_time_ratio": r["seconds"] / rt["wall_s"],
+           **{f"{g}_{k}": u[g][k] for g in ("retain", "forget", "test") for k in ("dice", "mae")},
+           "dice_gap": u["dice_gap"], "mae_gap": u["mae_gap"],
+           "retain_dice_ratio": r["retain_dice_ratio"], "forget_dice_delta": delta,
+           "forget_dice_minus_retrain": u["forget"]["dice"] - ret["forget"]["dice"],
+           "test_dice_ratio": u["test"]["dice"] / ret["test"]["dice"],
+           "trade_off": min(r["retain_dice_ratio"], 1.0) - delta,
+           "mia_auc": m["auc"], "mia_ci": m["ci"], "mia_auc_calibrated": m["auc_calibrated"],
+           "mia_calibrated_pass_rate": m["calibrated_pass_rate"], "patients": m["patients"],
+           "mia_auc_loss": u["mia"]["auc"], "mia_auc_loss_calibrated": u["mia"].get("auc_calibrated")}
+    print(f"  {_label(s['strategy'], s['fix_decoder'])} {s['target']} e{s['epochs']}: steps {out['steps']}, "
+          f"retain ratio {out['retain_dice_ratio']:.3f}, |dforget| {delta:.3f}, trade-off {out['trade_off']:.3f}, "
+          f"MIA {out['mia_auc']:.2f} (cal. {out['mia_auc_calibrated']:.2f}), time ratio {out['time_ratio']:.3f}",
+          flush=True)
+    return out
+
+
+def run_cell(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if cell.name.startswith("original-"):
+        return original_cell(cell.params, shared)
+    if cell.name.startswith("retrain-"):
+        return retrain_cell(cell.params, shared, cells_dir)
+    return strategy_cell(cell.params, shared, cells_dir)
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+METRICS = ("steps", "time_ratio", "wall_time_ratio", "retain_dice", "forget_dice", "test_dice", "dice_gap",
+           "retain_dice_ratio", "forget_dice_delta", "forget_dice_minus_retrain", "test_dice_ratio", "trade_off",
+           "mia_auc", "mia_auc_calibrated", "mia_calibrated_pass_rate", "mia_auc_loss")
+
+
+def _stats(values) -> dict:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "values": vals}
+
+
+def _key(p: dict) -> tuple:
+    return (p["strategy"], p["fix_decoder"], p["target"], p["epochs"])
+
+
+def _row_label(r: dict) -> str:
+    return f"{_label(r['strategy'], r['fix_decoder'])} {r['target']} e{r['epochs']}"
+
+
+def merge(done: dict) -> dict:
+    from privseg.audit.mia import auc
+
+    orig = {v["params"]["seed"]: v["metrics"] for k, v in done.items() if k.startswith("original-")}
+    ret = {v["params"]["seed"]: v["metrics"] for k, v in done.items() if k.startswith("retrain-")}
+    out: dict = {"seeds_done": sorted(orig)}
+    if orig:
+        def forget_auc(m: dict, which: str) -> float:
+            scores = m["power"]["member_scores"]
+            return auc([scores[p] for p in m[which]], list(m["power"]["nonmember_scores"].values()))
+
+        out.update({
+            "mia_auc_all_train": _stats(m["power"]["member_auc"] for m in orig.values())["mean"],
+            "mia_null_control": _stats(m["power"]["null_auc"] for m in orig.values())["mean"],
+            "mia_auc_original": _stats(forget_auc(m, "forget") for m in orig.values())["mean"],
+            "mia_auc_original_memorised": _stats(forget_auc(m, "memorised") for m in orig.values())["mean"],
+            "mia_auc_original_random": _stats(forget_auc(m, "random") for m in orig.values())["mean"],
+            "power": {s: {k: m["power"][k] for k in ("member_auc", "member_ci", "null_auc", "passed")}
+                      | {"forget": m["forget"], "memorised": m["memorised"]} for s, m in orig.items()}})
+    groups: dict = {}
+    for k, v in done.items():
+        if not (k.startswith("original-") or k.startswith("retrain-")):
+            groups.setdefault(_key(v["params"]), []).append(v["metrics"])
+    table = []
+    if ret:
+        table.append({"strategy": "original", "fix_decoder": False, "target": "-", "epochs": None,
+                      **{m: _stats(r["original"].get(m) for r in ret.values())
+                         for m in ("retain_dice", "forget_dice", "test_dice", "dice_gap", "mia_auc",
+                                   "mia_auc_calibrated", "mia_calibrated_pass_rate")}})
+        table.append({"strategy": "retrain", "fix_decoder": False, "target": "exact", "epochs": None,
+                      **{m: _stats(r.get(m) for r in ret.values())
+                         for m in ("steps", "retain_dice", "forget_dice", "test_dice", "dice_gap", "mia_auc",
+                                   "mia_auc_loss")},
+                      "cpu_s": _stats(r["cpu_s"] for r in ret.values())})
+    for (n, fd, t, e), rows in groups.items():
+        table.append({"strategy": n, "fix_decoder": fd, "target": t, "epochs": e,
+                      **{m: _stats(r.get(m) for r in rows) for m in METRICS}})
+    out["table"] = table
+    runs = [r for r in table if r["strategy"] not in ("original", "retrain")]
+    out["best"] = pick_best(runs)
+    out["study_finding"] = study_finding(runs)
+    b = out["best"] or {}
+    out["targets"] = {k: list(v) for k, v in TARGETS.items()}
+    out["met"] = {k: (None if b.get(k) is None else (b[k] <= t if op == "<=" else b[k] >= t))
+                  for k, (op, t) in TARGETS.items()}
+    return out
+
+
+def pick_best(rows: list[dict]) -> dict | None:
+    rows = [r for r in rows if r["trade_off"]["mean"] is not None]
     if not rows:
-        return {}
-    by_gap = sorted(rows, key=lambda r: -r["dice_gap"]["mean"])
-    orig_forget = next(r for r in summary if r["strategy"] == "original")["forget_dice"]["mean"]
-    forgot = [r for r in rows if r["forget_dice"]["mean"] <= 0.5 * orig_forget]
-    by_retain = sorted(forgot, key=lambda r: -r["retain_dice"]["mean"])
-
-    def label(r):
-        return r["strategy"] + (" + fix_decoder" if r["fix_decoder"] else "")
-
-    top_gap = label(by_gap[0])
-    top_retain = label(by_retain[0]) if by_retain else None
-    return {"epochs": epochs, "best_by_dice_gap": top_gap, "best_retain_among_forgetting": top_retain,
-            "holds": top_gap.startswith("noisy_label"),
-            "ranking_by_dice_gap": [(label(r), r["dice_gap"]["mean"]) for r in by_gap]}
+        return None
+    ok = [r for r in rows if r["retain_dice_ratio"]["mean"] >= TARGETS["retain_dice_ratio"][1]]
+    row = max(ok or rows, key=lambda r: (r["trade_off"]["mean"], -r["time_ratio"]["mean"]))
+    return {"configuration": _row_label(row), "strategy": row["strategy"], "fix_decoder": row["fix_decoder"],
+            "target": row["target"], "epochs": row["epochs"], "meets_retain": bool(ok), "seeds": row["trade_off"]["n"],
+            **{m: row[m]["mean"] for m in ("time_ratio", "retain_dice_ratio", "forget_dice_delta", "test_dice_ratio",
+                                           "trade_off", "mia_auc", "mia_auc_calibrated", "mia_calibrated_pass_rate",
+                                           "steps")},
+            "std": {m: row[m]["std"] for m in ("time_ratio", "retain_dice_ratio", "forget_dice_delta", "trade_off",
+                                               "mia_auc")}}
 
 
-def render_markdown(res: dict) -> str:
-    lines = [f"# Unlearning benchmark ({'quick' if res['quick'] else 'full'})", "",
-             f"Cohort `{res['cohort']}`, model `{res['model']}`, volume {res['size']}³, patch {res['patch']}³, "
-             f"original {res['original_steps']} steps ({res['original_seconds']:.0f} s), {res['seeds']} seeds "
-             f"(forget sets of {res['forget_size']}), torch threads {res['threads']}. Mean ± std over seeds.", "",
-             f"Split: {res.get('split')}; {res.get('subjects_per_step', '?')} subjects × "
-             f"{res.get('patches_per_subject', '?')} patch(es) per step; `--target zero` epochs {res['epochs']}; "
-             f"`--target unseen` at most {res.get('unseen_epochs', '?')} epochs, checked every "
-             f"{res.get('check_every', '?')} steps (and before the first). One epoch = "
-             f"{math.ceil(res['forget_size'] / res.get('subjects_per_step', 2))} step(s) here (forget set of "
-             f"{res['forget_size']}, {res.get('subjects_per_step', 2)} subjects per step).", "",
-             f"Command: `{res.get('command')}`", ""]
-    if not {20, 50} <= set(res["epochs"]):
-        lines += [f"The study's 20- and 50-epoch `--target zero` grid was cut to {res['epochs']} epoch(s): the rest "
-                  "did not fit the time budget on 2 shared CPU cores.", ""]
-    lines += [
-             "| strategy | fix dec. | target | epochs | steps | retain Dice | forget Dice | retain MAE | forget MAE | "
-             "Dice gap | MAE gap | test Dice | \\|ΔDice_f\\| vs retrain | MIA AUC | MIA AUC (cal.) | time / retrain |",
-             "|" + "---|" * 16]
-    for r in res["summary"]:
-        lines.append("| " + " | ".join([
-            r["strategy"], "✓" if r["fix_decoder"] else "", r["target"], str(r["epochs"] or ""),
-            fmt(r["steps"]["values"], 0), *[fmt(r[m]["values"]) for m in (
-                "retain_dice", "forget_dice", "retain_mae", "forget_mae", "dice_gap", "mae_gap", "test_dice",
-                "forget_dice_delta", "mia_auc", "mia_auc_calibrated", "time_ratio")]]) + " |")
-    b = res["best"] or {}
-    lines += ["", f"**MIA AUC of the original model** (forget vs test subjects): {res['mia_auc_original']:.3f}; "
-              f"all training vs test subjects: {res['mia_auc_original_all_train']:.3f}. "
-              + ("The benchmark has power (≥ 0.7)." if res["mia_power"] else
-                 "**Below 0.7: the membership test has little power here** — the original barely memorises; "
-                 "train longer, on fewer subjects, or make subjects more distinct.")]
+def study_finding(rows: list[dict]) -> dict:
+    out: dict = {"claim": "Noisy Label gives the best retain/forget trade-off",
+                 "measure": "trade_off = min(retain_dice_ratio, 1) - forget_dice_delta (mean over seeds), among "
+                            "the study's strategies with --target zero, per epoch budget", "by_epochs": {}}
+    budgets = sorted({r["epochs"] for r in rows if r["target"] == "zero"})
+    for e in budgets:
+        cand = [r for r in rows if r["target"] == "zero" and r["epochs"] == e and r["strategy"] in STUDY
+                and r["trade_off"]["mean"] is not None]
+        if not cand:
+            continue
+        rank = sorted(cand, key=lambda r: -r["trade_off"]["mean"])
+        nl = next((r for r in rank if r["strategy"] == "noisy_label"), None)
+        other = next((r for r in rank if r["strategy"] != "noisy_label"), None)
+        field = [r for r in rows if r["target"] == "zero" and r["epochs"] == e and r["strategy"] in FIELD
+                 and r["trade_off"]["mean"] is not None]
+        by_gap = max(cand, key=lambda r: r["dice_gap"]["mean"])
+
+        def brief(r):
+            return None if r is None else {"configuration": _row_label(r), "trade_off": r["trade_off"]["mean"],
+                                           "std": r["trade_off"]["std"], "seeds": r["trade_off"]["n"],
+                                           "retain_dice_ratio": r["retain_dice_ratio"]["mean"],
+                                           "forget_dice_delta": r["forget_dice_delta"]["mean"]}
+
+        out["by_epochs"][str(e)] = {
+            "holds": rank[0]["strategy"] == "noisy_label", "best": brief(rank[0]), "noisy_label": brief(nl),
+            "best_other": brief(other),
+            "best_field_baseline": brief(max(field, key=lambda r: r["trade_off"]["mean"]) if field else None),
+            "best_by_dice_gap": {"configuration": _row_label(by_gap), "dice_gap": by_gap["dice_gap"]["mean"]},
+            "ranking": [[_row_label(r), r["trade_off"]["mean"], r["trade_off"]["std"]] for r in rank]}
+    verdicts = [v["holds"] for v in out["by_epochs"].values()]
+    out["holds"] = bool(verdicts) and all(verdicts)
+    return out
+
+
+def _f(v, nd: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _ms(st: dict | None, nd: int = 3) -> str:
+    if not st or st.get("mean") is None:
+        return "-"
+    return f"{st['mean']:.{nd}f} ± {st['std']:.{nd}f}"
+
+
+def render(out: dict, done: dict) -> list[str]:
+    p = next(iter(done.values()))["params"]
+    lines = [f"Embedded power cohort: {p['sites']} sites x {p['subjects']} patients at {p['size']}^3; pooled "
+             f"`{p['model']}` on whole volumes, {p['subjects_per_step']} patients per step, lr {p['lr']}, "
+             f"{p['steps']} steps; forget sets of {p['n_memorised']} most memorised + {p['n_random']} random "
+             f"training patients per seed; seeds done {out.get('seeds_done')}. Mean ± std over seeds. Time ratios "
+             "are CPU seconds of the unlearning (stopping checks included) over the retrain's.", ""]
+    if "mia_auc_all_train" in out:
+        lines += [f"Membership power of the originals ({p['mia_statistic']}, {p['mia_views']} view): all training vs "
+                  f"all never-seen **{out['mia_auc_all_train']:.3f}**, null control {out['mia_null_control']:.3f}; "
+                  "per seed: " + "; ".join(
+                      f"seed {s}: {v['member_auc']:.3f} (null {v['null_auc']:.3f}, "
+                      f"{'passed' if v['passed'] else 'FAILED'}; forget {', '.join(v['forget'])})"
+                      for s, v in out["power"].items())
+                  + f". Forget set vs never-seen, original model: {out['mia_auc_original']:.3f} (memorised half "
+                  f"{out['mia_auc_original_memorised']:.3f}, random half {out['mia_auc_original_random']:.3f}).", ""]
+    b = out.get("best")
     if b:
-        lines += ["", f"**Best with `--target unseen`: {b['strategy']}** — time/retrain {b['time_ratio']:.3f}, "
-                  f"retain Dice ratio {b['retain_dice_ratio']:.3f}, |ΔDice_forget| {b['forget_dice_delta']:.3f}, "
-                  f"MIA AUC {b['mia_auc']:.3f}.", "", "| target | met |", "|---|---|"]
-        lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in b["targets_met"].items()]
-    f = res["study_finding"]
-    if f:
-        lines += ["", f"**Study's finding** (Noisy Label best trade-off with `--target zero`, {f['epochs']} epochs): "
-                  f"best Dice gap: {f['best_by_dice_gap']}; best retain Dice among strategies that halved forget "
-                  f"Dice: {f['best_retain_among_forgetting']} → {'holds' if f['holds'] else 'does not hold'} here."]
-    if res.get("notes"):
-        lines += ["", res["notes"].rstrip()]
-    return "\n".join(lines) + "\n"
+        how = ("retain Dice ratio >= 0.98, highest trade-off" if b["meets_retain"] else
+               "no row keeps retain Dice >= 0.98 of the retrain: highest trade-off of all")
+        lines += [f"**Best** ({how}): "
+                  f"**{b['configuration']}** (seeds: {b['seeds']}) — time ratio {b['time_ratio']:.3f}, retain Dice "
+                  f"ratio {b['retain_dice_ratio']:.3f}, |Δ forget Dice| {b['forget_dice_delta']:.3f}, trade-off "
+                  f"{b['trade_off']:.3f}, membership AUC {_f(b['mia_auc'])} (calibrated {_f(b['mia_auc_calibrated'])}"
+                  f", pass rate {_f(b['mia_calibrated_pass_rate'])}).", "",
+                  "| claim | best | target | met |", "|---|---|---|---|"]
+        for k, (op, t) in TARGETS.items():
+            met = out["met"].get(k)
+            lines.append(f"| {k} | {_f(b.get(k))} | {op} {t} | {'-' if met is None else ('yes' if met else 'no')} |")
+        lines.append("")
+    f = out.get("study_finding") or {}
+    if f.get("by_epochs"):
+        lines.append(f"**Study's finding** ({f['claim']}; {f['measure']}): "
+                     f"**{'holds' if f['holds'] else 'does not hold'}**.")
+        for e, v in f["by_epochs"].items():
+            nl, best, other = v["noisy_label"], v["best"], v["best_other"]
+            fb = v["best_field_baseline"]
+            lines.append(f"- {e} epochs: {'holds' if v['holds'] else 'does not hold'} — best {best['configuration']} "
+                         f"{best['trade_off']:.3f} ± {best['std']:.3f}; best noisy_label row "
+                         + (f"{nl['configuration']} {nl['trade_off']:.3f} ± {nl['std']:.3f}" if nl else "not run")
+                         + (f"; best other {other['configuration']} {other['trade_off']:.3f} ± {other['std']:.3f}"
+                            if other else "")
+                         + (f"; best field baseline {fb['configuration']} {fb['trade_off']:.3f} ± {fb['std']:.3f}"
+                            if fb else "")
+                         + f"; by the study's Dice gap: {v['best_by_dice_gap']['configuration']} "
+                         f"({v['best_by_dice_gap']['dice_gap']:.3f}).")
+        lines.append("")
+    lines += ["| strategy | fix dec. | target | epochs | seeds | steps | retain Dice | forget Dice | test Dice | "
+              "Dice gap | retain / retrain | \\|Δ forget Dice\\| | test / retrain | trade-off | MIA AUC | "
+              "MIA AUC cal. | cal. pass rate | time / retrain |", "|" + "---|" * 18]
+    for r in out.get("table", []):
+        n = max((v["n"] for v in r.values() if isinstance(v, dict) and "n" in v), default=0)
+        lines.append("| " + " | ".join([
+            r["strategy"], "✓" if r["fix_decoder"] else "", r["target"], str(r["epochs"] or ""), str(n),
+            _ms(r.get("steps"), 0), *[_ms(r.get(m)) for m in (
+                "retain_dice", "forget_dice", "test_dice", "dice_gap", "retain_dice_ratio", "forget_dice_delta",
+                "test_dice_ratio", "trade_off", "mia_auc", "mia_auc_calibrated", "mia_calibrated_pass_rate",
+                "time_ratio")]]) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cells.add_args(ap)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix="privseg-unlearning-smoke-"))
+        args.runs, args.results = tmp / "runs", tmp / "results"
+        print(f"smoke run in {tmp}", flush=True)
+    setting = settings(args.smoke)
+    # the cohort and the trained models belong to one setting: another setting, another folder
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    shared = args.runs / BENCH / "work" / f"_shared-{key}"
+    cells_dir = args.runs / BENCH / "cells"
+    cell_list = make_cells(setting, *((SMOKE["seeds"], SMOKE["study"], SMOKE["field"]) if args.smoke else ()))
+    return cells.run(BENCH, VERSION, cell_list, lambda c, w: run_cell(c, w, shared, cells_dir), merge, render,
+                     args, argv)
 
 
 if __name__ == "__main__":
