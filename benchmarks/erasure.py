@@ -72,11 +72,17 @@ SMOKE = {"sites": 2, "subjects": 6, "size": 24, "rounds": 2, "local_steps": 2, "
 # longer tells the patient from patients nobody trained on, then repair rounds with every site.
 PATIENT = {"method": "noisy_label", "target": "calibrated", "epochs": 20, "repair_rounds": 1}
 # Site erasures: FedEraser at the paper's setting (Liu et al. 2021: every 2nd round, half the local
-# steps, no repair) is the baseline row; the others are privseg's settings.
+# steps, no repair) is the baseline row; the others are privseg's settings. FedRecover (Cao et al.
+# 2023) at the paper's schedule scaled to 120 rounds: 2 warm-up, every 10th and the 3 last rounds
+# exact (16 of 120), the others estimated by the server; ``params`` go to the request as they are
+# (the FedEraser fields are ignored by it, kept so every setting has the same keys).
 SITE_SETTINGS = {"federaser-paper": {"method": "federaser", "calibration_interval": 2, "calibration_ratio": 0.5,
                                      "repair_rounds": 0},
                  "federaser-i4-r4": {"method": "federaser", "calibration_interval": 4, "calibration_ratio": 0.5,
-                                     "repair_rounds": 4}}
+                                     "repair_rounds": 4},
+                 "fedrecover": {"method": "fedrecover", "calibration_interval": 2, "calibration_ratio": 0.5,
+                                "repair_rounds": 0, "params": {"warmup": 2, "correction": 10, "final": 3,
+                                                               "buffer": 2}}}
 TARGETS = {"patient_time_ratio": ("<=", 0.05), "patient_retain_dice_ratio": (">=", 0.98),
            "patient_test_dice_ratio": (">=", 0.98), "patient_calibrated_pass_rate": (">=", 1.0),
            "site_time_ratio": ("<=", 0.25), "site_retain_dice_ratio": (">=", 0.95),
@@ -321,11 +327,14 @@ def site_cell(s: dict, work: Path, shared: Path) -> dict:
     res = erase(run, ErasureRequest(kind="site", site=s["site"], reason="benchmark", method=s["method"],
                                     calibration_interval=s["calibration_interval"],
                                     calibration_ratio=s["calibration_ratio"], repair_rounds=s["repair_rounds"],
-                                    statistic=s["mia_statistic"]),
+                                    params=s.get("params", {}), statistic=s["mia_statistic"]),
                 reference=ckpt, mia_views=s["mia_views"],
                 on_stage=lambda stage, msg: print(f"  {stage}: {msg}", flush=True))
+    removed = next(e["body"] for e in reversed(res.entries) if e["event"] == "site_removed")
     return {"site": s["site"], **{k: s[k] for k in ("method", "calibration_interval", "calibration_ratio",
-                                                    "repair_rounds")}, **_verdict(res, r_cpu, r_wall)}
+                                                    "repair_rounds")}, "params": s.get("params", {}),
+            **{k: removed[k] for k in ("exact_rounds", "estimated_rounds", "extra_exact_rounds") if k in removed},
+            **_verdict(res, r_cpu, r_wall)}
 
 
 def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
@@ -455,6 +464,10 @@ def render(out: dict, done: dict) -> list[str]:
         lines += ["", "## Site", "", "| setting | interval | ratio | repair rounds | time / retrain | retain Dice / "
                   "retrain's | test Dice / retrain's | status |", "|---|---|---|---|---|---|---|---|"]
         for n, v in out["site_settings"].items():
+            if v.get("params"):  # a method with settings of its own (fedrecover: its exact rounds too)
+                counts = (f"; {v['exact_rounds']} exact, {v['estimated_rounds']} estimated"
+                          if "exact_rounds" in v else "")
+                n += " (" + ", ".join(f"{k}={x}" for k, x in v["params"].items()) + counts + ")"
             lines.append(f"| {n} | {v['calibration_interval']} | {v['calibration_ratio']} | {v['repair_rounds']} | "
                          f"{v['time_ratio']:.3f} | {v['retain_dice_ratio']:.3f} | {v['test_dice_ratio']:.3f} | "
                          f"{v['status']} |")

@@ -144,7 +144,7 @@ def test_bad_requests_are_clear_errors_and_record_nothing(run, capsys):
         (["--run", str(d), "--site", "H2", "--subject", "../etc"], "--subject"),
         (["--run", str(d), "--site", "H2"], "--subject"),
         (["--run", str(d), "--site", "H2", "--subject", h2[0], "--whole-site"], "not both"),
-        (["--run", str(d), "--site", "H2", "--whole-site", "--method", "scrub"], "federaser or retrain"),
+        (["--run", str(d), "--site", "H2", "--whole-site", "--method", "scrub"], "a site erasure uses one of"),
         (["--run", str(d), "--site", "H2", "--subject", ",".join(h2)], "every training subject"),
         (["--run", str(d), "--site", "H2", "--subject", h2[0], "--method", "nope"], "unknown"),
     ]

@@ -28,7 +28,7 @@ def erase(
     approved_by: str = typer.Option("", help="Who approved the request (e.g. the data-protection officer), "
                                     "for the ledger and the certificate."),
     method: str = typer.Option(None, help="Patient: an unlearning strategy (default scrub). "
-                               "Site: federaser (default) or retrain."),
+                               "Site: federaser (default), fedrecover (--param warmup=2 ...) or retrain."),
     param: list[str] = PARAM,
     target: str = typer.Option("unseen", help="Patient: unseen (stop when the patient looks never-seen), calibrated "
                                "(stop when the run's reference models no longer tell it from never-seen patients; "

@@ -29,8 +29,10 @@ Patient (``kind="patient"``), stages:
 
 Site (``kind="site"``): ``requested`` -> ``site_removed`` (``method="federaser"``: calibrated
 federated unlearning from the stored per-round updates, Liu et al., "FedEraser", IWQoS 2021;
-``method="retrain"``: federated retraining of the rounds since the site joined, from the last
-global model before it joined) -> ``verified`` (membership of the site's training patients vs
+``method="fedrecover"``: the same rounds replayed without the site, most of them with the
+remaining sites' updates estimated by the server from the stored ones, Cao et al., "FedRecover",
+IEEE S&P 2023; ``method="retrain"``: federated retraining of the rounds since the site joined,
+from the last global model before it joined) -> ``verified`` (membership of the site's training patients vs
 its held-out ones; Dice of the remaining sites) -> ``completed`` (the site leaves the run's
 config, the new model is installed as the next round, artefacts of every round it touched are
 deleted).
@@ -65,6 +67,7 @@ from privseg.unlearn.site_erasure import (
     SITE_ERASERS,
     FedEraserCalibration,
     FedEraserSite,
+    FedRecoverSite,
     RetrainSite,
     SiteJob,
     _site,
@@ -80,8 +83,8 @@ from privseg.utils import versions
 # The stages live in request, patient_erasure, site_erasure and verification; the names callers
 # import from here (and ``federated_retrain``, which tests patch here) stay importable from here.
 __all__ = ["DEFAULT_THRESHOLDS", "KINDS", "LEDGER", "SITE_ERASERS", "ErasureRequest", "ErasureResult",
-           "FedEraserCalibration", "FedEraserSite", "RetrainSite", "SiteJob", "StageCallback", "_judge",
-           "derived_run", "erase", "federaser_groups", "federated_retrain", "round_seconds", "site_eraser",
+           "FedEraserCalibration", "FedEraserSite", "FedRecoverSite", "RetrainSite", "SiteJob", "StageCallback",
+           "_judge", "derived_run", "erase", "federaser_groups", "federated_retrain", "round_seconds", "site_eraser",
            "whole_patients"]
 
 

@@ -27,9 +27,10 @@ StageCallback = Callable[[str, str], None]
 @dataclass
 class ErasureRequest:
     """What to erase, why, and how. ``method``: an unlearning strategy for a patient (default
-    ``scrub``), ``federaser`` or ``retrain`` for a site. ``thresholds`` override
-    :data:`DEFAULT_THRESHOLDS` (``min_*_dice_ratio`` compare with the federated retrain when one
-    is given, else with the model before the erasure). ``target`` ``calibrated`` stops the local
+    ``scrub``), ``federaser``, ``fedrecover`` or ``retrain`` for a site (``params``: the method's
+    own settings, e.g. fedrecover's schedule). ``thresholds`` override :data:`DEFAULT_THRESHOLDS`
+    (``min_*_dice_ratio`` compare with the federated retrain when one is given, else with the
+    model before the erasure). ``target`` ``calibrated`` stops the local
     unlearning once the per-patient test against the run's reference models no longer flags the
     patient; ``statistic`` is that test's score (``loss`` or ``dice``), in the stopping rule and
     the verification alike."""
@@ -65,10 +66,12 @@ class ErasureRequest:
         if self.method is None:
             self.method = "scrub" if self.kind == "patient" else "federaser"
         # imported here: the registry's module builds on this one
-        from privseg.unlearn.site_erasure import SITE_ERASERS
+        from privseg.unlearn.site_erasure import SITE_ERASERS, site_params
 
         if self.kind == "site" and self.method not in SITE_ERASERS:
-            raise ConfigError(f"--method {self.method!r}: a site erasure uses {' or '.join(sorted(SITE_ERASERS))}")
+            raise ConfigError(f"--method {self.method!r}: a site erasure uses one of {', '.join(sorted(SITE_ERASERS))}")
+        if self.kind == "site":
+            site_params(self.method, self.params)
         if self.kind == "patient":
             from privseg.unlearn.strategies import get_strategy
 

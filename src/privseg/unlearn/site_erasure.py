@@ -1,5 +1,5 @@
-"""Erasure of a whole site: a registry of methods (:data:`SITE_ERASERS`, ``retrain`` and
-``federaser``), the federated retrain they and the reference models build on, and the stages
+"""Erasure of a whole site: a registry of methods (:data:`SITE_ERASERS`, ``retrain``,
+``federaser`` and ``fedrecover``), the federated retrain they and the reference models build on, and the stages
 of a site request after ``requested``: ``site_removed``, ``verified``, ``completed`` (the site
 leaves the run's config and the new model is installed as the next round). The federated
 retrain they build on is :mod:`privseg.federated.retrain`."""
@@ -19,6 +19,7 @@ from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.retrain import derived_run, federated_retrain, round_seconds
 from privseg.federated.runstate import RunState
+from privseg.unlearn.fedrecover import FedRecoverHook, fedrecover_schedule
 from privseg.unlearn.request import ErasureRequest, StageCallback, _artefact, _latest
 from privseg.unlearn.verification import _complete, _site_cohorts, _split_ids, _superseded, _verified, _verify
 
@@ -89,8 +90,7 @@ class FedEraserCalibration:
 
 def federaser_groups(state: RunState, site: str, interval: int) -> list[list[int]]:
     """The applied rounds since ``site`` joined, in groups of ``interval`` consecutive rounds."""
-    joined = min(state.rounds_of_site(site))
-    applied = [int(e["round"]) for e in state.rounds if e.get("applied") and int(e["round"]) >= joined]
+    applied = _replayed(state, site)
     return [applied[i:i + interval] for i in range(0, len(applied), interval)]
 
 
@@ -98,7 +98,9 @@ def federaser_groups(state: RunState, site: str, interval: int) -> list[list[int
 #
 # A method is an object with ``dp_steps(cfg, state, req)`` (DP steps each remaining site takes, for
 # the budget check before anything runs) and ``run(job)`` -> (model path, seconds, CPU seconds,
-# info for the ledger). A new method is one registered class.
+# info for the ledger). A new method is one registered class; one with settings of its own gives
+# them as a ``defaults`` dict (``--param`` overrides them; other names are refused) and may check
+# their values in ``check(params)`` -- the request does both before anything is recorded.
 
 @dataclass
 class SiteJob:
@@ -121,6 +123,20 @@ def site_eraser(name: str):
         SITE_ERASERS[name] = cls()
         return cls
     return add
+
+
+def site_params(method: str, params: dict | None) -> dict:
+    """``method``'s ``defaults`` overridden by ``params``; unknown names and bad values refused."""
+    eraser = SITE_ERASERS[method]
+    defaults = dict(getattr(eraser, "defaults", {}))
+    unknown = sorted(set(params or {}) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--param: site erasure method {method} has no parameter(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(defaults)) or 'none'})")
+    resolved = {**defaults, **(params or {})}
+    if hasattr(eraser, "check"):
+        eraser.check(resolved)
+    return resolved
 
 
 @site_eraser("retrain")
@@ -179,6 +195,92 @@ class FedEraserSite:
         return final.last_checkpoint, seconds, cpu, {
             "original_rounds": groups, "local_steps": steps, "repair_rounds": req.repair_rounds,
             "ratio": req.calibration_ratio, "interval": req.calibration_interval, "calibrated": len(hook.log)}
+
+
+def _replayed(state: RunState, site: str) -> list[int]:
+    """The applied rounds since ``site`` joined (what an approximate erasure replays)."""
+    joined = min(state.rounds_of_site(site))
+    return [int(e["round"]) for e in state.rounds if e.get("applied") and int(e["round"]) >= joined]
+
+
+def _client_level_dp(cfg: FLConfig) -> bool:
+    # the DP spec is either FLConfig.privacy (typed) or, in older configs, train.extra["dp"]
+    spec = getattr(cfg, "privacy", None) or cfg.train.extra.get("dp") or {}
+    return (spec.get("unit") if isinstance(spec, dict) else getattr(spec, "unit", None)) == "site"
+
+
+@site_eraser("fedrecover")
+class FedRecoverSite:
+    """FedRecover (Cao et al., IEEE S&P 2023; :mod:`privseg.unlearn.fedrecover`): the rounds since
+    the site joined are replayed without it; the remaining sites train only in the exact rounds
+    (``warmup`` first, every ``correction``-th, the ``final`` last, and up to ``max_extra`` whose
+    estimate was abnormal: norm over ``abnormal`` x the stored update's, 0 = no check); in the
+    others the server estimates their updates from the stored ones with L-BFGS (``buffer`` pairs).
+    The paper's defaults (20 warm-up, every 10th, 5 final, buffer 2, of 2,000 rounds) scaled to
+    runs of about a hundred rounds."""
+
+    defaults = {"warmup": 2, "correction": 10, "final": 3, "buffer": 2, "abnormal": 3.0, "max_extra": 3}
+    AVERAGING = ("fedavg", "fedprox")  # strategies whose server step the estimated rounds reproduce
+
+    def check(self, p: dict) -> None:
+        ints = {"warmup": 1, "correction": 1, "final": 0, "buffer": 1, "max_extra": 0}
+        for k, low in ints.items():
+            if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < low:
+                raise ConfigError(f"--param {k}={p[k]!r}: fedrecover needs an integer >= {low}")
+        if isinstance(p["abnormal"], bool) or not isinstance(p["abnormal"], int | float) or not (
+                p["abnormal"] == 0 or p["abnormal"] >= 1):
+            raise ConfigError(f"--param abnormal={p['abnormal']!r}: fedrecover needs 0 (no check) or a ratio >= 1")
+
+    def _plan(self, state: RunState, req: ErasureRequest) -> tuple[list[int], list[bool], dict]:
+        p = site_params(req.method, req.params)
+        rounds = _replayed(state, req.site)
+        return rounds, fedrecover_schedule(len(rounds), p["warmup"], p["correction"], p["final"]), p
+
+    def dp_steps(self, cfg: FLConfig, state: RunState, req: ErasureRequest) -> int:
+        if not state.rounds_of_site(req.site):
+            return 0
+        rounds, exact, p = self._plan(state, req)  # the budget pays for every extra exact round allowed
+        return min(len(rounds), sum(exact) + p["max_extra"]) * cfg.local_steps
+
+    def run(self, job: SiteJob):
+        from privseg.federated.simulation import run_rounds
+        from privseg.federated.strategies import build_strategy
+
+        req, cfg, state = job.req, job.cfg, job.state
+        if _client_level_dp(cfg) or cfg.strategy not in self.AVERAGING:
+            raise ConfigError(f"fedrecover estimates FedAvg rounds: it cannot replay a run with strategy "
+                              f"{cfg.strategy} or client-level DP; use --method federaser or retrain")
+        rounds, exact, p = self._plan(state, req)
+        stored = {int(e["round"]): e.get("updates") or {} for e in state.rounds}
+        missing = [t for t in rounds if not (state.checkpoint_path(t - 1).is_file() and stored.get(t)) or not all(
+            (job.run_dir / rel).is_file() for s, rel in stored[t].items() if s != req.site)]
+        if missing:
+            raise ConfigError(f"FedRecover needs the stored updates and global checkpoints of rounds {missing[:5]}... "
+                              "(the run was trained without --keep-updates, pruned its checkpoints, or an earlier "
+                              "erasure deleted them); use --method retrain")
+        shutil.rmtree(job.work, ignore_errors=True)  # the estimates live in memory: a crashed attempt starts over
+        remaining = [s for s in cfg.sites if s.id != req.site]
+        derived_run(job.run_dir, job.work, sites=remaining, start=state.checkpoint_path(rounds[0] - 1),
+                    rounds=sum(exact), name_suffix=job.work.name)
+        job.say("site_removed", f"FedRecover: {len(rounds)} rounds without {req.site}, {sum(exact)} of them exact")
+        sub_cfg = FLConfig.load(job.work)
+        strategy = build_strategy(cfg.strategy, min_sites=sub_cfg.min_sites, fraction=1.0,
+                                  proximal_mu=cfg.proximal_mu, params=cfg.strategy_params, evaluate=False)
+        hook = FedRecoverHook(job.run_dir, rounds, exact, [s.id for s in remaining], p)
+        strategy.update_hooks.append(hook.on_updates)
+        strategy.aggregate_hooks.append(hook.on_model)
+        final = RunState.load_or_new(job.work)
+        while hook.pos < len(rounds):  # an abnormal estimate adds an exact round: extend the derived run
+            before = hook.pos
+            final = run_rounds(job.work, job.backend, rounds=final.rounds_done + hook.exact_left(), strategy=strategy)
+            if hook.pos == before:
+                raise ConfigError(f"FedRecover made no progress at original round {rounds[hook.pos]} "
+                                  f"(run status {final.status}): too few sites answered")
+        seconds, cpu = round_seconds(final)
+        return final.last_checkpoint, seconds, cpu, {
+            "from_round": rounds[0] - 1, "rounds": len(rounds), "exact_rounds": hook.counts["exact"],
+            "estimated_rounds": hook.counts["estimated"], "extra_exact_rounds": hook.extra,
+            "estimate_cpu_s": hook.estimate_cpu_s, "counts": hook.counts, "params": p}
 
 
 def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, backend: str, reference,
