@@ -28,10 +28,10 @@ def _dp_run(root, dp: DPConfig, rounds: int = 2):
     info = check_sites(sites)
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
                      patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=rounds, extra={"dp": dp.to_dict()})
+                     steps=rounds)
     run = root / "run"
     state = simulate_inprocess(FLConfig(name="dpe", sites=sites, train=tc, rounds=rounds, local_steps=1,
-                                        eval_every=0, keep_updates=True), run)
+                                        eval_every=0, keep_updates=True, privacy=dp), run)
     assert state.status == "finished"
     return cohort, run
 

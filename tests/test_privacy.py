@@ -177,11 +177,11 @@ def test_federated_patient_dp_books_every_round_and_stops_at_the_budget(tmp_path
     sites = sites_from_cohort(cohort.root)
     info = check_sites(sites)
     dp = DPConfig(epsilon=6.0, delta=1e-3, clip="adaptive", sampling_rate=0.5, sigma_b=2.0,
-                  sites={"H2": {"epsilon": 3.0}}).to_dict()
+                  sites={"H2": {"epsilon": 3.0}})
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
                      patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=2, extra={"dp": dp})
-    cfg = FLConfig(name="dp", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0)
+                     steps=2)
+    cfg = FLConfig(name="dp", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0, privacy=dp)
     state = simulate_inprocess(cfg, tmp_path / "run")
     assert state.status == "finished" and state.rounds_done == 2
     last = state.rounds[-1]["train"]
@@ -193,6 +193,44 @@ def test_federated_patient_dp_books_every_round_and_stops_at_the_budget(tmp_path
     assert "would bring epsilon" in state.data["stop_reason"]
     led = BudgetLedger(tmp_path / "run" / "sites" / "H2" / "privacy.sqlite")
     assert len(led.rounds("H2")) == 2
+
+
+def test_an_old_fl_config_with_the_spec_in_train_extra_loads_into_privacy(tmp_path):
+    """fl_config.json files written before FLConfig.privacy kept the spec in train.extra["dp"]: it
+    moves to the typed field on load, and the run config the ClientApps get carries it as dp-* keys."""
+    import json
+
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.server_app import client_run_config
+    from privseg.train import TrainConfig
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=2, size=16)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    spec = DPConfig(epsilon=4.0, delta=1e-3, clip="fixed", sites={"H2": {"epsilon": 2.0}})
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), in_channels=len(info["channels"]),
+                     num_classes=len(info["classes"]), extra={"ct_window": [0, 1]})
+    new = FLConfig(name="old", sites=sites, train=tc, privacy=spec)
+    old = new.to_dict()
+    old.pop("privacy")
+    old["train"]["extra"]["dp"] = spec.to_dict()  # the layout of an old fl_config.json
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "fl_config.json").write_text(json.dumps(old))
+    cfg = FLConfig.load(tmp_path / "run")
+    assert isinstance(cfg.privacy, DPConfig) and cfg.privacy == spec
+    assert cfg.train.extra == {"ct_window": [0, 1]}  # the rest of extra stays
+    assert cfg.to_dict() == new.to_dict() and client_run_config(cfg, "r") == client_run_config(new, "r")
+    assert FLConfig.from_dict({**old, "eval_split": "val"}).privacy == spec
+    with pytest.raises(ConfigError, match="eval-split"):  # the DP run's checks apply to a migrated spec too
+        FLConfig.from_dict({**old, "eval_split": "train"})
+    with pytest.raises(ConfigError, match="two different DP specs"):
+        FLConfig.from_dict({**old, "privacy": DPConfig(epsilon=1.0).to_dict()})
+    assert FLConfig.from_dict({**old, "privacy": spec.to_dict()}).privacy == spec  # both, the same: fine
+    rc = DPConfig.from_run_config({**spec.to_run_config(), "server-round": 1})
+    assert rc == spec and DPConfig.from_run_config({"server-round": 1}) is None
+    with pytest.raises(ConfigError, match="not a DP setting"):
+        DPConfig.from_run_config({"dp-epsilom": 3.0})
 
 
 def test_privacy_status_cli_reports_spent_and_remaining(tmp_path, capsys):

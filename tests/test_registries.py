@@ -112,7 +112,27 @@ def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, m
     assert main(["fl", "deploy", *common, "--round-timeout", "3600"]) == 0
     run, deploy = seen["in-process"].to_dict(), seen["deployment"].to_dict()
     assert run == deploy
-    assert run["train"]["extra"]["dp"]["sites"] == {"H2": {"epsilon": 3.0}} and run["proximal_mu"] == 0.3
+    assert run["privacy"]["sites"] == {"H2": {"epsilon": 3.0}} and run["proximal_mu"] == 0.3
+    # what every ClientApp reads as its run configuration: the same dp-* keys from `fl run` and from
+    # `fl deploy` (whose ServerApp reads the spec back from fl_config.json), one typed spec again
+    import json
+
+    from flwr.app import ConfigRecord
+    from flwr.common.serde import config_record_from_proto, config_record_to_proto
+
+    from privseg.federated.server_app import client_run_config
+    from privseg.privacy import DPConfig
+
+    spec = seen["in-process"].privacy
+    deployed = FLConfig.from_dict(json.loads(json.dumps(deploy)))  # as the deployed ServerApp loads it
+    rc_run, rc_deploy = (client_run_config(c, tmp_path / "same") for c in (seen["in-process"], deployed))
+    assert rc_run == rc_deploy
+    dp_keys = {k: v for k, v in rc_run.items() if k.startswith("dp-")}
+    assert dp_keys == spec.to_run_config() and dp_keys["dp-unit"] == "patient" and dp_keys["dp-epsilon"] == 5.0
+    assert dp_keys["dp-delta"] == 1e-2 and dp_keys["dp-clip"] == "fixed" and dp_keys["dp-sites.H2.epsilon"] == 3.0
+    wire = config_record_from_proto(config_record_to_proto(ConfigRecord(dict(rc_deploy))))  # as a SuperNode gets it
+    assert DPConfig.from_run_config(wire) == spec == deployed.privacy
+    assert "dp" not in json.loads(rc_run["train-config"])["extra"]  # the spec travels once, typed
 
 
 def test_fedavgm_applies_the_average_update_at_its_server_learning_rate(tmp_path):

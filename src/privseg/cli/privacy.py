@@ -68,8 +68,7 @@ def train(
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, o["splits"], o["classes"])
     t = take(o, TRAINING)
-    cfg = TrainConfig.for_cohort(c, steps=steps, patch_size=(t.pop("patch"),) * c.spatial_dims, **t,
-                                 extra={"dp": dp.to_dict()})
+    cfg = TrainConfig.for_cohort(c, steps=steps, patch_size=(t.pop("patch"),) * c.spatial_dims, **t)
     with progress("DP training", steps, o["quiet"]) as update:
         r = train_private(c, cfg, dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:

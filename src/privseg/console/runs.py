@@ -61,6 +61,18 @@ def summary(d: Path) -> dict:
     return run_summary(d, _summary)
 
 
+def _privacy(cfg: dict):
+    """The run's typed privacy spec (``FLConfig.privacy``, an old config's ``train.extra["dp"]``
+    included); None without DP or when the config does not load."""
+    from privseg.errors import PrivsegError
+    from privseg.federated.config import FLConfig
+
+    try:
+        return FLConfig.from_dict(cfg).privacy
+    except (PrivsegError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _summary(d: Path) -> dict:
     cfg, st = _json(d / "fl_config.json"), _json(d / "state.json")
     sites, withdrawn = run_sites(cfg)
@@ -70,10 +82,10 @@ def _summary(d: Path) -> dict:
         if ov.get("site-mean-dice") is not None:
             dice = ov["site-mean-dice"]
             break
-    dp = ((cfg.get("train") or {}).get("extra") or {}).get("dp") or {}
+    dp = _privacy(cfg)
     return {"name": d.name, "cfg": cfg, "state": st, "sites": sites, "withdrawn": withdrawn,
             "rounds_done": int(st.get("rounds_done", 0)), "rounds_planned": cfg.get("rounds"),
-            "status": st.get("status", "new"), "strategy": cfg.get("strategy"), "dp": dp.get("unit"),
+            "status": st.get("status", "new"), "strategy": cfg.get("strategy"), "dp": dp.unit if dp else None,
             "created": st.get("created"), "dice": dice, "has_report": (d / "report.html").is_file()}
 
 

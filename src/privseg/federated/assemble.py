@@ -66,6 +66,5 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
                               f"(sites: {', '.join(cfg.site_ids)})")
         if dp.unit == "patient":
             check_dp_model(built)
-        cfg.train.extra["dp"] = dp.to_dict()
-        FLConfig.from_dict(cfg.to_dict())  # the DP run's own checks (e.g. no evaluation on training patients)
+        cfg = replace(cfg, privacy=dp)  # the DP run's own checks (e.g. no evaluation on training patients)
     return cfg

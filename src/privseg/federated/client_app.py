@@ -5,22 +5,25 @@ Which site a ClientApp serves comes from the node config (deployment:
 plus ``exclude="S017,S020"`` for subjects erased at that site)
 or, in simulation, from the partition ID mapped to the run's site list.
 
-Each train message carries the global weights (``arrays``) and a config record with the
-foundation's ``TrainConfig`` (``train-config``, JSON), ``server-round``, ``local-steps``,
-``proximal-mu`` (FedProx) and ``local-norm`` (FedBN). The client runs the foundation's
-:func:`privseg.train.loop.train_steps` for steps ``(round-1)*local_steps .. round*local_steps``
-with a per-site seed, so a repeated round gives the same update. Its reply holds the new
-weights (without the normalisation layers under FedBN), and ``num-examples`` = training
-subjects, ``train-loss``, ``compute-s`` (local compute time) in a MetricRecord, and the site ID
-in a ConfigRecord ``site``.
+Each train message carries the global weights (``arrays``) and a config record -- the
+ClientApp's run configuration, built by :func:`privseg.federated.server_app.client_run_config`
+-- with the foundation's ``TrainConfig`` (``train-config``, JSON), ``server-round``,
+``local-steps``, ``proximal-mu`` (FedProx), ``local-norm`` (FedBN) and, under DP, the privacy
+spec as ``dp-*`` keys (:meth:`privseg.privacy.DPConfig.from_run_config` builds it once). The
+client runs the foundation's :func:`privseg.train.loop.train_steps` for steps
+``(round-1)*local_steps .. round*local_steps`` with a per-site seed, so a repeated round gives
+the same update. Its reply holds the new weights (without the normalisation layers under
+FedBN), and ``num-examples`` = training subjects, ``train-loss``, ``compute-s`` (local compute
+time) in a MetricRecord, and the site ID in a ConfigRecord ``site``.
 
 Site-local state (FedBN's normalisation layers) is written after every round to
 ``<state-dir>/local_r<round>.pt`` (default ``<run-dir>/sites/<site>/``); the next round, or
 the same round repeated after a server crash, reads the newest file older than that round.
 
-Hook for patient-level DP-SGD: ``make_client_app(step_fn_factory=...)``; the factory gets
+Hook for another local step: ``make_client_app(step_fn_factory=...)``; the factory gets
 ``(train_config, message_config, site, state_dir)`` and returns the ``step_fn`` that
-:func:`train_steps` runs (default: the ordinary step).
+:func:`train_steps` runs (default: the ordinary step, or patient-level DP-SGD from
+:func:`privseg.federated.private.patient_dp_step_fn` when the spec's unit is ``patient``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from privseg.errors import ConfigError, DataError
 from privseg.federated.private import patient_dp_step_fn
 from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
+from privseg.privacy.spec import DPConfig
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.utils import atomic_path, pick_device
@@ -164,9 +168,13 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     optimizer = make_optimizer(model, tc)
     handle = attach_proximal(optimizer, model, global_params(model, local_keys), mu) if mu > 0 else None
     site_cfg = replace(tc, seed=tc.seed + site_seed(spec.id))
-    if step_fn_factory is None and (tc.extra.get("dp") or {}).get("unit") == "patient":
-        step_fn_factory = patient_dp_step_fn  # privacy enters here, through privseg.federated.private
-    step_fn = step_fn_factory(tc, cfg, spec, state_dir) if step_fn_factory else standard_step
+    dp = DPConfig.from_run_config(cfg)  # the privacy spec, built once from the run config's dp-* keys
+    if step_fn_factory is not None:
+        step_fn = step_fn_factory(tc, cfg, spec, state_dir)
+    elif dp is not None and dp.unit == "patient":  # privacy enters here, through privseg.federated.private
+        step_fn = patient_dp_step_fn(dp, tc, cfg, spec, state_dir)
+    else:
+        step_fn = standard_step
     losses = local_train(model, optimizer, items, site_cfg, (server_round - 1) * steps, server_round * steps, step_fn)
     if handle is not None:
         handle.remove()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from privseg.errors import ConfigError
 from privseg.federated.sites import SiteSpec
+from privseg.privacy.spec import DPConfig
 from privseg.train.loop import TrainConfig
 from privseg.utils import check_id, write_json
 
@@ -24,6 +25,9 @@ class FLConfig:
     others may fail or time out); fewer, and the global model stays as it was for that round.
     ``keep_updates`` writes every site's update per round under ``updates/`` so an erasure
     can later be traced to (and undone from) the rounds a site took part in.
+    ``privacy``: the run's differential-privacy spec (None: no DP), built once and validated;
+    the ServerApp sends it to the ClientApps (:meth:`DPConfig.to_run_config`). A config written
+    before it had this field kept it in ``train.extra["dp"]``: it is moved here on load.
     """
 
     name: str
@@ -44,9 +48,11 @@ class FLConfig:
     cache_sites: int = 8  # preprocessed sites kept in memory per client worker
     extra: dict = field(default_factory=dict)
     strategy_params: dict = field(default_factory=dict)  # the strategy's own settings (see FL_STRATEGIES)
+    privacy: DPConfig | None = None
 
     def __post_init__(self) -> None:
         check_id(self.name, "run name")
+        self._migrate_privacy()
         self.strategy = self.strategy.lower()
         from privseg.federated.strategies import FL_STRATEGIES, strategy_param_names
 
@@ -70,11 +76,27 @@ class FLConfig:
             raise ConfigError(f"eval split {self.eval_split!r} is not train, val or test")
         if not self.sites:
             raise ConfigError("the federation has no sites")
-        if self.train.extra.get("dp") and self.eval_split == "train":
+        if self.privacy is not None and self.eval_split == "train":
             raise ConfigError("under DP a site releases nothing about its training patients that is not accounted: "
                               "evaluate on val or test (--eval-split), not train")
         if self.min_sites > len(self.sites):
             raise ConfigError(f"--min-sites {self.min_sites} is more than the {len(self.sites)} sites")
+
+    def _migrate_privacy(self) -> None:
+        """``privacy`` as a typed :class:`DPConfig`; an old config's ``train.extra["dp"]`` moves here."""
+        if isinstance(self.privacy, dict):
+            self.privacy = DPConfig.from_dict(self.privacy)
+        if "dp" not in self.train.extra:
+            return
+        old = self.train.extra["dp"]
+        self.train = replace(self.train, extra={k: v for k, v in self.train.extra.items() if k != "dp"})
+        if not old:
+            return
+        old = old if isinstance(old, DPConfig) else DPConfig.from_dict(old)
+        if self.privacy is not None and self.privacy != old:
+            raise ConfigError("two different DP specs: FLConfig.privacy and train.extra['dp'] (give it once, "
+                              "as privacy)")
+        self.privacy = old
 
     @property
     def site_ids(self) -> list[str]:
@@ -90,6 +112,7 @@ class FLConfig:
         d = asdict(self)
         d["sites"] = [s.to_dict() for s in self.sites]
         d["train"] = self.train.to_dict()
+        d["privacy"] = self.privacy.to_dict() if self.privacy is not None else None
         return d
 
     @classmethod
@@ -98,6 +121,7 @@ class FLConfig:
         try:
             d["sites"] = [SiteSpec.from_dict(s) for s in d["sites"]]
             d["train"] = TrainConfig.from_dict(d["train"])
+            d["privacy"] = DPConfig.from_dict(d["privacy"]) if d.get("privacy") else None
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"federated config is missing or has a malformed field ({exc})") from None
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}

@@ -1,9 +1,10 @@
 """Where federated training meets privacy: federated uses :mod:`privseg.privacy`, never the reverse.
 
-* Patient-level DP (``--dp patient``): :func:`patient_dp_step_fn` is the ClientApp's step
-  factory at a DP site -- it finds the site's patients, ledger and secret noise key (in the
-  site's own state folder) and hands them to :func:`privseg.privacy.make_private`; the
-  returned step runs the round's Poisson-sampled steps and reports only accounted figures.
+* Patient-level DP (``--dp patient``): :func:`patient_dp_step_fn` makes the ClientApp's step at
+  a DP site from the spec the ClientApp built from its run config -- it finds the site's
+  patients, ledger and secret noise key (in the site's own state folder) and hands them, with
+  the spec, to :func:`privseg.privacy.make_private`; the returned step runs the round's
+  Poisson-sampled steps and reports only accounted figures.
 * Client-level DP (``--dp site``): :func:`attach_client_dp` puts DP-FedAvg's hooks and its
   Poisson site sampling on the server's strategy (as Flower's own DP wrappers do).
 """
@@ -48,9 +49,9 @@ def site_ledger_path(dp: DPConfig, site: str, state_dir: Path) -> Path:
     return Path(state_dir) / "privacy.sqlite"
 
 
-def patient_dp_step_fn(tc, msg_config, spec: SiteSpec, state_dir: Path) -> PatientDPStep:
-    """``step_fn_factory`` for :func:`privseg.federated.client_app.make_client_app`."""
-    dp = DPConfig.from_dict(tc.extra["dp"])
+def patient_dp_step_fn(dp: DPConfig, tc, msg_config, spec: SiteSpec, state_dir: Path) -> PatientDPStep:
+    """The ClientApp's step at a site under patient-level DP ``dp`` (the spec the ClientApp built
+    from its run config), for the round in ``msg_config``."""
     server_round = int(msg_config["server-round"])
     steps = int(msg_config.get("local-steps", 1))
     items = site_items(spec, "train", tc.spacing, int(msg_config.get("cache-sites", 8)))
@@ -64,10 +65,10 @@ def patient_dp_step_fn(tc, msg_config, spec: SiteSpec, state_dir: Path) -> Patie
 
 
 def attach_client_dp(strategy, cfg, run_dir: str | Path) -> ClientLevelDP:
-    """Attach DP-FedAvg to ``strategy`` from ``cfg.train.extra["dp"]`` (unit ``site``), ledger in
+    """Attach DP-FedAvg to ``strategy`` from ``cfg.privacy`` (unit ``site``), ledger in
     ``<run_dir>/privacy.sqlite``, noise key ``<run_dir>/server_noise.key``; on resume the adaptive
     clip continues from the ledger."""
-    dp = DPConfig.from_dict(cfg.train.extra["dp"])
+    dp = cfg.privacy
     ledger = ledger_for_run(run_dir)
     hooks = ClientLevelDP(n_sites=len(cfg.sites), fraction=cfg.fraction, clip=dp.clip, clip_norm=dp.clip_norm,
                           noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta, rounds=cfg.rounds,

@@ -23,15 +23,14 @@ def derived_run(run_dir: Path, sub_dir: Path, *, sites: Sequence[SiteSpec], star
     from privseg.train.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = FLConfig.load(run_dir)
-    dp = cfg.train.extra.get("dp")
-    if dp and dp.get("unit") == "patient":
+    dp = cfg.privacy
+    if dp is not None and dp.unit == "patient":
         # fresh site state (so fresh secret noise keys: reused noise would cancel in a difference of
         # models), but the spend goes into each site's own ledger in the original run
-        root = Path(dp.get("ledger_root") or run_dir).resolve()
+        root = Path(dp.ledger_root or run_dir).resolve()
         scope = (str(sub_dir.resolve().relative_to(root)) if sub_dir.resolve().is_relative_to(root)
                  else f"derived:{sub_dir.resolve()}")
-        dp = {**dp, "ledger_root": str(root), "ledger_scope": scope}
-        cfg = replace(cfg, train=replace(cfg.train, extra={**cfg.train.extra, "dp": dp}))
+        cfg = replace(cfg, privacy=replace(dp, ledger_root=str(root), ledger_scope=scope))
     sub = replace(cfg, name=f"{cfg.name}-{name_suffix}", sites=list(sites), rounds=int(rounds),
                   local_steps=int(local_steps or cfg.local_steps), keep_updates=False, eval_every=0, keep_checkpoints=1,
                   min_sites=min(cfg.min_sites, len(sites)), extra={**cfg.extra, "derived_from": str(run_dir)})

@@ -89,6 +89,8 @@ def _save_global(cfg: FLConfig, state: RunState, model: torch.nn.Module, arrays:
     path = state.checkpoint_path(server_round)
     extra = {"federated": {"run": cfg.name, "round": server_round, "strategy": cfg.strategy,
                            "participants": list(entry.get("participants", [])) if entry else []}}
+    if cfg.privacy is not None:  # a record of the DP settings the model was trained under (provenance)
+        extra["dp"] = cfg.privacy.to_dict()
     save_checkpoint(path, model, config=cfg.train.to_dict(), step=server_round, extra=extra)
     if cfg.keep_checkpoints:
         done = sorted(path.parent.glob("global_r*.pt"))
@@ -104,6 +106,18 @@ def _save_update(state: RunState, server_round: int, site: str, msg: Message) ->
     with atomic_path(path) as tmp:
         torch.save(dict(arrays_to_state(arrays)), tmp)
     return str(path.relative_to(state.run_dir))
+
+
+def client_run_config(cfg: FLConfig, run_dir: str | Path) -> dict[str, Any]:
+    """What every ClientApp reads as its run configuration (the config record of each train and
+    evaluate message), the same in simulation and deployment: the foundation's ``train-config``
+    (JSON), ``local-steps``, ``run-dir``, ``eval-split``, ``cache-sites``, and the privacy spec
+    as flat ``dp-*`` keys (:meth:`~privseg.privacy.DPConfig.to_run_config`; none without DP)."""
+    base = {"train-config": json.dumps(cfg.train.to_dict()), "local-steps": cfg.local_steps,
+            "run-dir": str(Path(run_dir).resolve()), "eval-split": cfg.eval_split, "cache-sites": cfg.cache_sites}
+    if cfg.privacy is not None:
+        base.update(cfg.privacy.to_run_config())
+    return base
 
 
 def run_server(grid: Grid, run_dir: str | Path, *, on_round: RoundCallback | None = None,
@@ -123,7 +137,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     model, start = _initial_model(cfg, state)
     strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
                                           proximal_mu=cfg.proximal_mu, params=cfg.strategy_params)
-    if (cfg.train.extra.get("dp") or {}).get("unit") == "site":  # privseg.privacy: client-level DP-FedAvg
+    if cfg.privacy is not None and cfg.privacy.unit == "site":  # privseg.privacy: client-level DP-FedAvg
         from privseg.federated.private import attach_client_dp
 
         attach_client_dp(strategy, cfg, run_dir)
@@ -142,8 +156,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         _save_global(cfg, state, model, arrays, 0)
     state.set_status("running", resumed_from=start - 1 if start > 1 else None)
 
-    base = {"train-config": json.dumps(cfg.train.to_dict()), "local-steps": cfg.local_steps,
-            "run-dir": str(run_dir.resolve()), "eval-split": cfg.eval_split, "cache-sites": cfg.cache_sites}
+    base = client_run_config(cfg, run_dir)
     node_site: dict[int, str] = {}
     for r in range(start, cfg.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -1,14 +1,18 @@
 """The privacy spec: every DP setting of a run in one typed, validated object, built once.
 
-It travels with the run (``TrainConfig.extra["dp"]`` as a dict, rebuilt with
-:meth:`DPConfig.from_dict` where it is used) and is what :func:`privseg.privacy.make_private`
-takes. Units, neighbouring relation and releases: ``docs/privacy.md``.
+A federated run keeps it as ``FLConfig.privacy`` (``fl_config.json``: ``"privacy"``); the
+ServerApp sends it to every ClientApp as flat ``dp-*`` keys of the run configuration
+(:meth:`DPConfig.to_run_config`), and the ClientApp builds it back once
+(:meth:`DPConfig.from_run_config`) -- in simulation and deployment alike. It is what
+:func:`privseg.privacy.make_private` takes. Units, neighbouring relation and releases:
+``docs/privacy.md``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from privseg.errors import ConfigError
@@ -16,10 +20,13 @@ from privseg.privacy.accountant import check_delta, check_epsilon
 from privseg.privacy.clipping import CLIP_RULES
 from privseg.privacy.grad_sample import GRAD_METHODS
 
+RUN_CONFIG_PREFIX = "dp-"  # the spec's keys in a Flower run configuration / ConfigRecord
+_SITES_KEY = RUN_CONFIG_PREFIX + "sites."  # per-site overrides: dp-sites.<SITE>.epsilon / .delta
+
 
 @dataclass
 class DPConfig:
-    """Differential-privacy settings of a run (JSON-serialisable; stored in ``TrainConfig.extra["dp"]``).
+    """Differential-privacy settings of a run (JSON-serialisable; a federated run's ``FLConfig.privacy``).
 
     ``unit``: ``patient`` (DP-SGD inside each site) or ``site`` (client-level DP-FedAvg at the
     server, :mod:`privseg.privacy.client_dp`). ``epsilon``/``delta``: the budget (per site for
@@ -91,6 +98,37 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_run_config(self) -> dict:
+        """The spec as flat ``dp-*`` keys with Flower config values (str, int, float, bool), as the
+        ServerApp sends it to every ClientApp: ``dp-epsilon``, ``dp-clip-norm``, ...; a setting
+        that is None is left out; a per-site override is ``dp-sites.<SITE>.epsilon`` / ``.delta``.
+        :meth:`from_run_config` reads it back to an equal spec."""
+        out: dict = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "sites":
+                out.update({f"{_SITES_KEY}{site}.{k}": v for site, over in value.items() for k, v in over.items()})
+            elif value is not None:
+                out[RUN_CONFIG_PREFIX + f.name.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def from_run_config(cls, config: Mapping) -> DPConfig | None:
+        """The spec from the ``dp-*`` keys of a run configuration (:meth:`to_run_config`); None
+        when it has none (no DP). Unknown ``dp-*`` keys are refused."""
+        names = {RUN_CONFIG_PREFIX + f.name.replace("_", "-"): f.name for f in fields(cls) if f.name != "sites"}
+        d: dict = {"sites": {}}
+        for key in config.keys():
+            key = str(key)
+            if key.startswith(_SITES_KEY):
+                site, _, what = key[len(_SITES_KEY):].rpartition(".")
+                d["sites"].setdefault(site, {})[what] = config[key]
+            elif key in names:
+                d[names[key]] = config[key]
+            elif key.startswith(RUN_CONFIG_PREFIX):
+                raise ConfigError(f"run config key {key!r} is not a DP setting")
+        return cls(**d) if len(d) > 1 or d["sites"] else None
 
     @classmethod
     def from_options(cls, *, unit: str = "patient", epsilon: float = 8.0, delta: float = 1e-5, clip: str = "adaptive",

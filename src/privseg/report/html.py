@@ -352,6 +352,9 @@ def _summary_section(b: Builder, src: Source, ckpt_meta: dict) -> None:
             config = {**{k: v for k, v in fl.items() if k not in ("train", "sites")}, **(fl.get("train") or {})}
         except DataError:
             pass
+    dp_record = (ckpt_meta.get("extra") or {}).get("dp")  # central DP training's record of its spec
+    if config and dp_record and "privacy" not in config:
+        config = {**config, "privacy": dp_record}
     if config:
         body += "<div><h3>Configuration</h3>" + kv_table(
             {k: v for k, v in config.items() if v not in (None, {}, [])}) + "</div>"

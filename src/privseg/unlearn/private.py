@@ -26,8 +26,7 @@ from privseg.privacy.budget import BudgetLedger
 
 def dp_of(cfg: FLConfig) -> DPConfig | None:
     """The run's patient-level DP settings, or None (no DP, or client-level DP)."""
-    d = cfg.train.extra.get("dp") or {}
-    return DPConfig.from_dict(d) if d.get("unit") == "patient" else None
+    return cfg.privacy if cfg.privacy is not None and cfg.privacy.unit == "patient" else None
 
 
 def site_ledger(run_dir: Path, site: str) -> BudgetLedger:

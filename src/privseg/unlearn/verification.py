@@ -26,8 +26,8 @@ def _site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
 
 
 def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
-    dp = cfg.train.extra.get("dp") or {}
-    if not dp:
+    dp = cfg.privacy
+    if dp is None:
         return None
     from privseg.privacy.budget import BudgetLedger, find_ledgers
 
@@ -35,10 +35,10 @@ def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
         for path in find_ledgers(run_dir):
             for row in BudgetLedger(path).status():
                 if row["site"] == site:
-                    return {"unit": dp.get("unit"), "epsilon": row["epsilon_spent"], "delta": row["delta"],
+                    return {"unit": dp.unit, "epsilon": row["epsilon_spent"], "delta": row["delta"],
                             "ledger": _rel(run_dir, path), "private": row["private"], "guarantee": row["guarantee"],
-                            "meaning": "patient-level DP: a bound for every patient of the site" if dp.get(
-                                "unit") == "patient" else "site-level DP: a bound for the site's whole data"}
+                            "meaning": "patient-level DP: a bound for every patient of the site"
+                            if dp.unit == "patient" else "site-level DP: a bound for the site's whole data"}
     except PrivsegError:
         return None
     return None
