@@ -18,7 +18,6 @@ from privseg.federated import FLConfig, RunState, check_sites, sites_from_cohort
 from privseg.federated.simulation import simulate_inprocess
 from privseg.train import TrainConfig
 from privseg.train.checkpoint import load_checkpoint
-from privseg.unlearn.fedrecover import fedrecover_schedule, lbfgs_hvp
 from privseg.unlearn.federated import (
     LEDGER,
     SITE_ERASERS,
@@ -28,6 +27,7 @@ from privseg.unlearn.federated import (
     federated_retrain,
     round_seconds,
 )
+from privseg.unlearn.fedrecover import FedRecoverHook, fedrecover_schedule, lbfgs_hvp
 
 ROUNDS = 8
 FEW_EXACT = {"warmup": 1, "correction": 100, "final": 1, "max_extra": 0}  # 2 exact rounds of 8
@@ -142,6 +142,10 @@ def test_dp_budget_and_strategies_it_cannot_replay(trained, tmp_path):
                 replace(job.cfg, train=replace(job.cfg.train, extra={"dp": {"unit": "site"}}))):
         with pytest.raises(ConfigError, match="federaser or retrain"):
             SITE_ERASERS["fedrecover"].run(replace(job, cfg=cfg))
+    # an exact round is configured as the original round it replays (the sites' seeds and patch draws)
+    hook = FedRecoverHook(run, list(range(1, ROUNDS + 1)), [True] * ROUNDS, ["H1", "H3"], {"buffer": 2})
+    hook.pos = 5
+    assert hook.as_original_round(lambda server_round, *rest: server_round)(2, None, {}, None) == 6
     shutil.rmtree(run / "updates")
     with pytest.raises(ConfigError, match="stored updates"):
         SITE_ERASERS["fedrecover"].run(job)

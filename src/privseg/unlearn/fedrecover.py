@@ -84,7 +84,9 @@ class FedRecoverHook:
     becomes the next exact one (at most ``max_extra`` such rounds).
 
     Updates are model deltas ``W_i - w``; local SGD makes them minus a multiple of the gradient, so
-    the pairs take ``y = -(g~ - g)`` to give L-BFGS the positive curvature it assumes."""
+    the pairs take ``y = -(g~ - g)`` to give L-BFGS the positive curvature it assumes. privseg's
+    sites take AdamW steps, for which that holds only loosely; the abnormality check is what keeps
+    a bad estimate out (falling back to the stored update once ``max_extra`` is spent)."""
 
     def __init__(self, run_dir: Path, rounds: Sequence[int], exact: Sequence[bool], sites: Sequence[str],
                  params: dict):
@@ -136,6 +138,15 @@ class FedRecoverHook:
         return _flat(self._load(self.run_dir / rel), self.keys) - base
 
     # -- the hooks ------------------------------------------------------------------------------
+    def as_original_round(self, configure_train):
+        """Wraps a strategy's ``configure_train``: the sites train an exact round as the original
+        round it replays (its seeds and patch draws), so the difference of a pair's updates is the
+        model's doing, not the sampling's, and matches the draws the stored updates of the
+        estimated rounds saw."""
+        def configure(server_round: int, arrays, config, grid):
+            return configure_train(self.rounds[self.pos], arrays, config, grid)
+        return configure
+
     def on_updates(self, server_round: int, replies: list, global_arrays) -> list:
         """Exact round: an L-BFGS pair per site that also trained in the original round."""
         from privseg.federated.strategies import arrays_to_state

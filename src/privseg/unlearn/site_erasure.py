@@ -269,6 +269,7 @@ class FedRecoverSite:
         hook = FedRecoverHook(job.run_dir, rounds, exact, [s.id for s in remaining], p)
         strategy.update_hooks.append(hook.on_updates)
         strategy.aggregate_hooks.append(hook.on_model)
+        strategy.configure_train = hook.as_original_round(strategy.configure_train)
         final = RunState.load_or_new(job.work)
         while hook.pos < len(rounds):  # an abnormal estimate adds an exact round: extend the derived run
             before = hook.pos
