@@ -203,12 +203,6 @@ def _replayed(state: RunState, site: str) -> list[int]:
     return [int(e["round"]) for e in state.rounds if e.get("applied") and int(e["round"]) >= joined]
 
 
-def _client_level_dp(cfg: FLConfig) -> bool:
-    # the DP spec is either FLConfig.privacy (typed) or, in older configs, train.extra["dp"]
-    spec = getattr(cfg, "privacy", None) or cfg.train.extra.get("dp") or {}
-    return (spec.get("unit") if isinstance(spec, dict) else getattr(spec, "unit", None)) == "site"
-
-
 @site_eraser("fedrecover")
 class FedRecoverSite:
     """FedRecover (Cao et al., IEEE S&P 2023; :mod:`privseg.unlearn.fedrecover`): the rounds since
@@ -247,7 +241,7 @@ class FedRecoverSite:
         from privseg.federated.strategies import build_strategy
 
         req, cfg, state = job.req, job.cfg, job.state
-        if _client_level_dp(cfg) or cfg.strategy not in self.AVERAGING:
+        if (cfg.privacy is not None and cfg.privacy.unit == "site") or cfg.strategy not in self.AVERAGING:
             raise ConfigError(f"fedrecover estimates FedAvg rounds: it cannot replay a run with strategy "
                               f"{cfg.strategy} or client-level DP; use --method federaser or retrain")
         rounds, exact, p = self._plan(state, req)
