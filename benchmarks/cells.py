@@ -25,6 +25,7 @@ with ``run_cell(cell, work_dir) -> metrics dict``, ``merge(done) -> summary dict
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -70,6 +71,30 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
     ap.add_argument("--runs", type=Path, default=BENCH_DIR / "runs", help="where cells/ and work/ live")
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="where the merged table goes")
+
+
+def parse(doc: str, bench: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of a cell benchmark: the runner's options and ``--smoke`` (a tiny setting
+    into a temporary folder: it checks the pipeline and is never the result)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(ap)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        tmp = Path(tempfile.mkdtemp(prefix=f"privseg-{bench}-smoke-"))
+        args.runs, args.results = tmp / "runs", tmp / "results"
+        print(f"smoke run in {tmp}", flush=True)
+    return args
+
+
+def shared_dir(args: argparse.Namespace, bench: str, setting: dict | None = None) -> Path:
+    """Where a benchmark's cells share a cohort or trained models; with ``setting``, one folder per
+    setting (the models of another setting are other models)."""
+    if setting is None:
+        return args.runs / bench / "work" / "_shared"
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    return args.runs / bench / "work" / f"_shared-{key}"
 
 
 def versions(bench_version: str) -> dict:

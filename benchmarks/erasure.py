@@ -46,12 +46,9 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -475,19 +472,10 @@ def render(out: dict, done: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cells.add_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="privseg-erasure-smoke-"))
-        args.runs, args.results = tmp / "runs", tmp / "results"
-        print(f"smoke run in {tmp}", flush=True)
+    args = cells.parse(__doc__, BENCH, argv)
     setting = SMOKE if args.smoke else FULL
     # the cohort and the original run belong to one training setting: another setting, another folder
-    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
-    shared = args.runs / BENCH / "work" / f"_shared-{key}"
+    shared = cells.shared_dir(args, BENCH, setting)
     return cells.run(BENCH, VERSION, make_cells(setting),
                      lambda c, w: run_cell(c, w, shared), merge, render, args, argv)
 

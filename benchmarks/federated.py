@@ -33,10 +33,8 @@ import os
 # cores; passive waiting avoids that.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -359,18 +357,9 @@ def render(out: dict, done: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cells.add_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
-    args = ap.parse_args(argv)
+    args = cells.parse(__doc__, "federated", argv)
     setting = SMOKE if args.smoke else FULL
-    tmp = None
-    if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="privseg-fed-smoke-"))
-        args.runs, args.results = tmp / "runs", tmp / "results"
-        print(f"smoke run in {tmp}", flush=True)
-    shared = args.runs / "federated" / "work" / "_shared"
+    shared = cells.shared_dir(args, "federated")
     cell_list = make_cells(setting)
     if args.smoke:  # the 100-site memory cell is a real measurement, not a smoke check
         cell_list = [c for c in cell_list if c.name != "many-100"]

@@ -27,11 +27,9 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
 
-import argparse  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -263,17 +261,9 @@ def render(out: dict, done: dict, results: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cells.add_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
-    args = ap.parse_args(argv)
+    args = cells.parse(__doc__, BENCH, argv)
     setting = SMOKE if args.smoke else FULL
-    if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="privseg-util-smoke-"))
-        args.runs, args.results = tmp / "runs", tmp / "results"
-        print(f"smoke run in {tmp}", flush=True)
-    shared = args.runs / BENCH / "work" / "_shared"
+    shared = cells.shared_dir(args, BENCH)
     results = args.results
     return cells.run(BENCH, VERSION, make_cells(setting), lambda c, w: run_cell(c, w, shared), merge,
                      lambda o, d: render(o, d, results), args, argv)

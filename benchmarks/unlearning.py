@@ -68,13 +68,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared cores
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -588,19 +585,10 @@ def render(out: dict, done: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cells.add_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny setting into a temporary folder (checks the pipeline; never the result)")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="privseg-unlearning-smoke-"))
-        args.runs, args.results = tmp / "runs", tmp / "results"
-        print(f"smoke run in {tmp}", flush=True)
+    args = cells.parse(__doc__, BENCH, argv)
     setting = settings(args.smoke)
     # the cohort and the trained models belong to one setting: another setting, another folder
-    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
-    shared = args.runs / BENCH / "work" / f"_shared-{key}"
+    shared = cells.shared_dir(args, BENCH, setting)
     cells_dir = args.runs / BENCH / "cells"
     cell_list = make_cells(setting, *((SMOKE["seeds"], SMOKE["study"], SMOKE["field"]) if args.smoke else ()))
     return cells.run(BENCH, VERSION, cell_list, lambda c, w: run_cell(c, w, shared, cells_dir), merge, render,
