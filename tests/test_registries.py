@@ -152,3 +152,21 @@ def test_fedavgm_applies_the_average_update_at_its_server_learning_rate(tmp_path
         moved[name] = {k: r1[k] - r0[k] for k in r0 if r0[k].is_floating_point()}
     for k, d in moved["fedavg"].items():
         assert torch.allclose(moved["fedavgm"][k], 2 * d, atol=1e-5), k
+
+
+def test_a_strategys_own_parameters_come_from_the_command_line(tiny_cohort, tmp_path, monkeypatch, capsys):
+    from privseg.cli import fl as fl_cli
+    from privseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(fl_cli, "_run_common", lambda mode, cfg, *a, **k: seen.setdefault(mode, cfg))
+    common = ["--cohort", str(tiny_cohort.root), "--runs", str(tmp_path), "--name", "m", "--model", "unet_tiny",
+              "--patch", "16", "--rounds", "1", "--strategy", "fedavgm", "--in-process"]
+    assert main(["fl", "run", *common, "--strategy-param", "server_learning_rate=1.5",
+                 "--strategy-param", "server_momentum=0.9"]) == 0
+    assert seen["in-process"].strategy_params == {"server_learning_rate": 1.5, "server_momentum": 0.9}
+    # a parameter the strategy does not take, or no KEY=VALUE: exit 2, named
+    assert main(["fl", "run", *common, "--strategy-param", "proximal_mu=0.1"]) == 2
+    assert "proximal_mu" in capsys.readouterr().err
+    assert main(["fl", "run", *common, "--strategy-param", "server_learning_rate"]) == 2
+    assert "--strategy-param" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def ROUNDS(
 
 def FEDERATION(
     mu: float = typer.Option(0.01, "--mu", help="FedProx proximal weight."),
+    strategy_param: list[str] = typer.Option(None, "--strategy-param", help="The FL strategy's own parameter "
+                                             "KEY=VALUE (repeatable), e.g. server_learning_rate=1.5 for fedavgm."),
     min_sites: int = typer.Option(1, min=1, help="A round needs at least this many site updates."),
     fraction: float = typer.Option(1.0, help="Fraction of sites sampled per round."),
     eval_every: int = typer.Option(1, min=0, help="Evaluate on held-out subjects every N rounds (0: never)."),
@@ -79,8 +81,10 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
 def _fl(mode: str, o: dict, round_timeout: float, **kw) -> None:
     from privseg.federated.assemble import build_fl_config, federation_sites
     from privseg.privacy.spec import dp_from_options
+    from privseg.unlearn.strategies import parse_params
 
     runs_dir, quiet = o.pop("runs_dir"), o.pop("quiet")
+    o["strategy_params"] = parse_params(o.pop("strategy_param"), "--strategy-param")
     dp = dp_from_options(**take(o, DP), **take(o, FL_DP))
     cfg = build_fl_config(sites=federation_sites(**take(o, SITES), **take(o, SPLITS)), dp=dp,
                           round_timeout=round_timeout, **o)

@@ -210,12 +210,12 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def parse_params(values: list[str] | None) -> dict:
-    """``KEY=VALUE`` items (``--param``) as a dict; numbers become int or float."""
+def parse_params(values: list[str] | None, option: str = "--param") -> dict:
+    """``KEY=VALUE`` items (``option``) as a dict; numbers become int or float."""
     params: dict = {}
     for v in values or []:
         if "=" not in v:
-            raise ConfigError(f"--param {v!r}: expected KEY=VALUE")
+            raise ConfigError(f"{option} {v!r}: expected KEY=VALUE")
         k, raw = v.split("=", 1)
         try:
             val: object = float(raw) if any(c in raw for c in ".eE") else int(raw)
