@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from privseg.audit.ledger import ErasureLedger, file_sha256
 from privseg.errors import ConfigError
@@ -29,30 +30,34 @@ CENTRAL_SITE = "central"
 LEDGER = Path("erasure") / "ledger.db"
 
 
+class CentralRequest(NamedTuple):
+    ledger: Path
+    request: ErasureRequest
+    request_id: str
+    source_sha256: str  # the model the request is about, hashed once before anything runs
+
+
 def central_request(checkpoint, forget: Sequence[str], strategy: str, *, target: str, epochs: int | None,
                     params: dict | None, seed: int, reason: str = "", requested_by: str = "", approved_by: str = "",
-                    statistic: str = "loss", thresholds: dict | None = None) -> tuple[Path, ErasureRequest, str]:
-    """(ledger path, request, request ID) of a central erasure; refused when the same patients were
-    already erased from this run."""
+                    statistic: str = "loss", thresholds: dict | None = None) -> CentralRequest:
+    """The ledger, request and request ID of a central erasure; refused when the same patients
+    were already erased from this model. A request is about one model: the run's name and the
+    checkpoint's hash (a model trained again is another model, from which the same patient can
+    be erased)."""
     run_dir = Path(checkpoint).resolve().parent
     req = ErasureRequest(kind="patient", site=CENTRAL_SITE, subjects=tuple(forget), reason=reason,
                          requested_by=requested_by, approved_by=approved_by, method=strategy, params=params or {},
                          target=target, epochs=epochs, repair_rounds=0, thresholds=thresholds or {}, seed=seed,
                          statistic=statistic)
-    rid = req.request_id(_model_name(run_dir, checkpoint))
+    sha = file_sha256(checkpoint)
+    rid = req.request_id(f"{run_dir.name}@{sha[:16]}")
     path = run_dir / LEDGER
     if path.exists():
         ledger = ErasureLedger(path, create=False)
         if any(e["event"] == "completed" for e in ledger.entries(rid)):
             raise ConfigError(f"{', '.join(forget)} already erased from this model ({checkpoint}) by request {rid} "
                               f"(ledger {path}): an erasure is never applied twice")
-    return path, req, rid
-
-
-def _model_name(run_dir: Path, checkpoint) -> str:
-    """A central request is about one model: the run's name and the checkpoint's hash (a model
-    trained again is another model, from which the same patient can be erased)."""
-    return f"{run_dir.name}@{file_sha256(checkpoint)[:16]}"
+    return CentralRequest(path, req, rid, sha)
 
 
 def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str = "noisy_label", *, target: str = "zero",
@@ -65,29 +70,24 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str = "no
     certificate paths or None)."""
     from privseg.unlearn.engine import unlearn
 
-    path, req, rid = central_request(checkpoint, forget, strategy, target=target, epochs=epochs, params=params,
-                                     seed=seed, reason=reason, requested_by=requested_by, approved_by=approved_by,
-                                     statistic=statistic, thresholds=thresholds)
-    refs = None
-    if target == "calibrated":
-        from privseg.audit.reference import load_references
-
-        refs = load_references(Path(checkpoint).resolve().parent)
-    result = unlearn(checkpoint, cohort, list(req.subjects), strategy, target=target, epochs=epochs, params=params,
-                     seed=seed, mia_views=mia_views, references=refs, statistic=statistic, **unlearn_kw)
+    central = central_request(checkpoint, forget, strategy, target=target, epochs=epochs, params=params, seed=seed,
+                              reason=reason, requested_by=requested_by, approved_by=approved_by, statistic=statistic,
+                              thresholds=thresholds)
+    # target "calibrated": the engine loads the reference models kept with the checkpoint's run
+    result = unlearn(checkpoint, cohort, list(central.request.subjects), strategy, target=target, epochs=epochs,
+                     params=params, seed=seed, mia_views=mia_views, statistic=statistic, **unlearn_kw)
     if result.checkpoint is None:
         raise ConfigError("an erasure recorded in the ledger needs the unlearned model written (out_dir)")
-    ver = record_central_erasure(result, checkpoint, cohort, req, path, mia_views=mia_views)
+    ver = record_central_erasure(result, checkpoint, cohort, central, mia_views=mia_views)
     cert = None
     if certificate_dir is not None:
         from privseg.audit.certificate import write_certificate
 
-        cert = write_certificate(path, rid, certificate_dir)
-    return result, rid, path, ver, cert
+        cert = write_certificate(central.ledger, central.request_id, certificate_dir)
+    return result, central.request_id, central.ledger, ver, cert
 
 
-def record_central_erasure(result, checkpoint, cohort, req: ErasureRequest, ledger_path: Path, *,
-                           mia_views: int = 2) -> dict:
+def record_central_erasure(result, checkpoint, cohort, central: CentralRequest, *, mia_views: int = 2) -> dict:
     """Write the ledger entries of a finished central unlearning (``result``: an ``UnlearnResult``
     evaluated with the original and, when given, the retrained model). Returns the verification."""
     from privseg.unlearn.verification import _judge
@@ -95,14 +95,17 @@ def record_central_erasure(result, checkpoint, cohort, req: ErasureRequest, ledg
     r = result.report
     if "unlearned" not in r:
         raise ConfigError("the unlearning was not evaluated: the ledger needs its verification")
+    req, rid = central.request, central.request_id
     run_dir = Path(checkpoint).resolve().parent
-    ledger = ErasureLedger(ledger_path)
-    rid = req.request_id(_model_name(run_dir, checkpoint))
-    rel = lambda p: str(Path(p).resolve().relative_to(run_dir)) if Path(p).resolve().is_relative_to(run_dir) \
-        else str(Path(p).resolve())  # noqa: E731
+    ledger = ErasureLedger(central.ledger)
+
+    def rel(p) -> str:
+        p = Path(p).resolve()
+        return str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
+
     ledger.append(rid, "requested", {"run": run_dir.name, **req.to_dict(),
                                      "source": {"round": None, "path": rel(checkpoint),
-                                                "sha256": file_sha256(checkpoint)}, "versions": versions()})
+                                                "sha256": central.source_sha256}, "versions": versions()})
     ledger.append(rid, "local_unlearned", {
         "site": CENTRAL_SITE, "strategy": r["strategy"], "params": r["params"], "target": r["target"],
         "epochs": r["epochs"], "steps_run": r["steps_run"], "stopped_early": r["stopped_early"],
@@ -165,4 +168,5 @@ def _calibrated(run_dir: Path, checkpoint, result, cohort, req: ErasureRequest, 
             "check": lira.erasure_check(tb, ta, list(req.subjects)), "before": tb, "after": ta}
 
 
-__all__ = ["CENTRAL_SITE", "DEFAULT_THRESHOLDS", "central_request", "erase_central", "record_central_erasure"]
+__all__ = ["CENTRAL_SITE", "DEFAULT_THRESHOLDS", "CentralRequest", "central_request", "erase_central",
+           "record_central_erasure"]
