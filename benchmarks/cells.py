@@ -97,6 +97,14 @@ def shared_dir(args: argparse.Namespace, bench: str, setting: dict | None = None
     return args.runs / bench / "work" / f"_shared-{key}"
 
 
+def metrics_of(cells_dir: Path, name: str) -> dict:
+    """The metrics of finished cell ``name`` (a later cell that builds on it reads them here)."""
+    path = Path(cells_dir) / f"{name}.json"
+    if not path.is_file():
+        raise RuntimeError(f"cell {name} has not run yet ({path}); run it first: --cells {name}")
+    return json.loads(path.read_text())["metrics"]
+
+
 def versions(bench_version: str) -> dict:
     import importlib.metadata as md
 

@@ -143,13 +143,6 @@ def _original(shared: Path) -> Path:
     return run
 
 
-def _record(cells_dir: Path, name: str) -> dict:
-    path = cells_dir / f"{name}.json"
-    if not path.is_file():
-        raise RuntimeError(f"cell {name} has not run yet ({path}); run it first")
-    return json.loads(path.read_text())["metrics"]
-
-
 def original_cell(s: dict, shared: Path) -> dict:
     import time
 
@@ -193,7 +186,7 @@ def original_cell(s: dict, shared: Path) -> dict:
 
 
 def _require_power(cells_dir: Path, smoke: bool) -> None:
-    power = _record(cells_dir, "original")["power"]
+    power = cells.metrics_of(cells_dir, "original")["power"]
     if not power["passed"] and not smoke:
         raise RuntimeError(f"the original model has no membership power (AUC {power['member_auc']:.3f}, null "
                            f"{power['null_auc']:.3f}): every forgetting result would be vacuous; fix the "
@@ -220,7 +213,7 @@ def calibrated_cell(s: dict, shared: Path) -> dict:
              for stat in ("dice", "loss")}
     test = tests[s["mia_statistic"]]
     pts = test["patients"]
-    train = sorted(p for p in pts if p not in set(_record(shared.parent.parent / "cells", "original")["power"]
+    train = sorted(p for p in pts if p not in set(cells.metrics_of(shared.parent.parent / "cells", "original")["power"]
                                                     ["nonmember_scores"]))
     memorised = sorted(train, key=lambda p: -pts[p]["t"])[:s["n_memorised"]]
     rng = np.random.default_rng(s["seed"])
@@ -292,7 +285,7 @@ def patient_cell(s: dict, work: Path, shared: Path) -> dict:
 
     cells_dir = shared.parent.parent / "cells"
     _require_power(cells_dir, s["subjects"] < 16)
-    pid = _record(cells_dir, "calibrated-original")["choice"][s["slot"]]
+    pid = cells.metrics_of(cells_dir, "calibrated-original")["choice"][s["slot"]]
     site = _site_of(shared, pid)
     ckpt, r_wall, r_cpu = _retrain(shared, work / "retrain", exclude={site: [pid]})
     run = _copy_of_original(shared, work / "run")

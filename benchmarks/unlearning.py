@@ -168,13 +168,6 @@ def _split(cohort) -> tuple[list[str], list[str]]:
     return [x.id for x in cohort.select("train")], [x.id for x in cohort.select("test")]
 
 
-def _record(cells_dir: Path, name: str) -> dict:
-    path = cells_dir / f"{name}.json"
-    if not path.is_file():
-        raise RuntimeError(f"cell {name} has not run yet ({path}); run it first: --cells {name}")
-    return json.loads(path.read_text())["metrics"]
-
-
 def _seed_dir(shared: Path, seed: int) -> Path:
     return shared / f"seed{seed}"
 
@@ -188,7 +181,7 @@ def _checkpoint(path: Path, cell: str) -> Path:
 def _powered(s: dict, cells_dir: Path) -> dict:
     """The original cell's record of this seed; refuses when its model has no membership power."""
     name = f"original-seed{s['seed']}"
-    rec = _record(cells_dir, name)
+    rec = cells.metrics_of(cells_dir, name)
     power = rec["power"]
     if not power["passed"]:
         if s["smoke"]:
@@ -339,7 +332,7 @@ def strategy_cell(s: dict, shared: Path, cells_dir: Path) -> dict:
     from privseg.utils import write_json
 
     orig = _powered(s, cells_dir)
-    rt = _record(cells_dir, f"retrain-seed{s['seed']}")
+    rt = cells.metrics_of(cells_dir, f"retrain-seed{s['seed']}")
     cohort = _cohort(s, shared)
     train_ids, never_ids = _split(cohort)
     forget_items, never_items = _items(cohort, orig["forget"]), _items(cohort, never_ids)

@@ -249,3 +249,10 @@ def test_federated_keys_from_cells():
     done.pop("s5-fedbn-seed1")
     assert fb.merge(done)["gap_to_pooled"] is None  # a partial strategy is no "best"
     assert any("gap_to_pooled" in line for line in fb.render(fb.merge(done), done))
+
+
+def test_a_later_cell_reads_a_finished_cells_metrics_or_is_told_to_run_it(tmp_path):
+    (tmp_path / "original.json").write_text(json.dumps({"cell": "original", "metrics": {"auc": 0.9}}))
+    assert cells.metrics_of(tmp_path, "original") == {"auc": 0.9}
+    with pytest.raises(RuntimeError, match="--cells retrain"):
+        cells.metrics_of(tmp_path, "retrain")
