@@ -50,6 +50,25 @@ def make_tiny_cohort(root: Path, sites: int = 2, per_site: int = 3, size: int = 
     return cohort
 
 
+def tiny_federation(root: Path, *, name: str, rounds: int, local_steps: int, per_site: int, size: int,
+                    subjects_per_step: int, patch: int = 16, run: str = "original") -> tuple[Cohort, Path]:
+    """A 3-site tiny cohort under ``root`` and a finished in-process FedAvg run on it that keeps
+    every site's update (what erasure and reference-model tests start from)."""
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.train import TrainConfig
+
+    cohort = make_tiny_cohort(root / "tiny", sites=3, per_site=per_site, size=size)
+    info = check_sites(sites_from_cohort(cohort.root))
+    tc = TrainConfig(model="unet_tiny", patch_size=(patch,) * 3, lr=5e-3, device="cpu",
+                     subjects_per_step=subjects_per_step, patches_per_subject=1, in_channels=len(info["channels"]),
+                     num_classes=len(info["classes"]))
+    cfg = FLConfig(name=name, sites=sites_from_cohort(cohort.root), train=tc, rounds=rounds, local_steps=local_steps,
+                   eval_every=0, keep_updates=True)
+    simulate_inprocess(cfg, root / run)
+    return cohort, root / run
+
+
 @pytest.fixture
 def tiny_cohort(tmp_path: Path) -> Cohort:
     return make_tiny_cohort(tmp_path / "tiny")

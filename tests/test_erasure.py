@@ -20,16 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reliability_log as rlog
-from conftest import make_tiny_cohort
+from conftest import tiny_federation
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import GENESIS, ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.errors import ConfigError
-from privseg.federated import FLConfig, RunState, check_sites, sites_from_cohort
+from privseg.federated import FLConfig, RunState
 from privseg.federated.runstate import hold_run
-from privseg.federated.simulation import run_rounds, simulate_inprocess
+from privseg.federated.simulation import run_rounds
 from privseg.federated.sites import read_site_cohort, site_subjects
-from privseg.train import TrainConfig
 from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
@@ -38,15 +37,8 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("erase")
-    cohort = make_tiny_cohort(root / "tiny", sites=3, per_site=4, size=20)
-    info = check_sites(sites_from_cohort(cohort.root))
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=5e-3, device="cpu", subjects_per_step=2,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-    cfg = FLConfig(name="fed", sites=sites_from_cohort(cohort.root), train=tc, rounds=ROUNDS, local_steps=1,
-                   eval_every=0, keep_updates=True)
-    simulate_inprocess(cfg, root / "original")
-    return cohort, root / "original"
+    return tiny_federation(tmp_path_factory.mktemp("erase"), name="fed", rounds=ROUNDS, local_steps=1, per_site=4,
+                           size=20, subjects_per_step=2)
 
 
 @pytest.fixture

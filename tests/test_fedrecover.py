@@ -10,13 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import make_tiny_cohort
+from conftest import tiny_federation
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.errors import ConfigError
-from privseg.federated import FLConfig, RunState, check_sites, sites_from_cohort
-from privseg.federated.simulation import simulate_inprocess
-from privseg.train import TrainConfig
+from privseg.federated import FLConfig, RunState
 from privseg.train.checkpoint import load_checkpoint
 from privseg.unlearn.federated import (
     LEDGER,
@@ -89,13 +87,7 @@ def test_the_schedule_has_warm_up_periodic_correction_and_final_tuning():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("fedrecover")
-    cohort = make_tiny_cohort(root / "tiny", sites=3, per_site=3, size=16)
-    info = check_sites(sites_from_cohort(cohort.root))
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=5e-3, device="cpu", subjects_per_step=1,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-    cfg = FLConfig(name="rec", sites=sites_from_cohort(cohort.root), train=tc, rounds=ROUNDS, local_steps=2,
-                   eval_every=0, keep_updates=True)
-    simulate_inprocess(cfg, root / "original")
+    tiny_federation(root, name="rec", rounds=ROUNDS, local_steps=2, per_site=3, size=16, subjects_per_step=1)
     retrain = federated_retrain(root / "original", root / "retrain", drop_site="H2")[0]
     return root / "original", retrain, round_seconds(RunState.load(root / "retrain"))[1]
 

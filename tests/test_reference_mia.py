@@ -17,16 +17,15 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import make_tiny_cohort
+from conftest import make_tiny_cohort, tiny_federation
 from privseg.audit import lira, mia
 from privseg.audit import reference as refmod
 from privseg.audit.certificate import membership_statements, render_html, summarise, write_certificate
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.errors import ConfigError
-from privseg.federated import FLConfig, check_sites, sites_from_cohort
+from privseg.federated import FLConfig
 from privseg.federated import retrain as fed_retrain
-from privseg.federated.simulation import simulate_inprocess
 from privseg.train import TrainConfig
 from privseg.unlearn import federated as fed
 from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
@@ -223,13 +222,8 @@ def test_without_references_the_raw_auc_that_could_not_fail_shows_no_pass():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("refs")
-    cohort = make_tiny_cohort(root / "tiny", sites=3, per_site=3, size=SIZE)
-    info = check_sites(sites_from_cohort(cohort.root))
-    tc = TrainConfig(model="unet_tiny", patch_size=(SIZE,) * 3, lr=5e-3, device="cpu", subjects_per_step=2,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-    cfg = FLConfig(name="fed", sites=sites_from_cohort(cohort.root), train=tc, rounds=2, local_steps=1,
-                   eval_every=0, keep_updates=True)
-    simulate_inprocess(cfg, root / "run")
+    cohort, _ = tiny_federation(root, name="fed", rounds=2, local_steps=1, per_site=3, size=SIZE, patch=SIZE,
+                                subjects_per_step=2, run="run")
     refs = refmod.ensure_references(root / "run", 4)
     refmod.run_membership(root / "run", views=1)  # fills the references' score caches
     return cohort, root / "run", refs
