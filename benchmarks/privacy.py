@@ -37,50 +37,64 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # -- 1. speed ---------------------------------------------------------------------------
 
-def bench_speed(quick: bool) -> dict:
+def bench_speed(sides: list[int], models: list[str], reps: int = 5) -> dict:
+    """DP step / non-private step, every per-subject method, median of ``reps`` after a warm-up.
+    Each method gets its own copy of the model (Opacus's hooks stay on the model they wrap)."""
+    import copy
+
     from privseg.models import build_model
     from privseg.privacy import PatientDPSGD, SampledBatch
+    from privseg.privacy.grad_sample import GRAD_METHODS
+    from privseg.privacy.noise import NoiseSource
     from privseg.train.loop import standard_step
     from privseg.train.losses import SegLoss
 
-    side = 32 if quick else 64
-    reps = 3 if quick else 5
+    methods = sorted(GRAD_METHODS, key=lambda m: m == "opacus")  # opacus last
+
+    def timed(fn):
+        fn()  # warm-up
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
     rows = []
-    for name in ("unet", "resnet10"):
-        torch.manual_seed(0)
-        model = build_model(name, in_channels=1, num_classes=4, spatial_dims=3, norm="group")
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        loss_fn = SegLoss()
-        x = torch.randn(4, 1, side, side, side)
-        y = torch.randint(0, 4, (4, 1, side, side, side))
-        owner = torch.tensor([0, 0, 1, 1])
-
-        def timed(fn):
-            fn()  # warm-up
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts)
-
-        base = timed(lambda: standard_step(model, opt, loss_fn, x, y, owner))  # noqa: B023
-        row = {"model": name, "patch": side, "batch": "2 subjects x 2 patches", "nonprivate_s": base}
-        for method in ("loop", "vmap", "opacus"):
-            eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 1000, clip_norm=1.0, adaptive=True,
-                               method=method)
-            try:
-                # the baseline's tensors as this step's sample (q = 1 here): the same compute, timed alone
-                t = timed(lambda: eng.step(model, opt, loss_fn,  # noqa: B023
-                                           SampledBatch(id(eng), eng.step_no, x, y, owner, 2)))  # noqa: B023
-                row[f"{method}_s"], row[f"{method}_ratio"] = t, t / base
-            except Exception as exc:  # noqa: BLE001 - report, don't die
-                row[f"{method}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        rows.append(row)
-        print(f"speed {name} {side}^3: non-private {base:.3f} s; " + ", ".join(
-            f"{m} {row.get(f'{m}_ratio', float('nan')):.2f}x" for m in ("loop", "vmap", "opacus")), flush=True)
-    best = max(min(r.get(f"{m}_ratio", math.inf) for m in ("loop", "vmap", "opacus")) for r in rows)
-    return {"rows": rows, "dp_step_ratio": best, "threads": torch.get_num_threads()}
+    for name in models:
+        for side in sides:
+            torch.manual_seed(0)
+            model = build_model(name, in_channels=1, num_classes=4, spatial_dims=3, norm="group")
+            loss_fn = SegLoss()
+            x = torch.randn(4, 1, side, side, side)
+            y = torch.randint(0, 4, (4, 1, side, side, side))
+            owner = torch.tensor([0, 0, 1, 1])
+            base_model = copy.deepcopy(model)
+            opt = torch.optim.SGD(base_model.parameters(), lr=1e-4)
+            base = timed(lambda: standard_step(base_model, opt, loss_fn, x, y, owner))  # noqa: B023
+            n_params = sum(p.numel() for p in model.parameters())
+            noise = NoiseSource.ephemeral()
+            row = {"model": name, "patch": side, "batch": "2 subjects x 2 patches", "params": n_params,
+                   "nonprivate_s": base,
+                   "noise_draw_s": timed(lambda: noise.gaussian("gradient", 0, n_params, torch.float32))}  # noqa: B023
+            for method in methods:
+                m = copy.deepcopy(model)
+                m_opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+                eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 1000, clip_norm=1.0, adaptive=True,
+                                   method=method)
+                try:
+                    # the baseline's tensors as this step's sample (q = 1 here): the same compute, timed alone
+                    t = timed(lambda: eng.step(m, m_opt, loss_fn,  # noqa: B023
+                                               SampledBatch(id(eng), eng.step_no, x, y, owner, 2)))  # noqa: B023
+                    row[f"{method}_s"], row[f"{method}_ratio"] = t, t / base
+                except Exception as exc:  # noqa: BLE001 - report, don't die
+                    row[f"{method}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print(f"speed {name} {side}^3: non-private {base:.3f} s, noise draw {row['noise_draw_s']:.3f} s; "
+                  + ", ".join(f"{m} {row.get(f'{m}_ratio', float('nan')):.2f}x" for m in methods), flush=True)
+    best = {f"{r['model']}_{r['patch']}": min(r.get(f"{m}_ratio", math.inf) for m in methods) for r in rows}
+    return {"rows": rows, "methods": methods, "best_ratio": best, "dp_step_ratio": max(best.values()),
+            "reps": reps, "threads": torch.get_num_threads()}
 
 
 # -- 3. accounting ----------------------------------------------------------------------
@@ -161,12 +175,20 @@ def write_md(res: dict, path: Path) -> None:
     for k in ("dp_step_ratio", "adaptive_minus_fixed", "adaptive_over_nonprivate_eps8", "accountant_rel_error"):
         lines.append(f"- **{k}**: {res.get(k)}")
     if "speed" in res:
-        lines += ["", "## Speed (s per step; ratio to non-private)", "",
-                  "| model | patch | non-private | loop | vmap | opacus |", "|---|---|---|---|---|---|"]
-        for r in res["speed"]["rows"]:
+        sp = res["speed"]
+        methods = sp.get("methods", ["loop", "vmap", "opacus"])
+        lines += ["", f"## Speed (s per step, median of {sp.get('reps', 3)}; ratio to non-private; "
+                  f"{sp.get('threads')} threads)", "",
+                  "| model | patch | non-private | noise draw | " + " | ".join(methods) + " |",
+                  "|---|---|---|---|" + "---|" * len(methods)]
+        for r in sp["rows"]:
             cells = [f"{r[f'{m}_s']:.3f} ({r[f'{m}_ratio']:.2f}x)" if f"{m}_s" in r else r.get(f"{m}_error", "-")[:40]
-                     for m in ("loop", "vmap", "opacus")]
-            lines.append(f"| {r['model']} | {r['patch']}^3 | {r['nonprivate_s']:.3f} | " + " | ".join(cells) + " |")
+                     for m in methods]
+            noise = f"{r['noise_draw_s']:.3f}" if "noise_draw_s" in r else "-"
+            lines.append(f"| {r['model']} | {r['patch']}^3 | {r['nonprivate_s']:.3f} | {noise} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", "The noise draw (secret-key ChaCha20 Gaussian for every parameter) runs on a background "
+                  "thread during the per-patient gradients; it is timed alone in its column."]
     if "utility" in res:
         u = res["utility"]
         lines += ["", "## Utility", "", f"Resumable cells: `{u['results']}` ({u.get('cells_done')}/"
@@ -197,15 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="speed,accounting,flower,audit,utility")
     ap.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
+    ap.add_argument("--speed-sides", default=None, help="patch sides for the speed part (default 32,64; --quick 32)")
+    ap.add_argument("--speed-models", default="resnet10,unet")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     parts = set(args.parts.split(","))
     from privseg.utils import versions, write_json
 
-    res: dict = {"command": " ".join(["python benchmarks/privacy.py", *(argv or sys.argv[1:])]), "quick": args.quick,
-                 "versions": versions(), "cpu_threads": torch.get_num_threads()}
+    # parts not run this time keep their last result
+    res: dict = __import__("json").loads(args.out.read_text()) if args.out.exists() else {}
+    res.update({"command": " ".join(["python benchmarks/privacy.py", *(argv or sys.argv[1:])]), "quick": args.quick,
+                "versions": versions(), "cpu_threads": torch.get_num_threads()})
     if "speed" in parts:
-        res["speed"] = bench_speed(args.quick)
+        sides = [int(v) for v in (args.speed_sides or ("32" if args.quick else "32,64")).split(",")]
+        res["speed"] = {**bench_speed(sides, args.speed_models.split(","), reps=5), "command": res["command"]}
         res["dp_step_ratio"] = res["speed"]["dp_step_ratio"]
     if "accounting" in parts:
         res["accounting"] = bench_accounting()

@@ -31,7 +31,7 @@ from privseg.privacy import (
 )
 from privseg.privacy.client_dp import flower_adaptive_clip_trace
 from privseg.privacy.clipping import default_sigma_b
-from privseg.privacy.grad_sample import clipped_sum_loop, clipped_sum_vmap
+from privseg.privacy.grad_sample import clipped_sum_bk, clipped_sum_loop, clipped_sum_vmap
 from privseg.train.losses import SegLoss
 
 
@@ -259,3 +259,61 @@ def test_fl_run_cli_with_patient_dp_accounts_every_site(tiny_cohort, tmp_path, c
     assert main(["privacy", "status", str(tmp_path / "runs" / "dp"), "--json"]) == 0
     status = capsys.readouterr().out
     assert "H1" in status and "H2" in status
+
+
+class _Shared(torch.nn.Module):
+    """A conv used twice per forward, a PReLU (parameter outside any conv), and an unused head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.act = torch.nn.PReLU()
+        self.out = torch.nn.Conv2d(1, 2, 1)
+        self.unused = torch.nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.act(self.conv(self.conv(x))))
+
+
+@pytest.mark.parametrize("model_fn", [_tiny2d, _Shared,
+                                      lambda: build_model("unet_tiny", in_channels=1, num_classes=2, spatial_dims=3),
+                                      lambda: build_model("resnet10", in_channels=1, num_classes=2, spatial_dims=3)])
+def test_book_keeping_gives_the_loops_clipped_sum(model_fn):
+    torch.manual_seed(0)
+    model, loss_fn, clip = model_fn(), SegLoss(), 0.05
+    dims = 3 if any(isinstance(m, torch.nn.Conv3d) for m in model.modules()) else 2
+    g = torch.Generator().manual_seed(2)
+    owner = torch.tensor([0, 0, 0, 2, 2, 5])  # unequal patch counts, gaps in the subject ids
+    images = torch.randn(6, 1, *[16] * dims, generator=g)
+    labels = torch.randint(0, 2, (6, 1, *[16] * dims), generator=g)
+    a, na, la = clipped_sum_loop(model, loss_fn, images, labels, owner, clip)
+    b, nb, lb = clipped_sum_bk(model, loss_fn, images, labels, owner, clip)
+    assert torch.allclose(na, nb, rtol=1e-4) and abs(la - lb) < 1e-5
+    assert torch.allclose(_flat(a), _flat(b), atol=1e-6, rtol=1e-4)
+    assert all(not h for m in model.modules() for h in (m._forward_hooks,))  # hooks removed
+    for p in model.parameters():
+        assert p.grad is None  # the batched pass computed no weight gradient
+
+
+def test_book_keeping_refuses_a_layer_with_two_inputs():
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bilinear = torch.nn.Bilinear(4, 4, 2)
+
+        def forward(self, x):
+            return self.bilinear(x, x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = TwoInputs()
+
+        def forward(self, x):
+            b, _, h, w = x.shape
+            flat = x.permute(0, 2, 3, 1).reshape(-1, 1).expand(-1, 4)
+            return self.inner(flat).reshape(b, h, w, 2).permute(0, 3, 1, 2)
+
+    images, labels, owner = _batch([0, 1], size=4)
+    with pytest.raises(ConfigError, match="use method 'loop'"):
+        clipped_sum_bk(Net(), SegLoss(), images, labels, owner, 1.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ from privseg.privacy.accountant import StepEvent
 from privseg.privacy.clipping import make_clipper
 from privseg.privacy.grad_sample import GRAD_METHODS, _params
 from privseg.privacy.noise import NoiseSource
+
+
+_NOISE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-dp-noise")
 
 
 def check_dp_model(model: nn.Module) -> None:
@@ -139,16 +143,24 @@ class PatientDPSGD:
         clip = self.clip
         z_update = self.clipper.update_noise_multiplier(z)
         params = _params(model)
-        if batch.images is not None:
-            acc, norms, loss = self._clipped_sum(model, loss_fn, batch.images, batch.labels, batch.owner, clip)
-        else:  # nobody sampled: the step still releases noise, and is still accounted
-            acc, norms, loss = [torch.zeros_like(p) for p in params], torch.zeros(0, dtype=torch.float64), float("nan")
-        draws = self.noise.gaussian("gradient", self.step_no, sum(p.numel() for p in params))
+        # the noise depends only on the key and the step: it is drawn on a background thread while
+        # the per-patient gradients are computed (same draws as drawing it here)
+        dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float64
+        pending = _NOISE_THREAD.submit(self.noise.gaussian, "gradient", self.step_no,
+                                       sum(p.numel() for p in params), dtype)
+        try:
+            if batch.images is not None:
+                acc, norms, loss = self._clipped_sum(model, loss_fn, batch.images, batch.labels, batch.owner, clip)
+            else:  # nobody sampled: the step still releases noise, and is still accounted
+                acc, norms = [torch.zeros_like(p) for p in params], torch.zeros(0, dtype=torch.float64)
+                loss = float("nan")
+        finally:
+            draws = pending.result()
         offset = 0
         for p, a in zip(params, acc, strict=True):
             noise = draws[offset:offset + p.numel()].view(p.shape).to(device=p.device, dtype=p.dtype)
             offset += p.numel()
-            p.grad = (a + noise * (z_update * clip)) / self.expected_batch
+            p.grad = a.add_(noise, alpha=z_update * clip).div_(self.expected_batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.clipper.update(norms, draw=float(self.noise.gaussian("count", self.step_no, 1)[0]))

@@ -43,6 +43,8 @@ from privseg.errors import DataError
 
 KEY_FILE = "dp_noise.key"
 KEY_BYTES = 32
+_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK))
 SECRET = "secret"
 REPRODUCIBLE = "reproducible (not private)"
 
@@ -106,8 +108,16 @@ class NoiseSource:
         place: no second copy of a stream that is 8 bytes per model parameter)."""
         nonce = b"\0\0\0\0" + hmac.new(self.key, f"{purpose}:{int(index)}".encode(), hashlib.sha256).digest()[:12]
         buf = bytearray(nbytes + 63)  # update_into wants room for a block more than it writes
-        n = Cipher(algorithms.ChaCha20(self.key, nonce), mode=None).encryptor().update_into(bytes(nbytes), buf)
-        del buf[n:]
+        out = memoryview(buf)
+        encryptor = Cipher(algorithms.ChaCha20(self.key, nonce), mode=None).encryptor()
+        # in chunks (the same stream): the cipher holds the GIL while it runs, so a draw made on a
+        # background thread lets the training thread go on between chunks
+        done = 0
+        while done < nbytes:
+            size = min(_CHUNK, nbytes - done)
+            done += encryptor.update_into(_ZEROS[:size], out[done:])
+        out.release()
+        del buf[done:]
         return buf
 
     def uniform(self, purpose: str, index: int, size: int) -> np.ndarray:
@@ -119,15 +129,15 @@ class NoiseSource:
         out *= 2.0 ** -53
         return out
 
-    def gaussian(self, purpose: str, index: int, size: int) -> torch.Tensor:
-        """``size`` standard normal draws (float64, CPU), Box--Muller."""
+    def gaussian(self, purpose: str, index: int, size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``size`` standard normal draws (CPU), Box--Muller in float64; ``dtype=torch.float32``
+        rounds each float64 draw once, exactly as ``.to(torch.float32)`` would, without a float64 copy."""
         half = (int(size) + 1) // 2
         u = torch.from_numpy(self.uniform(purpose, index, 2 * half))
-        # in place and into one output: the same float64 operations as the textbook form
-        # sqrt(-2 log u1) * (cos, sin)(2 pi u2), at a fraction of the memory traffic
+        # sqrt(-2 log u1) * (cos, sin)(2 pi u2), in place and straight into the output
         radius = u[:half].log_().mul_(-2.0).sqrt_()
         angle = u[half:].mul_(2.0 * math.pi)
-        out = torch.empty(2 * half, dtype=torch.float64)
+        out = torch.empty(2 * half, dtype=dtype)
         torch.mul(radius, torch.cos(angle), out=out[:half])
         torch.mul(radius, angle.sin_(), out=out[half:])
         return out[: int(size)]
