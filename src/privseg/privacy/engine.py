@@ -30,7 +30,6 @@ from privseg.privacy.clipping import make_clipper
 from privseg.privacy.grad_sample import GRAD_METHODS, _params
 from privseg.privacy.noise import NoiseSource
 
-
 _NOISE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-dp-noise")
 
 
