@@ -17,6 +17,7 @@ and benchmarks/results/privacy_dice_vs_eps.png when the utility part ran.
 4. audit: ``benchmarks/dp_audit.py`` (white-box gradient canary; secret-key vs public-seed noise)
    -> empirical ε lower bound (Clopper-Pearson, 95 %), compared with the accounted ε.
 5. flower: Flower 1.41's adaptive-clipping update rule (counts clipped) vs Andrew et al. (counts unclipped).
+6. clipwalk: how far adaptive clipping's estimate wanders with 2 patients per step (the utility setting).
 """
 
 from __future__ import annotations
@@ -144,6 +145,38 @@ def bench_flower() -> dict:
     return out
 
 
+def bench_clip_walk(trials: int = 200) -> dict:
+    """How far private adaptive clipping's estimate wanders in the utility benchmark's setting: a
+    site of 12 patients, 2 per step (Poisson), 200 steps (20 rounds x 10 local steps), the noise
+    multiplier privseg plans for each epsilon, default ``sigma_b``, ``eta = 0.2``; norms log-normal
+    with median 1 (so the right answer is C = 1). Andrew et al.'s setting has ``sigma_b / m = 1/20``;
+    with 2 patients per step the count's noise is larger than the count itself."""
+    from privseg.privacy.clipping import QuantileClipper, default_sigma_b
+    from privseg.privacy.plan import make_plan
+    from privseg.privacy.spec import DPConfig
+
+    rows = []
+    for eps in (1.0, 3.0, 8.0):
+        z = max(make_plan(DPConfig(epsilon=eps, delta=1e-5, clip="adaptive"), "H1", 12, 2, 200).multipliers)
+        m = 2.0
+        sigma_b = default_sigma_b(m, z)
+        rng = np.random.default_rng(0)
+        finals = []
+        for _ in range(trials):
+            clipper = QuantileClipper(clip=1.0, target_quantile=0.5, lr=0.2, expected_m=m, sigma_b=sigma_b)
+            for _ in range(200):
+                norms = np.exp(rng.normal(0.0, 0.3, rng.binomial(12, 2 / 12)))
+                clipper.update(torch.tensor(norms), draw=float(rng.normal()))
+            finals.append(math.log(clipper.clip))
+        q10, q90 = np.quantile(finals, [0.1, 0.9])
+        rows.append({"epsilon": eps, "noise_multiplier": z, "sigma_b": sigma_b, "expected_m": m,
+                     "count_noise_over_m": sigma_b / m, "log_clip_sd": float(np.std(finals)),
+                     "clip_p10": math.exp(q10), "clip_p90": math.exp(q90)})
+        print(f"adaptive clip walk eps {eps:g}: z {z:.2f}, sigma_b/m {sigma_b / m:.2f}, C after 200 steps "
+              f"10-90 % {math.exp(q10):.3g}-{math.exp(q90):.3g} (right answer 1)", flush=True)
+    return {"rows": rows, "trials": trials, "steps": 200, "true_clip": 1.0}
+
+
 # -- 4. audit ---------------------------------------------------------------------------
 
 def bench_audit(quick: bool) -> dict:
@@ -211,6 +244,15 @@ def write_md(res: dict, path: Path) -> None:
             lines += [f"- accounted ε = {c['accounted_epsilon']:.2f}: " + ", ".join(
                 f"{arm} noise -> lower bound {r['empirical_epsilon_lower_bound']:.2f}" for arm, r in c["arms"].items())
                 + f" ({c['trials_per_world']} trials per world)"]
+    if "clipwalk" in res:
+        lines += ["", "## Adaptive clipping with 2 patients per step (the utility benchmark's setting)", "",
+                  f"{res['clipwalk']['trials']} simulated sites, {res['clipwalk']['steps']} steps, norms with median 1 "
+                  "(the right clip is 1), privseg's planned noise multiplier and default sigma_b, eta 0.2. Andrew "
+                  "et al. have sigma_b/m = 0.05.", "",
+                  "| ε | z | sigma_b / m | C after 200 steps, 10-90 % |", "|---|---|---|---|"]
+        for r in res["clipwalk"]["rows"]:
+            lines.append(f"| {r['epsilon']:g} | {r['noise_multiplier']:.2f} | {r['count_noise_over_m']:.2f} | "
+                         f"{r['clip_p10']:.3g} - {r['clip_p90']:.3g} |")
     if "flower" in res:
         f = res["flower"]
         lines += ["", "## Flower's adaptive clipping rule", "", f"true median {f['true_median']:.3f}; Flower rule "
@@ -222,7 +264,7 @@ def write_md(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="speed,accounting,flower,audit,utility")
+    ap.add_argument("--parts", default="speed,accounting,flower,clipwalk,audit,utility")
     ap.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
     ap.add_argument("--speed-sides", default=None, help="patch sides for the speed part (default 32,64; --quick 32)")
     ap.add_argument("--speed-models", default="resnet10,unet")
@@ -244,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         res["accountant_rel_error"] = res["accounting"]["accountant_rel_error"]
     if "flower" in parts:
         res["flower"] = bench_flower()
+    if "clipwalk" in parts:
+        res["clipwalk"] = bench_clip_walk()
     if "audit" in parts:
         res["audit"] = bench_audit(args.quick)
     if "utility" in parts:
