@@ -317,3 +317,17 @@ def test_book_keeping_refuses_a_layer_with_two_inputs():
     images, labels, owner = _batch([0, 1], size=4)
     with pytest.raises(ConfigError, match="use method 'loop'"):
         clipped_sum_bk(Net(), SegLoss(), images, labels, owner, 1.0)
+
+
+def test_adaptive_plan_warns_when_the_count_is_mostly_noise():
+    from privseg.privacy.plan import AdaptiveClipNoiseWarning, make_plan
+    from privseg.privacy.spec import DPConfig
+
+    with pytest.warns(AdaptiveClipNoiseWarning, match="2 patients per step"):
+        make_plan(DPConfig(epsilon=3.0, delta=1e-5, clip="adaptive"), "H1", 12, 2, 200)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdaptiveClipNoiseWarning)
+        make_plan(DPConfig(epsilon=8.0, delta=1e-6, clip="adaptive"), "H1", 2000, 200, 200)  # m = 200: quiet
+        make_plan(DPConfig(epsilon=3.0, delta=1e-5, clip="fixed"), "H1", 12, 2, 200)

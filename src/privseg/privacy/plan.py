@@ -8,6 +8,7 @@ an erasure's derived run use the same ``q`` and multipliers, and the ledger
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 from privseg.errors import BudgetExceededError, ConfigError
@@ -52,6 +53,26 @@ class SitePlan:
         return asdict(self)
 
 
+class AdaptiveClipNoiseWarning(UserWarning):
+    """Adaptive clipping whose released count is mostly noise: the clip norm will wander."""
+
+
+# Andrew et al. (2021) work at sigma_b / m = 1/20; at 1/2 the count's noise is half the largest
+# possible count signal and the clip's estimate drifts by factors of several over a few hundred
+# steps (benchmarks/privacy.py, part clipwalk: at 2 patients per step and eps 3, C ends anywhere
+# in 0.2-5.4 for a right answer of 1).
+COUNT_NOISE_LIMIT = 0.5
+
+
+def _warn_if_count_is_noise(site: str, sigma_b: float, expected_m: float) -> None:
+    ratio = sigma_b / expected_m
+    if ratio > COUNT_NOISE_LIMIT:
+        warnings.warn(f"site {site}: adaptive clipping with {expected_m:.3g} patients per step: the count it "
+                      f"releases has noise {ratio:.2f} x the patients per step (Andrew et al. work at 0.05), so "
+                      "the clip norm will wander far from the target quantile; prefer --clip fixed, or more "
+                      "patients per step", AdaptiveClipNoiseWarning, stacklevel=3)
+
+
 def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, total_steps: int) -> SitePlan:
     """Validate a site's budget and calibrate its noise schedule to spend it over ``total_steps``."""
     dp = dp.for_site(site)
@@ -72,7 +93,9 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
                                what=f"site {site}")
     if dp.clip == "adaptive":
         mult = schedule_multipliers(base, total_steps, dp.noise_schedule, dp.decay_ratio)
-        split_noise(min(mult), dp.sigma_b or default_sigma_b(q * n_subjects, max(mult)))
+        sigma_b = dp.sigma_b or default_sigma_b(q * n_subjects, max(mult))
+        split_noise(min(mult), sigma_b)
+        _warn_if_count_is_noise(site, sigma_b, q * n_subjects)
     return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio)
 
 
