@@ -9,7 +9,7 @@ Each train message carries the global weights (``arrays``) and a config record -
 ClientApp's run configuration, built by :func:`privseg.federated.server_app.client_run_config`
 -- with the foundation's ``TrainConfig`` (``train-config``, JSON), ``server-round``,
 ``local-steps``, ``proximal-mu`` (FedProx), ``local-norm`` (FedBN) and, under DP, the privacy
-spec as ``dp-*`` keys (:meth:`privseg.privacy.DPConfig.from_run_config` builds it once). The
+spec as ``dp-*`` keys (read by :func:`privseg.federated.private.site_step_fn`, never here). The
 client runs the foundation's :func:`privseg.train.loop.train_steps` for steps
 ``(round-1)*local_steps .. round*local_steps`` with a per-site seed, so a repeated round gives
 the same update. Its reply holds the new weights (without the normalisation layers under
@@ -22,8 +22,8 @@ the same round repeated after a server crash, reads the newest file older than t
 
 Hook for another local step: ``make_client_app(step_fn_factory=...)``; the factory gets
 ``(train_config, message_config, site, state_dir)`` and returns the ``step_fn`` that
-:func:`train_steps` runs (default: the ordinary step, or patient-level DP-SGD from
-:func:`privseg.federated.private.patient_dp_step_fn` when the spec's unit is ``patient``).
+:func:`train_steps` runs (default :func:`privseg.federated.private.site_step_fn`: the ordinary
+step, or patient-level DP-SGD when the run's privacy spec has unit ``patient``).
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ from flwr.clientapp import ClientApp
 
 from privseg.data.cohort import SPLITS_FILE, write_splits
 from privseg.errors import ConfigError, DataError
-from privseg.federated.private import patient_dp_step_fn
+from privseg.federated.private import site_step_fn
 from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
-from privseg.privacy.spec import DPConfig
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.utils import atomic_path, pick_device
@@ -168,13 +167,8 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     optimizer = make_optimizer(model, tc)
     handle = attach_proximal(optimizer, model, global_params(model, local_keys), mu) if mu > 0 else None
     site_cfg = replace(tc, seed=tc.seed + site_seed(spec.id))
-    dp = DPConfig.from_run_config(cfg)  # the privacy spec, built once from the run config's dp-* keys
-    if step_fn_factory is not None:
-        step_fn = step_fn_factory(tc, cfg, spec, state_dir)
-    elif dp is not None and dp.unit == "patient":  # privacy enters here, through privseg.federated.private
-        step_fn = patient_dp_step_fn(dp, tc, cfg, spec, state_dir)
-    else:
-        step_fn = standard_step
+    # privacy enters here, through privseg.federated.private: the spec from the run config's dp-* keys
+    step_fn = (step_fn_factory or site_step_fn)(tc, cfg, spec, state_dir)
     losses = local_train(model, optimizer, items, site_cfg, (server_round - 1) * steps, server_round * steps, step_fn)
     if handle is not None:
         handle.remove()

@@ -1,23 +1,36 @@
 """Where federated training meets privacy: federated uses :mod:`privseg.privacy`, never the reverse.
 
-* Patient-level DP (``--dp patient``): :func:`patient_dp_step_fn` makes the ClientApp's step at
-  a DP site from the spec the ClientApp built from its run config -- it finds the site's
-  patients, ledger and secret noise key (in the site's own state folder) and hands them, with
-  the spec, to :func:`privseg.privacy.make_private`; the returned step runs the round's
-  Poisson-sampled steps and reports only accounted figures.
-* Client-level DP (``--dp site``): :func:`attach_client_dp` puts DP-FedAvg's hooks and its
-  Poisson site sampling on the server's strategy (as Flower's own DP wrappers do).
+The run's privacy spec (``FLConfig.privacy``, a :class:`~privseg.privacy.DPConfig`) is read in
+the federated package here only; the ServerApp and the ClientApp ask this module and never
+look at it themselves.
+
+* Server: :func:`run_config` is the spec as the ``dp-*`` keys of every ClientApp's run
+  configuration (the same in simulation and deployment); :func:`attach_privacy` wraps the
+  strategy -- client-level DP (``--dp site``): DP-FedAvg's hooks and its Poisson site sampling
+  (:func:`attach_client_dp`, as Flower's own DP wrappers do); :func:`checkpoint_record` is
+  the spec kept in every global checkpoint (provenance).
+* Client: :func:`site_step_fn` builds the spec once from the run configuration; under
+  patient-level DP (``--dp patient``) :func:`patient_dp_step_fn` makes the site's step -- it
+  finds the site's patients, ledger and secret noise key (in the site's own state folder) and
+  hands them, with the spec, to :func:`privseg.privacy.make_private`; the returned step runs
+  the round's Poisson-sampled steps and reports only accounted figures.
+* A derived run (an erasure's retrain or calibration) books each site's spend in the original
+  run's ledgers (:func:`derived_privacy`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
+from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
 from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
+from privseg.train.loop import StepFn, TrainConfig, standard_step
 
 
 class PatientDPStep:
@@ -49,7 +62,8 @@ def site_ledger_path(dp: DPConfig, site: str, state_dir: Path) -> Path:
     return Path(state_dir) / "privacy.sqlite"
 
 
-def patient_dp_step_fn(dp: DPConfig, tc, msg_config, spec: SiteSpec, state_dir: Path) -> PatientDPStep:
+def patient_dp_step_fn(dp: DPConfig, tc: TrainConfig, msg_config: Mapping, spec: SiteSpec,
+                       state_dir: Path) -> PatientDPStep:
     """The ClientApp's step at a site under patient-level DP ``dp`` (the spec the ClientApp built
     from its run config), for the round in ``msg_config``."""
     server_round = int(msg_config["server-round"])
@@ -64,7 +78,53 @@ def patient_dp_step_fn(dp: DPConfig, tc, msg_config, spec: SiteSpec, state_dir: 
     return PatientDPStep(private, server_round)
 
 
-def attach_client_dp(strategy, cfg, run_dir: str | Path) -> ClientLevelDP:
+def site_step_fn(tc: TrainConfig, msg_config: Mapping, spec: SiteSpec, state_dir: Path) -> StepFn:
+    """The ClientApp's default step at ``spec`` for the round in ``msg_config``: the privacy spec
+    is built once from the run configuration's ``dp-*`` keys (:meth:`DPConfig.from_run_config`);
+    under patient-level DP the site's private step (:func:`patient_dp_step_fn`), else the
+    ordinary step (client-level DP adds nothing at the site: the server clips and noises)."""
+    dp = DPConfig.from_run_config(msg_config)
+    if dp is not None and dp.unit == "patient":
+        return patient_dp_step_fn(dp, tc, msg_config, spec, state_dir)
+    return standard_step
+
+
+def run_config(cfg: FLConfig) -> dict:
+    """The privacy spec of ``cfg`` as the ``dp-*`` keys of the ClientApps' run configuration
+    (:meth:`DPConfig.to_run_config`); empty without DP."""
+    return cfg.privacy.to_run_config() if cfg.privacy is not None else {}
+
+
+def checkpoint_record(cfg: FLConfig) -> dict:
+    """What a global checkpoint's ``extra`` keeps of the privacy spec: ``{"dp": ...}``, a record of
+    the settings the model was trained under (provenance); empty without DP."""
+    return {"dp": cfg.privacy.to_dict()} if cfg.privacy is not None else {}
+
+
+def attach_privacy(strategy, cfg: FLConfig, run_dir: str | Path) -> ClientLevelDP | None:
+    """Wrap the server's ``strategy`` for the run's privacy spec: DP-FedAvg for client-level DP
+    (unit ``site``, :func:`attach_client_dp`); nothing otherwise (patient-level DP happens at
+    the sites). Returns the hooks, or None."""
+    if cfg.privacy is not None and cfg.privacy.unit == "site":
+        return attach_client_dp(strategy, cfg, run_dir)
+    return None
+
+
+def derived_privacy(cfg: FLConfig, run_dir: Path, sub_dir: Path) -> FLConfig:
+    """``cfg`` (the original run's, in ``run_dir``) for a run derived from it in ``sub_dir``: under
+    patient-level DP every site keeps fresh state (so fresh secret noise keys: reused noise would
+    cancel in a difference of models), but its spend goes into its own ledger in the original
+    run, under the derived run's scope (:func:`site_ledger_path`)."""
+    dp = cfg.privacy
+    if dp is None or dp.unit != "patient":
+        return cfg
+    root = Path(dp.ledger_root or run_dir).resolve()
+    scope = (str(sub_dir.resolve().relative_to(root)) if sub_dir.resolve().is_relative_to(root)
+             else f"derived:{sub_dir.resolve()}")
+    return replace(cfg, privacy=replace(dp, ledger_root=str(root), ledger_scope=scope))
+
+
+def attach_client_dp(strategy, cfg: FLConfig, run_dir: str | Path) -> ClientLevelDP:
     """Attach DP-FedAvg to ``strategy`` from ``cfg.privacy`` (unit ``site``), ledger in
     ``<run_dir>/privacy.sqlite``, noise key ``<run_dir>/server_noise.key``; on resume the adaptive
     clip continues from the ledger."""

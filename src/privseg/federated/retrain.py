@@ -11,6 +11,7 @@ from pathlib import Path
 
 from privseg.errors import CheckpointError
 from privseg.federated.config import FLConfig
+from privseg.federated.private import derived_privacy
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec
 
@@ -23,14 +24,7 @@ def derived_run(run_dir: Path, sub_dir: Path, *, sites: Sequence[SiteSpec], star
     from privseg.train.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = FLConfig.load(run_dir)
-    dp = cfg.privacy
-    if dp is not None and dp.unit == "patient":
-        # fresh site state (so fresh secret noise keys: reused noise would cancel in a difference of
-        # models), but the spend goes into each site's own ledger in the original run
-        root = Path(dp.ledger_root or run_dir).resolve()
-        scope = (str(sub_dir.resolve().relative_to(root)) if sub_dir.resolve().is_relative_to(root)
-                 else f"derived:{sub_dir.resolve()}")
-        cfg = replace(cfg, privacy=replace(dp, ledger_root=str(root), ledger_scope=scope))
+    cfg = derived_privacy(cfg, run_dir, sub_dir)  # a DP site's spend goes into its ledger in the original run
     sub = replace(cfg, name=f"{cfg.name}-{name_suffix}", sites=list(sites), rounds=int(rounds),
                   local_steps=int(local_steps or cfg.local_steps), keep_updates=False, eval_every=0, keep_checkpoints=1,
                   min_sites=min(cfg.min_sites, len(sites)), extra={**cfg.extra, "derived_from": str(run_dir)})

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from privseg.errors import ConfigError
+from privseg.federated import private
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
@@ -89,8 +90,7 @@ def _save_global(cfg: FLConfig, state: RunState, model: torch.nn.Module, arrays:
     path = state.checkpoint_path(server_round)
     extra = {"federated": {"run": cfg.name, "round": server_round, "strategy": cfg.strategy,
                            "participants": list(entry.get("participants", [])) if entry else []}}
-    if cfg.privacy is not None:  # a record of the DP settings the model was trained under (provenance)
-        extra["dp"] = cfg.privacy.to_dict()
+    extra.update(private.checkpoint_record(cfg))  # the DP settings the model was trained under (provenance)
     save_checkpoint(path, model, config=cfg.train.to_dict(), step=server_round, extra=extra)
     if cfg.keep_checkpoints:
         done = sorted(path.parent.glob("global_r*.pt"))
@@ -112,12 +112,10 @@ def client_run_config(cfg: FLConfig, run_dir: str | Path) -> dict[str, Any]:
     """What every ClientApp reads as its run configuration (the config record of each train and
     evaluate message), the same in simulation and deployment: the foundation's ``train-config``
     (JSON), ``local-steps``, ``run-dir``, ``eval-split``, ``cache-sites``, and the privacy spec
-    as flat ``dp-*`` keys (:meth:`~privseg.privacy.DPConfig.to_run_config`; none without DP)."""
+    as flat ``dp-*`` keys (:func:`privseg.federated.private.run_config`; none without DP)."""
     base = {"train-config": json.dumps(cfg.train.to_dict()), "local-steps": cfg.local_steps,
             "run-dir": str(Path(run_dir).resolve()), "eval-split": cfg.eval_split, "cache-sites": cfg.cache_sites}
-    if cfg.privacy is not None:
-        base.update(cfg.privacy.to_run_config())
-    return base
+    return {**base, **private.run_config(cfg)}
 
 
 def run_server(grid: Grid, run_dir: str | Path, *, on_round: RoundCallback | None = None,
@@ -137,10 +135,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     model, start = _initial_model(cfg, state)
     strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
                                           proximal_mu=cfg.proximal_mu, params=cfg.strategy_params)
-    if cfg.privacy is not None and cfg.privacy.unit == "site":  # privseg.privacy: client-level DP-FedAvg
-        from privseg.federated.private import attach_client_dp
-
-        attach_client_dp(strategy, cfg, run_dir)
+    private.attach_privacy(strategy, cfg, run_dir)  # privseg.privacy: client-level DP-FedAvg
     from privseg.federated.guard import attach_guard
 
     attach_guard(strategy, cfg, run_dir)  # first of the update hooks: before any clipping or averaging
