@@ -12,6 +12,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "privseg"
 
@@ -184,3 +186,81 @@ def test_the_checks_see_what_they_should():
         "privseg.console.erasure", "privseg.unlearn.federated", "privseg.report.tracking", "privseg.audit.mia"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# -- the privacy spec's path: from --epsilon on the command line to the ledger ---------------------------
+# The modules outside privseg.privacy that touch the spec (DPConfig) on its way from `privseg fl run/deploy
+# --dp ... --epsilon E` to the site's ledger: the options, the command, the assembly that builds and checks
+# the spec, the federated config that keeps it, and the one federated module that sends it to the sites and
+# hands it to privseg.privacy.make_private. The ServerApp and ClientApp never read it themselves.
+EPSILON_PATH = ["privseg.cli.ui", "privseg.cli.fl", "privseg.federated.assemble", "privseg.federated.config",
+                "privseg.federated.private"]
+# `privseg privacy train --dp patient`: the options, then privacy.central (train_private) books the ledger
+CENTRAL_EPSILON_PATH = ["privseg.cli.ui", "privseg.cli.privacy"]
+MAX_EPSILON_FILES = 5
+SPEC_NAMES = {"DPConfig", "dp_from_options", "to_run_config", "from_run_config", "DP"}  # DP: the CLI option group
+
+
+def touches_spec(tree: ast.Module) -> list[str]:
+    """What in ``tree`` handles the privacy spec: the spec type, building it from options or from the
+    run configuration, the CLI's DP option group, a config's ``.privacy`` field or a ``privacy=`` argument."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in SPEC_NAMES:
+            found.append(node.id)
+        elif isinstance(node, ast.Attribute) and (node.attr in SPEC_NAMES or (
+                node.attr == "privacy" and not (isinstance(node.value, ast.Name) and node.value.id == "privseg"))):
+            found.append("." + node.attr)
+        elif isinstance(node, ast.alias) and node.name.split(".")[-1] in SPEC_NAMES:
+            found.append(node.name)
+        elif isinstance(node, ast.FunctionDef) and node.name in SPEC_NAMES:
+            found.append(f"def {node.name}")
+        elif isinstance(node, ast.keyword) and node.arg == "privacy":
+            found.append("privacy=")
+    return found
+
+
+def test_epsilon_reaches_the_ledger_through_at_most_five_files():
+    """Every module of the command line, the federated package, the train layer and the top-level
+    run/cohort helpers that touches the privacy spec is on one of the two paths, each of at most five
+    files outside privseg.privacy; a sixth module reading the spec on the way fails here."""
+    assert len(EPSILON_PATH) <= MAX_EPSILON_FILES and len(CENTRAL_EPSILON_PATH) <= MAX_EPSILON_FILES
+    on_the_way = [m for m in MODULES if package(m) in ("cli", "federated", "train", "runs", "cohorts")]
+    touching = {m: touches_spec(TREES[m]) for m in on_the_way}
+    touching = {m: what for m, what in touching.items() if what}
+    assert set(touching) == set(EPSILON_PATH) | set(CENTRAL_EPSILON_PATH), (
+        "modules touching the privacy spec on its way to the ledger: "
+        + "; ".join(f"{m}: {sorted(set(w))}" for m, w in sorted(touching.items())))
+    # a chain: each module and the next are linked by an import (one way or the other), and the last
+    # one hands the spec to privseg.privacy (make_private, the ledger)
+    for path in (EPSILON_PATH, CENTRAL_EPSILON_PATH):
+        for a, b in zip(path, path[1:], strict=False):
+            assert b in {t for _, t in imports(a)} or a in {t for _, t in imports(b)}, f"{a} and {b} are not linked"
+        assert any(t.startswith("privseg.privacy") for _, t in imports(path[-1])), path[-1]
+    planted = ast.parse("def f(cfg):\n    return cfg.privacy.epsilon\n")
+    assert touches_spec(planted) == [".privacy"] and touches_spec(ast.parse("import privseg.privacy\n"
+                                                                            "privseg.privacy.epsilon\n")) == []
+
+
+# -- a thin command line ---------------------------------------------------------------------------------
+# Issue 15 asks for a CLI under 600 lines. What is left in privseg/cli is parsing and printing: 175 options
+# with their help texts (about 210 lines), the commands' docstrings (their --help), imports and blank lines
+# take about 540 of its lines; run assembly, outcome checks, parameter parsing and serving the console live
+# in the library (docs/architecture.md). The ceiling keeps it from growing back; the 600 target stays
+# recorded below as not met.
+CLI_MAX_LINES = 880
+CLI_TARGET_LINES = 600
+
+
+def cli_lines() -> int:
+    return sum(len(p.read_text().splitlines()) for p in (PKG / "cli").glob("*.py"))
+
+
+def test_the_cli_stays_thin():
+    assert cli_lines() <= CLI_MAX_LINES, f"privseg/cli has {cli_lines()} lines (ceiling {CLI_MAX_LINES})"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15's target: the CLI's option declarations and help texts alone "
+                   "take most of 600 lines; remove this mark once it is met")
+def test_the_cli_is_under_600_lines():
+    assert cli_lines() < CLI_TARGET_LINES

@@ -104,7 +104,6 @@ def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, m
 
     seen = {}
     monkeypatch.setattr(fl_cli, "_run_common", lambda mode, cfg, *a, **k: seen.setdefault(mode, cfg))
-    monkeypatch.setattr(fl_cli.P, "status", lambda *a, **k: None)
     common = ["--cohort", str(tiny_cohort.root), "--runs", str(tmp_path), "--name", "same", "--model", "unet_tiny",
               "--patch", "16", "--rounds", "2", "--strategy", "fedprox", "--mu", "0.3", "--dp", "patient",
               "--epsilon", "5", "--delta", "1e-2", "--site-budget", "H2=3", "--clip", "fixed"]

@@ -63,6 +63,21 @@ def open_cohort(path: Path, splits: Path | None = None, classes: str | None = No
     return replace(cohort, info={**cohort.info, "ct_window": list(chosen)}) if chosen else cohort
 
 
+def train_config(cohort, *, patch: int, spacing: str | None = None, record_ct_window: bool = True, **settings):
+    """The :class:`~privseg.train.TrainConfig` for training on ``cohort`` from command-line style
+    options: a patch of side ``patch`` in every dimension, ``spacing`` as --spacing gives it
+    (:func:`parse_spacing`), and -- with ``record_ct_window`` -- a CT cohort's intensity window kept
+    in ``extra`` so that evaluate, predict and unlearn apply it again; ``settings`` are the other
+    fields (steps, model, lr, ...)."""
+    from privseg.data.transforms import ct_window
+    from privseg.train import TrainConfig
+
+    is_ct = record_ct_window and any(s.modality.upper() == "CT" for s in cohort.subjects)
+    return TrainConfig.for_cohort(cohort, patch_size=(patch,) * cohort.spatial_dims,
+                                  spacing=parse_spacing(spacing, cohort.spatial_dims),
+                                  extra={"ct_window": list(ct_window(cohort))} if is_ct else {}, **settings)
+
+
 def model_ct_window(checkpoint: Path) -> tuple[float, float] | None:
     """The CT window recorded in a checkpoint's config (``extra.ct_window``), if any."""
     from privseg.data.transforms import parse_ct_window

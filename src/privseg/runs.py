@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from privseg.errors import ConfigError, DataError, PrivsegError
+from privseg.utils import parse_params
 
 RUNS = Path("runs")
 MODES = ("simulation", "in-process", "deployment")
@@ -124,7 +125,6 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     (``subject``, repeatable or ``A,B``) or a whole site; ``param`` as KEY=VALUE items; thresholds
     left out take the defaults."""
     from privseg.unlearn.federated import ErasureRequest
-    from privseg.unlearn.strategies import parse_params
 
     if not site:
         raise ConfigError("--site is required")

@@ -44,6 +44,21 @@ def parse_ids(ids, what: str = "IDs") -> list[str]:
     return out
 
 
+def parse_params(values: list[str] | None, option: str = "--param") -> dict:
+    """``KEY=VALUE`` items (``option``) as a dict; numbers become int or float."""
+    params: dict = {}
+    for v in values or []:
+        if "=" not in v:
+            raise ConfigError(f"{option} {v!r}: expected KEY=VALUE")
+        k, raw = v.split("=", 1)
+        try:
+            val: object = float(raw) if any(c in raw for c in ".eE") else int(raw)
+        except ValueError:
+            val = raw
+        params[k.strip()] = val
+    return params
+
+
 def registrar(table: dict[str, T], name: str) -> Callable[[T], T]:
     """A decorator that files what it decorates in ``table`` under ``name`` and returns it
     unchanged: the one idiom of privseg's registries (clip rules, per-subject gradient methods,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 
@@ -10,27 +9,13 @@ import typer
 
 from privseg.cli.ui import console as err
 from privseg.cli.ui import out
-from privseg.errors import ConfigError
+from privseg.console import serve as serve_console
+from privseg.console.accounts import Accounts
 from privseg.report.text import table
 
 app = typer.Typer(help="The privacy officer's web console: erasure requests, budgets, certificates, with roles.",
                   invoke_without_command=True)
 _RUNS = typer.Option(Path("runs"), "--runs", help="Folder holding the federated run folders.")
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _accounts(runs: Path, must_exist: bool = True):
-    from privseg.console.accounts import Accounts
-
-    if must_exist and not runs.is_dir():
-        raise ConfigError(f"--runs {runs}: no such folder")
-    return Accounts(runs)
 
 
 @app.callback()
@@ -45,28 +30,13 @@ def serve(
 ) -> None:
     """Serve the console over RUNS (`privseg console --runs demo_out/runs`). Add accounts first with
     `privseg console add-user`."""
-    if ctx.invoked_subcommand is not None:
-        return
-    import uvicorn
+    if ctx.invoked_subcommand is None:
+        serve_console(runs, host=host, port=port, certfile=certfile, keyfile=keyfile, idle_minutes=idle_minutes,
+                      max_hours=max_hours, on_notice=_notice)
 
-    from privseg.console import create_app
 
-    if (certfile is None) != (keyfile is None):
-        raise ConfigError("give both --certfile and --keyfile for TLS, or neither")
-    for p in (certfile, keyfile):
-        if p is not None and not p.is_file():
-            raise ConfigError(f"{p}: no such file")
-    if not _accounts(runs).users():
-        err.print(f"[yellow]no account yet[/yellow]: add one with `privseg console add-user NAME --role officer "
-                  f"--runs {runs}`")
-    if not _loopback(host) and certfile is None:
-        err.print(f"[yellow]warning[/yellow]: serving on {host} without TLS: passwords and cookies cross the "
-                  "network in clear text (use --certfile/--keyfile)")
-    tls = certfile is not None
-    err.print(f"privseg console on {'https' if tls else 'http'}://{host}:{port}/ over {runs}")
-    uvicorn.run(create_app(runs, secure=tls, idle_minutes=idle_minutes, max_hours=max_hours), host=host, port=port,
-                ssl_certfile=str(certfile) if tls else None, ssl_keyfile=str(keyfile) if tls else None,
-                log_level="warning", proxy_headers=False, server_header=False)
+def _notice(label: str, text: str) -> None:
+    err.print(f"[yellow]{label}[/yellow]: {text}" if label else text)
 
 
 @app.command("add-user")
@@ -81,9 +51,9 @@ def add_user(
                                         "of standard input (for scripts) instead of prompting."),
 ) -> None:
     """Add a console account. The password is prompted (never taken from the command line)."""
-    accounts = _accounts(runs)
-    if not replace and accounts.get(name) is not None:
-        raise ConfigError(f"user {name} exists (use --replace to change role, site or password)")
+    accounts = Accounts.of_runs(runs)
+    if not replace:
+        accounts.refuse_existing(name)
     password = (sys.stdin.readline().rstrip("\r\n") if password_stdin
                 else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
     user = accounts.add_user(name, role, password, site=site, replace=replace)
@@ -94,12 +64,11 @@ def add_user(
 def users(runs: Path = _RUNS) -> None:
     """List the console's accounts."""
     out.print(table(f"console users ({runs})", ["name", "role", "site"],
-                    [[u.name, u.role, u.site or "all"] for u in _accounts(runs, False).users()]))
+                    [[u.name, u.role, u.site or "all"] for u in Accounts(runs).users()]))
 
 
 @app.command("remove-user")
 def remove_user(name: str = typer.Argument(...), runs: Path = _RUNS) -> None:
     """Remove an account (its sessions end at once)."""
-    if not _accounts(runs, False).remove_user(name):
-        raise ConfigError(f"no user {name}")
+    Accounts(runs).remove_user(name, missing_ok=False)
     out.print(f"user {name} removed")

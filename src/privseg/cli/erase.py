@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import PARAM, QUIET, console, out, with_options
+from privseg.cli.ui import ERASURE, PARAM, QUIET, console, out, with_options
 from privseg.report.text import print_erasure_requests, print_ledger_checks, print_verification
 from privseg.runs import erase_from_run, erasure_request, erasure_requests, federated_run
 
@@ -17,23 +17,18 @@ ledger_app = typer.Typer(no_args_is_help=True, help="The erasure ledger: hash-ch
 
 
 @app.callback()
-@with_options(..., QUIET)
+@with_options(..., ERASURE, QUIET)
 def erase(
     ctx: typer.Context, run: str = typer.Option(None, help="Federated run folder (or its name under runs/)."),
     site: str = typer.Option(None, help="Site (hospital) ID."),
     subject: list[str] = typer.Option(None, help="Patient (subject) ID to erase (repeatable, or A,B)."),
     whole_site: bool = typer.Option(False, "--whole-site", help="Erase the whole site (it leaves the federation)."),
-    reason: str = typer.Option("", help="Why, for the ledger (e.g. 'GDPR art. 17')."),
-    requested_by: str = typer.Option("", help="Who asked, for the ledger."),
-    approved_by: str = typer.Option("", help="Who approved the request (e.g. the data-protection officer), "
-                                    "for the ledger and the certificate."),
     method: str = typer.Option(None, help="Patient: an unlearning strategy (default scrub). "
                                "Site: federaser (default), fedrecover (--param warmup=2 ...) or retrain."),
     param: list[str] = PARAM,
     target: str = typer.Option("unseen", help="Patient: unseen (stop when the patient looks never-seen), calibrated "
                                "(stop when the run's reference models no longer tell it from never-seen patients; "
                                "needs --references or privseg audit references) or zero."),
-    statistic: str = typer.Option("loss", help="Per-patient membership test statistic: loss or dice."),
     epochs: int = typer.Option(None, min=1, help="Patient: maximum unlearning epochs."),
     repair_rounds: int = typer.Option(1, min=0, help="Patient: federated rounds with every site after unlearning."),
     calibration_ratio: float = typer.Option(0.5, help="FedEraser: calibration local steps / original local steps."),
@@ -49,15 +44,16 @@ def erase(
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for the federated rounds."),
     references: int = typer.Option(None, "--references", min=2, help="Train (or reuse) N reference models of the "
                                    "run first, for the per-patient membership test (privseg audit references)."),
-    seed: int = typer.Option(0), quiet: bool = False,
+    seed: int = typer.Option(0), **o,
 ) -> None:
     """Erase a patient (--subject) or a site (--whole-site) from RUN: recorded first, unlearned at the
     site, repaired with every site, verified, then the old model's files are deleted. Re-running the same
     request after a crash finishes it; after completion it is never applied twice."""
     if ctx.invoked_subcommand is not None:
         return
-    request = {k: v for k, v in locals().items() if k not in ("ctx", "reference", "backend", "references", "quiet")}
-    run_dir, req = erasure_request(**request)
+    request = {k: v for k, v in locals().items() if k not in ("ctx", "reference", "backend", "references", "o")}
+    quiet = o.pop("quiet")
+    run_dir, req = erasure_request(**request, **o)
     say = (lambda stage, msg: None) if quiet else (lambda stage, msg: console.print(f"[bold]{stage}[/bold]: {msg}"))
     res = erase_from_run(run_dir, req, references=references, backend=backend, reference=reference, on_stage=say)
     if not quiet:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli import privacy as P
 from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, out, progress, take, with_options
 from privseg.federated import RunState
 from privseg.federated.strategies import FL_STRATEGIES
-from privseg.report.text import print_fl_status, round_info
+from privseg.report.text import print_budget, print_fl_status, round_info
 from privseg.runs import check_outcome, rounds_done, run_federated, run_folder
 
 app = typer.Typer(no_args_is_help=True, help="Federated training across hospitals (Flower).")
@@ -62,7 +61,17 @@ _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=t
 _GROUPS = (SITES, NAME, RUNS, ROUNDS, TRAINING, FEDERATION, ..., DP, FL_DP, SPLITS, QUIET)
 
 
+def _fl(mode: str, o: dict, round_timeout: float, **kw) -> None:
+    from privseg.federated.assemble import fl_config_from_options
+
+    runs_dir, quiet = o.pop("runs_dir"), o.pop("quiet")
+    cfg = fl_config_from_options(privacy={**take(o, DP), **take(o, FL_DP)}, round_timeout=round_timeout, **o)
+    _run_common(mode, cfg, runs_dir, quiet, **kw)
+
+
 def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
+    from privseg.privacy.budget import budget_status
+
     run_dir = runs_dir / cfg.name
     done = rounds_done(run_dir)
     if not quiet:
@@ -76,21 +85,8 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
         print_fl_status(out, state)
     for warning in check_outcome(state, done):  # printed even with --quiet
         console.print(f"[bold yellow]privseg: warning:[/bold yellow] {warning}", highlight=False)
-
-
-def _fl(mode: str, o: dict, round_timeout: float, **kw) -> None:
-    from privseg.federated.assemble import build_fl_config, federation_sites
-    from privseg.privacy.spec import dp_from_options
-    from privseg.unlearn.strategies import parse_params
-
-    runs_dir, quiet = o.pop("runs_dir"), o.pop("quiet")
-    o["strategy_params"] = parse_params(o.pop("strategy_param"), "--strategy-param")
-    dp = dp_from_options(**take(o, DP), **take(o, FL_DP))
-    cfg = build_fl_config(sites=federation_sites(**take(o, SITES), **take(o, SPLITS)), dp=dp,
-                          round_timeout=round_timeout, **o)
-    _run_common(mode, cfg, runs_dir, quiet, **kw)
-    if dp is not None and not quiet:
-        P.status(str(runs_dir / cfg.name), runs_dir=runs_dir, json_out=False)
+    if cfg.privacy is not None and not quiet:
+        print_budget(out, console, budget_status(run_dir), run_dir)
 
 
 @app.command()

@@ -9,11 +9,10 @@ from pathlib import Path
 import typer
 
 from privseg.cli.ui import CLASSES, DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, out, progress, take, with_options
-from privseg.cohorts import open_cohort
+from privseg.cohorts import open_cohort, train_config
 from privseg.errors import ConfigError
 from privseg.report.text import print_budget
 from privseg.runs import run_folder
-from privseg.train import TrainConfig
 
 app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
 
@@ -67,8 +66,7 @@ def train(
     if dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, o["splits"], o["classes"])
-    t = take(o, TRAINING)
-    cfg = TrainConfig.for_cohort(c, steps=steps, patch_size=(t.pop("patch"),) * c.spatial_dims, **t)
+    cfg = train_config(c, steps=steps, record_ct_window=False, **take(o, TRAINING))
     with progress("DP training", steps, o["quiet"]) as update:
         r = train_private(c, cfg, dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:

@@ -6,61 +6,55 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import PARAM, QUIET, READING, SPACING, TRAINING, console, out, progress, take, with_options
-from privseg.cohorts import open_cohort, parse_spacing
-from privseg.data.transforms import ct_window
+from privseg.cli import ui
+from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, TRAINING, take, with_options
+from privseg.cohorts import open_cohort, train_config
 from privseg.report.text import print_dice, print_unlearning
-from privseg.train import TrainConfig, Trainer
+from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
-from privseg.utils import write_json
+from privseg.utils import parse_params, write_json
 
 
-def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt)."),
-          cohort: Path = typer.Option(..., help="Cohort folder or manifest.")): ...
+def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt).")): ...
 
 
-@with_options(..., TRAINING, *READING, SPACING, QUIET)
-def train(cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
-          out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
+@with_options(COHORT, ..., TRAINING, *READING, SPACING, QUIET)
+def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
           steps: int = typer.Option(300, min=1),
           resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."), **o) -> None:
     """Train a segmentation model on a cohort's training subjects."""
-    c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"])
-    # the window a CT model learnt its intensities under, so evaluate/predict/unlearn apply it again
-    extra = {"ct_window": list(ct_window(c))} if any(s.modality.upper() == "CT" for s in c.subjects) else {}
-    t = take(o, TRAINING)
-    cfg = TrainConfig.for_cohort(c, steps=steps, patch_size=(t.pop("patch"),) * c.spatial_dims, **t, extra=extra,
-                                 spacing=parse_spacing(o["spacing"], c.spatial_dims))
-    with progress("training", steps, o["quiet"]) as update:
+    c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"])
+    cfg = train_config(c, steps=steps, spacing=o["spacing"], **take(o, TRAINING))
+    with ui.progress("training", steps, o["quiet"]) as update:
         r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:
-        out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s, resumed from step {r['resumed_from']})")
+        ui.out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s, resumed from step {r['resumed_from']})")
 
 
-@with_options(MODEL, ..., *READING, QUIET)
+@with_options(MODEL, COHORT, ..., *READING, QUIET)
 def evaluate(split: str = typer.Option("test", help="train, val or test."),
              json_out: Path = typer.Option(None, "--json", help="Write the full result as JSON."),
              hd95: bool = typer.Option(False, help="Also compute HD95 (slower)."), **o) -> None:
     """Per-subject and per-site Dice/MAE table of a checkpoint."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"], o["checkpoint"])
-    with progress("evaluating", len(c.select(split)), o["quiet"]) as update:
+    with ui.progress("evaluating", len(c.select(split)), o["quiet"]) as update:
         result = evaluate_checkpoint(o["checkpoint"], c, split, with_hd95=hd95, on_subject=lambda k, _n: update(k))
-    print_dice(out, result)
+    print_dice(ui.out, result)
     if json_out:
         write_json(json_out, result)
 
 
-@with_options(MODEL, ..., *READING)
+@with_options(MODEL, COHORT, ..., *READING)
 def predict(subject: str = typer.Option(..., help="Subject ID to segment."), out_path: Path = typer.Option(
         ..., "--out", help="Output label map: .nii.gz for a 3D cohort, .png for a 2D one."), **o) -> None:
     """Write a subject's predicted label map in the input's own space: for a 3D cohort a NIfTI with
     the image's affine and header; for a 2D cohort a PNG mask of the image's size, in the dataset's
     label values (e.g. 0/255 where the masks are 0/255)."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"], o["checkpoint"])
-    out.print(f"wrote {predict_subject(o['checkpoint'], c, subject, out_path)}")
+    ui.out.print(f"wrote {predict_subject(o['checkpoint'], c, subject, out_path)}")
 
 
-@with_options(..., *READING, QUIET)
+@with_options(..., ERASURE, *READING, QUIET)
 def unlearn(
     checkpoint: Path = typer.Option(..., help="Trained checkpoint (.pt)."),
     cohort: Path = typer.Option(..., help="Cohort folder or manifest the model was trained on."),
@@ -74,10 +68,6 @@ def unlearn(
     target: str = typer.Option("zero", help="zero (drive forget Dice down, the study), unseen (stop when the "
                                "forget subjects look like never-seen patients) or calibrated (stop when the run's "
                                "reference models no longer tell them from never-seen ones)."),
-    statistic: str = typer.Option("loss", help="Per-patient membership test statistic: loss or dice."),
-    reason: str = typer.Option("", help="Why, for the erasure ledger."),
-    requested_by: str = typer.Option("", help="Who asked, for the erasure ledger."),
-    approved_by: str = typer.Option("", help="Who approved it, for the ledger and the certificate."),
     certificate: Path = typer.Option(None, help="Write the erasure certificate (JSON + HTML) into this folder."),
     retrain: Path = typer.Option(None, help="Retrained reference checkpoint (--strategy retrain) to compare with."),
     param: list[str] = PARAM, seed: int = typer.Option(0),
@@ -90,11 +80,10 @@ def unlearn(
     recorded in the erasure ledger of the checkpoint's folder, as a federated one is."""
     from privseg.unlearn import parse_ids
     from privseg.unlearn.central import erase_central
-    from privseg.unlearn.strategies import parse_params
 
     ids, params = parse_ids(forget, "--forget"), parse_params(param)
     c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"], checkpoint)
-    with progress(f"unlearning ({strategy})", 100, o["quiet"]) as update:
+    with ui.progress(f"unlearning ({strategy})", 100, o["quiet"]) as update:
         started = []
 
         def on_evaluate(done: int, total: int) -> None:
@@ -107,12 +96,11 @@ def unlearn(
         result, rid, ledger, ver, cert = erase_central(
             checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target, params=params,
             out_dir=out_dir, seed=seed, retrain_checkpoint=retrain, check_every=check_every, device=device,
-            on_evaluate=on_evaluate, statistic=statistic, reason=reason, requested_by=requested_by,
-            approved_by=approved_by, certificate_dir=certificate,
+            on_evaluate=on_evaluate, certificate_dir=certificate, **take(o, ERASURE),
             on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)), f"step {s}/{n} loss {loss:.3f}"))
     if not o["quiet"]:
-        print_unlearning(out, result, strategy, target)
-        out.print(f"ledger: {ledger} (request {rid})" + (f"\ncertificate: {cert[1]}" if cert else ""))
+        print_unlearning(ui.out, result, strategy, target)
+        ui.out.print(f"ledger: {ledger} (request {rid})" + (f"\ncertificate: {cert[1]}" if cert else ""))
     if not ver["passed"]:  # said even under --quiet: the ledger records the erasure as not completed
-        console.print(f"[red]erasure verification failed[/red] (request {rid}, not completed): "
+        ui.console.print(f"[red]erasure verification failed[/red] (request {rid}, not completed): "
                       + "; ".join(ver["failed_checks"]))

@@ -52,6 +52,18 @@ def RUNS(runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder hold
 def JSON(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")): ...
 
 
+def COHORT(cohort: Path = typer.Option(..., help="Cohort folder or manifest.")): ...
+
+
+def ERASURE(
+    statistic: str = typer.Option("loss", help="Per-patient membership test statistic: loss or dice."),
+    reason: str = typer.Option("", help="Why, for the erasure ledger (e.g. 'GDPR art. 17')."),
+    requested_by: str = typer.Option("", help="Who asked, for the erasure ledger."),
+    approved_by: str = typer.Option("", help="Who approved the request (e.g. the data-protection officer), for "
+                                    "the ledger and the certificate."),
+): ...
+
+
 def SPLITS(splits: Path = typer.Option(None, help="Pin the splits from a file: nnU-Net's splits_final.json (fold "
                                        "0), or a CSV with columns id,site,split (optional patient), e.g. a run's "
                                        "splits.csv.")): ...

@@ -1,7 +1,7 @@
 """The privacy officer's console: a web app over the run folders, ledgers and certificates
 that the command line writes (``privseg console --runs DIR``).
 
-* :mod:`~privseg.console.app` -- the app (Starlette + Jinja2 templates), built from
+* :mod:`~privseg.console.app` -- the app (Starlette + Jinja2 templates; :func:`serve` runs it), built from
   :mod:`~privseg.console.web` (sessions, CSRF, roles: the guard every page goes through) and the
   pages by concern: :mod:`~privseg.console.login_pages`, :mod:`~privseg.console.run_pages`,
   :mod:`~privseg.console.erasure_pages`;
@@ -14,6 +14,6 @@ that the command line writes (``privseg console --runs DIR``).
 * :mod:`~privseg.console.svg` -- server-rendered figures.
 """
 
-from privseg.console.app import create_app
+from privseg.console.app import create_app, serve
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "serve"]

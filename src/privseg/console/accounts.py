@@ -72,6 +72,13 @@ class Accounts:
         with opened(self.root) as con:
             con.executescript(_SCHEMA)
 
+    @classmethod
+    def of_runs(cls, runs: str | Path) -> Accounts:
+        """The accounts of the console over the runs folder ``runs``, which must exist."""
+        if not Path(runs).is_dir():
+            raise ConfigError(f"--runs {runs}: no such folder")
+        return cls(runs)
+
     # -- users -----------------------------------------------------------------------
     def add_user(self, name: str, role: str, password: str, site: str | None = None,
                  replace: bool = False) -> User:
@@ -97,10 +104,19 @@ class Accounts:
             con.execute("DELETE FROM sessions WHERE user=?", (name,))  # a changed account logs in again
         return User(name, role, site or None)
 
-    def remove_user(self, name: str) -> bool:
+    def refuse_existing(self, name: str) -> None:
+        """Refuse (ConfigError) a new user ``name`` that exists already (before asking for a password)."""
+        if self.get(name) is not None:
+            raise ConfigError(f"user {name} exists (use --replace to change role, site or password)")
+
+    def remove_user(self, name: str, missing_ok: bool = True) -> bool:
+        """Remove ``name`` (its sessions end at once); False when there was none, or with
+        ``missing_ok=False`` a ConfigError."""
         with opened(self.root) as con:
             n = con.execute("DELETE FROM users WHERE name=?", (name,)).rowcount
             con.execute("DELETE FROM sessions WHERE user=?", (name,))
+        if not n and not missing_ok:
+            raise ConfigError(f"no user {name}")
         return bool(n)
 
     def users(self) -> list[User]:

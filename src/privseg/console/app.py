@@ -12,6 +12,8 @@ certificates).
 from __future__ import annotations
 
 import html
+import ipaddress
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,10 +22,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from privseg.console.accounts import Accounts
 from privseg.console.erasure_pages import register_erasure
 from privseg.console.login_pages import register_accounts
 from privseg.console.run_pages import register_runs
 from privseg.console.web import HERE, Console, secure_headers
+from privseg.errors import ConfigError
 
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
 
@@ -77,3 +81,38 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
     app = Starlette(routes=routes, lifespan=_lifespan(c), exception_handlers={404: not_found, 405: not_found})
     app.state.console = c
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(runs: str | Path, *, host: str = "127.0.0.1", port: int = 8700, certfile: Path | None = None,
+          keyfile: Path | None = None, idle_minutes: float = 30.0, max_hours: float = 12.0,
+          on_notice: Callable[[str, str], None] | None = None) -> None:
+    """Serve the console over the runs folder ``runs`` with uvicorn until stopped: HTTPS with
+    ``certfile`` and ``keyfile`` (give both or neither). ``on_notice(label, text)`` hears what the
+    operator should know first: no account yet (``label`` "no account yet"), a non-loopback
+    address without TLS ("warning"), and the address it serves on (label "")."""
+    import uvicorn
+
+    say = on_notice or (lambda label, text: None)
+    if (certfile is None) != (keyfile is None):
+        raise ConfigError("give both --certfile and --keyfile for TLS, or neither")
+    for p in (certfile, keyfile):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"{p}: no such file")
+    if not Accounts.of_runs(runs).users():
+        say("no account yet", f"add one with `privseg console add-user NAME --role officer --runs {runs}`")
+    tls = certfile is not None
+    if not is_loopback(host) and not tls:
+        say("warning", f"serving on {host} without TLS: passwords and cookies cross the network in clear text "
+            "(use --certfile/--keyfile)")
+    say("", f"privseg console on {'https' if tls else 'http'}://{host}:{port}/ over {runs}")
+    uvicorn.run(create_app(runs, secure=tls, idle_minutes=idle_minutes, max_hours=max_hours), host=host, port=port,
+                ssl_certfile=str(certfile) if tls else None, ssl_keyfile=str(keyfile) if tls else None,
+                log_level="warning", proxy_headers=False, server_header=False)

@@ -3,7 +3,7 @@ benchmarks, the demo and the tests, so the same options always make the same run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,8 +11,9 @@ from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.sites import SiteSpec, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
 from privseg.privacy import DPConfig, check_dp_model
+from privseg.privacy.spec import dp_from_options
 from privseg.train import TrainConfig
-from privseg.utils import check_id
+from privseg.utils import check_id, parse_params
 
 
 def federation_sites(cohort: str | Path | None = None, site: Sequence[str] | None = None,
@@ -68,3 +69,18 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
             check_dp_model(built)
         cfg = replace(cfg, privacy=dp)  # the DP run's own checks (e.g. no evaluation on training patients)
     return cfg
+
+
+def fl_config_from_options(*, cohort: str | Path | None = None, site: Sequence[str] | None = None,
+                           sites_root: str | Path | None = None, only_site: Sequence[str] | None = None,
+                           splits: str | Path | None = None, strategy_param: Sequence[str] | None = None,
+                           privacy: Mapping | None = None, **settings) -> FLConfig:
+    """The run config of `privseg fl run` and `fl deploy` from their options, as they name them:
+    the sites (:func:`federation_sites`), ``strategy_param`` the FL strategy's own parameters as
+    ``KEY=VALUE`` items, ``privacy`` the DP options (``dp`` none/patient/site, ``epsilon``,
+    ``site_budget``, ``dp_config``, ...: :func:`~privseg.privacy.spec.dp_from_options`), and
+    ``settings`` the rest of :func:`build_fl_config`. The same options give the same config."""
+    strategy_params = parse_params(strategy_param, "--strategy-param")
+    dp = dp_from_options(**(privacy or {}))
+    return build_fl_config(sites=federation_sites(cohort, site, sites_root, only_site, splits), dp=dp,
+                           strategy_params=strategy_params, **settings)

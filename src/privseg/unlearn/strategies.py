@@ -34,6 +34,7 @@ from privseg.data.transforms import PatchSampler
 from privseg.errors import ConfigError
 from privseg.train.loop import TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.train.losses import SegLoss
+from privseg.utils import parse_params  # noqa: F401  (KEY=VALUE strategy parameters; public here too)
 
 
 # -- encoder / decoder -----------------------------------------------------------
@@ -208,21 +209,6 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {}
-
-
-def parse_params(values: list[str] | None, option: str = "--param") -> dict:
-    """``KEY=VALUE`` items (``option``) as a dict; numbers become int or float."""
-    params: dict = {}
-    for v in values or []:
-        if "=" not in v:
-            raise ConfigError(f"{option} {v!r}: expected KEY=VALUE")
-        k, raw = v.split("=", 1)
-        try:
-            val: object = float(raw) if any(c in raw for c in ".eE") else int(raw)
-        except ValueError:
-            val = raw
-        params[k.strip()] = val
-    return params
 
 
 def register(name: str, **defaults) -> Callable[[StrategyFn], StrategyFn]:
