@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # -- 1. speed ---------------------------------------------------------------------------
 
-def bench_speed(sides: list[int], models: list[str], reps: int = 5) -> dict:
+def bench_speed(cases: list[tuple[str, int]], reps: int = 5) -> dict:
     """DP step / non-private step, every per-subject method, median of ``reps`` after a warm-up.
     Each method gets its own copy of the model (Opacus's hooks stay on the model they wrap)."""
     import copy
@@ -62,40 +62,39 @@ def bench_speed(sides: list[int], models: list[str], reps: int = 5) -> dict:
         return statistics.median(ts)
 
     rows = []
-    for name in models:
-        for side in sides:
-            torch.manual_seed(0)
-            model = build_model(name, in_channels=1, num_classes=4, spatial_dims=3, norm="group")
-            loss_fn = SegLoss()
-            x = torch.randn(4, 1, side, side, side)
-            y = torch.randint(0, 4, (4, 1, side, side, side))
-            owner = torch.tensor([0, 0, 1, 1])
-            base_model = copy.deepcopy(model)
-            opt = torch.optim.SGD(base_model.parameters(), lr=1e-4)
-            base = timed(lambda: standard_step(base_model, opt, loss_fn, x, y, owner))  # noqa: B023
-            n_params = sum(p.numel() for p in model.parameters())
-            noise = NoiseSource.ephemeral()
-            row = {"model": name, "patch": side, "batch": "2 subjects x 2 patches", "params": n_params,
-                   "nonprivate_s": base,
-                   "noise_draw_s": timed(lambda: noise.gaussian("gradient", 0, n_params, torch.float32))}  # noqa: B023
-            for method in methods:
-                m = copy.deepcopy(model)
-                m_opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-                eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 1000, clip_norm=1.0, adaptive=True,
-                                   method=method)
-                try:
-                    # the baseline's tensors as this step's sample (q = 1 here): the same compute, timed alone
-                    t = timed(lambda: eng.step(m, m_opt, loss_fn,  # noqa: B023
-                                               SampledBatch(id(eng), eng.step_no, x, y, owner, 2)))  # noqa: B023
-                    row[f"{method}_s"], row[f"{method}_ratio"] = t, t / base
-                    # the per-patient clipped gradients alone (no noise, no optimiser step)
-                    row[f"{method}_grad_ratio"] = timed(lambda: GRAD_METHODS[method](  # noqa: B023
-                        m, loss_fn, x, y, owner, 1.0)) / base  # noqa: B023
-                except Exception as exc:  # noqa: BLE001 - report, don't die
-                    row[f"{method}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-            print(f"speed {name} {side}^3: non-private {base:.3f} s, noise draw {row['noise_draw_s']:.3f} s; "
-                  + ", ".join(f"{m} {row.get(f'{m}_ratio', float('nan')):.2f}x" for m in methods), flush=True)
+    for name, side in cases:
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=1, num_classes=4, spatial_dims=3, norm="group")
+        loss_fn = SegLoss()
+        x = torch.randn(4, 1, side, side, side)
+        y = torch.randint(0, 4, (4, 1, side, side, side))
+        owner = torch.tensor([0, 0, 1, 1])
+        base_model = copy.deepcopy(model)
+        opt = torch.optim.SGD(base_model.parameters(), lr=1e-4)
+        base = timed(lambda: standard_step(base_model, opt, loss_fn, x, y, owner))  # noqa: B023
+        n_params = sum(p.numel() for p in model.parameters())
+        noise = NoiseSource.ephemeral()
+        row = {"model": name, "patch": side, "batch": "2 subjects x 2 patches", "params": n_params,
+               "nonprivate_s": base,
+               "noise_draw_s": timed(lambda: noise.gaussian("gradient", 0, n_params, torch.float32))}  # noqa: B023
+        for method in methods:
+            m = copy.deepcopy(model)
+            m_opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+            eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 1000, clip_norm=1.0, adaptive=True,
+                               method=method)
+            try:
+                # the baseline's tensors as this step's sample (q = 1 here): the same compute, timed alone
+                t = timed(lambda: eng.step(m, m_opt, loss_fn,  # noqa: B023
+                                           SampledBatch(id(eng), eng.step_no, x, y, owner, 2)))  # noqa: B023
+                row[f"{method}_s"], row[f"{method}_ratio"] = t, t / base
+                # the per-patient clipped gradients alone (no noise, no optimiser step)
+                row[f"{method}_grad_ratio"] = timed(lambda: GRAD_METHODS[method](  # noqa: B023
+                    m, loss_fn, x, y, owner, 1.0)) / base  # noqa: B023
+            except Exception as exc:  # noqa: BLE001 - report, don't die
+                row[f"{method}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(f"speed {name} {side}^3: non-private {base:.3f} s, noise draw {row['noise_draw_s']:.3f} s; "
+              + ", ".join(f"{m} {row.get(f'{m}_ratio', float('nan')):.2f}x" for m in methods), flush=True)
     best = {f"{r['model']}_{r['patch']}": min(r.get(f"{m}_ratio", math.inf) for m in methods) for r in rows}
     return {"rows": rows, "methods": methods, "best_ratio": best, "dp_step_ratio": max(best.values()),
             "reps": reps, "threads": torch.get_num_threads()}
@@ -266,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="speed,accounting,flower,clipwalk,audit,utility")
     ap.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
-    ap.add_argument("--speed-sides", default=None, help="patch sides for the speed part (default 32,64; --quick 32)")
-    ap.add_argument("--speed-models", default="resnet10,unet")
+    ap.add_argument("--speed-cases", default=None, metavar="MODEL:SIDE,...",
+                    help="speed part cases (default resnet10:32,resnet10:64,unet:32,unet:64; --quick the 32s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     parts = set(args.parts.split(","))
@@ -278,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     res.update({"command": " ".join(["python benchmarks/privacy.py", *(argv or sys.argv[1:])]), "quick": args.quick,
                 "versions": versions(), "cpu_threads": torch.get_num_threads()})
     if "speed" in parts:
-        sides = [int(v) for v in (args.speed_sides or ("32" if args.quick else "32,64")).split(",")]
-        res["speed"] = {**bench_speed(sides, args.speed_models.split(","), reps=5), "command": res["command"]}
+        spec = args.speed_cases or ("resnet10:32,unet:32" if args.quick else "resnet10:32,resnet10:64,unet:32,unet:64")
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in spec.split(",")]
+        res["speed"] = {**bench_speed(cases, reps=5), "command": res["command"]}
         res["dp_step_ratio"] = res["speed"]["dp_step_ratio"]
     if "accounting" in parts:
         res["accounting"] = bench_accounting()
