@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from privseg.privacy.grad_sample import GRAD_METHODS
 from privseg.report import text
 from privseg.runs import silence_known_noise
 
@@ -103,7 +104,8 @@ def DP(
     target_quantile: float = typer.Option(0.5, help="Adaptive clip: target quantile of the norms."),
     noise_schedule: str = typer.Option("constant", help="constant or decay (calibrated to the budget)."),
     allow_large_delta: bool = typer.Option(False, "--allow-large-delta", help="Allow delta >= 1/n (not recommended)."),
-    dp_method: str = typer.Option("loop", help="Per-subject gradients: loop, vmap or opacus."),
+    dp_method: str = typer.Option("loop", help=f"Per-subject gradients: {', '.join(GRAD_METHODS)} (speeds: "
+                                  "benchmarks/results/privacy.md)."),
 ): ...
 
 
