@@ -206,7 +206,8 @@ def bench_utility(argv: list[str]) -> dict:
 
 
 def write_md(res: dict, path: Path) -> None:
-    lines = ["# Privacy benchmark (issue #6)", "", f"Command: `{res['command']}`", ""]
+    lines = ["# Privacy benchmark (issue #6)", "", f"Last command: `{res['command']}` (each part keeps the result of "
+             "the last command that ran it)", ""]
     for k in ("dp_step_ratio", "adaptive_minus_fixed", "adaptive_over_nonprivate_eps8", "accountant_rel_error"):
         lines.append(f"- **{k}**: {res.get(k)}")
     if "speed" in res:
@@ -216,6 +217,8 @@ def write_md(res: dict, path: Path) -> None:
                   f"{sp.get('threads')} threads)", "",
                   "| model | patch | non-private | noise draw | " + " | ".join(methods) + " |",
                   "|---|---|---|---|" + "---|" * len(methods)]
+        if sp.get("command"):
+            lines[-2:-2] = [f"Command: `{sp['command']}`", ""]
         for r in sp["rows"]:
             cells = [f"{r[f'{m}_s']:.3f} ({r[f'{m}_ratio']:.2f}x; gradients {r.get(f'{m}_grad_ratio', math.nan):.2f}x)"
                      if f"{m}_s" in r else r.get(f"{m}_error", "-")[:40] for m in methods]
