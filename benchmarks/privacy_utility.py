@@ -229,6 +229,8 @@ def plot(out: dict, path: Path) -> None:
             if r["arm"] == "nonprivate":
                 ax.axhline(r["mean"], color="k", ls="--", label="non-private")
         ax.set_xscale("log")
+        ax.set_xticks(EPS, [f"{e:g}" for e in EPS])  # plain 1, 3, 8 (no overlapping 10^x labels)
+        ax.minorticks_off()
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.set_ylabel("mean Dice (held-out)")
         ax.set_title(task)
