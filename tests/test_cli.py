@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import nibabel as nib
 import numpy as np
@@ -110,3 +112,28 @@ def test_classes_from_the_command_line(tmp_path, capsys):
     for bad in ("lesion", "background,,lesion", "background,lesion,lesion"):
         assert main(["data", "info", str(root), "--classes", bad]) == 2
         assert "--classes" in capsys.readouterr().err
+
+
+def test_config_options_take_default_and_help_from_the_config():
+    """An option that sets a config field is made from it: one default and one help text."""
+    from privseg.cli.erase import REQUEST
+    from privseg.cli.fl import FEDERATION
+    from privseg.cli.ui import DP, ERASURE, STEPS, TRAINING
+    from privseg.federated import FLConfig
+    from privseg.privacy.spec import DPConfig
+    from privseg.train import TrainConfig
+    from privseg.unlearn.request import ErasureRequest
+
+    groups = ((TRAINING, TrainConfig, {}), (STEPS, TrainConfig, {}), (FEDERATION, FLConfig, {"mu": "proximal_mu"}),
+              (DP, DPConfig, {"dp": "unit", "dp_method": "method"}), (ERASURE, ErasureRequest, {}),
+              (REQUEST, ErasureRequest, {}))
+    made = 0
+    for group, config, rename in groups:
+        field = {f.name: f for f in fields(config)}
+        for p in inspect.signature(group).parameters.values():
+            f = field.get(rename.get(p.name, p.name))
+            if f is not None:
+                assert p.default.default == f.default and p.default.min == f.metadata["min"], (config, p.name)
+                assert p.default.help == f.metadata["help"] or p.name == "strategy", (config, p.name)
+                made += 1
+    assert made == 35  # each option of these groups that sets a config field

@@ -10,6 +10,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -20,6 +21,15 @@ from privseg.errors import CheckpointError, ConfigError
 
 T = TypeVar("T")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def setting(default: Any, help: str, *, min: float | None = None) -> Any:
+    """A config dataclass field with its documentation: ``default``, ``help`` (one sentence, shown by
+    ``privseg ... --help`` too) and, for numbers, the smallest value ``min``, kept in the field's
+    metadata (``dataclasses.fields(TrainConfig)``). The command-line options that set a config's
+    fields are made from these (:func:`privseg.cli.ui.options_from`), so each default and help
+    text is written once."""
+    return field(default=default, metadata={"help": help, "min": min})
 
 
 def check_id(value: str, what: str = "ID") -> str:

@@ -7,17 +7,22 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import ERASURE, PARAM, QUIET, console, out, with_options
+from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
 from privseg.report.text import print_erasure_requests, print_ledger_checks, print_verification
 from privseg.runs import erase_from_run, erasure_request, erasure_requests, federated_run
+from privseg.unlearn.request import ErasureRequest
 
 app = typer.Typer(help="Erase a patient or a whole site from a federated run, with verification and a ledger.",
                   invoke_without_command=True)
 ledger_app = typer.Typer(no_args_is_help=True, help="The erasure ledger: hash-chain check and request list.")
 
 
+REQUEST = options_from(ErasureRequest, "target", "epochs", "repair_rounds", "calibration_ratio", "calibration_interval",
+                       "seed")
+
+
 @app.callback()
-@with_options(..., ERASURE, QUIET)
+@with_options(..., REQUEST, ERASURE, QUIET)
 def erase(
     ctx: typer.Context, run: str = typer.Option(None, help="Federated run folder (or its name under runs/)."),
     site: str = typer.Option(None, help="Site (hospital) ID."),
@@ -26,13 +31,6 @@ def erase(
     method: str = typer.Option(None, help="Patient: an unlearning strategy (default scrub). "
                                "Site: federaser (default), fedrecover (--param warmup=2 ...) or retrain."),
     param: list[str] = PARAM,
-    target: str = typer.Option("unseen", help="Patient: unseen (stop when the patient looks never-seen), calibrated "
-                               "(stop when the run's reference models no longer tell it from never-seen patients; "
-                               "needs --references or privseg audit references) or zero."),
-    epochs: int = typer.Option(None, min=1, help="Patient: maximum unlearning epochs."),
-    repair_rounds: int = typer.Option(1, min=0, help="Patient: federated rounds with every site after unlearning."),
-    calibration_ratio: float = typer.Option(0.5, help="FedEraser: calibration local steps / original local steps."),
-    calibration_interval: int = typer.Option(2, min=1, help="FedEraser: calibrate every N-th round."),
     max_mia_auc: float = typer.Option(None, help="Pass only if the erased patients' membership AUC <= this "
                                       "(default 0.55)."),
     min_retain_dice_ratio: float = typer.Option(None, help="Pass only if retain Dice >= this x the reference's "
@@ -44,7 +42,7 @@ def erase(
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for the federated rounds."),
     references: int = typer.Option(None, "--references", min=2, help="Train (or reuse) N reference models of the "
                                    "run first, for the per-patient membership test (privseg audit references)."),
-    seed: int = typer.Option(0), **o,
+    **o,
 ) -> None:
     """Erase a patient (--subject) or a site (--whole-site) from RUN: recorded first, unlearned at the
     site, repaired with every site, verified, then the old model's files are deleted. Re-running the same

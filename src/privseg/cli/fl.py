@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, out, progress, take, with_options
-from privseg.federated import RunState
+from privseg.cli import ui
+from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, options_from, out, take, with_options
+from privseg.federated import FLConfig, RunState
 from privseg.federated.strategies import FL_STRATEGIES
 from privseg.report.text import print_budget, print_fl_status, round_info
 from privseg.runs import check_outcome, rounds_done, run_federated, run_folder
@@ -29,22 +30,14 @@ def SITES(
 def NAME(name: str = typer.Option("fl", help=_NAME)): ...
 
 
-def ROUNDS(
-    rounds: int = typer.Option(20, min=1), strategy: str = typer.Option("fedavg", help="One of: "
-                                                                         + ", ".join(FL_STRATEGIES) + "."),
-    local_steps: int = typer.Option(10, min=1, help="Local optimisation steps per site per round."),
-): ...
+def STRATEGY_PARAM(strategy_param: list[str] = typer.Option(
+        None, "--strategy-param", help="The FL strategy's own parameter KEY=VALUE (repeatable), e.g. "
+        "server_learning_rate=1.5 for fedavgm.")): ...
 
 
-def FEDERATION(
-    mu: float = typer.Option(0.01, "--mu", help="FedProx proximal weight."),
-    strategy_param: list[str] = typer.Option(None, "--strategy-param", help="The FL strategy's own parameter "
-                                             "KEY=VALUE (repeatable), e.g. server_learning_rate=1.5 for fedavgm."),
-    min_sites: int = typer.Option(1, min=1, help="A round needs at least this many site updates."),
-    fraction: float = typer.Option(1.0, help="Fraction of sites sampled per round."),
-    eval_every: int = typer.Option(1, min=0, help="Evaluate on held-out subjects every N rounds (0: never)."),
-    keep_updates: bool = typer.Option(False, help="Store every site's update per round (for erasure tracing)."),
-): ...
+FEDERATION = options_from(FLConfig, "rounds", "strategy", "local_steps", "mu", STRATEGY_PARAM, "min_sites", "fraction",
+                          "eval_every", "keep_updates", rename={"mu": "proximal_mu"},
+                          helps={"strategy": "One of: " + ", ".join(FL_STRATEGIES) + "."})
 
 
 def FL_DP(
@@ -58,7 +51,7 @@ def FL_DP(
 _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=typer.Option(
     "cpu", help="cpu, cuda or auto, for local training."), dp=typer.Option(
     "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."))
-_GROUPS = (SITES, NAME, RUNS, ROUNDS, TRAINING, FEDERATION, ..., DP, FL_DP, SPLITS, QUIET)
+_GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, FL_DP, SPLITS, QUIET)
 
 
 def _fl(mode: str, o: dict, round_timeout: float, **kw) -> None:
@@ -78,7 +71,7 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
         console.print(f"[bold]{mode}[/bold] run {cfg.name}: {cfg.strategy}, {len(cfg.sites)} sites "
                       f"({', '.join(cfg.site_ids)}), {cfg.rounds} rounds x {cfg.local_steps} local steps"
                       + (f", resuming after round {done}" if 0 < done < cfg.rounds else ""))
-    with progress(f"fl {mode}", cfg.rounds, quiet) as update:
+    with ui.progress(f"fl {mode}", cfg.rounds, quiet) as update:
         update(min(done, cfg.rounds))
         state = run_federated(mode, cfg, run_dir, on_round=lambda e: update(int(e["round"]), round_info(e)), **kw)
     if not quiet:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import CLASSES, DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, out, progress, take, with_options
+from privseg.cli import ui
+from privseg.cli.ui import CLASSES, DP, JSON, QUIET, RUNS, SPLITS, STEPS, TRAINING, console, out, take, with_options
 from privseg.cohorts import open_cohort, train_config
 from privseg.errors import ConfigError
 from privseg.report.text import print_budget
@@ -50,13 +51,12 @@ def budget(
 
 
 @app.command()
-@with_options(..., TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option("group", help="group or instance (not "
-              "batch)."), subjects_per_step=typer.Option(2, min=1, help="Expected subjects per step (Poisson rate "
-              "q = this/n)."))
+@with_options(..., STEPS, TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option("group", help="group or instance "
+              "(not batch)."), subjects_per_step=typer.Option(2, min=1, help="Expected subjects per step (Poisson "
+              "rate q = this/n)."))
 def train(
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
-    out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."),
-    steps: int = typer.Option(300, min=1), **o,
+    out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."), **o,
 ) -> None:
     """Central patient-level DP-SGD training (all training subjects in one place)."""
     from privseg.privacy import train_private
@@ -66,8 +66,8 @@ def train(
     if dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, o["splits"], o["classes"])
-    cfg = train_config(c, steps=steps, record_ct_window=False, **take(o, TRAINING))
-    with progress("DP training", steps, o["quiet"]) as update:
+    cfg = train_config(c, record_ct_window=False, **take(o, STEPS), **take(o, TRAINING))
+    with ui.progress("DP training", cfg.steps, o["quiet"]) as update:
         r = train_private(c, cfg, dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:
         out.print(f"checkpoint: {r['checkpoint']}  epsilon={r['epsilon']:.3f} at delta={r['delta']:g} (budget "

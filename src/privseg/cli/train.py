@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from privseg.cli import ui
-from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, TRAINING, take, with_options
+from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, STEPS, TRAINING, take, with_options
 from privseg.cohorts import open_cohort, train_config
 from privseg.report.text import print_dice, print_unlearning
 from privseg.train import Trainer
@@ -18,14 +18,13 @@ from privseg.utils import parse_params, write_json
 def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt).")): ...
 
 
-@with_options(COHORT, ..., TRAINING, *READING, SPACING, QUIET)
+@with_options(COHORT, ..., STEPS, TRAINING, *READING, SPACING, QUIET)
 def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
-          steps: int = typer.Option(300, min=1),
           resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."), **o) -> None:
     """Train a segmentation model on a cohort's training subjects."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"])
-    cfg = train_config(c, steps=steps, spacing=o["spacing"], **take(o, TRAINING))
-    with ui.progress("training", steps, o["quiet"]) as update:
+    cfg = train_config(c, spacing=o["spacing"], **take(o, STEPS), **take(o, TRAINING))
+    with ui.progress("training", cfg.steps, o["quiet"]) as update:
         r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:
         ui.out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s, resumed from step {r['resumed_from']})")

@@ -1,5 +1,8 @@
 """Glue shared by the sub-commands: the two consoles, progress on stderr, and option groups that
-several commands take (one definition each, added to a command with :func:`with_options`)."""
+several commands take (one definition each, added to a command with :func:`with_options`). An
+option that sets a field of a library config (``TrainConfig``, ``DPConfig``, ``FLConfig``,
+``ErasureRequest``) is made from that field with :func:`options_from`: its default and help text
+are written once, in the config."""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from privseg.privacy.grad_sample import GRAD_METHODS
+from privseg.privacy.spec import DPConfig
 from privseg.report import text
 from privseg.runs import silence_known_noise
+from privseg.train import TrainConfig
+from privseg.unlearn.request import ErasureRequest
 
 console, out = Console(stderr=True), Console()
 silence_known_noise()
@@ -39,6 +44,30 @@ def with_options(*groups, **replaced):
     return decorate
 
 
+def options_from(config, *names, rename: dict | None = None, switches: tuple = (), helps: dict | None = None):
+    """An option group (for :func:`with_options`) made from fields of the dataclass ``config``:
+    option ``--x-y`` sets field ``x_y`` (``rename`` maps an option to a field of another name) and
+    takes the field's default, help and ``min`` (:func:`privseg.utils.setting`). A name in
+    ``switches`` is an on-switch (no ``--no-`` form); ``helps`` replace help texts; a group among
+    ``names`` adds its own options there."""
+    fields, hints = config.__dataclass_fields__, inspect.get_annotations(config, eval_str=True)
+    params = []
+    for name in names:
+        if callable(name):
+            params += inspect.signature(name, eval_str=True).parameters.values()
+            continue
+        f = fields[(rename or {}).get(name, name)]
+        option = typer.Option(f.default, *(["--" + name.replace("_", "-")] if name in switches else []),
+                              help=(helps or {}).get(name, f.metadata["help"]), min=f.metadata["min"])
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
+                                        annotation=hints[f.name]))
+
+    def group(**options): ...
+
+    group.__signature__ = inspect.Signature(params)
+    return group
+
+
 def take(options: dict, group) -> dict:
     """Remove the options of ``group`` from a command's ``options`` and return them."""
     return {k: options.pop(k) for k in inspect.signature(group).parameters}
@@ -56,13 +85,7 @@ def JSON(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")):
 def COHORT(cohort: Path = typer.Option(..., help="Cohort folder or manifest.")): ...
 
 
-def ERASURE(
-    statistic: str = typer.Option("loss", help="Per-patient membership test statistic: loss or dice."),
-    reason: str = typer.Option("", help="Why, for the erasure ledger (e.g. 'GDPR art. 17')."),
-    requested_by: str = typer.Option("", help="Who asked, for the erasure ledger."),
-    approved_by: str = typer.Option("", help="Who approved the request (e.g. the data-protection officer), for "
-                                    "the ledger and the certificate."),
-): ...
+ERASURE = options_from(ErasureRequest, "statistic", "reason", "requested_by", "approved_by")
 
 
 def SPLITS(splits: Path = typer.Option(None, help="Pin the splits from a file: nnU-Net's splits_final.json (fold "
@@ -85,28 +108,13 @@ def SPACING(spacing: str = typer.Option(
         "e.g. 1 or 1,1,3 (default: keep each volume's own). Recorded in the checkpoint.")): ...
 
 
-def TRAINING(
-    model: str = typer.Option("unet", help="Network name (unet, unet_tiny, resnet10/18/34/50)."),
-    norm: str = typer.Option("group", help="batch, group or instance."),
-    patch: int = typer.Option(64, min=8, help="Patch side in voxels."),
-    subjects_per_step: int = typer.Option(2, min=1), patches_per_subject: int = typer.Option(2, min=1),
-    lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-): ...
+def PATCH(patch: int = typer.Option(64, min=8, help="Patch side in voxels.")): ...
 
 
-def DP(
-    dp: str = typer.Option("patient", help="DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server)."),
-    epsilon: float = typer.Option(8.0, help="Privacy budget epsilon (per site)."),
-    delta: float = typer.Option(1e-5, help="delta; must be below 1/(patients at the site)."),
-    clip: str = typer.Option("adaptive", help="fixed or adaptive (private quantile, Andrew et al. 2021)."),
-    clip_norm: float = typer.Option(1.0, help="Clip norm (adaptive: its starting value)."),
-    target_quantile: float = typer.Option(0.5, help="Adaptive clip: target quantile of the norms."),
-    noise_schedule: str = typer.Option("constant", help="constant or decay (calibrated to the budget)."),
-    allow_large_delta: bool = typer.Option(False, "--allow-large-delta", help="Allow delta >= 1/n (not recommended)."),
-    dp_method: str = typer.Option("loop", help=f"Per-subject gradients: {', '.join(GRAD_METHODS)} (speeds: "
-                                  "benchmarks/results/privacy.md)."),
-): ...
-
-
+STEPS = options_from(TrainConfig, "steps")
+TRAINING = options_from(TrainConfig, "model", "norm", PATCH, "subjects_per_step", "patches_per_subject", "lr", "seed",
+                        "device")
+DP = options_from(DPConfig, "dp", "epsilon", "delta", "clip", "clip_norm", "target_quantile", "noise_schedule",
+                  "allow_large_delta", "dp_method", rename={"dp": "unit", "dp_method": "method"},
+                  switches=("allow_large_delta",))
 READING = (SPLITS, CLASSES, CT_WINDOW)  # how the model commands read a cohort

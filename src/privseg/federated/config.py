@@ -10,7 +10,7 @@ from privseg.errors import ConfigError
 from privseg.federated.sites import SiteSpec
 from privseg.privacy.spec import DPConfig
 from privseg.train.loop import TrainConfig
-from privseg.utils import check_id, write_json
+from privseg.utils import check_id, setting, write_json
 
 CONFIG_NAME = "fl_config.json"
 
@@ -28,22 +28,24 @@ class FLConfig:
     ``privacy``: the run's differential-privacy spec (None: no DP), built once and validated;
     the ServerApp sends it to the ClientApps (:meth:`DPConfig.to_run_config`). A config written
     before it had this field kept it in ``train.extra["dp"]``: it is moved here on load.
+    The help texts of the fields `privseg fl run` sets (``--rounds``, ``--mu`` for
+    ``proximal_mu``, ...) are in their metadata.
     """
 
     name: str
     sites: list[SiteSpec]
     train: TrainConfig
-    strategy: str = "fedavg"
-    rounds: int = 20
-    local_steps: int = 10
-    proximal_mu: float = 0.01
-    min_sites: int = 1
-    fraction: float = 1.0
-    round_timeout: float = 3600.0
+    strategy: str = setting("fedavg", "Aggregation strategy, a name in privseg.federated.strategies.FL_STRATEGIES.")
+    rounds: int = setting(20, "Federated rounds.", min=1)
+    local_steps: int = setting(10, "Local optimisation steps per site per round.", min=1)
+    proximal_mu: float = setting(0.01, "FedProx proximal weight.")
+    min_sites: int = setting(1, "A round needs at least this many site updates.", min=1)
+    fraction: float = setting(1.0, "Fraction of sites sampled per round.")
+    round_timeout: float = setting(3600.0, "Seconds to wait for site replies in a round.")
     connect_timeout: float = 120.0
-    eval_every: int = 1
+    eval_every: int = setting(1, "Evaluate on held-out subjects every N rounds (0: never).", min=0)
     eval_split: str = "test"
-    keep_updates: bool = False
+    keep_updates: bool = setting(False, "Store every site's update per round (for erasure tracing).")
     keep_checkpoints: int = 0  # 0: keep every round's global checkpoint
     cache_sites: int = 8  # preprocessed sites kept in memory per client worker
     extra: dict = field(default_factory=dict)

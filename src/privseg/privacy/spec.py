@@ -19,6 +19,7 @@ from privseg.errors import ConfigError
 from privseg.privacy.accountant import check_delta, check_epsilon
 from privseg.privacy.clipping import CLIP_RULES
 from privseg.privacy.grad_sample import GRAD_METHODS
+from privseg.utils import setting
 
 RUN_CONFIG_PREFIX = "dp-"  # the spec's keys in a Flower run configuration / ConfigRecord
 _SITES_KEY = RUN_CONFIG_PREFIX + "sites."  # per-site overrides: dp-sites.<SITE>.epsilon / .delta
@@ -41,22 +42,24 @@ class DPConfig:
 noise from the public seed, for tests/benchmarks only (the run is "not private").
     ``ledger_root``/``ledger_scope``: a derived run (an erasure's retrain or calibration) books each
     site's spend in ``<ledger_root>/sites/<site>/privacy.sqlite`` -- the site's own ledger -- under
-    its scope, at the noise of the site's original plan."""
+    its scope, at the noise of the site's original plan. The help texts of the fields the commands
+    set (``--epsilon``, ``--dp-method`` for ``method``, ...) are in their metadata."""
 
-    unit: str = "patient"
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    clip: str = "adaptive"
-    clip_norm: float = 1.0
-    target_quantile: float = 0.5
+    unit: str = setting("patient", "DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server).")
+    epsilon: float = setting(8.0, "Privacy budget epsilon (per site).")
+    delta: float = setting(1e-5, "delta; must be below 1/(patients at the site).")
+    clip: str = setting("adaptive", "fixed or adaptive (private quantile, Andrew et al. 2021).")
+    clip_norm: float = setting(1.0, "Clip norm (adaptive: its starting value).")
+    target_quantile: float = setting(0.5, "Adaptive clip: target quantile of the norms.")
     clip_lr: float = 0.2
     sigma_b: float | None = None
-    noise_schedule: str = "constant"
+    noise_schedule: str = setting("constant", "constant or decay (calibrated to the budget).")
     decay_ratio: float = 0.5
     noise_multiplier: float | None = None
     sampling_rate: float | None = None
-    method: str = "loop"
-    allow_large_delta: bool = False
+    method: str = setting("loop", f"Per-subject gradients: {', '.join(GRAD_METHODS)} (speeds: "
+                          "benchmarks/results/privacy.md).")
+    allow_large_delta: bool = setting(False, "Allow delta >= 1/n (not recommended).")
     ledger: str | None = None
     sites: dict = field(default_factory=dict)
     reproducible_noise: bool = False

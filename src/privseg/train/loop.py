@@ -23,28 +23,31 @@ from privseg.models import build_model
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint
 from privseg.train.losses import SegLoss
 from privseg.train.tracking import RunTracker
-from privseg.utils import pick_device, seed_everything
+from privseg.utils import pick_device, seed_everything, setting
 
 
 @dataclass
 class TrainConfig:
-    """What a training run needs; stored in every checkpoint."""
+    """What a training run needs; stored in every checkpoint. Each field's default and help text
+    (``dataclasses.fields(TrainConfig)[i].metadata["help"]``) are also those of the command-line
+    option that sets it (``privseg train --lr``)."""
 
-    model: str = "unet"
-    norm: str = "group"
-    patch_size: tuple[int, ...] = (64, 64, 64)
-    subjects_per_step: int = 2
-    patches_per_subject: int = 2
-    steps: int = 300
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    seed: int = 0
-    spacing: tuple[float, ...] | None = None
-    checkpoint_every: int = 50
-    device: str = "auto"
-    in_channels: int = 1
-    num_classes: int = 4
-    spatial_dims: int = 3
+    model: str = setting("unet", "Network name (unet, unet_tiny, resnet10/18/34/50).")
+    norm: str = setting("group", "batch, group or instance.")
+    patch_size: tuple[int, ...] = setting((64, 64, 64), "Patch shape in voxels, one side per spatial dimension.")
+    subjects_per_step: int = setting(2, "Subjects sampled per optimisation step.", min=1)
+    patches_per_subject: int = setting(2, "Patches drawn from each sampled subject.", min=1)
+    steps: int = setting(300, "Optimisation steps.", min=1)
+    lr: float = setting(2e-3, "Learning rate.")
+    weight_decay: float = setting(1e-5, "Weight decay.")
+    seed: int = setting(0, "Random seed.")
+    spacing: tuple[float, ...] | None = setting(None, "Voxel spacing in mm to resample 3D volumes to (None: keep "
+                                                "each volume's own).")
+    checkpoint_every: int = setting(50, "Steps between checkpoints.", min=1)
+    device: str = setting("auto", "auto, cpu or cuda.")
+    in_channels: int = setting(1, "Input channels (the cohort's channels).")
+    num_classes: int = setting(4, "Output classes, background included.")
+    spatial_dims: int = setting(3, "2 or 3.")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

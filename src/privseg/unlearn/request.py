@@ -15,7 +15,7 @@ from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import read_site_cohort, site_subjects
-from privseg.utils import check_id, parse_ids
+from privseg.utils import check_id, parse_ids, setting
 
 KINDS = ("patient", "site")
 DEFAULT_THRESHOLDS = {"max_mia_auc": 0.55, "min_retain_dice_ratio": 0.95, "min_test_dice_ratio": 0.95}
@@ -33,24 +33,27 @@ class ErasureRequest:
     model before the erasure). ``target`` ``calibrated`` stops the local
     unlearning once the per-patient test against the run's reference models no longer flags the
     patient; ``statistic`` is that test's score (``loss`` or ``dice``), in the stopping rule and
-    the verification alike."""
+    the verification alike. The help texts of the fields `privseg erase` sets are in their metadata."""
 
     kind: str
     site: str
     subjects: tuple[str, ...] = ()
-    reason: str = ""
-    requested_by: str = ""
-    approved_by: str = ""  # who approved it (the console's officer); not part of the request ID
+    reason: str = setting("", "Why, for the erasure ledger (e.g. 'GDPR art. 17').")
+    requested_by: str = setting("", "Who asked, for the erasure ledger.")
+    approved_by: str = setting("", "Who approved the request (e.g. the data-protection officer), for the ledger and "
+                               "the certificate.")  # not part of the request ID
     method: str | None = None
     params: dict = field(default_factory=dict)
-    target: str = "unseen"
-    epochs: int | None = None
-    repair_rounds: int = 1
-    calibration_ratio: float = 0.5  # FedEraser: local steps of a calibration round / original local steps
-    calibration_interval: int = 2  # FedEraser: calibrate every n-th round of the site's rounds
+    target: str = setting("unseen", "Patient: unseen (stop when the patient looks never-seen), calibrated (stop when "
+                          "the run's reference models no longer tell it from never-seen patients; needs reference "
+                          "models: privseg audit references) or zero.")
+    epochs: int | None = setting(None, "Patient: maximum unlearning epochs.", min=1)
+    repair_rounds: int = setting(1, "Patient: federated rounds with every site after unlearning.", min=0)
+    calibration_ratio: float = setting(0.5, "FedEraser: calibration local steps / original local steps.")
+    calibration_interval: int = setting(2, "FedEraser: calibrate every N-th round.", min=1)
     thresholds: dict = field(default_factory=dict)
-    seed: int = 0
-    statistic: str = "loss"
+    seed: int = setting(0, "Random seed.")
+    statistic: str = setting("loss", "Per-patient membership test statistic: loss or dice.")
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
