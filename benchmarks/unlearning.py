@@ -357,7 +357,8 @@ def strategy_cell(s: dict, shared: Path, cells_dir: Path) -> dict:
     u, ret = r["unlearned"], r["retrain"]
     delta = r["forget_dice_distance_to_retrain"]
     out = {"forget": orig["forget"], "steps": r["steps_run"], "stopped_early": r["stopped_early"],
-           "n_checks": len(r["checks"]), "cpu_s": clock.cpu, "wall_s": r["seconds"],
+           "n_checks": len(r["checks"]), "checks": r["checks"],  # the stopping rule's log: why it (did not) stop
+           "utility_floor": r.get("utility_floor"), "cpu_s": clock.cpu, "wall_s": r["seconds"],
            "time_ratio": clock.cpu / rt["cpu_s"], "wall_time_ratio": r["seconds"] / rt["wall_s"],
            **{f"{g}_{k}": u[g][k] for g in ("retain", "forget", "test") for k in ("dice", "mae")},
            "dice_gap": u["dice_gap"], "mae_gap": u["mae_gap"],
