@@ -331,3 +331,21 @@ def test_adaptive_plan_warns_when_the_count_is_mostly_noise():
         warnings.simplefilter("error", AdaptiveClipNoiseWarning)
         make_plan(DPConfig(epsilon=8.0, delta=1e-6, clip="adaptive"), "H1", 2000, 200, 200)  # m = 200: quiet
         make_plan(DPConfig(epsilon=3.0, delta=1e-5, clip="fixed"), "H1", 12, 2, 200)
+
+
+def test_loop_works_on_subjects_side_by_side_repeatably_and_restores_the_thread_count():
+    model, loss_fn, clip = _tiny2d(), SegLoss(), 0.05
+    images, labels, owner = _batch([0, 0, 1, 2, 2, 2, 3])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial, ns, _ = clipped_sum_loop(model, loss_fn, images, labels, owner, clip)
+        torch.set_num_threads(3)  # 3 workers over 4 subjects: chunks of unequal size
+        first, n1, l1 = clipped_sum_loop(model, loss_fn, images, labels, owner, clip)
+        second, n2, l2 = clipped_sum_loop(model, loss_fn, images, labels, owner, clip)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(_flat(first), _flat(second)) and torch.equal(n1, n2) and l1 == l2  # repeatable
+    assert torch.allclose(_flat(first), _flat(serial), atol=1e-7, rtol=1e-5)
+    assert torch.allclose(n1, ns, rtol=1e-5) and len(n1) == 4  # one norm per subject, in subject order
