@@ -117,8 +117,10 @@ def clipped_sum_loop(model: nn.Module, loss_fn, images: torch.Tensor, labels: to
             torch.set_num_threads(threads)
     acc, norms, losses = None, [], []
     for part_acc, part_norms, part_losses in parts:
-        if part_acc is not None:
-            acc = part_acc if acc is None else torch._foreach_add_(acc, part_acc) or acc
+        if part_acc is not None and acc is None:
+            acc = part_acc
+        elif part_acc is not None:
+            torch._foreach_add_(acc, part_acc)
         norms += part_norms
         losses += part_losses
     if acc is None:
