@@ -7,8 +7,11 @@ flight. After every cell the finished ones are merged into ``benchmarks/results/
 and ``.md`` with ``cells_done`` / ``cells_total`` and an estimate of the time left.
 
 A cell file that does not parse, names another cell, or was written by another version of the
-benchmark (or with other parameters) is recomputed, never merged. One runner per benchmark at a
-time: a second one refuses (an OS file lock, released when the holder dies).
+benchmark (or with other parameters) is recomputed, never merged. One runner of the whole benchmark
+at a time: a second one refuses (an OS file lock, released when the holder dies). A runner of
+chosen cells (``--cells``) may run beside it, for a second core: every cell is locked while it
+runs, so two runners never run the same cell (the other one skips it). Choosing cells whose inputs
+are done (e.g. the erasure benchmark's patient cells once ``calibrated-original`` is) is up to you.
 
 Everything else a cell writes (trained weights, cohorts, logs) goes under
 ``benchmarks/runs/<bench>/work/`` and stays out of git; only ``cells/*.json`` are committed.
@@ -198,6 +201,13 @@ class Runner:
             self._lock_fh.close()  # closing releases the flock
             self._lock_fh = None
 
+    def lock_cell(self, cell: Cell):
+        """(the open lock file, held while the cell runs, "") or (None, who is running it)."""
+        from privseg.utils import try_lock_file
+
+        return try_lock_file(self.root / "locks" / f"{cell.name}.lock",
+                             f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
     # -- cell files ---------------------------------------------------------------------
     def path(self, cell: Cell) -> Path:
         return self.cells_dir / f"{cell.name}.json"
@@ -248,6 +258,14 @@ class Runner:
         return spent / cost * sum(c.cost for c in left)
 
     def merge(self, merge_fn: Callable[[dict], dict], render_fn: Callable[[dict, dict], list[str]]) -> dict:
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "merge.lock", "a") as fh:  # two runners: one merge at a time, each re-reads all
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            return self._merge(merge_fn, render_fn)
+
+    def _merge(self, merge_fn, render_fn) -> dict:
         done = self.done()
         total = len(self.cells)
         eta = self.eta_s(done)
@@ -280,22 +298,31 @@ class Runner:
     def run(self, run_cell: Callable[[Cell, Path], dict], merge_fn, render_fn, selected: Sequence[Cell] | None = None,
             resume: bool = True, log=print) -> dict:
         todo = list(self.cells if selected is None else selected)
-        self.lock()
+        if selected is None:
+            self.lock()
         try:
             merged = self.merge(merge_fn, render_fn)  # a resumed run shows its state before the first new cell
             for k, cell in enumerate(todo, 1):
                 rec, why = self.load(cell)
                 if rec is not None and resume:
                     continue
-                if why:
-                    log(f"[{self.bench}] recomputing {cell.name}: the cell file {why}")
-                log(f"[{self.bench}] cell {k}/{len(todo)} {cell.name} ...")
-                t0 = time.perf_counter()
-                work = self.work / cell.name
-                work.mkdir(parents=True, exist_ok=True)
-                metrics = run_cell(cell, work)
-                seconds = time.perf_counter() - t0
-                self.save(cell, metrics, seconds)
+                held, holder = self.lock_cell(cell)
+                if held is None:
+                    log(f"[{self.bench}] skipping {cell.name}: another runner is running it ({holder or 'unknown'})")
+                    continue
+                with held:
+                    rec, why = self.load(cell)  # it may have finished in the other runner meanwhile
+                    if rec is not None and resume:
+                        continue
+                    if why:
+                        log(f"[{self.bench}] recomputing {cell.name}: the cell file {why}")
+                    log(f"[{self.bench}] cell {k}/{len(todo)} {cell.name} ...")
+                    t0 = time.perf_counter()
+                    work = self.work / cell.name
+                    work.mkdir(parents=True, exist_ok=True)
+                    metrics = run_cell(cell, work)
+                    seconds = time.perf_counter() - t0
+                    self.save(cell, metrics, seconds)
                 merged = self.merge(merge_fn, render_fn)
                 eta = merged["eta_s"]
                 log(f"[{self.bench}] {cell.name} done in {seconds:.0f} s; {merged['cells_done']}/"

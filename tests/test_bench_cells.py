@@ -161,6 +161,23 @@ def test_second_runner_is_refused(tmp_path):
     assert _run(_script(tmp_path), tmp_path).returncode == 0  # released: runs now
 
 
+def test_a_runner_of_chosen_cells_runs_beside_a_full_one(tmp_path):
+    full = cells.Runner("tiny", "v1", [cells.Cell("a")], tmp_path / "runs", tmp_path / "results")
+    full.lock()  # a whole-benchmark runner is working...
+    held, _ = cells.Runner("tiny", "v1", [], tmp_path / "runs", tmp_path / "results").lock_cell(cells.Cell("t0-s1"))
+    try:  # ...on t0-s1: a --cells runner runs its other cells and leaves that one alone
+        r = _run(_script(tmp_path), tmp_path, "--cells", "t0-s0,t0-s1")
+        assert r.returncode == 0, r.stderr
+        assert "cell 1/2 t0-s0 ..." in r.stdout and "t0-s1 ..." not in r.stdout
+        assert "skipping t0-s1: another runner is running it (pid" in r.stdout
+        assert sorted(p.name for p in (tmp_path / "runs" / "tiny" / "cells").glob("*.json")) == ["t0-s0.json"]
+    finally:
+        held.close()
+        full.unlock()
+    r = _run(_script(tmp_path), tmp_path, "--cells", "t0-s0,t0-s1")  # released: it runs now, t0-s0 stays done
+    assert r.returncode == 0 and r.stdout.count(" ...\n") == 1 and "t0-s1 ..." in r.stdout
+
+
 def test_unknown_cell_exits_2(tmp_path):
     r = _run(_script(tmp_path), tmp_path, "--cells", "t0-s0,nope")
     assert r.returncode == 2
