@@ -10,7 +10,7 @@ import typer
 from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
 from privseg.report.text import print_erasure_requests, print_ledger_checks, print_verification
 from privseg.runs import erase_from_run, erasure_request, erasure_requests, federated_run
-from privseg.unlearn.request import ErasureRequest
+from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest
 
 app = typer.Typer(help="Erase a patient or a whole site from a federated run, with verification and a ledger.",
                   invoke_without_command=True)
@@ -32,11 +32,11 @@ def erase(
                                "Site: federaser (default), fedrecover (--param warmup=2 ...) or retrain."),
     param: list[str] = PARAM,
     max_mia_auc: float = typer.Option(None, help="Pass only if the erased patients' membership AUC <= this "
-                                      "(default 0.55)."),
+                                      f"(default {DEFAULT_THRESHOLDS['max_mia_auc']:g})."),
     min_retain_dice_ratio: float = typer.Option(None, help="Pass only if retain Dice >= this x the reference's "
-                                                "(default 0.95)."),
+                                                f"(default {DEFAULT_THRESHOLDS['min_retain_dice_ratio']:g})."),
     min_test_dice_ratio: float = typer.Option(None, help="Pass only if test Dice >= this x the reference's "
-                                              "(default 0.95)."),
+                                              f"(default {DEFAULT_THRESHOLDS['min_test_dice_ratio']:g})."),
     reference: Path = typer.Option(None, help="Checkpoint of a federated retrain without the erased data, to "
                                    "compare with (default: compare with the model before the erasure)."),
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for the federated rounds."),
