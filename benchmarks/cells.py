@@ -335,6 +335,9 @@ class Runner:
 def run(bench: str, version: str, cells: Sequence[Cell], run_cell, merge_fn, render_fn,
         args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """The command-line entry every benchmark script ends in; returns the exit status."""
+    from privseg.runs import silence_known_noise
+
+    silence_known_noise()  # the logs keep what asks something of the reader
     runner = Runner(bench, version, cells, args.runs, args.results, cmd=command(argv))
     by_name = {c.name: c for c in cells}
     selected = None

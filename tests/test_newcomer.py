@@ -282,6 +282,8 @@ def test_flower_deprecation_and_ray_tip_are_silenced():
         warnings.warn("another future change", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another future change"]  # only the known tip is dropped
     assert not flwr.filter(flwr.makeRecord("flwr", logging.WARNING, __file__, 1, msg, None, None))
+    skipped = "fraction_evaluate is set to 0.0. Federated evaluation will be skipped."
+    assert not flwr.filter(flwr.makeRecord("flwr", logging.WARNING, __file__, 1, skipped, None, None))
     assert flwr.filter(flwr.makeRecord("flwr", logging.WARNING, __file__, 1, "a site failed", None, None))
 
 

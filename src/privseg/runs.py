@@ -95,21 +95,27 @@ def check_outcome(state, done_before: int) -> list[str]:
             for site in sorted(always)]
 
 
-class _DropFlowerSimulationDeprecation(logging.Filter):
-    """Flower logs "DEPRECATED FEATURE: The `run_simulation` function ..." at every simulation.
-    The advice (use `flwr run`) is for code that calls Flower; privseg calls run_simulation itself
-    because it drives the rounds in this process (progress, run state, resume), so a user can do
-    nothing about the line."""
+class _DropFlowerNoise(logging.Filter):
+    """Flower lines that ask nothing of a privseg user:
+
+    - "DEPRECATED FEATURE: The `run_simulation` function ...", at every simulation. The advice (use
+      `flwr run`) is for code that calls Flower; privseg calls run_simulation itself because it
+      drives the rounds in this process (progress, run state, resume).
+    - "fraction_evaluate is set to 0.0. Federated evaluation will be skipped.", at every round of a
+      run without Flower's evaluation: privseg turns it off on purpose where it evaluates the
+      model itself (erasure rounds, rounds between ``eval_every``)."""
+
+    KNOWN = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
+        return not any(k in record.getMessage() for k in self.KNOWN)
 
 
 def silence_known_noise() -> None:
     """Hide third-party warnings that ask nothing of a privseg user (each with its reason)."""
     flwr = logging.getLogger("flwr")
-    if not any(isinstance(f, _DropFlowerSimulationDeprecation) for f in flwr.filters):
-        flwr.addFilter(_DropFlowerSimulationDeprecation())
+    if not any(isinstance(f, _DropFlowerNoise) for f in flwr.filters):
+        flwr.addFilter(_DropFlowerNoise())
     # Ray's tip announces that zero-GPU actors will one day see the GPUs. privseg gives simulated
     # sites num_gpus=0 and relies on today's behaviour (Ray hides the GPUs from them); nothing to do.
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
