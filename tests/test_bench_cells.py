@@ -273,3 +273,33 @@ def test_a_later_cell_reads_a_finished_cells_metrics_or_is_told_to_run_it(tmp_pa
     assert cells.metrics_of(tmp_path, "original") == {"auc": 0.9}
     with pytest.raises(RuntimeError, match="--cells retrain"):
         cells.metrics_of(tmp_path, "retrain")
+
+
+def test_unlearning_replaces_a_seed_whose_original_has_no_power(tmp_path):
+    """A seed whose original fails the power check keeps its original cell and gives way to the
+    next seed; its numbers count nowhere but in its own report line."""
+    import unlearning as ub
+
+    s = {**ub.settings(False), "n_memorised": 1, "n_random": 1}
+    assert ub.seeds_to_run(s, tmp_path) == ([0, 1, 2], [])
+
+    def original(seed: int, passed: bool) -> None:
+        power = {"member_auc": 0.99, "member_ci": [0.98, 1.0], "null_auc": 0.5 if passed else 0.72, "null_sd": 0.17,
+                 "null_pass_rate": 0.4, "passed": passed, "problems": [] if passed else ["null control off"],
+                 "member_scores": {"A": 0.9, "B": 0.8}, "nonmember_scores": {"C": 0.1, "D": 0.2}}
+        rec = {"params": {**s, "seed": seed}, "metrics": {"power": power, "forget": ["A", "B"], "memorised": ["A"],
+                                                          "random": ["B"]}, "seconds": 1.0}
+        (tmp_path / f"original-seed{seed}.json").write_text(json.dumps(rec))
+        return rec
+
+    done = {f"original-seed{k}": original(k, k != 1) for k in range(3)}
+    assert ub.seeds_to_run(s, tmp_path) == ([0, 2, 3], [1])
+    names = [c.name for c in ub.make_cells(s, cells_dir=tmp_path)]
+    assert names[0] == "original-seed1" and "retrain-seed1" not in names and "retrain-seed3" in names
+    assert len(names) == 1 + len(ub.make_cells(s, seeds=[0, 2, 3]))
+    out = ub.merge(done)
+    assert out["seeds_done"] == [0, 2] and list(out["seeds_replaced"]) == [1]
+    assert out["mia_null_control"] == pytest.approx(0.5)  # the replaced seed's 0.72 is not in the mean
+    assert any("Seed 1 replaced by the next seed" in line for line in ub.render(out, done))
+    smoke = {**s, "smoke": True}
+    assert ub.seeds_to_run(smoke, tmp_path)[0] == [0, 1, 2]  # a smoke run never replaces seeds
