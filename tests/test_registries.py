@@ -108,7 +108,7 @@ def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, m
               "--patch", "16", "--rounds", "2", "--strategy", "fedprox", "--mu", "0.3", "--dp", "patient",
               "--epsilon", "5", "--delta", "1e-2", "--site-budget", "H2=3", "--clip", "fixed"]
     assert main(["fl", "run", *common, "--in-process"]) == 0
-    assert main(["fl", "deploy", *common, "--round-timeout", "3600"]) == 0
+    assert main(["fl", "deploy", *common]) == 0  # the same defaults, round timeout included
     run, deploy = seen["in-process"].to_dict(), seen["deployment"].to_dict()
     assert run == deploy
     assert run["privacy"]["sites"] == {"H2": {"epsilon": 3.0}} and run["proximal_mu"] == 0.3

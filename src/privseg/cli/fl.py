@@ -36,7 +36,7 @@ def STRATEGY_PARAM(strategy_param: list[str] = typer.Option(
 
 
 FEDERATION = options_from(FLConfig, "rounds", "strategy", "local_steps", "mu", STRATEGY_PARAM, "min_sites", "fraction",
-                          "eval_every", "keep_updates", rename={"mu": "proximal_mu"},
+                          "eval_every", "keep_updates", "round_timeout", rename={"mu": "proximal_mu"},
                           helps={"strategy": "One of: " + ", ".join(FL_STRATEGIES) + "."})
 
 
@@ -54,11 +54,11 @@ _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=t
 _GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, FL_DP, SPLITS, QUIET)
 
 
-def _fl(mode: str, o: dict, round_timeout: float, **kw) -> None:
+def _fl(mode: str, o: dict, **kw) -> None:
     from privseg.federated.assemble import fl_config_from_options
 
     runs_dir, quiet = o.pop("runs_dir"), o.pop("quiet")
-    cfg = fl_config_from_options(privacy={**take(o, DP), **take(o, FL_DP)}, round_timeout=round_timeout, **o)
+    cfg = fl_config_from_options(privacy={**take(o, DP), **take(o, FL_DP)}, **o)
     _run_common(mode, cfg, runs_dir, quiet, **kw)
 
 
@@ -93,13 +93,12 @@ def run(
     """Federated training in simulation (Flower on Ray); resumes RUNS/NAME after a crash.
     With --dp patient|site, every round is accounted per site and stops before a budget is crossed."""
     kw = {} if in_process else {"cpus_per_client": cpus_per_client, "ray_address": ray_address}
-    _fl("in-process" if in_process else "simulation", o, 3600.0, **kw)
+    _fl("in-process" if in_process else "simulation", o, **kw)
 
 
 @app.command()
 @with_options(*_GROUPS, **_FL, name=typer.Option("fl-deploy", help=_NAME))
 def deploy(
-    round_timeout: float = typer.Option(600.0, help="Seconds to wait for site replies in a round."),
     superlink: str = typer.Option(None, help="Use this running SuperLink (HOST:PORT) instead of starting one."),
     root_certificates: Path = typer.Option(None, help="CA certificate of --superlink."),
     insecure: bool = typer.Option(False, help="No TLS and no SuperNode authentication (default: TLS with "
@@ -116,7 +115,7 @@ def deploy(
         from privseg.federated.deploy import INSECURE_WARNING
 
         console.print(f"[bold yellow]privseg: warning:[/bold yellow] --insecure: {INSECURE_WARNING}", highlight=False)
-    _fl("deployment", o, round_timeout, superlink=superlink, root_certificates=root_certificates, insecure=insecure,
+    _fl("deployment", o, superlink=superlink, root_certificates=root_certificates, insecure=insecure,
         supernode_auth=supernode_auth)
 
 
