@@ -109,19 +109,38 @@ def test_patient_erasure_end_to_end(run, tmp_path):
     assert ErasureLedger(d / LEDGER).verify() == (True, [])
 
 
-def test_failed_verification_keeps_the_request_open_and_a_retry_completes_it(run):
+def test_failed_verification_keeps_the_request_open_and_a_retry_completes_it(run, capsys):
     cohort, d = run
     strict = patient_request(cohort, thresholds={"max_mia_auc": -1.0})
     res = erase(d, strict)
     assert res.status == "verification-failed" and not res.passed
     assert (d / "checkpoints" / "global_r0001.pt").is_file()  # nothing deleted before the evidence passes
     assert "mia_auc" in res.verification["failed_checks"][0]
+    # the CLI on the same request: verified again, still failing; exit 1 and advice that fits the failed check
+    capsys.readouterr()
+    assert cli_main(["erase", "--run", str(d), "--site", "H2", "--subject", strict.subjects[0], "--epochs", "2",
+                     "--max-mia-auc", "-1", "-q"]) == 1
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert "verification failed" in err and "fewer --repair-rounds" in err and "more --repair-rounds" not in err
     # the same request, with more repair rounds and the default thresholds relaxed: resumes, completes once
     retry = erase(d, patient_request(cohort, repair_rounds=2))
     assert retry.request_id == res.request_id and retry.status == "completed"
     ev = events(d, res.request_id)
     assert ev.count("requested") == 1 and ev.count("local_unlearned") == 1 and ev.count("completed") == 1
     assert ev.count("repaired") == 2 and RunState.load(d).rounds_done == ROUNDS + 2
+
+
+def test_retry_advice_follows_the_failed_checks():
+    """Repair rounds restore Dice and bring the patient back (the erasure benchmark measured it), so
+    a failed membership check never gets "more repair rounds" as advice."""
+    from privseg.unlearn.verification import retry_advice
+
+    dice = retry_advice(["retain_dice_ratio 0.920 < 0.98"])
+    assert dice.startswith("more --repair-rounds")
+    for failed in (["membership_calibrated 0.000 < 0.05"], ["mia_auc 0.900 > 0.55"]):
+        assert "more --repair-rounds" not in retry_advice(failed) and "fewer --repair-rounds" in retry_advice(failed)
+    both = retry_advice(["retain_dice_ratio 0.930 < 0.98", "membership_calibrated 0.000 < 0.05"])
+    assert both.startswith("another --method") and "bring the patient back" in both
 
 
 def test_bad_requests_are_clear_errors_and_record_nothing(run, capsys):

@@ -59,8 +59,10 @@ def erase(
         out.print(f"request {res.request_id}: {res.status}" + (f"; model {res.model}" if res.model else "")
                   + f"\ncertificate: privseg erase certificate {res.request_id} --run {run_dir}")
     if res.status == "verification-failed":
-        console.print("[red]verification failed[/red]: the request stays open; re-run it with more "
-                      "--repair-rounds, another --method, or a federated retrain as --reference")
+        from privseg.unlearn.verification import retry_advice
+
+        console.print("[red]verification failed[/red]: the request stays open; re-run it with "
+                      + retry_advice(res.verification.get("failed_checks") or []))
         raise typer.Exit(1)
 
 

@@ -20,7 +20,8 @@ Patient (``kind="patient"``), stages:
 4. ``verified`` -- membership test of the erased patient against never-seen patients (every
    site's val/test subjects), Dice on retain and test subjects against the model before the
    erasure (and a federated retrain, when given); pass/fail against the request's thresholds.
-   A failure is recorded and the request stays open: submit it again with more repair rounds.
+   A failure is recorded and the request stays open: submit it again with other settings
+   (:func:`privseg.unlearn.verification.retry_advice` says which, from the failed checks).
 5. ``completed`` -- the superseded artefacts (global checkpoints, stored updates and site-local
    states of every round up to the request, all of which carry the patient's influence) are
    deleted and their hashes recorded, with the new model's hash and, for DP runs, the ε the

@@ -178,6 +178,22 @@ def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | Non
     return checks, failed
 
 
+def retry_advice(failed_checks: Sequence[str]) -> str:
+    """What to change before submitting a failed erasure again, from the names of its failed
+    checks. Repair rounds restore Dice, and they also bring an erased patient back: the erasure
+    benchmark measured it (docs/membership.md)."""
+    failed = {c.split()[0] for c in failed_checks}
+    membership = bool(failed & {"membership_calibrated", "mia_auc"})
+    dice = bool(failed & {"retain_dice_ratio", "test_dice_ratio"})
+    if membership and dice:
+        return ("another --method: more --repair-rounds would restore Dice but also bring the patient back, fewer "
+                "would cost Dice; or retrain the federation without the patient")
+    if membership:
+        return ("fewer --repair-rounds or another --method (repair rounds bring the patient back; see "
+                "docs/membership.md), or retrain the federation without the patient")
+    return "more --repair-rounds (they restore Dice), another --method, or a federated retrain as --reference"
+
+
 def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, members_by_site: dict,
             nonmembers_by_site: dict, retain_by_site: dict, test_by_site: dict, specs: Sequence[SiteSpec],
             reference, views: int) -> dict:
