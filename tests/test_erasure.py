@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -128,6 +129,29 @@ def test_failed_verification_keeps_the_request_open_and_a_retry_completes_it(run
     ev = events(d, res.request_id)
     assert ev.count("requested") == 1 and ev.count("local_unlearned") == 1 and ev.count("completed") == 1
     assert ev.count("repaired") == 2 and RunState.load(d).rounds_done == ROUNDS + 2
+
+
+def test_a_site_left_out_of_a_repair_round_is_in_the_record_and_the_certificate(run, tmp_path, monkeypatch):
+    import privseg.federated.client_app as client_app
+
+    cohort, d = run
+    default = client_app.site_step_fn
+
+    def failing_at_h3(tc, cfg, spec, state_dir):
+        if spec.id == "H3":
+            raise RuntimeError("disk full at H3")
+        return default(tc, cfg, spec, state_dir)
+
+    monkeypatch.setattr(client_app, "site_step_fn", failing_at_h3)
+    res = erase(d, patient_request(cohort))
+    repaired = next(e["body"] for e in res.entries if e["event"] == "repaired")
+    # the server names a site from its replies; one that fails its first round of a run is named by its node
+    (failed,) = repaired["failed_sites"]
+    assert failed["round"] == ROUNDS + 1 and re.fullmatch(r"H3|node-\d+", failed["site"])
+    assert "disk full at H3" in failed["reason"]
+    _, h = write_certificate(d / LEDGER, res.request_id, tmp_path / "cert")
+    page = h.read_text()
+    assert "Site left out of a repair round" in page and f"in round {ROUNDS + 1}: " in page and "disk full at H3" in page
 
 
 def test_retry_advice_follows_the_failed_checks():

@@ -151,8 +151,11 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
         parts.append(_rows([("Unlearning / removal time (s)", w.get("seconds")),
                             ("Steps or rounds", w.get("steps_run", w.get("rounds", w.get("original_rounds"))))]))
     if s["repair"]:
+        failed = s["repair"].get("failed_sites") or []
         parts.append(_rows([("Repair rounds (the run's round numbers)", s["repair"].get("rounds")),
-                            ("Repair time (s)", s["repair"].get("seconds"))]))
+                            ("Repair time (s)", s["repair"].get("seconds"))]
+                           + [("Site left out of a repair round", f"{f['site']} in round {f['round']}: {f['reason']}")
+                              for f in failed]))
     parts.append("</table>")
     ver = s["verification"]
     if ver:

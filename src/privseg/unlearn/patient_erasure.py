@@ -121,11 +121,15 @@ def _repair(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger,
             raise CheckpointError(f"repair rounds stopped at round {state.rounds_done} ({state.status}); "
                                   f"{state.data.get('stop_reason', '')}")
         repair_s, repair_cpu = round_seconds(state, lambda e: e.get("erasure") == rid)
+        # a site that failed a repair round was left out of it (fault tolerance): the record says so
+        failed_sites = [{"round": int(e["round"]), "site": f["site"], "reason": f["reason"]}
+                        for e in state.rounds if e.get("erasure") == rid for f in e.get("failed", [])]
         ckpt = state.checkpoint_path(until) if until > n0 else run_dir / local["body"]["model"]["path"]
         if until == n0:  # no repair: the unlearned model is served as it is
             state.data["last_checkpoint"] = local["body"]["model"]["path"]
             state.save()
         ledger.append(rid, "repaired", {"rounds": list(range(n0 + 1, until + 1)), "until_round": until,
                                         "seconds": repair_s, "cpu_s": repair_cpu, "wall_s": time.perf_counter() - t0,
+                                        "failed_sites": failed_sites,
                                         "model": _artefact(run_dir, ckpt)})
     return _after(ledger.entries(rid), "repaired", "requested")
