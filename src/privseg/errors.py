@@ -28,3 +28,14 @@ class CheckpointError(PrivsegError):
 
 class BudgetExceededError(PrivsegError):
     """Training would spend more privacy budget than a site allows."""
+
+
+class SiteFailure(PrivsegError):
+    """A site's ClientApp failed. Flower's error reply carries only a reason text, so the site's ID
+    goes into it: the server's round record then names the hospital, not its Flower node."""
+
+    PREFIX = "site "
+
+    def __init__(self, site: str, exc: BaseException):
+        super().__init__(f"{self.PREFIX}{site}: {type(exc).__name__}: {exc}")
+        self.site = site

@@ -40,7 +40,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privseg.data.cohort import SPLITS_FILE, write_splits
-from privseg.errors import ConfigError, DataError
+from privseg.errors import ConfigError, DataError, SiteFailure
 from privseg.federated.private import site_step_fn
 from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
@@ -148,8 +148,16 @@ def local_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, items:
 def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | None = None,
                  state_root: str | Path | None = None, step_fn_factory: StepFnFactory | None = None) -> Message:
     cfg = msg.content["config"]
-    server_round = int(cfg["server-round"])
     spec, state_dir = resolve_site(context, sites, state_root, cfg)
+    try:
+        return _train_at_site(msg, cfg, spec, state_dir, step_fn_factory)
+    except Exception as exc:  # the reply names the site (see SiteFailure)
+        raise SiteFailure(spec.id, exc) from exc
+
+
+def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
+                   step_fn_factory: StepFnFactory | None) -> Message:
+    server_round = int(cfg["server-round"])
     tc = _train_config(cfg)
     steps = int(cfg.get("local-steps", 1))
     mu = float(cfg.get("proximal-mu", 0.0))
