@@ -152,16 +152,33 @@ def test_a_site_left_out_of_a_repair_round_is_in_the_record_and_the_certificate(
     assert "Site left out of a repair round" in page and f"H3 in round {ROUNDS + 1}: " in page
 
 
+def test_a_failed_site_is_named_through_each_flower_transport():
+    """Deployment reports the ClientApp's exception itself; Ray's simulation wraps it in a
+    ClientAppException and keeps only its message: the site is read from either reason."""
+    from flwr.clientapp.client_app import ClientAppException
+
+    from privseg.errors import SiteFailure
+
+    exc = SiteFailure("H3", RuntimeError("disk full"))
+    for wrapped in (exc, ClientAppException(str(exc))):
+        assert SiteFailure.site_in(str(type(wrapped)) + ":<'" + str(wrapped) + "'>") == "H3"
+    assert SiteFailure.site_in("<class 'RuntimeError'>:<'scanner archive offline'>") is None
+
+
 def test_retry_advice_follows_the_failed_checks():
     """Repair rounds restore Dice and bring the patient back (the erasure benchmark measured it), so
     a failed membership check never gets "more repair rounds" as advice."""
     from privseg.unlearn.verification import retry_advice
 
-    dice = retry_advice(["retain_dice_ratio 0.920 < 0.98"])
+    def verification(*failed: str) -> dict:
+        return {"checks": {"test_dice_ratio": {"ok": True}, "membership_calibrated_info": {"ok": None},
+                           **{name: {"ok": False} for name in failed}}}
+
+    dice = retry_advice(verification("retain_dice_ratio"))
     assert dice.startswith("more --repair-rounds")
-    for failed in (["membership_calibrated 0.000 < 0.05"], ["mia_auc 0.900 > 0.55"]):
+    for failed in (verification("membership_calibrated"), verification("mia_auc")):
         assert "more --repair-rounds" not in retry_advice(failed) and "fewer --repair-rounds" in retry_advice(failed)
-    both = retry_advice(["retain_dice_ratio 0.930 < 0.98", "membership_calibrated 0.000 < 0.05"])
+    both = retry_advice(verification("retain_dice_ratio", "membership_calibrated"))
     assert both.startswith("another --method") and "bring the patient back" in both
 
 

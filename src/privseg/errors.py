@@ -4,6 +4,8 @@ line and exits with code 2."""
 
 from __future__ import annotations
 
+import re
+
 
 class PrivsegError(Exception):
     """Base class for every error privseg raises on purpose."""
@@ -32,10 +34,18 @@ class BudgetExceededError(PrivsegError):
 
 class SiteFailure(PrivsegError):
     """A site's ClientApp failed. Flower's error reply carries only a reason text, so the site's ID
-    goes into it: the server's round record then names the hospital, not its Flower node."""
+    goes into it as ``[site ID]``: the server's round record then names the hospital, not its
+    Flower node. The tag is in the message itself because Ray's simulation wraps the exception in
+    its own (``ClientAppException``) and keeps only the message."""
 
-    PREFIX = "site "
+    TAG = re.compile(r"\[site ([^\]\s]+)\] ")
 
     def __init__(self, site: str, exc: BaseException):
-        super().__init__(f"{self.PREFIX}{site}: {type(exc).__name__}: {exc}")
+        super().__init__(f"[site {site}] {type(exc).__name__}: {exc}")
         self.site = site
+
+    @classmethod
+    def site_in(cls, reason: str) -> str | None:
+        """The site an error reply's ``reason`` names, or None."""
+        m = cls.TAG.search(reason)
+        return m.group(1) if m else None

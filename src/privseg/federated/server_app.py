@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +42,6 @@ def _metrics(msg: Message) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
 
 
-_FAILED_SITE = re.compile(r"SiteFailure'>:<'" + re.escape(SiteFailure.PREFIX) + r"([A-Za-z0-9_.=+-]+): ")
-
-
 def _site_of(msg: Message, node_site: dict[int, str]) -> str:
     """The site of a reply: from its content, or from the reason of a failed site's error reply
     (:class:`~privseg.errors.SiteFailure`); else the site this node answered as before."""
@@ -53,8 +49,8 @@ def _site_of(msg: Message, node_site: dict[int, str]) -> str:
     site = None
     if msg.has_content() and "site" in msg.content.config_records:
         site = str(msg.content["site"]["site"])
-    elif msg.has_error() and (m := _FAILED_SITE.search(str(msg.error.reason))):
-        site = m.group(1)
+    elif msg.has_error():
+        site = SiteFailure.site_in(str(msg.error.reason))
     if site is not None:
         node_site[nid] = site
         return site
