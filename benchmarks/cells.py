@@ -173,6 +173,11 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def _holder() -> str:
+    """What a lock file says of the runner holding it."""
+    return f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+
+
 class Runner:
     def __init__(self, bench: str, version: str, cells: Sequence[Cell], runs: Path, results: Path,
                  cmd: str = ""):
@@ -190,7 +195,7 @@ class Runner:
         from privseg.utils import try_lock_file
 
         path = self.root / "lock"
-        fh, holder = try_lock_file(path, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh, holder = try_lock_file(path, _holder())
         if fh is None:  # the file is held for the runner's lifetime
             raise LockedError(f"{self.bench}: another runner is working on this benchmark ({holder or 'unknown'}; "
                               f"lock {path}); wait for it to finish or stop that process, then run again")
@@ -205,8 +210,7 @@ class Runner:
         """(the open lock file, held while the cell runs, "") or (None, who is running it)."""
         from privseg.utils import try_lock_file
 
-        return try_lock_file(self.root / "locks" / f"{cell.name}.lock",
-                             f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        return try_lock_file(self.root / "locks" / f"{cell.name}.lock", _holder())
 
     # -- cell files ---------------------------------------------------------------------
     def path(self, cell: Cell) -> Path:

@@ -62,7 +62,7 @@ def erase(
         from privseg.unlearn.verification import retry_advice
 
         console.print("[red]verification failed[/red]: the request stays open; re-run it with "
-                      + retry_advice(res.verification.get("failed_checks") or []))
+                      + retry_advice(res.verification))
         raise typer.Exit(1)
 
 

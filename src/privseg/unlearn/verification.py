@@ -178,11 +178,11 @@ def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | Non
     return checks, failed
 
 
-def retry_advice(failed_checks: Sequence[str]) -> str:
-    """What to change before submitting a failed erasure again, from the names of its failed
-    checks. Repair rounds restore Dice, and they also bring an erased patient back: the erasure
-    benchmark measured it (docs/membership.md)."""
-    failed = {c.split()[0] for c in failed_checks}
+def retry_advice(verification: dict) -> str:
+    """What to change before submitting a failed erasure again, from the checks of its
+    ``verification`` that failed. Repair rounds restore Dice, and they also bring an erased patient
+    back: the erasure benchmark measured it (docs/membership.md)."""
+    failed = {name for name, c in (verification.get("checks") or {}).items() if c.get("ok") is False}
     membership = bool(failed & {"membership_calibrated", "mia_auc"})
     dice = bool(failed & {"retain_dice_ratio", "test_dice_ratio"})
     if membership and dice:
