@@ -395,3 +395,58 @@ def test_calibrated_target_without_references_is_refused_before_anything_is_reco
         ErasureRequest(kind="patient", site="H1", subjects=(subject,), target="sometimes")
     with pytest.raises(ConfigError, match="--statistic"):
         ErasureRequest(kind="patient", site="H1", subjects=(subject,), statistic="auc")
+
+
+# -- the reference_teacher strategy ---------------------------------------------------------------
+
+def _kl_to(teacher_probs: torch.Tensor, model, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        s = torch.log_softmax(model(x), 1)
+    return float((teacher_probs * (teacher_probs.clamp_min(1e-8).log() - s)).sum(1).mean())
+
+
+def test_reference_teacher_pulls_the_patient_toward_the_references_that_never_saw_it(monkeypatch):
+    from privseg.unlearn.strategies import STRATEGIES, UnlearnContext
+
+    pool = _items(4, 3)
+    forget, retain = pool[:1], pool[1:]
+    tc = TrainConfig(model="unet_tiny", patch_size=(SIZE,) * 3, subjects_per_step=2, patches_per_subject=1, lr=1e-2,
+                     device="cpu", in_channels=1, num_classes=3)
+    torch.manual_seed(0)
+    model, never_saw, saw = tc.build_model(), tc.build_model(), tc.build_model()
+    by_path = {Path("never_saw.pt"): never_saw, Path("saw.pt"): saw}
+    monkeypatch.setattr(refmod, "load_reference_model", lambda path: by_path[Path(path)].eval())
+    pid = forget[0]["id"]
+    refs = refmod.ReferenceSet(Path("."), {}, [refmod.Reference(0, {"S": []}, Path("never_saw.pt"), ""),
+                                               refmod.Reference(1, {"S": [pid]}, Path("saw.pt"), "")])
+    x = forget[0]["image"][None]
+    with torch.no_grad():
+        target = torch.softmax(never_saw.eval()(x), 1)
+    before = _kl_to(target, model.eval(), x)
+    ctx = UnlearnContext(config=tc, retain_items=retain, forget_items=forget, steps=30, steps_per_epoch=1,
+                         references=refs, check_every=30)
+    # the forget term alone (the retain terms off): the patient's prediction moves to the teacher's,
+    # the reference that never saw it, not to the one that did
+    STRATEGIES["reference_teacher"](model, ctx, {"lr_scale": 1.0, "retain_weight": 0.0, "task_weight": 0.0})
+    assert ctx.log["never_saw_references"] == {pid: 1}
+    after = _kl_to(target, model.eval(), x)
+    assert after < 0.5 * before
+    with torch.no_grad():
+        other = torch.softmax(saw.eval()(x), 1)
+    assert after < 0.8 * _kl_to(other, model.eval(), x)
+
+
+def test_reference_teacher_without_references_or_with_none_that_never_saw_the_patient_is_refused(run, tmp_path):
+    from privseg.unlearn.engine import unlearn
+
+    cohort, d = run
+    subject = [s.id for s in cohort.select("train", "H1")][0]
+    ckpt = fed.RunState.load(d).last_checkpoint
+    refs = refmod.load_references(d)
+    saw = refmod.ReferenceSet(d, refs.index, [r for r in refs.references if subject in r.patients])
+    with pytest.raises(ConfigError, match=f"every one of the run's 2 reference models trained on {subject}"):
+        unlearn(ckpt, cohort, subject, "reference_teacher", epochs=1, evaluate=False, references=saw, device="cpu")
+    shutil.rmtree(d / "audit")
+    with pytest.raises(ConfigError, match="privseg audit references --run"):
+        erase(d, ErasureRequest(kind="patient", site="H1", subjects=(subject,), method="reference_teacher"))
+    assert not (d / LEDGER).exists()  # refused before anything was recorded

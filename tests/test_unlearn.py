@@ -39,7 +39,7 @@ def _state(model):
 
 def test_registry_has_every_strategy_with_one_signature():
     expected = {"noisy_label", "retain_label", "max_loss", "random_encoder", "learn_others", "learn_noise", "retrain",
-                "neggrad_plus", "scrub", "salun"}
+                "neggrad_plus", "scrub", "salun", "reference_teacher"}
     assert expected <= set(STRATEGIES)
     for s in STRATEGIES.values():
         assert list(inspect.signature(s.fn).parameters) == ["model", "ctx", "params"]
@@ -53,7 +53,7 @@ def test_retrain_never_sees_forget_subjects(setup):
     assert rep["steps_run"] == 3  # the original's step count
 
 
-@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"retrain"}))
+@pytest.mark.parametrize("name", sorted(n for n, s in STRATEGIES.items() if n != "retrain" and not s.needs_references))
 def test_each_strategy_runs_and_fix_decoder_freezes_the_decoder(setup, name):
     from privseg.train import model_from_checkpoint
 
@@ -70,6 +70,13 @@ def test_each_strategy_runs_and_fix_decoder_freezes_the_decoder(setup, name):
         assert setup["forget"] not in res.report["subjects_seen"]
     else:
         assert setup["forget"] in res.report["subjects_seen"]
+
+
+def test_a_strategy_that_needs_reference_models_names_the_command_when_the_run_has_none(setup, tmp_path):
+    with pytest.raises(ConfigError, match="privseg audit references"):
+        unlearn(setup["ckpt"], setup["cohort"], setup["forget"], "reference_teacher", epochs=1, out_dir=tmp_path / "o",
+                items=setup["items"], device="cpu")
+    assert not (tmp_path / "o").exists()
 
 
 def test_random_encoder_reinitialises_only_the_encoder(setup, monkeypatch):

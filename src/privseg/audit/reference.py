@@ -145,7 +145,7 @@ class Reference:
         known = cache.setdefault(key, {})
         todo = [it for it in items if it["id"] not in known]
         if todo:
-            model = _load_model(self.checkpoint)
+            model = load_reference_model(self.checkpoint)
             # the same views as the model under test: subject_statistics seeds views by (seed, position)
             for it in todo:
                 row = subject_statistics(model, [it], patch_size, num_classes, views, _view_seed(seed, it["id"]))[0]
@@ -159,7 +159,8 @@ def _view_seed(seed: int, pid: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:4], "little")
 
 
-def _load_model(path: Path):
+def load_reference_model(path: Path):
+    """A reference checkpoint's model, in eval mode."""
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint(path), path).eval()
@@ -382,7 +383,7 @@ def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *,
             raise ConfigError("the calibrated test of a central run needs its cohort (--cohort)")
         path = Path(checkpoint) if checkpoint else run_dir / "last.pt"
         subjects = [(cohort, x) for x in cohort.subjects]
-    model = _load_model(path)
+    model = load_reference_model(path)
     from privseg.train.checkpoint import load_checkpoint
 
     tc = load_checkpoint(path)["config"]

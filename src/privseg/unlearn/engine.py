@@ -230,9 +230,9 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     subject passes (one subject through one model), which on CPU can take longer than the unlearning.
     ``target="calibrated"`` stops with :func:`privseg.audit.reference.calibrated_stopper` against
     ``references`` (default: the reference models kept with the checkpoint's run folder) scored
-    with ``statistic``."""
+    with ``statistic``; a strategy registered with ``references=True`` gets them too."""
     strat, resolved, epochs, forget_ids = _validate(strategy, target, epochs, check_every, params, forget)
-    if target == "calibrated" and references is None:
+    if (target == "calibrated" or strat.needs_references) and references is None:
         from privseg.audit.reference import load_references
 
         references = load_references(Path(checkpoint).parent)  # a ConfigError naming the command if none
@@ -347,6 +347,7 @@ def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, ep
     ctx = UnlearnContext(config=cfg, retain_items=data.retain_items, forget_items=forget_items, steps=budget,
                          steps_per_epoch=steps_per_epoch, seed=seed, check_every=check_every,
                          should_stop=should_stop, decoder_names=dec_names, fix_decoder=fix_decoder, device=dev,
+                         references=references,
                          on_step=(lambda s, loss: on_step(s, budget, loss)) if on_step else None)
     frozen = []
     if fix_decoder and strategy != "retrain":

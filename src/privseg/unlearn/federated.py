@@ -103,7 +103,7 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
     rid = request.request_id(cfg.name)
     if not (run_dir / LEDGER).exists():  # a bad first request is refused before the ledger file exists
         _validate(cfg, RunState.load(run_dir), request, _NoErasuresYet())
-    if request.kind == "patient" and request.target == "calibrated":
+    if request.kind == "patient" and request.needs_references:
         from privseg.audit.reference import load_references
 
         load_references(run_dir)  # none: refused before anything is recorded, naming the command

@@ -77,7 +77,7 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
     else:
         say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
         refs = None
-        if req.target == "calibrated":
+        if req.needs_references:
             from privseg.audit.reference import load_references
 
             refs = load_references(run_dir)

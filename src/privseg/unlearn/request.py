@@ -95,6 +95,15 @@ class ErasureRequest:
             raise ConfigError(f"unknown threshold(s) {', '.join(unknown)} (known: {', '.join(DEFAULT_THRESHOLDS)})")
         self.thresholds = {**DEFAULT_THRESHOLDS, **{k: float(v) for k, v in self.thresholds.items()}}
 
+    @property
+    def needs_references(self) -> bool:
+        """A patient erasure that reads the run's reference models (its target or its strategy)."""
+        if self.kind != "patient":
+            return False
+        from privseg.unlearn.strategies import get_strategy
+
+        return self.target == "calibrated" or get_strategy(self.method).needs_references
+
     def request_id(self, run_name: str) -> str:
         """The same (run, kind, site, subjects) is the same request, whatever the settings."""
         key = canonical({"run": run_name, "kind": self.kind, "site": self.site, "subjects": sorted(self.subjects)})

@@ -73,9 +73,11 @@ class RecordingSampler(PatchSampler):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.seen: list[str] = []
+        self.last: list[str] = []  # the latest draw's subjects: a patch's ``owner`` indexes this list
 
     def sample(self, items, seed=None):
-        self.seen.extend(str(it.get("id")) for it in items)
+        self.last = [str(it.get("id")) for it in items]
+        self.seen.extend(self.last)
         return super().sample(items, seed=seed)
 
 
@@ -98,6 +100,7 @@ class UnlearnContext:
     device: torch.device = torch.device("cpu")
     loss_fn: SegLoss = field(default_factory=SegLoss)
     sampler: RecordingSampler | None = None
+    references: object | None = None  # the run's ReferenceSet, for strategies registered with references=True
     steps_run: int = 0
     stopped_early: bool = False
     log: dict = field(default_factory=dict)
@@ -195,6 +198,7 @@ class Strategy:
     fn: StrategyFn
     defaults: dict
     summary: str
+    needs_references: bool = False  # reads the run's reference models (``ctx.references``)
 
     def __call__(self, model: torch.nn.Module, ctx: UnlearnContext, params: dict | None = None) -> torch.nn.Module:
         return self.fn(model, ctx, self.resolve(params))
@@ -211,9 +215,13 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, **defaults) -> Callable[[StrategyFn], StrategyFn]:
+def register(name: str, *, references: bool = False, **defaults) -> Callable[[StrategyFn], StrategyFn]:
+    """Register ``fn`` under ``name`` with its parameters' defaults; ``references``: it needs the
+    run's reference models (:mod:`privseg.audit.reference`), which the engine then loads."""
+
     def deco(fn: StrategyFn) -> StrategyFn:
-        STRATEGIES[name] = Strategy(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0])
+        STRATEGIES[name] = Strategy(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0],
+                                    references)
         return fn
 
     return deco
@@ -395,6 +403,74 @@ def salun(model, ctx: UnlearnContext, params: dict):
     finally:
         for h in hooks:
             h.remove()
+
+
+@register("reference_teacher", references=True, lr=None, lr_scale=0.3, retain_weight=1.0, task_weight=1.0)
+def reference_teacher(model, ctx: UnlearnContext, params: dict):
+    """Distil each forget patient toward the run's reference models that never saw it, and the retain patients
+    toward the original (plus their labels)."""
+    # The forget target is what a model trained without the patient predicts for it: the mean softmax of
+    # the reference models (Carlini et al. 2022, LiRA's OUT models) that never saw it. It is the
+    # "incompetent teacher" of Chundawat et al. 2023 (AAAI, "Can bad teaching induce forgetting?") made
+    # competent-but-ignorant, and the retain term is SCRUB's (Kurmanji et al. 2023) KL to the original.
+    # Pulling the patient to the never-saw-it level, not away from its labels, barely moves the model
+    # elsewhere, so no repair rounds are needed (and repair rounds bring a memorised patient back:
+    # docs/membership.md).
+    teachers = _never_saw(ctx)
+    original = copy.deepcopy(model)
+    for m in (original, *(t for ts in teachers.values() for t in ts)):
+        for p in m.parameters():
+            p.requires_grad_(False)
+    rw, tw = float(params["retain_weight"]), float(params["task_weight"])
+
+    def step(model, optimizer, loss_fn, images, labels, owner):
+        ids = list(ctx.sampler.last)  # read before retain_batch() draws again
+        optimizer.zero_grad(set_to_none=True)
+        ri, rl = ctx.retain_batch()
+        n = images.shape[0]
+        with torch.no_grad():
+            target = torch.stack([_mean_softmax(teachers[ids[int(k)]], images[i:i + 1])[0]
+                                  for i, k in enumerate(owner)])
+            original.train(model.training)
+            kept = F.softmax(original(ri), 1)
+        logits = model(torch.cat([images, ri]))
+        loss = _soft_kl(target, logits[:n]) + rw * _soft_kl(kept, logits[n:])
+        if tw > 0:
+            loss = loss + tw * loss_fn(logits[n:], rl)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return run_loop(model, ctx, ctx.forget_items, step, lr=_lr(ctx, params))
+
+
+def _soft_kl(target: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(target ‖ student) over classes for target probabilities, mean over voxels and samples."""
+    return (target * (target.clamp_min(1e-8).log() - F.log_softmax(student_logits, 1))).sum(1).mean()
+
+
+def _mean_softmax(models: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([F.softmax(m(x), 1) for m in models]).mean(0)
+
+
+def _never_saw(ctx: UnlearnContext) -> dict[str, list[torch.nn.Module]]:
+    """Forget patient -> the reference models (eval mode, on the device) that never trained on it."""
+    from privseg.audit.reference import load_reference_model
+
+    refs = ctx.references
+    if refs is None:
+        raise ConfigError("strategy reference_teacher needs the run's reference models (privseg audit references)")
+    models: dict[int, torch.nn.Module] = {}
+    out: dict[str, list[torch.nn.Module]] = {}
+    for it in ctx.forget_items:
+        pid = str(it["id"])
+        outs = [r for r in refs.references if pid not in r.patients]
+        if not outs:
+            raise ConfigError(f"strategy reference_teacher: every one of the run's {len(refs.references)} reference "
+                              f"models trained on {pid}; train more (privseg audit references --n)")
+        out[pid] = [models.setdefault(r.k, load_reference_model(r.checkpoint).to(ctx.device)) for r in outs]
+    ctx.log["never_saw_references"] = {p: len(v) for p, v in out.items()}
+    return out
 
 
 # -- exact reference -------------------------------------------------------------
