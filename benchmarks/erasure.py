@@ -23,8 +23,12 @@ at 40 rounds (1,920 site steps), membership AUC 0.600 (null 0.611) with FedAvg a
    statistic) and 4 others at random (seeded).
 4. ``patient-m1`` .. ``m4`` and ``patient-r1`` .. ``r4``: a federated retrain without the patient
    (the gold standard), then ``privseg.unlearn.federated.erase`` of the patient on a copy of the
-   run (local unlearning at its site, stopped by the calibrated test, then repair rounds with every
-   site), verified against that retrain and the reference models.
+   run with the study's Noisy Label (local unlearning at its site, stopped by the calibrated test,
+   then one repair round with every site), verified against that retrain and the reference models:
+   the baseline rows.
+   ``patient-teacher-m1`` .. ``r4``: the same patients erased with privseg's setting,
+   ``reference_teacher`` stopped by the calibrated test and no repair round, against the same
+   retrain (reused). The ``patient_*`` keys are this setting's.
 5. ``site-retrain`` and ``site-<setting>``: a federated retrain without site H2, and its erasure
    with FedEraser at the paper's setting (calibrate every 2nd round at half the local steps) and
    with privseg's settings.
@@ -68,6 +72,9 @@ SMOKE = {"sites": 2, "subjects": 6, "size": 24, "rounds": 2, "local_steps": 2, "
 # How a patient is erased: local unlearning at the site, stopped as soon as the calibrated test no
 # longer tells the patient from patients nobody trained on, then repair rounds with every site.
 PATIENT = {"method": "noisy_label", "target": "calibrated", "epochs": 20, "repair_rounds": 1}
+# privseg's setting: the patient distilled toward the reference models that never saw it. Repair
+# rounds bring a memorised patient back (benchmarks/results/erasure_repair_sweep.md), so none.
+TEACHER = {"method": "reference_teacher", "target": "calibrated", "epochs": 20, "repair_rounds": 0}
 # Site erasures: FedEraser at the paper's setting (Liu et al. 2021: every 2nd round, half the local
 # steps, no repair) is the baseline row; the others are privseg's settings. FedRecover (Cao et al.
 # 2023) at the paper's schedule scaled to 120 rounds: 2 warm-up, every 10th and the 3 last rounds
@@ -94,10 +101,11 @@ def make_cells(s: dict) -> list[cells.Cell]:
     site = [cells.Cell("site-retrain", dict(s), cost=0.7)] + [
         cells.Cell(f"site-{name}", {**s, **setting}, cost=0.3) for name, setting in SITE_SETTINGS.items()]
     patients = [cells.Cell(f"patient-{slot}", {**s, **PATIENT, "slot": slot}, cost=1.1) for slot in slots]
+    teacher = [cells.Cell(f"patient-teacher-{slot}", {**s, **TEACHER, "slot": slot}, cost=0.1) for slot in slots]
     # the first memorised and the first random patient, then the site, then the others: a partial
     # run already answers every question once
     return out + patients[:1] + patients[s["n_memorised"]:s["n_memorised"] + 1] + site + [
-        c for c in patients if c not in (patients[0], patients[s["n_memorised"]])]
+        c for c in patients if c not in (patients[0], patients[s["n_memorised"]])] + teacher
 
 
 # -- the original run -------------------------------------------------------------------------
@@ -287,7 +295,8 @@ def patient_cell(s: dict, work: Path, shared: Path) -> dict:
     _require_power(cells_dir, s["subjects"] < 16)
     pid = cells.metrics_of(cells_dir, "calibrated-original")["choice"][s["slot"]]
     site = _site_of(shared, pid)
-    ckpt, r_wall, r_cpu = _retrain(shared, work / "retrain", exclude={site: [pid]})
+    # one retrain per patient, shared by every setting that erases it
+    ckpt, r_wall, r_cpu = _retrain(shared, shared.parent / f"patient-{s['slot']}" / "retrain", exclude={site: [pid]})
     run = _copy_of_original(shared, work / "run")
     res = erase(run, ErasureRequest(kind="patient", site=site, subjects=(pid,), reason="benchmark",
                                     method=s["method"], target=s["target"], epochs=s["epochs"],
@@ -297,9 +306,11 @@ def patient_cell(s: dict, work: Path, shared: Path) -> dict:
                 reference=ckpt, mia_views=s["mia_views"],
                 on_stage=lambda stage, msg: print(f"  {stage}: {msg}", flush=True))
     local = next(e["body"] for e in res.entries if e["event"] == "local_unlearned")
-    return {"patient": pid, "site": site, "slot": s["slot"], **_verdict(res, r_cpu, r_wall),
-            "local_steps_run": local.get("steps_run"), "local_cpu_s": local.get("cpu_s"),
-            "stopped_early": local.get("stopped_early"), "local_checks": local.get("checks")}
+    out = {"patient": pid, "site": site, "slot": s["slot"], "method": s["method"], **_verdict(res, r_cpu, r_wall),
+           "local_steps_run": local.get("steps_run"), "local_cpu_s": local.get("cpu_s"),
+           "stopped_early": local.get("stopped_early"), "local_checks": local.get("checks")}
+    shutil.rmtree(run)  # the record holds what the benchmark needs; a copy of the run is 2.5 GB
+    return out
 
 
 def site_retrain_cell(s: dict, work: Path, shared: Path) -> dict:
@@ -321,6 +332,7 @@ def site_cell(s: dict, work: Path, shared: Path) -> dict:
                 reference=ckpt, mia_views=s["mia_views"],
                 on_stage=lambda stage, msg: print(f"  {stage}: {msg}", flush=True))
     removed = next(e["body"] for e in reversed(res.entries) if e["event"] == "site_removed")
+    shutil.rmtree(run)  # the record holds what the benchmark needs; a copy of the run is 2.5 GB
     return {"site": s["site"], **{k: s[k] for k in ("method", "calibration_interval", "calibration_ratio",
                                                     "repair_rounds")}, "params": s.get("params", {}),
             **{k: removed[k] for k in ("exact_rounds", "estimated_rounds", "extra_exact_rounds") if k in removed},
@@ -365,6 +377,11 @@ def _group(rows: list[dict]) -> dict:
             "n_powered": len(powered), "completed": sum(r["status"] == "completed" for r in rows)}
 
 
+def _groups(rows: list[dict]) -> dict:
+    return {"memorised": _group([r for r in rows if r["slot"].startswith("m")]),
+            "random": _group([r for r in rows if r["slot"].startswith("r")]), "all": _group(rows)}
+
+
 def merge(done: dict) -> dict:
     m = {k: v["metrics"] for k, v in done.items()}
     out: dict = {}
@@ -380,10 +397,11 @@ def merge(done: dict) -> dict:
                                           list(pw["nonmember_scores"].values()))
     if "calibrated-original" in m:
         out["calibrated_population"] = m["calibrated-original"]["population"]
-    rows = [v for k, v in m.items() if k.startswith("patient-")]
-    groups = {"memorised": _group([r for r in rows if r["slot"].startswith("m")]),
-              "random": _group([r for r in rows if r["slot"].startswith("r")]), "all": _group(rows)}
+    rows = [v for k, v in m.items() if k.startswith("patient-teacher-")]
+    groups = _groups(rows)
     out["patient_groups"] = groups
+    out["patient_baseline_groups"] = _groups([v for k, v in m.items() if k.startswith("patient-")
+                                              and not k.startswith("patient-teacher-")])
     if rows:
         a = groups["all"]
         out.update({"patient_time_ratio": a["time_ratio"], "patient_retain_dice_ratio": a["retain_dice_ratio"],
@@ -410,6 +428,27 @@ def _f(v, nd=3) -> str:
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _patient_table(title: str, rows: list[dict], groups: dict) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", f"## {title}", "", "| slot | patient | site | local steps | time / retrain | retain Dice / "
+             "retrain's | test Dice / retrain's | calibrated p before -> after | result | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["slot"]):
+        subj = (r.get("calibrated_subjects") or [{}])[0]
+        lines.append(f"| {r['slot']} | {r['patient']} | {r['site']} | {r['local_steps_run']} | "
+                     f"{r['time_ratio']:.3f} | {r['retain_dice_ratio']:.3f} | {r['test_dice_ratio']:.3f} | "
+                     f"{_f(subj.get('p_before'))} -> {_f(subj.get('p_after'))} | {r['calibrated']} | "
+                     f"{r['status']} |")
+    lines += ["", "| group | n | time ratio (mean / max) | retain Dice ratio (mean / min) | test Dice ratio | "
+              "calibrated pass rate (powered) |", "|---|---|---|---|---|---|"]
+    for g, v in groups.items():
+        lines.append(f"| {g} | {v['n']} | {_f(v['time_ratio'])} / {_f(v['time_ratio_max'])} | "
+                     f"{_f(v['retain_dice_ratio'])} / {_f(v['retain_dice_ratio_min'])} | "
+                     f"{_f(v['test_dice_ratio'])} | {_f(v['calibrated_pass_rate'])} ({v['n_powered']}) |")
+    return lines
+
+
 def render(out: dict, done: dict) -> list[str]:
     m = {k: v["metrics"] for k, v in done.items()}
     p = done["original"]["params"] if "original" in done else FULL
@@ -433,23 +472,12 @@ def render(out: dict, done: dict) -> list[str]:
     for k, (op, t) in TARGETS.items():
         met = out["met"].get(k)
         lines.append(f"| {k} | {_f(out.get(k))} | {op} {t} | {'-' if met is None else ('yes' if met else 'no')} |")
-    rows = sorted((v for k, v in m.items() if k.startswith("patient-")), key=lambda r: r["slot"])
-    if rows:
-        lines += ["", "## Patients", "", "| slot | patient | site | local steps | time / retrain | retain Dice / "
-                  "retrain's | test Dice / retrain's | calibrated p before -> after | result | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            subj = (r.get("calibrated_subjects") or [{}])[0]
-            lines.append(f"| {r['slot']} | {r['patient']} | {r['site']} | {r['local_steps_run']} | "
-                         f"{r['time_ratio']:.3f} | {r['retain_dice_ratio']:.3f} | {r['test_dice_ratio']:.3f} | "
-                         f"{_f(subj.get('p_before'))} -> {_f(subj.get('p_after'))} | {r['calibrated']} | "
-                         f"{r['status']} |")
-        lines += ["", "| group | n | time ratio (mean / max) | retain Dice ratio (mean / min) | test Dice ratio | "
-                  "calibrated pass rate (powered) |", "|---|---|---|---|---|---|"]
-        for g, v in out["patient_groups"].items():
-            lines.append(f"| {g} | {v['n']} | {_f(v['time_ratio'])} / {_f(v['time_ratio_max'])} | "
-                         f"{_f(v['retain_dice_ratio'])} / {_f(v['retain_dice_ratio_min'])} | "
-                         f"{_f(v['test_dice_ratio'])} | {_f(v['calibrated_pass_rate'])} ({v['n_powered']}) |")
+    teacher = [v for k, v in m.items() if k.startswith("patient-teacher-")]
+    baseline = [v for k, v in m.items() if k.startswith("patient-") and v not in teacher]
+    lines += _patient_table("Patients: privseg's setting, reference_teacher, no repair round", teacher,
+                            out["patient_groups"])
+    lines += _patient_table("Patients: the study's Noisy Label with one repair round (baseline)", baseline,
+                            out["patient_baseline_groups"])
     if out["site_settings"]:
         lines += ["", "## Site", "", "| setting | interval | ratio | repair rounds | time / retrain | retain Dice / "
                   "retrain's | test Dice / retrain's | status |", "|---|---|---|---|---|---|---|---|"]

@@ -422,21 +422,26 @@ def reference_teacher(model, ctx: UnlearnContext, params: dict):
         for p in m.parameters():
             p.requires_grad_(False)
     rw, tw = float(params["retain_weight"]), float(params["task_weight"])
+    with_retain = bool(ctx.retain_items) and (rw > 0 or tw > 0)  # a whole site forgotten has no retain patients
 
     def step(model, optimizer, loss_fn, images, labels, owner):
         ids = list(ctx.sampler.last)  # read before retain_batch() draws again
         optimizer.zero_grad(set_to_none=True)
-        ri, rl = ctx.retain_batch()
         n = images.shape[0]
         with torch.no_grad():
             target = torch.stack([_mean_softmax(teachers[ids[int(k)]], images[i:i + 1])[0]
                                   for i, k in enumerate(owner)])
-            original.train(model.training)
-            kept = F.softmax(original(ri), 1)
-        logits = model(torch.cat([images, ri]))
-        loss = _soft_kl(target, logits[:n]) + rw * _soft_kl(kept, logits[n:])
-        if tw > 0:
-            loss = loss + tw * loss_fn(logits[n:], rl)
+        if not with_retain:
+            loss = _soft_kl(target, model(images))
+        else:
+            ri, rl = ctx.retain_batch()
+            with torch.no_grad():
+                original.train(model.training)
+                kept = F.softmax(original(ri), 1)
+            logits = model(torch.cat([images, ri]))
+            loss = _soft_kl(target, logits[:n]) + rw * _soft_kl(kept, logits[n:])
+            if tw > 0:
+                loss = loss + tw * loss_fn(logits[n:], rl)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
