@@ -86,7 +86,12 @@ SITE_SETTINGS = {"federaser-paper": {"method": "federaser", "calibration_interva
                                      "repair_rounds": 4},
                  "fedrecover": {"method": "fedrecover", "calibration_interval": 2, "calibration_ratio": 0.5,
                                 "repair_rounds": 0, "params": {"warmup": 2, "correction": 10, "final": 3,
-                                                               "buffer": 2}}}
+                                                               "buffer": 2}},
+                 # the measured gap (retain 0.867 at 19 exact rounds, time 0.145) spent on exact final rounds,
+                 # where a retrain memorises its patients: 12 instead of 3, within the 0.25 time budget
+                 "fedrecover-final12": {"method": "fedrecover", "calibration_interval": 2, "calibration_ratio": 0.5,
+                                        "repair_rounds": 0, "params": {"warmup": 2, "correction": 10, "final": 12,
+                                                                       "buffer": 2}}}
 TARGETS = {"patient_time_ratio": ("<=", 0.05), "patient_retain_dice_ratio": (">=", 0.98),
            "patient_test_dice_ratio": (">=", 0.98), "patient_calibrated_pass_rate": (">=", 1.0),
            "site_time_ratio": ("<=", 0.25), "site_retain_dice_ratio": (">=", 0.95),
