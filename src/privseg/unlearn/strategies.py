@@ -407,18 +407,19 @@ def salun(model, ctx: UnlearnContext, params: dict):
 
 @register("reference_teacher", references=True, lr=None, lr_scale=0.3, retain_weight=1.0, task_weight=1.0)
 def reference_teacher(model, ctx: UnlearnContext, params: dict):
-    """Distil each forget patient toward the run's reference models that never saw it, and the retain patients
-    toward the original (plus their labels)."""
-    # The forget target is what a model trained without the patient predicts for it: the mean softmax of
-    # the reference models (Carlini et al. 2022, LiRA's OUT models) that never saw it. It is the
-    # "incompetent teacher" of Chundawat et al. 2023 (AAAI, "Can bad teaching induce forgetting?") made
-    # competent-but-ignorant, and the retain term is SCRUB's (Kurmanji et al. 2023) KL to the original.
+    """Distil each forget patient toward a reference model that never saw it, and the retain patients toward the
+    original (plus their labels)."""
+    # The forget target is what a model trained without the patient predicts for it: one of the run's
+    # reference models that never saw it (Carlini et al. 2022, LiRA's OUT models), drawn per patient.
+    # It is the "incompetent teacher" of Chundawat et al. 2023 (AAAI, "Can bad teaching induce
+    # forgetting?") made competent-but-ignorant; the retain term is SCRUB's (Kurmanji et al. 2023) KL
+    # to the original. One reference, not their mean: an ensemble segments better than any of its
+    # members, so a model that copies the mean still reads as a member (docs/membership.md).
     # Pulling the patient to the never-saw-it level, not away from its labels, barely moves the model
-    # elsewhere, so no repair rounds are needed (and repair rounds bring a memorised patient back:
-    # docs/membership.md).
+    # elsewhere, so no repair rounds are needed (and repair rounds bring a memorised patient back).
     teachers = _never_saw(ctx)
     original = copy.deepcopy(model)
-    for m in (original, *(t for ts in teachers.values() for t in ts)):
+    for m in (original, *teachers.values()):
         for p in m.parameters():
             p.requires_grad_(False)
     rw, tw = float(params["retain_weight"]), float(params["task_weight"])
@@ -429,8 +430,7 @@ def reference_teacher(model, ctx: UnlearnContext, params: dict):
         optimizer.zero_grad(set_to_none=True)
         n = images.shape[0]
         with torch.no_grad():
-            target = torch.stack([_mean_softmax(teachers[ids[int(k)]], images[i:i + 1])[0]
-                                  for i, k in enumerate(owner)])
+            target = torch.cat([F.softmax(teachers[ids[int(k)]](images[i:i + 1]), 1) for i, k in enumerate(owner)])
         if not with_retain:
             loss = _soft_kl(target, model(images))
         else:
@@ -454,27 +454,25 @@ def _soft_kl(target: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor
     return (target * (target.clamp_min(1e-8).log() - F.log_softmax(student_logits, 1))).sum(1).mean()
 
 
-def _mean_softmax(models: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
-    return torch.stack([F.softmax(m(x), 1) for m in models]).mean(0)
-
-
-def _never_saw(ctx: UnlearnContext) -> dict[str, list[torch.nn.Module]]:
-    """Forget patient -> the reference models (eval mode, on the device) that never trained on it."""
+def _never_saw(ctx: UnlearnContext) -> dict[str, torch.nn.Module]:
+    """Forget patient -> one reference model (eval mode, on the device) that never trained on it, drawn
+    with the request's seed."""
     from privseg.audit.reference import load_reference_model
 
     refs = ctx.references
     if refs is None:
         raise ConfigError("strategy reference_teacher needs the run's reference models (privseg audit references)")
     models: dict[int, torch.nn.Module] = {}
-    out: dict[str, list[torch.nn.Module]] = {}
+    out: dict[str, torch.nn.Module] = {}
     for it in ctx.forget_items:
         pid = str(it["id"])
         outs = [r for r in refs.references if pid not in r.patients]
         if not outs:
             raise ConfigError(f"strategy reference_teacher: every one of the run's {len(refs.references)} reference "
                               f"models trained on {pid}; train more (privseg audit references --n)")
-        out[pid] = [models.setdefault(r.k, load_reference_model(r.checkpoint).to(ctx.device)) for r in outs]
-    ctx.log["never_saw_references"] = {p: len(v) for p, v in out.items()}
+        pick = outs[int(np.random.default_rng((ctx.seed, *pid.encode())).integers(len(outs)))]
+        out[pid] = models.setdefault(pick.k, load_reference_model(pick.checkpoint).to(ctx.device))
+    ctx.log["teacher_reference"] = {p: next(k for k, m in models.items() if m is t) for p, t in out.items()}
     return out
 
 
