@@ -44,11 +44,14 @@ class ErasureRequest:
                                "the certificate.")  # not part of the request ID
     method: str | None = None
     params: dict = field(default_factory=dict)
-    target: str = setting("unseen", "Patient: unseen (stop when the patient looks never-seen), calibrated (stop when "
-                          "the run's reference models no longer tell it from never-seen patients; needs reference "
-                          "models: privseg audit references) or zero.")
+    target: str | None = setting(None, "Patient: unseen (stop when the patient looks never-seen), calibrated (stop "
+                                 "when the run's reference models no longer tell it from never-seen patients; needs "
+                                 "reference models: privseg audit references) or zero. Default: calibrated for "
+                                 "reference_teacher, else unseen.")
     epochs: int | None = setting(None, "Patient: maximum unlearning epochs.", min=1)
-    repair_rounds: int = setting(1, "Patient: federated rounds with every site after unlearning.", min=0)
+    repair_rounds: int | None = setting(None, "Patient: federated rounds with every site after unlearning. Default: 0 "
+                                        "for reference_teacher (repair rounds bring a memorised patient back), "
+                                        "else 1.", min=0)
     calibration_ratio: float = setting(0.5, "FedEraser: calibration local steps / original local steps.")
     calibration_interval: int = setting(2, "FedEraser: calibrate every N-th round.", min=1)
     thresholds: dict = field(default_factory=dict)
@@ -78,7 +81,16 @@ class ErasureRequest:
         if self.kind == "patient":
             from privseg.unlearn.strategies import get_strategy
 
-            get_strategy(self.method).resolve(self.params)
+            strategy = get_strategy(self.method)
+            strategy.resolve(self.params)
+            # reference_teacher is measured with the calibrated stopping rule and no repair round
+            # (docs/membership.md); the others with the unseen rule and one repair round
+            if self.target is None:
+                self.target = "calibrated" if strategy.needs_references else "unseen"
+            if self.repair_rounds is None:
+                self.repair_rounds = 0 if strategy.needs_references else 1
+        self.target = self.target or "unseen"
+        self.repair_rounds = 1 if self.repair_rounds is None else self.repair_rounds
         if self.kind == "patient":
             from privseg.unlearn.engine import TARGETS
 
