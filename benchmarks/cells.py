@@ -100,6 +100,13 @@ def shared_dir(args: argparse.Namespace, bench: str, setting: dict | None = None
     return args.runs / bench / "work" / f"_shared-{key}"
 
 
+def write_study(name: str, out: dict, md: list[str]) -> None:
+    """A side study's results: ``results/<name>.json`` and ``.md`` (a study without cells)."""
+    res_dir = BENCH_DIR / "results"
+    (res_dir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (res_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
 def metrics_of(cells_dir: Path, name: str) -> dict:
     """The metrics of finished cell ``name`` (a later cell that builds on it reads them here)."""
     path = Path(cells_dir) / f"{name}.json"

@@ -20,7 +20,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -86,9 +85,7 @@ def main() -> int:
         md.append(f"| {r['method']} | {r['repair_rounds']} | {r['local_steps']} | {r['time_ratio']:.3f} | "
                   f"{r['retain_dice_ratio']:.3f} | {r['test_dice_ratio']:.3f} | {r['p_before']:.2g} -> "
                   f"{r['p_after']:.2g} | {r['status']}: {'; '.join(r['failed_checks'] or []) or 'all checks pass'} |")
-    res_dir = cells.BENCH_DIR / "results"
-    (res_dir / "erasure_repair_sweep.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    (res_dir / "erasure_repair_sweep.md").write_text("\n".join(md) + "\n")
+    cells.write_study("erasure_repair_sweep", out, md)
     return 0
 
 

@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -147,9 +146,7 @@ def main() -> int:
         md.append(f"| {r['slot']} {r['patient']} | {r['lr_scale']} | {r['epochs']} | {r['steps']} | "
                   f"{r['time_ratio']:.3f} | {r['retain_dice_vs_original']:.3f} | {r['test_dice_vs_original']:.3f} | "
                   f"{r['p_after']:.3g} |")
-    res_dir = cells.BENCH_DIR / "results"
-    (res_dir / "erasure_teacher_tuning.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    (res_dir / "erasure_teacher_tuning.md").write_text("\n".join(md) + "\n")
+    cells.write_study("erasure_teacher_tuning", out, md)
     return 0
 
 
