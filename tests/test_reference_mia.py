@@ -450,3 +450,15 @@ def test_reference_teacher_without_references_or_with_none_that_never_saw_the_pa
     with pytest.raises(ConfigError, match="privseg audit references --run"):
         erase(d, ErasureRequest(kind="patient", site="H1", subjects=(subject,), method="reference_teacher"))
     assert not (d / LEDGER).exists()  # refused before anything was recorded
+
+
+def test_erasure_defaults_follow_the_method():
+    teacher = ErasureRequest(kind="patient", site="H1", subjects=("H1S01",), method="reference_teacher")
+    assert (teacher.target, teacher.repair_rounds) == ("calibrated", 0)  # the setting it was measured with
+    told = ErasureRequest(kind="patient", site="H1", subjects=("H1S01",), method="reference_teacher",
+                          target="unseen", repair_rounds=2)
+    assert (told.target, told.repair_rounds) == ("unseen", 2)
+    plain = ErasureRequest(kind="patient", site="H1", subjects=("H1S01",))
+    assert (plain.method, plain.target, plain.repair_rounds) == ("scrub", "unseen", 1)
+    site = ErasureRequest(kind="site", site="H1")
+    assert (site.method, site.repair_rounds) == ("federaser", 1)
