@@ -497,3 +497,14 @@ def test_cli_add_user_prompts_and_refuses_bad_accounts(tmp_path, monkeypatch, ca
     assert "needs --site" in capsys.readouterr().err
     assert [u.name for u in Accounts(tmp_path).users()] == ["alice"]
     assert "a-long-password" not in (tmp_path / ".console" / "console.db").read_bytes().decode(errors="replace")
+
+
+def test_approval_left_empty_takes_the_methods_own_defaults():
+    from privseg.console.erasure import _request, clean_settings
+
+    settings = clean_settings({"method": "reference_teacher", "repair_rounds": ""})
+    assert "repair_rounds" not in settings
+    req = _request("patient", "H1", ["H1S01"], settings=settings)
+    assert (req.method, req.target, req.repair_rounds) == ("reference_teacher", "calibrated", 0)
+    assert _request("patient", "H1", ["H1S01"], settings=clean_settings({"repair_rounds": ""})).repair_rounds == 1
+    assert _request("patient", "H1", ["H1S01"], settings=clean_settings({"repair_rounds": "3"})).repair_rounds == 3

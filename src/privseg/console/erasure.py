@@ -36,7 +36,7 @@ def _request(kind: str, site: str, subjects: list[str], reason: str = "", reques
     s = settings or {}
     return ErasureRequest(kind=kind, site=site, subjects=tuple(subjects), reason=reason, requested_by=requested_by,
                           approved_by=approved_by, method=s.get("method") or None, epochs=s.get("epochs"),
-                          repair_rounds=int(s.get("repair_rounds", 1)), thresholds=s.get("thresholds") or {})
+                          repair_rounds=s.get("repair_rounds"), thresholds=s.get("thresholds") or {})
 
 
 def expand(run_dir: Path, kind: str, site: str, subjects: list[str]) -> list[str]:
