@@ -338,6 +338,14 @@ def test_central_run_gets_central_references(tmp_path):
     res = refmod.run_membership(tmp_path / "central", cohort=cohort, views=1)
     assert all(r["n_out"] == (2 if p in train else 4) for p, r in res["patients"].items())
     assert res["population"]["n_members"] == len(train)
+    # a strategy that needs the references finds them beside the central checkpoint
+    from privseg.unlearn.engine import unlearn
+
+    forget = sorted(train)[0]
+    out = unlearn(tmp_path / "central" / "last.pt", cohort, forget, "reference_teacher", epochs=1, evaluate=False,
+                  device="cpu").report
+    teacher = out["strategy_log"]["teacher_reference"][forget]
+    assert out["steps_run"] == 1 and forget not in more.references[teacher].patients
 
 
 # -- the calibrated stopping rule of local unlearning ------------------------------------------
