@@ -464,6 +464,7 @@ def _never_saw(ctx: UnlearnContext) -> dict[str, torch.nn.Module]:
         raise ConfigError("strategy reference_teacher needs the run's reference models (privseg audit references)")
     models: dict[int, torch.nn.Module] = {}
     out: dict[str, torch.nn.Module] = {}
+    chosen: dict[str, int] = {}
     for it in ctx.forget_items:
         pid = str(it["id"])
         outs = [r for r in refs.references if pid not in r.patients]
@@ -471,8 +472,10 @@ def _never_saw(ctx: UnlearnContext) -> dict[str, torch.nn.Module]:
             raise ConfigError(f"strategy reference_teacher: every one of the run's {len(refs.references)} reference "
                               f"models trained on {pid}; train more (privseg audit references --n)")
         pick = outs[int(np.random.default_rng((ctx.seed, *pid.encode())).integers(len(outs)))]
-        out[pid] = models.setdefault(pick.k, load_reference_model(pick.checkpoint).to(ctx.device))
-    ctx.log["teacher_reference"] = {p: next(k for k, m in models.items() if m is t) for p, t in out.items()}
+        if pick.k not in models:
+            models[pick.k] = load_reference_model(pick.checkpoint).to(ctx.device)
+        out[pid], chosen[pid] = models[pick.k], pick.k
+    ctx.log["teacher_reference"] = chosen  # recorded in the report: which reference taught which patient
     return out
 
 
