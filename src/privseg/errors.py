@@ -28,6 +28,10 @@ class CheckpointError(PrivsegError):
     """A checkpoint is missing, corrupt or does not fit the model asked for."""
 
 
+class StorageError(PrivsegError):
+    """A file could not be written because its disk is full (nothing was replaced)."""
+
+
 class BudgetExceededError(PrivsegError):
     """Training would spend more privacy budget than a site allows."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -17,7 +19,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 import torch
 
-from privseg.errors import CheckpointError, ConfigError
+from privseg.errors import CheckpointError, ConfigError, StorageError
 
 T = TypeVar("T")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -109,9 +111,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except (OSError, RuntimeError) as exc:
+        # torch reports a full disk as "enforce fail ... unexpected pos": say what happened
+        if not _disk_full(exc, target.parent):
+            raise
+        free = shutil.disk_usage(target.parent).free
+        raise StorageError(f"{target}: not written, the disk is full ({free / 2**20:.0f} MiB free in "
+                           f"{target.parent}); the previous file, if any, is untouched. Free some space and "
+                           "run the command again (long runs resume from their last checkpoint)") from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_NEARLY_FULL = 16 * 2**20  # bytes: below this, a failed write is taken to be a full disk
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 def try_lock_file(path: str | os.PathLike, note: str) -> tuple[IO[str] | None, str]:
