@@ -278,6 +278,12 @@ def _copy_of_original(shared: Path, to: Path) -> Path:
     return to
 
 
+def _drop_copy(run: Path) -> None:
+    """Delete a copy of the original once its results are read: each is 2.5 GB (every site update is
+    kept), and a few left behind fill the disk."""
+    shutil.rmtree(run)
+
+
 def _verdict(result, retrain_cpu: float, retrain_wall: float) -> dict:
     v = result.verification
     cal = v.get("calibrated", {})
@@ -316,7 +322,7 @@ def patient_cell(s: dict, work: Path, shared: Path) -> dict:
     out = {"patient": pid, "site": site, "slot": s["slot"], "method": s["method"], **_verdict(res, r_cpu, r_wall),
            "local_steps_run": local.get("steps_run"), "local_cpu_s": local.get("cpu_s"),
            "stopped_early": local.get("stopped_early"), "local_checks": local.get("checks")}
-    shutil.rmtree(run)  # the record holds what the benchmark needs; a copy of the run is 2.5 GB
+    _drop_copy(run)
     return out
 
 
@@ -339,7 +345,7 @@ def site_cell(s: dict, work: Path, shared: Path) -> dict:
                 reference=ckpt, mia_views=s["mia_views"],
                 on_stage=lambda stage, msg: print(f"  {stage}: {msg}", flush=True))
     removed = next(e["body"] for e in reversed(res.entries) if e["event"] == "site_removed")
-    shutil.rmtree(run)  # the record holds what the benchmark needs; a copy of the run is 2.5 GB
+    _drop_copy(run)
     return {"site": s["site"], **{k: s[k] for k in ("method", "calibration_interval", "calibration_ratio",
                                                     "repair_rounds")}, "params": s.get("params", {}),
             **{k: removed[k] for k in ("exact_rounds", "estimated_rounds", "extra_exact_rounds") if k in removed},
@@ -384,6 +390,13 @@ def _group(rows: list[dict]) -> dict:
             "n_powered": len(powered), "completed": sum(r["status"] == "completed" for r in rows)}
 
 
+def _patient_rows(m: dict) -> tuple[list[dict], list[dict]]:
+    """The patient cells' metrics: (privseg's reference_teacher rows, the Noisy Label baseline rows)."""
+    teacher = [v for k, v in m.items() if k.startswith("patient-teacher-")]
+    baseline = [v for k, v in m.items() if k.startswith("patient-") and not k.startswith("patient-teacher-")]
+    return teacher, baseline
+
+
 def _groups(rows: list[dict]) -> dict:
     return {"memorised": _group([r for r in rows if r["slot"].startswith("m")]),
             "random": _group([r for r in rows if r["slot"].startswith("r")]), "all": _group(rows)}
@@ -404,11 +417,10 @@ def merge(done: dict) -> dict:
                                           list(pw["nonmember_scores"].values()))
     if "calibrated-original" in m:
         out["calibrated_population"] = m["calibrated-original"]["population"]
-    rows = [v for k, v in m.items() if k.startswith("patient-teacher-")]
+    rows, baseline = _patient_rows(m)
     groups = _groups(rows)
     out["patient_groups"] = groups
-    out["patient_baseline_groups"] = _groups([v for k, v in m.items() if k.startswith("patient-")
-                                              and not k.startswith("patient-teacher-")])
+    out["patient_baseline_groups"] = _groups(baseline)
     if rows:
         a = groups["all"]
         out.update({"patient_time_ratio": a["time_ratio"], "patient_retain_dice_ratio": a["retain_dice_ratio"],
@@ -479,8 +491,7 @@ def render(out: dict, done: dict) -> list[str]:
     for k, (op, t) in TARGETS.items():
         met = out["met"].get(k)
         lines.append(f"| {k} | {_f(out.get(k))} | {op} {t} | {'-' if met is None else ('yes' if met else 'no')} |")
-    teacher = [v for k, v in m.items() if k.startswith("patient-teacher-")]
-    baseline = [v for k, v in m.items() if k.startswith("patient-") and v not in teacher]
+    teacher, baseline = _patient_rows(m)
     lines += _patient_table("Patients: privseg's setting, reference_teacher, no repair round", teacher,
                             out["patient_groups"])
     lines += _patient_table("Patients: the study's Noisy Label with one repair round (baseline)", baseline,

@@ -46,6 +46,7 @@ def run_setting(shared: Path, cell: dict, retrain: Path, method: str, repair: in
     v = erasure._verdict(res, cell["retrain_cpu_s"], 1.0)
     local = next(e["body"] for e in res.entries if e["event"] == "local_unlearned")
     subject = (v["calibrated_subjects"] or [{}])[0]
+    erasure._drop_copy(run)
     return {"method": method, "repair_rounds": repair, "local_steps": local.get("steps_run"),
             "stopped_early": local.get("stopped_early"), "local_check": (local.get("checks") or [None])[-1],
             **{k: v[k] for k in ("status", "failed_checks", "time_ratio", "retain_dice_ratio", "test_dice_ratio",

@@ -423,7 +423,7 @@ def test_reference_teacher_pulls_the_patient_toward_the_references_that_never_sa
     torch.manual_seed(0)
     model, never_saw, saw = tc.build_model(), tc.build_model(), tc.build_model()
     by_path = {Path("never_saw.pt"): never_saw, Path("saw.pt"): saw}
-    monkeypatch.setattr(refmod, "load_reference_model", lambda path: by_path[Path(path)].eval())
+    monkeypatch.setattr(refmod.Reference, "load_model", lambda ref: by_path[ref.checkpoint].eval())
     pid = forget[0]["id"]
     refs = refmod.ReferenceSet(Path("."), {}, [refmod.Reference(0, {"S": []}, Path("never_saw.pt"), ""),
                                                refmod.Reference(1, {"S": [pid]}, Path("saw.pt"), "")])

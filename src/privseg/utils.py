@@ -113,10 +113,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except (OSError, RuntimeError) as exc:
         # torch reports a full disk as "enforce fail ... unexpected pos": say what happened
-        if not _disk_full(exc, target.parent):
+        free = _free_bytes(target.parent)
+        enospc = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        if not enospc and (free is None or free >= _NEARLY_FULL):
             raise
-        free = shutil.disk_usage(target.parent).free
-        raise StorageError(f"{target}: not written, the disk is full ({free / 2**20:.0f} MiB free in "
+        raise StorageError(f"{target}: not written, the disk is full ({(free or 0) / 2**20:.0f} MiB free in "
                            f"{target.parent}); the previous file, if any, is untouched. Free some space and "
                            "run the command again (long runs resume from their last checkpoint)") from exc
     finally:
@@ -127,13 +128,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 _NEARLY_FULL = 16 * 2**20  # bytes: below this, a failed write is taken to be a full disk
 
 
-def _disk_full(exc: BaseException, folder: Path) -> bool:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
+def _free_bytes(folder: Path) -> int | None:
     try:
-        return shutil.disk_usage(folder).free < _NEARLY_FULL
+        return shutil.disk_usage(folder).free
     except OSError:
-        return False
+        return None
 
 
 def try_lock_file(path: str | os.PathLike, note: str) -> tuple[IO[str] | None, str]:

@@ -133,6 +133,10 @@ class Reference:
     def patients(self) -> set[str]:
         return {p for ids in self.saw.values() for p in ids}
 
+    def load_model(self):
+        """This reference's model, in eval mode."""
+        return _load_model(self.checkpoint)
+
     def statistics(self, items: Sequence[dict], patch_size, num_classes: int, views: int, seed: int) -> dict:
         """id -> {"loss", "dice"} of this reference (``mia.subject_statistics``), cached beside it."""
         from privseg.audit.mia import subject_statistics
@@ -145,7 +149,7 @@ class Reference:
         known = cache.setdefault(key, {})
         todo = [it for it in items if it["id"] not in known]
         if todo:
-            model = load_reference_model(self.checkpoint)
+            model = self.load_model()
             # the same views as the model under test: subject_statistics seeds views by (seed, position)
             for it in todo:
                 row = subject_statistics(model, [it], patch_size, num_classes, views, _view_seed(seed, it["id"]))[0]
@@ -159,8 +163,7 @@ def _view_seed(seed: int, pid: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:4], "little")
 
 
-def load_reference_model(path: Path):
-    """A reference checkpoint's model, in eval mode."""
+def _load_model(path: Path):
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint(path), path).eval()
@@ -383,7 +386,7 @@ def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *,
             raise ConfigError("the calibrated test of a central run needs its cohort (--cohort)")
         path = Path(checkpoint) if checkpoint else run_dir / "last.pt"
         subjects = [(cohort, x) for x in cohort.subjects]
-    model = load_reference_model(path)
+    model = _load_model(path)
     from privseg.train.checkpoint import load_checkpoint
 
     tc = load_checkpoint(path)["config"]

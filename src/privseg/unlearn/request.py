@@ -78,19 +78,19 @@ class ErasureRequest:
             raise ConfigError(f"--method {self.method!r}: a site erasure uses one of {', '.join(sorted(SITE_ERASERS))}")
         if self.kind == "site":
             site_params(self.method, self.params)
+        teacher = False
         if self.kind == "patient":
             from privseg.unlearn.strategies import get_strategy
 
             strategy = get_strategy(self.method)
             strategy.resolve(self.params)
-            # reference_teacher is measured with the calibrated stopping rule and no repair round
-            # (docs/membership.md); the others with the unseen rule and one repair round
-            if self.target is None:
-                self.target = "calibrated" if strategy.needs_references else "unseen"
-            if self.repair_rounds is None:
-                self.repair_rounds = 0 if strategy.needs_references else 1
-        self.target = self.target or "unseen"
-        self.repair_rounds = 1 if self.repair_rounds is None else self.repair_rounds
+            teacher = strategy.needs_references
+        # reference_teacher is measured with the calibrated stopping rule and no repair round
+        # (docs/membership.md); the others with the unseen rule and one repair round
+        if self.target is None:
+            self.target = "calibrated" if teacher else "unseen"
+        if self.repair_rounds is None:
+            self.repair_rounds = 0 if teacher else 1
         if self.kind == "patient":
             from privseg.unlearn.engine import TARGETS
 

@@ -457,8 +457,6 @@ def _soft_kl(target: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor
 def _never_saw(ctx: UnlearnContext) -> dict[str, torch.nn.Module]:
     """Forget patient -> one reference model (eval mode, on the device) that never trained on it, drawn
     with the request's seed."""
-    from privseg.audit.reference import load_reference_model
-
     refs = ctx.references
     if refs is None:
         raise ConfigError("strategy reference_teacher needs the run's reference models (privseg audit references)")
@@ -473,7 +471,7 @@ def _never_saw(ctx: UnlearnContext) -> dict[str, torch.nn.Module]:
                               f"models trained on {pid}; train more (privseg audit references --n)")
         pick = outs[int(np.random.default_rng((ctx.seed, *pid.encode())).integers(len(outs)))]
         if pick.k not in models:
-            models[pick.k] = load_reference_model(pick.checkpoint).to(ctx.device)
+            models[pick.k] = pick.load_model().to(ctx.device)
         out[pid], chosen[pid] = models[pick.k], pick.k
     ctx.log["teacher_reference"] = chosen  # recorded in the report: which reference taught which patient
     return out
