@@ -137,3 +137,33 @@ def test_config_options_take_default_and_help_from_the_config():
                 assert p.default.help == f.metadata["help"] or p.name == "strategy", (config, p.name)
                 made += 1
     assert made == 36  # each option of these groups that sets a config field
+
+
+def _hinted_classes(err: str) -> str:
+    import re
+
+    found = re.search(r"--classes (\S+) \(rename", err)
+    assert found, err
+    return found.group(1)
+
+
+def test_the_classes_hint_works_when_followed_and_broken_subjects_are_not_counted(tmp_path, capsys):
+    """Issue 27 (9): `--classes background,NAME` on labels holding 0..2 led to another error, and
+    the summary counted the subjects that failed as read."""
+    root = tmp_path / "odd"
+    root.mkdir()
+    _loose_nifti(root, {"a1": (0, 2), "b1": (0, 2), "c1": (0, 1)})
+    assert main(["data", "check", str(root), "--classes", "background,lesion", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "label values [2] are outside the declared classes 0..1" in err
+    assert "1 subject(s) could be read" in err  # c1 only; a1 and b1 failed
+    hinted = _hinted_classes(err)
+    assert hinted == "background,lesion,class2"  # keeps the names given
+    assert main(["data", "check", str(root), "--classes", hinted, "--quiet"]) == 0
+    # inferred classes with a gap (no file holds 1): the hint names every value up to the largest
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    _loose_nifti(gap, {"a1": (0, 2), "b1": (0, 2)})
+    assert main(["data", "info", str(gap)]) == 2
+    hinted = _hinted_classes(capsys.readouterr().err)
+    assert main(["data", "check", str(gap), "--classes", hinted, "--quiet"]) == 0

@@ -125,7 +125,8 @@ def _has_site_folders(path: Path) -> bool:
 def check_cohorts(path: Path, sites_root: bool = False, splits: Path | None = None, classes: str | None = None,
                   on_subject: Callable[[int, int], None] | None = None) -> tuple[list, int, list[str]]:
     """Read and load every file of a cohort (or of each site under a sites root): the (site,
-    cohort) pairs read, how many subjects there are, and every problem found (one text each)."""
+    cohort) pairs read, how many subjects loaded without a problem, and every problem found (one
+    text each)."""
     from privseg.data.formats import collect_problems
     from privseg.data.transforms import load_subject
 
@@ -137,11 +138,13 @@ def check_cohorts(path: Path, sites_root: bool = False, splits: Path | None = No
             noted.append(exc)
     problems = list(dict.fromkeys(str(e) for e in noted))  # layout detection and reading may note one twice
     subjects = [(s, c) for _, c in cohorts for s in c.subjects]
+    loaded = 0
     for k, (s, c) in enumerate(subjects):
         try:
             load_subject(s, c)
+            loaded += 1
         except PrivsegError as exc:
             problems.append(str(exc))
         if on_subject:
             on_subject(k + 1, len(subjects))
-    return cohorts, len(subjects), problems
+    return cohorts, loaded, problems

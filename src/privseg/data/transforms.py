@@ -150,13 +150,29 @@ def load_subject(subject: Subject, cohort: Cohort) -> SubjectData:
                 raise DataError(cohort.root or cohort.name, str(exc)) from None
             lab = Volume(remapped, lab.affine, lab.path, lab.header)
         check_pair(Volume(image[0], first.affine, first.path), lab)
-        check_label_values(lab, cohort.num_classes)
+        check_label_values(lab, cohort.num_classes, _classes_hint(cohort))
         if not cohort.info.get("allow_empty_labels") and not np.any(lab.array):
             raise DataError(lab.path, f"label map of subject {subject.id} has no foreground voxels (all background): "
                             "an empty or failed export? If subjects without any structure are real in this task, "
                             'set "allow_empty_labels": true in the cohort manifest\'s info')
         label = torch.from_numpy(lab.array[None])
     return SubjectData(subject, torch.from_numpy(image), label, first.affine, first, ct_window(cohort))
+
+
+def _classes_hint(cohort: Cohort):
+    """How to declare classes that hold a label value past the cohort's (``hint(top)``), where the
+    classes come from: the manifest or dataset.json that declares them, else ``--classes`` (the
+    readers of plain NIfTI and 2D image folders take it); None where the layout fixes them."""
+    from privseg.data.cohort import MANIFEST_NAME
+    from privseg.data.formats.common import classes_hint
+
+    root = Path(cohort.root) if cohort.root is not None else None
+    for name in (MANIFEST_NAME, "dataset.json"):
+        if root is not None and (root / name).is_file():
+            return lambda top: f"the classes are declared in {root / name}: give one per label value 0..{top} there"
+    if cohort.format in ("nifti", "image2d"):
+        return lambda top: classes_hint(top, cohort.classes)
+    return None
 
 
 def remap_labels(array: np.ndarray, label_map: dict) -> np.ndarray:

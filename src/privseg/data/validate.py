@@ -18,6 +18,7 @@ import gzip
 import logging
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,12 +221,16 @@ def _check_values(data: np.ndarray, path: Path, is_label: bool) -> np.ndarray:
     return out
 
 
-def check_label_values(label: Volume, num_classes: int) -> None:
+def check_label_values(label: Volume, num_classes: int, hint: Callable[[int], str] | None = None) -> None:
+    """Refuse label values outside 0..num_classes-1; ``hint(top)`` (the largest value found)
+    says how to declare classes that would hold them."""
     values = np.unique(label.array)
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
+        top = int(values.max())
         raise DataError(
             label.path, f"label values {bad[:5].tolist()} are outside the declared classes 0..{num_classes - 1}"
+            + (f"; {hint(top)}" if hint and bad.min() >= 0 else "")
         )
 
 

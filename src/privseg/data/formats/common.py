@@ -152,6 +152,17 @@ def _site_folders(root: Path, has_layout: Callable[[Path], bool]) -> list[tuple[
 
 
 CLASSES_HINT = "declare the classes with --classes background,NAME,... (one name per label value 0, 1, 2, ...)"
+
+
+def classes_hint(top: int, names: Sequence[str] = ()) -> str:
+    """A ``--classes`` value that reads label values 0..``top`` as given: the ``names`` declared so
+    far, then ``classK`` for each value they leave out (a hint the user can paste as it is)."""
+    import shlex
+
+    full = [*names[: top + 1], *[f"class{k}" for k in range(len(names[: top + 1]), top + 1)]]
+    full[0] = full[0] if names else "background"
+    return (f"declare one class per label value 0..{top}: --classes {shlex.quote(','.join(full))} "
+            "(rename the classes as you like)")
 _LABEL_VALUES: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (path, mtime, size) -> values, per process
 
 
@@ -180,23 +191,29 @@ def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
             continue
         for v in values:
             seen.setdefault(v, path)
-    if not seen:
-        raise DataError(labels[0], f"no readable label file: cannot infer the classes; {CLASSES_HINT}")
+    if not seen:  # each unreadable file is its own problem; declaring classes would not read them
+        raise DataError(labels[0], "no readable label file: cannot infer the classes")
     values = sorted(seen)
     if values[0] < 0:
         raise DataError(seen[values[0]], f"label values include {values[0]} (negative): cannot infer the classes")
     top = values[-1]
     if top == 0:
         what = "label is" if len(labels) == 1 else f"all {len(labels)} labels are"
-        raise DataError(labels[0], f"{what} all background: cannot infer the classes; {CLASSES_HINT}")
-    if top > 255:
-        raise DataError(seen[top], f"label values go up to {top}: cannot infer the classes; {CLASSES_HINT}")
+        # declared classes would not help: a subject without foreground is refused when it is loaded
+        raise DataError(labels[0], f"{what} all background: cannot infer the classes, and there is nothing to "
+                        "segment (an empty or failed export?)")
+    if top > 255:  # codes rather than class indices (no task has hundreds of classes)
+        named = ", ".join(f'"{v}": "{"background" if v == 0 else f"class{v}"}"' for v in values[:8])
+        raise DataError(seen[top], f"label values go up to {top}: cannot infer the classes; these look like codes: "
+                        "name each value in a dataset.json in the dataset folder, e.g. "
+                        f'{{"labels": {{{named}{", ..." if len(values) > 8 else ""}}}}} (values are mapped to '
+                        "classes 0, 1, 2, ... in that order)")
     gap = next((k for k in range(top + 1) if k not in seen), None)
     if gap is not None:
         past = min((v for v in values if v > gap), key=lambda v: str(seen[v]))
         raise DataError(seen[past], f"holds label value {past} but no label file holds {gap}: label values "
                         f"{values} are not contiguous 0..{len(values) - 1}, so the classes cannot be inferred; "
-                        f"{CLASSES_HINT}")
+                        f"{classes_hint(top)}")
     return ["background"] + [f"class{k}" for k in range(1, top + 1)]
 
 
