@@ -118,14 +118,18 @@ def test_ledger_refuses_overspend_before_the_round(tmp_path):
                      total_steps=6)
     ledger.set_budget("H1", plan.epsilon, plan.delta)
     for r in range(3):  # 3 rounds of 2 steps: exactly the planned spend
-        ledger.check_round("H1", r + 1, plan.events(2 * r, 2 * r + 2))
-        eps = ledger.commit_round("H1", r + 1, plan.events(2 * r, 2 * r + 2))
+        ledger.check_round("H1", r + 1, plan.events(2 * r, 2 * r + 2), release=f"r{r + 1}")
+        eps = ledger.commit_round("H1", r + 1, plan.events(2 * r, 2 * r + 2), release=f"r{r + 1}")
     assert 1.99 < eps <= 2.0 + 1e-6 and abs(ledger.spent("H1") - eps) < 1e-9
     with pytest.raises(BudgetExceededError, match=r"site H1: round 4 would bring epsilon to .* over its budget of 2"):
         ledger.check_round("H1", 4, plan.events(4, 6))
-    # a repeated round replaces its row instead of counting twice
-    ledger.commit_round("H1", 3, plan.events(4, 6))
+    # the same release again (identical inputs, same noise) is booked once and costs nothing more
+    assert ledger.check_round("H1", 3, plan.events(4, 6), release="r3") == ledger.spent("H1")
+    ledger.commit_round("H1", 3, plan.events(4, 6), release="r3")
     assert len(ledger.rounds("H1")) == 3 and abs(ledger.spent("H1") - eps) < 1e-9
+    # round 3 again from other inputs is another release: refused, it would cross the budget
+    with pytest.raises(BudgetExceededError):
+        ledger.check_round("H1", 3, plan.events(4, 6), release="r3-other")
     st = ledger.status()[0]
     assert st["site"] == "H1" and st["rounds"] == 3 and st["epsilon_remaining"] < 0.01
 

@@ -44,6 +44,7 @@ from privseg.errors import ConfigError, DataError, SiteFailure
 from privseg.federated.private import site_step_fn
 from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
+from privseg.privacy.releases import ReleaseRecord
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.utils import atomic_path, pick_device
@@ -177,7 +178,14 @@ def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
     site_cfg = replace(tc, seed=tc.seed + site_seed(spec.id))
     # privacy enters here, through privseg.federated.private: the spec from the run config's dp-* keys
     step_fn = (step_fn_factory or site_step_fn)(tc, cfg, spec, state_dir)
-    losses = local_train(model, optimizer, items, site_cfg, (server_round - 1) * steps, server_round * steps, step_fn)
+    start, stop = (server_round - 1) * steps, server_round * steps
+    release = None
+    if hasattr(step_fn, "release_id"):  # privseg.privacy: a request answered before gets its reply again
+        release = step_fn.release_id(model, optimizer, items, site_cfg, start, stop)
+        stored = ReleaseRecord(state_dir).stored_reply(release)
+        if stored is not None:
+            return _reply(msg, spec, stored["arrays"], stored["metrics"])
+    losses = local_train(model, optimizer, items, site_cfg, start, stop, step_fn)
     if handle is not None:
         handle.remove()
     state = model.state_dict()
@@ -193,7 +201,18 @@ def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
         metrics = MetricRecord({
             "num-examples": len(items), "train-loss": float(sum(losses) / len(losses)),
             "train-loss-last": losses[-1], "compute-s": compute, "load-s": t_load, "steps": steps})
-    content = RecordDict({"arrays": state_to_arrays(state, exclude=local_keys), "metrics": metrics,
+    if release is not None:  # kept (fsync'd) before the reply leaves: the record of what the site released
+        ReleaseRecord(state_dir).store(release, {"arrays": {k: v.detach().cpu() for k, v in state.items()
+                                                            if k not in local_keys},
+                                                 "metrics": dict(metrics)},
+                                       round=server_round, scope=str(cfg.get("dp-ledger-scope", "")),
+                                       steps=[start, stop])
+    return _reply(msg, spec, state if release is None else
+                  {k: v.detach().cpu() for k, v in state.items() if k not in local_keys}, metrics, local_keys)
+
+
+def _reply(msg: Message, spec: SiteSpec, state: dict, metrics, exclude=()) -> Message:
+    content = RecordDict({"arrays": state_to_arrays(state, exclude=exclude), "metrics": MetricRecord(dict(metrics)),
                           "site": ConfigRecord({"site": spec.id})})
     return Message(content, reply_to=msg)
 

@@ -156,4 +156,29 @@ class FLConfig:
             a, b = getattr(self.train, k), getattr(other.train, k)
             if a != b:
                 diffs.append(f"{k}: {b} -> {a}")
+        if self.privacy is not None or other.privacy is not None:
+            diffs += self._privacy_diffs(other)
+        return diffs
+
+    def _privacy_diffs(self, other: FLConfig) -> list[str]:
+        """Under DP, what the released rounds were planned with stays: the steps per round (the
+        noise indices and the plan), the training settings, and the privacy spec. A budget changes
+        only through ``privseg privacy budget`` (recorded in the ledger)."""
+        diffs = []
+        if self.local_steps != other.local_steps:
+            diffs.append(f"local_steps: {other.local_steps} -> {self.local_steps}")
+        if self.fraction != other.fraction:
+            diffs.append(f"fraction: {other.fraction} -> {self.fraction}")
+        mine, theirs = self.train.to_dict(), other.train.to_dict()
+        diffs += [f"train.{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
+                  if k not in ("device", "steps", "checkpoint_every") and mine.get(k) != theirs.get(k)]
+        a = self.privacy.to_dict() if self.privacy is not None else None
+        b = other.privacy.to_dict() if other.privacy is not None else None
+        if a is None or b is None:
+            return [*diffs, f"privacy: {b} -> {a}"]
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                hint = (" (change a budget with privseg privacy budget RUN --site SITE --epsilon E)"
+                        if k in ("epsilon", "delta", "sites") else "")
+                diffs.append(f"privacy.{k}: {b.get(k)} -> {a.get(k)}{hint}")
         return diffs

@@ -35,17 +35,26 @@ from privseg.train.loop import StepFn, TrainConfig, standard_step
 
 class PatientDPStep:
     """The ClientApp's ``step_fn`` at a DP site: it brings its own Poisson-sampled ``train_steps``
-    and the round's accounted metrics; as a plain step on a given batch it refuses."""
+    and the round's accounted metrics; as a plain step on a given batch it refuses.
 
-    def __init__(self, private, round_no: int):
+    ``context`` (the server's round configuration) is part of every release's fingerprint
+    (:meth:`privseg.privacy.PrivateSite.release_id`): the server cannot make the site draw the
+    same noise for any other request."""
+
+    def __init__(self, private, round_no: int, context: Mapping | None = None):
         self.private = private
         self.round_no = round_no
+        self.context = {str(k): context[k] for k in sorted(context)} if context is not None else {}
 
     def __call__(self, *args, **kwargs):
         return self.private.engine(*args, **kwargs)  # refuses: a DP site samples its own batches
 
+    def release_id(self, model, optimizer, items, config, start: int, stop: int) -> str:
+        return self.private.release_id(model, optimizer, items, config, self.round_no, start, stop, self.context)
+
     def train_steps(self, model, optimizer, items, config, start: int, stop: int) -> list[float]:
-        losses = self.private.train_round(model, optimizer, items, config, self.round_no, start, stop)
+        losses = self.private.train_round(model, optimizer, items, config, self.round_no, start, stop,
+                                          context=self.context)
         return [x for x in losses if not math.isnan(x)] or [float("nan")]
 
     def round_metrics(self) -> dict:
@@ -75,7 +84,7 @@ def patient_dp_step_fn(dp: DPConfig, tc: TrainConfig, msg_config: Mapping, spec:
                            subjects_per_step=tc.subjects_per_step, total_steps=tc.steps,
                            start=(server_round - 1) * steps,
                            resume_round=server_round)  # a round re-run after a crash starts as its first attempt
-    return PatientDPStep(private, server_round)
+    return PatientDPStep(private, server_round, msg_config)
 
 
 def site_step_fn(tc: TrainConfig, msg_config: Mapping, spec: SiteSpec, state_dir: Path) -> StepFn:

@@ -1,25 +1,36 @@
-"""The per-site privacy budget ledger: SQLite, crash-safe, refuses overspend before it happens.
+"""The per-site privacy budget ledger: SQLite, append-only, hash-chained, refuses overspend
+before it happens.
 
 One database (``privacy.sqlite``) holds, per site, its budget ``(epsilon, delta)``, its noise
-plan, and one row per round with the mechanism events of that round (``[(q, sigma, steps),
-...]``) and the ε spent after it. ε is always *recomputed* from all rounds' events by the RDP
+plan, and one row per *release* with the mechanism events it took (``[(q, sigma, steps),
+...]``) and the ε spent after it. ε is always *recomputed* from every row's events by the RDP
 accountant (:mod:`privseg.privacy.accountant`), never summed from the stored per-round
 values, so a changing schedule composes correctly.
 
-Crash safety: WAL journal, ``synchronous=FULL``, and every write is one transaction: a
-process killed at any moment leaves either the whole round or none of it. A round is keyed
-by ``(site, scope, round)``: re-running a round after a crash (with the same key, hence the same
-noise and the same output) replaces its row instead of counting it twice. ``scope`` is ``""``
-for the run itself and names a derived run (an erasure's retrain, FedEraser calibration, repair)
-whose rounds the same site paid for: every scope counts in the site's ε, because the server saw
-every one of those releases.
+**Append-only.** A row is never replaced or deleted (SQLite triggers refuse both). A release is
+identified by its fingerprint (:func:`privseg.privacy.releases.release_id`): a round executed
+again with identical inputs is the same release (its noise is bound to the fingerprint, so its
+output is too) and adds no row; a round executed again with any other input is a new release
+and a new row, paid for again. ``scope`` is ``""`` for the run itself and names a derived run
+(an erasure's retrain, FedEraser calibration, repair) whose rounds the same site paid for:
+every scope counts in the site's ε, because the server saw every one of those releases.
 
-:meth:`BudgetLedger.check_round` computes the ε the next round *would* bring and raises
+**Tamper-evident.** Each row (and each budget decision, kept in ``budget_log``) carries the
+SHA-256 of the previous row's hash and its own content; :meth:`BudgetLedger.verify` recomputes
+the chains and names the first row that was edited, reordered or removed from the middle.
+
+Crash safety: WAL journal, ``synchronous=FULL``, and every write is one transaction: a process
+killed at any moment leaves either the whole row or none of it.
+
+:meth:`BudgetLedger.check_round` computes the ε the next release *would* bring and raises
 :class:`~privseg.errors.BudgetExceededError` if it crosses the budget -- before the round runs.
+Budgets change only through :func:`change_budget` (``privseg privacy budget``), each change a
+row of ``budget_log``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -29,24 +40,60 @@ from pathlib import Path
 from privseg.errors import BudgetExceededError, ConfigError, DataError
 from privseg.privacy.accountant import StepEvent, check_epsilon, epsilon
 
+LEDGER_FILE = "privacy.sqlite"
+GENESIS = "0" * 64
+ROUND_COLUMNS = ("site", "scope", "round", "events", "epsilon", "delta", "time", "info", "release")
+BUDGET_COLUMNS = ("site", "epsilon", "delta", "time", "reason")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (site TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL,
                                     updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS plans (site TEXT PRIMARY KEY, plan TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (site TEXT NOT NULL, round INTEGER NOT NULL, events TEXT NOT NULL,
-                                   epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,
-                                   info TEXT, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (site, scope, round));
-"""
-# Ledgers written before scopes existed: same rows, scope '' (the run itself).
-MIGRATE = """
-ALTER TABLE rounds RENAME TO rounds_v1;
-CREATE TABLE rounds (site TEXT NOT NULL, round INTEGER NOT NULL, events TEXT NOT NULL,
-                     epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,
-                     info TEXT, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (site, scope, round));
-INSERT INTO rounds SELECT site, round, events, epsilon, delta, time, info, '' FROM rounds_v1;
-DROP TABLE rounds_v1;
+CREATE TABLE IF NOT EXISTS releases (seq INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL,
+                                     scope TEXT NOT NULL DEFAULT '', round INTEGER NOT NULL, events TEXT NOT NULL,
+                                     epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL, info TEXT,
+                                     release TEXT, prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS budget_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL,
+                                       epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,
+                                       reason TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS releases_no_update BEFORE UPDATE ON releases
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger rows are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS releases_no_delete BEFORE DELETE ON releases
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger rows are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS budget_log_no_update BEFORE UPDATE ON budget_log
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger rows are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS budget_log_no_delete BEFORE DELETE ON budget_log
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger rows are append-only'); END;
 """
 TOLERANCE = 1e-9
+
+
+def _row_hash(prev: str, values: tuple) -> str:
+    return hashlib.sha256((prev + json.dumps(list(values), default=float)).encode()).hexdigest()
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Ledgers of earlier versions (a ``rounds`` table, one row per (site, scope, round)): their
+    rows, in the order they were booked, become the first rows of the chain."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "rounds" not in tables:
+        return
+    cols = [r[1] for r in con.execute("PRAGMA table_info(rounds)")]
+    scope = "scope" if "scope" in cols else "''"
+    rows = con.execute(f"SELECT site, {scope}, round, events, epsilon, delta, time, info FROM rounds "
+                       "ORDER BY time, rowid").fetchall()
+    for row in rows:
+        _append(con, "releases", ROUND_COLUMNS, (*row, None))
+    if con.execute("SELECT COUNT(*) FROM budget_log").fetchone()[0] == 0:
+        for site, eps, delta, updated in con.execute("SELECT site, epsilon, delta, updated FROM budgets").fetchall():
+            _append(con, "budget_log", BUDGET_COLUMNS, (site, eps, delta, updated, "budget before the ledger log"))
+    con.execute("DROP TABLE rounds")
+
+
+def _append(con: sqlite3.Connection, table: str, columns: tuple[str, ...], values: tuple) -> None:
+    last = con.execute(f"SELECT hash FROM {table} ORDER BY seq DESC LIMIT 1").fetchone()
+    prev = last[0] if last else GENESIS
+    con.execute(f"INSERT INTO {table} ({', '.join(columns)}, prev, hash) VALUES "
+                f"({', '.join('?' * (len(columns) + 2))})", (*values, prev, _row_hash(prev, values)))
 
 
 class BudgetLedger:
@@ -58,10 +105,8 @@ class BudgetLedger:
         try:
             with closing(self._connect()) as con, con:
                 con.executescript(SCHEMA)
-                cols = [r[1] for r in con.execute("PRAGMA table_info(rounds)")]
-            if "scope" not in cols:
-                with closing(self._connect()) as con:
-                    con.executescript("BEGIN;" + MIGRATE + "COMMIT;")
+            with closing(self._connect()) as con, con:
+                _migrate(con)
         except sqlite3.DatabaseError as exc:
             raise DataError(self.path, f"privacy ledger unreadable ({exc})") from None
 
@@ -72,11 +117,14 @@ class BudgetLedger:
         return con
 
     # -- budgets and plans ---------------------------------------------------------
-    def set_budget(self, site: str, eps: float, delta: float) -> None:
+    def set_budget(self, site: str, eps: float, delta: float, reason: str = "plan") -> None:
+        """Set the site's budget, recorded (with ``reason``) in the hash-chained ``budget_log``."""
+        now = time.time()
         with closing(self._connect()) as con, con:
             con.execute("INSERT INTO budgets VALUES (?, ?, ?, ?) ON CONFLICT(site) DO UPDATE SET "
                         "epsilon=excluded.epsilon, delta=excluded.delta, updated=excluded.updated",
-                        (site, float(eps), float(delta), time.time()))
+                        (site, float(eps), float(delta), now))
+            _append(con, "budget_log", BUDGET_COLUMNS, (site, float(eps), float(delta), now, str(reason)))
 
     def budget(self, site: str) -> tuple[float, float]:
         with closing(self._connect()) as con:
@@ -85,9 +133,43 @@ class BudgetLedger:
             raise ConfigError(f"site {site!r} has no budget in {self.path}")
         return float(row[0]), float(row[1])
 
+    def has_budget(self, site: str) -> bool:
+        return site in self.sites()
+
+    def budget_history(self, site: str | None = None) -> list[dict]:
+        """Every budget decision (plan, raise, closing), oldest first."""
+        sql, args = "SELECT site, epsilon, delta, time, reason FROM budget_log", []
+        if site is not None:
+            sql, args = sql + " WHERE site=?", [site]
+        with closing(self._connect()) as con:
+            rows = con.execute(sql + " ORDER BY seq", args).fetchall()
+        return [dict(zip(BUDGET_COLUMNS, r, strict=True)) for r in rows]
+
+    def close_site(self, site: str, reason: str) -> None:
+        """Mark the site closed (it left the federation): its rows stay, they are the record of what
+        earlier models released; its budget stays as it was."""
+        eps, delta = self.budget(site)
+        self.set_budget(site, eps, delta, reason=f"closed: {reason}")
+
+    def closed(self, site: str) -> str | None:
+        """The reason the site was closed, or None."""
+        last = [h for h in self.budget_history(site)]
+        reason = last[-1]["reason"] if last else ""
+        return reason[len("closed: "):] if reason.startswith("closed: ") else None
+
     def set_plan(self, site: str, plan: dict) -> None:
+        """Store the site's noise plan (a derived scope's copy, ``SITE@SCOPE``, may be stored again
+        with the same content; the plan of a site that has booked releases never changes)."""
         with closing(self._connect()) as con, con:
+            old = con.execute("SELECT plan FROM plans WHERE site=?", (site,)).fetchone()
+            if old is not None and json.loads(old[0]) != plan and "@" not in site and self._has_rows(con, site):
+                raise ConfigError(f"site {site}: its DP plan is fixed once it has released; a new plan would "
+                                  f"change the noise of released rounds ({self.path})")
             con.execute("INSERT OR REPLACE INTO plans VALUES (?, ?)", (site, json.dumps(plan)))
+
+    @staticmethod
+    def _has_rows(con, site: str) -> bool:
+        return con.execute("SELECT 1 FROM releases WHERE site=? LIMIT 1", (site,)).fetchone() is not None
 
     def get_plan(self, site: str) -> dict | None:
         with closing(self._connect()) as con:
@@ -98,33 +180,36 @@ class BudgetLedger:
         with closing(self._connect()) as con:
             return [r[0] for r in con.execute("SELECT site FROM budgets ORDER BY site")]
 
-    # -- rounds ----------------------------------------------------------------------
-    def events(self, site: str, before_round: int | None = None, exclude_round: int | None = None,
-               scope: str = "") -> list[StepEvent]:
-        """Every booked event of the site; ``before_round`` / ``exclude_round`` filter the rounds of
-        ``scope`` only (the other scopes' releases always count)."""
+    # -- releases --------------------------------------------------------------------
+    def events(self, site: str) -> list[StepEvent]:
+        """Every booked event of the site, every scope (the server saw every release)."""
         with closing(self._connect()) as con:
-            rows = con.execute("SELECT scope, round, events FROM rounds WHERE site=? ORDER BY scope, round",
-                               (site,)).fetchall()
-        keep = [ev for sc, r, ev in rows
-                if sc != scope or ((before_round is None or r < before_round) and r != exclude_round)]
-        return [StepEvent(**e) for ev in keep for e in json.loads(ev)]
+            rows = con.execute("SELECT events FROM releases WHERE site=? ORDER BY seq", (site,)).fetchall()
+        return [StepEvent(**e) for (ev,) in rows for e in json.loads(ev)]
 
     def rounds(self, site: str, scope: str | None = None) -> list[dict]:
-        """Booked rounds of the site (of one ``scope`` when given)."""
-        sql, args = "SELECT scope, round, epsilon, delta, time, info, events FROM rounds WHERE site=?", [site]
+        """Booked releases of the site (of one ``scope`` when given), in the order they were booked;
+        a round executed again with other inputs appears twice."""
+        sql, args = ("SELECT scope, round, epsilon, delta, time, info, events, release FROM releases WHERE site=?",
+                     [site])
         if scope is not None:
             sql += " AND scope=?"
             args.append(scope)
         with closing(self._connect()) as con:
-            rows = con.execute(sql + " ORDER BY scope, round", args).fetchall()
+            rows = con.execute(sql + " ORDER BY seq", args).fetchall()
         return [{"round": r, "scope": sc, "epsilon": e, "delta": d, "time": t, "info": json.loads(i) if i else {},
-                 "steps": sum(int(x["steps"]) for x in json.loads(ev))}
-                for sc, r, e, d, t, i, ev in rows]
+                 "steps": sum(int(x["steps"]) for x in json.loads(ev)), "release": rel}
+                for sc, r, e, d, t, i, ev, rel in rows]
+
+    def booked(self, site: str, release: str | None) -> dict | None:
+        """The row of ``release`` when it is already booked (None otherwise)."""
+        if release is None:
+            return None
+        return next((r for r in self.rounds(site) if r["release"] == release), None)
 
     def last_info(self, site: str, before_round: int | None = None, scope: str = "") -> dict | None:
-        """The info of the site's last booked round of ``scope`` (before ``before_round`` when given: a
-        round re-run after a crash must start from the state *before* its first attempt, not after it)."""
+        """The info of the site's last booked release of ``scope`` (of a round before ``before_round``
+        when given: a round re-run after a crash starts from the state *before* its first attempt)."""
         rows = [r for r in self.rounds(site, scope) if before_round is None or r["round"] < before_round]
         return rows[-1]["info"] if rows else None
 
@@ -132,31 +217,65 @@ class BudgetLedger:
         _, delta = self.budget(site)
         return epsilon(self.events(site), delta)
 
-    def check_round(self, site: str, round_no: int, new_events: list[StepEvent], scope: str = "") -> float:
-        """ε after the prospective round; raises :class:`BudgetExceededError` if it crosses the budget."""
+    def check_round(self, site: str, round_no: int, new_events: list[StepEvent], scope: str = "",
+                    release: str | None = None, reserve: float = 0.0) -> float:
+        """ε after the prospective release (unchanged when ``release`` is already booked: the same
+        release again); raises :class:`BudgetExceededError` if it crosses the budget less ``reserve``."""
         eps_budget, delta = self.budget(site)
-        prior = self.events(site, exclude_round=round_no, scope=scope)
+        prior = self.events(site)
         before = epsilon(prior, delta)
+        if self.booked(site, release) is not None:
+            return before
         after = epsilon(prior + list(new_events), delta)
-        if after > eps_budget * (1 + 1e-6) + TOLERANCE:
-            done = len({(r["scope"], r["round"]) for r in self.rounds(site)} - {(scope, round_no)})
+        limit = eps_budget - reserve
+        if after > limit * (1 + 1e-6) + TOLERANCE:
+            kept = f" less the erasure reserve {reserve:g}" if reserve else ""
             raise BudgetExceededError(
                 f"site {site}: round {round_no} would bring epsilon to {after:.4g} at delta={delta:g}, over its budget "
-                f"of {eps_budget:g} (spent {before:.4g} in {done} round(s)); training stops before that round. "
-                "Raise the site's budget, or plan fewer rounds so the noise is calibrated to the budget")
+                f"of {eps_budget:g}{kept} (spent {before:.4g} in {len(self.rounds(site))} release(s)); training stops "
+                "before that round. Raise the site's budget (privseg privacy budget RUN --site SITE --epsilon E), "
+                "or plan fewer rounds so the noise is calibrated to the budget")
         return after
 
     def commit_round(self, site: str, round_no: int, new_events: list[StepEvent], info: dict | None = None,
-                     scope: str = "") -> float:
-        """Book a round (one transaction, replacing a previous attempt at the same round); returns ε after it."""
+                     scope: str = "", release: str | None = None) -> float:
+        """Book a release (one transaction, appended; nothing when ``release`` is already booked);
+        returns ε after it."""
         eps_budget, delta = self.budget(site)
-        after = epsilon(self.events(site, exclude_round=round_no, scope=scope) + list(new_events), delta)
         with closing(self._connect()) as con, con:
-            con.execute("INSERT OR REPLACE INTO rounds (site, round, events, epsilon, delta, time, info, scope) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (site, int(round_no), json.dumps([e.to_dict() for e in new_events]), after, delta,
-                         time.time(), json.dumps(info or {}, default=float), scope))
+            con.execute("BEGIN IMMEDIATE")  # two writers: the second sees the first's row
+            if release is not None and con.execute("SELECT 1 FROM releases WHERE site=? AND release=?",
+                                                   (site, release)).fetchone():
+                return self.spent(site)
+            rows = con.execute("SELECT events FROM releases WHERE site=? ORDER BY seq", (site,)).fetchall()
+            prior = [StepEvent(**e) for (ev,) in rows for e in json.loads(ev)]
+            after = epsilon(prior + list(new_events), delta)
+            _append(con, "releases", ROUND_COLUMNS,
+                    (site, scope, int(round_no), json.dumps([e.to_dict() for e in new_events]), after, delta,
+                     time.time(), json.dumps(info or {}, default=float), release))
         return after
+
+    def verify(self) -> list[str]:
+        """Problems found by recomputing the hash chains (empty: intact) and checking that each
+        site's budget is its last recorded decision."""
+        problems = []
+        with closing(self._connect()) as con:
+            for table, columns in (("releases", ROUND_COLUMNS), ("budget_log", BUDGET_COLUMNS)):
+                prev = GENESIS
+                for row in con.execute(f"SELECT seq, {', '.join(columns)}, prev, hash FROM {table} ORDER BY seq"):
+                    seq, values, (row_prev, row_hash) = row[0], tuple(row[1:-2]), row[-2:]
+                    if row_prev != prev or _row_hash(prev, values) != row_hash:
+                        problems.append(f"{self.path}: {table} row {seq} was edited, reordered or a row before it "
+                                        "was removed (hash chain broken)")
+                        break
+                    prev = row_hash
+            for site, eps, delta in con.execute("SELECT site, epsilon, delta FROM budgets").fetchall():
+                last = con.execute("SELECT epsilon, delta FROM budget_log WHERE site=? ORDER BY seq DESC LIMIT 1",
+                                   (site,)).fetchone()
+                if last is None or (float(last[0]), float(last[1])) != (float(eps), float(delta)):
+                    problems.append(f"{self.path}: site {site}'s budget ({eps:g}, {delta:g}) is not its last "
+                                    "recorded budget decision")
+        return problems
 
     def private(self, site: str) -> tuple[bool, str]:
         """Whether every booked round of the site drew its noise from a secret key (and so the
@@ -174,14 +293,17 @@ class BudgetLedger:
     def status(self) -> list[dict]:
         """Per site: budget, spent, remaining, rounds booked."""
         out = []
+        problems = self.verify()
         for site in self.sites():
             eps_budget, delta = self.budget(site)
             spent = self.spent(site)
             rounds = self.rounds(site)
             private, why = self.private(site)
+            if problems:
+                private, why = False, "LEDGER TAMPERED: " + problems[0]
             out.append({"site": site, "epsilon_budget": eps_budget, "delta": delta, "epsilon_spent": spent,
                         "epsilon_remaining": max(0.0, eps_budget - spent), "rounds": len(rounds),
-                        "private": private, "guarantee": why,
+                        "private": private, "guarantee": why, "intact": not problems, "closed": self.closed(site),
                         "last_round": rounds[-1]["round"] if rounds else None,
                         "clip": (rounds[-1]["info"] or {}).get("clip") if rounds else None})
         return out
@@ -219,6 +341,6 @@ def change_budget(path: str | Path, site: str, eps: float) -> dict:
             if eps < spent:
                 raise ConfigError(f"site {site} has already spent epsilon {spent:.4g}: a budget of {eps:g} "
                                   "would be exceeded at once")
-            ledger.set_budget(site, eps, delta)
+            ledger.set_budget(site, eps, delta, reason=f"changed by privseg privacy budget from {old:g}")
             return {"ledger": ledger_path, "old": old, "spent": spent, "delta": delta}
     raise ConfigError(f"no ledger under {path} has site {site!r}")

@@ -53,9 +53,11 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
             optimizer.load_state_dict(payload["optimizer"])
         start = int(payload["step"])
         history = list(payload["extra"].get("history", []))
-    # Ledger rows are keyed by the chunk's first step (+1): a chunk repeated after a crash replaces its
-    # own row (same key, same noise, same output), while chunks of another length never collide.
-    booked = sum(r["steps"] for r in ledger.rounds(site, scope="") if r["round"] < start + 1)
+    # Ledger rows name the chunk's first step (+1). A chunk repeated after a crash from the same
+    # checkpoint is the same release (same inputs, same noise) and adds no row; a chunk run again
+    # from other inputs is booked again, but the model holds only the last one of each.
+    last_of_round = {r["round"]: r["steps"] for r in ledger.rounds(site, scope="") if r["round"] < start + 1}
+    booked = sum(last_of_round.values())
     if booked != start:
         raise BudgetExceededError(f"{ledger.path}: the ledger books {booked} DP step(s) of site {site!r} before "
                                   f"step {start}, the checkpoint {ckpt} is at step {start}: refusing to resume "

@@ -9,9 +9,13 @@ model before and after a round and the code still cannot regenerate the noise, s
 Gaussian mechanism's guarantee holds against the server and the other sites.
 
 Draw ``purpose`` at index ``i`` (a step, a round) reads a keystream whose nonce is
-HMAC-SHA256(key, purpose:i): a resumed run -- same key, same step -- draws exactly what the
-first attempt drew, so a round repeated after a crash releases the same output (no second
-release to pay for). A derived run (an erasure's retrain or calibration) gets a fresh key.
+HMAC-SHA256(key, purpose:i). A mechanism never draws from the site's key directly: each
+release draws from :meth:`NoiseSource.bound` to the fingerprint of everything that goes into
+it (scope, round, steps, plan, input model, optimiser state -- :mod:`privseg.privacy.site`), so
+the same index under other inputs reads another keystream. Reused noise would cancel in a
+difference of two releases (``C2 r1 - C1 r2`` leaves the clipped sums); bound noise repeats
+only for a request identical in every input, whose output is the same release again. A
+derived run (an erasure's retrain or calibration) also gets a fresh key.
 
 Uniforms take 53 bits of the stream; Gaussians come from the Box--Muller transform. (Floating
 point noise has known weaknesses in its lowest bits -- Mironov, "On Significance of the Least
@@ -101,6 +105,13 @@ class NoiseSource:
             raise DataError(path, f"DP noise key has {len(key)} bytes, not {KEY_BYTES}: the file is damaged. "
                                   "A new key would change the noise of rounds already released; restore the file")
         return cls(key, True)
+
+    def bound(self, context: str | bytes) -> NoiseSource:
+        """The source for one release: a key derived as HMAC(key, "bind:" + context), where
+        ``context`` fingerprints every input of the release. Draws under two different contexts
+        are independent; under the same context they repeat (same inputs, same release)."""
+        ctx = context.encode() if isinstance(context, str) else bytes(context)
+        return NoiseSource(hmac.new(self.key, b"bind:" + ctx, hashlib.sha256).digest(), self.private)
 
     # -- drawing --------------------------------------------------------------------------
     def _stream(self, purpose: str, index: int, nbytes: int) -> bytearray:

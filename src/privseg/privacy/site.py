@@ -16,6 +16,7 @@ from privseg.privacy.budget import BudgetLedger
 from privseg.privacy.engine import PatientDPSGD, patient_groups
 from privseg.privacy.noise import NoiseSource
 from privseg.privacy.plan import SitePlan, plan_from_ledger_or_new
+from privseg.privacy.releases import release_id
 from privseg.privacy.spec import DPConfig
 
 
@@ -26,42 +27,66 @@ def noise_source(dp: DPConfig, state_dir: str | Path, seed: int) -> NoiseSource:
 
 def engine_for(plan: SitePlan, dp: DPConfig, noise: NoiseSource, start: int = 0,
                subjects_per_step: int | None = None) -> PatientDPSGD:
-    """The site's engine. With a fixed ``--sampling-rate`` the update is divided by the public
-    ``subjects_per_step`` rather than q*n, so nothing the site releases depends on n."""
-    fixed_q = dp.sampling_rate is not None and subjects_per_step
+    """The site's engine. With a public sampling rate (``--sampling-rate``, or the plan's) the
+    update is divided by the plan's public expected batch (q x the declared size) or by the public
+    ``subjects_per_step``, never by q*n, so nothing the site releases depends on n."""
+    fixed_q = (dp.sampling_rate is not None or dp.plan == "auto") and subjects_per_step
     return PatientDPSGD(q=plan.q, n_subjects=plan.n_subjects, multipliers=plan.multipliers, clip_norm=dp.clip_norm,
                         clip_rule=dp.clip, target_quantile=dp.target_quantile, clip_lr=dp.clip_lr,
                         sigma_b=dp.sigma_b, method=dp.method, noise=noise, start=start,
-                        expected_batch=float(subjects_per_step) if fixed_q else None)
+                        expected_batch=plan.expected_batch or (float(subjects_per_step) if fixed_q else None),
+                        aug_mult=dp.aug_mult, lr_scale=plan.lr_scale, clip_gamma=dp.clip_gamma)
 
 
 class PrivateSite:
-    """A site's private training, bound to its ledger: ``train_round`` checks the ε the round
-    would bring (refusing it before any step if it crosses the budget), runs the engine's
-    Poisson-sampled DP steps, and books the round (one SQLite transaction)."""
+    """A site's private training, bound to its ledger: ``train_round`` fingerprints the round's
+    inputs (:func:`~privseg.privacy.releases.release_id`), checks the ε the release would bring
+    (refusing it before any step if it crosses the budget), runs the engine's Poisson-sampled DP
+    steps on noise bound to that fingerprint, and books the release once (one SQLite transaction)."""
 
-    def __init__(self, ledger: BudgetLedger, plan: SitePlan, engine: PatientDPSGD, scope: str = ""):
+    def __init__(self, ledger: BudgetLedger, plan: SitePlan, engine: PatientDPSGD, scope: str = "",
+                 settings: dict | None = None):
         self.ledger = ledger
         self.plan = plan
         self.engine = engine
         self.scope = scope
+        self.settings = dict(settings or {})
+        self.site_noise = engine.noise  # the site key; each release draws from it bound to its inputs
         self.epsilon = float("nan")
+        self.release: str | None = None
 
-    def check(self, round_no: int, start: int, stop: int) -> float:
-        return self.ledger.check_round(self.plan.site, round_no, self.plan.events(start, stop), scope=self.scope)
+    def release_id(self, model, optimizer, items, config, round_no: int, start: int, stop: int,
+                   context: dict | None = None) -> str:
+        """The fingerprint of the release ``train_round`` would make from these inputs (``context``:
+        anything else the caller's output depends on, e.g. the server's round configuration)."""
+        to_dict = getattr(config, "to_dict", None)
+        settings = {"plan": self.plan.to_dict(), "dp": self.settings, "clip": self.engine.clip,
+                    "clip_rule": self.engine.clip_rule, "expected_batch": self.engine.expected_batch,
+                    "train": to_dict() if to_dict else repr(vars(config) if hasattr(config, "__dict__") else config),
+                    "context": context or {}}
+        patients = [str(item.get("patient", item.get("id", i))) for i, item in enumerate(items)]
+        return release_id(site=self.plan.site, scope=self.scope, round_no=round_no, start=start, stop=stop,
+                          settings=settings, model=model, optimizer=optimizer, patients=patients)
 
-    def commit(self, round_no: int, start: int, stop: int, info: dict | None = None) -> float:
+    def check(self, round_no: int, start: int, stop: int, release: str | None = None) -> float:
+        return self.ledger.check_round(self.plan.site, round_no, self.plan.events(start, stop), scope=self.scope,
+                                       release=release)
+
+    def commit(self, round_no: int, start: int, stop: int, info: dict | None = None,
+               release: str | None = None) -> float:
         # the clip is a DP release (post-processing of the noised count); how many were sampled is not
         extra = {"clip": self.engine.clip, "steps": [int(start), int(stop)], "noise": self.engine.noise.kind}
         extra.update(info or {})
         return self.ledger.commit_round(self.plan.site, round_no, self.plan.events(start, stop), info=extra,
-                                        scope=self.scope)
+                                        scope=self.scope, release=release)
 
     def train_round(self, model, optimizer, items, config, round_no: int, start: int, stop: int,
-                    on_step=None) -> list[float]:
-        self.check(round_no, start, stop)  # refuses before any step is taken
+                    on_step=None, context: dict | None = None) -> list[float]:
+        self.release = self.release_id(model, optimizer, items, config, round_no, start, stop, context)
+        self.check(round_no, start, stop, self.release)  # refuses before any step is taken
+        self.engine.noise = self.site_noise.bound(self.release)  # never the noise of another input
         losses = self.engine.train_steps(model, optimizer, items, config, start, stop, on_step=on_step)
-        self.epsilon = self.commit(round_no, start, stop)
+        self.epsilon = self.commit(round_no, start, stop, release=self.release)
         return losses
 
     def round_metrics(self) -> dict:
@@ -87,4 +112,4 @@ def make_private(spec: DPConfig, *, site: str, items: Sequence[dict], ledger: Bu
         last = ledger.last_info(site, before_round=resume_round, scope=spec.ledger_scope)
         if last and last.get("clip"):
             engine.clipper.clip = float(last["clip"])
-    return PrivateSite(ledger, plan, engine, spec.ledger_scope)
+    return PrivateSite(ledger, plan, engine, spec.ledger_scope, settings=spec.for_site(site).to_dict())
