@@ -11,7 +11,7 @@ import sys
 import click
 import typer
 
-from privseg.cli import audit, console, data, erase, fl, privacy, runs, train
+from privseg.cli import audit, console, data, erase, export, fl, privacy, runs, train
 from privseg.errors import PrivsegError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -19,7 +19,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 for command in (train.train, train.evaluate, train.predict, train.unlearn, runs.report):
     app.command()(command)
 for name, group in (("data", data.app), ("audit", audit.app), ("fl", fl.app), ("privacy", privacy.app),
-                    ("runs", runs.app), ("erase", erase.app), ("ledger", erase.ledger_app), ("console", console.app)):
+                    ("runs", runs.app), ("erase", erase.app), ("ledger", erase.ledger_app), ("console", console.app),
+                    ("export", export.app)):
     app.add_typer(group, name=name)
 
 

@@ -43,12 +43,27 @@ def evaluate(split: str = typer.Option("test", help="train, val or test."),
         write_json(json_out, result)
 
 
-@with_options(MODEL, COHORT, ..., *READING)
-def predict(subject: str = typer.Option(..., help="Subject ID to segment."), out_path: Path = typer.Option(
-        ..., "--out", help="Output label map: .nii.gz for a 3D cohort, .png for a 2D one."), **o) -> None:
+@with_options(MODEL, COHORT, ..., *READING, checkpoint=typer.Option(None, help="Checkpoint (.pt)."),
+              cohort=typer.Option(None, help="Cohort folder or manifest."))
+def predict(subject: str = typer.Option(None, help="Subject ID to segment."), out_path: Path = typer.Option(
+        ..., "--out", help="Output label map: .nii.gz for a 3D cohort, .png for a 2D one."),
+        bundle: Path = typer.Option(None, help="Run an export (privseg export) instead of a checkpoint."),
+        image: list[Path] = typer.Option(None, help="With --bundle: the image to segment (one file per channel)."),
+        **o) -> None:
     """Write a subject's predicted label map in the input's own space: for a 3D cohort a NIfTI with
     the image's affine and header; for a 2D cohort a PNG mask of the image's size, in the dataset's
-    label values (e.g. 0/255 where the masks are 0/255)."""
+    label values (e.g. 0/255 where the masks are 0/255). With --bundle DIR, the export segments
+    --image FILE (or --cohort's --subject)."""
+    from privseg.errors import ConfigError
+
+    if bundle:
+        from privseg.export import predict_export
+
+        images = image or (open_cohort(o["cohort"], o["splits"]).subject(subject).images if o["cohort"] else [])
+        ui.out.print(f"wrote {predict_export(bundle, list(images), out_path)}")
+        return
+    if not (o["checkpoint"] and o["cohort"] and subject):
+        raise ConfigError("give --checkpoint, --cohort and --subject (or --bundle DIR with --image FILE)")
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"], o["checkpoint"])
     ui.out.print(f"wrote {predict_subject(o['checkpoint'], c, subject, out_path)}")
 
