@@ -368,3 +368,162 @@ def test_gaussian_noise_is_the_textbook_box_muller_of_the_chacha20_stream_bit_fo
     for size in (1, 2, 7, 4096, 100_001):
         assert torch.equal(ns.gaussian("gradient", 5, size), textbook("gradient", 5, size)), size
     assert ns.uniform("u", 1, 3).dtype == np.float64 and ns.integer("i", 1, 10) in range(10)
+
+
+# == the guarantee at every edge (issue 25) =============================================================
+# Each failed on the code before it: a draw's nonce was (purpose, step) whatever the inputs, ledger rows
+# were INSERT OR REPLACE, client-level DP wrote who took part into every checkpoint and state.json.
+
+def _private_site(tmp_path, items, z: float = 5.0, eps: float = 1e4):
+    from privseg.privacy import make_private
+
+    dp = DPConfig(epsilon=eps, delta=1e-3, clip="fixed", noise_multiplier=z, sampling_rate=1.0,
+                  allow_large_delta=True)
+    return make_private(dp, site="H1", items=items, ledger=BudgetLedger(tmp_path / "privacy.sqlite"),
+                        noise=NoiseSource.for_state_dir(tmp_path), subjects_per_step=2, total_steps=4)
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+
+def _update(private, w0: dict, round_no: int = 1, start: int = 0, stop: int = 2) -> torch.Tensor:
+    """What the server learns from one release: the change of the model (SGD, so noise enters linearly)."""
+    model = _model()
+    model.load_state_dict(w0)
+    before = _flat(model)
+    private.train_round(model, torch.optim.SGD(model.parameters(), lr=1.0), _items(4), _Cfg(), round_no, start, stop)
+    return _flat(model) - before
+
+
+def test_a_round_resent_with_another_model_draws_fresh_noise(tmp_path):
+    """The server re-sends round 1 with another model: with the old nonce (purpose, step) the two
+    updates carried the same noise, and their difference left only the clipped sums (norm <= 2 C
+    steps / B); noise bound to the inputs leaves a difference as large as the noise."""
+    private = _private_site(tmp_path, _items(4))
+    w0 = _model().state_dict()
+    w1 = {k: v + 1e-3 for k, v in w0.items()}
+    diff = _update(private, w0) - _update(private, w1)
+    signal_bound = 2 * 1.0 * 2 * 2 / 2.0  # 2 releases x clip C=1 x 2 steps x 2 patients / expected batch 2
+    assert float(diff.norm()) > 20 * signal_bound  # the noise (z=5, ~1e4 parameters) did not cancel
+    rows = private.ledger.rounds("H1")
+    assert len(rows) == 2 and rows[0]["release"] != rows[1]["release"]  # two releases, both paid for
+
+
+def test_a_resume_with_other_local_steps_never_reuses_an_index(tmp_path):
+    """Round 2 at 2 local steps draws indices 2-3; resumed at 3 local steps its round 2 draws 3-5:
+    the old nonce gave index 3 the same noise in both."""
+    private = _private_site(tmp_path, _items(4))
+    w0 = _model().state_dict()
+    a = private.site_noise.bound(private.release_id(_model(), None, _items(4), _Cfg(), 2, 2, 4))
+    b = private.site_noise.bound(private.release_id(_model(), None, _items(4), _Cfg(), 2, 3, 6))
+    ga, gb = a.gaussian("gradient", 3, 50_000), b.gaussian("gradient", 3, 50_000)
+    assert abs(float(torch.corrcoef(torch.stack([ga, gb]))[0, 1])) < 0.05
+    du = _update(private, w0, 2, 2, 4) - _update(private, w0, 2, 3, 5)
+    assert float(du.norm()) > 20.0
+
+
+def test_an_identical_request_is_the_same_release_booked_once(tmp_path):
+    private = _private_site(tmp_path, _items(4))
+    w0 = _model().state_dict()
+    first, again = _update(private, w0), _update(private, w0)
+    assert torch.equal(first, again)  # bound noise repeats only for identical inputs: the same output
+    assert len(private.ledger.rounds("H1")) == 1
+
+
+def test_federated_resume_with_other_local_steps_or_budget_is_refused(tiny_cohort, tmp_path):
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.simulation import prepare_run
+    from privseg.train import TrainConfig
+
+    sites = sites_from_cohort(tiny_cohort.root)
+    info = check_sites(sites)
+    tc = TrainConfig(model="unet_tiny", in_channels=len(info["channels"]), num_classes=len(info["classes"]))
+    cfg = FLConfig(name="r", sites=sites, train=tc, local_steps=2, privacy=DPConfig(epsilon=8.0, delta=1e-3))
+    prepare_run(cfg, tmp_path / "run")
+    other = FLConfig(name="r", sites=sites, train=tc, local_steps=3, privacy=DPConfig(epsilon=8.0, delta=1e-3))
+    with pytest.raises(ConfigError, match="local_steps: 2 -> 3"):
+        prepare_run(other, tmp_path / "run")
+    richer = FLConfig(name="r", sites=sites, train=tc, local_steps=2, privacy=DPConfig(epsilon=300.0, delta=1e-3))
+    with pytest.raises(ConfigError, match="privacy.epsilon: 8.0 -> 300.0.*privseg privacy budget"):
+        prepare_run(richer, tmp_path / "run")
+
+
+def test_the_server_budget_is_the_ledgers_on_resume(tmp_path):
+    from privseg.privacy.client_dp import SERVER, ClientLevelDP
+
+    ledger = BudgetLedger(tmp_path / "privacy.sqlite")
+    ClientLevelDP(n_sites=4, fraction=0.5, clip="fixed", epsilon=30.0, rounds=5, delta=1e-2, ledger=ledger)
+    hooks = ClientLevelDP(n_sites=4, fraction=0.5, clip="fixed", epsilon=300.0, rounds=5, delta=1e-2, ledger=ledger)
+    assert ledger.budget(SERVER)[0] == 30.0 and hooks.epsilon_budget == 30.0  # was silently reset to 300
+
+
+def test_ledger_rows_are_append_only_and_an_edit_is_detected(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "privacy.sqlite"
+    ledger = BudgetLedger(path)
+    ledger.set_budget("H1", 20.0, 1e-5)
+    ev = [StepEvent(0.5, 1.0, 10)]
+    ledger.commit_round("H1", 1, ev, release="a")
+    spent_one = ledger.spent("H1")
+    # a derived run recreated in the same folder books its round 1 again: a new row, never a replacement
+    ledger.commit_round("H1", 1, ev, scope="retrain", release="b")
+    ledger.commit_round("H1", 1, ev, scope="retrain", release="c")
+    assert len(ledger.rounds("H1")) == 3 and ledger.spent("H1") > spent_one
+    assert ledger.verify() == [] and ledger.status()[0]["intact"] is True
+    con = sqlite3.connect(path)
+    for sql in ("UPDATE releases SET events='[]' WHERE seq=2", "DELETE FROM releases WHERE seq=2"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            con.execute(sql)
+    con.execute("DROP TRIGGER releases_no_update")  # someone edits the file by hand
+    con.execute("UPDATE releases SET events='[]' WHERE seq=2")
+    con.commit()
+    con.close()
+    problems = BudgetLedger(path).verify()
+    assert problems and "releases row 2" in problems[0]
+    row = BudgetLedger(path).status()[0]
+    assert row["intact"] is False and row["private"] is False and "TAMPERED" in row["guarantee"]
+
+
+def test_a_budget_change_is_recorded(tmp_path):
+    from privseg.privacy.budget import change_budget
+
+    ledger = BudgetLedger(tmp_path / "privacy.sqlite")
+    ledger.set_budget("H1", 8.0, 1e-5)
+    change_budget(tmp_path, "H1", 12.0)
+    history = ledger.budget_history("H1")
+    assert [h["epsilon"] for h in history] == [8.0, 12.0] and "privseg privacy budget" in history[-1]["reason"]
+    assert ledger.verify() == []
+
+
+def test_client_dp_keeps_who_took_part_on_the_server(tmp_path):
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.runstate import PARTICIPATION_FILE, RunState
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.train import TrainConfig
+    from privseg.train.checkpoint import load_checkpoint
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=3, per_site=2, size=16)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     steps=2)
+    dp = DPConfig(unit="site", epsilon=50.0, delta=1e-2, clip="fixed", allow_large_delta=True)
+    run = tmp_path / "run"
+    state = simulate_inprocess(FLConfig(name="c", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0,
+                                        fraction=0.5, min_sites=1, privacy=dp), run)
+    assert state.status == "finished"
+    for e in RunState.load(run).rounds:
+        assert e["participants"] == [] and "train" not in e and "train_s" not in e
+        assert not any(site in json.dumps(e) for site in ("H1", "H2", "H3")), e
+    for ckpt in run.glob("checkpoints/*.pt"):
+        assert load_checkpoint(ckpt)["extra"]["federated"]["participants"] == []
+    secret = run / PARTICIPATION_FILE
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    took_part = [json.loads(line)["participants"] for line in secret.read_text().splitlines()]
+    assert len(took_part) == 2
+    # what the server needs (an erasure of a site) still reads it
+    assert RunState.load(run).rounds_of_site("H1") == [i + 1 for i, p in enumerate(took_part) if "H1" in p]

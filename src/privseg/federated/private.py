@@ -20,13 +20,15 @@ look at it themselves.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from privseg.federated.config import FLConfig
-from privseg.federated.runstate import RunState
+from privseg.federated.runstate import PARTICIPATION_FILE, RunState
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
 from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
@@ -108,6 +110,30 @@ def checkpoint_record(cfg: FLConfig) -> dict:
     """What a global checkpoint's ``extra`` keeps of the privacy spec: ``{"dp": ...}``, a record of
     the settings the model was trained under (provenance); empty without DP."""
     return {"dp": cfg.privacy.to_dict()} if cfg.privacy is not None else {}
+
+
+# Under client-level DP who took part in a round is the secret coin the accountant's amplification
+# rests on: it stays in a server-private file, never in a checkpoint, state.json, status or report.
+_SECRET_ROUND_KEYS = ("participants", "train", "failed", "updates", "rejected", "train_s", "wall_s", "cpu_s")
+WITHHELD = "withheld: client-level DP keeps who took part on the server only"
+
+
+def public_round_entry(cfg: FLConfig, run_dir: str | Path, entry: dict) -> dict:
+    """The round record that may leave the server. Under client-level DP (unit ``site``), who took
+    part (and what only those who took part say: their metrics, failures, timings) is appended to
+    ``<run>/server_private/participation.jsonl`` (mode 0600, fsync'd) and withheld from the rest."""
+    if cfg.privacy is None or cfg.privacy.unit != "site":
+        return entry
+    secret = {k: entry[k] for k in _SECRET_ROUND_KEYS if k in entry}
+    path = Path(run_dir) / PARTICIPATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps({"round": entry["round"], **secret}, default=float) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {**{k: v for k, v in entry.items() if k not in secret}, "participants": [], "participation": WITHHELD}
 
 
 def attach_privacy(strategy, cfg: FLConfig, run_dir: str | Path) -> ClientLevelDP | None:

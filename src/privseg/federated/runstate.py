@@ -8,6 +8,8 @@
                                 path of the last global checkpoint (written atomically)
       checkpoints/global_r0003.pt   global model after round 3 (save_checkpoint, weights-only)
       updates/r0003/H1.pt       optional: site H1's update in round 3 (keep_updates)
+      server_private/participation.jsonl   client-level DP: who took part in each round (0600;
+                                never in state.json, a checkpoint, a status or a report)
       sites/H1/local_r0003.pt   site-local state (FedBN norm layers) after round 3
       app/pyproject.toml        Flower app config for ``flwr run`` (deployment)
 
@@ -27,6 +29,24 @@ from privseg.errors import ConfigError, DataError
 from privseg.utils import try_lock_file, write_json
 
 STATE_NAME = "state.json"
+PARTICIPATION_FILE = Path("server_private") / "participation.jsonl"  # client-level DP: server-only
+
+
+def participation(run_dir: str | Path) -> dict[int, dict]:
+    """Round -> the server-private record of who took part (client-level DP,
+    :func:`privseg.federated.private.public_round_entry`); the last record of a round wins (a
+    round re-run after a crash)."""
+    path = Path(run_dir) / PARTICIPATION_FILE
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash: that round was not recorded in state.json either
+        out[int(rec.pop("round"))] = rec
+    return out
 
 
 class RunState:
@@ -105,7 +125,9 @@ class RunState:
 
     def rounds_of_site(self, site: str) -> list[int]:
         """Rounds whose aggregate included ``site``'s update (what an erasure of the site touches)."""
-        return [int(e["round"]) for e in self.rounds if e.get("applied") and site in e.get("participants", [])
+        secret = participation(self.run_dir)  # client-level DP: who took part is kept on the server only
+        rounds = [{**e, **secret.get(int(e["round"]), {})} if "participation" in e else e for e in self.rounds]
+        return [int(e["round"]) for e in rounds if e.get("applied") and site in e.get("participants", [])
                 and site not in {x.get("site") for x in e.get("rejected", [])}]
 
     def site_metrics(self) -> dict[str, dict]:

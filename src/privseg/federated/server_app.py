@@ -202,6 +202,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
             entry["eval"] = _evaluate_round(strategy, grid, r, arrays, base, cfg, node_site)
         entry["wall_s"] = time.perf_counter() - t0
         entry["cpu_s"] = time.process_time() - c0  # this process only: the in-process grid's sites, not Ray's
+        entry = private.public_round_entry(cfg, run_dir, entry)  # client-level DP: participation stays here
         ckpt = _save_global(cfg, state, model, arrays, r, entry)
         state.record_round(entry, ckpt)
         if on_round is not None:

@@ -37,6 +37,7 @@ z ~ 1 that is a signal-to-noise ratio of ~ 3/1140. Patient-level DP-SGD inside e
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -97,11 +98,20 @@ class ClientLevelDP:
         self.clip_norm = float(clip_norm)
         self.ledger = ledger
         if ledger is not None:
-            ledger.set_budget(SERVER, self.epsilon_budget if math.isfinite(self.epsilon_budget) else 1e9, self.delta)
+            wanted = self.epsilon_budget if math.isfinite(self.epsilon_budget) else 1e9
+            if not ledger.has_budget(SERVER):
+                ledger.set_budget(SERVER, wanted, self.delta)
+            else:  # the ledger's budget stands: it changes only through `privseg privacy budget` (recorded)
+                self.epsilon_budget, booked_delta = ledger.budget(SERVER)
+                if booked_delta != self.delta:
+                    raise ConfigError(f"{ledger.path}: the run's delta is {booked_delta:g}, not {self.delta:g}; "
+                                      "a resume keeps the privacy spec it was started with")
         self.noise = noise if noise is not None else NoiseSource.ephemeral()
         self.norms: list[float] = []
         self.history: list[dict] = []
         self._k = 0
+        self.release: str | None = None  # the fingerprint of the round being released
+        self._round_noise: NoiseSource | None = None
 
     @property
     def clip(self) -> float:
@@ -118,14 +128,13 @@ class ClientLevelDP:
         coins = self.noise.uniform("sites", server_round, len(nodes))
         return [n for n, c in zip(nodes, coins, strict=True) if c < self.q]
 
-    def check(self, server_round: int) -> float:
+    def check(self, server_round: int, release: str | None = None) -> float:
         if self.ledger is None:
             return math.nan
-        return self.ledger.check_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)])
+        return self.ledger.check_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)], release=release)
 
     # update hook: (round, replies, global) -> replies
     def clip_updates(self, server_round: int, replies, global_arrays: ArrayRecord):
-        self.check(server_round)  # before anything of this round is released
         glob = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
         self._glob = glob
         self.norms, self._k = [], len(replies)
@@ -145,13 +154,34 @@ class ClientLevelDP:
             for rec in msg.content.metric_records.values():  # uniform average: every site weighs 1
                 if "num-examples" in rec:
                     rec["num-examples"] = 1
+        # the round's noise is bound to every input of its release (the global model, the clipped
+        # updates, the clip): a round re-run with anything else draws fresh noise
+        self.release = self._release_id(server_round, glob, replies, clip)
+        self.check(server_round, self.release)  # before anything of this round is released
+        self._round_noise = self.noise.bound(self.release)
         return replies
+
+    @staticmethod
+    def _release_id(server_round: int, glob: dict, replies, clip: float) -> str:
+        h = hashlib.sha256(f"privseg-server-release-v1|{server_round}|{clip!r}".encode())
+        for k in sorted(glob):
+            h.update(k.encode() + np.ascontiguousarray(glob[k]).tobytes())
+        for digest in sorted(_update_digest(msg) for msg in replies):  # order of arrival does not matter
+            h.update(digest)
+        return h.hexdigest()
 
     # aggregate hook: (round, averaged arrays) -> arrays
     def add_noise(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         glob_keys = list(arrays.keys())
         sizes = [arrays[k].numpy().size for k in glob_keys if np.issubdtype(arrays[k].numpy().dtype, np.floating)]
-        draws = self.noise.gaussian("update", server_round, sum(sizes)).numpy()
+        source = self._round_noise
+        if source is None:  # nobody sampled: the release's only input is the global model (``arrays``)
+            self._glob, self._k = {k: arrays[k].numpy() for k in glob_keys}, 0
+            self.release = self._release_id(server_round, self._glob, [], self.clip)
+            self.check(server_round, self.release)
+            source = self.noise.bound(self.release)
+        self._round_noise = None
+        draws = source.gaussian("update", server_round, sum(sizes)).numpy()
         offset = 0
         clip = self.clip
         out = {}
@@ -165,13 +195,22 @@ class ClientLevelDP:
                 offset += a.size
                 a = (a + noise).astype(a.dtype)
             out[k] = Array(np.ascontiguousarray(a))
-        self.clipper.update(self.norms, draw=float(self.noise.gaussian("count", server_round, 1)[0]))
+        self.clipper.update(self.norms, draw=float(source.gaussian("count", server_round, 1)[0]))
         eps = math.nan
         if self.ledger is not None:
             eps = self.ledger.commit_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)],
-                                           info={"clip": self.clip, "noise": self.noise.kind})
+                                           info={"clip": self.clip, "noise": self.noise.kind}, release=self.release)
         self.history.append({"round": server_round, "clip": clip, "norms": list(self.norms), "epsilon": eps})
         return ArrayRecord(out)
+
+
+def _update_digest(msg) -> bytes:
+    h = hashlib.sha256()
+    for name in sorted(msg.content.array_records):
+        arrays = msg.content[name]
+        for k in sorted(arrays.keys()):
+            h.update(k.encode() + np.ascontiguousarray(arrays[k].numpy()).tobytes())
+    return h.digest()
 
 
 def ledger_for_run(run_dir: str | Path):
