@@ -50,7 +50,7 @@ def FL_DP(
 
 _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=typer.Option(
     "cpu", help="cpu, cuda or auto, for local training."), dp=typer.Option(
-    "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."))
+    "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."), plan=ui.PLAN_AUTO)
 _GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, FL_DP, SPLITS, QUIET)
 
 
@@ -71,6 +71,13 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
         console.print(f"[bold]{mode}[/bold] run {cfg.name}: {cfg.strategy}, {len(cfg.sites)} sites "
                       f"({', '.join(cfg.site_ids)}), {cfg.rounds} rounds x {cfg.local_steps} local steps"
                       + (f", resuming after round {done}" if 0 < done < cfg.rounds else ""))
+    dp = cfg.privacy
+    if dp is not None and dp.unit == "patient" and dp.plan == "auto" and not quiet:
+        from privseg.privacy.plan import plan_for
+
+        for site in cfg.site_ids:  # public figures only: what each site will compute for itself
+            out.print(f"[{site}] " + plan_for(dp, site, cfg.train.steps, base_lr=cfg.train.lr).describe(),
+                      highlight=False)
     with ui.progress(f"fl {mode}", cfg.rounds, quiet) as update:
         update(min(done, cfg.rounds))
         state = run_federated(mode, cfg, run_dir, on_round=lambda e: update(int(e["round"]), round_info(e)), **kw)

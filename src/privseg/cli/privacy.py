@@ -53,7 +53,7 @@ def budget(
 @app.command()
 @with_options(..., STEPS, TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option("group", help="group or instance "
               "(not batch)."), subjects_per_step=typer.Option(2, min=1, help="Expected subjects per step (Poisson "
-              "rate q = this/n)."))
+              "rate q = this/n, under --plan none)."), plan=ui.PLAN_AUTO)
 def train(
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."), **o,
@@ -67,6 +67,10 @@ def train(
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, o["splits"], o["classes"])
     cfg = train_config(c, record_ct_window=False, **take(o, STEPS), **take(o, TRAINING))
+    if dp.plan == "auto" and not o["quiet"]:
+        from privseg.privacy.plan import plan_for
+
+        out.print(plan_for(dp, "central", cfg.steps, base_lr=cfg.lr).describe(), highlight=False)
     with ui.progress("DP training", cfg.steps, o["quiet"]) as update:
         r = train_private(c, cfg, dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:

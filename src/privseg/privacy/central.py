@@ -19,12 +19,15 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     """Central patient-level DP training (all training subjects of ``cohort`` in one place).
 
     Checkpoints every ``config.checkpoint_every`` steps; each such chunk is one ledger round in
-    ``out_dir/privacy.sqlite`` (site ``central``), checked before it runs. Returns the trainer's
-    result plus ``epsilon`` / ``delta`` / ``clip``."""
+    ``out_dir/privacy.sqlite`` (site ``central``), checked before it runs. With ``dp.ema`` the
+    checkpoint serves the weights' EMA (:mod:`privseg.train.ema`, post-processing, booked nothing)
+    and keeps the last iterate to resume from; the returned ``model`` is the served one. Returns
+    the trainer's result plus ``epsilon`` / ``delta`` / ``clip`` / ``plan``."""
     from privseg.data.cohort import write_splits
     from privseg.data.transforms import load_preprocessed
     from privseg.privacy.budget import BudgetLedger
-    from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+    from privseg.train.checkpoint import load_checkpoint, load_ema, save_checkpoint, training_weights
+    from privseg.train.ema import WeightEMA
     from privseg.train.loop import make_optimizer
     from privseg.utils import pick_device, seed_everything
 
@@ -42,13 +45,14 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     if items is None:
         items = load_preprocessed(subjects, cohort, config.spacing)
     ckpt = out_dir / "last.pt"
-    start, history = 0, []
+    start, history, ema = 0, [], None
     if not resume and ledger.rounds(site):
         raise BudgetExceededError(f"{ledger.path} already books DP steps of site {site!r}: a fresh start would "
                                   "replace released rounds in the ledger; resume, or use a new output folder")
     if resume and ckpt.exists():
         payload = load_checkpoint(ckpt)
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(training_weights(payload))  # the last iterate, not the served average
+        ema = load_ema(payload, model)
         if "optimizer" in payload:
             optimizer.load_state_dict(payload["optimizer"])
         start = int(payload["step"])
@@ -65,6 +69,15 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     private = make_private(dp, site=site, items=items, ledger=ledger, noise=noise_source(dp, out_dir, config.seed),
                            subjects_per_step=config.subjects_per_step, total_steps=config.steps, start=start,
                            resume_round=start + 1 if start else None)  # the clip as it was at `start`
+    if ema is None and dp.ema:
+        ema = WeightEMA(model, dp.ema)
+
+    def _on_step(s: int, v: float) -> None:
+        if ema is not None:
+            ema.update(model)
+        if on_step:
+            on_step(s, config.steps, v)
+
     t0 = time.perf_counter()
     step = start
     eps = ledger.spent(site)
@@ -73,15 +86,16 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
         round_no = step + 1
         # the spend is booked before the checkpoint: a crash between them repeats the chunk with the
         # same noise (same output, same ledger row); the other order could lose a spend
-        losses = private.train_round(model, optimizer, items, config, round_no, step, stop,
-                                     on_step=(lambda s, v: on_step(s, config.steps, v)) if on_step else None)
+        losses = private.train_round(model, optimizer, items, config, round_no, step, stop, on_step=_on_step)
         history.extend({"step": step + i + 1, "loss": v} for i, v in enumerate(losses))
         eps = private.epsilon
         save_checkpoint(ckpt, model, config=config.to_dict(), step=stop, optimizer=optimizer,
                         extra={"history": history, "cohort": cohort.name, "dp": dp.to_dict(),
-                               "train_subjects": [s.id for s in subjects]})
+                               "train_subjects": [s.id for s in subjects]}, ema=ema)
         step = stop
+    if ema is not None:
+        model.load_state_dict(ema.state_dict(model))  # the served model
     return {"model": model, "checkpoint": ckpt, "steps": config.steps, "resumed_from": start, "history": history,
             "seconds": time.perf_counter() - t0, "epsilon": eps, "delta": private.plan.delta,
             "budget": private.plan.epsilon, "clip": private.engine.clip, "noise_multiplier": private.plan.base_sigma,
-            "q": private.plan.q}
+            "q": private.plan.q, "plan": private.plan.to_dict()}

@@ -1,4 +1,12 @@
-"""Clipping: fixed, and private adaptive clipping to a target quantile of the norms.
+"""Clip rules: fixed, private adaptive clipping to a target quantile of the norms, and normalising.
+
+Normalising ("automatic clipping", Bu, Wang, Zha & Karypis, "Automatic Clipping: Differentially
+Private Deep Learning Made Easier and Stronger", NeurIPS 2023; also Yang et al. 2022) scales every
+contribution to ``C g_u / (||g_u|| + gamma)`` instead of ``g_u min(1, C/||g_u||)``: each
+contribution has norm below ``C`` (so the sensitivity and the noise are those of a fixed clip at
+``C``), there is no threshold to tune (``C`` only scales the update, which the learning rate --
+or Adam's normalisation -- absorbs), and small gradients are not left small. ``gamma`` (default
+``NORMALISE_GAMMA``, Bu et al.'s 0.01) keeps a near-zero gradient from being blown up to norm ``C``.
 
 Adaptive clipping follows Andrew, Thakkar, McMahan & Ramaswamy, "Differentially Private
 Learning with Adaptive Clipping", NeurIPS 2021 (Algorithm 1/2). With clip ``C`` and the
@@ -81,8 +89,26 @@ def count_sensitivity(clipper: QuantileClipper, norms: list[float], candidates: 
     return worst
 
 
-def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
-    """Per-unit scale ``min(1, C / ||g||)`` (Abadi et al. 2016)."""
+NORMALISE_GAMMA = 0.01  # Bu et al. 2023's stability constant of the normalising rule
+
+
+@dataclass(frozen=True)
+class Normalising:
+    """The ``clip`` a per-subject method gets under the normalising rule: scale every contribution
+    to ``C g / (||g|| + gamma)`` (Bu et al. 2023); ``float()`` of it is ``C``."""
+
+    clip: float
+    gamma: float = NORMALISE_GAMMA
+
+    def __float__(self) -> float:
+        return float(self.clip)
+
+
+def clip_factors(norms: torch.Tensor, clip: float | Normalising) -> torch.Tensor:
+    """Per-unit scale: ``min(1, C / ||g||)`` (Abadi et al. 2016), or ``C / (||g|| + gamma)`` for
+    :class:`Normalising` (Bu et al. 2023). Either way a unit's scaled norm stays below ``C``."""
+    if isinstance(clip, Normalising):
+        return clip.clip / (torch.as_tensor(norms) + clip.gamma)
     return torch.clamp(clip / (norms + 1e-12), max=1.0)
 
 
@@ -143,7 +169,9 @@ class QuantileClipper:
 # A rule is a factory ``(clip_norm, expected_m, z_max, options) -> clipper``; a clipper has
 # ``clip`` (the current norm), ``update_noise_multiplier(z)`` (the update's share of the step's
 # noise) and ``update(norms, draw)`` (after the step; ``draw`` is the step's secret N(0, 1) draw
-# for any noise the rule itself releases). A new rule is one decorated function here or anywhere.
+# for any noise the rule itself releases); optionally ``scale`` (what the per-subject method gets
+# as its ``clip``: default the norm ``clip``, a :class:`Normalising` for the normalising rule).
+# A new rule is one decorated function here or anywhere.
 
 ClipRule = Callable[[float, float, float, dict], object]
 CLIP_RULES: dict[str, ClipRule] = {}
@@ -179,6 +207,28 @@ class FixedClipper:
 @clip_rule("fixed")
 def _fixed(clip_norm: float, expected_m: float, z_max: float, options: dict) -> FixedClipper:
     return FixedClipper(clip_norm)
+
+
+@dataclass
+class NormalisingClipper(FixedClipper):
+    """Normalise every contribution to ``C g / (||g|| + gamma)`` (Bu et al. 2023): sensitivity
+    ``C``, so the whole step's noise goes on the update, as for a fixed clip."""
+
+    gamma: float = NORMALISE_GAMMA
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.gamma > 0:
+            raise ConfigError(f"normalising clip gamma {self.gamma} must be positive")
+
+    @property
+    def scale(self) -> Normalising:
+        return Normalising(self.clip, self.gamma)
+
+
+@clip_rule("normalise")
+def _normalise(clip_norm: float, expected_m: float, z_max: float, options: dict) -> NormalisingClipper:
+    return NormalisingClipper(clip_norm, float(options.get("gamma") or NORMALISE_GAMMA))
 
 
 @clip_rule("adaptive")

@@ -3,8 +3,13 @@ Alg. 1, with the patient as the record, as in user-level DP -- McMahan et al., I
 
 1. **Poisson-sample patients** from the site's secret key (:mod:`privseg.privacy.noise`): each
    joins the step independently with probability ``q``; a step may hold 0, 1, ... patients.
-   Patches are then drawn from the chosen patients' files only.
-2. **Per-patient gradient**, clipped to ``C`` (:mod:`privseg.privacy.grad_sample`).
+   Patches are then drawn from the chosen patients' files only: ``aug_mult`` = K random
+   augmented patches (crops centred on foreground or background) from each of a patient's files.
+2. **Per-patient gradient** -- the mean of the gradients of its K patches -- clipped once to ``C``
+   (:mod:`privseg.privacy.grad_sample`). This is augmentation multiplicity (De, Berrada, Hayes,
+   Smith & Balle, "Unlocking High-Accuracy Differentially Private Image Classification through
+   Scale", 2022, Sec. 3.1): averaging before clipping leaves one patient's contribution at norm
+   <= C, so K costs no privacy, while the average has less variance than one patch's gradient.
 3. **Noise**: ``g = (sum_u g_u + N(0, (z_delta C)^2 I)) / B``; the optimiser steps on ``g``.
    A fixed clip has ``z_delta = z``; private adaptive clipping (Andrew et al., NeurIPS 2021,
    :mod:`privseg.privacy.clipping`) gives the update its share of ``z`` and moves ``C``.
@@ -77,7 +82,8 @@ class PatientDPSGD:
     def __init__(self, *, q: float, n_subjects: int, multipliers: Sequence[float], clip_norm: float = 1.0,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
                  sigma_b: float | None = None, method: str = "loop", noise: NoiseSource | None = None,
-                 start: int = 0, expected_batch: float | None = None, clip_rule: str | None = None):
+                 start: int = 0, expected_batch: float | None = None, clip_rule: str | None = None,
+                 aug_mult: int | None = None, lr_scale: float = 1.0, clip_gamma: float | None = None):
         if method not in GRAD_METHODS:
             raise ConfigError(f"DP method {method!r} is not one of {', '.join(GRAD_METHODS)}")
         self.q = float(q)
@@ -88,7 +94,14 @@ class PatientDPSGD:
         self.clip_norm = float(clip_norm)
         self.clip_rule = clip_rule or ("adaptive" if adaptive else "fixed")
         self.clipper = make_clipper(self.clip_rule, clip_norm, self.expected_batch, max(self.multipliers, default=0.0),
-                                    {"target_quantile": target_quantile, "clip_lr": clip_lr, "sigma_b": sigma_b})
+                                    {"target_quantile": target_quantile, "clip_lr": clip_lr, "sigma_b": sigma_b,
+                                     "gamma": clip_gamma})
+        if aug_mult is not None and int(aug_mult) < 1:
+            raise ConfigError(f"augmentation multiplicity {aug_mult} must be at least 1 patch per patient")
+        self.aug_mult = int(aug_mult) if aug_mult else None  # None: the training config's patches_per_subject
+        if not lr_scale > 0:
+            raise ConfigError(f"learning-rate scale {lr_scale} must be positive")
+        self.lr_scale = float(lr_scale)  # the plan's: the optimiser runs at config.lr * lr_scale
         self.method = method
         self.noise = noise if noise is not None else NoiseSource.ephemeral()
         self.step_no = int(start)
@@ -116,7 +129,8 @@ class PatientDPSGD:
 
     def sample(self, items: Sequence[dict], sampler, step: int, device=None) -> SampledBatch:
         """Poisson sample of patients for ``step`` (each independently with probability ``q``, from
-        the secret noise source), and ``patches_per_subject`` patches from each of their files."""
+        the secret noise source), and the sampler's patches (``aug_mult`` in :meth:`train_steps`)
+        from each of their files, all from the secret stream."""
         groups = patient_groups(items)
         if len(groups) != self.n:
             raise ConfigError(f"the DP plan is for {self.n} patients, the site has {len(groups)}")
@@ -149,7 +163,8 @@ class PatientDPSGD:
                                        sum(p.numel() for p in params), dtype)
         try:
             if batch.images is not None:
-                acc, norms, loss = self._clipped_sum(model, loss_fn, batch.images, batch.labels, batch.owner, clip)
+                acc, norms, loss = self._clipped_sum(model, loss_fn, batch.images, batch.labels, batch.owner,
+                                                     getattr(self.clipper, "scale", clip))
             else:  # nobody sampled: the step still releases noise, and is still accounted
                 acc, norms = [torch.zeros_like(p) for p in params], torch.zeros(0, dtype=torch.float64)
                 loss = float("nan")
@@ -174,10 +189,18 @@ class PatientDPSGD:
                     start: int, stop: int, loss_fn=None, sampler=None,
                     on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Steps ``start .. stop``, each on its own Poisson sample; the draws depend only on the
-        noise key and the step, so a resumed run repeats an uninterrupted one."""
+        noise key and the step, so a resumed run repeats an uninterrupted one. Each sampled patient
+        gives ``aug_mult`` patches per file (default ``config.patches_per_subject``); the optimiser
+        runs at ``config.lr * lr_scale`` (the plan's learning rate, :mod:`privseg.privacy.plan`)."""
+        from privseg.data.transforms import PatchSampler
         from privseg.train.loop import prepare_steps
 
         check_dp_model(model)
+        if sampler is None and self.aug_mult:
+            sampler = PatchSampler(config.patch_size, self.aug_mult, config.seed)
+        if self.lr_scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * self.lr_scale
         device, loss_fn, sampler = prepare_steps(model, items, config, loss_fn, sampler)
         losses = []
         for step in range(start, stop):

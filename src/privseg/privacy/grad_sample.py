@@ -12,7 +12,11 @@ per-subject norms, mean loss)``, where ``owner[i]`` is the subject (patient) of 
   gradient from its stored input and output gradient (book-keeping, Bu et al. 2023).
 
 Clipping per subject (Abadi et al., CCS 2016): ``g_u <- g_u * min(1, C / ||g_u||)``, so one
-patient moves the sum by at most ``C``. ``benchmarks/privacy.py`` times all three.
+patient moves the sum by at most ``C``; ``clip`` may instead be a
+:class:`~privseg.privacy.clipping.Normalising` (``g_u <- C g_u / (||g_u|| + gamma)``, Bu et al.
+2023), same bound. ``g_u`` is the gradient of the subject's mean loss over its patches, i.e. the
+mean of its patches' gradients: with ``K`` augmented patches per patient this is augmentation
+multiplicity (De et al. 2022), clipped once. ``benchmarks/privacy.py`` times the methods.
 A new method is one function decorated with :func:`per_subject`.
 """
 

@@ -1,13 +1,41 @@
-"""A site's DP plan: the sampling rate and noise multipliers fixed before its first round.
+"""A site's DP plan: the sampling rate and noise multipliers fixed before its first round, and the
+step planner that chooses them from public figures only (``--plan auto``).
 
 The multipliers are calibrated (bisection on the accountant, :func:`calibrate_sigma`) so that
 the planned steps spend exactly the site's budget, then kept: more rounds, an erased patient or
 an erasure's derived run use the same ``q`` and multipliers, and the ledger
 (:class:`~privseg.privacy.budget.BudgetLedger`) refuses the round that would cross the budget.
+
+**The step planner** (:func:`plan_training`). Inputs: (epsilon, delta), the cohort size the site
+declares public (rounded down to 2 significant digits, :func:`public_cohort_size`, and stated in
+the plan), a compute budget in epochs ``E`` and the number of steps ``T`` (a federation's rounds x
+local steps; without it the planner chooses ``T``). Outputs: the sampling rate ``q``, ``T``, the
+noise multiplier ``sigma``, the expected batch ``B = q N``, the noise per patient ``sigma C / B``
+and a learning rate scaled to it. Nothing reads the site's exact n, so the plan -- and every reply
+computed from it (``dp-noise-multiplier``, ``dp-epsilon``) -- says nothing about n beyond the
+declared size.
+
+* **Fewer, larger steps** (Sander, Stock & Sablayrolles, "TAN without a burn: Scaling laws of
+  DP-SGD", ICML 2023). At a fixed budget the noise that matters is ``sigma / B`` per step; for
+  ``sigma`` above about 1, ``sigma`` grows as ``q sqrt(T)``, so at a fixed compute budget
+  ``E = q T`` the noise per step falls as ``sqrt(T)`` falls: spend the epochs on large batches.
+  Given ``T``, ``q = min(1, E / T)`` (the largest batch the budget pays for). Given only ``E``,
+  ``T = max(MIN_STEPS, E)`` -- full-batch steps unless that leaves fewer than ``MIN_STEPS``
+  updates. ``q`` depends on (E, T) only: a public sampling rate (issue 25, item 6).
+* **Learning rate scaled to the noise.** Under DP, Adam's second moment is dominated by the
+  noise's variance ``(sigma C / B)^2`` per coordinate, so AdamW acts as SGD with step
+  ``lr / (sigma C / B)`` (Tang, Panda, Sankararaman & Xu, "DP-AdamBC: Your DP-Adam Is Actually
+  DP-SGD", AAAI 2024). Keeping that step the same across plans (TAN: runs at the same noise per
+  step and steps behave alike) gives ``lr = base_lr * (sigma C / B) / NOISE_REF``, capped at
+  ``LR_CAP`` x ``base_lr``: ``base_lr`` (``--lr``) is the rate at the reference noise.
+
+``DEFAULT_EPOCHS``, ``MIN_STEPS`` and ``NOISE_REF`` are provisional until
+``benchmarks/privacy_utility.py`` measures them.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -38,6 +66,10 @@ class SitePlan:
     delta: float
     schedule: str = "constant"
     decay_ratio: float = 0.5
+    # from the step planner (--plan auto); None / 1.0 for a plan made without it
+    cohort_size: int | None = None  # the declared public size, rounded
+    expected_batch: float | None = None  # q * cohort_size: the public divisor of the noised sum
+    lr_scale: float = 1.0  # the optimiser runs at lr * lr_scale
 
     @property
     def multipliers(self) -> list[float]:
@@ -73,17 +105,137 @@ def _warn_if_count_is_noise(site: str, sigma_b: float, expected_m: float) -> Non
                       "patients per step", AdaptiveClipNoiseWarning, stacklevel=3)
 
 
+DEFAULT_EPOCHS = 50.0  # compute budget: expected passes over each patient (provisional)
+MIN_STEPS = 100  # fewest updates the planner chooses when it chooses the steps (provisional)
+NOISE_REF = 1.0  # noise per patient (sigma C / B) at which --lr is used as given (provisional)
+LR_CAP = 10.0  # the planned learning rate is at most this many times --lr
+
+
+def public_cohort_size(declared: int) -> int:
+    """The declared cohort size as the plan states it: rounded down to 2 significant digits
+    (137 -> 130, 25 -> 25), so a plan never pins a count more finely than that. Rounding down
+    makes ``delta < 1/N`` and the expected batch conservative."""
+    n = int(declared)
+    if n < 1:
+        raise ConfigError(f"declared cohort size {declared} must be at least 1")
+    step = 10 ** max(len(str(n)) - 2, 0)
+    return n // step * step
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A DP training plan made from public figures only (:func:`plan_training`)."""
+
+    epsilon: float
+    delta: float
+    cohort_size: int | None  # declared, rounded (public_cohort_size); None: not declared
+    sampling_rate: float
+    steps: int
+    noise_multiplier: float
+    clip_norm: float
+    expected_batch: float | None  # q * cohort_size
+    lr_scale: float
+    lr: float | None  # base_lr * lr_scale, when a base_lr was given
+
+    @property
+    def epochs(self) -> float:
+        return self.sampling_rate * self.steps
+
+    @property
+    def noise_per_patient(self) -> float | None:
+        """``sigma C / B``: the std of each coordinate of the noise on the averaged update, in the
+        same units as one patient's clipped contribution -- the figure TAN shows utility follows."""
+        return self.noise_multiplier * self.clip_norm / self.expected_batch if self.expected_batch else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "epochs": self.epochs, "noise_per_patient": self.noise_per_patient}
+
+    def describe(self) -> str:
+        size = (f"declared cohort {self.cohort_size} patients (rounded; the exact count is not used)"
+                if self.cohort_size else "no cohort size declared (noise per patient and learning rate unscaled)")
+        lines = [f"DP plan: epsilon {self.epsilon:g} at delta {self.delta:g}; {size}",
+                 f"  {self.steps} steps at sampling rate q = {self.sampling_rate:.4g} ({self.epochs:.3g} epochs)",
+                 f"  noise multiplier sigma = {self.noise_multiplier:.4g}, clip C = {self.clip_norm:g}"]
+        if self.expected_batch:
+            lines.append(f"  expected batch {self.expected_batch:.3g} patients; noise per patient sigma*C/B = "
+                         f"{self.noise_per_patient:.4g}")
+        lines.append(f"  learning rate {self.lr:.3g}" if self.lr is not None else
+                     f"  learning rate x {self.lr_scale:.3g}")
+        return "\n".join(lines)
+
+
+def plan_training(epsilon: float, delta: float, cohort_size: int | None, *, steps: int | None = None,
+                  epochs: float | None = None, sampling_rate: float | None = None, clip_norm: float = 1.0,
+                  base_lr: float | None = None, noise_multiplier: float | None = None, schedule: str = "constant",
+                  decay_ratio: float = 0.5, allow_large_delta: bool = False, what: str = "plan") -> TrainingPlan:
+    """The step planner (module docstring): sampling rate, steps, noise multiplier and learning
+    rate from the budget (``epsilon``, ``delta``), the declared public ``cohort_size`` and the
+    compute budget (``epochs``, default ``DEFAULT_EPOCHS``; ``steps`` when the run fixes them).
+    ``sampling_rate`` / ``noise_multiplier`` fix q / sigma instead. It takes no exact n."""
+    eps = check_epsilon(epsilon, f"epsilon of {what}")
+    size = public_cohort_size(cohort_size) if cohort_size is not None else None
+    dlt = check_delta(delta, size, allow_large_delta, what=f"delta of {what}")
+    budget = float(epochs) if epochs is not None else DEFAULT_EPOCHS
+    if not budget > 0:
+        raise ConfigError(f"{what}: epoch budget {budget} must be positive")
+    if steps is not None and int(steps) < 1:
+        raise ConfigError(f"{what}: steps {steps} must be at least 1")
+    if sampling_rate is not None:
+        q = float(sampling_rate)
+        if not 0 < q <= 1:
+            raise ConfigError(f"{what}: sampling rate {q} must be in (0, 1]")
+        t = int(steps) if steps is not None else max(MIN_STEPS, math.ceil(budget / q))
+    elif steps is not None:
+        t = int(steps)
+        q = min(1.0, budget / t)  # the largest batch the budget pays for (TAN)
+    else:
+        t = max(MIN_STEPS, math.ceil(budget))  # full-batch steps unless that is fewer than MIN_STEPS
+        q = min(1.0, budget / t)
+    if noise_multiplier is not None:
+        sigma = float(noise_multiplier)
+        if epsilon_of(q, sigma, dlt, schedule) > eps:
+            raise BudgetExceededError(f"{what}: epsilon={eps:g} is too small for even one step at noise multiplier "
+                                      f"{sigma:g}; raise the budget or the noise")
+    else:
+        sigma = calibrate_sigma(eps, dlt, q, t, schedule=schedule, ratio=decay_ratio, what=what)
+    batch = q * size if size else None
+    scale = min(LR_CAP, sigma * clip_norm / batch / NOISE_REF) if batch else 1.0
+    return TrainingPlan(eps, dlt, size, q, t, sigma, float(clip_norm), batch, scale,
+                        base_lr * scale if base_lr is not None else None)
+
+
+def plan_for(dp: DPConfig, site: str, steps: int | None, base_lr: float | None = None) -> TrainingPlan:
+    """:func:`plan_training` for ``site`` from the run's spec (its budget and declared size): what
+    the site computes for itself, and what anyone holding the spec can compute and print."""
+    dp = dp.for_site(site)
+    return plan_training(dp.epsilon, dp.delta, dp.cohort_size, steps=steps, epochs=dp.epochs,
+                         sampling_rate=dp.sampling_rate, clip_norm=dp.clip_norm, base_lr=base_lr,
+                         noise_multiplier=dp.noise_multiplier, schedule=dp.noise_schedule, decay_ratio=dp.decay_ratio,
+                         allow_large_delta=dp.allow_large_delta, what=f"site {site}")
+
+
+def epsilon_of(q: float, base: float, delta: float, schedule: str = "constant") -> float:
+    """Epsilon of one step at noise ``base`` under ``schedule`` (the first step's cost)."""
+    return epsilon(events_for(q, schedule_multipliers(base, 1, schedule)), delta)
+
+
 def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, total_steps: int) -> SitePlan:
     """Validate a site's budget and calibrate its noise schedule to spend it over ``total_steps``."""
     dp = dp.for_site(site)
     if n_subjects < 1:
         raise ConfigError(f"site {site}: no training subjects")
     eps = check_epsilon(dp.epsilon, f"epsilon of site {site}")
+    # delta < 1/n is checked against the exact n here, at the site, before anything is released
     delta = check_delta(dp.delta, n_subjects, dp.allow_large_delta, what=f"delta of site {site}")
+    if dp.plan == "auto":  # from public figures only: the declared size, never n_subjects
+        tp = plan_for(dp, site, total_steps)
+        _check_adaptive(dp, site, tp.noise_multiplier, total_steps, tp.expected_batch or subjects_per_step)
+        return SitePlan(site, n_subjects, tp.sampling_rate, total_steps, tp.noise_multiplier, eps, delta,
+                        dp.noise_schedule, dp.decay_ratio, tp.cohort_size, tp.expected_batch, tp.lr_scale)
     q = dp.sampling_rate or min(1.0, subjects_per_step / n_subjects)
     if dp.noise_multiplier is not None:
         base = float(dp.noise_multiplier)
-        first = epsilon(events_for(q, schedule_multipliers(base, 1, dp.noise_schedule)), delta)
+        first = epsilon_of(q, base, delta, dp.noise_schedule)
         if first > eps:
             raise BudgetExceededError(f"site {site}: epsilon={eps:g} is too small for even one step at noise "
                                       f"multiplier {base:g} (one step costs {first:.3g}); "
@@ -91,12 +243,17 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
     else:
         base = calibrate_sigma(eps, delta, q, total_steps, schedule=dp.noise_schedule, ratio=dp.decay_ratio,
                                what=f"site {site}")
+    _check_adaptive(dp, site, base, total_steps, q * n_subjects)
+    return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio)
+
+
+def _check_adaptive(dp: DPConfig, site: str, base: float, total_steps: int, expected_m: float) -> None:
+    """Adaptive clipping must leave the update some noise, and warns when its count is mostly noise."""
     if dp.clip == "adaptive":
         mult = schedule_multipliers(base, total_steps, dp.noise_schedule, dp.decay_ratio)
-        sigma_b = dp.sigma_b or default_sigma_b(q * n_subjects, max(mult))
+        sigma_b = dp.sigma_b or default_sigma_b(expected_m, max(mult))
         split_noise(min(mult), sigma_b)
-        _warn_if_count_is_noise(site, sigma_b, q * n_subjects)
-    return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio)
+        _warn_if_count_is_noise(site, sigma_b, expected_m)
 
 
 def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int,

@@ -23,6 +23,11 @@ from privseg.utils import setting
 
 RUN_CONFIG_PREFIX = "dp-"  # the spec's keys in a Flower run configuration / ConfigRecord
 _SITES_KEY = RUN_CONFIG_PREFIX + "sites."  # per-site overrides: dp-sites.<SITE>.epsilon / .delta
+SITE_KEYS = ("epsilon", "delta", "cohort_size")  # what a site may set for itself
+PLANS = ("auto", "none")
+# Provisional defaults of the DP recipe (issue 26), until benchmarks/privacy_utility.py measures them:
+AUG_MULT = 4  # K patches per patient file: De et al. 2022 gain most from the first few (they use up to 16)
+EMA_DECAY = 0.999  # with the warm-up of privseg.train.ema, the average spans ~min(t/10, 1000) steps
 
 
 @dataclass
@@ -37,8 +42,14 @@ class DPConfig:
     learning rate ``clip_lr`` and count noise ``sigma_b``, default m/20). ``noise_schedule``:
     ``constant`` or ``decay`` (linear to ``decay_ratio`` x the first step's noise), calibrated to
     spend the budget over the planned steps; ``noise_multiplier`` fixes it instead (then the
-    ledger stops the run when the budget runs out). ``sampling_rate`` ``q``: default
-    ``subjects_per_step / n``. ``allow_large_delta`` permits delta >= 1/n. ``reproducible_noise``:
+    ledger stops the run when the budget runs out). ``plan``: ``auto`` -- the step planner
+    (:func:`privseg.privacy.plan.plan_training`: sampling rate from the ``epochs`` budget and the
+    steps, noise calibrated, learning rate scaled to the noise, all from public figures and the
+    ``cohort_size`` the site declares public, never its exact n) -- or ``none`` (q defaults to
+    ``subjects_per_step / n``, which reveals n). ``sampling_rate`` ``q`` fixes q either way.
+    ``aug_mult``: patches per patient file averaged before the one clip (De et al. 2022).
+    ``ema``: decay of the weight average served as the model (post-processing; 0: off).
+    ``allow_large_delta`` permits delta >= 1/n. ``reproducible_noise``:
 noise from the public seed, for tests/benchmarks only (the run is "not private").
     ``ledger_root``/``ledger_scope``: a derived run (an erasure's retrain or calibration) books each
     site's spend in ``<ledger_root>/sites/<site>/privacy.sqlite`` -- the site's own ledger -- under
@@ -48,7 +59,8 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     unit: str = setting("patient", "DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server).")
     epsilon: float = setting(8.0, "Privacy budget epsilon (per site).")
     delta: float = setting(1e-5, "delta; must be below 1/(patients at the site).")
-    clip: str = setting("adaptive", "fixed or adaptive (private quantile, Andrew et al. 2021).")
+    clip: str = setting("adaptive", "Clip rule: fixed, adaptive (private quantile, Andrew et al. 2021) or normalise "
+                        "(g/(|g|+gamma), Bu et al. 2023).")
     clip_norm: float = setting(1.0, "Clip norm (adaptive: its starting value).")
     target_quantile: float = setting(0.5, "Adaptive clip: target quantile of the norms.")
     clip_lr: float = 0.2
@@ -56,7 +68,19 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     noise_schedule: str = setting("constant", "constant or decay (calibrated to the budget).")
     decay_ratio: float = 0.5
     noise_multiplier: float | None = None
-    sampling_rate: float | None = None
+    sampling_rate: float | None = setting(None, "Public Poisson sampling rate q of patients per step (default: "
+                                          "the plan's; with --plan none, subjects-per-step / n, which reveals n).")
+    plan: str = setting("none", "DP step plan: auto (sampling rate, noise and learning rate from epsilon, delta, "
+                        "the epoch budget, the steps and the declared cohort size) or none.")
+    cohort_size: int | None = setting(None, "Patients per site declared public for the plan (rounded down to 2 "
+                                      "significant digits; never the exact count).", min=1)
+    epochs: float | None = setting(None, "DP plan: the compute budget in epochs (expected passes over each patient); "
+                                   "q = epochs / steps (default: the planner's).")
+    aug_mult: int = setting(AUG_MULT, "Augmented patches per patient file averaged before the one clip (augmentation "
+                            "multiplicity, De et al. 2022).", min=1)
+    ema: float = setting(EMA_DECAY, "Decay of the weight EMA served as the model under DP (0: serve the last "
+                         "weights).", min=0)
+    clip_gamma: float | None = None
     method: str = setting("loop", f"Per-subject gradients: {', '.join(GRAD_METHODS)} (speeds: "
                           "benchmarks/results/privacy.md).")
     allow_large_delta: bool = setting(False, "Allow delta >= 1/n (not recommended).")
@@ -82,13 +106,25 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
             raise ConfigError(f"sampling rate {self.sampling_rate} must be in (0, 1]")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError(f"noise multiplier {self.noise_multiplier} must be positive")
+        if self.plan not in PLANS:
+            raise ConfigError(f"--plan {self.plan!r} is not one of {', '.join(PLANS)}")
+        if self.cohort_size is not None and int(self.cohort_size) < 1:
+            raise ConfigError(f"--cohort-size {self.cohort_size} must be at least 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs {self.epochs} must be positive")
+        if int(self.aug_mult) < 1:
+            raise ConfigError(f"--aug-mult {self.aug_mult} must be at least 1")
+        if not 0 <= float(self.ema) < 1:
+            raise ConfigError(f"--ema {self.ema} must be in [0, 1)")
         if self.noise_schedule not in ("constant", "decay"):
             raise ConfigError(f"noise schedule {self.noise_schedule!r} is not constant or decay")
         for site, over in self.sites.items():
-            bad = set(over) - {"epsilon", "delta"}
+            bad = set(over) - set(SITE_KEYS)
             if bad:
                 raise ConfigError(f"per-site DP override for {site!r} has unknown keys {sorted(bad)} "
-                                  "(only epsilon and delta)")
+                                  f"(only {', '.join(SITE_KEYS)})")
+            if over.get("cohort_size") is not None and int(over["cohort_size"]) < 1:
+                raise ConfigError(f"cohort size of site {site} must be at least 1")
             if "epsilon" in over:
                 check_epsilon(over["epsilon"], f"epsilon of site {site}")
             if "delta" in over:
@@ -96,8 +132,9 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
 
     def for_site(self, site: str) -> DPConfig:
         over = self.sites.get(site, {})
+        size = over.get("cohort_size", self.cohort_size)
         return replace(self, epsilon=float(over.get("epsilon", self.epsilon)),
-                       delta=float(over.get("delta", self.delta)))
+                       delta=float(over.get("delta", self.delta)), cohort_size=int(size) if size else None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,15 +171,14 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
         return cls(**d) if len(d) > 1 or d["sites"] else None
 
     @classmethod
-    def from_options(cls, *, unit: str = "patient", epsilon: float = 8.0, delta: float = 1e-5, clip: str = "adaptive",
-                     clip_norm: float = 1.0, target_quantile: float = 0.5, noise_schedule: str = "constant",
-                     site_budget: list[str] | None = None, config_file: str | Path | None = None,
-                     allow_large_delta: bool = False, method: str = "loop") -> DPConfig:
-        """The spec from command-line style options: ``site_budget`` items ``SITE=EPS[,DELTA]``,
-        ``config_file`` a JSON file of settings (``{"sites": {"H2": {"epsilon": 3}}}``)."""
-        d = {"unit": unit, "epsilon": epsilon, "delta": delta, "clip": clip, "clip_norm": clip_norm,
-             "target_quantile": target_quantile, "noise_schedule": noise_schedule,
-             "allow_large_delta": allow_large_delta, "method": method, "sites": {}}
+    def from_options(cls, *, site_budget: list[str] | None = None, config_file: str | Path | None = None,
+                     **settings) -> DPConfig:
+        """The spec from command-line style options: ``settings`` fields of :class:`DPConfig` by name
+        (a None leaves the field's default), ``site_budget`` items ``SITE=EPS[,DELTA]``,
+        ``config_file`` a JSON file of settings (``{"sites": {"H2": {"epsilon": 3, "cohort_size":
+        40}}}``)."""
+        d = {k: v for k, v in settings.items() if v is not None}
+        d["sites"] = {}
         if config_file:
             try:
                 extra = json.loads(Path(config_file).read_text())
@@ -157,8 +193,8 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
             try:
                 site, val = item.split("=", 1)
                 parts = val.split(",")
-                d["sites"][site] = {"epsilon": float(parts[0]),
-                                    **({"delta": float(parts[1])} if len(parts) > 1 else {})}
+                d["sites"].setdefault(site, {}).update({"epsilon": float(parts[0]),
+                                                        **({"delta": float(parts[1])} if len(parts) > 1 else {})})
             except ValueError:
                 raise ConfigError(f"--site-budget {item!r}: expected SITE=EPSILON or SITE=EPSILON,DELTA") from None
         return cls.from_dict(d)
@@ -169,15 +205,12 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
         return cls(**known)
 
 
-def dp_from_options(*, dp: str = "none", epsilon: float = 8.0, delta: float = 1e-5, clip: str = "adaptive",
-                    clip_norm: float = 1.0, target_quantile: float = 0.5, noise_schedule: str = "constant",
-                    allow_large_delta: bool = False, dp_method: str = "loop", site_budget: list[str] | None = None,
-                    dp_config: str | Path | None = None) -> DPConfig | None:
+def dp_from_options(*, dp: str = "none", dp_method: str | None = None, site_budget: list[str] | None = None,
+                    dp_config: str | Path | None = None, **settings) -> DPConfig | None:
     """:meth:`DPConfig.from_options` from the options named as the commands name them
-    (``--dp``, ``--dp-method``, ``--dp-config``); ``dp="none"``: no DP (None)."""
+    (``--dp`` for ``unit``, ``--dp-method`` for ``method``, ``--dp-config``, the rest by field
+    name); ``dp="none"``: no DP (None)."""
     if dp == "none":
         return None
-    return DPConfig.from_options(unit=dp, epsilon=epsilon, delta=delta, clip=clip, clip_norm=clip_norm,
-                                 target_quantile=target_quantile, noise_schedule=noise_schedule,
-                                 site_budget=site_budget, config_file=dp_config,
-                                 allow_large_delta=allow_large_delta, method=dp_method)
+    return DPConfig.from_options(unit=dp, method=dp_method, site_budget=site_budget, config_file=dp_config,
+                                 **settings)

@@ -13,29 +13,51 @@ from typing import Any
 import torch
 
 from privseg.errors import CheckpointError
+from privseg.train.ema import WeightEMA
 from privseg.utils import atomic_path, load_weights_only, versions  # load_weights_only: also read from here
 
 FORMAT = "privseg-checkpoint/1"
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: dict, step: int = 0,
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                    ema: WeightEMA | None = None) -> Path:
     """Write ``model`` (and optionally the optimizer) with its config; a crash mid-write
-    leaves the previous file untouched."""
+    leaves the previous file untouched. With ``ema`` the served weights (``"model"``, what
+    evaluate, predict and unlearn load) are the average, and the last iterate, which training
+    resumes from, is kept as ``"train_model"`` (:func:`training_weights`)."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": weights if ema is None else {k: v.cpu() for k, v in ema.state_dict(model).items()},
         "config": config,
         "step": int(step),
         "versions": versions(),
         "extra": extra or {},
     }
+    if ema is not None:
+        payload["train_model"] = weights
+        payload["ema"] = ema.record()
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     payload["rng"] = torch.get_rng_state()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def training_weights(payload: dict) -> dict:
+    """The weights training resumes from: the last iterate (``"train_model"``) when the served
+    ``"model"`` is an EMA, else ``"model"``."""
+    return payload.get("train_model", payload["model"])
+
+
+def load_ema(payload: dict, model: torch.nn.Module) -> WeightEMA | None:
+    """The checkpoint's weight average, to continue it on resume (None when it has none)."""
+    rec = payload.get("ema")
+    if not isinstance(rec, dict):
+        return None
+    return WeightEMA(model, rec["decay"], updates=int(rec["updates"]), shadow=payload["model"])
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -59,6 +81,14 @@ def _check_payload(payload: dict, path: Path) -> None:
     if not isinstance(model, dict) or not model or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise CheckpointError(f"{path}: checkpoint field 'model' must be a non-empty state dict of tensors")
+    train_model = payload.get("train_model")
+    if train_model is not None and not (isinstance(train_model, dict) and set(train_model) == set(model) and all(
+            isinstance(v, torch.Tensor) for v in train_model.values())):
+        raise CheckpointError(f"{path}: checkpoint field 'train_model' must be a state dict of the model's tensors")
+    ema = payload.get("ema")
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("updates"), int)
+                                and isinstance(ema.get("decay"), float) and 0 < ema["decay"] < 1):
+        raise CheckpointError(f"{path}: checkpoint field 'ema' must hold a decay in (0, 1) and an update count")
     cfg = payload.get("config")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: checkpoint field 'config' must be a dict")
