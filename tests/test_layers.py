@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "audit": 5,                  # membership tests, ledger, certificates: what verifies an erasure
     "unlearn": 6,
     "report": 7,
+    "export": 7,                 # the served model as bundle/TorchScript/ONNX, its card from the ledgers
     "cli": 8, "console": 8,
     # the package's top-level modules
     "errors": 0, "utils": 0,     # shared helpers every layer may use
