@@ -527,3 +527,40 @@ def test_client_dp_keeps_who_took_part_on_the_server(tmp_path):
     assert len(took_part) == 2
     # what the server needs (an erasure of a site) still reads it
     assert RunState.load(run).rounds_of_site("H1") == [i + 1 for i, p in enumerate(took_part) if "H1" in p]
+
+
+def test_a_dp_sites_error_reaches_the_server_as_its_class_and_site_only(tiny_cohort, tmp_path):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from privseg.errors import SiteFailure
+    from privseg.federated import sites_from_cohort
+    from privseg.federated.client_app import SITE_ERROR_LOG, client_train
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as Flower sets them in an app
+    sites = sites_from_cohort(tiny_cohort.root)
+    secret = "-4.2"  # stands for any figure an error message may quote
+    config = ConfigRecord({"server-round": 1, "train-config": json.dumps({"lr": float(secret)}),
+                           **DPConfig().to_run_config()})
+    msg = Message(RecordDict({"config": config}), dst_node_id=0, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(SiteFailure) as err:
+        client_train(msg, ctx, sites, tmp_path)
+    assert SiteFailure.site_in(str(err.value)) == sites[0].id and "ConfigError" in str(err.value)
+    assert secret not in str(err.value) and "withheld" in str(err.value)
+    assert secret in (tmp_path / "sites" / sites[0].id / SITE_ERROR_LOG).read_text()  # the site keeps it
+
+
+def test_a_dp_reply_leaves_at_the_deadline_whatever_was_sampled(tmp_path):
+    import time
+
+    from privseg.privacy.releases import PAD_MARGIN, ReplyPacer
+
+    pacer = ReplyPacer(tmp_path)
+    slow = time.perf_counter()
+    time.sleep(0.2)  # a round with many patients sampled
+    assert pacer.pad(slow, steps=2) == 0.0 and pacer.per_step() == pytest.approx(PAD_MARGIN * 0.1, rel=0.2)
+    fast = time.perf_counter()  # a round that sampled nobody
+    waited = pacer.pad(fast, steps=2)
+    took = time.perf_counter() - fast
+    assert waited > 0.15 and took == pytest.approx(2 * pacer.per_step(), rel=0.1)

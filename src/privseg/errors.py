@@ -44,8 +44,10 @@ class SiteFailure(PrivsegError):
 
     TAG = re.compile(r"\[site ([^\]\s]+)\] ")
 
-    def __init__(self, site: str, exc: BaseException):
-        super().__init__(f"[site {site}] {type(exc).__name__}: {exc}")
+    def __init__(self, site: str, exc: BaseException, withhold: bool = False):
+        # under DP the text of an error may quote a patient's data or figures: only its class leaves
+        detail = " (details withheld under DP: see the site's site_errors.log)" if withhold else f": {exc}"
+        super().__init__(f"[site {site}] {type(exc).__name__}{detail}")
         self.site = site
 
     @classmethod

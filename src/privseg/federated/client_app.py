@@ -40,11 +40,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privseg.data.cohort import SPLITS_FILE, write_splits
-from privseg.errors import ConfigError, DataError, SiteFailure
+from privseg.errors import BudgetExceededError, ConfigError, DataError, SiteFailure
 from privseg.federated.private import site_step_fn
 from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
-from privseg.privacy.releases import ReleaseRecord
+from privseg.privacy.releases import ReleaseRecord, ReplyPacer
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.utils import atomic_path, pick_device
@@ -153,7 +153,21 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     try:
         return _train_at_site(msg, cfg, spec, state_dir, step_fn_factory)
     except Exception as exc:  # the reply names the site (see SiteFailure)
+        # under DP an error text may quote patient data; a budget refusal holds only ledger figures
+        if any(str(k).startswith("dp-") for k in cfg.keys()) and not isinstance(exc, BudgetExceededError):
+            log_site_error(state_dir, int(cfg.get("server-round", 0)), exc)
+            raise SiteFailure(spec.id, exc, withhold=True) from exc
         raise SiteFailure(spec.id, exc) from exc
+
+
+SITE_ERROR_LOG = "site_errors.log"
+
+
+def log_site_error(state_dir: Path, server_round: int, exc: BaseException) -> None:
+    """The whole error, for the site's own operators (the server gets its class and the site ID)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / SITE_ERROR_LOG, "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} round {server_round}: {type(exc).__name__}: {exc}\n")
 
 
 def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
@@ -207,6 +221,7 @@ def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
                                                  "metrics": dict(metrics)},
                                        round=server_round, scope=str(cfg.get("dp-ledger-scope", "")),
                                        steps=[start, stop])
+        ReplyPacer(state_dir).pad(t0, steps)  # the reply's timing must not tell how many were sampled
     return _reply(msg, spec, state if release is None else
                   {k: v.detach().cpu() for k, v in state.items() if k not in local_keys}, metrics, local_keys)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from privseg.errors import ConfigError, DataError
-from privseg.utils import atomic_path
+from privseg.utils import atomic_path, write_json
 
 RECORD_FILE = "releases.jsonl"
 PAYLOAD_DIR = "releases"
@@ -140,3 +140,41 @@ class ReleaseRecord:
         payloads = sorted((self.dir / PAYLOAD_DIR).glob("*.pt"), key=lambda p: p.stat().st_mtime)
         for p in payloads[:-KEEP_PAYLOADS]:
             p.unlink(missing_ok=True)
+
+
+TIMING_FILE = "dp_timing.json"
+PAD_MARGIN = 1.25  # a round up to 25 % slower than the slowest so far still leaves at the deadline
+
+
+class ReplyPacer:
+    """Pads a DP site's reply to a deadline, so its timing does not say how many patients were
+    sampled (a step with 0, 1, 2, 3 patients takes about 2, 25, 46, 66 ms on a CPU: the reply
+    time of an unpadded round correlates with the number sampled at r ~ 0.97).
+
+    The deadline per step is :data:`PAD_MARGIN` x the slowest step rate the site has seen
+    (``<state-dir>/dp_timing.json``, a ratchet): once the first rounds have set it, every round
+    leaves at ``steps x deadline`` whatever it sampled. What still leaks is the first round and
+    any round slower than every earlier one by more than the margin (each then raises the
+    deadline); ``benchmarks/dp_audit.py`` measures the correlation that remains."""
+
+    def __init__(self, state_dir: str | Path):
+        self.path = Path(state_dir) / TIMING_FILE
+
+    def per_step(self) -> float:
+        try:
+            return float(json.loads(self.path.read_text())["per_step_s"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return 0.0  # no deadline yet (or a damaged file: the next round sets it again)
+
+    def pad(self, started: float, steps: int) -> float:
+        """Sleep until ``started + steps x deadline`` (``time.perf_counter`` clock); returns the
+        seconds slept. Raises the deadline when this round ran past it."""
+        per_step = self.per_step()
+        elapsed = time.perf_counter() - started
+        wait = max(0.0, per_step * max(int(steps), 1) - elapsed)
+        if wait > 0:
+            time.sleep(wait)
+        seen = PAD_MARGIN * elapsed / max(int(steps), 1)
+        if seen > per_step:
+            write_json(self.path, {"per_step_s": seen})
+        return wait
