@@ -37,8 +37,9 @@ class WeightEMA:
         self.decay = float(decay)
         self.updates = int(updates)
         source = shadow if shadow is not None else model.state_dict()
-        self.shadow = {k: v.detach().clone().to(torch.float64) if v.is_floating_point() else v.detach().clone()
-                       for k, v in source.items()}
+        # kept in the weights' own dtype, so a checkpoint holds the average exactly and a resumed
+        # run continues it bit for bit
+        self.shadow = {k: v.detach().clone() for k, v in source.items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, steps: int = 1) -> None:
@@ -49,16 +50,15 @@ class WeightEMA:
             d *= warmup_decay(self.decay, self.updates + i)
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].mul_(d).add_(v.detach().to(self.shadow[k].device, torch.float64), alpha=1.0 - d)
+                self.shadow[k].mul_(d).add_(v.detach().to(self.shadow[k].device, self.shadow[k].dtype), alpha=1.0 - d)
             else:
                 self.shadow[k] = v.detach().clone()
         self.updates += int(steps)
 
     def state_dict(self, like: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """The averaged weights, in the dtypes of ``like``'s (default float32 for floating ones)."""
+        """The averaged weights (a copy), in the dtypes of ``like``'s when given."""
         ref = like.state_dict() if like is not None else {}
-        return {k: v.to(ref[k].dtype if k in ref else torch.float32) if v.is_floating_point() else v.clone()
-                for k, v in self.shadow.items()}
+        return {k: v.to(ref[k].dtype) if k in ref else v.clone() for k, v in self.shadow.items()}
 
     def record(self) -> dict:
         """What a checkpoint keeps to continue the average: decay and number of updates."""
