@@ -104,8 +104,9 @@ def _writer(dims: int, label_values: list[int]) -> list[dict]:
                       "target_labels": label_values})
     save = {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
             "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False}
-    if dims == 2:
-        save.update(output_ext=".png", writer="PILWriter", scale=None, channel_dim=0, reverse_indexing=False)
+    if dims == 2:  # MONAI's PILWriter swaps the two axes back (it assumes PILReader's default reading)
+        steps.append({"_target_": "Transposed", "keys": "pred", "indices": [0, 2, 1]})
+        save.update(output_ext=".png", writer="PILWriter", scale=None)
     return [*steps, save]
 
 
