@@ -167,3 +167,55 @@ def test_the_classes_hint_works_when_followed_and_broken_subjects_are_not_counte
     assert main(["data", "info", str(gap)]) == 2
     hinted = _hinted_classes(capsys.readouterr().err)
     assert main(["data", "check", str(gap), "--classes", hinted, "--quiet"]) == 0
+
+
+def test_an_unknown_command_is_suggested_once(capsys):
+    assert main(["dat"]) == 2
+    assert main(["fl", "rn"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("Did you mean 'data'?") == 1 and err.count("Did you mean 'run'?") == 1
+
+
+def test_a_fresh_training_run_does_not_say_resumed(tiny_cohort, tmp_path, capsys):
+    args = ["train", "--cohort", str(tiny_cohort.root), "--out", str(tmp_path / "run"), "--model", "unet_tiny",
+            "--patch", "16", "--device", "cpu"]
+    assert main([*args, "--steps", "1"]) == 0
+    assert "resumed" not in capsys.readouterr().out  # was "resumed from step 0"
+    assert main([*args, "--steps", "2"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().out
+
+
+def test_long_audits_report_progress_in_plain_lines_when_redirected(tiny_cohort, tmp_path, capsys):
+    """Issue 27 (7): `audit references` and `audit membership` printed nothing for minutes. Under
+    capsys stderr is not a terminal: plain lines per phase, no ANSI codes; --quiet: nothing."""
+    run, cohort = tmp_path / "run", str(tiny_cohort.root)
+    assert main(["train", "--cohort", cohort, "--out", str(run), "--model", "unet_tiny", "--steps", "2", "--patch",
+                 "16", "--device", "cpu", "--quiet"]) == 0
+    assert main(["audit", "references", "--run", str(run), "--n", "4", "--cohort", cohort]) == 0
+    err = capsys.readouterr().err
+    for k in range(4):
+        assert f"reference model {k}: 0/2" in err and f"reference model {k}: 2/2" in err
+    assert main(["audit", "membership", "--run", str(run), "--cohort", cohort, "--views", "1"]) == 0
+    err = capsys.readouterr().err
+    n = len(tiny_cohort.subjects)
+    for phase in ("loading patients", "scoring the model", "scoring reference model 1/4",
+                  "scoring reference model 4/4"):
+        assert f"{phase}: 0/{n}" in err and f"{phase}: {n}/{n}" in err, phase
+    assert "\x1b" not in err
+    assert main(["audit", "membership", "--run", str(run), "--cohort", cohort, "--views", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_fl_run_piped_has_no_flower_info_lines_nor_colour_codes(tiny_cohort, tmp_path):
+    """Issue 27 (10): Flower's INFO lines (with ANSI colours) came through `fl run`, --quiet too."""
+    args = [sys.executable, "-m", "privseg", "fl", "run", "--cohort", str(tiny_cohort.root), "--in-process",
+            "--runs", str(tmp_path / "runs"), "--name", "f", "--local-steps", "1", "--patch", "16", "--model",
+            "unet_tiny", "--eval-every", "0"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*args, "--rounds", "1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "fl in-process: 1/1" in proc.stderr  # privseg's own progress, as plain lines
+    assert "INFO" not in proc.stderr and "\x1b" not in proc.stderr + proc.stdout
+    proc = subprocess.run([*args, "--rounds", "2", "--quiet"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""

@@ -183,32 +183,64 @@ class MIAResult:
         return asdict(self)
 
 
+# Progress of a long audit: on_progress(phase, done, total), a phase being e.g. "scoring the model";
+# the command line shows one bar (or plain lines) per phase.
+OnProgress = Callable[[str, int, int], None]
+
+
+def phase_counter(on_progress: OnProgress | None, phase: str, total: int) -> Callable[[int, int], None] | None:
+    """An ``on_subject(done, _total)`` callback reporting ``phase`` out of ``total`` (None: no progress);
+    reports ``0`` at once so the phase shows before its first (slow) subject."""
+    if on_progress is None:
+        return None
+    on_progress(phase, 0, total)
+    return lambda done, _n: on_progress(phase, done, total)
+
+
+def load_items(subjects: Sequence, cohort, spacing, on_progress: OnProgress | None = None) -> list[dict]:
+    """``load_preprocessed`` one subject at a time, reporting the phase "loading subjects"."""
+    from privseg.data.transforms import load_preprocessed
+
+    tick = phase_counter(on_progress, "loading subjects", len(subjects))
+    items = []
+    for k, s in enumerate(subjects):
+        items += load_preprocessed([s], cohort, spacing)
+        if tick:
+            tick(k + 1, len(subjects))
+    return items
+
+
 def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Sequence[dict],
                 patch_size: Sequence[int], num_classes: int, *, statistic: str = "loss", views: int = 4,
                 reference_models: Sequence[torch.nn.Module] = (), seed: int = 0, n_boot: int = 2000,
                 member_rows: Sequence[dict] | None = None, nonmember_rows: Sequence[dict] | None = None,
                 reference_rows: Sequence[tuple[Sequence[dict], Sequence[dict]]] | None = None,
-                allow_small: bool = True) -> MIAResult:
+                allow_small: bool = True, on_progress: OnProgress | None = None) -> MIAResult:
     """Membership AUC of ``model`` on preprocessed items. Reference models, when given,
     must not have trained on any of the scored subjects. ``reference_rows`` gives, per reference
     model, its already computed ``subject_statistics`` rows on (members, nonmembers) (same order,
     views and seed) instead of the models themselves. With fewer than MIN_GROUP members or
     non-members the result carries a ``warning`` to print with its CI (``allow_small=False``:
-    refused before any model is run)."""
+    refused before any model is run). ``on_progress``: one phase per model scored."""
     if not members or not nonmembers:
         raise ConfigError("membership test needs at least one member and one non-member subject")
     warning = check_group_sizes(len(members), len(nonmembers), allow_small)
     overlap = {i["id"] for i in members} & {i["id"] for i in nonmembers}
     if overlap:
         raise ConfigError(f"subjects listed both as members and non-members: {', '.join(sorted(overlap))}")
-    mrows = list(member_rows) if member_rows is not None else subject_statistics(
-        model, members, patch_size, num_classes, views, seed)
-    nrows = list(nonmember_rows) if nonmember_rows is not None else subject_statistics(
-        model, nonmembers, patch_size, num_classes, views, seed)
+    def score(m, phase: str) -> tuple[list[dict], list[dict]]:
+        tick = phase_counter(on_progress, phase, len(members) + len(nonmembers))
+        after = (lambda done, n: tick(len(members) + done, n)) if tick else None
+        return (subject_statistics(m, members, patch_size, num_classes, views, seed, on_subject=tick),
+                subject_statistics(m, nonmembers, patch_size, num_classes, views, seed, on_subject=after))
+
+    if member_rows is None or nonmember_rows is None:
+        mrows, nrows = score(model, "scoring the model")
+    mrows = list(member_rows) if member_rows is not None else mrows
+    nrows = list(nonmember_rows) if nonmember_rows is not None else nrows
     s_m, s_n = membership_scores(mrows, statistic), membership_scores(nrows, statistic)
-    ref_pairs = [(subject_statistics(ref, members, patch_size, num_classes, views, seed),
-                  subject_statistics(ref, nonmembers, patch_size, num_classes, views, seed))
-                 for ref in reference_models]
+    ref_pairs = [score(ref, f"scoring reference model {k + 1}/{len(reference_models)}")
+                 for k, ref in enumerate(reference_models)]
     for rm, rn in reference_rows or ():
         if ([r["id"] for r in rm] != [i["id"] for i in members]
                 or [r["id"] for r in rn] != [i["id"] for i in nonmembers]):
@@ -239,12 +271,12 @@ def audit_items(model: torch.nn.Module, members: Sequence[dict], nonmembers: Seq
 
 def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Sequence[str], *,
                      reference_checkpoints: Sequence = (), statistic: str = "loss", views: int = 4,
-                     seed: int = 0, n_boot: int = 2000, allow_small: bool = False) -> dict:
+                     seed: int = 0, n_boot: int = 2000, allow_small: bool = False,
+                     on_progress: OnProgress | None = None) -> dict:
     """Membership test of a checkpoint on a cohort: members and non-members are subject IDs.
     Non-members must not be training subjects of the checkpoint (when it records them). Fewer
     than MIN_GROUP in a group is refused unless ``allow_small``; the result's ``warning`` then
-    says so, to be printed with the CI."""
-    from privseg.data.transforms import load_preprocessed
+    says so, to be printed with the CI. ``on_progress``: loading, then each model scored."""
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
     from privseg.train.inference import check_fits
     from privseg.utils import check_id
@@ -272,10 +304,11 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
         if bad:
             raise ConfigError(f"--reference {path}: trained on scored subjects {', '.join(bad)} (must be OUT models)")
         refs.append(model_from_checkpoint(rp, path))
-    m_items = load_preprocessed([cohort.subject(i) for i in members], cohort, cfg.get("spacing"))
-    n_items = load_preprocessed([cohort.subject(i) for i in nonmembers], cohort, cfg.get("spacing"))
+    items = load_items([cohort.subject(i) for i in (*members, *nonmembers)], cohort, cfg.get("spacing"), on_progress)
+    m_items, n_items = items[:len(members)], items[len(members):]
     res = audit_items(model, m_items, n_items, cfg["patch_size"], cfg["num_classes"], statistic=statistic,
-                      views=views, reference_models=refs, seed=seed, n_boot=n_boot, allow_small=allow_small)
+                      views=views, reference_models=refs, seed=seed, n_boot=n_boot, allow_small=allow_small,
+                      on_progress=on_progress)
     out = res.to_dict()
     out["checkpoint"] = str(checkpoint)
     out["reference_checkpoints"] = [str(p) for p in reference_checkpoints]

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from privseg.audit import lira
 from privseg.audit.ledger import canonical, file_sha256
 from privseg.errors import ConfigError
 from privseg.utils import read_json, write_json
+
+if TYPE_CHECKING:
+    from privseg.audit.mia import OnProgress
 
 REF_DIR = Path("audit") / "references"
 INDEX = "index.json"
@@ -137,8 +141,10 @@ class Reference:
         """This reference's model, in eval mode."""
         return _load_model(self.checkpoint)
 
-    def statistics(self, items: Sequence[dict], patch_size, num_classes: int, views: int, seed: int) -> dict:
-        """id -> {"loss", "dice"} of this reference (``mia.subject_statistics``), cached beside it."""
+    def statistics(self, items: Sequence[dict], patch_size, num_classes: int, views: int, seed: int,
+                   on_subject: Callable[[int, int], None] | None = None) -> dict:
+        """id -> {"loss", "dice"} of this reference (``mia.subject_statistics``), cached beside it;
+        ``on_subject(done, total)`` after each item (a cached one counts at once)."""
         from privseg.audit.mia import subject_statistics
 
         cache_path = self.checkpoint.parent / "scores.json"
@@ -148,12 +154,17 @@ class Reference:
         key = f"views={views},seed={seed}"
         known = cache.setdefault(key, {})
         todo = [it for it in items if it["id"] not in known]
+        cached = len(items) - len(todo)
+        if on_subject:
+            on_subject(cached, len(items))
         if todo:
             model = self.load_model()
             # the same views as the model under test: subject_statistics seeds views by (seed, position)
-            for it in todo:
+            for k, it in enumerate(todo):
                 row = subject_statistics(model, [it], patch_size, num_classes, views, _view_seed(seed, it["id"]))[0]
                 known[it["id"]] = {"loss": row["loss"], "dice": row["dice"]}
+                if on_subject:
+                    on_subject(cached + k + 1, len(items))
             write_json(cache_path, cache)
         return {it["id"]: known[it["id"]] for it in items}
 
@@ -232,13 +243,15 @@ def _erased(run_dir: Path, index: dict) -> set[str]:
 
 
 def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0, backend: str = "in-process",
-                      cohort=None, on_reference: OnReference | None = None) -> ReferenceSet:
+                      cohort=None, on_reference: OnReference | None = None,
+                      on_progress: OnProgress | None = None) -> ReferenceSet:
     """Train the run's ``n`` reference models, or reuse those already there.
 
     Reused: checkpoint present and unaltered, built for this run and model with this seed, and
     trained on no patient the run has erased since. Otherwise (re)trained. ``cohort``: the cohort
     of a central run (federated runs know their sites). Each finished reference is recorded in
-    the index at once, so an interrupted call resumes."""
+    the index at once, so an interrupted call resumes. ``on_progress``: the rounds (federated) or
+    steps (central) of each reference trained, one phase per reference."""
     from privseg.federated.runstate import hold_run
 
     run_dir = Path(run_dir)
@@ -274,7 +287,9 @@ def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0,
             shutil.rmtree(folder / str(k), ignore_errors=True)  # an altered or superseded model goes first
             index["references"].pop(str(k), None)
             saw = {s: [p for p in ids if p not in erased] for s, ids in halves(index["pool"], k, seed).items()}
-            entry = _train(run_dir, index, k, saw, backend, cohort)
+            entry = _train(run_dir, index, k, saw, backend, cohort,
+                           (lambda done, total, k=k: on_progress(f"reference model {k}", done, total))
+                           if on_progress else None)
             index["references"][str(k)] = entry
             write_json(folder / INDEX, index)
             refs.append(_valid(run_dir, entry))
@@ -284,8 +299,10 @@ def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0,
     return ReferenceSet(run_dir, index, refs, trained, reused)
 
 
-def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backend: str, cohort) -> dict:
+def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backend: str, cohort,
+           on_progress: Callable[[int, int], None] | None = None) -> dict:
     folder = run_dir / REF_DIR / str(k)
+    tick = on_progress or (lambda done, total: None)
     t0, c0 = time.perf_counter(), time.process_time()
     if index["identity"]["kind"] == "federated":
         from privseg.federated import retrain
@@ -297,9 +314,11 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
         if len(empty) > 1:
             raise ConfigError(f"reference model {k}: sites {', '.join(empty)} have no training patient left in "
                               f"its half; remove {folder.parent} and build a new set ({_command(run_dir)})")
+        rounds = int(index["rounds"])
+        tick(0, rounds)
         final, _ = retrain.federated_retrain(run_dir, folder / "run", exclude=exclude, from_round=0,
-                                     drop_site=empty[0] if empty else None, rounds=int(index["rounds"]),
-                                     backend=backend)
+                                     drop_site=empty[0] if empty else None, rounds=rounds, backend=backend,
+                                     on_round=lambda e: tick(int(e["round"]), rounds))
         shutil.copyfile(final, folder / "model.pt")
         shutil.rmtree(folder / "run")  # the derived run's other rounds and site states are not needed
     else:
@@ -309,7 +328,9 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
         if cohort is None:
             raise ConfigError("reference models of a central run need its cohort (--cohort)")
         cfg = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
-        res = Trainer(cohort, cfg, folder / "run", subjects=[cohort.subject(i) for i in saw["central"]]).fit()
+        tick(0, cfg.steps)
+        res = Trainer(cohort, cfg, folder / "run", subjects=[cohort.subject(i) for i in saw["central"]]).fit(
+            on_step=lambda step, steps, _loss: tick(step, steps))
         shutil.copyfile(res["checkpoint"], folder / "model.pt")
         shutil.rmtree(folder / "run")
     return {"k": k, "saw": saw, "checkpoint": f"{k}/model.pt", "sha256": file_sha256(folder / "model.pt"),
@@ -338,20 +359,28 @@ def superseded(run_dir: str | Path, subjects: Sequence[str]) -> list[dict]:
 
 def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size, num_classes: int, *,
                members: Sequence[str], nonmembers: Sequence[str], views: int = 2, seed: int = 0,
-               statistic: str = "loss", alpha: float = lira.ALPHA) -> dict:
+               statistic: str = "loss", alpha: float = lira.ALPHA, on_progress: OnProgress | None = None) -> dict:
     """Per-patient calibrated test of ``model`` on ``items`` (every patient to test), plus the
     population AUC and TPR at 1 % FPR over ``members`` (the model's training patients) vs
     ``nonmembers`` (patients it never saw). The shift of :mod:`privseg.audit.lira` is estimated
-    on the non-members that no reference saw either."""
-    from privseg.audit.mia import subject_statistics
+    on the non-members that no reference saw either. ``on_progress``: one phase per model scored
+    (a reference's cached scores count at once)."""
+    from privseg.audit.mia import phase_counter, subject_statistics
 
     ids = [it["id"] for it in items]
-    model_rows = {it["id"]: subject_statistics(model, [it], patch_size, num_classes, views,
-                                               _view_seed(seed, it["id"]))[0] for it in items}
+    tick = phase_counter(on_progress, "scoring the model", len(items))
+    model_rows = {}
+    for k, it in enumerate(items):
+        model_rows[it["id"]] = subject_statistics(model, [it], patch_size, num_classes, views,
+                                                  _view_seed(seed, it["id"]))[0]
+        if tick:
+            tick(k + 1, len(items))
     target = {p: lira.lira_score(model_rows[p], statistic) for p in ids}
-    ref_scores = [{p: lira.lira_score(r, statistic) for p, r in ref.statistics(items, patch_size, num_classes,
-                                                                              views, seed).items()}
-                  for ref in refs.references]
+    n = len(refs.references)
+    ref_scores = [{p: lira.lira_score(r, statistic) for p, r in ref.statistics(
+        items, patch_size, num_classes, views, seed,
+        on_subject=phase_counter(on_progress, f"scoring reference model {j + 1}/{n}", len(items))).items()}
+        for j, ref in enumerate(refs.references)]
     saw = [ref.patients for ref in refs.references]
     anyone = set().union(*saw)
     test = lira.per_patient_test(target, ref_scores, saw, [p for p in nonmembers if p not in anyone], alpha)
@@ -364,10 +393,12 @@ def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size
 
 
 def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *, cohort=None, views: int = 2,
-                   seed: int = 0, statistic: str = "loss") -> dict:
+                   seed: int = 0, statistic: str = "loss", on_progress: OnProgress | None = None) -> dict:
     """The calibrated test of a run's model (default: the one it serves) on every patient: its
     training patients are the members, the val/test patients the non-members. Needs the run's
-    reference models (a ConfigError naming the command that trains them otherwise)."""
+    reference models (a ConfigError naming the command that trains them otherwise).
+    ``on_progress``: loading the patients, then each model scored."""
+    from privseg.audit.mia import phase_counter
     from privseg.data.transforms import load_preprocessed
 
     run_dir = Path(run_dir)
@@ -393,11 +424,15 @@ def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     members = [x for c, x in subjects if x.id in train]
     nonmembers = [x for c, x in subjects if x.split in ("val", "test")]
     items = []
-    for c, x in subjects:
-        if x.id in train or x.split in ("val", "test"):
-            items += load_preprocessed([x], c, tc.get("spacing"))
+    tested = [(c, x) for c, x in subjects if x.id in train or x.split in ("val", "test")]
+    tick = phase_counter(on_progress, "loading patients", len(tested))
+    for k, (c, x) in enumerate(tested):
+        items += load_preprocessed([x], c, tc.get("spacing"))
+        if tick:
+            tick(k + 1, len(tested))
     res = calibrated_test(refs, model, items, tc["patch_size"], tc["num_classes"], members=[x.id for x in members],
-                          nonmembers=[x.id for x in nonmembers], views=views, seed=seed, statistic=statistic)
+                          nonmembers=[x.id for x in nonmembers], views=views, seed=seed, statistic=statistic,
+                          on_progress=on_progress)
     res["checkpoint"] = str(path)
     res["references"] = refs.summary()
     return res

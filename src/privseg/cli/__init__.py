@@ -14,7 +14,8 @@ import typer
 from privseg.cli import audit, console, data, erase, export, fl, privacy, runs, train
 from privseg.errors import PrivsegError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# click itself suggests a close command name ("Did you mean 'run'?"); typer's suggestion would repeat it
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, suggest_commands=False,
                   help="privseg: private federated segmentation, unlearning and audits.")
 for command in (train.train, train.evaluate, train.predict, train.unlearn, runs.report):
     app.command()(command)

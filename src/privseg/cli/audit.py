@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import CLASSES, QUIET, SPLITS, out, with_options
+from privseg.cli.ui import CLASSES, QUIET, SPLITS, out, phased_progress, with_options
 from privseg.cohorts import open_cohort
 from privseg.report.text import print_membership, print_mia
 from privseg.utils import write_json
@@ -36,9 +36,11 @@ def mia(
     """Membership AUC (members vs never-trained subjects) with a bootstrap 95 % interval."""
     from privseg.audit.mia import audit_checkpoint
 
-    res = audit_checkpoint(checkpoint, open_cohort(cohort, o["splits"], o["classes"]), members, non_members,
-                           reference_checkpoints=reference or (), statistic=statistic, views=views, seed=seed,
-                           allow_small=not refuse_small)
+    c = open_cohort(cohort, o["splits"], o["classes"])
+    with phased_progress("membership audit", o["quiet"]) as on_progress:
+        res = audit_checkpoint(checkpoint, c, members, non_members, reference_checkpoints=reference or (),
+                               statistic=statistic, views=views, seed=seed, allow_small=not refuse_small,
+                               on_progress=on_progress)
     _write_and_print(res, json_out, o["quiet"], print_mia)
 
 
@@ -64,8 +66,10 @@ def references(
     from privseg.audit.reference import ensure_references
 
     say = (lambda k, what: None) if quiet else (lambda k, what: out.print(f"reference {k}: {what}"))
-    refs = ensure_references(run, n, seed=seed, backend=backend, cohort=open_cohort(cohort) if cohort else None,
-                             on_reference=say)
+    c = open_cohort(cohort) if cohort else None
+    with phased_progress("reference models", quiet) as on_progress:
+        refs = ensure_references(run, n, seed=seed, backend=backend, cohort=c, on_reference=say,
+                                 on_progress=on_progress)
     if not quiet:
         out.print(f"{len(refs.references)} reference models in {refs.folder} ({len(refs.trained)} trained, "
                   f"{len(refs.reused)} reused)")
@@ -84,5 +88,7 @@ def membership(
     p-value per patient, population AUC and TPR at 1 % FPR (training vs val/test patients)."""
     from privseg.audit.reference import run_membership
 
-    res = run_membership(run, checkpoint, cohort=open_cohort(cohort) if cohort else None, views=views, seed=seed)
+    c = open_cohort(cohort) if cohort else None
+    with phased_progress("membership test", quiet) as on_progress:
+        res = run_membership(run, checkpoint, cohort=c, views=views, seed=seed, on_progress=on_progress)
     _write_and_print(res, json_out, quiet, print_membership)

@@ -11,6 +11,7 @@ from privseg.cli.ui import console as err
 from privseg.cli.ui import out
 from privseg.console import serve as serve_console
 from privseg.console.accounts import Accounts
+from privseg.console.runs import known_sites
 from privseg.report.text import table
 
 app = typer.Typer(help="The privacy officer's web console: erasure requests, budgets, certificates, with roles.",
@@ -57,7 +58,17 @@ def add_user(
     password = (sys.stdin.readline().rstrip("\r\n") if password_stdin
                 else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
     user = accounts.add_user(name, role, password, site=site, replace=replace)
-    out.print(f"user {user.name}: {user.role}" + (f" of site {user.site}" if user.site else ""))
+    out.print(f"user {user.name}: {describe_user(user)}")
+    if user.site and not known_sites(runs):
+        err.print(f"[yellow]note[/yellow]: no run under {runs} yet, so site {user.site} was not checked against "
+                  "a run's sites", highlight=False)
+
+
+def describe_user(user) -> str:
+    """"officer (every site)", "site user of H2", "viewer of site H2", "viewer (every site)"."""
+    if user.role == "site":
+        return f"site user of {user.site}"
+    return f"{user.role} " + (f"of site {user.site}" if user.site else "(every site)")
 
 
 @app.command("users")

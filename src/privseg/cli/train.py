@@ -27,7 +27,8 @@ def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run fo
     with ui.progress("training", cfg.steps, o["quiet"]) as update:
         r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:
-        ui.out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s, resumed from step {r['resumed_from']})")
+        resumed = f", resumed from step {r['resumed_from']}" if r["resumed_from"] else ""  # 0: a fresh run
+        ui.out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s{resumed})")
 
 
 @with_options(MODEL, COHORT, ..., *READING, QUIET)

@@ -94,6 +94,12 @@ class Accounts:
             raise ConfigError("a site user needs --site (the hospital's site ID)")
         if site:
             check_id(site, "--site")
+            from privseg.console.runs import known_sites
+
+            sites = known_sites(self.root)
+            if sites and site not in sites:  # no run yet: nothing to check against (accounts may come first)
+                raise ConfigError(f"--site {site}: no run under {self.root} has this site (sites: "
+                                  f"{', '.join(sorted(sites))})")
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
             raise ConfigError(f"the password needs {MIN_PASSWORD} to {MAX_PASSWORD} characters")
         with opened(self.root) as con:

@@ -204,6 +204,8 @@ class LedgerView:
                 self.problems += check_row(e, prev, expected)
                 prev, expected = h, seq + 1
                 fold_request(self.requests, e)
+                if event == "requested" and isinstance(parsed, dict):  # who asked (--requested-by), for the inbox
+                    self.requests[rid]["requested_by"] = parsed.get("requested_by") or None
                 self.seqs.setdefault(rid, []).append(seq)
                 self.all_seqs.append(seq)
                 digest.update(_text((seq, rid, event, at, body, prev_hash, h)))

@@ -37,8 +37,14 @@ def visible_requests(c: Console, ctx: Ctx, d: Path, run: str, records: list[dict
         if rid not in recs and r.get("site") and ctx.user.sees_site(r["site"]):
             out.append({"id": rid, "run": run, "kind": r.get("kind"), "site": r.get("site"),
                         "subjects": r.get("subjects", []), "reason": r.get("reason") or "", "state": "cli",
-                        "filed_by": "command line", "filed_at": None, "ledger_status": r.get("status")})
+                        "filed_by": cli_requester(r.get("requested_by")), "filed_at": None,
+                        "ledger_status": r.get("status")})
     return out
+
+
+def cli_requester(requested_by: str | None) -> str:
+    """Who filed a command-line request: its ``--requested-by``, marked as made on the command line."""
+    return f"{requested_by} (command line)" if requested_by else "command line (no --requested-by)"
 
 
 def patients_page(c: Console, ctx: Ctx) -> Response:
@@ -121,11 +127,23 @@ def request_page(c: Console, ctx: Ctx) -> Response:
         figure = bar_chart({k: {m: ver[m].get(k) for m in models} for k in ("mia_auc", "retain_dice", "test_dice")},
                            title="Verification", limit=(ver.get("thresholds") or {}).get("max_mia_auc"),
                            limit_label="max AUC")
-    kind = rec["kind"] if rec else next(e["body"].get("kind") for e in entries if e["event"] == "requested")
-    done = {e["event"] for e in entries}
+    requested = next((e["body"] for e in entries if e["event"] == "requested"), {})
+    kind = rec["kind"] if rec else requested.get("kind")
     return c.page(ctx, "request.html", run=s, rec=rec, rid=ctx.param("rid"), entries=entries, ver=ver,
-                  figure=figure, stages=[(st, st in done) for st in STAGES.get(kind, ())],
-                  defaults=erasure.default_thresholds(), open_states=OPEN)
+                  figure=figure, stages=stages(kind, entries), defaults=erasure.default_thresholds(),
+                  requested_by=cli_requester(requested.get("requested_by")), open_states=OPEN)
+
+
+def stages(kind: str | None, entries: list[dict]) -> list[tuple[str, str]]:
+    """Each stage of an erasure of this kind and how it stands: "done", "todo", or "skipped" (a
+    repair stage that ran no round: nothing was repaired, so it gets no tick)."""
+    last = {e["event"]: e["body"] for e in entries}
+    out = []
+    for st in STAGES.get(kind or "", ()):
+        body = last.get(st)
+        skipped = st == "repaired" and isinstance(body, dict) and not body.get("rounds")
+        out.append((st, "todo" if body is None else "skipped" if skipped else "done"))
+    return out
 
 
 def status_json(c: Console, ctx: Ctx) -> Response:
@@ -134,7 +152,8 @@ def status_json(c: Console, ctx: Ctx) -> Response:
     return JSONResponse({"state": rec["state"] if rec else "cli", "stage": rec.get("stage") if rec else None,
                          "message": rec.get("message") if rec else None,
                          "final": rec is None or rec["state"] not in OPEN,
-                         "events": [{"event": e["event"], "at": e["at"]} for e in entries]})
+                         "events": [{"event": e["event"], "at": e["at"]} for e in entries],
+                         "stages": dict(stages(rec["kind"] if rec else None, entries)) if rec else {}})
 
 
 def decide(c: Console, ctx: Ctx, approve: bool) -> Response:

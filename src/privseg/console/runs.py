@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from privseg.console.accounts import User
+from privseg.report.text import rounds_text
 
 _RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 BUDGET_WARN = 0.8  # warn when a site has spent this share of its ε budget
@@ -45,6 +46,21 @@ def run_sites(cfg: dict) -> tuple[list[str], list[str]]:
     """(current sites, sites erased from the run)."""
     sites = [str(s.get("id")) for s in cfg.get("sites", []) if isinstance(s, dict)]
     return sites, [str(s) for s in (cfg.get("extra") or {}).get("withdrawn_sites", [])]
+
+
+def known_sites(root: Path) -> set[str]:
+    """Every site of the runs under ``root``, those erased from a run included (their users still
+    read its history); empty when there is no run yet."""
+    out: set[str] = set()
+    try:
+        children = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return out
+    for d in children:
+        if resolve_run(root, d.name) is not None:
+            current, withdrawn = run_sites(_json(d / "fl_config.json"))
+            out.update(current, withdrawn)
+    return out
 
 
 def can_see_run(user: User, cfg: dict) -> bool:
@@ -85,6 +101,7 @@ def _summary(d: Path) -> dict:
     dp = _privacy(cfg)
     return {"name": d.name, "cfg": cfg, "state": st, "sites": sites, "withdrawn": withdrawn,
             "rounds_done": int(st.get("rounds_done", 0)), "rounds_planned": cfg.get("rounds"),
+            "rounds_text": rounds_text(st.get("rounds", []), int(st.get("rounds_done", 0)), cfg.get("rounds")),
             "status": st.get("status", "new"), "strategy": cfg.get("strategy"), "dp": dp.unit if dp else None,
             "created": st.get("created"), "dice": dice, "has_report": (d / "report.html").is_file()}
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from privseg.errors import ConfigError, DataError, PrivsegError
 from privseg.report import figures as F
+from privseg.report.text import rounds_text
 from privseg.report.tracking import read_metrics, read_run
 from privseg.utils import atomic_path
 
@@ -342,7 +343,8 @@ def _summary_section(b: Builder, src: Source, ckpt_meta: dict) -> None:
     if src.kind == "federated":
         d = src.data
         info.update({"name": d.get("name"), "status": d.get("status"), "strategy": d.get("strategy"),
-                     "rounds": f"{d.get('rounds_done')} of {d.get('rounds_planned')}",
+                     "rounds": rounds_text(d.get("rounds") or [], int(d.get("rounds_done") or 0),
+                                           d.get("rounds_planned")),
                      "created": _when(d.get("created")), "updated": _when(d.get("updated"))})
     body = '<div class="row"><div><h3>Run</h3>' + kv_table(info) + "</div>"
     config = (run or {}).get("config") or ckpt_meta.get("config")

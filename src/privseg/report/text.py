@@ -138,11 +138,21 @@ def round_info(e: dict) -> str:
     return "  ".join(parts)
 
 
+def rounds_text(rounds: Sequence[dict], rounds_done: int, planned: int | None) -> str:
+    """A federated run's rounds in words: its training rounds against the plan, then the rounds
+    that erasures added (repair or retraining rounds, tagged ``erasure``: not part of the plan)."""
+    erasure = sum(1 for e in rounds if e.get("erasure"))
+    training = int(rounds_done) - erasure
+    text = (f"{training} of {planned} training rounds" if planned is not None and training <= int(planned)
+            else f"{training} training rounds" + (f" ({planned} planned)" if planned is not None else ""))
+    return text + (f" + {erasure} erasure round{'s' if erasure != 1 else ''}" if erasure else "")
+
+
 def print_fl_status(out: Console, state) -> None:
     """A federated run's rounds and each site's latest held-out evaluation."""
     d = state.data
     out.print(f"run [bold]{d.get('name', state.run_dir.name)}[/bold] ({d.get('strategy')}): "
-              f"{state.rounds_done}/{d.get('rounds_planned', '?')} rounds, status {state.status}, "
+              f"{rounds_text(state.rounds, state.rounds_done, d.get('rounds_planned'))}, status {state.status}, "
               f"last checkpoint {d.get('last_checkpoint')}")
     rows = []
     for e in state.rounds:

@@ -16,12 +16,12 @@
         text("job-state", s.state);
         text("job-stage", s.stage);
         text("job-message", s.message);
-        var done = {};
-        s.events.forEach(function (e) { done[e.event] = true; });
+        var marks = {done: " \u2713", skipped: " (no repair round run)"};
         document.querySelectorAll("#stages li").forEach(function (li) {
-          if (done[li.dataset.stage] && li.className !== "done") {
-            li.className = "done";
-            li.textContent = li.dataset.stage.replace("_", " ") + " \u2713";
+          var how = (s.stages || {})[li.dataset.stage];
+          if (marks[how] && li.className !== how) {
+            li.className = how;
+            li.textContent = li.dataset.stage.replace("_", " ") + marks[how];
           }
         });
         if (s.final) { window.location.reload(); } else { window.setTimeout(poll, 1500); }
