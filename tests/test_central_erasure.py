@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+import shutil
 
 import pytest
 
@@ -32,25 +34,47 @@ def central(tmp_path_factory):
 def test_central_erasure_is_in_the_ledger_with_a_certificate_and_never_applied_twice(central, tmp_path):
     cohort, run = central
     forget = [s.id for s in cohort.select("train")][:1]
-    res, rid, ledger_path, ver, cert = erase_central(
+    out = erase_central(
         run / "last.pt", cohort, forget, "noisy_label", epochs=1, out_dir=tmp_path / "u", thresholds=LOOSE,
         reason="GDPR art. 17", requested_by="site lead", approved_by="DPO", mia_views=1, device="cpu",
         certificate_dir=tmp_path / "cert")
-    assert ledger_path == run / "erasure" / "ledger.db" and ver["passed"]
+    res, rid, ledger_path, ver, cert = out.result, out.request_id, out.ledger, out.verification, out.certificate
+    assert ledger_path == run / "erasure" / "ledger.db" and ver["passed"] and out.status == "completed"
     ledger = ErasureLedger(ledger_path, create=False)
-    events = [e["event"] for e in ledger.entries(rid)]
-    assert events == ["requested", "local_unlearned", "verified", "completed"]
+    entries = ledger.entries(rid)
+    assert [e["event"] for e in entries if e["event"] != "started"] == [
+        "requested", "local_unlearned", "verified", "completed"]
     assert ledger.verify()[0]
-    req = ledger.entries(rid)[0]["body"]
+    req = entries[0]["body"]
     assert req["site"] == CENTRAL_SITE and req["subjects"] == forget and req["approved_by"] == "DPO"
+    # the request resolved as privseg erase resolves it: noisy_label runs with the unseen target
+    assert req["run_kind"] == "central" and req["target"] == "unseen"
+    assert ledger.events(rid)["local_unlearned"]["body"]["target"] == "unseen"
+    # written ahead: each stage's start is recorded before its work, its end after, at the true times
+    started = [e for e in entries if e["event"] == "started"]
+    assert [e["body"]["stage"] for e in started] == ["local_unlearned", "verified", "completed"]
+    for st in started:
+        end = next(e for e in entries if e["event"] == st["body"]["stage"])
+        assert st["seq"] < end["seq"] and st["at"] <= end["at"]
+    local_start, local = started[0], next(e for e in entries if e["event"] == "local_unlearned")
+    span = (dt.datetime.fromisoformat(local["at"]) - dt.datetime.fromisoformat(local_start["at"])).total_seconds()
+    assert span >= local["body"]["seconds"] - 0.01
     done = ledger.events(rid)["completed"]["body"]
     assert done["superseded_kept"] == ["last.pt"] and done["removed"] == []
+    # every copy of the patient is accounted for: the source checkpoint still holds them, and says so
+    (copy,) = done["copies"]
+    assert copy["path"] == "last.pt" and copy["fate"] == "superseded" and "still holds the patient" in copy["reason"]
     # the certificate: the request, who approved it, what ran; no reference models -> it says so
     c = json.loads(cert[0].read_text())["certificate"]
     assert c["status"] == "COMPLETED" and c["kind"] == "patient" and c["approved_by"] == "DPO"
     assert c["method"] == "noisy_label" and c["settings"]["local_steps"] == res.report["steps_run"]
     assert c["membership"]["available"] is False and "privseg audit references" in c["membership"]["reason"]
-    assert "PASS" not in cert[1].read_text().split("Per-patient membership test")[-1].split("</section>")[0]
+    page = cert[1].read_text()
+    assert "PASS" not in page.split("Per-patient membership test")[-1].split("</section>")[0]
+    # its first lines: a central run, and the copy that still holds the patient
+    first = page.split("<h2>Request</h2>")[0]
+    assert "from central run" in first and "federated run" not in page
+    assert "last.pt" in first and "superseded" in first and "still hold the erased patient" in first
     # the same patient from the same model again: refused before anything runs or is written
     n = len(ledger.entries(rid))
     with pytest.raises(ConfigError, match="never applied twice"):
@@ -70,10 +94,64 @@ def test_unlearn_command_records_and_reports_the_request(central, tmp_path, caps
     rid = re.search(r"ER-[0-9a-f]{12}", out).group(0)
     assert (tmp_path / "cert" / f"{rid}.json").exists()
     events = [e["event"] for e in ErasureLedger(run / "erasure" / "ledger.db", create=False).entries(rid)]
-    assert events[:3] == ["requested", "local_unlearned", "verified"]
+    assert [e for e in events if e != "started"][:3] == ["requested", "local_unlearned", "verified"]
     # calibrated target without the run's reference models: exit 2 naming the command, nothing written
     code = cli_main(["unlearn", "--checkpoint", str(run / "last.pt"), "--cohort", str(cohort.root), "--forget",
                      [s.id for s in cohort.select("train")][2], "--out", str(tmp_path / "u3"), "--target",
                      "calibrated", "-q"])
     assert code == 2 and not (tmp_path / "u3").exists()
     assert "privseg audit references" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def with_references(central, tmp_path_factory):
+    """A copy of the central run with 4 reference models (each training patient unseen by 2)."""
+    from privseg.audit.reference import ensure_references
+
+    cohort, run = central
+    d = tmp_path_factory.mktemp("refs") / "run"
+    shutil.copytree(run, d, ignore=shutil.ignore_patterns("erasure"))
+    ensure_references(d, 4, cohort=cohort)
+    return cohort, d
+
+
+def test_unlearn_resolves_the_request_as_erase_does_and_shows_the_membership_test_first(with_references, tmp_path,
+                                                                                     capsys):
+    from privseg.audit.reference import REF_DIR, load_references
+    from privseg.unlearn.request import ErasureRequest
+
+    cohort, run = with_references
+    patient = [s.id for s in cohort.select("train")][0]
+    args = ["unlearn", "--checkpoint", str(run / "last.pt"), "--cohort", str(cohort.root), "--forget", patient,
+            "--strategy", "reference_teacher", "--out", str(tmp_path / "u"), "--device", "cpu",
+            "--certificate", str(tmp_path / "cert")]
+    # the tiny model memorised no one: the patient's test is shown, and the user decides; nothing recorded
+    code = cli_main(args)
+    cap = capsys.readouterr()
+    assert code == 1 and re.search(rf"patient {patient}: p = [0-9.]+ against 2 reference models", cap.out)
+    assert "nothing measurable to forget" in cap.out and "--even-if-unflagged" in cap.err
+    assert not (run / "erasure").exists() and not (tmp_path / "u").exists()
+    saw = {r.k for r in load_references(run).references if patient in r.patients}
+    assert cli_main([*args, "--even-if-unflagged", "-q"]) == 0
+    ledger = ErasureLedger(run / "erasure" / "ledger.db", create=False)
+    (rid,) = {e["request"] for e in ledger.entries()}
+    ev = ledger.events(rid)
+    # method, target and stopping rule as privseg erase resolves them: calibrated, and it stops at once
+    resolved = ErasureRequest(kind="patient", site="any", subjects=("x",), method="reference_teacher")
+    local = ev["local_unlearned"]["body"]
+    assert local["strategy"] == "reference_teacher" and local["target"] == resolved.target == "calibrated"
+    assert local["stopped_early"] and local["steps_run"] == 0
+    before = ev["requested"]["body"]["membership_before"]
+    assert before["nothing_to_forget"] and before["patients"][0]["id"] == patient
+    c = json.loads((tmp_path / "cert" / f"{rid}.json").read_text())["certificate"]
+    assert [s["verdict"] for s in c["membership"]["statements"]] == ["NO POWER"]
+    # the reference models that trained on the patient are deleted (and listed); the others stay
+    copies = {x["path"]: x for x in c["copies"]}
+    gone = {k for k in range(4) if not (run / REF_DIR / str(k) / "model.pt").exists()}
+    assert gone == saw and len(saw) == 2
+    for k in saw:
+        a = copies[f"{REF_DIR}/{k}/model.pt"]
+        assert a["fate"] == "deleted" and a["what"] == "reference model" and "retrains" in a["reason"]
+    assert copies["last.pt"]["fate"] == "superseded"
+    first = (tmp_path / "cert" / f"{rid}.html").read_text().split("<h2>Request</h2>")[0]
+    assert all(p in first for p in copies) and "central run" in first

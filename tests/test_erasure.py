@@ -61,7 +61,8 @@ def patient_request(cohort, **kw):
 
 
 def events(run_dir, rid=None):
-    return [e["event"] for e in ErasureLedger(run_dir / LEDGER).entries(rid)]
+    """The stages' end events (each stage's ``started`` entry left out)."""
+    return [e["event"] for e in ErasureLedger(run_dir / LEDGER).entries(rid) if e["event"] != "started"]
 
 
 # -- patient -------------------------------------------------------------------------------
@@ -70,9 +71,16 @@ def test_patient_erasure_end_to_end(run, tmp_path):
     cohort, d = run
     req = patient_request(cohort)
     subject = req.subjects[0]
+    (d / "export").mkdir()
+    (d / "export" / "model.onnx").write_bytes(b"an export of the model before the erasure")
     res = erase(d, req)
     assert res.status == "completed" and res.passed
     assert events(d, res.request_id) == ["requested", "local_unlearned", "repaired", "verified", "completed"]
+    # written ahead: each stage is recorded when it starts, then when it ends
+    entries = ErasureLedger(d / LEDGER).entries(res.request_id)
+    assert [(e["event"], e["body"].get("stage")) for e in entries][1:] == [
+        ("started", "local_unlearned"), ("local_unlearned", None), ("started", "repaired"), ("repaired", None),
+        ("started", "verified"), ("verified", None), ("started", "completed"), ("completed", None)]
     # the site never uses the patient again; the repair round is part of the run and serves the model
     cfg, state = FLConfig.load(d), RunState.load(d)
     assert cfg.site("H2").exclude == (subject,)
@@ -87,6 +95,12 @@ def test_patient_erasure_end_to_end(run, tmp_path):
         assert not (d / "updates" / f"r{r:04d}").exists()
     done = ErasureLedger(d / LEDGER).events(res.request_id)["completed"]["body"]
     assert len(done["removed"]) >= 2 * ROUNDS and all(len(a["sha256"]) == 64 for a in done["removed"])
+    # every copy of the patient's influence is accounted for: deleted, or kept with the reason
+    fate = {c["path"]: (c["what"], c["fate"]) for c in done["copies"]}
+    assert {a["path"] for a in done["removed"]} <= set(fate)
+    assert fate["checkpoints/global_r0001.pt"] == ("global checkpoint", "deleted")
+    assert fate["export/model.onnx"] == ("export", "kept")
+    assert "checkpoints/global_r0000.pt" not in fate and str(res.model.relative_to(d)) not in fate
     ver = res.verification
     assert set(ver["before"]) >= {"mia_auc", "retain_dice", "test_dice"} and ver["members"] == {"H2": [subject]}
     assert all(subject not in ids for ids in ver["nonmembers"].values())
@@ -106,6 +120,9 @@ def test_patient_erasure_end_to_end(run, tmp_path):
     assert cert["certificate"]["subjects"] == [subject] and cert["certificate"]["reason"] == "GDPR art. 17"
     page = h.read_text()
     assert res.request_id in page and "COMPLETED" in page and "http" not in page and "<script" not in page
+    first = page.split("<h2>Request</h2>")[0]  # the copies come first, the one still holding the patient named
+    assert "from federated run fed" in first and "export/model.onnx" in first and "global_r0001.pt" in first
+    assert [e["event"] for e in cert["certificate"]["events"]] == events(d, res.request_id)
     assert ErasureLedger(d / LEDGER).verify() == (True, [])
 
 

@@ -13,7 +13,7 @@ import html
 import math
 from pathlib import Path
 
-from privseg.audit.ledger import ErasureLedger
+from privseg.audit.ledger import ErasureLedger, open_stage
 from privseg.errors import ConfigError
 from privseg.utils import atomic_path, write_json
 
@@ -111,8 +111,14 @@ def summarise(entries: list[dict]) -> dict:
         settings = {k: ran.get(k) for k in ("ratio", "interval", "local_steps", "repair_rounds", "from_round",
                                             "rounds")}
         settings["seed"] = req.get("seed")
+    copies = _copies(done) if done else []
+    open_ = open_stage(entries)
     return {
         "request": entries[0]["request"], "status": status, "run": req.get("run"), "kind": req.get("kind"),
+        "run_kind": req.get("run_kind") or ("central" if req.get("site") == "central"
+                                            and (req.get("source") or {}).get("round") is None else "federated"),
+        "copies": copies, "copies_remaining": [c for c in copies if c["fate"] in ("superseded", "kept")],
+        "open_stage": {"stage": open_["body"].get("stage"), "since": open_["at"]} if open_ else None,
         "site": req.get("site"), "subjects": req.get("subjects", []), "reason": req.get("reason"),
         "requested_by": req.get("requested_by"), "approved_by": req.get("approved_by") or None,  # None: not recorded
         "requested_at": by["requested"]["at"],
@@ -123,17 +129,75 @@ def summarise(entries: list[dict]) -> dict:
         "membership": membership_statements(ver) if ver else None,
         "resulting_model": done["model"] if done else None, "removed": done["removed"] if done else [],
         "dp": done.get("dp") if done else None, "last_entry_hash": entries[-1]["hash"],
-        "events": [{"seq": e["seq"], "event": e["event"], "at": e["at"], "hash": e["hash"]} for e in entries],
+        "events": stage_rows(entries),
     }
+
+
+def stage_rows(entries: list[dict]) -> list[dict]:
+    """One row per ledger entry, with each stage's ``started`` entry folded into the entry that
+    ended it (``started_at``: when the stage began); a stage begun and never ended is a row of its
+    own, ``<stage> (started, not finished)``."""
+    rows, begun = [], {}
+
+    def unfinished(st: dict) -> dict:
+        return {"seq": st["seq"], "event": f"{st['body'].get('stage')} (started, not finished)", "at": st["at"],
+                "hash": st["hash"], "started_at": st["at"]}
+
+    for e in entries:
+        if e["event"] == "started":
+            if e["body"].get("stage") in begun:
+                rows.append(unfinished(begun[e["body"].get("stage")]))
+            begun[e["body"].get("stage")] = e
+            continue
+        st = begun.pop(e["event"], None)
+        rows.append({"seq": e["seq"], "event": e["event"], "at": e["at"], "hash": e["hash"],
+                     "started_at": st["at"] if st else None})
+    rows += [unfinished(st) for st in begun.values()]
+    return sorted(rows, key=lambda r: r["seq"])
+
+
+def _copies(done: dict) -> list[dict]:
+    """The copies of the patients' influence a ``completed`` entry accounts for (records written
+    before the accounting: the deleted files, and the files it listed as kept)."""
+    if "copies" in done:
+        return done["copies"]
+    from privseg.audit.copies import copy_entry
+
+    return ([copy_entry(a["path"], a.get("sha256"), "deleted", "superseded by the erased model")
+             for a in done.get("removed", [])]
+            + [copy_entry(p, None, "superseded", done.get("note", "")) for p in done.get("superseded_kept", [])])
+
+
+def _copies_html(s: dict) -> str:
+    if s["status"] != "COMPLETED":
+        return ""
+    left = s["copies_remaining"]
+    head = (f"<p class='nopower'>{len(left)} of {len(s['copies'])} copies still hold the erased patient(s): "
+            + html.escape(", ".join(c["path"] for c in left)) + "</p>" if left else
+            f"<p class='pass'>Every one of the {len(s['copies'])} copies of the erased patient(s)' influence "
+            "was deleted or rebuilt without them.</p>")
+    rows = "".join(f"<tr><td>{html.escape(c['path'])}</td><td>{html.escape(c['what'])}</td>"
+                   f"<td class='{'pass' if c['fate'] in ('deleted', 'retrained') else 'nopower'}'>"
+                   f"{html.escape(c['fate'])}</td><td>{html.escape(c.get('reason') or '')}</td></tr>"
+                   for c in s["copies"])
+    return ("<h2>Copies of the patient's influence</h2>" + head
+            + "<table><tr><th>file</th><th>what</th><th>became</th><th>why</th></tr>" + rows + "</table>")
 
 
 def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path: str) -> str:
     ok = s["status"] == "COMPLETED"
-    who = "patient(s) " + ", ".join(s["subjects"]) + f" at site {s['site']}" if s["kind"] == "patient" \
-        else f"site {s['site']} (every patient of it)"
+    who = ("patient(s) " + ", ".join(s["subjects"])
+           + (f" at site {s['site']}" if s.get("run_kind", "federated") == "federated" else "")
+           if s["kind"] == "patient" else f"site {s['site']} (every patient of it)")
+    status = s["status"]
+    if ok and s.get("copies_remaining"):
+        status += f" (the served model; {len(s['copies_remaining'])} copies still hold the patient, listed below)"
+    if s.get("open_stage"):
+        status += f" (stage {s['open_stage']['stage']} started at {s['open_stage']['since']} UTC, not finished)"
     parts = [f"<h1>Erasure certificate {html.escape(s['request'])}</h1>",
-             f"<div class='status {'pass' if ok else 'fail'}'>Status: {html.escape(s['status'])} &mdash; "
-             f"erasure of {html.escape(who)} from federated run {html.escape(str(s['run']))}</div>",
+             f"<div class='status {'pass' if ok else 'fail'}'>Status: {html.escape(status)} &mdash; "
+             f"erasure of {html.escape(who)} from {html.escape(s.get('run_kind', 'federated'))} run "
+             f"{html.escape(str(s['run']))}</div>", _copies_html(s),
              "<h2>Request</h2><table>",
              _rows([("Request ID", s["request"]), ("Kind", s["kind"]), ("Site", s["site"]),
                     ("Subjects", s["subjects"] or "all of the site"), ("Reason", s["reason"]),
@@ -198,9 +262,11 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
     parts.append("<h2>Ledger</h2><table>" + _rows([
         ("Ledger file", ledger_path), ("Hash chain", "intact" if chain_ok else "BROKEN: " + "; ".join(chain_problems)),
         ("Hash of this request's last entry", s["last_entry_hash"])]) + "</table>")
-    parts.append("<table><tr><th>#</th><th>event</th><th>at (UTC)</th><th>entry hash</th></tr>" + "".join(
-        f"<tr><td>{e['seq']}</td><td>{e['event']}</td><td>{e['at']}</td><td><code>{e['hash']}</code></td></tr>"
-        for e in s["events"]) + "</table>")
+    parts.append("<table><tr><th>#</th><th>stage</th><th>started (UTC)</th><th>ended (UTC)</th><th>entry hash</th>"
+                 "</tr>" + "".join(
+                     f"<tr><td>{e['seq']}</td><td>{html.escape(e['event'])}</td><td>{e.get('started_at') or ''}</td>"
+                     f"<td>{'' if e['event'].endswith('not finished)') else e['at']}</td>"
+                     f"<td><code>{e['hash']}</code></td></tr>" for e in s["events"]) + "</table>")
     if s["removed"]:
         parts.append("<h2>Deleted files</h2><table><tr><th>file</th><th>SHA-256</th></tr>" + "".join(
             f"<tr><td>{html.escape(a['path'])}</td><td><code>{a['sha256']}</code></td></tr>" for a in s["removed"])

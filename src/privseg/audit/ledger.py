@@ -1,8 +1,11 @@
 """The erasure ledger: an append-only, hash-chained record of every erasure request.
 
-One SQLite file per federated run (``runs/<name>/erasure/ledger.db``). Each row is one event
-of one request (``requested``, ``local_unlearned``, ``repaired``, ``site_removed``,
-``verified``, ``completed``, ``failed``) with a JSON body. Row ``n`` stores
+One SQLite file per run, federated or central (``runs/<name>/erasure/ledger.db``). Each row is one
+event of one request (``requested``, ``local_unlearned``, ``repaired``, ``site_removed``,
+``verified``, ``completed``, ``failed``) with a JSON body. The ledger is written ahead: a stage
+appends ``started`` (body ``{"stage": <its end event>, ...}``) when it begins and its own event
+when it ends, so every row's time is when it happened and a process killed mid-stage leaves a
+record of the stage it was in (:func:`open_stage`). Row ``n`` stores
 
     hash_n = SHA-256( hash_{n-1} || canonical JSON of (seq, request, event, at, body) )
 
@@ -29,7 +32,7 @@ from pathlib import Path
 from privseg.errors import ConfigError, DataError
 
 GENESIS = "0" * 64
-EVENTS = ("requested", "local_unlearned", "repaired", "site_removed", "verified", "completed", "failed")
+EVENTS = ("requested", "started", "local_unlearned", "repaired", "site_removed", "verified", "completed", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -187,12 +190,21 @@ def fold_request(out: dict[str, dict], e: dict) -> None:
     r = out.setdefault(e["request"], {"request": e["request"], "events": []})
     r["events"].append(e["event"])
     r["status"], r["at"], r["hash"] = e["event"], e["at"], e["hash"]
+    if e["event"] == "started":  # begun, not (yet) ended: running now, or killed mid-stage
+        r["status"] = f"{e['body'].get('stage')} started"
     if e["event"] == "requested":
         b = e["body"]
         r.update(kind=b.get("kind"), site=b.get("site"), subjects=b.get("subjects", []),
                  reason=b.get("reason"), requested_at=e["at"])
     if e["event"] == "verified":
         r["passed"] = e["body"].get("passed")
+
+
+def open_stage(entries: list[dict]) -> dict | None:
+    """The ``started`` entry of a stage that never ended (the process running it now, or killed in
+    it), among one request's entries; None when every stage begun has ended."""
+    last = entries[-1] if entries else None
+    return last if last is not None and last["event"] == "started" else None
 
 
 def erased_in(requests: Iterable[dict], site: str | None = None) -> dict[str, str]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 
 from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
+from privseg.errors import DataError
 from privseg.report.text import print_erasure_requests, print_ledger_checks, print_verification
-from privseg.runs import erase_from_run, erasure_request, erasure_requests, federated_run
+from privseg.runs import erase_from_run, erasure_request, erasure_requests, federated_run, run_folder
 from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest
 
 app = typer.Typer(help="Erase a patient or a whole site from a federated run, with verification and a ledger.",
@@ -71,7 +72,7 @@ def erase(
 @with_options(..., QUIET)
 def certificate(
     request: str = typer.Argument(..., help="Request ID (ER-...)."),
-    run: str = typer.Option(..., help="Federated run folder (or its name under runs/)."),
+    run: str = typer.Option(..., help="Run folder, federated or central (or its name under runs/)."),
     out_dir: Path = typer.Option(None, "--out", help="Folder for REQ.json and REQ.html (default: RUN/erasure/)."),
     quiet: bool = False,
 ) -> None:
@@ -79,16 +80,16 @@ def certificate(
     from privseg.audit.certificate import write_certificate
     from privseg.unlearn.federated import LEDGER
 
-    run_dir = federated_run(run)
+    run_dir = _ledger_run(run)
     j, h = write_certificate(run_dir / LEDGER, request, out_dir or run_dir / "erasure")
     if not quiet:
         out.print(f"certificate: {h}\nrecord: {j}")
 
 
 @app.command()
-def status(run: str = typer.Option(..., help="Federated run folder (or its name under runs/).")) -> None:
-    """List the erasure requests of a run and their state."""
-    _list_requests(federated_run(run))
+def status(run: str = typer.Option(..., help="Run folder, federated or central (or its name under runs/).")) -> None:
+    """List the erasure requests of a run and their state (a stage started and never ended: running, or killed)."""
+    _list_requests(_ledger_run(run))
 
 
 @ledger_app.command()
@@ -108,5 +109,17 @@ def show(run: str = typer.Argument(..., help="Federated run folder (or its name 
     _list_requests(federated_run(run))
 
 
+def _ledger_run(run: str) -> Path:
+    """A federated run, or a central run whose erasures `privseg unlearn` recorded in its ledger."""
+    try:
+        return federated_run(run)
+    except DataError:
+        return run_folder(run, marker="erasure/ledger.db", what="federated run or a run with an erasure ledger")
+
+
 def _list_requests(run_dir: Path) -> None:
-    print_erasure_requests(out, run_dir, erasure_requests(run_dir))
+    requests = erasure_requests(run_dir)
+    print_erasure_requests(out, run_dir, requests)
+    for r in (r for r in requests if r["status"].endswith(" started")):
+        out.print(f"{r['request']}: {r['status']} at {r['at']} UTC and not finished (running, or the process was "
+                  "killed): the same command again continues it", highlight=False)

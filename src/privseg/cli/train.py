@@ -12,6 +12,7 @@ from privseg.cohorts import open_cohort, train_config
 from privseg.report.text import print_dice, print_unlearning
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
+from privseg.unlearn.request import ErasureRequest
 from privseg.utils import parse_params, write_json
 
 
@@ -69,53 +70,54 @@ def predict(subject: str = typer.Option(None, help="Subject ID to segment."), ou
     ui.out.print(f"wrote {predict_subject(o['checkpoint'], c, subject, out_path)}")
 
 
-@with_options(..., ERASURE, *READING, QUIET)
+UNLEARN = ui.options_from(ErasureRequest, "target", "epochs", "seed")  # resolved as privseg erase resolves them
+
+
+@with_options(..., UNLEARN, ERASURE, *READING, QUIET)
 def unlearn(
     checkpoint: Path = typer.Option(..., help="Trained checkpoint (.pt)."),
     cohort: Path = typer.Option(..., help="Cohort folder or manifest the model was trained on."),
     forget: str = typer.Option(..., help="Comma-separated subject IDs to erase, e.g. S03,S07."),
-    strategy: str = typer.Option("noisy_label", help="noisy_label, retain_label, max_loss, random_encoder, "
-                                 "learn_others, learn_noise, neggrad_plus, scrub, salun or retrain."),
+    strategy: str = typer.Option(None, help="An unlearning strategy (privseg.unlearn.STRATEGIES); default as "
+                                 "privseg erase: scrub (with reference models, reference_teacher does best)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for unlearned.pt and report.json."),
     fix_decoder: bool = typer.Option(False, "--fix-decoder", help="Keep the decoder frozen."),
-    epochs: int = typer.Option(None, min=1, help="Epochs (passes over the forget subjects); default 20 for "
-                               "--target zero, 50 (maximum) for --target unseen or calibrated."),
-    target: str = typer.Option("zero", help="zero (drive forget Dice down, the study), unseen (stop when the "
-                               "forget subjects look like never-seen patients) or calibrated (stop when the run's "
-                               "reference models no longer tell them from never-seen ones)."),
+    even_if_unflagged: bool = typer.Option(False, "--even-if-unflagged", help="Erase even a patient the "
+                                           "membership test does not flag (nothing measurable to forget)."),
     certificate: Path = typer.Option(None, help="Write the erasure certificate (JSON + HTML) into this folder."),
     retrain: Path = typer.Option(None, help="Retrained reference checkpoint (--strategy retrain) to compare with."),
-    param: list[str] = PARAM, seed: int = typer.Option(0),
-    check_every: int = typer.Option(2, min=1, help="--target unseen: steps between membership checks."),
+    param: list[str] = PARAM, check_every: int = typer.Option(2, min=1, help="Steps between stopping checks."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."), **o,
 ) -> None:
-    """Remove subjects' influence from a trained model; writes OUT/unlearned.pt and OUT/report.json.
-    Then every model (original, unlearned, retrain) is evaluated on the retain, forget and test
-    subjects, with progress: on CPU this can take longer than the unlearning. The erasure is
-    recorded in the erasure ledger of the checkpoint's folder, as a federated one is."""
+    """Erase subjects from a trained model as privseg erase does in a federation (OUT/unlearned.pt,
+    OUT/report.json, the ledger of the checkpoint's folder, each stage recorded when it starts and
+    ends; run it again after a crash to continue). With reference models, each patient's membership
+    test is shown first; a patient it does not flag stops the erasure unless --even-if-unflagged."""
     from privseg.unlearn import parse_ids
-    from privseg.unlearn.central import erase_central
+    from privseg.unlearn.central import erase_central, membership_lines
 
-    ids, params = parse_ids(forget, "--forget"), parse_params(param)
+    ids = parse_ids(forget, "--forget")
     c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"], checkpoint)
-    with ui.progress(f"unlearning ({strategy})", 100, o["quiet"]) as update:
-        started = []
 
-        def on_evaluate(done: int, total: int) -> None:
-            if not started:  # a phase of its own, counted in subject passes
-                started.append(True)
-                update(done, "original, unlearned and retrain models", total=total, description="evaluating")
-            else:
-                update(done, "subject passes")
+    def on_membership(before: dict) -> bool:
+        ui.out.print("\n".join(membership_lines(before)), highlight=False)
+        return not before.get("nothing_to_forget") or even_if_unflagged
 
-        result, rid, ledger, ver, cert = erase_central(
-            checkpoint, c, ids, strategy, fix_decoder=fix_decoder, epochs=epochs, target=target, params=params,
-            out_dir=out_dir, seed=seed, retrain_checkpoint=retrain, check_every=check_every, device=device,
-            on_evaluate=on_evaluate, certificate_dir=certificate, **take(o, ERASURE),
-            on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)), f"step {s}/{n} loss {loss:.3f}"))
+    with ui.progress("unlearning", 100, o["quiet"]) as update:
+        res = erase_central(
+            checkpoint, c, ids, strategy, fix_decoder=fix_decoder, params=parse_params(param), out_dir=out_dir,
+            retrain_checkpoint=retrain, check_every=check_every, device=device,
+            certificate_dir=certificate, on_membership=on_membership, **take(o, UNLEARN), **take(o, ERASURE),
+            on_stage=None if o["quiet"] else lambda st, msg: ui.console.print(f"{st}: {msg}", highlight=False),
+            on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)), f"step {s}/{n} loss {loss:.3f}"),
+            on_evaluate=lambda k, n: update(k, "subject passes", total=n, description="evaluating"))
+    if res is None:  # said even under --quiet: the user decides
+        ui.console.print("nothing measurable to forget: nothing was recorded; --even-if-unflagged erases anyway")
+        raise typer.Exit(1)
     if not o["quiet"]:
-        print_unlearning(ui.out, result, strategy, target)
-        ui.out.print(f"ledger: {ledger} (request {rid})" + (f"\ncertificate: {cert[1]}" if cert else ""))
-    if not ver["passed"]:  # said even under --quiet: the ledger records the erasure as not completed
-        ui.console.print(f"[red]erasure verification failed[/red] (request {rid}, not completed): "
-                      + "; ".join(ver["failed_checks"]))
+        print_unlearning(ui.out, res.result, res.result.report["strategy"], res.result.report["target"])
+        ui.out.print(f"ledger: {res.ledger} (request {res.request_id})"
+                     + (f"\ncertificate: {res.certificate[1]}" if res.certificate else ""))
+    if res.status != "completed":  # said even under --quiet: the ledger records the erasure as not completed
+        ui.console.print(f"[red]erasure verification failed[/red] (request {res.request_id}, not completed): "
+                         + "; ".join(res.verification["failed_checks"]))

@@ -245,7 +245,8 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
                          fix_decoder=fix_decoder, resolved=resolved, epochs=epochs, check_every=check_every,
                          auc_threshold=auc_threshold, seed=seed)
     if evaluate:
-        report.update(_evaluate(data, run, mia_views, seed, original_metrics, retrain_metrics, on_evaluate))
+        report.update(_evaluate(data, run.model, run.original, run.device, mia_views, seed, original_metrics,
+                                retrain_metrics, on_evaluate))
     ckpt_path, report_path = _write(out_dir, checkpoint, cohort, forget_ids, data, run, report, strategy, target)
     return UnlearnResult(run.model, report, ckpt_path, report_path)
 
@@ -267,24 +268,24 @@ def _validate(strategy: str, target: str, epochs: int | None, check_every: int, 
     return strat, resolved, epochs, forget_ids
 
 
+def check_request(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: str, target: str,
+                  epochs: int | None = None, params: dict | None = None) -> None:
+    """Refuse what :func:`unlearn` would refuse, reading only the checkpoint (no volume), for a
+    caller that records the request before the unlearning runs."""
+    _validate(strategy, target, epochs, 1, params, forget)
+    payload, _ = _load_model(checkpoint, cohort, "--checkpoint")
+    roles(payload, cohort, parse_ids(forget, "--forget"), checkpoint)
+    if target != "zero" and not (cohort.select("val") or cohort.select("test")):
+        raise ConfigError(f"--target {target} needs held-out subjects (a val or test split) to compare with")
+
+
 def _load(checkpoint, cohort: Cohort, forget_ids: list[str], calibration: Sequence[str] | None,
           retrain_checkpoint, retrain_seconds: float | None, items: dict[str, dict] | None) -> _Loaded:
     """The original (and retrained) model, the subjects by role, checked against what trained each model,
     and their preprocessed items (cached by ID when the caller gives a cache)."""
     payload, model = _load_model(checkpoint, cohort, "--checkpoint")
     cfg = TrainConfig.from_dict(payload["config"])
-    try:
-        retain_subj, forget_subj = cohort.forget_split(forget_ids)
-    except ConfigError as exc:
-        raise ConfigError(f"--forget: {exc}") from None
-    trained = payload.get("extra", {}).get("train_subjects")
-    if trained:
-        missing = [i for i in forget_ids if i not in set(trained)]
-        if missing:
-            raise ConfigError(f"--forget: {', '.join(missing)} did not train the model in {checkpoint}")
-        retain_subj = [s for s in retain_subj if s.id in set(trained)]
-        if not retain_subj:
-            raise ConfigError("--forget names every subject the model trained on: nothing left to retain")
+    retain_subj, forget_subj, trained = roles(payload, cohort, forget_ids, checkpoint)
     test_subj = cohort.select("test")
     calib_subj = ([cohort.subject(i) for i in calibration] if calibration
                   else cohort.select("val") or test_subj)
@@ -312,6 +313,24 @@ def _load(checkpoint, cohort: Cohort, forget_ids: list[str], calibration: Sequen
     return _Loaded(payload, model, cfg, trained, retain_subj, forget_subj, test_subj, calib_subj, retrain_model,
                    retrain_seconds, [cache[s.id] for s in retain_subj], [cache[s.id] for s in forget_subj],
                    [cache[s.id] for s in test_subj], [cache[s.id] for s in calib_subj])
+
+
+def roles(payload: dict, cohort: Cohort, forget_ids: list[str], checkpoint) -> tuple[list, list, list[str] | None]:
+    """(retain subjects, forget subjects, the IDs that trained the model or None) of a request on the
+    model ``payload`` (read from ``checkpoint``): the retain subjects are those that trained it."""
+    try:
+        retain_subj, forget_subj = cohort.forget_split(forget_ids)
+    except ConfigError as exc:
+        raise ConfigError(f"--forget: {exc}") from None
+    trained = payload.get("extra", {}).get("train_subjects")
+    if trained:
+        missing = [i for i in forget_ids if i not in set(trained)]
+        if missing:
+            raise ConfigError(f"--forget: {', '.join(missing)} did not train the model in {checkpoint}")
+        retain_subj = [s for s in retain_subj if s.id in set(trained)]
+        if not retain_subj:
+            raise ConfigError("--forget names every subject the model trained on: nothing left to retain")
+    return retain_subj, forget_subj, trained
 
 
 def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, epochs: int, fix_decoder: bool,
@@ -391,9 +410,31 @@ def _run_report(checkpoint, cohort: Cohort, forget_ids: list[str], data: _Loaded
     return report
 
 
-def _evaluate(data: _Loaded, run: _Run, mia_views: int, seed: int, original_metrics: dict | None,
-              retrain_metrics: dict | None, on_evaluate: Callable[[int, int], None] | None) -> dict:
-    """Scores of the original, unlearned and (when given) retrained model, and the differences between them."""
+def evaluate_unlearned(checkpoint, cohort: Cohort, forget: str | Sequence[str], unlearned, *,
+                       retrain_checkpoint=None, retrain_seconds: float | None = None, seconds: float | None = None,
+                       mia_views: int = 2, seed: int = 0, device: str = "auto",
+                       items: dict[str, dict] | None = None,
+                       on_evaluate: Callable[[int, int], None] | None = None) -> dict:
+    """The evaluation :func:`unlearn` adds to its report (``evaluate=True``), of an unlearned model
+    already written (``unlearned``: its checkpoint), so that an erasure can unlearn and evaluate in
+    two recorded stages. ``seconds``: the unlearning's wall time, for the ratio to the retrain's."""
+    forget_ids = parse_ids(forget, "--forget")
+    data = _load(checkpoint, cohort, forget_ids, None, retrain_checkpoint, retrain_seconds, items)
+    dev = pick_device(device)
+    _, model = _load_model(unlearned, cohort, "unlearned model")
+    out = _evaluate(data, model.to(dev).eval(), data.model.to(dev).eval(), dev, mia_views, seed, None, None,
+                    on_evaluate)
+    if data.retrain_seconds and seconds is not None:
+        out.update(retrain_seconds=float(data.retrain_seconds), time_ratio=seconds / float(data.retrain_seconds),
+                   speedup=float(data.retrain_seconds) / max(seconds, 1e-9))
+    return out
+
+
+def _evaluate(data: _Loaded, model: torch.nn.Module, original: torch.nn.Module | None, device: torch.device,
+              mia_views: int, seed: int, original_metrics: dict | None, retrain_metrics: dict | None,
+              on_evaluate: Callable[[int, int], None] | None) -> dict:
+    """Scores of the original, unlearned (``model``) and (when given) retrained model, and the
+    differences between them."""
     cfg, forget_items, test_items = data.cfg, data.forget_items, data.test_items
     retrain_model = data.retrain_model
     groups = {"retain": data.retain_items, "forget": forget_items, "test": test_items}
@@ -420,18 +461,18 @@ def _evaluate(data: _Loaded, run: _Run, mia_views: int, seed: int, original_metr
         if retrain_metrics is not None:
             res["retrain"] = retrain_metrics
         else:
-            retrain_model = retrain_model.to(run.device)
+            retrain_model = retrain_model.to(device)
             res["retrain"] = _retrain_metrics(retrain_model, groups, cfg, mia_views, seed, tick, n_mia)
     ref_rows = res.get("retrain", {}).get("reference_rows")
     if original_metrics is not None:
         res["original"] = original_metrics
     else:
-        res["original"] = _group_metrics(run.original, groups, cfg, tick)
-        res["original"]["mia"] = _mia(run.original, forget_items, test_items, cfg, mia_views, seed,
+        res["original"] = _group_metrics(original, groups, cfg, tick)
+        res["original"]["mia"] = _mia(original, forget_items, test_items, cfg, mia_views, seed,
                                       None if ref_rows else retrain_model, ref_rows)
         tick(n_mia)
-    res["unlearned"] = _group_metrics(run.model, groups, cfg, tick)
-    res["unlearned"]["mia"] = _mia(run.model, forget_items, test_items, cfg, mia_views, seed,
+    res["unlearned"] = _group_metrics(model, groups, cfg, tick)
+    res["unlearned"]["mia"] = _mia(model, forget_items, test_items, cfg, mia_views, seed,
                                    None if ref_rows else retrain_model, ref_rows)
     tick(n_mia)
     out = dict(res)

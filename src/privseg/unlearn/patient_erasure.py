@@ -66,6 +66,7 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
     spec = replace(spec, exclude=tuple(x for x in spec.exclude if x not in req.subjects))
     cohort = read_site_cohort(spec.cohort)
     site_cohort = cohort.with_subjects(site_subjects(cohort, spec))
+    ledger.append(rid, "started", {"stage": "local_unlearned", "site": req.site})
     c0, t0 = time.process_time(), time.perf_counter()
     if dp_of(cfg) is not None:  # a DP run: the local stage is DP too, and paid from the site's budget
         steps = _local_dp_steps(cfg, req)
@@ -81,9 +82,8 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
             from privseg.audit.reference import load_references
 
             refs = load_references(run_dir)
-        res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), req.method,
-                      target=req.target, epochs=req.epochs, params=req.params, out_dir=work / "local",
-                      seed=req.seed, evaluate=False, references=refs, statistic=req.statistic, mia_views=mia_views)
+        res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), **req.unlearn_args(),
+                      out_dir=work / "local", evaluate=False, references=refs, mia_views=mia_views)
         r = res.report
         ckpt = res.checkpoint
         body = {"site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
@@ -113,6 +113,7 @@ def _repair(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger,
         state.data["restart_from"] = {"after_round": n0, "until_round": until, "request": rid,
                                       "checkpoint": local["body"]["model"]["path"]}
         state.save()
+        ledger.append(rid, "started", {"stage": "repaired", "until_round": until})
         t0 = time.perf_counter()
         if until > state.rounds_done:
             say("repaired", f"{until - state.rounds_done} repair round(s) with every site")

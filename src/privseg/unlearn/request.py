@@ -116,6 +116,12 @@ class ErasureRequest:
 
         return self.target == "calibrated" or get_strategy(self.method).needs_references
 
+    def unlearn_args(self) -> dict:
+        """The settings :func:`privseg.unlearn.engine.unlearn` runs a patient request with, resolved
+        here once for every erasure path (``privseg erase`` at a site, ``privseg unlearn`` centrally)."""
+        return {"strategy": self.method, "target": self.target, "epochs": self.epochs, "params": self.params,
+                "seed": self.seed, "statistic": self.statistic}
+
     def request_id(self, run_name: str) -> str:
         """The same (run, kind, site, subjects) is the same request, whatever the settings."""
         key = canonical({"run": run_name, "kind": self.kind, "site": self.site, "subjects": sorted(self.subjects)})

@@ -291,6 +291,7 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
         removed = None  # a new attempt with another method
     if removed is None:
         sub_dir = work / req.method
+        ledger.append(rid, "started", {"stage": "site_removed", "method": req.method})
         t0 = time.perf_counter()
         if not touched:
             model_path, info = run_dir / requested["source"]["path"], {"note": "the site never trained"}

@@ -18,7 +18,7 @@ from privseg.errors import ConfigError, PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
-from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _rel
+from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _latest, _rel
 
 
 def _site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
@@ -46,8 +46,15 @@ def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
 
 def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: dict, site: str,
               say: StageCallback) -> None:
+    """Delete the superseded files (listed, with their hashes, by the verification) and account
+    for every copy of the erased data (:mod:`privseg.audit.copies`): the ``completed`` entry."""
+    from privseg.audit.copies import account, model_files
+    from privseg.audit.reference import REF_DIR
+
     removed = []
     superseded = [*ver["superseded"], *ver.get("references_superseded", [])]
+    ledger.append(rid, "started", {"stage": "completed", "deleting": len(superseded)})
+    requested_at = _latest(ledger.entries(rid), "requested")["at"]
     for a in superseded:
         p = run_dir / a["path"]
         if p.is_file():
@@ -57,9 +64,14 @@ def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: 
         if d.is_dir() and d != run_dir and not any(d.iterdir()):
             d.rmdir()
     cfg = FLConfig.load(run_dir)
-    ledger.append(rid, "completed", {"model": model, "removed": removed, "passed": True,
+    # the data-free initial model and the reference models that trained without the data never held it
+    copies = account(run_dir, requested_at, deleted=removed, written=[run_dir / model["path"]],
+                     never_saw=[RunState.load(run_dir).checkpoint_path(0), *model_files(run_dir / REF_DIR)])
+    ledger.append(rid, "completed", {"model": model, "removed": removed, "copies": copies, "passed": True,
                                      "dp": _dp_bound(run_dir, cfg, site)})
-    say("completed", f"{len(removed)} superseded file(s) deleted; the run now serves {model['path']}")
+    kept = [c["path"] for c in copies if c["fate"] == "kept"]
+    say("completed", f"{len(removed)} superseded file(s) deleted; the run now serves {model['path']}"
+        + (f"; {len(kept)} older file(s) kept that may hold the data: {', '.join(kept)}" if kept else ""))
 
 
 def _superseded(run_dir: Path, upto_round: int, from_round: int = 1, sites: Sequence[str] | None = None,
@@ -264,6 +276,7 @@ def _verified(rid: str, ledger: ErasureLedger, req: ErasureRequest, after_event:
     """The verification of the latest ``after_event`` (computed by ``evidence`` once, then read from the
     ledger), judged with the request's thresholds; None when it failed."""
     if _after(ledger.entries(rid), "verified", after_event) is None:
+        ledger.append(rid, "started", {"stage": "verified"})
         say("verified", what)
         ledger.append(rid, "verified", evidence())
     ver = _judged(rid, ledger, req, _after(ledger.entries(rid), "verified", after_event)["body"])
