@@ -244,3 +244,28 @@ def test_bad_inputs_are_refused_naming_the_problem(run3d, tmp_path, capsys):
     assert (out / "model.ts").is_file() and not (out / "model.onnx").exists()
     with pytest.raises(DataError, match="not a privseg export"):
         verify_export(tmp_path / "busy")
+
+
+def test_a_training_run_serves_its_erased_model_and_the_superseded_file_is_refused(run3d, tmp_path):
+    from privseg.audit.ledger import file_sha256
+
+    cohort, src = run3d
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    payload = torch.load(run / "last.pt", weights_only=True)
+    payload["step"] += 1  # another file: the model `privseg unlearn` would have written
+    torch.save(payload, run / "unlearned.pt")
+    erased = next(s.id for s in cohort.select("train") if s.site == "H1")
+    ledger = ErasureLedger(run / "erasure" / "ledger.db")
+    rid = "ER-000000000002"
+    ledger.append(rid, "requested", {"run": "run", "kind": "patient", "site": "central", "subjects": [erased],
+                                     "source": {"path": "last.pt", "sha256": file_sha256(run / "last.pt")}})
+    ledger.append(rid, "completed", {"model": {"path": "unlearned.pt", "sha256": file_sha256(run / "unlearned.pt")},
+                                     "removed": [], "passed": True, "dp": None})
+    m = export_model(run, "torchscript", tmp_path / "out", evaluate=False)
+    assert m["privacy"]["model"]["path"] == "unlearned.pt" and m["privacy"]["pending"] == []
+    train_h1 = [s for s in cohort.select("train") if s.site == "H1"]
+    assert m["privacy"]["sites"]["H1"]["scans"] == len(train_h1) - 1  # the erased patient is not counted
+    with pytest.raises(ConfigError, match=rf"last.pt: erasure request {rid} removed patient\(s\) {erased} from this "
+                                          r"model; export the run, which serves .*unlearned.pt"):
+        export_model(run / "last.pt", "torchscript", tmp_path / "out2", evaluate=False)
