@@ -387,3 +387,83 @@ def test_supernode_killed_mid_round_the_run_completes_with_the_others(tmp_path):
     rlog.record("invariant", "deploy:unregistered-supernode-refused", refused, rogue[-500:])
     assert refused, rogue[-2000:]
     print(f"deployment with a killed SuperNode: {seconds:.0f} s")
+
+
+# -- kill -9 of a central erasure at each stage -------------------------------------------------------
+
+ERASE_CHILD = """
+import sys, time
+from pathlib import Path
+from privseg.cohorts import open_cohort
+from privseg.unlearn.central import erase_central
+
+run, stop = Path({run!r}), {stop!r}
+
+def on_stage(stage, msg):
+    print(stage, flush=True)
+    if stage == stop:  # the stage is under way (its start recorded): hold here until killed
+        print("in " + stage, flush=True)
+        time.sleep(600)
+
+cohort = open_cohort(Path({cohort!r}), checkpoint=run / "last.pt")
+erase_central(run / "last.pt", cohort, [{subject!r}], "noisy_label", epochs=1, out_dir=run / "unlearned",
+              thresholds={loose!r}, mia_views=1, device="cpu", on_stage=on_stage)
+"""
+
+
+@pytest.fixture(scope="module")
+def central_run(tmp_path_factory):
+    from conftest import make_tiny_cohort
+    from privseg.train import TrainConfig
+    from privseg.train.loop import Trainer
+
+    root = tmp_path_factory.mktemp("central_kill")
+    cohort = make_tiny_cohort(root / "tiny", sites=1, per_site=6, size=16)
+    tc = TrainConfig(model="unet_tiny", patch_size=(16,) * 3, steps=2, checkpoint_every=2, device="cpu",
+                     subjects_per_step=2, patches_per_subject=1, in_channels=1, num_classes=3)
+    Trainer(cohort, tc, root / "run").fit()
+    return cohort, root / "run"
+
+
+@pytest.mark.parametrize("stage", ["requested", "local_unlearned", "verified", "completed"])
+def test_central_erasure_killed_in_a_stage_is_on_record_and_a_rerun_finishes_it_once(central_run, tmp_path,
+                                                                                    capsys, stage):
+    """The erasure ledger is written ahead: a stage's start is recorded before its work. A kill -9
+    while a stage runs leaves it on record (`privseg erase status` says which stage never ended);
+    the same request run again continues from there and completes exactly once."""
+    import shutil
+
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.cli import main as cli_main
+    from privseg.cohorts import open_cohort
+    from privseg.unlearn.central import erase_central
+
+    cohort, original = central_run
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    subject = [s.id for s in cohort.select("train")][0]
+    loose = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
+    proc = _child(ERASE_CHILD.format(run=str(run), stop=stage, cohort=str(cohort.root), subject=subject,
+                                     loose=loose))
+    _wait_for(proc, "in " + stage)
+    _sigkill(proc)
+    ledger = ErasureLedger(run / "erasure" / "ledger.db", create=False)
+    (rid,) = {e["request"] for e in ledger.entries()}
+    killed = ledger.entries(rid)
+    on_record = killed[-1]["event"] == "requested" if stage == "requested" else \
+        (killed[-1]["event"], killed[-1]["body"]["stage"]) == ("started", stage)
+    capsys.readouterr()
+    assert cli_main(["erase", "status", "--run", str(run)]) == 0
+    status = capsys.readouterr().out
+    reported = f"{rid}: {stage if stage == 'requested' else stage + ' started'} at " in " ".join(status.split())
+    res = erase_central(run / "last.pt", open_cohort(cohort.root, checkpoint=run / "last.pt"), [subject],
+                        "noisy_label", epochs=1, out_dir=run / "unlearned", thresholds=loose, mia_views=1,
+                        device="cpu")
+    entries = ErasureLedger(run / "erasure" / "ledger.db", create=False).entries(rid)
+    ends = [e["event"] for e in entries if e["event"] != "started"]
+    ok = (on_record and reported and res.status == "completed" and entries[:len(killed)] == killed
+          and ends == ["requested", "local_unlearned", "verified", "completed"] and ledger.verify() == (True, []))
+    rlog.record("fault", f"kill-9:central-erasure-in-{stage}", ok, f"{ends} reported={reported}")
+    assert on_record, killed[-1]
+    assert reported, status
+    assert ok, ends

@@ -120,6 +120,6 @@ def _ledger_run(run: str) -> Path:
 def _list_requests(run_dir: Path) -> None:
     requests = erasure_requests(run_dir)
     print_erasure_requests(out, run_dir, requests)
-    for r in (r for r in requests if r["status"].endswith(" started")):
-        out.print(f"{r['request']}: {r['status']} at {r['at']} UTC and not finished (running, or the process was "
-                  "killed): the same command again continues it", highlight=False)
+    for r in (r for r in requests if r["status"] in ("requested", "failed") or r["status"].endswith(" started")):
+        out.print(f"{r['request']}: {r['status']} at {r['at']} UTC, not finished (running now, or stopped): the same "
+                  "command again continues it", highlight=False)
