@@ -7,12 +7,15 @@ prediction as NIfTI; trains the same task federated across the three sites
 stricter budget at one hospital (printing epsilon per site); erases one patient
 from the central model and audits it; ends with an erasure request in a federated run
 (a patient erased at one hospital, verified, recorded in the hash-chained ledger) and its
-certificate. Everything goes to demo_out/.
+certificate; and takes the DP model to the clinic: exported as a MONAI bundle with its model card,
+run by MONAI's own bundle runner on held-out volumes, checked with `privseg export verify`.
+Everything goes to demo_out/.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,4 +90,17 @@ if __name__ == "__main__":
     request = ErasureLedger(OUT / "runs" / "fed" / "erasure" / "ledger.db").requests()[-1]["request"]
     run("erase", "certificate", request, "--run", fed)
     run("ledger", "verify", fed)
+    # The DP model goes to the clinic: a MONAI bundle (model card with the ledgers' epsilon per site),
+    # run by MONAI's own runner on held-out volumes, as a hospital without privseg would run it.
+    bundle, clinic = OUT / "bundle", OUT / "clinic"
+    run("export", str(OUT / "runs" / "dp"), "--format", "monai-bundle", "--out", str(bundle))
+    clinic.mkdir()
+    for sid in _test_subjects(cohort)[:2]:
+        shutil.copy(read_cohort(cohort).subject(sid).images[0], clinic / f"{sid}.nii.gz")
+    runner = ["-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", ".",
+              "--dataset_dir", "../clinic", "--output_dir", "../clinic_seg"]
+    print(f"\n$ cd {bundle} && python {' '.join(runner)}", flush=True)
+    subprocess.run([sys.executable, *runner], cwd=bundle, check=True)
+    print("segmentations:", ", ".join(sorted(p.name for p in (OUT / "clinic_seg").iterdir())))
+    run("export", "verify", str(bundle))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {OUT}/")

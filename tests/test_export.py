@@ -73,8 +73,8 @@ def test_3d_bundle_torchscript_and_onnx_reproduce_predict(run3d, tmp_path):
 
     bundle = tmp_path / "bundle"
     assert cli_main(["export", str(run), "--format", "monai-bundle", "--out", str(bundle)]) == 0
-    for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
-                "docs/README.md"):
+    for rel in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt",
+                "models/model.ts", "docs/README.md", "docs/model_card.html"):
         assert (bundle / rel).is_file(), rel
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     assert meta["labels"] == {"0": "background", "1": "organ", "2": "core"}

@@ -4,6 +4,7 @@
                                  the privacy statement ("privacy") and privseg's export record
     DIR/configs/inference.json   python -m monai.bundle run --config_file configs/inference.json
                                  --bundle_root DIR --dataset_dir IMAGES --output_dir OUT
+    DIR/configs/logging.conf     the runner's logging (to stdout)
     DIR/models/model.pt          the weights (a privseg checkpoint without optimizer state:
                                  MONAI's CheckpointLoader takes its "model" entry)
     DIR/models/model.ts          the network, TorchScript (what inference.json runs: no privseg needed)
@@ -25,6 +26,29 @@ from privseg.errors import ConfigError
 # MONAI's bundle spec version this layout follows (Model Zoo metadata schema)
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 IMAGE_SUFFIXES = {3: (".nii.gz", ".nii"), 2: (".png", ".jpg", ".jpeg")}
+# configs/logging.conf, which MONAI's runner applies first (stdlib handlers only: MONAI refuses others)
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
 
 
 def _opt(value):

@@ -19,7 +19,7 @@ def first_line(s: dict) -> str:
                 "this model may still carry those patients (exported with --allow-pending).**")
     dp = s["dp"]
     if dp["private"]:
-        eps = ", ".join(f"{k} ε = {_num(v['epsilon'])}" for k, v in dp["sites"].items())
+        eps = ", ".join(f"{k} ε = {_num(v['epsilon'])} (δ = {v['delta']:g})" for k, v in dp["sites"].items())
         return f"**{dp['unit']}-level differential privacy per site, as the ledgers prove: {eps}.**"
     return f"**{dp['reason']}.**"
 
@@ -65,7 +65,7 @@ def markdown(s: dict, ev: dict, meta: dict) -> str:
         classes = ev["classes"][1:]
         rows = [["all", ev["overall"]["n"], *ev["overall"]["dice"], ev["overall"]["mean_dice"]]]
         rows += [[site, v["n"], *v["dice"], v["mean_dice"]] for site, v in ev["sites"].items()]
-        lines += _table(["site", "patients", *[f"Dice {c}" for c in classes], "mean Dice"], rows)
+        lines += _table(["site", "held-out scans", *[f"Dice {c}" for c in classes], "mean Dice"], rows)
     else:
         lines += [ev.get("note", "not evaluated"), ""]
     t = meta["training"]

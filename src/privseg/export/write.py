@@ -94,6 +94,7 @@ def _write_files(tmp: Path, fmt: str, payload: dict, model: torch.nn.Module, inf
         with atomic_path(tmp / "models" / "model.pt") as t:
             torch.save(weights, t)
         write_json(tmp / "configs" / "inference.json", inference)
+        (tmp / "configs" / "logging.conf").write_text(bundle_mod.LOGGING_CONF)
 
 
 def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str | Path | None = None,
