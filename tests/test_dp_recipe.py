@@ -180,9 +180,17 @@ def test_site_declares_its_own_size_and_the_spec_travels():
     assert dp.for_site("H1").cohort_size == 40 and dp.for_site("H2").cohort_size == 137
     assert plan_for(dp, "H2", 100).cohort_size == 130 and plan_for(dp, "H2", 100).epsilon == 3.0
     assert DPConfig.from_run_config(dp.to_run_config()) == dp
-    for bad in ({"plan": "manual"}, {"aug_mult": 0}, {"ema": 1.0}, {"epochs": 0}, {"sites": {"H1": {"n": 3}}}):
+    for bad in ({"plan": "manual"}, {"aug_mult": -1}, {"ema": 1.0}, {"epochs": 0}, {"sites": {"H1": {"n": 3}}}):
         with pytest.raises(ConfigError):
             DPConfig(**bad)
+    assert (DPConfig().plan, DPConfig().aug_mult, DPConfig().ema) == ("auto", 4, 0.999)  # the recipe by default
+    # a spec saved or sent before the recipe existed keeps what it ran with
+    old = {k: v for k, v in DPConfig(clip="fixed").to_dict().items() if k not in ("plan", "aug_mult", "ema",
+                                                                               "cohort_size", "epochs")}
+    for spec in (DPConfig.from_dict(old), DPConfig.from_run_config(
+            {k: v for k, v in DPConfig(clip="fixed").to_run_config().items()
+             if k not in ("dp-plan", "dp-aug-mult", "dp-ema")})):
+        assert (spec.plan, spec.aug_mult, spec.ema, spec.clip) == ("none", 0, 0.0, "fixed")
 
 
 # -- 3. the weight EMA served under DP ----------------------------------------------------------------------

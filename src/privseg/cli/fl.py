@@ -50,7 +50,7 @@ def FL_DP(
 
 _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=typer.Option(
     "cpu", help="cpu, cuda or auto, for local training."), dp=typer.Option(
-    "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."), plan=ui.PLAN_AUTO)
+    "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."))
 _GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, FL_DP, SPLITS, QUIET)
 
 

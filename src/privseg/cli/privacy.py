@@ -53,7 +53,7 @@ def budget(
 @app.command()
 @with_options(..., STEPS, TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option("group", help="group or instance "
               "(not batch)."), subjects_per_step=typer.Option(2, min=1, help="Expected subjects per step (Poisson "
-              "rate q = this/n, under --plan none)."), plan=ui.PLAN_AUTO)
+              "rate q = this/n, under --plan none)."))
 def train(
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."), **o,

@@ -156,7 +156,4 @@ TRAINING = options_from(TrainConfig, "model", "norm", PATCH, "subjects_per_step"
 DP = options_from(DPConfig, "dp", "epsilon", "delta", "clip", "clip_norm", "target_quantile", "noise_schedule",
                   "allow_large_delta", "dp_method", "plan", "cohort_size", "epochs", "sampling_rate", "aug_mult", "ema",
                   rename={"dp": "unit", "dp_method": "method"}, switches=("allow_large_delta",))
-# the DP recipe's CLI default (issue 26); the library's DPConfig keeps plan "none" for existing callers
-PLAN_AUTO = typer.Option("auto", help="DP step plan: auto (sampling rate, noise and learning rate from epsilon, delta, "
-                         "--epochs, the steps and --cohort-size; n is never used) or none (q = subjects-per-step / n).")
 READING = (SPLITS, CLASSES, CT_WINDOW)  # how the model commands read a cohort

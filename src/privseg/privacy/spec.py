@@ -28,6 +28,12 @@ PLANS = ("auto", "none")
 # Provisional defaults of the DP recipe (issue 26), until benchmarks/privacy_utility.py measures them:
 AUG_MULT = 4  # K patches per patient file: De et al. 2022 gain most from the first few (they use up to 16)
 EMA_DECAY = 0.999  # with the warm-up of privseg.train.ema, the average spans ~min(t/10, 1000) steps
+# what a spec saved (or sent) before the recipe existed ran with: it has no "plan" key
+LEGACY = {"plan": "none", "aug_mult": 0, "ema": 0.0}
+
+
+def _legacy(d: dict) -> dict:
+    return d if "plan" in d else {**LEGACY, **d}
 
 
 @dataclass
@@ -47,7 +53,9 @@ class DPConfig:
     steps, noise calibrated, learning rate scaled to the noise, all from public figures and the
     ``cohort_size`` the site declares public, never its exact n) -- or ``none`` (q defaults to
     ``subjects_per_step / n``, which reveals n). ``sampling_rate`` ``q`` fixes q either way.
-    ``aug_mult``: patches per patient file averaged before the one clip (De et al. 2022).
+    ``aug_mult``: patches per patient file averaged before the one clip (De et al. 2022); 0: the
+    training config's ``patches_per_subject``, as before it existed. A spec saved before these
+    settings existed (no ``plan`` key) keeps what it ran with (``LEGACY``).
     ``ema``: decay of the weight average served as the model (post-processing; 0: off).
     ``allow_large_delta`` permits delta >= 1/n. ``reproducible_noise``:
 noise from the public seed, for tests/benchmarks only (the run is "not private").
@@ -70,7 +78,7 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     noise_multiplier: float | None = None
     sampling_rate: float | None = setting(None, "Public Poisson sampling rate q of patients per step (default: "
                                           "the plan's; with --plan none, subjects-per-step / n, which reveals n).")
-    plan: str = setting("none", "DP step plan: auto (sampling rate, noise and learning rate from epsilon, delta, "
+    plan: str = setting("auto", "DP step plan: auto (sampling rate, noise and learning rate from epsilon, delta, "
                         "the epoch budget, the steps and the declared cohort size) or none.")
     cohort_size: int | None = setting(None, "Patients per site declared public for the plan (rounded down to 2 "
                                       "significant digits; never the exact count).", min=1)
@@ -112,8 +120,8 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
             raise ConfigError(f"--cohort-size {self.cohort_size} must be at least 1")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs {self.epochs} must be positive")
-        if int(self.aug_mult) < 1:
-            raise ConfigError(f"--aug-mult {self.aug_mult} must be at least 1")
+        if int(self.aug_mult) < 0:
+            raise ConfigError(f"--aug-mult {self.aug_mult} must be at least 1 (0: --patches-per-subject)")
         if not 0 <= float(self.ema) < 1:
             raise ConfigError(f"--ema {self.ema} must be in [0, 1)")
         if self.noise_schedule not in ("constant", "decay"):
@@ -168,7 +176,7 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
                 d[names[key]] = config[key]
             elif key.startswith(RUN_CONFIG_PREFIX):
                 raise ConfigError(f"run config key {key!r} is not a DP setting")
-        return cls(**d) if len(d) > 1 or d["sites"] else None
+        return cls(**_legacy(d)) if len(d) > 1 or d["sites"] else None
 
     @classmethod
     def from_options(cls, *, site_budget: list[str] | None = None, config_file: str | Path | None = None,
@@ -197,11 +205,11 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
                                                         **({"delta": float(parts[1])} if len(parts) > 1 else {})})
             except ValueError:
                 raise ConfigError(f"--site-budget {item!r}: expected SITE=EPSILON or SITE=EPSILON,DELTA") from None
-        return cls.from_dict(d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     @classmethod
     def from_dict(cls, d: dict) -> DPConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known = _legacy({k: v for k, v in d.items() if k in cls.__dataclass_fields__})
         return cls(**known)
 
 
