@@ -117,7 +117,7 @@ def with_references(central, tmp_path_factory):
 
 def test_unlearn_resolves_the_request_as_erase_does_and_shows_the_membership_test_first(with_references, tmp_path,
                                                                                      capsys):
-    from privseg.audit.reference import REF_DIR, load_references
+    from privseg.audit.reference import REF_DIR, ensure_references, load_references
     from privseg.unlearn.request import ErasureRequest
 
     cohort, run = with_references
@@ -155,3 +155,6 @@ def test_unlearn_resolves_the_request_as_erase_does_and_shows_the_membership_tes
     assert copies["last.pt"]["fate"] == "superseded"
     first = (tmp_path / "cert" / f"{rid}.html").read_text().split("<h2>Request</h2>")[0]
     assert all(p in first for p in copies) and "central run" in first
+    # the next `privseg audit references` retrains them without the patient (last.pt still lists it)
+    refs = ensure_references(run, 4, cohort=cohort)
+    assert sorted(refs.trained) == sorted(saw) and not any(patient in r.patients for r in refs.references)

@@ -100,9 +100,14 @@ def _training_patients(run_dir: Path) -> dict[str, list[str]]:
 
         cfg = FLConfig.load(run_dir)
         return {s.id: sorted(x.id for x in site_subjects(read_site_cohort(s.cohort), s, "train")) for s in cfg.sites}
+    from privseg.audit.ledger import ErasureLedger
     from privseg.train.checkpoint import load_checkpoint
 
-    return {"central": sorted(load_checkpoint(run_dir / "last.pt")["extra"].get("train_subjects", []))}
+    # a central erasure leaves last.pt as it was (the user's file); its ledger names who was erased
+    ledger = run_dir / "erasure" / "ledger.db"
+    erased = ErasureLedger(ledger, create=False).erased_subjects("central") if ledger.is_file() else {}
+    return {"central": sorted(p for p in load_checkpoint(run_dir / "last.pt")["extra"].get("train_subjects", [])
+                              if p not in erased)}
 
 
 def _training_rounds(run_dir: Path) -> int:
