@@ -219,3 +219,68 @@ def test_fl_run_piped_has_no_flower_info_lines_nor_colour_codes(tiny_cohort, tmp
     proc = subprocess.run([*args, "--rounds", "2", "--quiet"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and proc.stdout == ""
+
+
+def _ct_cohort(root, offset: float = 0.0):
+    """A tiny head-CT-like cohort in HU: air around two tissues a few HU apart (as grey and white
+    matter are), ``offset`` added to every voxel (an export that dropped the rescale intercept)."""
+    from conftest import write_nifti
+    from privseg.data.cohort import Cohort, Subject, assign_splits
+
+    rng = np.random.default_rng(0)
+    subjects = []
+    for k in range(4):
+        label = np.zeros((16, 16, 16), np.uint8)
+        label[3:13, 3:13, 3:13] = 1
+        label[6:10, 6:10, 6:10] = 2
+        image = np.choose(label, [-1000.0, 28.0, 38.0]) + rng.normal(0, 3, label.shape) + offset
+        sid = f"C{k:02d}"
+        img = write_nifti(root / "images" / f"{sid}.nii.gz", image.astype(np.float32))
+        lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
+        subjects.append(Subject(id=sid, site="H1", images=(str(img),), label=str(lab), modality="CT"))
+    cohort = Cohort(subjects=assign_splits(subjects, test_fraction=0.25, seed=0), classes=["background", "GM", "WM"],
+                    channels=["CT"], name="ct", root=root)
+    cohort.save()
+    return cohort
+
+
+def test_a_ct_window_that_hides_the_foreground_is_warned_about_with_one_that_holds_it(tmp_path, capsys):
+    """Issue 27 (8): head CT under the default soft-tissue window trained to Dice 0.03, silently."""
+    import re
+
+    cohort = str(_ct_cohort(tmp_path / "ct").root)
+    args = ["train", "--cohort", cohort, "--model", "unet_tiny", "--steps", "1", "--patch", "16", "--device", "cpu",
+            "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err  # said even under --quiet
+    assert "privseg: warning:" in err and "CT window -200,300" in err and "almost no contrast" in err
+    window = re.search(r"--ct-window (-?\d+,-?\d+)", err).group(1)
+    lo, hi = (float(x) for x in window.split(","))
+    assert lo < 28 and 38 < hi and hi - lo <= 200  # holds both tissues, and far narrower than 500 HU
+    assert main([*args, "--out", str(tmp_path / "b"), "--ct-window", window]) == 0
+    assert "warning" not in capsys.readouterr().err  # the window suggested holds them
+    shifted = str(_ct_cohort(tmp_path / "raw", offset=1024.0).root)
+    assert main([*args[:2], shifted, *args[3:], "--out", str(tmp_path / "c")]) == 0
+    assert "100% of the foreground voxels of the training labels" in capsys.readouterr().err
+    # under DP the window is a public setting: no window read off the patients is suggested
+    assert main(["privacy", "train", "--cohort", cohort, "--out", str(tmp_path / "dp"), "--model", "unet_tiny",
+                 "--steps", "1", "--patch", "16", "--device", "cpu", "--epsilon", "8", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "almost no contrast" in err and "Under differential privacy the window is a public setting" in err
+    assert "would hold them" not in err and "0,80 for brain" in err
+
+
+def test_fl_run_checks_the_ct_window_of_each_site_it_can_read(tmp_path, capsys):
+    from privseg.cli.fl import _warn_ct_windows
+    from privseg.federated import FLConfig, sites_from_cohort
+    from privseg.privacy.spec import DPConfig
+    from privseg.train import TrainConfig
+
+    sites = sites_from_cohort(_ct_cohort(tmp_path / "ct").root)
+    cfg = FLConfig(name="f", sites=sites, train=TrainConfig(model="unet_tiny", in_channels=1, num_classes=3))
+    _warn_ct_windows(cfg)
+    err = capsys.readouterr().err
+    assert "site H1: " in err and '"ct_window": [' in err and "would hold them" in err
+    _warn_ct_windows(FLConfig(name="f", sites=sites, train=cfg.train, privacy=DPConfig(unit="patient", epsilon=8.0)))
+    err = capsys.readouterr().err
+    assert "site H1: " in err and "public setting" in err and "would hold them" not in err

@@ -66,6 +66,7 @@ def train(
     if dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, o["splits"], o["classes"])
+    ui.warn_ct_window(c, private=True, how='"ct_window": [LO, HI] in the cohort\'s manifest info or dataset.json')
     cfg = train_config(c, record_ct_window=False, **take(o, STEPS), **take(o, TRAINING))
     if dp.plan == "auto" and not o["quiet"]:
         from privseg.privacy.plan import plan_for

@@ -25,6 +25,7 @@ def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run fo
     """Train a segmentation model on a cohort's training subjects."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"])
     cfg = train_config(c, spacing=o["spacing"], **take(o, STEPS), **take(o, TRAINING))
+    ui.warn_ct_window(c, private=False, how="--ct-window {lo},{hi} (recorded in the checkpoint)")
     with ui.progress("training", cfg.steps, o["quiet"]) as update:
         r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:

@@ -66,6 +66,17 @@ def phased_progress(description: str, quiet: bool = False):
         yield on_progress
 
 
+def warn_ct_window(cohort, subjects=None, *, private: bool, how: str, site: str | None = None) -> None:
+    """Warn (even under --quiet) when the CT window does not suit the foreground of the training
+    labels (:mod:`privseg.data.intensity`); ``how`` says how this command sets the window."""
+    from privseg.data.intensity import window_fit, window_warning
+
+    warning = window_warning(window_fit(cohort, subjects), private=private, how=how)
+    if warning:
+        console.print(f"[bold yellow]privseg: warning:[/bold yellow] {f'site {site}: ' if site else ''}{warning}",
+                      highlight=False, soft_wrap=True)
+
+
 def with_options(*groups, **replaced):
     """Give a command the options of ``groups`` (functions whose parameters are typer options),
     after its own parameters or where ``...`` stands among the groups; a group's option also
