@@ -269,3 +269,30 @@ def test_a_training_run_serves_its_erased_model_and_the_superseded_file_is_refus
     with pytest.raises(ConfigError, match=rf"last.pt: erasure request {rid} removed patient\(s\) {erased} from this "
                                           r"model; export the run, which serves .*unlearned.pt"):
         export_model(run / "last.pt", "torchscript", tmp_path / "out2", evaluate=False)
+
+
+def test_verify_without_the_data_and_a_checkpoint_outside_any_run(run3d, tmp_path):
+    cohort, src = run3d
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    export_model(run, "onnx", tmp_path / "out", evaluate=False)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "cohort_path": str(tmp_path / "gone")}))
+    r = verify_export(tmp_path / "out")  # the ledgers and the model are still checked
+    assert r["ok"] and any("patients per site not rechecked" in c for c in r["checked"])
+    data = bytearray((src / "last.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "last.pt").write_bytes(bytes(data))  # the run's model changed since the export
+    r = verify_export(tmp_path / "out")
+    assert not r["ok"] and any("the run now serves last.pt" in p for p in r["problems"])
+    # a checkpoint outside any run: exported with the cohort named; not private, hashes only to verify
+    lone = tmp_path / "lone" / "model.pt"
+    lone.parent.mkdir()
+    shutil.copy(src / "last.pt", lone)
+    with pytest.raises(ConfigError, match="give it with --cohort"):
+        export_model(lone, "onnx", tmp_path / "lone_out", evaluate=False)
+    m = export_model(lone, "onnx", tmp_path / "lone_out", cohort=cohort.root, evaluate=False)
+    assert m["privacy"]["dp"]["private"] is False and "outside any run" in m["privacy"]["dp"]["reason"]
+    assert (tmp_path / "lone_out" / "README.md").read_text().startswith("**NOT PRIVATE: a checkpoint outside")
+    r = verify_export(tmp_path / "lone_out")
+    assert r["ok"] and any("no run" in c for c in r["checked"])

@@ -79,6 +79,9 @@ def markdown(s: dict, ev: dict, meta: dict) -> str:
               "or protocols may segment worse.",
               "- The privacy figures bound what the model reveals about any one patient of a site only where "
               "the table says *private*; an erasure's evidence is the certificate the hash names.",
+              *(["- FedBN: each site kept its own normalisation layers; this export holds the global ones, which "
+                 "no site trained with as they are. Check it on your data before use."]
+                if t.get("strategy") == "fedbn" else []),
               "", "## Checking this card", "",
               "`privseg export verify DIR` recomputes this statement from the run's ledgers and checks the "
               "hashes of the exported files.", ""]

@@ -35,7 +35,12 @@ class Served:
     @property
     def pending(self) -> list[dict]:
         """Requests not completed: still open, failed verification, or stopped by an error."""
-        return [r for r in self.requests if r.get("status") != "completed"]
+        return [r for r in self.requests if not completed(r)]
+
+
+def completed(request: dict) -> bool:
+    """Whether a request (a ledger summary) was completed: events recorded after completion keep it so."""
+    return "completed" in request.get("events", ())
 
 
 def _federated(run_dir: Path) -> Served:
@@ -52,7 +57,7 @@ def _federated(run_dir: Path) -> Served:
 
 def _completed_model(run_dir: Path, requests: list[dict]) -> Path | None:
     """The model of the latest completed erasure recorded in a training run's ledger."""
-    done = [r for r in requests if r.get("status") == "completed"]
+    done = [r for r in requests if completed(r)]
     if not done:
         return None
     entry = ErasureLedger(run_dir / LEDGER, create=False).events(done[-1]["request"])["completed"]
@@ -101,7 +106,7 @@ def served_model(source: str | Path) -> Served:
         for r in requests:
             events = ledger.events(r["request"])
             source = events["requested"]["body"].get("source") or {}
-            if r.get("status") == "completed" and source.get("sha256") == digest:
+            if completed(r) and source.get("sha256") == digest:
                 served = _federated(run_dir) if (run_dir / "fl_config.json").is_file() else _training(run_dir)
                 raise ConfigError(f"{p}: erasure request {r['request']} removed patient(s) "
                                   f"{', '.join(r.get('subjects') or []) or 'of site ' + str(r.get('site'))} from "
@@ -144,7 +149,7 @@ def cohorts_of(served: Served, cohort: str | Path | None = None) -> list[tuple[s
         if path and Path(path).exists():
             splits = served.run_dir / "splits.csv"
             c = open_cohort(Path(path), splits if splits.is_file() else None, checkpoint=served.checkpoint)
-            erased = {s for r in served.requests if r.get("status") == "completed" for s in r.get("subjects") or []}
+            erased = {s for r in served.requests if completed(r) for s in r.get("subjects") or []}
             return [(site, c, [s for s in c.select(None, site) if s.id not in erased]) for site in c.sites]
     raise ConfigError(f"{served.checkpoint}: cannot tell which cohort the model was trained on (no run.json with "
                       "its cohort_path); give it with --cohort")

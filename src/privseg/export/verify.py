@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from privseg.errors import CheckpointError, DataError
+from privseg.errors import CheckpointError, DataError, PrivsegError
 
 
 def read_manifest(export_dir: str | Path) -> tuple[Path, dict]:
@@ -79,13 +79,18 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
     except (DataError, CheckpointError) as exc:
         return {"ok": False, "problems": [*problems, f"the run cannot be read: {exc}"], "checked": checked,
                 "manifest": str(path)}
-    now = statement(served, cohorts_of(served, record.get("cohort")))
+    ignore = {"model"}  # compared below; the run folder may have moved
+    try:
+        cohorts = cohorts_of(served, record.get("cohort"))
+    except PrivsegError as exc:  # the data is not on this machine: the ledgers still are
+        cohorts, ignore = [], {"model", "sites"}
+        checked.append(f"patients per site not rechecked (the cohorts cannot be read: {exc})")
+    now = statement(served, cohorts)
     checked.append(f"privacy statement recomputed from {served.run_dir}")
     if now["model"]["sha256"] != stated["model"]["sha256"]:
         problems.append(f"{served.run_dir}: the run now serves {now['model']['path']} (SHA-256 "
                         f"{now['model']['sha256'][:16]}...), not the exported model ({stated['model']['path']}, "
                         f"{stated['model']['sha256'][:16]}...)")
-    ignore = {"model"}  # compared above; the run folder may have moved
     problems += [f"{path}: privacy statement no longer holds: {p}"
                  for p in _differences({k: v for k, v in stated.items() if k not in ignore},
                                        {k: v for k, v in now.items() if k not in ignore})]

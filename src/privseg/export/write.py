@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from privseg.errors import ConfigError, PrivsegError
+from privseg.errors import ConfigError
 from privseg.export import bundle as bundle_mod
 from privseg.export.artifacts import write_onnx, write_torchscript
 from privseg.export.card import markdown, to_html
@@ -53,9 +53,7 @@ def _model(payload: dict, checkpoint: Path) -> torch.nn.Module:
 
     try:
         return model_from_checkpoint(payload, checkpoint).eval()
-    except PrivsegError as exc:
-        if "weights do not fit" in str(exc):
-            raise
+    except ConfigError as exc:  # the registry does not know the network (weights that do not fit: CheckpointError)
         raise ConfigError(f"{checkpoint}: network {payload['config'].get('model')!r} is not supported for export "
                           f"({exc})") from None
 
@@ -79,6 +77,18 @@ def _label_values(cohort) -> list[int]:
     label_map = cohort.info.get("label_map") or {}
     inverse = {int(v): int(k) for k, v in label_map.items()}
     return [inverse.get(c, c) for c in values] if len(inverse) == len(label_map) else values
+
+
+def _training(served, config: dict) -> dict:
+    """The training settings the card lists (a federated run's strategy and rounds too)."""
+    out = {"kind": served.kind} | {k: config.get(k) for k in ("model", "norm", "patch_size", "subjects_per_step",
+                                                                "patches_per_subject", "lr", "spacing", "seed")}
+    if served.kind == "federated" and served.run_dir is not None:
+        from privseg.federated.config import FLConfig
+
+        fl = FLConfig.load(served.run_dir)
+        return out | {"strategy": fl.strategy, "rounds": served.round, "local steps per round": fl.local_steps}
+    return out | {"steps": config.get("steps")}
 
 
 def _write_files(tmp: Path, fmt: str, payload: dict, model: torch.nn.Module, inference: dict | None) -> None:
@@ -131,9 +141,7 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
               "label_map": first.info.get("label_map"), "network": NETWORK[fmt], "evaluation": ev}
     card_meta = {"name": f"privseg {config['model']} ({config['spatial_dims']}D)", "exported_at": exported_at,
                  "privseg_version": record["privseg_version"] or "(source tree)",
-                 "training": {k: config.get(k) for k in ("model", "norm", "patch_size", "steps", "subjects_per_step",
-                                                         "patches_per_subject", "lr", "spacing", "seed")}
-                 | {"kind": served.kind, "modality": modality, "classes": ", ".join(first.classes)}}
+                 "training": _training(served, config) | {"modality": modality, "classes": ", ".join(first.classes)}}
     md = markdown(stmt, ev, card_meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
