@@ -186,7 +186,7 @@ def test_a_fresh_training_run_does_not_say_resumed(tiny_cohort, tmp_path, capsys
 
 
 def test_long_audits_report_progress_in_plain_lines_when_redirected(tiny_cohort, tmp_path, capsys):
-    """Issue 27 (7): `audit references` and `audit membership` printed nothing for minutes. Under
+    """Issue 27 (7): `audit references`, `audit membership` (and `report`) printed nothing for minutes. Under
     capsys stderr is not a terminal: plain lines per phase, no ANSI codes; --quiet: nothing."""
     run, cohort = tmp_path / "run", str(tiny_cohort.root)
     assert main(["train", "--cohort", cohort, "--out", str(run), "--model", "unet_tiny", "--steps", "2", "--patch",
@@ -204,6 +204,10 @@ def test_long_audits_report_progress_in_plain_lines_when_redirected(tiny_cohort,
     assert "\x1b" not in err
     assert main(["audit", "membership", "--run", str(run), "--cohort", cohort, "--views", "1", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+    # a report evaluates the model (with HD95) first: that too shows progress
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--cohort", cohort]) == 0
+    n_test = len(tiny_cohort.select("test"))
+    assert f"evaluating for the report: {n_test}/{n_test}" in capsys.readouterr().err
 
 
 def test_fl_run_piped_has_no_flower_info_lines_nor_colour_codes(tiny_cohort, tmp_path):

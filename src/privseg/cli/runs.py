@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import QUIET, out, with_options
+from privseg.cli.ui import QUIET, out, progress, with_options
 from privseg.report import build_report
 from privseg.report.text import print_run, print_runs
 from privseg.report.tracking import find_runs
@@ -51,6 +51,8 @@ def report(
                                   "evaluation with HD95 is stored."), quiet: bool = False,
 ) -> None:
     """Write an HTML report (cohort, curves, metrics, overlays, privacy, unlearning) of a run."""
-    path_out = build_report(path, out_html, subjects=subject or None, cohort=cohort, evaluate=evaluate)
+    with progress("evaluating for the report", 0, quiet) as update:  # the total is known once it starts
+        path_out = build_report(path, out_html, subjects=subject or None, cohort=cohort, evaluate=evaluate,
+                                on_evaluate=lambda k, n: update(k, total=n if k == 1 else None))
     if not quiet:
         out.print(f"report: {path_out.resolve()}")

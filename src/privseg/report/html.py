@@ -32,7 +32,7 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -743,9 +743,11 @@ def _evaluated_checkpoint(src: Source) -> tuple[Path | None, str]:
     return eval_ckpt, note
 
 
-def _metrics_section(b: Builder, src: Source, coh, eval_ckpt: Path | None, note: str, evaluate: bool) -> None:
+def _metrics_section(b: Builder, src: Source, coh, eval_ckpt: Path | None, note: str, evaluate: bool,
+                     on_evaluate=None) -> None:
     """Segmentation metrics: the evaluation the source is or has beside it, recomputed with HD95
-    on the cohort's test (or validation) split when ``evaluate`` and it has none."""
+    on the cohort's test (or validation) split when ``evaluate`` and it has none
+    (``on_evaluate(done, total)`` after each subject)."""
     result = None
     if src.kind == "evaluation":
         result = src.data
@@ -766,20 +768,22 @@ def _metrics_section(b: Builder, src: Source, coh, eval_ckpt: Path | None, note:
 
             with warnings.catch_warnings():  # MONAI warns on classes absent from a prediction (HD95 = NaN)
                 warnings.simplefilter("ignore")
-                result = evaluate_checkpoint(eval_ckpt, coh, split, with_hd95=True)
+                result = evaluate_checkpoint(eval_ckpt, coh, split, with_hd95=True, on_subject=on_evaluate)
     if result is not None:
         b.add("metrics", _eval_tables(b, result, note))
 
 
 def build_report(path: str | os.PathLike, out_html: str | os.PathLike, subjects: Sequence[str] | None = None,
-                 cohort: str | os.PathLike | None = None, evaluate: bool = True) -> Path:
+                 cohort: str | os.PathLike | None = None, evaluate: bool = True,
+                 on_evaluate: Callable[[int, int], None] | None = None) -> Path:
     """Write one self-contained HTML report of the run or result at ``path`` to ``out_html``
     (figures also as PNG in ``<stem>_files/`` beside it); returns ``out_html``.
 
     ``subjects``: subject IDs for the overlays (default: the first test subject of each site,
     at most three); ``cohort``: the cohort folder or manifest when the run does not record
     it; ``evaluate``: compute a per-subject evaluation (with HD95) of the run's checkpoint
-    when no evaluation JSON with HD95 is in the run folder."""
+    when no evaluation JSON with HD95 is in the run folder, calling ``on_evaluate(done, total)``
+    after each subject (the slow part of a report)."""
     src = identify(path)
     out_html = Path(out_html)
     if out_html.exists() and out_html.is_dir():
@@ -804,7 +808,7 @@ def build_report(path: str | os.PathLike, out_html: str | os.PathLike, subjects:
 
     _training_section(b, src, ckpt_meta)
     eval_ckpt, note = _evaluated_checkpoint(src)
-    _metrics_section(b, src, coh, eval_ckpt, note, evaluate)
+    _metrics_section(b, src, coh, eval_ckpt, note, evaluate, on_evaluate)
 
     if coh is not None and eval_ckpt is not None and src.kind != "unlearn":
         _overlay_section(b, coh, eval_ckpt, subjects)
