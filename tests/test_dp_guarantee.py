@@ -564,3 +564,62 @@ def test_a_dp_reply_leaves_at_the_deadline_whatever_was_sampled(tmp_path):
     waited = pacer.pad(fast, steps=2)
     took = time.perf_counter() - fast
     assert waited > 0.15 and took == pytest.approx(2 * pacer.per_step(), rel=0.1)
+
+
+def test_a_dp_erasure_certificate_withholds_statistics_of_training_patients(tmp_path):
+    """The certificate of an erasure from a DP run: no retain Dice or retain counts (figures of
+    training patients no ledger books); its utility check is on held-out patients."""
+    from privseg.audit.certificate import render_html, summarise
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
+    from test_dp_erasure import LOOSE, _dp_run
+
+    dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
+    cohort, run = _dp_run(tmp_path, dp)
+    patient = cohort.select("train", "H1")[0].id
+    res = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(patient,), reason="GDPR art. 17",
+                                    thresholds=LOOSE, repair_rounds=0))
+    entries = ErasureLedger(run / LEDGER).entries(res.request_id)
+    text = json.dumps([e["body"] for e in entries])
+    for key in ('"retain_dice":', '"retain_n":', '"retain_subjects_at_site":', '"retain_patients_at_site":'):
+        assert key not in text, key
+    check = res.verification["checks"]["retain_dice_ratio"]
+    assert check["ok"] is None and check["result"] == "withheld"
+    assert "withheld (DP)" in render_html(summarise(entries), True, [], str(run / LEDGER))
+
+
+def test_central_dp_runs_refuse_non_private_references_and_unlearning(tiny_cohort, tmp_path):
+    from dataclasses import replace
+
+    from privseg.audit.reference import ensure_references
+    from privseg.privacy import train_private
+    from privseg.train import TrainConfig
+    from privseg.unlearn.engine import check_request
+
+    dp = DPConfig(epsilon=50.0, delta=1e-2, clip="fixed", sampling_rate=0.5, noise_multiplier=1.0,
+                  allow_large_delta=True)
+    cfg = replace(TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", steps=2, patch_size=(16, 16, 16),
+                                         subjects_per_step=1, patches_per_subject=1, device="cpu"), checkpoint_every=2)
+    train_private(tiny_cohort, cfg, dp, tmp_path / "c")
+    with pytest.raises(ConfigError, match="central patient-level DP.*reference models"):
+        ensure_references(tmp_path / "c", n=2, cohort=tiny_cohort)
+    assert not (tmp_path / "c" / "references").exists()
+    patient = tiny_cohort.select("train")[0].id
+    with pytest.raises(ConfigError, match="central patient-level DP.*unlearning"):
+        check_request(tmp_path / "c" / "last.pt", tiny_cohort, [patient], "scrub", "zero")
+
+
+def test_site_erasure_keeps_the_sites_ledger_and_closes_it(tmp_path):
+    from privseg.unlearn.federated import ErasureRequest, erase
+    from test_dp_erasure import LOOSE, _dp_run
+
+    dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
+    _, run = _dp_run(tmp_path, dp)
+    spent = BudgetLedger(run / "sites" / "H2" / "privacy.sqlite").spent("H2")
+    res = erase(run, ErasureRequest(kind="site", site="H2", reason="left the federation", thresholds=LOOSE,
+                                    method="retrain"))
+    assert res.status == "completed"
+    ledger = BudgetLedger(run / "sites" / "H2" / "privacy.sqlite")
+    assert ledger.spent("H2") == pytest.approx(spent) and ledger.verify() == []
+    assert "erased" in (ledger.closed("H2") or "")
+    assert sorted(p.name for p in (run / "sites" / "H2").iterdir() if not p.name.startswith("privacy.sqlite")) == []

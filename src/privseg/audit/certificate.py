@@ -228,7 +228,8 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
         for name in ("before", "after", "retrain"):
             m = ver.get(name)
             if m:
-                parts.append(f"<tr><td>{name}</td><td>{_fmt(m['mia_auc'])}</td><td>{_fmt(m['retain_dice'])}</td>"
+                retain = _fmt(m.get("retain_dice", "withheld (DP)"))
+                parts.append(f"<tr><td>{name}</td><td>{_fmt(m['mia_auc'])}</td><td>{retain}</td>"
                              f"<td>{_fmt(m['test_dice'])}</td></tr>")
         parts.append("</table><table><tr><th>check</th><th>value</th><th>threshold</th><th>result</th></tr>")
         for k, c in ver["checks"].items():

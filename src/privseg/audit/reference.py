@@ -46,6 +46,7 @@ import numpy as np
 from privseg.audit import lira
 from privseg.audit.ledger import canonical, file_sha256
 from privseg.errors import ConfigError
+from privseg.privacy.central import refuse_without_dp
 from privseg.utils import read_json, write_json
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ def _identity(run_dir: Path) -> dict:
     last = run_dir / "last.pt"
     if not last.is_file():
         raise ConfigError(f"{run_dir}: neither a federated run (fl_config.json) nor a training run (last.pt)")
-    cfg = load_checkpoint(last)["config"]
+    payload = load_checkpoint(last)
+    refuse_without_dp(payload, last, "training reference models on half of its patients")
+    cfg = payload["config"]
     # a central run starts from the model its seed builds, so the seed is the initial model
     return {"kind": "central", "run": run_dir.resolve().name, "initial_sha256": f"seed:{cfg.get('seed')}",
             "model_sha256": hashlib.sha256(canonical(cfg).encode()).hexdigest()}

@@ -99,3 +99,21 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
             "seconds": time.perf_counter() - t0, "epsilon": eps, "delta": private.plan.delta,
             "budget": private.plan.epsilon, "clip": private.engine.clip, "noise_multiplier": private.plan.base_sigma,
             "q": private.plan.q, "plan": private.plan.to_dict()}
+
+
+def central_dp_of(payload: dict) -> dict | None:
+    """The privacy spec a checkpoint of central DP training was made under (None otherwise:
+    no DP, or a federated run, whose derived work runs under each site's DP engine)."""
+    extra = payload.get("extra") or {}
+    return extra.get("dp") if extra.get("dp") and "federated" not in extra else None
+
+
+def refuse_without_dp(payload: dict, path, what: str) -> None:
+    """Refuse non-private work on a central DP run before it starts: ``what`` would train on the
+    run's patients without DP and release a model that no ledger books."""
+    if central_dp_of(payload):
+        raise ConfigError(f"{path} was trained with central patient-level DP: {what} would train on its patients "
+                          "without DP and release a model its ledger does not book, so privseg refuses it. To "
+                          "remove a patient from a central DP model, train again without them: privseg privacy train "
+                          "on the cohort without the patient (or its splits file without them, --splits) into a new "
+                          "--out, DP and booked like the original")

@@ -36,6 +36,7 @@ from privseg.audit import mia
 from privseg.data.cohort import Cohort
 from privseg.data.transforms import load_preprocessed
 from privseg.errors import CheckpointError, ConfigError
+from privseg.privacy.central import refuse_without_dp
 from privseg.train import metrics
 from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from privseg.train.inference import check_fits, evaluate_subjects
@@ -274,6 +275,7 @@ def check_request(checkpoint, cohort: Cohort, forget: str | Sequence[str], strat
     caller that records the request before the unlearning runs."""
     _validate(strategy, target, epochs, 1, params, forget)
     payload, _ = _load_model(checkpoint, cohort, "--checkpoint")
+    refuse_without_dp(payload, checkpoint, f"unlearning with {strategy}")
     roles(payload, cohort, parse_ids(forget, "--forget"), checkpoint)
     if target != "zero" and not (cohort.select("val") or cohort.select("test")):
         raise ConfigError(f"--target {target} needs held-out subjects (a val or test split) to compare with")
@@ -284,6 +286,7 @@ def _load(checkpoint, cohort: Cohort, forget_ids: list[str], calibration: Sequen
     """The original (and retrained) model, the subjects by role, checked against what trained each model,
     and their preprocessed items (cached by ID when the caller gives a cache)."""
     payload, model = _load_model(checkpoint, cohort, "--checkpoint")
+    refuse_without_dp(payload, checkpoint, "unlearning")
     cfg = TrainConfig.from_dict(payload["config"])
     retain_subj, forget_subj, trained = roles(payload, cohort, forget_ids, checkpoint)
     test_subj = cohort.select("test")

@@ -73,8 +73,9 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
         say("local_unlearned", f"site {req.site}: {steps} DP fine-tuning step(s) on its other patients")
         ckpt, info = dp_local_finetune(run_dir, cfg, req.site, req.subjects, run_dir / requested["source"]["path"],
                                        work / "local", steps, scope=f"erasure/{rid}/local")
+        info.pop("retain_patients_at_site", None)  # n at the site: not released under DP
         body = {"site": req.site, **info, "params": {}, "target": "dp", "epochs": req.epochs,
-                "stopped_early": False, "checks": [], "retain_subjects_at_site": info["retain_patients_at_site"]}
+                "stopped_early": False, "checks": []}
     else:
         say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
         refs = None

@@ -19,6 +19,7 @@ from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.retrain import derived_run, federated_retrain, round_seconds
 from privseg.federated.runstate import RunState
+from privseg.privacy.budget import LEDGER_FILE, BudgetLedger
 from privseg.unlearn.fedrecover import FedRecoverHook, fedrecover_schedule
 from privseg.unlearn.request import ErasureRequest, StageCallback, _artefact, _latest
 from privseg.unlearn.verification import _complete, _site_cohorts, _split_ids, _superseded, _verified, _verify
@@ -324,7 +325,25 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
         return
     model = _install_site_removal(run_dir, req, rid, removed["body"], n0)
     _complete(run_dir, rid, ledger, ver, model, req.site, say)
-    shutil.rmtree(run_dir / "sites" / req.site, ignore_errors=True)
+    _remove_site_state(run_dir, req.site, rid)
+
+
+def _remove_site_state(run_dir: Path, site: str, rid: str) -> None:
+    """The site's state goes (local models, stored replies, its noise key), except its privacy
+    ledger: that is the record of what the earlier models released, kept and marked closed."""
+    folder = run_dir / "sites" / site
+    ledger_path = folder / LEDGER_FILE
+    if ledger_path.exists():
+        BudgetLedger(ledger_path).close_site(site, f"site erased by request {rid}")
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if path.name.startswith(LEDGER_FILE):  # the ledger and its WAL files
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # no ledger (a run without DP): nothing to keep
 
 
 def _install_site_removal(run_dir: Path, req: ErasureRequest, rid: str, removed: dict, n0: int) -> dict:

@@ -18,6 +18,7 @@ from privseg.errors import ConfigError, PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
+from privseg.unlearn.private import dp_of
 from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _latest, _rel
 
 
@@ -153,6 +154,20 @@ def _param_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return math.sqrt(num / den) if den else math.nan
 
 
+RETAIN_WITHHELD = ("withheld under DP: retain Dice is a statistic of the training patients that no ledger books; "
+                   "the model's utility is judged on held-out patients (test Dice)")
+
+
+def withhold_training_statistics(ver: dict) -> dict:
+    """``ver`` without the figures computed on training patients (retain Dice and counts): under DP
+    a certificate states utility on held-out patients only (docs/privacy.md, "What is released")."""
+    out = dict(ver)
+    for name in ("before", "after", "retrain"):
+        if isinstance(out.get(name), dict):
+            out[name] = {k: v for k, v in out[name].items() if not k.startswith("retain_")}
+    return out
+
+
 def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | None = None,
            calibrated: dict | None = None) -> tuple[dict, list[str]]:
     """Checks with ``ok`` True (pass), False (fail) or None (no power / informative only: neither)."""
@@ -168,13 +183,16 @@ def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | Non
                          "the reference models")
     checks = {
         mia_key: auc_check,
-        "retain_dice_ratio": {"value": after["retain_dice"] / base["retain_dice"], "vs": base_name,
-                              "min": th["min_retain_dice_ratio"]},
+        "retain_dice_ratio": ({"value": after["retain_dice"] / base["retain_dice"], "vs": base_name,
+                               "min": th["min_retain_dice_ratio"]} if "retain_dice" in after and "retain_dice" in base
+                              else {"value": None, "vs": base_name, "min": th["min_retain_dice_ratio"], "ok": None,
+                                    "result": "withheld", "note": RETAIN_WITHHELD}),
         "test_dice_ratio": {"value": after["test_dice"] / base["test_dice"], "vs": base_name,
                             "min": th["min_test_dice_ratio"]},
     }
     for k in ("retain_dice_ratio", "test_dice_ratio"):
-        checks[k]["ok"] = bool(checks[k]["value"] >= checks[k]["min"])
+        if checks[k]["value"] is not None:
+            checks[k]["ok"] = bool(checks[k]["value"] >= checks[k]["min"])
     if calibrated and calibrated.get("available"):
         c = calibrated["check"]
         checks["membership_calibrated"] = {
@@ -232,6 +250,8 @@ def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, 
                                     req.seed, req.statistic)
     # reference models that trained on the erased patients carry them too: deleted on completion
     out["references_superseded"] = _references_superseded(run_dir, [m["id"] for m in members])
+    if dp_of(FLConfig.load(run_dir)) is not None:
+        out = withhold_training_statistics(out)
     base_name, base = ("retrain", out["retrain"]) if reference is not None else ("before", out["before"])
     out["checks"], out["failed_checks"] = _judge(req.thresholds, out["after"], base, base_name, out["before"],
                                                  out["calibrated"])
