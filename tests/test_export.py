@@ -85,6 +85,16 @@ def test_3d_bundle_torchscript_and_onnx_reproduce_predict(run3d, tmp_path):
     assert "Dice organ" in card and "| H1 |" in card
 
     monai_runner(bundle, images, tmp_path / "runner")
+    # MONAI's own checks of a bundle: the inference workflow's required properties, the network's shapes
+    from monai.bundle import ConfigWorkflow, verify_net_in_out
+
+    wf = ConfigWorkflow(config_file=str(bundle / "configs/inference.json"), workflow_type="inference",
+                        logging_file=False,  # the bundle's logging.conf would reconfigure this test process
+                        bundle_root=str(bundle), dataset_dir=str(images), output_dir=str(tmp_path / "wf"))
+    wf.initialize()
+    assert wf.check_properties() == []
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs/metadata.json"),
+                      config_file=str(bundle / "configs/inference.json"), bundle_root=str(bundle), n=2, any=4)
     for fmt in ("torchscript", "onnx"):
         export_model(run, fmt, tmp_path / fmt, evaluate=False)
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "torchscript" / "model.ts").is_file()
