@@ -9,7 +9,7 @@ import typer
 from privseg.cli import ui
 from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, STEPS, TRAINING, take, with_options
 from privseg.cohorts import open_cohort, train_config
-from privseg.report.text import print_dice, print_unlearning
+from privseg.report.text import print_dice, print_unlearning, print_verification
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
 from privseg.unlearn.request import ErasureRequest
@@ -117,6 +117,7 @@ def unlearn(
         raise typer.Exit(1)
     if not o["quiet"]:
         print_unlearning(ui.out, res.result, res.result.report["strategy"], res.result.report["target"])
+        print_verification(ui.out, res.verification)  # the checks as the certificate states them (NO POWER too)
         ui.out.print(f"ledger: {res.ledger} (request {res.request_id})"
                      + (f"\ncertificate: {res.certificate[1]}" if res.certificate else ""))
     if res.status != "completed":  # said even under --quiet: the ledger records the erasure as not completed
