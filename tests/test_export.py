@@ -146,7 +146,7 @@ def test_2d_bundle_writes_the_masks_predict_writes(tmp_path):
         assert ref.shape == (24, 20) and set(np.unique(ref)) <= {0, 255}
         got = np.asarray(Image.open(tmp_path / "runner" / f"{s.id}_seg.png"))
         assert got.shape == ref.shape and (got == ref).mean() >= AGREE
-        for fmt in ("torchscript", "onnx"):
+        for fmt in ("torchscript", "onnx", "bundle"):  # privseg predict --bundle on each export
             out = predict_export(tmp_path / fmt, [images / f"{s.id}.png"], tmp_path / f"{fmt}_{s.id}.png")
             assert (np.asarray(Image.open(out)) == ref).mean() >= AGREE
 
