@@ -180,6 +180,17 @@ def test_dp_run_after_patient_erasure_card_states_the_ledger(tmp_path, capsys):
     assert req["status"] == "COMPLETED" and f"`{entries[-1]['hash']}`" in card
     assert m["privacy"]["sites"]["H1"]["patients"] == len(cohort.select("train", "H1")) - 1  # erased one left out
     assert verify_export(bundle)["ok"]
+    # a statement edited by hand (a smaller epsilon) fails: the manifest's digest and the ledger's figure
+    meta_path = bundle / "configs" / "metadata.json"
+    original = meta_path.read_text()
+    edited = json.loads(original)
+    edited["privacy"]["dp"]["sites"]["H1"]["epsilon"] = 1.0
+    meta_path.write_text(json.dumps(edited))
+    problems = verify_export(bundle)["problems"]
+    assert any(f"{meta_path}: changed since export" in p for p in problems)
+    assert any("privacy statement no longer holds: dp.sites.H1.epsilon: 1.0 at export" in p for p in problems)
+    meta_path.write_text(original)
+    assert verify_export(bundle)["ok"]
     # one changed byte in the weights: verify fails, naming the file
     weights = bundle / "models" / "model.pt"
     data = bytearray(weights.read_bytes())

@@ -32,6 +32,17 @@ def read_manifest(export_dir: str | Path) -> tuple[Path, dict]:
     return path, data
 
 
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest as read back from its file, without this digest itself: an edit of the
+    manifest after export (its statement, preprocessing or file list) changes it."""
+    import hashlib
+
+    from privseg.audit.ledger import canonical
+
+    rest = {**manifest, "privseg": {k: v for k, v in manifest["privseg"].items() if k != "manifest_sha256"}}
+    return hashlib.sha256(canonical(rest).encode()).hexdigest()
+
+
 def changed_files(export_dir: Path, record: dict) -> list[str]:
     """One problem per listed file that is missing or whose SHA-256 differs from the export's."""
     from privseg.audit.ledger import file_sha256
@@ -69,7 +80,9 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
     path, manifest = read_manifest(d)
     record, stated = manifest["privseg"], manifest["privacy"]
     problems = changed_files(d, record)
-    checked = [f"{len(record.get('files') or {})} file hashes"]
+    if record.get("manifest_sha256") != manifest_digest(manifest):
+        problems.append(f"{path}: changed since export (its content no longer matches its recorded SHA-256)")
+    checked = [f"{len(record.get('files') or {})} file hashes and the manifest's"]
     source = Path(run) if run else Path(stated["model"]["run"] or record["source"])
     if not stated["model"]["run"] and not run:
         checked.append("no run: the statement (a bare checkpoint's) was not recomputed")

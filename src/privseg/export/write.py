@@ -4,6 +4,7 @@ file, each with the model card and a manifest (the bundle's ``configs/metadata.j
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from privseg.export.artifacts import write_onnx, write_torchscript
 from privseg.export.card import markdown, to_html
 from privseg.export.source import check_pending, cohorts_of, served_model
 from privseg.export.statement import evaluation, statement
+from privseg.export.verify import manifest_digest
 from privseg.utils import atomic_path, write_json
 
 FORMATS = ("monai-bundle", "torchscript", "onnx")
@@ -156,7 +158,11 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
         record["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = bundle_mod.metadata(config, version="1.0.0", classes=first.classes, channels=first.channels,
                                        modality=modality, ct_window=window, statement=stmt, record=record)
-        write_json(tmp / (BUNDLE_MANIFEST if fmt == "monai-bundle" else MANIFEST), manifest)
+        path = tmp / (BUNDLE_MANIFEST if fmt == "monai-bundle" else MANIFEST)
+        write_json(path, manifest)
+        manifest = json.loads(path.read_text())  # the digest is of what a reader reads back
+        manifest["privseg"]["manifest_sha256"] = manifest_digest(manifest)
+        write_json(path, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
