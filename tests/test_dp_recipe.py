@@ -76,10 +76,12 @@ def test_k_patches_are_averaged_before_one_clip(method):
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(acc, per_patch_clipped, strict=True))
 
 
-def test_engine_draws_k_patches_per_sampled_patient():
+@pytest.mark.parametrize("aug_mult,k", [(3, 3), (0, 1)])  # 0: a spec from before the recipe, patches_per_subject
+def test_engine_draws_k_patches_per_sampled_patient(aug_mult, k):
     items = _items(6)
     cfg = TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), patches_per_subject=1, device="cpu", num_classes=3)
-    eng = PatientDPSGD(q=0.5, n_subjects=6, multipliers=[1.0] * 4, noise=NoiseSource.reproducible(0), aug_mult=3)
+    eng = PatientDPSGD(q=0.5, n_subjects=6, multipliers=[1.0] * 4, noise=NoiseSource.reproducible(0),
+                       aug_mult=aug_mult)
     seen, step = [], eng.step
 
     def spy(model, optimizer, loss_fn, batch):
@@ -91,7 +93,7 @@ def test_engine_draws_k_patches_per_sampled_patient():
     model = _toy()
     eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.0), items, cfg, 0, 4)
     assert sum(p for p, _, _ in seen) > 0
-    assert all(k == 3 * p and counts == [3] * p for p, k, counts in seen)  # K patches from each, not 1
+    assert all(n == k * p and counts == [k] * p for p, n, counts in seen)  # K patches from each patient
     with pytest.raises(ConfigError, match="augmentation multiplicity"):
         PatientDPSGD(q=0.5, n_subjects=6, multipliers=[1.0], aug_mult=-1)
 

@@ -96,8 +96,9 @@ class PatientDPSGD:
         self.clipper = make_clipper(self.clip_rule, clip_norm, self.expected_batch, max(self.multipliers, default=0.0),
                                     {"target_quantile": target_quantile, "clip_lr": clip_lr, "sigma_b": sigma_b,
                                      "gamma": clip_gamma})
-        if aug_mult is not None and int(aug_mult) < 1:
-            raise ConfigError(f"augmentation multiplicity {aug_mult} must be at least 1 patch per patient")
+        if aug_mult is not None and int(aug_mult) < 0:
+            raise ConfigError(f"augmentation multiplicity {aug_mult} must be at least 1 patch per patient (0 or None: "
+                              "the training config's patches_per_subject)")
         self.aug_mult = int(aug_mult) if aug_mult else None  # None: the training config's patches_per_subject
         if not lr_scale > 0:
             raise ConfigError(f"learning-rate scale {lr_scale} must be positive")
