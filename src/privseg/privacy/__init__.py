@@ -7,9 +7,11 @@ Poisson sampling of patients, per-patient clipping, noise from its secret key, a
 * :mod:`~privseg.privacy.spec` -- the typed, validated privacy spec (:class:`DPConfig`).
 * :mod:`~privseg.privacy.engine` -- the patient-level DP-SGD step (Abadi et al. 2016).
 * :mod:`~privseg.privacy.grad_sample` -- per-subject clipped gradients (loop / vmap / Opacus).
-* :mod:`~privseg.privacy.clipping` -- clip rules: fixed, private adaptive (Andrew et al. 2021).
+* :mod:`~privseg.privacy.clipping` -- clip rules: fixed, private adaptive (Andrew et al. 2021),
+  normalising (Bu et al. 2023).
 * :mod:`~privseg.privacy.noise` -- the secret per-site key every sample and noise draw comes from.
-* :mod:`~privseg.privacy.plan` -- a site's noise plan, calibrated once to its budget.
+* :mod:`~privseg.privacy.plan` -- a site's noise plan, calibrated once to its budget, and the step
+  planner (``--plan auto``) that chooses it from public figures only.
 * :mod:`~privseg.privacy.accountant` -- RDP composition (Mironov 2017), cross-checked against
   Google's dp-accounting; noise calibration by bisection.
 * :mod:`~privseg.privacy.budget` -- the per-site budget ledger (SQLite, WAL, transactions).
@@ -31,7 +33,7 @@ from privseg.privacy.clipping import CLIP_RULES, QuantileClipper, clip_rule, spl
 from privseg.privacy.engine import PatientDPSGD, SampledBatch, check_dp_model, patient_groups
 from privseg.privacy.grad_sample import GRAD_METHODS, per_subject
 from privseg.privacy.noise import NoiseSource
-from privseg.privacy.plan import SitePlan, make_plan, site_plan
+from privseg.privacy.plan import SitePlan, TrainingPlan, make_plan, plan_training, site_plan
 from privseg.privacy.site import PrivateSite, make_private, noise_source
 from privseg.privacy.spec import DPConfig
 
@@ -47,6 +49,7 @@ __all__ = [
     "SampledBatch",
     "SitePlan",
     "StepEvent",
+    "TrainingPlan",
     "calibrate_sigma",
     "check_dp_model",
     "clip_rule",
@@ -59,6 +62,7 @@ __all__ = [
     "noise_source",
     "patient_groups",
     "per_subject",
+    "plan_training",
     "schedule_multipliers",
     "site_plan",
     "split_noise",
