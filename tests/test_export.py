@@ -243,6 +243,8 @@ def test_bad_inputs_are_refused_naming_the_problem(run3d, tmp_path, capsys):
     torch.save(payload, odd)
     with pytest.raises(ConfigError, match=r"model.pt: network 'vit_unknown' is not supported"):
         export_model(odd, "torchscript", tmp_path / "o3", cohort=run3d[0].root)
+    with pytest.raises(CheckpointError, match=r"last.pt: model has 1 input channels and 3 classes, cohort .* has 3"):
+        export_model(run / "last.pt", "onnx", tmp_path / "o5", cohort=_disc_cohort(tmp_path / "derm").root)
     with pytest.raises(ConfigError, match="--format 'tflite'"):
         export_model(run, "tflite", tmp_path / "o4")
     busy = tmp_path / "busy"

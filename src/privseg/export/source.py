@@ -89,7 +89,7 @@ def served_model(source: str | Path) -> Served:
     """The model ``source`` (a run folder or a checkpoint file) serves, with its run's erasure requests."""
     p = Path(source)
     if not p.exists():
-        raise DataError(p, "no such run folder or checkpoint")
+        raise DataError(p, "not found (no such run folder or checkpoint)")
     if p.is_dir():
         if (p / "fl_config.json").is_file():
             if not (p / "state.json").is_file():
@@ -97,7 +97,7 @@ def served_model(source: str | Path) -> Served:
             return _federated(p)
         if (p / "last.pt").is_file() or (p / "run.json").is_file():
             return _training(p)
-        raise DataError(p, "not a run folder (no fl_config.json + state.json, no last.pt)")
+        raise DataError(p, "is a directory but not a run folder (no fl_config.json + state.json, no last.pt)")
     run_dir = _run_of(p.resolve())
     requests = erasure_requests(run_dir) if run_dir else []
     if requests:

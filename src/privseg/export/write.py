@@ -118,6 +118,7 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
     from privseg.audit.ledger import file_sha256
     from privseg.data.transforms import ct_window
     from privseg.train.checkpoint import load_checkpoint
+    from privseg.train.inference import check_fits
     from privseg.utils import versions
 
     if fmt not in FORMATS:
@@ -131,6 +132,7 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
     model = _model(payload, served.checkpoint)
     cohorts = cohorts_of(served, cohort)
     first = cohorts[0][1]
+    check_fits(config, first, served.checkpoint)  # channels and classes, as predict checks them
     window = ct_window(first)
     modality = _modality(cohorts, config, window, modality)
     stmt = statement(served, cohorts)
