@@ -29,6 +29,15 @@ def read_manifest(export_dir: str | Path) -> tuple[Path, dict]:
         raise DataError(path, f"unreadable export manifest ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("privseg"), dict) or "privacy" not in data:
         raise DataError(path, "not a privseg export manifest (no 'privseg' record or 'privacy' statement)")
+    record, stated = data["privseg"], data["privacy"]
+    shapes = {"privseg.files": isinstance(record.get("files"), dict) and all(
+                  isinstance(k, str) and isinstance(v, str) for k, v in record["files"].items()),
+              "privseg.network": record.get("network") in record.get("files", {}),
+              "privseg.config": isinstance(record.get("config"), dict),
+              "privacy.model": isinstance(stated, dict) and isinstance(stated.get("model"), dict)}
+    bad = [k for k, ok in shapes.items() if not ok]
+    if bad:
+        raise DataError(path, f"malformed export manifest (field {', '.join(bad)})")
     return path, data
 
 
@@ -83,12 +92,12 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
     if record.get("manifest_sha256") != manifest_digest(manifest):
         problems.append(f"{path}: changed since export (its content no longer matches its recorded SHA-256)")
     checked = [f"{len(record.get('files') or {})} file hashes and the manifest's"]
-    source = Path(run) if run else Path(stated["model"]["run"] or record["source"])
-    if not stated["model"]["run"] and not run:
+    exported = stated["model"]
+    if not exported.get("run") and not run:
         checked.append("no run: the statement (a bare checkpoint's) was not recomputed")
         return {"ok": not problems, "problems": problems, "checked": checked, "manifest": str(path)}
     try:
-        served = served_model(source)
+        served = served_model(Path(run) if run else Path(str(exported["run"])))
     except (DataError, CheckpointError) as exc:
         return {"ok": False, "problems": [*problems, f"the run cannot be read: {exc}"], "checked": checked,
                 "manifest": str(path)}
@@ -100,10 +109,10 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
         checked.append(f"patients per site not rechecked (the cohorts cannot be read: {exc})")
     now = statement(served, cohorts)
     checked.append(f"privacy statement recomputed from {served.run_dir}")
-    if now["model"]["sha256"] != stated["model"]["sha256"]:
+    if now["model"]["sha256"] != exported.get("sha256"):
         problems.append(f"{served.run_dir}: the run now serves {now['model']['path']} (SHA-256 "
-                        f"{now['model']['sha256'][:16]}...), not the exported model ({stated['model']['path']}, "
-                        f"{stated['model']['sha256'][:16]}...)")
+                        f"{now['model']['sha256'][:16]}...), not the exported model ({exported.get('path')}, "
+                        f"{str(exported.get('sha256'))[:16]}...)")
     problems += [f"{path}: privacy statement no longer holds: {p}"
                  for p in _differences({k: v for k, v in stated.items() if k not in ignore},
                                        {k: v for k, v in now.items() if k not in ignore})]
