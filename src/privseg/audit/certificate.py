@@ -191,7 +191,8 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
            if s["kind"] == "patient" else f"site {s['site']} (every patient of it)")
     status = s["status"]
     if ok and s.get("copies_remaining"):
-        status += f" (the served model; {len(s['copies_remaining'])} copies still hold the patient, listed below)"
+        n = len(s["copies_remaining"])
+        status += f" for the erased model; {n} {'copy still holds' if n == 1 else 'copies still hold'} the patient"
     if s.get("open_stage"):
         status += f" (stage {s['open_stage']['stage']} started at {s['open_stage']['since']} UTC, not finished)"
     parts = [f"<h1>Erasure certificate {html.escape(s['request'])}</h1>",

@@ -43,7 +43,7 @@ def kind_of(rel_path: str) -> str:
         return "personalised model" if "personal" in low else "site state"
     for prefix, name in _KINDS:
         if rel_path.startswith(prefix + "/"):
-            return name
+            return name + ("'s scores" if Path(rel_path).name == "scores.json" else "")
     return "checkpoint"
 
 
@@ -83,7 +83,8 @@ def account(run_dir: str | Path, since: str, *, deleted: Sequence[dict] = (), su
                               "the patient, and not deleted by it: delete it, or make it again from the erased model"))
     for a in out:
         if a["fate"] == "deleted" and not a["reason"]:
-            a["reason"] = REFERENCE_NOTE if a["what"] == "reference model" else "superseded by the erased model"
+            a["reason"] = (REFERENCE_NOTE if a["what"].startswith("reference model")
+                           else "superseded by the erased model")
     return out
 
 

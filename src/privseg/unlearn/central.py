@@ -370,7 +370,7 @@ class _Job:
             "model": local["model"], "removed": removed, "copies": copies,
             "superseded_kept": [a["path"] for a in left], "passed": True, "dp": None,
             "note": "still holding the patients: " + ", ".join(a["path"] for a in left) if left else ""})
-        self.say("completed", f"{len(removed)} file(s) deleted; {len(left)} copy(ies) kept"
+        self.say("completed", f"{len(removed)} file(s) deleted; {len(left)} kept that still hold the patients"
                  + (": " + ", ".join(a["path"] for a in left) if left else ""))
         return done["body"]
 
