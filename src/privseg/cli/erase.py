@@ -104,9 +104,9 @@ def verify(paths: list[Path] = typer.Argument(..., help="Run folders, runs roots
 
 
 @ledger_app.command("show")
-def show(run: str = typer.Argument(..., help="Federated run folder (or its name under runs/).")) -> None:
+def show(run: str = typer.Argument(..., help="Run folder, federated or central (or its name under runs/).")) -> None:
     """List the erasure requests recorded in a run's ledger."""
-    _list_requests(federated_run(run))
+    _list_requests(_ledger_run(run))
 
 
 def _ledger_run(run: str) -> Path:
