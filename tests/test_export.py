@@ -30,18 +30,25 @@ from privseg.train.inference import predict_subject
 AGREE = 0.999  # the issue's bar: labels identical on >= 99.9 % of voxels
 
 
-def _train(cohort: Cohort, out: Path, patch: tuple[int, ...]) -> Path:
+def _train(cohort: Cohort, out: Path, patch: tuple[int, ...], spacing=None) -> Path:
     cfg = TrainConfig.for_cohort(cohort, model="unet_tiny", patch_size=patch, steps=6, device="cpu",
-                                 subjects_per_step=2, patches_per_subject=1, lr=5e-3)
+                                 subjects_per_step=2, patches_per_subject=1, lr=5e-3, spacing=spacing)
     Trainer(cohort, cfg, out).fit()
     return out
 
 
 @pytest.fixture(scope="module")
 def run3d(tmp_path_factory) -> tuple[Cohort, Path]:
+    """A tiny 3D run whose volumes are stored LPS (so the bundle must reorient) and trained resampled
+    to another spacing (so it must resample, and map the prediction back)."""
     root = tmp_path_factory.mktemp("export3d")
     cohort = make_tiny_cohort(root / "tiny", size=20)
-    return cohort, _train(cohort, root / "run", (16, 16, 16))
+    lps = np.diag([-1.5, -1.5, 2.0, 1.0])
+    for s in cohort.subjects:
+        for f in (*s.images, s.label):
+            img = nib.load(f)
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj), lps), f)
+    return cohort, _train(cohort, root / "run", (16, 16, 16), spacing=(2.0, 2.0, 2.5))
 
 
 def monai_runner(bundle: Path, images: Path, out: Path) -> None:
@@ -61,6 +68,7 @@ def same_nifti(a: Path, b: Path) -> float:
     return float((np.asarray(x.dataobj) == np.asarray(y.dataobj)).mean())
 
 
+@pytest.mark.slow  # MONAI's runner in a subprocess
 def test_3d_bundle_torchscript_and_onnx_reproduce_predict(run3d, tmp_path):
     cohort, run = run3d
     held = cohort.select("test")
@@ -126,6 +134,7 @@ def _disc_cohort(root: Path) -> Cohort:
     return read_cohort(root)
 
 
+@pytest.mark.slow  # MONAI's runner in a subprocess
 def test_2d_bundle_writes_the_masks_predict_writes(tmp_path):
     cohort = _disc_cohort(tmp_path / "derm")
     run = _train(cohort, tmp_path / "run", (16, 16))
@@ -151,6 +160,7 @@ def test_2d_bundle_writes_the_masks_predict_writes(tmp_path):
             assert (np.asarray(Image.open(out)) == ref).mean() >= AGREE
 
 
+@pytest.mark.slow  # a DP federation and a patient erasure
 def test_dp_run_after_patient_erasure_card_states_the_ledger(tmp_path, capsys):
     from privseg.privacy import DPConfig
     from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
