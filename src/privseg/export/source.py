@@ -104,8 +104,7 @@ def served_model(source: str | Path) -> Served:
         digest = file_sha256(p)
         ledger = ErasureLedger(run_dir / LEDGER, create=False)
         for r in requests:
-            events = ledger.events(r["request"])
-            source = events["requested"]["body"].get("source") or {}
+            source = (ledger.events(r["request"]).get("requested") or {}).get("body", {}).get("source") or {}
             if completed(r) and source.get("sha256") == digest:
                 served = _federated(run_dir) if (run_dir / "fl_config.json").is_file() else _training(run_dir)
                 raise ConfigError(f"{p}: erasure request {r['request']} removed patient(s) "

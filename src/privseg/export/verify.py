@@ -81,7 +81,7 @@ def _differences(old, new, where: str = "") -> list[str]:
 
 def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict:
     """``{"ok", "problems", "checked"}`` for an export (see the module docstring). ``run``: the run
-    folder when it moved since the export (default: the one recorded)."""
+    folder when it moved since the export (default: the source recorded, a run or a checkpoint)."""
     from privseg.export.source import cohorts_of, served_model
     from privseg.export.statement import statement
 
@@ -97,7 +97,7 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
         checked.append("no run: the statement (a bare checkpoint's) was not recomputed")
         return {"ok": not problems, "problems": problems, "checked": checked, "manifest": str(path)}
     try:
-        served = served_model(Path(run) if run else Path(str(exported["run"])))
+        served = served_model(Path(run) if run else Path(str(record.get("source"))))  # the run, or the checkpoint
     except (DataError, CheckpointError) as exc:
         return {"ok": False, "problems": [*problems, f"the run cannot be read: {exc}"], "checked": checked,
                 "manifest": str(path)}
