@@ -276,3 +276,20 @@ def test_central_dp_serves_the_ema_and_a_resume_repeats_the_run(tiny_cohort, tmp
         assert torch.equal(v, resumed["model"].state_dict()[k])  # bit-identical after a resume
     assert any(not torch.equal(served["model"][k], raw[k]) for k in raw)
     assert whole["plan"]["expected_batch"] == 2.0 and whole["q"] == 1.0  # q = epochs / steps
+
+
+def test_privacy_train_prints_the_plan_from_the_declared_size(tiny_cohort, tmp_path, capsys):
+    from privseg.cli import main
+
+    args = ["privacy", "train", "--cohort", str(tiny_cohort.root), "--model", "unet_tiny", "--patch", "16", "--steps",
+            "2", "--device", "cpu", "--epsilon", "8", "--delta", "1e-3", "--cohort-size", "137", "--epochs", "1",
+            "--aug-mult", "1", "--clip", "normalise"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    plan = plan_training(8.0, 1e-3, 137, steps=2, epochs=1, base_lr=TrainConfig().lr)
+    assert "declared cohort 130 patients" in out
+    assert f"noise per patient sigma*C/B = {plan.noise_per_patient:.4g}" in out
+    assert f"sampling rate q = {plan.sampling_rate:.4g}" in out and f"learning rate {plan.lr:.3g}" in out
+    payload = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert payload["ema"]["updates"] == 2 and "train_model" in payload  # EMA served by default
+    assert main([*args[:-2], "--clip", "nope", "--out", str(tmp_path / "b")]) == 2
