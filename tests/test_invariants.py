@@ -56,7 +56,8 @@ events_st = st.lists(st.builds(StepEvent, q=st.sampled_from([0.01, 0.05, 0.2, 1.
 
 class BudgetMachine(RuleBasedStateMachine):
     """Runs and rounds at several sites, budgets set and changed at any time, rounds repeated
-    (a crash re-runs a round), the ledger reopened (a restarted process)."""
+    (a crash re-runs a round: the same release when its inputs are the same, a new one otherwise),
+    the ledger reopened (a restarted process)."""
 
     @initialize()
     def open(self):
@@ -65,30 +66,33 @@ class BudgetMachine(RuleBasedStateMachine):
         self.ledger = budget_mod.BudgetLedger(self.path)
         self.budget: dict[str, tuple[float, float]] = {}
         self.max_budget: dict[str, float] = {}
-        self.booked: dict[str, dict[int, list[StepEvent]]] = {s: {} for s in SITES}
+        # per site, the releases in the order they were booked: (round, events, release id)
+        self.booked: dict[str, list[tuple[int, list[StepEvent], str]]] = {s: [] for s in SITES}
         self.refused = 0
 
     def _spent_model(self, site: str) -> float:
-        events = [e for r in sorted(self.booked[site]) for e in self.booked[site][r]]
+        events = [e for _, evs, _ in self.booked[site] for e in evs]
         return _eps(events, self.budget[site][1])
 
     def _attempt(self, site: str, round_no: int, events: list[StepEvent]) -> bool:
         """The trainers' protocol: check before the round, commit after it."""
         eps_budget, _ = self.budget[site]
         rows_before = self.ledger.rounds(site)
+        release = f"r{round_no}:{[e.to_dict() for e in events]}"  # identical inputs: the same release
         try:
-            after = self.ledger.check_round(site, round_no, events)
+            after = self.ledger.check_round(site, round_no, events, release=release)
         except BudgetExceededError:
             self.refused += 1
             held = self.ledger.rounds(site) == rows_before  # a refusal books nothing
             rlog.record("invariant", "budget:refusal-books-nothing", held)
             assert held
             return False
-        booked = self.ledger.commit_round(site, round_no, events)
+        booked = self.ledger.commit_round(site, round_no, events, release=release)
         held = abs(booked - after) <= 1e-9 and booked <= eps_budget * (1 + SLACK) + 1e-9
         rlog.record("invariant", "budget:accepted-round-within-budget", held, f"{site} r{round_no} {booked}")
         assert held, (site, round_no, booked, after, eps_budget)
-        self.booked[site][round_no] = list(events)  # a repeated round replaces its row
+        if release not in {rel for _, _, rel in self.booked[site]}:  # a replay books nothing; never a replacement
+            self.booked[site].append((round_no, list(events), release))
         return True
 
     @rule(site=st.sampled_from(SITES), eps=st.floats(0.3, 12.0), delta=st.sampled_from([1e-5, 1e-3]))
@@ -126,9 +130,12 @@ class BudgetMachine(RuleBasedStateMachine):
         if not hasattr(self, "ledger"):
             return
         for site in self.budget:
-            rounds = [r["round"] for r in self.ledger.rounds(site)]
+            rows = self.ledger.rounds(site)
             spent = self.ledger.spent(site)
-            once = rounds == sorted(self.booked[site]) and len(rounds) == len(set(rounds))
+            rounds = [r["round"] for r in rows]
+            releases = [r["release"] for r in rows]
+            once = (releases == [rel for _, _, rel in self.booked[site]] and len(releases) == len(set(releases))
+                    and self.ledger.verify() == [])
             consistent = math.isclose(spent, self._spent_model(site), rel_tol=1e-9, abs_tol=1e-12)
             rlog.record("invariant", "budget:each-round-booked-once", once, f"{site}: {rounds}")
             rlog.record("invariant", "budget:spent-is-recomputed-from-all-rounds", consistent,

@@ -34,6 +34,8 @@ from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, n
 from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
 from privseg.train.loop import StepFn, TrainConfig, standard_step
 
+CONTEXT_IGNORED = ("run-dir", "cache-sites", "eval-split", "dp-ledger", "dp-ledger-root")
+
 
 class PatientDPStep:
     """The ClientApp's ``step_fn`` at a DP site: it brings its own Poisson-sampled ``train_steps``
@@ -46,7 +48,9 @@ class PatientDPStep:
     def __init__(self, private, round_no: int, context: Mapping | None = None):
         self.private = private
         self.round_no = round_no
-        self.context = {str(k): context[k] for k in sorted(context)} if context is not None else {}
+        # what the training output depends on (where the run lives, its cache, the evaluation split do not)
+        self.context = ({str(k): context[k] for k in sorted(context) if str(k) not in CONTEXT_IGNORED}
+                        if context is not None else {})
 
     def __call__(self, *args, **kwargs):
         return self.private.engine(*args, **kwargs)  # refuses: a DP site samples its own batches

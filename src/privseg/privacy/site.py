@@ -112,4 +112,6 @@ def make_private(spec: DPConfig, *, site: str, items: Sequence[dict], ledger: Bu
         last = ledger.last_info(site, before_round=resume_round, scope=spec.ledger_scope)
         if last and last.get("clip"):
             engine.clipper.clip = float(last["clip"])
-    return PrivateSite(ledger, plan, engine, spec.ledger_scope, settings=spec.for_site(site).to_dict())
+    # the settings a release's fingerprint covers: all but where the ledgers live (no effect on the output)
+    settings = {k: v for k, v in spec.for_site(site).to_dict().items() if k not in ("ledger", "ledger_root")}
+    return PrivateSite(ledger, plan, engine, spec.ledger_scope, settings=settings)
