@@ -199,6 +199,8 @@ def test_dp_run_after_patient_erasure_card_states_the_ledger(tmp_path, capsys):
     problems = verify_export(bundle)["problems"]
     assert any(f"{meta_path}: changed since export" in p for p in problems)
     assert any("privacy statement no longer holds: dp.sites.H1.epsilon: 1.0 at export" in p for p in problems)
+    with pytest.raises(CheckpointError, match="metadata.json: changed since export"):
+        predict_export(bundle, [cohort.select("test")[0].images[0]], tmp_path / "x.nii.gz")
     meta_path.write_text(original)
     assert verify_export(bundle)["ok"]
     # one changed byte in the weights: verify fails, naming the file

@@ -155,8 +155,10 @@ def predict_export(export_dir: str | Path, images: list[str | Path], out: str | 
     from privseg.train.inference import predict_probs, predict_subject, write_mask_2d, write_prediction
 
     d = Path(export_dir)
-    _, manifest = read_manifest(d)
+    path, manifest = read_manifest(d)
     record = manifest["privseg"]
+    if record.get("manifest_sha256") != manifest_digest(manifest):  # it says how to preprocess: trust it unedited
+        raise CheckpointError(f"{path}: changed since export (its content no longer matches its recorded SHA-256)")
     if not images:
         raise ConfigError("--image: give the image to segment (one file per channel)")
     cohort = export_cohort(record, images)
