@@ -274,17 +274,12 @@ def test_a_ct_window_that_hides_the_foreground_is_warned_about_with_one_that_hol
     assert "would hold them" not in err and "0,80 for brain" in err
 
 
-def test_fl_run_checks_the_ct_window_of_each_site_it_can_read(tmp_path, capsys):
-    from privseg.cli.fl import _warn_ct_windows
-    from privseg.federated import FLConfig, sites_from_cohort
-    from privseg.privacy.spec import DPConfig
-    from privseg.train import TrainConfig
+def test_fl_run_checks_the_ct_window_of_each_site_it_can_read(tmp_path):
+    from privseg.cohorts import site_window_warnings
+    from privseg.federated import sites_from_cohort
 
     sites = sites_from_cohort(_ct_cohort(tmp_path / "ct").root)
-    cfg = FLConfig(name="f", sites=sites, train=TrainConfig(model="unet_tiny", in_channels=1, num_classes=3))
-    _warn_ct_windows(cfg)
-    err = capsys.readouterr().err
-    assert "site H1: " in err and '"ct_window": [' in err and "would hold them" in err
-    _warn_ct_windows(FLConfig(name="f", sites=sites, train=cfg.train, privacy=DPConfig(unit="patient", epsilon=8.0)))
-    err = capsys.readouterr().err
-    assert "site H1: " in err and "public setting" in err and "would hold them" not in err
+    [warning] = site_window_warnings(sites, private=False)
+    assert warning.startswith("site H1: ") and '"ct_window": [' in warning and "would hold them" in warning
+    [warning] = site_window_warnings(sites, private=True)
+    assert warning.startswith("site H1: ") and "public setting" in warning and "would hold them" not in warning

@@ -148,3 +148,24 @@ def check_cohorts(path: Path, sites_root: bool = False, splits: Path | None = No
         if on_subject:
             on_subject(k + 1, len(subjects))
     return cohorts, loaded, problems
+
+
+def site_window_warnings(sites, private: bool) -> list[str]:
+    """The CT window check (:func:`privseg.data.intensity.check_window`) of each of a federation's
+    ``sites`` (SiteSpec) whose data this machine can read, as "site ID: warning" lines;
+    ``private``: a DP run."""
+    from privseg.data.intensity import check_window
+    from privseg.federated.sites import read_site_cohort, site_subjects
+
+    out = []
+    for s in sites:
+        try:
+            cohort = read_site_cohort(s.cohort)
+            subjects = site_subjects(cohort, s, "train")
+        except PrivsegError:
+            continue  # a site elsewhere (deployment), or one whose problem the run itself reports
+        warning = check_window(cohort, subjects, private=private,
+                               how='"ct_window": [{lo}, {hi}] in the site cohort\'s manifest info or dataset.json')
+        if warning:
+            out.append(f"site {s.id}: {warning}")
+    return out

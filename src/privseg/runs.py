@@ -116,10 +116,25 @@ def silence_known_noise() -> None:
     flwr = logging.getLogger("flwr")
     if not any(isinstance(f, _DropFlowerNoise) for f in flwr.filters):
         flwr.addFilter(_DropFlowerNoise())
+    plain_flower_logs()
     # Ray's tip announces that zero-GPU actors will one day see the GPUs. privseg gives simulated
     # sites num_gpus=0 and relies on today's behaviour (Ray hides the GPUs from them); nothing to do.
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
                             category=FutureWarning)
+
+
+def plain_flower_logs() -> None:
+    """Flower's own console lines as privseg wants them: no INFO lines (privseg reports each round
+    itself, with its progress; warnings still show) and no colour codes where the stream is not a
+    terminal (a file, a pipe, CI). Flower colours its level names whatever the stream, and only
+    ``simulate`` lowered its level, so an in-process run (``fl run --in-process``, an erasure's
+    repair rounds) printed both, ``--quiet`` or not."""
+    from flwr.supercore.logger import ConsoleHandler
+
+    for handler in logging.getLogger("flwr").handlers:
+        if isinstance(handler, ConsoleHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            handler.colored = bool(getattr(getattr(handler, "stream", None), "isatty", lambda: False)())
 
 
 # -- erasure -------------------------------------------------------------------------------------

@@ -58,17 +58,9 @@ def add_user(
     password = (sys.stdin.readline().rstrip("\r\n") if password_stdin
                 else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
     user = accounts.add_user(name, role, password, site=site, replace=replace)
-    out.print(f"user {user.name}: {describe_user(user)}")
+    out.print(f"user {user.name}: {user.describe}")
     if user.site and not known_sites(runs):
-        err.print(f"[yellow]note[/yellow]: no run under {runs} yet, so site {user.site} was not checked against "
-                  "a run's sites", highlight=False)
-
-
-def describe_user(user) -> str:
-    """"officer (every site)", "site user of H2", "viewer of site H2", "viewer (every site)"."""
-    if user.role == "site":
-        return f"site user of {user.site}"
-    return f"{user.role} " + (f"of site {user.site}" if user.site else "(every site)")
+        err.print(f"[yellow]note[/yellow]: no run under {runs} yet: site {user.site} was not checked", highlight=False)
 
 
 @app.command("users")

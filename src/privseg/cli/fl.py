@@ -9,6 +9,7 @@ import typer
 
 from privseg.cli import ui
 from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, options_from, out, take, with_options
+from privseg.cohorts import site_window_warnings
 from privseg.federated import FLConfig, RunState
 from privseg.federated.strategies import FL_STRATEGIES
 from privseg.report.text import print_budget, print_fl_status, round_info
@@ -67,7 +68,8 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
 
     run_dir = runs_dir / cfg.name
     done = rounds_done(run_dir)
-    _warn_ct_windows(cfg)
+    for warning in site_window_warnings(cfg.sites, private=cfg.privacy is not None):  # even with --quiet
+        ui.warn(warning)
     if not quiet:
         console.print(f"[bold]{mode}[/bold] run {cfg.name}: {cfg.strategy}, {len(cfg.sites)} sites "
                       f"({', '.join(cfg.site_ids)}), {cfg.rounds} rounds x {cfg.local_steps} local steps"
@@ -88,21 +90,6 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
         console.print(f"[bold yellow]privseg: warning:[/bold yellow] {warning}", highlight=False)
     if cfg.privacy is not None and not quiet:
         print_budget(out, console, budget_status(run_dir), run_dir)
-
-
-def _warn_ct_windows(cfg) -> None:
-    """The CT window check (ui.warn_ct_window) of each site whose data this machine can read."""
-    from privseg.errors import PrivsegError
-    from privseg.federated.sites import read_site_cohort, site_subjects
-
-    for s in cfg.sites:
-        try:
-            cohort = read_site_cohort(s.cohort)
-            subjects = site_subjects(cohort, s, "train")
-        except PrivsegError:
-            continue  # a site elsewhere (deployment), or one whose problem the run itself reports
-        ui.warn_ct_window(cohort, subjects, private=cfg.privacy is not None, site=s.id,
-                          how='"ct_window": [{lo}, {hi}] in the site cohort\'s manifest info or dataset.json')
 
 
 @app.command()

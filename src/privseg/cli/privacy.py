@@ -11,6 +11,7 @@ import typer
 from privseg.cli import ui
 from privseg.cli.ui import CLASSES, DP, JSON, QUIET, RUNS, SPLITS, STEPS, TRAINING, console, out, take, with_options
 from privseg.cohorts import open_cohort, train_config
+from privseg.data.intensity import check_window
 from privseg.errors import ConfigError
 from privseg.report.text import print_budget
 from privseg.runs import run_folder
@@ -66,7 +67,9 @@ def train(
     if dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(cohort, o["splits"], o["classes"])
-    ui.warn_ct_window(c, private=True, how='"ct_window": [LO, HI] in the cohort\'s manifest info or dataset.json')
+    if warning := check_window(c, private=True, how='"ct_window": [LO, HI] in the cohort manifest\'s info or '
+                               "dataset.json"):
+        ui.warn(warning)
     cfg = train_config(c, record_ct_window=False, **take(o, STEPS), **take(o, TRAINING))
     if dp.plan == "auto" and not o["quiet"]:
         from privseg.privacy.plan import plan_for

@@ -9,6 +9,7 @@ import typer
 from privseg.cli import ui
 from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, STEPS, TRAINING, take, with_options
 from privseg.cohorts import open_cohort, train_config
+from privseg.data.intensity import check_window
 from privseg.report.text import print_dice, print_unlearning, print_verification
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
@@ -25,7 +26,8 @@ def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run fo
     """Train a segmentation model on a cohort's training subjects."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"])
     cfg = train_config(c, spacing=o["spacing"], **take(o, STEPS), **take(o, TRAINING))
-    ui.warn_ct_window(c, private=False, how="--ct-window {lo},{hi} (recorded in the checkpoint)")
+    if warning := check_window(c, private=False, how="--ct-window {lo},{hi} (recorded in the checkpoint)"):
+        ui.warn(warning)
     with ui.progress("training", cfg.steps, o["quiet"]) as update:
         r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:

@@ -7,7 +7,6 @@ are written once, in the config."""
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -21,26 +20,6 @@ from privseg.unlearn.request import ErasureRequest
 
 console, out = Console(stderr=True), Console()
 silence_known_noise()
-
-
-def plain_flower_logs() -> None:
-    """Flower's own console lines as a privseg command wants them: no INFO lines (privseg reports
-    each round itself, with its progress; warnings still show) and no colour codes where the
-    stream is not a terminal (a file, a pipe, CI). Flower colours its level names whatever the
-    stream, and only ``simulate`` lowered its level, so an in-process run (``fl run --in-process``,
-    an erasure's repair rounds) printed both."""
-    import logging
-
-    from flwr.supercore.logger import ConsoleHandler
-
-    for handler in logging.getLogger("flwr").handlers:
-        if isinstance(handler, ConsoleHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
-            stream = getattr(handler, "stream", None)
-            handler.colored = bool(getattr(stream, "isatty", lambda: False)())
-
-
-plain_flower_logs()
 PARAM = typer.Option(None, help="Strategy hyper-parameter KEY=VALUE (repeatable).")
 
 
@@ -48,33 +27,13 @@ def progress(description: str, total: int, quiet: bool = False):
     return text.progress(description, total, quiet, console=console)
 
 
-@contextmanager
 def phased_progress(description: str, quiet: bool = False):
-    """Yield ``on_progress(phase, done, total)`` for work done in phases (loading, scoring the
-    model, each reference model, ...; ``privseg.audit.mia.OnProgress``): a bar, or plain lines
-    when stderr is not a terminal, per phase."""
-    with progress(description, 0, quiet) as update:
-        current: list[str] = []
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if current != [phase]:
-                current[:] = [phase]
-                update(done, total=total, description=phase)
-            else:
-                update(done)
-
-        yield on_progress
+    return text.phased_progress(description, quiet, console=console)
 
 
-def warn_ct_window(cohort, subjects=None, *, private: bool, how: str, site: str | None = None) -> None:
-    """Warn (even under --quiet) when the CT window does not suit the foreground of the training
-    labels (:mod:`privseg.data.intensity`); ``how`` says how this command sets the window."""
-    from privseg.data.intensity import window_fit, window_warning
-
-    warning = window_warning(window_fit(cohort, subjects), private=private, how=how)
-    if warning:
-        console.print(f"[bold yellow]privseg: warning:[/bold yellow] {f'site {site}: ' if site else ''}{warning}",
-                      highlight=False, soft_wrap=True)
+def warn(text: str) -> None:
+    """A warning on stderr, even under --quiet."""
+    console.print(f"[bold yellow]privseg: warning:[/bold yellow] {text}", highlight=False, soft_wrap=True)
 
 
 def with_options(*groups, **replaced):

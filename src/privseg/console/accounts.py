@@ -54,6 +54,13 @@ class User:
         return self.site is None or self.site == site
 
     @property
+    def describe(self) -> str:
+        """"site user of H2", "viewer of site H1", "officer (every site)", "viewer (every site)"."""
+        if self.role == "site":
+            return f"site user of {self.site}"
+        return f"{self.role} " + (f"of site {self.site}" if self.site else "(every site)")
+
+    @property
     def label(self) -> str:
         """How the user is written into the erasure ledger."""
         return f"{self.name} ({self.role}{' ' + self.site if self.site else ''})"

@@ -103,3 +103,8 @@ def window_warning(fit: WindowFit | None, *, private: bool, how: str) -> str | N
                 + how.format(lo="LO", hi="HI"))
     a, b = fit.suggested
     return f"{problem}. The window {a:g},{b:g} would hold them: " + how.format(lo=f"{a:g}", hi=f"{b:g}")
+
+
+def check_window(cohort, subjects: Sequence | None = None, *, private: bool, how: str) -> str | None:
+    """:func:`window_warning` of :func:`window_fit`: the warning for ``cohort``'s CT window, or None."""
+    return window_warning(window_fit(cohort, subjects), private=private, how=how)

@@ -110,6 +110,25 @@ def progress(description: str, total: int, quiet: bool = False,
             bar.stop()
 
 
+@contextmanager
+def phased_progress(description: str, quiet: bool = False,
+                    console: Console | None = None) -> Iterator[Callable[[str, int, int], None]]:
+    """Yield ``on_progress(phase, done, total)`` (``privseg.audit.mia.OnProgress``) for work done in
+    phases (loading, scoring the model, each reference model): :func:`progress` with a new phase
+    (its own bar, or its own plain lines) whenever the phase changes."""
+    with progress(description, 0, quiet, console) as update:
+        current: list[str] = []
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if current != [phase]:
+                current[:] = [phase]
+                update(done, total=total, description=phase)
+            else:
+                update(done)
+
+        yield on_progress
+
+
 def date_text(ts) -> str:
     try:
         return dt.datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M")
