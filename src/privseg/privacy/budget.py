@@ -218,21 +218,24 @@ class BudgetLedger:
         return epsilon(self.events(site), delta)
 
     def check_round(self, site: str, round_no: int, new_events: list[StepEvent], scope: str = "",
-                    release: str | None = None, reserve: float = 0.0) -> float:
+                    release: str | None = None, reserve: list[StepEvent] | tuple = ()) -> float:
         """ε after the prospective release (unchanged when ``release`` is already booked: the same
-        release again); raises :class:`BudgetExceededError` if it crosses the budget less ``reserve``."""
+        release again); raises :class:`BudgetExceededError` if it crosses the budget. ``reserve``:
+        mechanism events kept for later (an erasure reserve): the release is refused when it leaves
+        too little budget for them too (composed, not subtracted: ε does not add up)."""
         eps_budget, delta = self.budget(site)
         prior = self.events(site)
         before = epsilon(prior, delta)
         if self.booked(site, release) is not None:
             return before
         after = epsilon(prior + list(new_events), delta)
-        limit = eps_budget - reserve
-        if after > limit * (1 + 1e-6) + TOLERANCE:
-            kept = f" less the erasure reserve {reserve:g}" if reserve else ""
+        with_reserve = epsilon(prior + list(new_events) + list(reserve), delta) if reserve else after
+        if with_reserve > eps_budget * (1 + 1e-6) + TOLERANCE:
+            kept = (f" ({with_reserve:.4g} with the erasure reserve the plan keeps)" if reserve and after <= eps_budget
+                    else "")
             raise BudgetExceededError(
-                f"site {site}: round {round_no} would bring epsilon to {after:.4g} at delta={delta:g}, over its budget "
-                f"of {eps_budget:g}{kept} (spent {before:.4g} in {len(self.rounds(site))} release(s)); training stops "
+                f"site {site}: round {round_no} would bring epsilon to {after:.4g} at delta={delta:g}{kept}, over its "
+                f"budget of {eps_budget:g} (spent {before:.4g} in {len(self.rounds(site))} release(s)); training stops "
                 "before that round. Raise the site's budget (privseg privacy budget RUN --site SITE --epsilon E), "
                 "or plan fewer rounds so the noise is calibrated to the budget")
         return after
