@@ -204,6 +204,11 @@ def test_long_audits_report_progress_in_plain_lines_when_redirected(tiny_cohort,
     assert "\x1b" not in err
     assert main(["audit", "membership", "--run", str(run), "--cohort", cohort, "--views", "1", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+    train, test = (",".join(s.id for s in tiny_cohort.select(split)) for split in ("train", "test"))
+    assert main(["audit", "mia", "--checkpoint", str(run / "last.pt"), "--cohort", cohort, "--members", train,
+                 "--non-members", test, "--views", "1"]) == 0
+    err, scored = capsys.readouterr().err, len(tiny_cohort.select("train")) + len(tiny_cohort.select("test"))
+    assert f"loading subjects: {scored}/{scored}" in err and f"scoring the model: {scored}/{scored}" in err
     # a report evaluates the model (with HD95) first: that too shows progress
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--cohort", cohort]) == 0
     n_test = len(tiny_cohort.select("test"))
