@@ -623,3 +623,26 @@ def test_site_erasure_keeps_the_sites_ledger_and_closes_it(tmp_path):
     assert ledger.spent("H2") == pytest.approx(spent) and ledger.verify() == []
     assert "erased" in (ledger.closed("H2") or "")
     assert sorted(p.name for p in (run / "sites" / "H2").iterdir() if not p.name.startswith("privacy.sqlite")) == []
+
+
+def test_a_dp_federation_serves_the_weight_average_and_trains_on_the_iterate(tmp_path):
+    """Under DP with ``ema`` the global checkpoint serves the average of the released models
+    (post-processing) and keeps the iterate the next round starts from; a resume continues both."""
+    from privseg.federated.runstate import RunState
+    from privseg.train.checkpoint import load_checkpoint, load_ema, model_from_checkpoint, training_weights
+    from privseg.train.ema import WeightEMA
+    from test_dp_erasure import _dp_run
+
+    dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5, ema=0.9)
+    _, run = _dp_run(tmp_path, dp, rounds=2)
+    state = RunState.load(run)
+    payloads = [load_checkpoint(state.checkpoint_path(r)) for r in range(3)]
+    model = model_from_checkpoint(payloads[0], state.checkpoint_path(0))
+    ema = WeightEMA(model, 0.9)
+    for p in payloads[1:]:
+        model.load_state_dict(training_weights(p))
+        ema.update(model, 1)  # one local step per round
+    served = payloads[-1]["model"]
+    assert all(torch.equal(served[k], v) for k, v in ema.state_dict(model).items())
+    assert not all(torch.equal(served[k], payloads[-1]["train_model"][k]) for k in served)
+    assert load_ema(payloads[-1], model).updates == 2

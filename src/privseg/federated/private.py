@@ -104,6 +104,12 @@ def site_step_fn(tc: TrainConfig, msg_config: Mapping, spec: SiteSpec, state_dir
     return standard_step
 
 
+def served_ema_decay(cfg: FLConfig) -> float:
+    """The decay of the weight average a DP run serves (0: it serves the last global model).
+    Averaging released models is post-processing (:mod:`privseg.train.ema`): it books nothing."""
+    return float(getattr(cfg.privacy, "ema", 0.0) or 0.0) if cfg.privacy is not None else 0.0
+
+
 def run_config(cfg: FLConfig) -> dict:
     """The privacy spec of ``cfg`` as the ``dp-*`` keys of the ClientApps' run configuration
     (:meth:`DPConfig.to_run_config`); empty without DP."""

@@ -21,7 +21,7 @@ def derived_run(run_dir: Path, sub_dir: Path, *, sites: Sequence[SiteSpec], star
     """A run in ``sub_dir`` that starts from checkpoint ``start`` with ``sites`` (same model,
     training settings and strategy as ``run_dir``'s). Existing: left as it is (to resume)."""
     from privseg.federated.simulation import prepare_run
-    from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+    from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
 
     cfg = FLConfig.load(run_dir)
     cfg = derived_privacy(cfg, run_dir, sub_dir)  # a DP site's spend goes into its ledger in the original run
@@ -32,7 +32,7 @@ def derived_run(run_dir: Path, sub_dir: Path, *, sites: Sequence[SiteSpec], star
         return FLConfig.load(sub_dir)
     sub_dir.mkdir(parents=True, exist_ok=True)
     model = cfg.train.build_model()
-    model.load_state_dict(load_checkpoint(start)["model"])
+    model.load_state_dict(training_weights(load_checkpoint(start)))  # the iterate, not a served average
     save_checkpoint(RunState(sub_dir).checkpoint_path(0), model, config=cfg.train.to_dict(), step=0,
                     extra={"federated": {"run": sub.name, "round": 0, "start": str(start)}})
     prepare_run(sub, sub_dir)

@@ -31,7 +31,8 @@ from privseg.federated import private
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
-from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+from privseg.train.checkpoint import load_checkpoint, load_ema, save_checkpoint, training_weights
+from privseg.train.ema import WeightEMA
 from privseg.utils import atomic_path, seed_everything
 
 RoundCallback = Callable[[dict], None]
@@ -72,7 +73,10 @@ def wait_for_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> l
     return nodes
 
 
-def _initial_model(cfg: FLConfig, state: RunState) -> tuple[torch.nn.Module, int]:
+def _initial_model(cfg: FLConfig, state: RunState) -> tuple[torch.nn.Module, int, WeightEMA | None]:
+    """The model the next round starts from (the last iterate), its round, and -- under DP with
+    ``ema`` -- the weight average the run serves (continued from the checkpoint; started afresh
+    from an erasure's restart model, so no average of the rounds before the erasure survives)."""
     seed_everything(cfg.train.seed)
     model = cfg.train.build_model()
     start = state.rounds_done + 1
@@ -85,19 +89,26 @@ def _initial_model(cfg: FLConfig, state: RunState) -> tuple[torch.nn.Module, int
             raise ConfigError(f"{state.path}: {state.rounds_done} rounds done but no checkpoint recorded")
     else:  # round 0's checkpoint is the starting model (the seeded init, or a given one for a derived run)
         ckpt = state.checkpoint_path(0) if state.checkpoint_path(0).exists() else None
-    if ckpt is not None:
-        model.load_state_dict(load_checkpoint(ckpt)["model"])
-    return model, start
+    payload = load_checkpoint(ckpt) if ckpt is not None else None
+    if payload is not None:
+        model.load_state_dict(training_weights(payload))
+    decay = private.served_ema_decay(cfg)
+    if not decay:
+        return model, start, None
+    ema = load_ema(payload, model) if payload is not None else None
+    return model, start, ema or WeightEMA(model, decay)
 
 
 def _save_global(cfg: FLConfig, state: RunState, model: torch.nn.Module, arrays: ArrayRecord, server_round: int,
-                 entry: dict | None = None) -> Path:
+                 entry: dict | None = None, ema: WeightEMA | None = None) -> Path:
     model.load_state_dict(arrays_to_state(arrays))
+    if ema is not None and server_round > 0:  # the round's global model stands for its local steps
+        ema.update(model, cfg.local_steps)
     path = state.checkpoint_path(server_round)
     extra = {"federated": {"run": cfg.name, "round": server_round, "strategy": cfg.strategy,
                            "participants": list(entry.get("participants", [])) if entry else []}}
     extra.update(private.checkpoint_record(cfg))  # the DP settings the model was trained under (provenance)
-    save_checkpoint(path, model, config=cfg.train.to_dict(), step=server_round, extra=extra)
+    save_checkpoint(path, model, config=cfg.train.to_dict(), step=server_round, extra=extra, ema=ema)
     if cfg.keep_checkpoints:
         done = sorted(path.parent.glob("global_r*.pt"))
         for p in done[:-cfg.keep_checkpoints]:
@@ -138,7 +149,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     if rounds is not None:
         cfg.rounds = int(rounds)
     state = RunState.load_or_new(run_dir)
-    model, start = _initial_model(cfg, state)
+    model, start, ema = _initial_model(cfg, state)
     strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
                                           proximal_mu=cfg.proximal_mu, params=cfg.strategy_params)
     private.attach_privacy(strategy, cfg, run_dir)  # privseg.privacy: client-level DP-FedAvg
@@ -154,7 +165,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         return state
     wait_for_sites(grid, len(cfg.sites), cfg.min_sites, cfg.connect_timeout)
     if start == 1 and not state.checkpoint_path(0).exists():
-        _save_global(cfg, state, model, arrays, 0)
+        _save_global(cfg, state, model, arrays, 0, ema=ema)
     state.set_status("running", resumed_from=start - 1 if start > 1 else None)
 
     base = client_run_config(cfg, run_dir)
@@ -203,7 +214,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         entry["wall_s"] = time.perf_counter() - t0
         entry["cpu_s"] = time.process_time() - c0  # this process only: the in-process grid's sites, not Ray's
         entry = private.public_round_entry(cfg, run_dir, entry)  # client-level DP: participation stays here
-        ckpt = _save_global(cfg, state, model, arrays, r, entry)
+        ckpt = _save_global(cfg, state, model, arrays, r, entry, ema)
         state.record_round(entry, ckpt)
         if on_round is not None:
             on_round(entry)

@@ -112,10 +112,10 @@ class FedRecoverHook:
 
     # -- the stored history ---------------------------------------------------------------------
     def _load(self, path: Path) -> dict:
-        from privseg.train.checkpoint import load_checkpoint, load_weights_only
+        from privseg.train.checkpoint import load_checkpoint, load_weights_only, training_weights
 
         if path.name.startswith("global_r"):
-            return load_checkpoint(path)["model"]
+            return training_weights(load_checkpoint(path))  # the iterate the sites trained from, not a served EMA
         return load_weights_only(path, "stored update")
 
     def _global(self, t: int) -> torch.Tensor:

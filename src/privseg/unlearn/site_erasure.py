@@ -46,7 +46,7 @@ class FedEraserCalibration:
 
     def _movement(self, rounds: Sequence[int], site: str) -> dict[str, torch.Tensor] | None:
         """Sum over ``rounds`` of the site's stored update minus the global model it started from."""
-        from privseg.train.checkpoint import load_checkpoint, load_weights_only
+        from privseg.train.checkpoint import load_checkpoint, load_weights_only, training_weights
 
         total: dict[str, torch.Tensor] | None = None
         for t in rounds:
@@ -55,7 +55,7 @@ class FedEraserCalibration:
             if not rel:
                 continue  # the site did not train in round t
             new = load_weights_only(self.run_dir / rel, "stored update")
-            prev = load_checkpoint(self.state.checkpoint_path(t - 1))["model"]
+            prev = training_weights(load_checkpoint(self.state.checkpoint_path(t - 1)))  # the iterate
             step = {k: new[k].float() - prev[k].float() for k in new if new[k].is_floating_point()}
             total = step if total is None else {k: total[k] + step[k] for k in step}
         return total
