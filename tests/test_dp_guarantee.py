@@ -646,3 +646,58 @@ def test_a_dp_federation_serves_the_weight_average_and_trains_on_the_iterate(tmp
     assert all(torch.equal(served[k], v) for k, v in ema.state_dict(model).items())
     assert not all(torch.equal(served[k], payloads[-1]["train_model"][k]) for k in served)
     assert load_ema(payloads[-1], model).updates == 2
+
+
+def test_a_dp_site_answers_an_identical_request_with_its_stored_reply(tmp_path):
+    """The ClientApp under patient DP: the same round request twice gets the stored reply bit for
+    bit and books once; the same round with another model is a new release with fresh noise."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from conftest import make_tiny_cohort
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.client_app import client_train
+    from privseg.federated.server_app import client_run_config
+    from privseg.federated.strategies import state_to_arrays
+    from privseg.privacy.releases import RECORD_FILE
+    from privseg.train import TrainConfig
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cohort = make_tiny_cohort(tmp_path / "c", sites=1, per_site=4, size=16)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     steps=2)
+    dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5, aug_mult=1)
+    cfg = FLConfig(name="s", sites=sites, train=tc, rounds=2, local_steps=1, privacy=dp)
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model = tc.build_model()
+
+    def request(state) -> Message:
+        config = ConfigRecord({**client_run_config(cfg, run), "server-round": 1})
+        return Message(RecordDict({"arrays": state_to_arrays(state), "config": config}), dst_node_id=0,
+                       message_type="train")
+
+    def weights(reply) -> dict:
+        arrays: ArrayRecord = reply.content["arrays"]
+        return {k: arrays[k].numpy().copy() for k in arrays.keys()}
+
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    first = weights(client_train(request(model.state_dict()), ctx, sites, run))
+    again = weights(client_train(request(model.state_dict()), ctx, sites, run))
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    site_dir = run / "sites" / sites[0].id
+    assert len((site_dir / RECORD_FILE).read_text().splitlines()) == 1
+    ledger = BudgetLedger(site_dir / "privacy.sqlite")
+    assert len(ledger.rounds(sites[0].id)) == 1
+    other = {k: v + 1e-3 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    moved = weights(client_train(request(other), ctx, sites, run))
+    assert len(ledger.rounds(sites[0].id)) == 2 and len((site_dir / RECORD_FILE).read_text().splitlines()) == 2
+    # fresh noise: the update's direction (AdamW: about the sign of the noised gradient) is redrawn, where
+    # reused noise would keep nearly every sign for inputs 1e-3 apart
+    keys = [k for k in first if first[k].dtype.kind == "f" and first[k].size > 100]
+    u1 = np.concatenate([(first[k] - model.state_dict()[k].numpy()).ravel() for k in keys])
+    u2 = np.concatenate([(moved[k] - other[k].numpy()).ravel() for k in keys])
+    assert float(np.mean(np.sign(u1) != np.sign(u2))) > 0.2
