@@ -221,6 +221,12 @@ def print_budget(out: Console, err: Console, rows: list[dict], path: Path) -> No
                       r["rounds"], r["clip"] if r["clip"] is not None else "-",
                       "private" if r["private"] else r["guarantee"]] for r in rows]))
     for r in rows:
+        if r.get("reserve_steps"):
+            fits = r["epsilon_with_reserve"] <= r["epsilon_budget"] * (1 + 1e-6)
+            out.print(f"site {r['site']}: erasure reserve of {r['reserve_steps']} DP step(s) kept out of training; "
+                      f"spent now they would bring epsilon to {r['epsilon_with_reserve']:.4g} of "
+                      f"{r['epsilon_budget']:g}"
+                      + ("" if fits else " (no longer fits: an erasure needs a budget raise)"), highlight=False)
         if not r["private"]:
             err.print(f"[yellow]warning:[/yellow] site {r['site']}: {r['guarantee']} -- its epsilon is "
                       "bookkeeping, not a privacy guarantee")
@@ -234,7 +240,7 @@ def print_verification(out: Console, ver: dict) -> None:
         return
     from privseg.audit.certificate import membership_statements
 
-    rows = [[name, ver[name]["mia_auc"], ver[name]["retain_dice"], ver[name]["test_dice"]]
+    rows = [[name, ver[name]["mia_auc"], ver[name].get("retain_dice", "withheld (DP)"), ver[name]["test_dice"]]
             for name in ("before", "after", "retrain") if name in ver]
     out.print(table("verification", ["model", "MIA AUC (erased vs unseen)", "retain Dice", "test Dice"], rows))
     for k, c in ver["checks"].items():
