@@ -59,7 +59,8 @@ def test_patient_erasure_from_a_dp_run_is_dp_and_booked(tmp_path, capsys):
 
 
 def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
-    dp = DPConfig(epsilon=4.0, delta=1e-3, clip="fixed", sampling_rate=0.5)  # calibrated: all spent by round 2
+    # calibrated without an erasure reserve: all spent by round 2
+    dp = DPConfig(epsilon=4.0, delta=1e-3, clip="fixed", sampling_rate=0.5, erasure_reserve=0)
     cohort, run = _dp_run(tmp_path, dp)
     patient = cohort.select("train", "H1")[0].id
     ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
@@ -84,3 +85,52 @@ def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
     s = summarise([e for e in entries if e["request"] == entries[-1]["request"]])
     assert s["status"] == "COMPLETED" and s["approved_by"] == "dpo" and s["requested_by"] == "h1 lead"
     assert ledger.spent("H1") <= 40.0
+
+
+def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_path, capsys):
+    """Issue 27, item 4: with the default budget and erasure reserve, training leaves room for one
+    patient erasure with the default method; training past the plan may not eat into it."""
+    from privseg.federated.runstate import RunState
+    from privseg.federated.simulation import run_rounds
+    from privseg.privacy.spec import ERASURE_RESERVE
+    from privseg.unlearn.federated import _dp_steps
+
+    dp = DPConfig(delta=1e-3, clip="fixed")  # the default budget (epsilon 8), plan and reserve
+    cohort, run = _dp_run(tmp_path, dp, rounds=3)
+    cfg = FLConfig.load(run)
+    patient = cohort.select("train", "H1")[0].id
+    # the reserve is what one default patient erasure costs at the site that erases (each fact once)
+    need = _dp_steps(cfg, RunState.load(run), ErasureRequest(kind="patient", site="H1", subjects=(patient,)))
+    assert max(need.values()) == ERASURE_RESERVE * cfg.local_steps
+    ledgers = {s: BudgetLedger(run / "sites" / s / "privacy.sqlite") for s in ("H1", "H2")}
+    for site, ledger in ledgers.items():
+        row = next(r for r in ledger.status() if r["site"] == site)
+        assert row["reserve_steps"] == 2 and row["epsilon_spent"] < 8.0
+        assert row["epsilon_with_reserve"] == pytest.approx(8.0, rel=1e-3)  # training + reserve spend the budget
+    assert cli_main(["privacy", "status", str(run)]) == 0
+    assert "erasure reserve of 2 DP step(s)" in capsys.readouterr().out
+    # training past the plan would eat into the reserve: refused
+    state = run_rounds(run, "in-process", rounds=4)
+    assert state.status == "budget-exhausted" and "erasure reserve" in state.data["stop_reason"]
+    spent = {s: ledger.spent(s) for s, ledger in ledgers.items()}
+    # the erasure spends from the reserve, without a budget raise
+    res = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(patient,), thresholds=LOOSE))
+    assert res.status == "completed"
+    for site, ledger in ledgers.items():
+        assert spent[site] < ledger.spent(site) <= 8.0 * (1 + 1e-6)
+        assert [h["reason"] for h in ledger.budget_history(site)] == ["plan"]  # never raised
+
+
+def test_erasure_reserve_is_calibrated_into_the_plan():
+    from privseg.privacy.accountant import epsilon
+    from privseg.privacy.plan import make_plan, plan_for
+
+    dp = DPConfig(delta=1e-3, clip="fixed", noise_schedule="decay")
+    plain = make_plan(DPConfig(delta=1e-3, clip="fixed", noise_schedule="decay", erasure_reserve=0), "H1", 40, 2, 30,
+                      local_steps=10)
+    kept = make_plan(dp, "H1", 40, 2, 30, local_steps=10)
+    assert plain.reserve == [] and kept.reserve_events()[0].steps == 20
+    assert kept.base_sigma > plain.base_sigma  # more noise: the budget pays for training and the reserve
+    assert epsilon(kept.events(0, 30) + kept.reserve_events(), 1e-3) == pytest.approx(8.0, rel=1e-3)
+    assert "erasure reserve: 20 step(s)" in plan_for(dp, "H1", 30, local_steps=10).describe()
+    assert make_plan(dp, "H1", 40, 2, 30).reserve == []  # no rounds (a central run): no reserve

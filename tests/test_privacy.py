@@ -181,7 +181,7 @@ def test_federated_patient_dp_books_every_round_and_stops_at_the_budget(tmp_path
     sites = sites_from_cohort(cohort.root)
     info = check_sites(sites)
     dp = DPConfig(epsilon=6.0, delta=1e-3, clip="adaptive", sampling_rate=0.5, sigma_b=2.0,
-                  sites={"H2": {"epsilon": 3.0}})
+                  sites={"H2": {"epsilon": 3.0}}, erasure_reserve=0)  # training spends the whole budget
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
                      patches_per_subject=2, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
                      steps=2)

@@ -79,7 +79,8 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
         from privseg.privacy.plan import plan_for
 
         for site in cfg.site_ids:  # public figures only: what each site will compute for itself
-            out.print(f"[{site}] " + plan_for(dp, site, cfg.train.steps, base_lr=cfg.train.lr).describe(),
+            out.print(f"[{site}] " + plan_for(dp, site, cfg.train.steps, base_lr=cfg.train.lr,
+                                              local_steps=cfg.local_steps).describe(),
                       highlight=False)
     with ui.progress(f"fl {mode}", cfg.rounds, quiet) as update:
         update(min(done, cfg.rounds))

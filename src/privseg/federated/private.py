@@ -34,6 +34,7 @@ from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, n
 from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
 from privseg.train.loop import StepFn, TrainConfig, standard_step
 
+ERASURE_ROUND = "erasure-request"  # round-config key: a repair round of this erasure (it may spend the reserve)
 CONTEXT_IGNORED = ("run-dir", "cache-sites", "eval-split", "dp-ledger", "dp-ledger-root")
 
 
@@ -89,7 +90,9 @@ def patient_dp_step_fn(dp: DPConfig, tc: TrainConfig, msg_config: Mapping, spec:
                            noise=noise_source(dp, state_dir, tc.seed + site_seed(spec.id)),
                            subjects_per_step=tc.subjects_per_step, total_steps=tc.steps,
                            start=(server_round - 1) * steps,
-                           resume_round=server_round)  # a round re-run after a crash starts as its first attempt
+                           resume_round=server_round,  # a round re-run after a crash starts as its first attempt
+                           local_steps=steps,  # the erasure reserve is counted in rounds
+                           spend_reserve=ERASURE_ROUND in msg_config)  # an erasure's repair round spends it
     return PatientDPStep(private, server_round, msg_config)
 
 

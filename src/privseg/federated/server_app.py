@@ -173,7 +173,10 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     for r in range(start, cfg.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         random.seed(cfg.train.seed * 100_003 + r)  # Flower samples nodes with `random`
-        msgs = list(strategy.configure_train(r, arrays, ConfigRecord(dict(base)), grid))
+        rf = state.restart_from
+        repair = rf["request"] if rf and int(rf["after_round"]) < r <= int(rf.get("until_round", r)) else None
+        config = {**base, private.ERASURE_ROUND: repair} if repair else dict(base)  # a repair round spends the
+        msgs = list(strategy.configure_train(r, arrays, ConfigRecord(config), grid))  # sites' erasure reserve
         for m in msgs:
             m.metadata.group_id = str(r)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout)) if msgs else []
@@ -190,9 +193,8 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         site_train = {_site_of(m, node_site): _metrics(m) for m in ok}
         entry: dict[str, Any] = {"round": r, "participants": sorted(site_train), "failed": failures,
                                  "train": site_train, "applied": False}
-        rf = state.restart_from
-        if rf and int(rf["after_round"]) < r <= int(rf.get("until_round", r)):
-            entry["erasure"] = rf["request"]  # a repair round of that erasure request
+        if repair:
+            entry["erasure"] = repair  # a repair round of that erasure request
         # client-level DP samples sites by Poisson: any number (none included) is a round to release
         if len(ok) >= cfg.min_sites or getattr(strategy, "node_selector", None) is not None:
             if cfg.keep_updates:

@@ -201,10 +201,11 @@ def events_for(q: float, multipliers: Sequence[float]) -> list[StepEvent]:
 
 
 def calibrate_sigma(target_eps: float, delta: float, q: float, steps: int, *, schedule: str = "constant",
-                    ratio: float = 0.5, prior: Sequence[StepEvent] = (), lo: float = 0.3, hi: float = 200.0,
-                    tol: float = 1e-4, what: str = "budget") -> float:
+                    ratio: float = 0.5, prior: Sequence[StepEvent] = (), reserve: int = 0, lo: float = 0.3,
+                    hi: float = 200.0, tol: float = 1e-4, what: str = "budget") -> float:
     """Smallest base noise multiplier whose schedule over ``steps`` steps (after ``prior``
-    events) stays within ``target_eps`` at ``delta`` -- bisection on the RDP accountant, so the
+    events, and with ``reserve`` more steps at the schedule's last multiplier kept for later)
+    stays within ``target_eps`` at ``delta`` -- bisection on the RDP accountant, so the
     run spends (almost exactly) its budget. Raises :class:`BudgetExceededError` when even
     ``hi`` (an essentially useless amount of noise) cannot keep the run within budget."""
     check_epsilon(target_eps)
@@ -212,7 +213,9 @@ def calibrate_sigma(target_eps: float, delta: float, q: float, steps: int, *, sc
         raise ConfigError(f"steps={steps} must be >= 1 to calibrate noise")
 
     def eps_at(base: float) -> float:
-        return epsilon(list(prior) + events_for(q, schedule_multipliers(base, steps, schedule, ratio)), delta)
+        mult = schedule_multipliers(base, steps, schedule, ratio)
+        kept = [StepEvent(q, mult[-1], int(reserve))] if reserve > 0 else []
+        return epsilon(list(prior) + events_for(q, mult) + kept, delta)
 
     if eps_at(hi) > target_eps:
         raise BudgetExceededError(

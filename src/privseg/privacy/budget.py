@@ -302,13 +302,17 @@ class BudgetLedger:
             spent = self.spent(site)
             rounds = self.rounds(site)
             private, why = self.private(site)
+            # the erasure reserve the site's plan keeps (privseg.privacy.plan): ε if it were spent now
+            kept = [StepEvent(**e) for e in (self.get_plan(site) or {}).get("reserve", [])]
             if problems:
                 private, why = False, "LEDGER TAMPERED: " + problems[0]
             out.append({"site": site, "epsilon_budget": eps_budget, "delta": delta, "epsilon_spent": spent,
                         "epsilon_remaining": max(0.0, eps_budget - spent), "rounds": len(rounds),
                         "private": private, "guarantee": why, "intact": not problems, "closed": self.closed(site),
                         "last_round": rounds[-1]["round"] if rounds else None,
-                        "clip": (rounds[-1]["info"] or {}).get("clip") if rounds else None})
+                        "clip": (rounds[-1]["info"] or {}).get("clip") if rounds else None,
+                        "reserve_steps": sum(e.steps for e in kept),
+                        "epsilon_with_reserve": epsilon(self.events(site) + kept, delta) if kept else None})
         return out
 
 

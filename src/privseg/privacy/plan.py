@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.privacy.accountant import (
@@ -70,10 +70,15 @@ class SitePlan:
     cohort_size: int | None = None  # the declared public size, rounded
     expected_batch: float | None = None  # q * cohort_size: the public divisor of the noised sum
     lr_scale: float = 1.0  # the optimiser runs at lr * lr_scale
+    # the erasure reserve: mechanism events (StepEvent dicts) the training must leave room for
+    reserve: list = field(default_factory=list)
 
     @property
     def multipliers(self) -> list[float]:
         return schedule_multipliers(self.base_sigma, self.total_steps, self.schedule, self.decay_ratio)
+
+    def reserve_events(self) -> list[StepEvent]:
+        return [StepEvent(**e) for e in self.reserve]
 
     def events(self, start: int, stop: int) -> list[StepEvent]:
         """Events of steps ``start .. stop``; steps past the plan continue at the last multiplier
@@ -136,6 +141,7 @@ class TrainingPlan:
     expected_batch: float | None  # q * cohort_size
     lr_scale: float
     lr: float | None  # base_lr * lr_scale, when a base_lr was given
+    reserve_steps: int = 0  # steps at the last multiplier kept for erasures (the erasure reserve)
 
     @property
     def epochs(self) -> float:
@@ -161,17 +167,23 @@ class TrainingPlan:
                          f"{self.noise_per_patient:.4g}")
         lines.append(f"  learning rate {self.lr:.3g}" if self.lr is not None else
                      f"  learning rate x {self.lr_scale:.3g}")
+        if self.reserve_steps:
+            lines.append(f"  erasure reserve: {self.reserve_steps} step(s) at this noise kept out of training "
+                         "(training and the reserve together spend the budget)")
         return "\n".join(lines)
 
 
 def plan_training(epsilon: float, delta: float, cohort_size: int | None, *, steps: int | None = None,
                   epochs: float | None = None, sampling_rate: float | None = None, clip_norm: float = 1.0,
                   base_lr: float | None = None, noise_multiplier: float | None = None, schedule: str = "constant",
-                  decay_ratio: float = 0.5, allow_large_delta: bool = False, what: str = "plan") -> TrainingPlan:
+                  decay_ratio: float = 0.5, allow_large_delta: bool = False, reserve_steps: int = 0,
+                  what: str = "plan") -> TrainingPlan:
     """The step planner (module docstring): sampling rate, steps, noise multiplier and learning
     rate from the budget (``epsilon``, ``delta``), the declared public ``cohort_size`` and the
     compute budget (``epochs``, default ``DEFAULT_EPOCHS``; ``steps`` when the run fixes them).
-    ``sampling_rate`` / ``noise_multiplier`` fix q / sigma instead. It takes no exact n."""
+    ``sampling_rate`` / ``noise_multiplier`` fix q / sigma instead. ``reserve_steps``: steps at
+    the last multiplier kept for erasures (the noise is calibrated so that the training and they
+    spend the budget together). It takes no exact n."""
     eps = check_epsilon(epsilon, f"epsilon of {what}")
     size = public_cohort_size(cohort_size) if cohort_size is not None else None
     dlt = check_delta(delta, size, allow_large_delta, what=f"delta of {what}")
@@ -197,21 +209,37 @@ def plan_training(epsilon: float, delta: float, cohort_size: int | None, *, step
             raise BudgetExceededError(f"{what}: epsilon={eps:g} is too small for even one step at noise multiplier "
                                       f"{sigma:g}; raise the budget or the noise")
     else:
-        sigma = calibrate_sigma(eps, dlt, q, t, schedule=schedule, ratio=decay_ratio, what=what)
+        sigma = calibrate_sigma(eps, dlt, q, t, schedule=schedule, ratio=decay_ratio, reserve=reserve_steps,
+                                what=what)
     batch = q * size if size else None
     scale = min(LR_CAP, sigma * clip_norm / batch / NOISE_REF) if batch else 1.0
     return TrainingPlan(eps, dlt, size, q, t, sigma, float(clip_norm), batch, scale,
-                        base_lr * scale if base_lr is not None else None)
+                        base_lr * scale if base_lr is not None else None, int(reserve_steps))
 
 
-def plan_for(dp: DPConfig, site: str, steps: int | None, base_lr: float | None = None) -> TrainingPlan:
+def reserve_steps(dp: DPConfig, local_steps: int | None) -> int:
+    """The DP steps a federated site's plan keeps for erasures: ``dp.erasure_reserve`` rounds of
+    ``local_steps`` (0 without rounds: a central run has no DP erasure)."""
+    return math.ceil(float(dp.erasure_reserve) * int(local_steps)) if local_steps else 0
+
+
+def reserve_events(q: float, multipliers: list[float], steps: int) -> list[dict]:
+    """The reserve as the plan stores it: ``steps`` steps at the last multiplier (what an erasure's
+    steps past the plan run at, :meth:`SitePlan.events`)."""
+    return [StepEvent(q, multipliers[-1], int(steps)).to_dict()] if steps > 0 else []
+
+
+def plan_for(dp: DPConfig, site: str, steps: int | None, base_lr: float | None = None,
+             local_steps: int | None = None) -> TrainingPlan:
     """:func:`plan_training` for ``site`` from the run's spec (its budget and declared size): what
-    the site computes for itself, and what anyone holding the spec can compute and print."""
+    the site computes for itself, and what anyone holding the spec can compute and print.
+    ``local_steps``: a federated run's steps per round (its erasure reserve is counted in rounds)."""
     dp = dp.for_site(site)
     return plan_training(dp.epsilon, dp.delta, dp.cohort_size, steps=steps, epochs=dp.epochs,
                          sampling_rate=dp.sampling_rate, clip_norm=dp.clip_norm, base_lr=base_lr,
                          noise_multiplier=dp.noise_multiplier, schedule=dp.noise_schedule, decay_ratio=dp.decay_ratio,
-                         allow_large_delta=dp.allow_large_delta, what=f"site {site}")
+                         allow_large_delta=dp.allow_large_delta, reserve_steps=reserve_steps(dp, local_steps),
+                         what=f"site {site}")
 
 
 def epsilon_of(q: float, base: float, delta: float, schedule: str = "constant") -> float:
@@ -219,8 +247,11 @@ def epsilon_of(q: float, base: float, delta: float, schedule: str = "constant") 
     return epsilon(events_for(q, schedule_multipliers(base, 1, schedule)), delta)
 
 
-def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, total_steps: int) -> SitePlan:
-    """Validate a site's budget and calibrate its noise schedule to spend it over ``total_steps``."""
+def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, total_steps: int,
+              local_steps: int | None = None) -> SitePlan:
+    """Validate a site's budget and calibrate its noise schedule to spend it over ``total_steps``
+    and the erasure reserve (``dp.erasure_reserve`` rounds of ``local_steps``; none without them),
+    which the plan stores as events."""
     dp = dp.for_site(site)
     if n_subjects < 1:
         raise ConfigError(f"site {site}: no training subjects")
@@ -228,11 +259,14 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
     # delta < 1/n is checked against the exact n here, at the site, before anything is released
     delta = check_delta(dp.delta, n_subjects, dp.allow_large_delta, what=f"delta of site {site}")
     if dp.plan == "auto":  # from public figures only: the declared size, never n_subjects
-        tp = plan_for(dp, site, total_steps)
+        tp = plan_for(dp, site, total_steps, local_steps=local_steps)
         _check_adaptive(dp, site, tp.noise_multiplier, total_steps, tp.expected_batch or subjects_per_step)
+        mult = schedule_multipliers(tp.noise_multiplier, total_steps, dp.noise_schedule, dp.decay_ratio)
         return SitePlan(site, n_subjects, tp.sampling_rate, total_steps, tp.noise_multiplier, eps, delta,
-                        dp.noise_schedule, dp.decay_ratio, tp.cohort_size, tp.expected_batch, tp.lr_scale)
+                        dp.noise_schedule, dp.decay_ratio, tp.cohort_size, tp.expected_batch, tp.lr_scale,
+                        reserve_events(tp.sampling_rate, mult, tp.reserve_steps))
     q = dp.sampling_rate or min(1.0, subjects_per_step / n_subjects)
+    kept = reserve_steps(dp, local_steps)
     if dp.noise_multiplier is not None:
         base = float(dp.noise_multiplier)
         first = epsilon_of(q, base, delta, dp.noise_schedule)
@@ -242,9 +276,11 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
                                       "raise the budget or the noise")
     else:
         base = calibrate_sigma(eps, delta, q, total_steps, schedule=dp.noise_schedule, ratio=dp.decay_ratio,
-                               what=f"site {site}")
+                               reserve=kept, what=f"site {site}")
     _check_adaptive(dp, site, base, total_steps, q * n_subjects)
-    return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio)
+    mult = schedule_multipliers(base, total_steps, dp.noise_schedule, dp.decay_ratio)
+    return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio,
+                    reserve=reserve_events(q, mult, kept))
 
 
 def _check_adaptive(dp: DPConfig, site: str, base: float, total_steps: int, expected_m: float) -> None:
@@ -257,7 +293,7 @@ def _check_adaptive(dp: DPConfig, site: str, base: float, total_steps: int, expe
 
 
 def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int,
-                            total_steps: int) -> SitePlan:
+                            total_steps: int, local_steps: int | None = None) -> SitePlan:
     """The site's stored plan, or a new one calibrated to its budget.
 
     Once a site has a plan its noise stays fixed: more rounds, an erased patient (n - 1) or a
@@ -273,7 +309,7 @@ def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, su
         if dp.ledger_scope:
             ledger.set_plan(f"{site}@{dp.ledger_scope}", plan.to_dict())
         return plan
-    plan = make_plan(dp, site, n_subjects, subjects_per_step, total_steps)
+    plan = make_plan(dp, site, n_subjects, subjects_per_step, total_steps, local_steps)
     ledger.set_budget(site, plan.epsilon, plan.delta)
     ledger.set_plan(site, plan.to_dict())
     return plan

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from privseg.privacy.accountant import StepEvent
 from privseg.privacy.budget import BudgetLedger
 from privseg.privacy.engine import PatientDPSGD, patient_groups
 from privseg.privacy.noise import NoiseSource
@@ -45,8 +46,9 @@ class PrivateSite:
     steps on noise bound to that fingerprint, and books the release once (one SQLite transaction)."""
 
     def __init__(self, ledger: BudgetLedger, plan: SitePlan, engine: PatientDPSGD, scope: str = "",
-                 settings: dict | None = None):
+                 settings: dict | None = None, reserve: Sequence[StepEvent] = ()):
         self.ledger = ledger
+        self.reserve = list(reserve)  # events this site's training must leave room for (the erasure reserve)
         self.plan = plan
         self.engine = engine
         self.scope = scope
@@ -70,7 +72,7 @@ class PrivateSite:
 
     def check(self, round_no: int, start: int, stop: int, release: str | None = None) -> float:
         return self.ledger.check_round(self.plan.site, round_no, self.plan.events(start, stop), scope=self.scope,
-                                       release=release)
+                                       release=release, reserve=self.reserve)
 
     def commit(self, round_no: int, start: int, stop: int, info: dict | None = None,
                release: str | None = None) -> float:
@@ -99,14 +101,18 @@ class PrivateSite:
 
 def make_private(spec: DPConfig, *, site: str, items: Sequence[dict], ledger: BudgetLedger, noise: NoiseSource,
                  subjects_per_step: int, total_steps: int, start: int = 0,
-                 resume_round: int | None = None) -> PrivateSite:
+                 resume_round: int | None = None, local_steps: int | None = None,
+                 spend_reserve: bool = False) -> PrivateSite:
     """The one entry point (as Opacus's ``PrivacyEngine.make_private``): from the run's privacy
     spec and a site's patients, the site's noise plan (calibrated and stored in its ledger the
     first time, reused after), its engine (Poisson sampling of patients, per-patient clipping,
     noise from ``noise``) and its ledger. ``resume_round``: continue the adaptive clip from the
     site's last round before it (a round re-run after a crash starts from where its first
-    attempt started)."""
-    plan = plan_from_ledger_or_new(ledger, spec, site, len(patient_groups(items)), subjects_per_step, total_steps)
+    attempt started). ``local_steps``: a federated run's steps per round (a new plan keeps its
+    erasure reserve in rounds of them); the releases of training must leave the reserve, an
+    erasure's (``spend_reserve``, or a derived run's scope) spend from it."""
+    plan = plan_from_ledger_or_new(ledger, spec, site, len(patient_groups(items)), subjects_per_step, total_steps,
+                                   local_steps)
     engine = engine_for(plan, spec.for_site(site), noise, start=start, subjects_per_step=subjects_per_step)
     if resume_round is not None:
         last = ledger.last_info(site, before_round=resume_round, scope=spec.ledger_scope)
@@ -114,4 +120,5 @@ def make_private(spec: DPConfig, *, site: str, items: Sequence[dict], ledger: Bu
             engine.clipper.clip = float(last["clip"])
     # the settings a release's fingerprint covers: all but where the ledgers live (no effect on the output)
     settings = {k: v for k, v in spec.for_site(site).to_dict().items() if k not in ("ledger", "ledger_root")}
-    return PrivateSite(ledger, plan, engine, spec.ledger_scope, settings=settings)
+    reserve = [] if spend_reserve or spec.ledger_scope else plan.reserve_events()
+    return PrivateSite(ledger, plan, engine, spec.ledger_scope, settings=settings, reserve=reserve)

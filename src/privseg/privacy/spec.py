@@ -28,6 +28,10 @@ PLANS = ("auto", "none")
 # Provisional defaults of the DP recipe (issue 26), until benchmarks/privacy_utility.py measures them:
 AUG_MULT = 4  # K patches per patient file: De et al. 2022 gain most from the first few (they use up to 16)
 EMA_DECAY = 0.999  # with the warm-up of privseg.train.ema, the average spans ~min(t/10, 1000) steps
+# One patient erasure with the default method (scrub: its DP fine-tuning, one round's steps, and one
+# repair round at every site) spends 2 rounds' worth of local steps at the erasing site
+# (privseg.unlearn.federated._dp_steps; tests/test_dp_erasure.py checks the two agree).
+ERASURE_RESERVE = 2.0
 # what a spec saved (or sent) before the recipe existed ran with: it has no "plan" key
 LEGACY = {"plan": "none", "aug_mult": 0, "ema": 0.0}
 
@@ -57,6 +61,9 @@ class DPConfig:
     training config's ``patches_per_subject``, as before it existed. A spec saved before these
     settings existed (no ``plan`` key) keeps what it ran with (``LEGACY``).
     ``ema``: decay of the weight average served as the model (post-processing; 0: off).
+    ``erasure_reserve``: rounds' worth of local DP steps each site keeps for erasures (a federated
+    run's plan calibrates the noise so that training and the reserve spend the budget together;
+    only an erasure's releases may spend it).
     ``allow_large_delta`` permits delta >= 1/n. ``reproducible_noise``:
 noise from the public seed, for tests/benchmarks only (the run is "not private").
     ``ledger_root``/``ledger_scope``: a derived run (an erasure's retrain or calibration) books each
@@ -88,6 +95,9 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
                             "multiplicity, De et al. 2022).", min=1)
     ema: float = setting(EMA_DECAY, "Decay of the weight EMA served as the model under DP (0: serve the last "
                          "weights).", min=0)
+    erasure_reserve: float = setting(ERASURE_RESERVE, "Federated runs: rounds' worth of local DP steps each site's "
+                                     "budget keeps for erasures; the noise is calibrated so that training and the "
+                                     "reserve together spend the budget (0: no reserve).", min=0)
     clip_gamma: float | None = None
     method: str = setting("loop", f"Per-subject gradients: {', '.join(GRAD_METHODS)} (speeds: "
                           "benchmarks/results/privacy.md).")
@@ -122,6 +132,8 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
             raise ConfigError(f"--epochs {self.epochs} must be positive")
         if int(self.aug_mult) < 0:
             raise ConfigError(f"--aug-mult {self.aug_mult} must be at least 1 (0: --patches-per-subject)")
+        if not float(self.erasure_reserve) >= 0:
+            raise ConfigError(f"--erasure-reserve {self.erasure_reserve} must be 0 or more")
         if not 0 <= float(self.ema) < 1:
             raise ConfigError(f"--ema {self.ema} must be in [0, 1)")
         if self.noise_schedule not in ("constant", "decay"):
