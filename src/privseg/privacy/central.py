@@ -36,7 +36,8 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     if not subjects:
         raise ConfigError(f"cohort {cohort.name} has no training subjects")
     seed_everything(config.seed)
-    model = config.build_model().to(pick_device(config.device))
+    model = (config.build_model() if resume and (out_dir / "last.pt").exists() else config.initial_model())
+    model = model.to(pick_device(config.device))
     check_dp_model(model)
     optimizer = make_optimizer(model, config)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from privseg.models import build_model
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint
 from privseg.train.losses import SegLoss
 from privseg.train.tracking import RunTracker
+from privseg.train.warm_start import check_trainable, load_init, set_trainable
 from privseg.utils import pick_device, seed_everything, setting
 
 
@@ -48,6 +49,10 @@ class TrainConfig:
     in_channels: int = setting(1, "Input channels (the cohort's channels).")
     num_classes: int = setting(4, "Output classes, background included.")
     spatial_dims: int = setting(3, "2 or 3.")
+    init: str | None = setting(None, "Start from these weights: a privseg checkpoint (e.g. from train --public), a "
+                               "MONAI bundle (privseg export) or a MedicalNet .pth (privseg.models.warm_start).")
+    trainable: str = setting("all", "Parameters trained: all, norms, decoder or norms+decoder (the rest stay as "
+                             "--init gave them; under DP they get no clipping and no noise).")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +64,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive (got {self.lr})")
+        check_trainable(self.trainable)
 
     @classmethod
     def for_cohort(cls, cohort: Cohort, **kw) -> TrainConfig:
@@ -79,8 +85,19 @@ class TrainConfig:
         return cls(**known)
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.model, in_channels=self.in_channels, num_classes=self.num_classes,
-                           spatial_dims=self.spatial_dims, norm=self.norm)
+        """The network, with only the ``trainable`` parameters requiring gradients."""
+        model = build_model(self.model, in_channels=self.in_channels, num_classes=self.num_classes,
+                            spatial_dims=self.spatial_dims, norm=self.norm)
+        set_trainable(model, self.trainable)
+        return model
+
+    def initial_model(self) -> torch.nn.Module:
+        """The model a fresh run starts from: :meth:`build_model` with the ``init`` weights, if any
+        (a resumed run, or a site receiving the global model, builds with :meth:`build_model`)."""
+        model = self.build_model()
+        if self.init:
+            load_init(model, self.init)
+        return model
 
 
 class StepFn(Protocol):
@@ -154,10 +171,11 @@ class Trainer:
             items: Sequence[dict] | None = None, step_fn: StepFn = standard_step) -> dict:
         cfg = self.config
         seed_everything(cfg.seed)
-        model = cfg.build_model().to(self.device)
+        resuming = resume and self.checkpoint_path.exists()
+        model = (cfg.build_model() if resuming else cfg.initial_model()).to(self.device)
         optimizer = make_optimizer(model, cfg)
         start, history = 0, []
-        if resume and self.checkpoint_path.exists():
+        if resuming:
             payload = load_checkpoint(self.checkpoint_path)
             model.load_state_dict(payload["model"])
             if "optimizer" in payload:

@@ -14,6 +14,7 @@ from privseg.data.synth.anatomy import LESION_CLASS, TISSUE_CLASSES, _lesion_kin
 from privseg.data.synth.dermoscopy import render_dermoscopy
 from privseg.data.synth.fields import _subject_rng
 from privseg.data.synth.params import SynthParams
+from privseg.data.synth.public import check_site_cohort
 from privseg.data.synth.scanner import CAMERA_PROFILES, SCANNER_PROFILES, ScannerProfile, default_profiles
 from privseg.data.synth.template import _base
 from privseg.data.synth.writers import (
@@ -62,6 +63,7 @@ def synth_cohort(
     out: str | Path, *, sites: int = 3, subjects: int = 8, size: int = 64, seed: int = 0, layout: str = "msd",
     lesions: bool | str = False, profiles: Sequence[str] | None = None, test_fraction: float = 0.25,
     val_fraction: float = 0.0, params: SynthParams | None = None, progress: Callable[[int, int], None] | None = None,
+    public: bool = False,
 ) -> Cohort:
     """Write the embedded multi-site 3D cohort into ``out`` and return it (manifest ``cohort.json``).
 
@@ -70,7 +72,8 @@ def synth_cohort(
     "tumour": one tumour-like blob with mass effect). ``layout`` is "msd" (``dataset.json``,
     ``imagesTr/<id>_0000.nii.gz``, ``labelsTr/<id>.nii.gz``; every subject is labelled and listed
     under "training", the split lives in the manifest) or "mrbrains" (``<id>/pre/reg_T1.nii.gz``,
-    ``<id>/segm.nii.gz``)."""
+    ``<id>/segm.nii.gz``). ``public`` is for :func:`privseg.data.synth.public.public_cohort` only: without
+    it, public seeds and scanners are refused."""
     _check_counts(sites, subjects, test_fraction, val_fraction)
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r} is not one of {LAYOUTS}")
@@ -78,6 +81,8 @@ def synth_cohort(
         raise ConfigError(f"size must be an integer in 16..256, got {size!r}")
     kind = _lesion_kind(lesions)
     names = _resolve_profiles(profiles, sites, "volume")
+    if not public:  # a site cohort: no public seed or scanner (privseg.data.synth.public)
+        check_site_cohort(seed, names)
     params = params or SynthParams()
     out = _check_out(Path(out))
     classes = list(TISSUE_CLASSES) + ([LESION_CLASS] if kind else [])
@@ -113,7 +118,8 @@ def synth_cohort(
                       format=layout, root=root, info=info)
 
     return _write_cohort(out, names, subjects, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                         progress=progress, write_subject=write_subject, manifest=manifest)
+                         progress=progress, write_subject=write_subject, manifest=manifest,
+                         id_prefix="P" if public else "H")
 
 
 def _slice_png(size: int, prof: ScannerProfile, seed: int, si: int, j: int, lesions: bool | str,
@@ -137,6 +143,7 @@ def synth_cohort_2d(
     out: str | Path, *, sites: int = 3, subjects: int = 8, size: int = 128, seed: int = 0, kind: str = "slices",
     lesions: bool | str = False, profiles: Sequence[str] | None = None, test_fraction: float = 0.25,
     val_fraction: float = 0.0, params: SynthParams | None = None, progress: Callable[[int, int], None] | None = None,
+    public: bool = False,
 ) -> Cohort:
     """Write a 2D cohort of PNGs: ``images/<id>.png`` and ``masks/<id>.png`` (class index per pixel).
 
@@ -150,6 +157,8 @@ def synth_cohort_2d(
     if not isinstance(size, int) or not 32 <= size <= 512 or (kind == "slices" and size > 256):
         raise ConfigError(f"size must be an integer in 32..512 (slices: ..256), got {size!r}")
     names = _resolve_profiles(profiles, sites, kind)
+    if not public:
+        check_site_cohort(seed, names)
     params = params or SynthParams()
     lesion_kind = _lesion_kind(lesions) if kind == "slices" else None
     if kind == "slices" and any(SCANNER_PROFILES[n].is_ct for n in names):
@@ -191,7 +200,8 @@ def synth_cohort_2d(
                       format="image2d", root=root, info=info)
 
     return _write_cohort(out, names, subjects, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                         progress=progress, write_subject=write_subject, manifest=manifest)
+                         progress=progress, write_subject=write_subject, manifest=manifest,
+                         id_prefix="P" if public else "H")
 
 
 # --------------------------------------------------------------------------- a federation with power

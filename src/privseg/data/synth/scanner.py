@@ -82,6 +82,14 @@ SCANNER_PROFILES: dict[str, ScannerProfile] = {
                        "3 T FLAIR, CSF suppressed, lesions bright"),
         ScannerProfile("CT", "CT", (-1000.0, 8.0, 40.0, 28.0, 18.0), 1.0, 0.0, 4.0, 5.0, 0.5,
                        "non-contrast head CT in HU (air background, no skull)"),
+        # public data (privseg.data.synth.public): scanners no site has, as an open dataset's differ from a
+        # hospital's -- other field strength, contrast, resolution and calibration
+        ScannerProfile("public-T1-7T", "T1", (0.0, 0.30, 0.66, 1.00, 0.45), 1200.0, 0.28, 0.02, 0.8, 0.0,
+                       "open-data 7 T T1-weighted MPRAGE: high contrast, strong bias"),
+        ScannerProfile("public-T1-1T", "T1", (0.0, 0.42, 0.76, 1.00, 0.56), 150.0, 0.10, 0.06, 2.0, 1.5,
+                       "open-data 1 T T1-weighted: low GM/WM contrast, noisy"),
+        ScannerProfile("public-CT-thin", "CT", (-1000.0, 12.0, 44.0, 31.0, 22.0), 1.0, 0.0, 7.0, 1.25, 1.0,
+                       "open-data thin-slice head CT of another vendor: other HU calibration, noisier"),
     )
 }
 
@@ -94,6 +102,10 @@ CAMERA_PROFILES: dict[str, CameraProfile] = {
                       "contact dermoscope with immersion fluid: warm cast, circular field"),
         CameraProfile("smartphone", (0.95, 1.0, 1.07), 1.08, 0.10, False, 1.6, 5.0, 2.0,
                       "smartphone clip-on lens: cool cast, soft focus, noisy"),
+        CameraProfile("public-archive", (1.05, 1.0, 0.93), 0.95, 0.25, True, 0.8, 4.0, 1.5,
+                      "open-data archive of scanned dermoscopy slides: yellowed cast, circular field"),
+        CameraProfile("public-atlas", (0.97, 1.02, 1.03), 1.04, 0.05, False, 1.2, 2.5, 0.3,
+                      "open-data teaching atlas: even light, few hairs"),
     )
 }
 

@@ -122,9 +122,10 @@ class _Staging:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def _ids(site: int, subjects: int) -> list[str]:
+def _ids(site: int, subjects: int, prefix: str = "H") -> list[str]:
+    """Subject IDs: H1S01 ... for a hospital's patients, P1S01 ... for public data's."""
     width = max(2, len(str(subjects)))
-    return [f"H{site + 1}S{j + 1:0{width}d}" for j in range(subjects)]
+    return [f"{prefix}{site + 1}S{j + 1:0{width}d}" for j in range(subjects)]
 
 
 def _write_subject(root: Path, sid: str, site_index: int, img_rel: str, lab_rel: str, image: bytes, label: bytes,
@@ -171,6 +172,7 @@ def _write_cohort(
     progress: Callable[[int, int], None] | None,
     write_subject: Callable[[Path, int, str, int, str], Subject],
     manifest: Callable[[Path, list[Subject]], Cohort],
+    id_prefix: str = "H",
 ) -> Cohort:
     """The steps every embedded cohort shares: stage, write each site's subjects (``write_subject(root,
     site_index, profile_name, subject_index, subject_id)``), assign patient-level splits, save the
@@ -179,7 +181,7 @@ def _write_cohort(
     with _Staging(out) as root:
         rows: list[Subject] = []
         for si, name in enumerate(names):
-            for j, sid in enumerate(_ids(si, subjects)):
+            for j, sid in enumerate(_ids(si, subjects, id_prefix)):
                 rows.append(write_subject(root, si, name, j, sid))
                 if progress is not None:
                     progress(len(rows), total)

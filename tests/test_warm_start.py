@@ -1,0 +1,154 @@
+"""Public warm start and partial fine-tuning (issue 26, item 5): --init, --trainable, the public
+cohort no site's patient is in, and DP noise and clipping over the trainable parameters only."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from privseg.data import synth
+from privseg.data.synth.public import PUBLIC_PROFILES, PUBLIC_SEED_BASE, public_cohort
+from privseg.errors import CheckpointError, ConfigError
+from privseg.models import encoder_decoder_params
+from privseg.privacy import NoiseSource, PatientDPSGD
+from privseg.train import TrainConfig, Trainer
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+from privseg.train.warm_start import BUNDLE_WEIGHTS, TRAINABLE, init_record, set_trainable, train_public
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), device="cpu", num_classes=3, **kw)
+
+
+def _trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainable_chooses_norms_and_decoder():
+    model = _cfg(trainable="all").build_model()
+    total = sum(p.numel() for p in model.parameters())
+    assert set(_trainable(model)) == {n for n, _ in model.named_parameters()}
+    net = _cfg(trainable="norms").build_model()
+    norms = _trainable(net)
+    of_norms = {f"{m}.{n}" for m, mod in net.named_modules() if isinstance(mod, torch.nn.GroupNorm)
+                for n, _ in mod.named_parameters()}
+    assert norms and set(norms) == of_norms  # scales and shifts of every GroupNorm, nothing else
+    dec = _cfg(trainable="decoder").build_model()
+    assert {id(p) for p in _trainable(dec).values()} == {id(p) for p in encoder_decoder_params(dec)[1]}
+    both = _cfg(trainable="norms+decoder").build_model()
+    assert set(_trainable(both)) == set(norms) | set(_trainable(dec))
+    assert 0 < set_trainable(both, "norms+decoder") < total
+    with pytest.raises(ConfigError, match="--trainable 'encoder'"):
+        _cfg(trainable="encoder")
+    assert TRAINABLE == ("all", "norms", "decoder", "norms+decoder")
+
+
+def _items(n: int, size: int = 10) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        label = (rng.random((1, size, size, size)) > 0.6).astype(np.float32) * rng.integers(1, 3)
+        image = (label + rng.normal(0, 0.3, label.shape)).astype(np.float32)
+        out.append({"image": torch.from_numpy(image), "label": torch.from_numpy(label), "patient": f"P{i:02d}"})
+    return out
+
+
+@pytest.mark.parametrize("which", ["decoder", "norms"])
+def test_dp_noise_and_clipping_touch_only_the_trainable_parameters(which, monkeypatch):
+    cfg = _cfg(trainable=which, patches_per_subject=1)
+    model = cfg.build_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eng = PatientDPSGD(q=1.0, n_subjects=4, multipliers=[1.0] * 2, noise=NoiseSource.reproducible(0), aug_mult=1)
+    drawn, gaussian = [], NoiseSource.gaussian
+    monkeypatch.setattr(NoiseSource, "gaussian",
+                        lambda self, what, step, n, *a: (drawn.append((what, n)), gaussian(self, what, step, n, *a))[1])
+    eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), _items(4), cfg, 0, 2)
+    trainable = _trainable(model)
+    assert [n for what, n in drawn if what == "gradient"] == [sum(p.numel() for p in trainable.values())] * 2
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in trainable), n  # frozen: bit for bit; trained: moved
+
+
+def _saved(tmp_path: Path, cfg: TrainConfig, name: str = "pub.pt", extra: dict | None = None) -> tuple[Path, dict]:
+    torch.manual_seed(7)
+    model = cfg.build_model()
+    path = save_checkpoint(tmp_path / name, model, config=cfg.to_dict(), extra=extra or {})
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_init_reads_a_checkpoint_a_bundle_and_a_state_dict(tmp_path):
+    path, weights = _saved(tmp_path, _cfg())
+    bundle = tmp_path / "bundle"
+    (bundle / BUNDLE_WEIGHTS).parent.mkdir(parents=True)
+    (bundle / BUNDLE_WEIGHTS).write_bytes(path.read_bytes())
+    torch.save(weights, tmp_path / "resnet_like.pth")
+    for source in (path, bundle, tmp_path / "resnet_like.pth"):
+        got = _cfg(init=str(source)).initial_model().state_dict()
+        assert all(torch.equal(got[k], v) for k, v in weights.items()), source
+    fresh = _cfg(init=str(path)).build_model().state_dict()  # a site's model: no file read
+    assert not all(torch.equal(fresh[k], v) for k, v in weights.items())
+    other, _ = _saved(tmp_path, TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), num_classes=5), "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt.*does not fit"):
+        _cfg(init=str(other)).initial_model()
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        _cfg(init=str(tmp_path / "missing.pt")).initial_model()
+    with pytest.raises(CheckpointError, match="no MONAI bundle"):
+        _cfg(init=str(tmp_path)).initial_model()
+
+
+def test_trainer_starts_from_init_and_keeps_the_frozen_part(tiny_cohort, tmp_path):
+    cfg = TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=2, device="cpu")
+    path, weights = _saved(tmp_path, cfg)
+    cfg.init, cfg.trainable = str(path), "decoder"
+    model = Trainer(tiny_cohort, cfg, tmp_path / "run").fit()["model"]
+    enc, dec = encoder_decoder_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(torch.equal(p, weights[names[id(p)]]) for p in enc)  # started from init, never trained
+    assert any(not torch.equal(p, weights[names[id(p)]]) for p in dec)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["init"] == str(path)
+
+
+def _hashes(cohort) -> set[str]:
+    from privseg.data.transforms import load_subject
+
+    out = set()
+    for s in cohort.subjects:
+        loaded = load_subject(s, cohort)
+        out.add(hashlib.sha256(np.ascontiguousarray(loaded.image.numpy()).tobytes()).hexdigest())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["volume", "dermoscopy"])
+def test_no_site_patient_is_ever_in_public_data(tmp_path, kind):
+    if kind == "dermoscopy":
+        site = synth.synth_cohort_2d(tmp_path / "site", sites=3, subjects=3, size=32, kind="dermoscopy", seed=2)
+    else:
+        site = synth.synth_cohort(tmp_path / "site", sites=3, subjects=2, size=16, seed=0)
+    pub = public_cohort(tmp_path / "pub", kind, subjects=2, size=site.info["size"])
+    info = pub.info["public"]
+    assert info["seed"] >= PUBLIC_SEED_BASE > site.info["seed"]
+    site_profiles = {p["name"] for p in site.info["profiles"].values()}
+    assert set(info["profiles"]) == set(PUBLIC_PROFILES[kind]) and not set(info["profiles"]) & site_profiles
+    assert info["rater"] != site.info["params"]  # its own raters
+    assert all(s.id.startswith("P") and s.split == "train" for s in pub.subjects)
+    assert not _hashes(pub) & _hashes(site)  # no image of a site's patient in public data
+    with pytest.raises(ConfigError, match="reserved for public data"):
+        synth.synth_cohort(tmp_path / "x", sites=1, subjects=1, size=16, seed=PUBLIC_SEED_BASE + 1)
+    with pytest.raises(ConfigError, match="public-data scanners"):
+        synth.synth_cohort_2d(tmp_path / "y", sites=1, subjects=1, size=32, kind="dermoscopy",
+                              profiles=["public-atlas"])
+
+
+def test_train_public_records_the_public_data(tmp_path):
+    cfg = TrainConfig(model="unet_tiny", patch_size=(32, 32), spatial_dims=2, in_channels=3, num_classes=2, steps=1,
+                      device="cpu")
+    ckpt = train_public("dermoscopy", tmp_path / "pub", cfg, subjects=2, size=32)
+    rec = load_checkpoint(ckpt)["extra"]["public_data"]
+    assert rec["kind"] == "dermoscopy" and rec["seed"] >= PUBLIC_SEED_BASE and rec["subjects"] == 4
+    assert init_record(ckpt)["public_data"] == rec
+    with pytest.raises(ConfigError, match="not 'ct'"):
+        train_public("ct", tmp_path / "pub", cfg)
