@@ -152,3 +152,29 @@ def test_train_public_records_the_public_data(tmp_path):
     assert init_record(ckpt)["public_data"] == rec
     with pytest.raises(ConfigError, match="not 'ct'"):
         train_public("ct", tmp_path / "pub", cfg)
+
+
+def test_cli_trains_the_public_start_and_a_federation_fine_tunes_from_it(tmp_path):
+    from privseg.cli import main
+    from privseg.federated import RunState
+
+    site = synth.synth_cohort_2d(tmp_path / "site", sites=2, subjects=2, size=32, kind="dermoscopy", seed=2)
+    common = ["--model", "unet_tiny", "--patch", "32", "-q"]
+    assert main(["train", "--cohort", str(site.root), "--public", "--out", str(tmp_path / "pub"), "--steps", "1",
+                 *common]) == 0
+    pub = tmp_path / "pub" / "last.pt"
+    rec = load_checkpoint(pub)["extra"]["public_data"]
+    assert rec["kind"] == "dermoscopy" and rec["size"] == 32
+    assert main(["fl", "run", "--in-process", "--cohort", str(site.root), "--rounds", "1", "--local-steps", "1",
+                 "--name", "w", "--runs", str(tmp_path / "runs"), "--init", str(pub), "--trainable", "decoder",
+                 *common]) == 0
+    state = RunState.load(tmp_path / "runs" / "w")
+    start, end = load_checkpoint(state.checkpoint_path(0)), load_checkpoint(state.checkpoint_path(1))
+    assert start["extra"]["init"]["public_data"] == rec
+    assert all(torch.equal(v, load_checkpoint(pub)["model"][k]) for k, v in start["model"].items())
+    model = TrainConfig.from_dict(end["config"]).build_model()
+    enc, _ = encoder_decoder_params(model)
+    frozen = {n for n, p in model.named_parameters() if any(p is q for q in enc)}
+    assert frozen and all(torch.equal(end["model"][n], start["model"][n]) for n in frozen)
+    assert any(not torch.equal(end["model"][k], start["model"][k]) for k in start["model"])
+    assert main(["train", "--cohort", str(site.root), "--trainable", "head", *common]) == 2

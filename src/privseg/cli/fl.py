@@ -82,6 +82,10 @@ def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
             out.print(f"[{site}] " + plan_for(dp, site, cfg.train.steps, base_lr=cfg.train.lr,
                                               local_steps=cfg.local_steps).describe(),
                       highlight=False)
+    if cfg.train.init and not RunState(run_dir).checkpoint_path(0).exists():  # round 0 is the warm start
+        from privseg.train.warm_start import write_start
+
+        write_start(cfg.train, RunState(run_dir).checkpoint_path(0))
     with ui.progress(f"fl {mode}", cfg.rounds, quiet) as update:
         update(min(done, cfg.rounds))
         state = run_federated(mode, cfg, run_dir, on_round=lambda e: update(int(e["round"]), round_info(e)), **kw)

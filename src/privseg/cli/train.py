@@ -13,6 +13,7 @@ from privseg.data.intensity import check_window
 from privseg.report.text import print_dice, print_unlearning, print_verification
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
+from privseg.train.warm_start import public_kind, train_public
 from privseg.unlearn.request import ErasureRequest
 from privseg.utils import parse_params, write_json
 
@@ -22,14 +23,20 @@ def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt).")): ...
 
 @with_options(COHORT, ..., STEPS, TRAINING, *READING, SPACING, QUIET)
 def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run folder (checkpoint: last.pt)."),
-          resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."), **o) -> None:
+          resume: bool = typer.Option(True, help="Continue from RUN/last.pt when it exists."),
+          public: bool = typer.Option(False, "--public", help="Train a public warm start (for --init) on the embedded "
+                                      "public cohort of COHORT's kind of images, none of COHORT's patients."), **o):
     """Train a segmentation model on a cohort's training subjects."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"])
     cfg = train_config(c, spacing=o["spacing"], **take(o, STEPS), **take(o, TRAINING))
     if warning := check_window(c, private=False, how="--ct-window {lo},{hi} (recorded in the checkpoint)"):
         ui.warn(warning)
     with ui.progress("training", cfg.steps, o["quiet"]) as update:
-        r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
+        step = lambda s, n, loss: update(s, f"loss {loss:.3f}")  # noqa: E731
+        if public:
+            ui.out.print(f"public checkpoint: {train_public(public_kind(c), out_dir, cfg, on_step=step)}")
+            return
+        r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=step)
     if not o["quiet"]:
         resumed = f", resumed from step {r['resumed_from']}" if r["resumed_from"] else ""  # 0: a fresh run
         ui.out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s{resumed})")

@@ -122,7 +122,7 @@ def PATCH(patch: int = typer.Option(64, min=8, help="Patch side in voxels.")): .
 
 STEPS = options_from(TrainConfig, "steps")
 TRAINING = options_from(TrainConfig, "model", "norm", PATCH, "subjects_per_step", "patches_per_subject", "lr", "seed",
-                        "device")
+                        "device", "init", "trainable")
 DP = options_from(DPConfig, "dp", "epsilon", "delta", "clip", "clip_norm", "target_quantile", "noise_schedule",
                   "allow_large_delta", "dp_method", "plan", "cohort_size", "epochs", "sampling_rate", "aug_mult", "ema",
                   rename={"dp": "unit", "dp_method": "method"}, switches=("allow_large_delta",))

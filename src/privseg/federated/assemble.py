@@ -46,17 +46,19 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
                     subjects_per_step: int = 2, patches_per_subject: int = 2, lr: float = 2e-3, seed: int = 0,
                     mu: float = 0.01, min_sites: int = 1, fraction: float = 1.0, eval_every: int = 1,
                     keep_updates: bool = False, round_timeout: float = 3600.0, device: str = "cpu",
-                    dp: DPConfig | None = None, strategy_params: dict | None = None) -> FLConfig:
-    """A validated :class:`FLConfig` (the model is built once so a bad name fails before any
-    process starts; DP budgets must name known sites and the model must suit per-patient clipping)."""
+                    dp: DPConfig | None = None, strategy_params: dict | None = None, init: str | None = None,
+                    trainable: str = "all") -> FLConfig:
+    """A validated :class:`FLConfig` (the model is built once so a bad name, or an ``init`` that
+    does not fit, fails before any process starts; DP budgets must name known sites and the model
+    must suit per-patient clipping)."""
     check_id(name, "--name")
     info = check_sites(list(sites))
     dims = info["spatial_dims"]
     tc = TrainConfig(model=model, norm=norm, patch_size=(patch,) * dims, subjects_per_step=subjects_per_step,
                      patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
                      device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     spatial_dims=dims)
-    built = tc.build_model()
+                     spatial_dims=dims, init=str(init) if init else None, trainable=trainable)
+    built = tc.initial_model()
     cfg = FLConfig(name=name, sites=list(sites), train=tc, strategy=strategy, rounds=rounds, local_steps=local_steps,
                    proximal_mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
                    keep_updates=keep_updates, round_timeout=round_timeout, strategy_params=dict(strategy_params or {}))

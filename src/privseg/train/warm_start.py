@@ -121,6 +121,15 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> dict:
             "public_data": None}
 
 
+def write_start(config, path: str | os.PathLike) -> Path:
+    """A federated run's round-0 checkpoint from ``config.init`` (the server starts from round 0's
+    checkpoint when there is one), with what the weights are in ``extra["init"]``."""
+    from privseg.train.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, config.initial_model(), config=config.to_dict(), step=0,
+                           extra={"init": init_record(config.init)})
+
+
 def public_kind(cohort) -> str:
     """The public cohort that matches ``cohort``'s images: ``dermoscopy`` (RGB), ``ct`` or ``volume`` (MR)."""
     if len(cohort.channels) == 3 or cohort.spatial_dims == 2:
@@ -128,12 +137,13 @@ def public_kind(cohort) -> str:
     return "ct" if any(s.modality.upper() == "CT" for s in cohort.subjects) else "volume"
 
 
-def train_public(kind: str, out_dir: str | os.PathLike, config, *, subjects: int = 16, size: int = 32, seed: int = 0,
-                 on_step=None) -> Path:
+def train_public(kind: str, out_dir: str | os.PathLike, config, *, subjects: int = 16, size: int | None = None,
+                 seed: int = 0, on_step=None) -> Path:
     """``privseg train --public KIND``: build the public cohort of ``kind``
     (:func:`privseg.data.synth.public.public_cohort`, in ``OUT/public_cohort``), train ``config``
     on it (non-private: it holds no site's patient) and record the public data in the checkpoint
-    (``extra["public_data"]``). Returns ``OUT/last.pt``, the ``--init`` for the sites' training."""
+    (``extra["public_data"]``). Returns ``OUT/last.pt``, the ``--init`` for the sites' training.
+    ``size``: the public images' side (default: the patch's, at least 32)."""
     from privseg.data.cohort import MANIFEST_NAME, Cohort
     from privseg.data.synth.public import public_cohort
     from privseg.train.checkpoint import load_checkpoint, save_checkpoint
@@ -142,7 +152,7 @@ def train_public(kind: str, out_dir: str | os.PathLike, config, *, subjects: int
     out_dir = Path(out_dir)
     where = out_dir / "public_cohort"
     cohort = (Cohort.from_manifest(where / MANIFEST_NAME) if (where / MANIFEST_NAME).exists()
-              else public_cohort(where, kind, subjects=subjects, size=size, seed=seed))
+              else public_cohort(where, kind, subjects=subjects, size=size or max(32, *config.patch_size), seed=seed))
     if cohort.info.get("public", {}).get("kind") != kind:
         raise ConfigError(f"{where}: holds public data of kind {cohort.info.get('public', {}).get('kind')!r}, not "
                           f"{kind!r}; use another --out")
@@ -154,4 +164,4 @@ def train_public(kind: str, out_dir: str | os.PathLike, config, *, subjects: int
 
 
 __all__ = ["BUNDLE_WEIGHTS", "PUBLIC_KEY", "TRAINABLE", "check_trainable", "init_record", "load_init", "public_kind",
-           "set_trainable", "train_public", "trainable_params"]
+           "set_trainable", "train_public", "trainable_params", "write_start"]
