@@ -257,9 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilon", type=float, nargs="+", default=[4.0, 8.0])
     ap.add_argument("--out", type=Path, default=RESULTS / "dp_audit.json")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="measure only the reply-timing arm (on a quiet machine) and update it in --out")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     import privseg
+
+    if a.timing_only:
+        res = json.loads(a.out.read_text())
+        timing = timing_arm()
+        res.update(timing=timing, timing_corr=timing["padded"]["corr"], timing_corr_unpadded=timing["unpadded"]["corr"],
+                   timing_command="python benchmarks/dp_audit.py --timing-only")
+        a.out.write_text(json.dumps(res, indent=2, default=float))
+        print(json.dumps({"timing": timing}, default=float))
+        return 0
 
     cells = {f"{e:g}": cell(e, a.trials, a.check_trials, a.quiet) for e in a.epsilon}
     timing = timing_arm()
