@@ -215,31 +215,45 @@ def _rec(params: dict, metrics: dict) -> dict:
 
 
 def test_privacy_utility_keys_from_cells():
-    """The study's keys: adaptive vs the default C = 1 and vs the best C in hindsight, per epsilon,
-    and only once every task has all its seeds (no partial means)."""
+    """Issue 26's keys: each DP arm over the non-private run of the same initialisation, the
+    better new arm per task, means over seeds only once the lr search and all seeds are done."""
     import privacy_utility as pu
 
-    dice = {"nonprivate": 0.80, "adaptive": 0.76}
-    fixed = {0.1: 0.60, 0.3: 0.75, 1.0: 0.70, 3.0: 0.65}
+    dice = {"np": 0.80, "np_warm": 0.84, "old": 0.40, "recipe": 0.70, "warm": 0.80}
     done = {}
     for c in pu.make_cells(pu.SMOKE):
         p = c.params
-        d = dice[p["arm"]] if p["arm"] != "fixed" else fixed[p["clip"]]
-        done[c.name] = _rec(p, {"dice": d + 0.01 * p["seed"] - 0.01 * (p["epsilon"] == 1.0)})
+        if p["kind"] == "public":
+            done[c.name] = _rec(p, {"dice": 0.5, "public_alone": {"H1": 0.5, "H2": 0.6, "H3": 0.7}})
+            continue
+        d = dice[p["arm"]] - 0.1 * (p["epsilon"] == 3.0) + 0.01 * p["seed"]
+        d -= 0.05 * (p["lr_pick"] in ("lo", "hi"))  # the search keeps the best lr: mid
+        done[c.name] = _rec(p, {"dice": d})
     out = pu.merge(done)
-    assert out["adaptive_minus_fixed"] == pytest.approx({"1": 0.06, "3": 0.06, "8": 0.06})
-    assert out["adaptive_minus_fixed_eps3"] == pytest.approx(0.06) and out["met"]["adaptive_minus_fixed_eps3"]
-    assert out["adaptive_minus_best_fixed"]["3"] == pytest.approx(0.01)
-    assert out["best_fixed"]["ct3d@3"]["clip"] == 0.3
-    assert out["adaptive_over_nonprivate_eps8"] == pytest.approx(0.77 / 0.81)
-    assert len(pu.make_cells(pu.FULL)) == 3 * 3 + 3 * 3 * 3 * (1 + len(pu.CLIPS))  # 144
+    assert out["recipe_over_nonprivate"]["mri3d"]["12"]["8"] == pytest.approx(0.71 / 0.81)
+    assert out["warm_over_nonprivate"]["ct3d"]["12"]["3"] == pytest.approx(0.71 / 0.85)
+    assert out["best_over_nonprivate_eps8_n12_3d"] == pytest.approx(0.81 / 0.85)  # warm / np_warm
+    assert out["best_over_nonprivate_eps8_n12_derm2d"] == pytest.approx(0.81 / 0.85)
+    assert out["recipe_minus_old_default_eps8_n12"] == pytest.approx(0.30) and out["met"][
+        "recipe_minus_old_default_eps8_n12"]
+    assert out["warm_gain_over_public_alone_eps8_n12"] == pytest.approx(0.81 - 0.6)
+    assert out["best_over_nonprivate_eps8_n100"] is None  # the smoke grid has no n = 100
+    full = pu.make_cells(pu.FULL)
+    names = [c.name for c in full]
+    assert names[:3] == ["public-mri3d", "public-ct3d", "public-derm2d"]
+    head = [c for c in full if c.params.get("n") in (12, 100) and c.params.get("epsilon") in (None, 8.0)
+            and (c.params.get("n") == 12 or c.params["task"] == "mri3d")]
+    assert max(names.index(c.name) for c in head) < min(names.index(c.name) for c in full[3:] if c not in head)
+    # 8 (task, n) x (2 non-private + 2 epsilons x 3 DP arms) x (3 lr on seed 0 + 2 seeds)
+    assert len(full) == 3 + 8 * (2 + 2 * 3) * 5
 
-    done.pop("derm2d-adaptive-eps3-seed2")  # one seed missing: no mean over tasks at epsilon 3
+    done.pop("derm2d-n12-recipe-eps8-lrbest-seed2")  # one seed missing: no key that needs it
     out = pu.merge(done)
-    assert out["adaptive_minus_fixed"]["3"] is None and out["adaptive_minus_fixed"]["8"] is not None
-    assert out["met"]["adaptive_minus_fixed_eps3"] is None
-    lines = pu.render(out, done)
-    assert "| adaptive_minus_fixed (C=1) | +0.060 | - | +0.060 |" in lines
+    assert out["recipe_over_nonprivate"]["derm2d"]["12"]["8"] is None
+    assert out["recipe_minus_old_default_eps8_n12"] is None and out["met"]["recipe_minus_old_default_eps8_n12"] is None
+    lines = pu.render({**out, "complete": False}, done)
+    assert any("PARTIAL" in ln and "--resume" in ln for ln in lines)
+    assert "| recipe_minus_old_default_eps8_n12 | - | >= 0.15 |" in lines
 
 
 def test_federated_keys_from_cells():
@@ -303,3 +317,20 @@ def test_unlearning_replaces_a_seed_whose_original_has_no_power(tmp_path):
     assert any("Seed 1 replaced by the next seed" in line for line in ub.render(out, done))
     smoke = {**s, "smoke": True}
     assert ub.seeds_to_run(smoke, tmp_path)[0] == [0, 1, 2]  # a smoke run never replaces seeds
+
+
+def test_privacy_utility_smoke_runs_a_warm_dp_cell_end_to_end(capsys):
+    """--smoke: the public start of derm2d, its Dice alone, then the warm DP arm (DP noise from the
+    secret key, every release booked) and the non-private run from the same start."""
+    import privacy_utility as pu
+
+    names = ["public-derm2d", "derm2d-n12-np_warm-lrmid-seed0", "derm2d-n12-warm-eps8-lrmid-seed0"]
+    assert pu.main(["--smoke", "--cells", ",".join(names)]) == 0
+    tmp = Path(capsys.readouterr().out.split("smoke run in ", 1)[1].split()[0])
+    out = json.loads((tmp / "results" / "privacy_utility.json").read_text())
+    assert out["cells_done"] == 3 and not out["complete"]
+    assert set(out["public_alone"]["derm2d"]) == {"H1", "H2", "H3"}
+    warm = out["cells"]["derm2d-n12-warm-eps8-lrmid-seed0"]["metrics"]
+    assert warm["private"] and set(warm["epsilon_ledger"]) == {"H1", "H2", "H3"}
+    assert warm["plan"]["cohort_size"] == 12 and 0 <= warm["dice"] <= 1
+    assert "PARTIAL" in (tmp / "results" / "privacy_utility.md").read_text()
