@@ -337,7 +337,8 @@ def test_path_tricks_reach_nothing(crafted, tmp_path, url):
         link.symlink_to(outside)  # a link out of the root is not a run
     for user, ok in (("dpo", (303, 400, 403, 404)), ("h2", (303, 400, 403, 404))):
         r = client_for(root, user).get(url, follow_redirects=False)
-        assert r.status_code in ok, (user, url, r.status_code)
+        # "/runs/.." is "/" once the client normalises it: the landing page, nothing outside
+        assert r.status_code in ok or (r.status_code == 200 and r.url.path == "/"), (user, url, r.status_code)
         assert "secret.key" not in r.text and "import" not in r.text
 
 
@@ -403,8 +404,10 @@ def test_fuzzed_approval_settings_are_checked(crafted, fields):
         store.file("fed", rid, "patient", "H3", [subject], "fuzz", "dpo (officer)")
     c = _fuzz_client(root, "dpo")
     r = c.post(f"/runs/fed/requests/{rid}/approve", data={"csrf": csrf(c), **fields}, follow_redirects=False)
-    assert r.status_code in (303, 400, 413), r.text[-300:]
+    assert r.status_code in (303, 400, 409, 413), r.text[-300:]
     rec = store.get("fed", rid)
+    if r.status_code == 409:  # valid settings the budgets cannot pay for (H3 is overspent): not approved
+        assert rec["state"] == "filed" and "cannot pay for this erasure" in r.text
     if r.status_code == 303:
         assert rec["state"] == "queued"
         s = rec["settings"]

@@ -96,8 +96,8 @@ def test_budget_follows_the_privacy_ledger_exactly(fresh):
     dpo = _client(root, "dpo")
 
     def shown() -> tuple[str, str]:
-        m = re.search(r"<tr[^>]*><td>H2</td><td>([^<]+)</td><td>[^<]+</td><td>[^<]+</td><td>[^<]+</td><td>(\d+)</td>",
-                      dpo.get("/runs/fed/budget").text)
+        m = re.search(r"<tr[^>]*><td>H2</td><td>([^<]+)</td><td>[^<]+</td><td>[^<]+</td><td>[^<]+</td>\s*"
+                      r"<td class=\"reserve\">[^<]*</td>\s*<td>(\d+)</td>", dpo.get("/runs/fed/budget").text)
         return m.group(1), m.group(2)
 
     assert shown() == (f"{led.spent('H2'):.3f}", "3")

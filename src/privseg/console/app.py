@@ -4,6 +4,7 @@ Every page goes through :meth:`~privseg.console.web.Console.guard`: a live sessi
 cookie -> server-side row), the role the page allows, and for a form a size-capped URL-encoded
 body with the session's CSRF token. The pages are registered by concern:
 :func:`~privseg.console.login_pages.register_accounts` (log in and out),
+:func:`~privseg.console.home_page.register_home` (the landing page: what needs attention),
 :func:`~privseg.console.run_pages.register_runs` (runs, reports, budgets, the erasure ledger) and
 :func:`~privseg.console.erasure_pages.register_erasure` (patients, requests, decisions,
 certificates).
@@ -19,11 +20,12 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from privseg.console.accounts import Accounts
 from privseg.console.erasure_pages import register_erasure
+from privseg.console.home_page import register_home
 from privseg.console.login_pages import register_accounts
 from privseg.console.run_pages import register_runs
 from privseg.console.web import HERE, Console, secure_headers
@@ -39,10 +41,6 @@ async def static(request: Request) -> Response:
     resp = FileResponse(HERE / "static" / name, media_type=STATIC[name])
     resp.headers["cache-control"] = "max-age=3600"
     return secure_headers(resp)
-
-
-async def home(request: Request) -> Response:
-    return secure_headers(RedirectResponse("/runs", status_code=303))
 
 
 async def not_found(request: Request, exc) -> Response:
@@ -76,7 +74,7 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
     """The console over the run folders in ``root``. ``secure``: served over TLS (cookies get
     the Secure flag). ``jobs``: run approved erasures (off only in tests of the pages alone)."""
     c = Console(Path(root), secure=secure, idle_minutes=idle_minutes, max_hours=max_hours, jobs=jobs)
-    routes = [Route("/", home), *register_accounts(c), Route("/static/{name}", static), *register_runs(c),
+    routes = [*register_home(c), *register_accounts(c), Route("/static/{name}", static), *register_runs(c),
               *register_erasure(c)]
     app = Starlette(routes=routes, lifespan=_lifespan(c), exception_handlers={404: not_found, 405: not_found})
     app.state.console = c

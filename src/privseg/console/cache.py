@@ -99,19 +99,21 @@ def cohort(path: str | Path):
 
 
 def budget_status(path: Path) -> list[dict]:
-    """Per site of one privacy ledger: :meth:`BudgetLedger.status` and its booked rounds."""
+    """Per site of one privacy ledger: :meth:`BudgetLedger.status`, its booked releases in booking
+    order (``booked``: round, scope, ε after, time) and its budget decisions (``history``)."""
     from privseg.privacy.budget import BudgetLedger
 
     def compute() -> list[dict]:
         ledger = BudgetLedger(path)
-        return [{**row, "rounds_booked": [(r["round"], r["epsilon"]) for r in ledger.rounds(row["site"])]}
-                for row in ledger.status()]
+        return [{**row, "booked": [{k: r[k] for k in ("round", "scope", "epsilon", "time", "steps")}
+                                   for r in ledger.rounds(row["site"])],
+                 "history": ledger.budget_history(row["site"])} for row in ledger.status()]
 
     try:
         con = sqlite3.connect(path, timeout=30)
         try:
-            content = (con.execute("SELECT count(*), max(time), total(epsilon) FROM rounds").fetchone(),
-                       con.execute("SELECT count(*), max(updated), total(epsilon) FROM budgets").fetchone())
+            content = (con.execute("SELECT count(*), max(time), total(epsilon) FROM releases").fetchone(),
+                       con.execute("SELECT count(*), max(time), total(epsilon) FROM budget_log").fetchone())
         finally:
             con.close()
     except sqlite3.DatabaseError:

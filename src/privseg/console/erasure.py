@@ -149,9 +149,71 @@ def clean_settings(form: dict) -> dict:
     return out
 
 
-def check_settings(kind: str, site: str, subjects: list[str], settings: dict) -> None:
-    """The erasure's own checks of the settings (method name, hyper-parameters)."""
+def check_settings(kind: str, site: str, subjects: list[str], settings: dict, run_dir: Path | None = None) -> None:
+    """The erasure's own checks of the settings (method name, hyper-parameters); with ``run_dir``,
+    the method must be one of the run's (:func:`methods`)."""
     _request(kind, site, subjects, settings=settings)
+    if run_dir is not None and settings.get("method"):
+        valid = [m["value"] for m in methods(run_dir, kind)["choices"]]
+        if settings["method"] not in valid:
+            raise ConfigError(f"method {settings['method']!r} is not one this run can use for a {kind} erasure "
+                              f"(choose from {', '.join(v or 'the default' for v in valid)})")
+
+
+# Under patient-level DP a patient is erased by DP fine-tuning on the site's other patients, booked in
+# its ledger (privseg.unlearn.private): the one method whose steps the budget accounts for.
+DP_PATIENT_METHOD = {"value": "", "label": "dp_finetune", "summary": "DP fine-tuning on the site's other patients, "
+                     "then the repair rounds: every step private and booked in the site's privacy ledger"}
+
+
+def methods(run_dir: Path, kind: str) -> dict:
+    """The methods valid for a ``kind`` erasure in this run: ``{"choices": [{"value", "label",
+    "summary"}], "default": value, "dp": bool}``. A DP run erases a patient by DP fine-tuning only
+    (its site erasures are DP runs of their own); otherwise a patient's default is the measured
+    best, ``reference_teacher`` (docs/membership.md), when the run has reference models, else the
+    erasure's own default."""
+    from privseg.audit.reference import INDEX, REF_DIR
+    from privseg.federated.config import FLConfig
+    from privseg.unlearn.private import dp_of
+    from privseg.unlearn.site_erasure import SITE_ERASERS
+    from privseg.unlearn.strategies import STRATEGIES
+
+    dp = dp_of(FLConfig.load(run_dir)) is not None
+    if kind == "site":
+        choices = [{"value": m, "label": m, "summary": (type(SITE_ERASERS[m]).__doc__ or "").strip().splitlines()[0]}
+                   for m in sorted(SITE_ERASERS)]
+        return {"choices": choices, "default": _request("site", "S").method, "dp": dp}
+    if dp:
+        return {"choices": [DP_PATIENT_METHOD], "default": "", "dp": True}
+    refs = (run_dir / REF_DIR / INDEX).is_file()
+    choices = [{"value": n, "label": n, "summary": st.summary + (" (needs the run's reference models: privseg audit "
+                                                                  "references)" if st.needs_references else "")}
+               for n, st in sorted(STRATEGIES.items()) if refs or not st.needs_references]
+    return {"choices": choices, "default": "reference_teacher" if refs else _request("patient", "S", ["x"]).method,
+            "dp": False}
+
+
+def quote(run_dir: Path, kind: str, site: str, subjects: list[str], settings: dict | None = None) -> dict | None:
+    """The erasure's price under patient-level DP, before it is approved: per site the DP steps it
+    takes and the ε before and after them against the budget (:func:`privseg.unlearn.private.price`,
+    as the erasure itself checks it), whether all fit, and -- when not -- the options that would
+    (:func:`privseg.unlearn.private.budget_options`). None for a run without patient-level DP."""
+    from privseg.unlearn.private import budget_options, price
+
+    req = _request(kind, site, subjects, settings=settings)
+    rows = price(run_dir, req)
+    if not rows:
+        return None
+    fits = all(r["fits"] for r in rows)
+    return {"rows": rows, "fits": fits, "options": [] if fits else budget_options(run_dir, req, rows),
+            "settings": {"epochs": req.epochs, "repair_rounds": req.repair_rounds, "method": req.method}}
+
+
+def refusal(q: dict) -> str:
+    """Why an unaffordable request cannot be approved, in one sentence per short site."""
+    short = [r for r in q["rows"] if not r["fits"]]
+    return "; ".join(f"site {r['site']} would reach ε {r['epsilon_after']:.3g} for {r['steps']} DP step(s), over "
+                     f"its budget of {r['epsilon_budget']:g} (spent {r['epsilon_spent']:.3g})" for r in short)
 
 
 def apply(run_dir: Path, rec: dict, on_stage: Callable[[str, str], None]):

@@ -116,10 +116,20 @@ def file_request(c: Console, ctx: Ctx) -> Response:
 
 
 def request_page(c: Console, ctx: Ctx) -> Response:
+    d, s = c.run_for(ctx, ctx.param("run"))
+    return _request_view(c, ctx, d, s, ctx.param("rid"))
+
+
+APPROVABLE = ("filed", "verification-failed", "failed")
+
+
+def _request_view(c: Console, ctx: Ctx, d: Path, s: dict, rid: str, settings: dict | None = None,
+                  refused: str | None = None, status: int = 200) -> Response:
+    """The request page; ``settings``: the officer's (priced instead of the record's), ``refused``:
+    why an approval with them was refused (the page comes back with the price and the options)."""
     from privseg.console.svg import bar_chart
 
-    d, s = c.run_for(ctx, ctx.param("run"))
-    rec, entries = c.request_for(ctx, d, s["name"], ctx.param("rid"))
+    rec, entries = c.request_for(ctx, d, s["name"], rid)
     ver = next((e["body"] for e in reversed(entries) if e["event"] == "verified"), None)
     figure = None
     if ver:
@@ -129,9 +139,21 @@ def request_page(c: Console, ctx: Ctx) -> Response:
                            limit_label="max AUC")
     requested = next((e["body"] for e in entries if e["event"] == "requested"), {})
     kind = rec["kind"] if rec else requested.get("kind")
-    return c.page(ctx, "request.html", run=s, rec=rec, rid=ctx.param("rid"), entries=entries, ver=ver,
+    chosen = settings if settings is not None else (rec or {}).get("settings") or {}
+    priced = methods = None
+    if rec is not None and rec["state"] in APPROVABLE:
+        methods = erasure.methods(d, rec["kind"])
+        if not entries:  # a request not yet started is priced whole (as the erasure checks it)
+            priced = erasure.quote(d, rec["kind"], rec["site"], rec["subjects"], chosen)
+    if priced is not None:  # a site user sees its own site's figures only
+        priced = {**priced, "rows": [r for r in priced["rows"] if ctx.user.sees_site(r["site"])]}
+    no_power = bool(ver) and any((ch or {}).get("result") == "no power" for ch in (ver.get("checks") or {}).values())
+    return c.page(ctx, "request.html", status=status, run=s, rec=rec, rid=rid, entries=entries, ver=ver,
                   figure=figure, stages=stages(kind, entries), defaults=erasure.default_thresholds(),
-                  requested_by=cli_requester(requested.get("requested_by")), open_states=OPEN)
+                  requested_by=cli_requester(requested.get("requested_by")), open_states=OPEN,
+                  approvable=APPROVABLE, quote=priced, methods=methods, chosen=chosen, refused=refused,
+                  refusal=erasure.refusal(priced) if priced and not priced["fits"] else "", no_power=no_power,
+                  decisions=c.store.decisions(s["name"], rid) if rec else [])
 
 
 def stages(kind: str | None, entries: list[dict]) -> list[tuple[str, str]]:
@@ -165,9 +187,15 @@ def decide(c: Console, ctx: Ctx, approve: bool) -> Response:
     note = ctx.one("note").strip()
     if approve:
         settings = erasure.clean_settings({k: ctx.one(k) for k in ctx.form})
-        erasure.check_settings(rec["kind"], rec["site"], rec["subjects"], settings)
+        erasure.check_settings(rec["kind"], rec["site"], rec["subjects"], settings, d)
         if rec["state"] == "filed":
             erasure.check_new(d, rec["kind"], rec["site"], rec["subjects"])  # still valid now?
+        _, entries = c.request_for(ctx, d, s["name"], rid)
+        priced = None if entries else erasure.quote(d, rec["kind"], rec["site"], rec["subjects"], settings)
+        if priced is not None and not priced["fits"]:  # priced before it is approved: refused, with the options
+            return _request_view(c, ctx, d, s, rid, settings=settings, status=409, refused=(
+                f"Not approved: the privacy budget cannot pay for this erasure with these settings "
+                f"({erasure.refusal(priced)}). Choose one of the options below. Nothing was changed."))
         c.store.approve(s["name"], rid, ctx.user.label, settings, note)
         if c.runner is not None:
             c.runner.wake()

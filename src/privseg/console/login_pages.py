@@ -15,7 +15,7 @@ from privseg.console.web import COOKIE, LOGIN_COOKIE, Console, Ctx, HTTPError, c
 
 
 def safe_next(nxt: str) -> str:
-    return nxt if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/runs"
+    return nxt if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/"
 
 
 def register_accounts(c: Console) -> list[Route]:
@@ -23,7 +23,7 @@ def register_accounts(c: Console) -> list[Route]:
 
     async def login_page(request: Request) -> Response:
         token = secrets.token_urlsafe(24)
-        resp = c.page(None, "login.html", token=token, next=safe_next(request.query_params.get("next", "/runs")),
+        resp = c.page(None, "login.html", token=token, next=safe_next(request.query_params.get("next", "/")),
                       expired=request.query_params.get("expired") == "1", error=None)
         c.set_cookie(resp, LOGIN_COOKIE, c.signer.dumps(token), 600)
         return secure_headers(resp)

@@ -41,9 +41,15 @@ def budget_page(c: Console, ctx: Ctx) -> Response:
 
     d, s = c.run_for(ctx, ctx.param("run"))
     rows = runs.budgets(d, s, ctx.user)
-    charts = [line_chart({r["site"]: [(float(x), float(y)) for x, y in r["rounds_booked"]]},
-                         title=f"ε spent by site {r['site']}", ylabel="ε", hline=r["epsilon_budget"],
-                         hlabel=f"budget {r['epsilon_budget']:g}", ymin=0.0) for r in rows]
+    charts = []
+    for r in rows:  # x: releases in booking order, one line per part of the run (training, each erasure)
+        series: dict[str, list[tuple[float, float]]] = {}
+        for p in r["points"]:
+            series.setdefault(p["group"], []).append((p["n"], p["epsilon"]))
+        charts.append(line_chart(series, title=f"ε spent by site {r['site']}", ylabel="ε",
+                                 xlabel="release, in the order booked",
+                                 steps=runs.budget_steps(r["history"], r["points"]),
+                                 hlabel=f"budget {r['epsilon_budget']:g}", ymin=0.0, joined=True))
     return c.page(ctx, "budget.html", run=s, rows=rows, charts=charts, dp=s["dp"])
 
 

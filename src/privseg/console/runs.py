@@ -99,11 +99,24 @@ def _summary(d: Path) -> dict:
             dice = ov["site-mean-dice"]
             break
     dp = _privacy(cfg)
-    return {"name": d.name, "cfg": cfg, "state": st, "sites": sites, "withdrawn": withdrawn,
+    return {"serves": serving(st), "name": d.name, "cfg": cfg, "state": st, "sites": sites, "withdrawn": withdrawn,
             "rounds_done": int(st.get("rounds_done", 0)), "rounds_planned": cfg.get("rounds"),
             "rounds_text": rounds_text(st.get("rounds", []), int(st.get("rounds_done", 0)), cfg.get("rounds")),
             "status": st.get("status", "new"), "strategy": cfg.get("strategy"), "dp": dp.unit if dp else None,
             "created": st.get("created"), "dice": dice, "has_report": (d / "report.html").is_file()}
+
+
+def serving(st: dict) -> dict | None:
+    """The model the run serves now (its last checkpoint) and what made it: the training round, or
+    the erasure whose repair round, site removal or unlearned model it is."""
+    path = st.get("last_checkpoint")
+    if not path:
+        return None
+    rounds = st.get("rounds") or []
+    last = rounds[-1] if rounds else {}
+    restart = st.get("restart_from") or {}
+    erasure = last.get("erasure") or (restart.get("request") if restart.get("checkpoint") == path else None)
+    return {"path": path, "round": int(st.get("rounds_done", 0)), "erasure": erasure}
 
 
 def list_runs(root: Path, user: User) -> list[dict]:
@@ -172,6 +185,43 @@ def budgets(d: Path, s: dict, user: User) -> list[dict]:
                 continue
             share = row["epsilon_spent"] / row["epsilon_budget"] if row["epsilon_budget"] else 1.0
             out.append({**row, "refused": refusals.get(row["site"], []), "share": share,
+                        "points": releases(row["booked"], repair_rounds(s)),
                         "warning": "budget exhausted" if share >= 1 - 1e-9 else (
                             f"{share:.0%} of the budget spent" if share >= BUDGET_WARN else None)})
     return sorted(out, key=lambda r: r["site"])
+
+
+def budget_steps(history: list[dict], points: list[dict]) -> list[tuple[float, float]]:
+    """The budget as it stood along the releases: each decision (plan, raise) from the release
+    after it was taken, as [(x, epsilon)] for :func:`privseg.console.svg.line_chart`'s ``steps``."""
+    return [(sum(1 for p in points if (p["time"] or 0) < h["time"]) + 0.5, float(h["epsilon"])) for h in history]
+
+
+def repair_rounds(s: dict) -> dict[int, str]:
+    """Round -> erasure request of each round an erasure added to the run (repair, site removal)."""
+    return {int(e["round"]): str(e["erasure"]) for e in s["state"].get("rounds", []) if e.get("erasure")}
+
+
+TRAINING = "training"
+
+
+def releases(booked: list[dict], erasure_rounds: dict[int, str]) -> list[dict]:
+    """The site's booked releases in booking order, each with the part of the run it belongs to
+    (``group``): ``training``, or ``erasure ER-…`` for an erasure's own scope (``erasure/ER-…/local``,
+    its retrain or calibration) and for the repair rounds it added to the run; ``what`` names it
+    ("round 3", "ER-…/local round 1"). ε after each is the accountant's over every release before
+    it, so it never goes down."""
+    out = []
+    for i, r in enumerate(booked):
+        scope, rnd = r.get("scope") or "", int(r["round"])
+        if scope:
+            parts = scope.split("/")
+            group = f"erasure {parts[1]}" if parts[0] == "erasure" and len(parts) > 1 else scope
+            what = f"{scope} round {rnd}"
+        elif rnd in erasure_rounds:
+            group, what = f"erasure {erasure_rounds[rnd]}", f"round {rnd} (repair)"
+        else:
+            group, what = TRAINING, f"round {rnd}"
+        out.append({"n": i + 1, "epsilon": float(r["epsilon"]), "group": group, "what": what, "time": r.get("time"),
+                    "steps": r.get("steps")})
+    return out

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts INTEGER NOT NULL DEFAULT 0, started_at REAL, finished_at REAL, updated REAL NOT NULL,
     PRIMARY KEY (run, id));
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, run TEXT NOT NULL, id TEXT NOT NULL, action TEXT NOT NULL,
+    by TEXT NOT NULL, at REAL NOT NULL, note TEXT, settings TEXT);
 """
 
 
@@ -94,14 +97,33 @@ class Store:
         return self.get(run, rid)
 
     def approve(self, run: str, rid: str, officer: str, settings: dict, note: str = "") -> dict:
-        """Approve (or, after a failed verification or a failure, retry with new settings)."""
-        return self._transition(run, rid, ("filed", "verification-failed", "failed"), state="queued",
-                                decided_by=officer, decided_at=time.time(), note=note, settings=json.dumps(settings),
-                                message="queued: waiting for the run", attempts=0)
+        """Approve (or, after a failed verification or a failure, retry with new settings); each is
+        a decision of its own in :meth:`decisions` (the first approval is not overwritten by a retry)."""
+        cur = self.get(run, rid)
+        rec = self._transition(run, rid, ("filed", "verification-failed", "failed"), state="queued",
+                               decided_by=officer, decided_at=time.time(), note=note, settings=json.dumps(settings),
+                               message="queued: waiting for the run", attempts=0)
+        self._decide(run, rid, "approved" if cur and cur["state"] == "filed" else "retried", officer, note, settings)
+        return rec
 
     def reject(self, run: str, rid: str, officer: str, note: str) -> dict:
-        return self._transition(run, rid, ("filed",), state="rejected", decided_by=officer, decided_at=time.time(),
-                                note=note, finished_at=time.time())
+        rec = self._transition(run, rid, ("filed",), state="rejected", decided_by=officer, decided_at=time.time(),
+                               note=note, finished_at=time.time())
+        self._decide(run, rid, "rejected", officer, note, None)
+        return rec
+
+    def _decide(self, run: str, rid: str, action: str, by: str, note: str, settings: dict | None) -> None:
+        with opened(self.root) as con:
+            con.execute("INSERT INTO decisions (run, id, action, by, at, note, settings) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (run, rid, action, by, time.time(), note, json.dumps(settings) if settings is not None
+                         else None))
+
+    def decisions(self, run: str, rid: str) -> list[dict]:
+        """Every decision on the request (approved, rejected, retried), oldest first."""
+        with opened(self.root) as con:
+            rows = con.execute("SELECT action, by, at, note, settings FROM decisions WHERE run=? AND id=? ORDER BY seq",
+                               (run, rid)).fetchall()
+        return [{**dict(r), "settings": json.loads(r["settings"]) if r["settings"] else {}} for r in rows]
 
     def start(self, run: str, rid: str, pid: int) -> dict:
         cur = self.get(run, rid)

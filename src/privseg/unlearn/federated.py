@@ -156,4 +156,4 @@ def _check_dp_budget(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> None:
         return
     state = RunState.load(run_dir)
     if state.rounds_done >= 1:
-        require_budget(run_dir, cfg, _dp_steps(cfg, state, req), f"erasure of {req.kind} at site {req.site}")
+        require_budget(run_dir, cfg, _dp_steps(cfg, state, req), f"erasure of {req.kind} at site {req.site}", req)

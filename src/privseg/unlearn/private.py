@@ -14,6 +14,7 @@ refuses an erasure the budgets cannot pay for, with the figures and the options.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,23 +48,88 @@ def erasure_cost(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int]) ->
         before = ledger.spent(site)
         after = epsilon(ledger.events(site) + _events(ledger, site, steps), delta)
         rows.append({"site": site, "steps": int(steps), "epsilon_spent": before, "epsilon_after": after,
-                     "epsilon_budget": budget, "delta": delta, "fits": after <= budget * (1 + 1e-6) + 1e-9})
+                     "epsilon_budget": budget, "delta": delta,
+                     # a site that takes no step spends nothing, whatever it spent before
+                     "fits": steps <= 0 or after <= budget * (1 + 1e-6) + 1e-9})
     return rows
 
 
-def require_budget(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int], what: str) -> list[dict]:
-    """Raise :class:`BudgetExceededError` -- before any compute -- when a site cannot pay."""
+def price(run_dir: Path, req) -> list[dict]:
+    """:func:`erasure_cost` of the request ``req`` (an :class:`~privseg.unlearn.request.ErasureRequest`):
+    the DP steps each site would take for it (as the erasure takes them) and what they cost; empty
+    when the run is not patient-level DP or has not trained (nothing is spent)."""
+    from privseg.federated.runstate import RunState
+    from privseg.unlearn.federated import _dp_steps
+
+    cfg = FLConfig.load(run_dir)
+    if dp_of(cfg) is None:
+        return []
+    state = RunState.load(run_dir)
+    return erasure_cost(run_dir, cfg, _dp_steps(cfg, state, req)) if state.rounds_done >= 1 else []
+
+
+def _variants(run_dir: Path, req) -> list[dict]:
+    """Cheaper settings of ``req`` that its erasure runs with as given (a DP patient erasure: fewer
+    repair rounds, one epoch of local steps; a site: another method the run can use)."""
+    if req.kind == "patient":
+        out = [{"repair_rounds": k} for k in range(req.repair_rounds - 1, -1, -1)]
+        if (req.epochs or 1) > 1:
+            out += [{"epochs": 1}] + [{"epochs": 1, "repair_rounds": k} for k in range(req.repair_rounds - 1, -1, -1)]
+        return out
+    from privseg.federated.runstate import RunState
+    from privseg.unlearn.site_erasure import SITE_ERASERS, FedRecoverSite
+
+    cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
+    first = min(state.rounds_of_site(req.site), default=state.rounds_done + 1)
+    since = [e for e in state.rounds if int(e["round"]) >= first]
+    usable = {"retrain": True,  # the methods' own refusals (site_erasure), checked before suggesting them
+              "federaser": all(e.get("updates") and state.checkpoint_path(int(e["round"]) - 1).is_file()
+                               for e in since),
+              "fedrecover": cfg.strategy in FedRecoverSite.AVERAGING}
+    return [{"method": m} for m in sorted(SITE_ERASERS) if m != req.method and usable.get(m)]
+
+
+def budget_options(run_dir: Path, req, rows: list[dict] | None = None) -> list[dict]:
+    """What lets an unaffordable request go through, each tried against the budgets: the cheaper
+    settings of :func:`_variants` that every site can pay for (the first of each kind: the most
+    repair rounds that fit), then raising each short site's budget to what the request needs.
+    Each option: ``{"text", "settings"}`` (request settings to change) or ``{"text", "budget":
+    {site: epsilon}}`` (``privseg privacy budget``, a decision recorded in the site's ledger)."""
+    rows = price(run_dir, req) if rows is None else rows
+    short = [r for r in rows if not r["fits"]]
+    if not short:
+        return []
+    out, seen = [], set()
+    for change in _variants(run_dir, req):
+        kind = tuple(sorted(change))
+        if kind in seen:
+            continue
+        cost = price(run_dir, replace(req, **change))
+        if cost and all(r["fits"] for r in cost):
+            seen.add(kind)
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in change.items())
+            worst = max((r for r in cost if r["steps"] > 0), key=lambda r: r["epsilon_after"] / r["epsilon_budget"])
+            out.append({"text": f"{flags} (then site {worst['site']} reaches epsilon {worst['epsilon_after']:.3g} "
+                                f"of {worst['epsilon_budget']:g})", "settings": change})
+    need = {r["site"]: math.ceil(r["epsilon_after"] * 100) / 100 for r in short}  # rounded up: it fits
+    cmds = "; ".join(f"privseg privacy budget RUN --site {site} --epsilon {eps:g}" for site, eps in need.items())
+    out.append({"text": f"raise the budget ({cmds}; a decision recorded in the site's ledger)", "budget": need})
+    return out
+
+
+def require_budget(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int], what: str, req=None) -> list[dict]:
+    """Raise :class:`BudgetExceededError` -- before any compute -- when a site cannot pay; the
+    message lists the options of :func:`budget_options` for ``req`` (each one that exists and fits)."""
     rows = erasure_cost(run_dir, cfg, steps_by_site)
     short = [r for r in rows if not r["fits"]]
     if short:
         lines = "; ".join(f"site {r['site']} needs epsilon {r['epsilon_after']:.3g} for {r['steps']} DP step(s) "
                           f"(spent {r['epsilon_spent']:.3g} of its budget {r['epsilon_budget']:g}, "
                           f"{max(0.0, r['epsilon_budget'] - r['epsilon_spent']):.3g} left)" for r in short)
-        raise BudgetExceededError(
-            f"{what} refused before any training: {lines}. Options: raise that site's budget "
-            f"(privseg privacy budget RUN --site SITE --epsilon E, a decision recorded in its ledger), plan fewer "
-            "DP steps (--repair-rounds 0, --local-steps), or erase by retrain from the checkpoint before the "
-            "patient joined (--method retrain for a site): it spends as the original rounds did")
+        options = [o["text"] for o in budget_options(run_dir, req, rows)] if req is not None else []
+        raise BudgetExceededError(f"{what} refused before any training: {lines}. Options: " + (
+            "; or ".join(options) if options else "raise that site's budget (privseg privacy budget RUN --site SITE "
+                                                  "--epsilon E, a decision recorded in its ledger)"))
     return rows
 
 
