@@ -28,6 +28,11 @@ validation split at 12 patients a site). The public warm start: ``privseg train 
 the embedded public cohort (:mod:`privseg.data.synth.public`: other seeds, other scanners, its
 own raters), one per task; ``public_alone`` is its Dice on each site before any fine-tuning.
 
+Compute (measured before the start on the shared 2-core machine, one torch thread, mri3d at 50
+steps and 10 epochs: public start 118 s with the cohort; n = 12: np 72 s, old 69 s, recipe 122 s,
+warm 95 s; n = 100: np 205 s, recipe 375 s). At the grid's 100 steps and 20 epochs, about 2x
+that: 323 cells, about 22 h at one process (11 h at two), mri3d about half of it.
+
 Ratios: recipe / np and warm / np_warm (the non-private run of the same initialisation and
 budget), means over seeds. Keys of results/privacy_utility.json as issue 26 lists them; a key
 whose cells are not all done is None, and the file says PARTIAL with the command to resume.
