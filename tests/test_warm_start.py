@@ -178,3 +178,18 @@ def test_cli_trains_the_public_start_and_a_federation_fine_tunes_from_it(tmp_pat
     assert frozen and all(torch.equal(end["model"][n], start["model"][n]) for n in frozen)
     assert any(not torch.equal(end["model"][k], start["model"][k]) for k in start["model"])
     assert main(["train", "--cohort", str(site.root), "--trainable", "head", *common]) == 2
+
+
+def test_central_dp_fine_tunes_the_decoder_from_init(tiny_cohort, tmp_path):
+    from privseg.privacy import DPConfig, train_private
+
+    cfg = TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=2, device="cpu")
+    path, weights = _saved(tmp_path, cfg)
+    cfg.init, cfg.trainable = str(path), "decoder"
+    dp = DPConfig(epsilon=50.0, delta=1e-2, clip="fixed", plan="auto", cohort_size=2, epochs=2.0, aug_mult=1, ema=0,
+                  allow_large_delta=True, reproducible_noise=True)
+    model = train_private(tiny_cohort, cfg, dp, tmp_path / "dp")["model"]
+    enc, dec = encoder_decoder_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(torch.equal(p, weights[names[id(p)]]) for p in enc)  # no gradient, no noise: as --init gave it
+    assert all(not torch.equal(p, weights[names[id(p)]]) for p in dec if p.dim() > 1)  # noised and trained
