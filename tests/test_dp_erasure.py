@@ -134,3 +134,34 @@ def test_erasure_reserve_is_calibrated_into_the_plan():
     assert epsilon(kept.events(0, 30) + kept.reserve_events(), 1e-3) == pytest.approx(8.0, rel=1e-3)
     assert "erasure reserve: 20 step(s)" in plan_for(dp, "H1", 30, local_steps=10).describe()
     assert make_plan(dp, "H1", 40, 2, 30).reserve == []  # no rounds (a central run): no reserve
+
+
+def test_every_option_the_refusal_suggests_exists_and_goes_through(tmp_path):
+    """Issue 27, item 5: the refusal's advice names only options that exist and fit (no
+    --local-steps, no --method retrain that would be refused too); each one, applied to a copy of
+    the run, lets the same erasure complete."""
+    import shutil
+    from dataclasses import replace
+
+    from privseg.privacy.budget import change_budget
+    from privseg.unlearn.private import budget_options
+
+    dp = DPConfig(delta=1e-3, clip="fixed", erasure_reserve=1)  # room for 1 DP step: the default needs 2 at H1
+    cohort, run = _dp_run(tmp_path, dp)
+    patient = cohort.select("train", "H1")[0].id
+    req = ErasureRequest(kind="patient", site="H1", subjects=(patient,), thresholds=LOOSE)
+    with pytest.raises(BudgetExceededError) as info:
+        erase(run, req)
+    advice = str(info.value)
+    assert "--local-steps" not in advice and "--method retrain" not in advice
+    options = budget_options(run, req)
+    assert [o.get("settings") for o in options] == [{"repair_rounds": 0}, None]
+    assert all(o["text"].split(" (")[0] in advice for o in options)
+    for i, option in enumerate(options):
+        copy = tmp_path / f"option{i}"
+        shutil.copytree(run, copy)
+        if "budget" in option:
+            for site, eps in option["budget"].items():
+                change_budget(copy, site, eps)
+        res = erase(copy, replace(req, **option.get("settings", {})))
+        assert res.status == "completed", option
