@@ -201,8 +201,8 @@ def client(msg, context):
     return inner(msg, context)
 
 real_save = server_app._save_global
-def save_then_die(cfg_, state, model, arrays, r, entry=None):
-    path = real_save(cfg_, state, model, arrays, r, entry)
+def save_then_die(cfg_, state, model, arrays, r, entry=None, ema=None):
+    path = real_save(cfg_, state, model, arrays, r, entry, ema)
     if where == "after-checkpoint" and r == 2:
         print("killing after the round-2 checkpoint, before state.json", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
