@@ -497,20 +497,26 @@ def test_a_budget_change_is_recorded(tmp_path):
     assert ledger.verify() == []
 
 
-def test_client_dp_keeps_who_took_part_on_the_server(tmp_path):
+def _tiny_federation(root, n_sites: int, per_site: int):
+    """Sites of a tiny embedded cohort and a 2-step training config that fits them."""
     from conftest import make_tiny_cohort
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated import check_sites, sites_from_cohort
+    from privseg.train import TrainConfig
+
+    sites = sites_from_cohort(make_tiny_cohort(root, sites=n_sites, per_site=per_site, size=16).root)
+    info = check_sites(sites)
+    return sites, TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                              patches_per_subject=1, in_channels=len(info["channels"]),
+                              num_classes=len(info["classes"]), steps=2)
+
+
+def test_client_dp_keeps_who_took_part_on_the_server(tmp_path):
+    from privseg.federated import FLConfig
     from privseg.federated.runstate import PARTICIPATION_FILE, RunState
     from privseg.federated.simulation import simulate_inprocess
-    from privseg.train import TrainConfig
     from privseg.train.checkpoint import load_checkpoint
 
-    cohort = make_tiny_cohort(tmp_path / "c", sites=3, per_site=2, size=16)
-    sites = sites_from_cohort(cohort.root)
-    info = check_sites(sites)
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=2)
+    sites, tc = _tiny_federation(tmp_path / "c", n_sites=3, per_site=2)
     dp = DPConfig(unit="site", epsilon=50.0, delta=1e-2, clip="fixed", allow_large_delta=True)
     run = tmp_path / "run"
     state = simulate_inprocess(FLConfig(name="c", sites=sites, train=tc, rounds=2, local_steps=1, eval_every=0,
@@ -654,21 +660,14 @@ def test_a_dp_site_answers_an_identical_request_with_its_stored_reply(tmp_path):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from conftest import make_tiny_cohort
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated import FLConfig
     from privseg.federated.client_app import client_train
     from privseg.federated.server_app import client_run_config
     from privseg.federated.strategies import state_to_arrays
     from privseg.privacy.releases import RECORD_FILE
-    from privseg.train import TrainConfig
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    cohort = make_tiny_cohort(tmp_path / "c", sites=1, per_site=4, size=16)
-    sites = sites_from_cohort(cohort.root)
-    info = check_sites(sites)
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=2)
+    sites, tc = _tiny_federation(tmp_path / "c", n_sites=1, per_site=4)
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5, aug_mult=1)
     cfg = FLConfig(name="s", sites=sites, train=tc, rounds=2, local_steps=1, privacy=dp)
     run = tmp_path / "run"
