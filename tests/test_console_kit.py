@@ -142,3 +142,27 @@ def trained_root(tmp_path_factory, base: Path) -> tuple[Path, Path]:
     craft_run(root, "other", cohort, sites=["H1", "H3"])
     add_users(root)
     return root, cohort
+
+
+def trained_dp_run(tmp_path_factory) -> Path:
+    """A tiny federation trained under patient-level DP (2 sites x 4 patients, 2 rounds), with an
+    erasure reserve of one round's steps: a default patient erasure (local stage + one repair
+    round) does not fit at the patient's site, the same erasure without repair rounds does."""
+    base = tmp_path_factory.getbasetemp() / "console-trained-dp"
+    run = base / "dpfed"
+    if not (run / "state.json").is_file():
+        from privseg.federated import check_sites
+        from privseg.federated.simulation import simulate_inprocess
+        from privseg.privacy import DPConfig
+
+        shutil.rmtree(base, ignore_errors=True)
+        cohort = make_tiny_cohort(base / "tiny", sites=2, per_site=4, size=16)
+        info = check_sites(sites_from_cohort(cohort.root))
+        tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                         patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                         steps=2)
+        cfg = FLConfig(name="dpfed", sites=sites_from_cohort(cohort.root), train=tc, rounds=2, local_steps=1,
+                       eval_every=1, eval_split="test", keep_updates=True,
+                       privacy=DPConfig(delta=1e-3, clip="fixed", erasure_reserve=1))
+        simulate_inprocess(cfg, run)
+    return run

@@ -22,7 +22,8 @@ def run_page(c: Console, ctx: Ctx) -> Response:
 
     d, s = c.run_for(ctx, ctx.param("run"))
     rows, curves = runs.rounds_view(s, ctx.user)
-    chart = line_chart(curves, title="Dice per site after each round", ylabel="mean Dice", ymin=0.0)
+    chart = line_chart(dict(sorted(curves.items())), title="Dice per site after each round", ylabel="mean Dice",
+                       ymin=0.0)
     return c.page(ctx, "run.html", run=s, rows=rows, chart=chart,
                   report=s["has_report"] and ctx.user.site is None)
 

@@ -36,7 +36,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, ylab
                hlabel: str = "", width: int = 560, height: int = 240, ymin: float | None = None,
                xlabel: str = "round", steps: list[tuple[float, float]] | None = None, joined: bool = False,
                xticks: int = 12) -> Markup:
-    """Lines of ``series`` (name -> [(x, y)]), the legend under the plot. ``hline``: a dashed
+    """Lines of ``series`` (name -> [(x, y)], coloured in its order), the legend under the plot. ``hline``: a dashed
     limit labelled ``hlabel`` at the right; ``steps``: the limit as a stepped line instead
     ([(x from which it holds, value)]: a budget that was raised). ``joined``: a thin grey line
     through every point in x order (one quantity drawn in parts, e.g. ε by what spent it)."""
@@ -51,7 +51,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, ylab
     L, R, T, B = 52, 90, 26, 34
     sx = lambda x: L + (x - x0) / (x1 - x0) * (width - L - R)  # noqa: E731
     sy = lambda y: height - B - (y - y0) / (y1 - y0) * (height - T - B)  # noqa: E731
-    legend, extra = _legend(sorted(series), height, L, width)
+    legend, extra = _legend(list(series), height, L, width)
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + extra:.0f}' role='img' "
            f"aria-label='{escape(title)}' class='chart'><text x='{L}' y='16' font-weight='bold' "
            f"font-size='13'>{escape(title)}</text>"]
@@ -80,7 +80,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, ylab
     if joined:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(pts))
         out.append(f"<polyline fill='none' stroke='#bbb' stroke-width='1' points='{path}'/>")
-    for i, (name, s) in enumerate(sorted(series.items())):
+    for i, (name, s) in enumerate(series.items()):  # in the caller's order: the same colour for the same part
         c = PALETTE[i % len(PALETTE)]
         good = [(x, y) for x, y in s if math.isfinite(y)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
