@@ -29,6 +29,13 @@ declared size.
   step and steps behave alike) gives ``lr = base_lr * (sigma C / B) / NOISE_REF``, capped at
   ``LR_CAP`` x ``base_lr``: ``base_lr`` (``--lr``) is the rate at the reference noise.
 
+**The erasure reserve.** A federated site's plan keeps ``dp.erasure_reserve`` rounds of local
+steps for erasures (:func:`reserve_steps`): the noise is calibrated so that the training steps and
+the reserved steps, at the schedule's last multiplier, compose to the budget, and the plan stores
+the reserve as mechanism events (``SitePlan.reserve``). Training releases must leave room for
+them (:meth:`~privseg.privacy.budget.BudgetLedger.check_round` ``reserve``); an erasure's spend
+from them (:func:`privseg.privacy.make_private` ``spend_reserve``).
+
 ``DEFAULT_EPOCHS``, ``MIN_STEPS`` and ``NOISE_REF`` are provisional until
 ``benchmarks/privacy_utility.py`` measures them.
 """
