@@ -159,3 +159,19 @@ def test_budget_chart_draws_each_part_of_the_run_and_the_budgets_history(crafted
     height = float(re.search(r"height='(\d+)' role='img' aria-label='ε spent by site H2'", page).group(1))
     legend_y = [float(y) for y in re.findall(r"<rect x='[\d.]+' y='([\d.]+)' width='10'", chart)]
     assert legend_y and min(legend_y) > 240 - 34 > label_y and max(legend_y) < height
+
+
+def test_a_request_that_cannot_be_priced_says_why_and_is_not_approved(crafted):
+    import sqlite3
+
+    root, cohort = crafted
+    con = sqlite3.connect(root / "fed" / "sites" / "H3" / "privacy.sqlite")
+    with con:
+        con.execute("DELETE FROM plans")  # a ledger without its plan: the erasure would refuse too
+    con.close()
+    rid = _file(root, cohort, "H2")
+    dpo = client(root, "dpo")
+    page = dpo.get(f"/runs/fed/requests/{rid}")
+    assert page.status_code == 200 and "cannot be priced" in page.text and "no DP plan" in page.text
+    r = dpo.post(f"/runs/fed/requests/{rid}/approve", data={"csrf": token_of(page.text), "repair_rounds": "0"})
+    assert r.status_code == 409 and Store(root).get("fed", rid)["state"] == "filed"

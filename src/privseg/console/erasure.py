@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from privseg.errors import ConfigError
+from privseg.errors import ConfigError, PrivsegError
 
 # Settings the officer chooses on approval; defaults are the erasure's own.
 SETTING_LIMITS = {"epochs": (1, 1000), "repair_rounds": (0, 100)}
@@ -201,7 +201,10 @@ def quote(run_dir: Path, kind: str, site: str, subjects: list[str], settings: di
     from privseg.unlearn.private import budget_options, price
 
     req = _request(kind, site, subjects, settings=settings)
-    rows = price(run_dir, req)
+    try:
+        rows = price(run_dir, req)
+    except PrivsegError as exc:  # e.g. a site ledger without its plan: the erasure would refuse it too
+        return {"rows": [], "fits": False, "options": [], "error": str(exc), "settings": {}}
     if not rows:
         return None
     fits = all(r["fits"] for r in rows)
@@ -211,6 +214,8 @@ def quote(run_dir: Path, kind: str, site: str, subjects: list[str], settings: di
 
 def refusal(q: dict) -> str:
     """Why an unaffordable request cannot be approved, in one sentence per short site."""
+    if q.get("error"):
+        return f"the erasure cannot be priced: {q['error']}"
     short = [r for r in q["rows"] if not r["fits"]]
     return "; ".join(f"site {r['site']} would reach ε {r['epsilon_after']:.3g} for {r['steps']} DP step(s), over "
                      f"its budget of {r['epsilon_budget']:g} (spent {r['epsilon_spent']:.3g})" for r in short)
