@@ -136,7 +136,7 @@ def test_config_options_take_default_and_help_from_the_config():
                 assert p.default.default == f.default and p.default.min == f.metadata["min"], (config, p.name)
                 assert p.default.help == f.metadata["help"] or p.name == "strategy", (config, p.name)
                 made += 1
-    assert made == 42  # each option of these groups that sets a config field
+    assert made == 45  # each option of these groups that sets a config field
 
 
 def _hinted_classes(err: str) -> str:

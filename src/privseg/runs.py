@@ -51,6 +51,17 @@ def rounds_done(run_dir: Path) -> int:
     return RunState.load_or_new(run_dir).rounds_done if (Path(run_dir) / "state.json").exists() else 0
 
 
+def write_round_zero(cfg, run_dir: Path) -> None:
+    """A new federated run with a warm start (``cfg.train.init``) begins from it: round 0's global
+    checkpoint, written once."""
+    from privseg.federated import RunState
+    from privseg.train.warm_start import write_start
+
+    path = RunState(run_dir).checkpoint_path(0)
+    if cfg.train.init and not path.exists():
+        write_start(cfg.train, path)
+
+
 def run_federated(mode: str, cfg, run_dir: Path, on_round: Callable[[dict], None] | None = None, **kw):
     """Run (or resume) ``cfg`` in RUN_DIR: ``simulation`` (Flower on Ray), ``in-process`` (no Ray)
     or ``deployment`` (SuperLink and SuperNodes); ``kw`` goes to that mode's runner. Returns the
@@ -200,6 +211,23 @@ def erase_from_run(run_dir: Path, request, references: int | None = None, backen
                 if not any(path.parent.iterdir()):
                     path.parent.rmdir()
             raise
+
+
+def erasure_run(run: str) -> Path:
+    """A federated run, or a central run whose erasures `privseg unlearn` recorded in its ledger."""
+    try:
+        return federated_run(run)
+    except DataError:
+        return run_folder(run, marker="erasure/ledger.db", what="federated run or a run with an erasure ledger")
+
+
+def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write the certificate of one erasure request of the run (JSON, printable HTML) into
+    ``out_dir`` (default: RUN/erasure/); returns their paths."""
+    from privseg.audit.certificate import write_certificate
+    from privseg.unlearn.federated import LEDGER
+
+    return write_certificate(run_dir / LEDGER, request_id, out_dir or run_dir / "erasure")
 
 
 def erasure_requests(run_dir: Path) -> list[dict]:

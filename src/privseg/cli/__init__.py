@@ -4,8 +4,6 @@ Each sub-command module parses arguments, calls the API and prints with rich.
 Every :class:`PrivsegError` becomes one line on stderr and exit code 2.
 """
 
-from __future__ import annotations
-
 import sys
 
 import click

@@ -2,12 +2,12 @@
 `privseg audit references` / `privseg audit membership`: reference models kept with a run and the
 per-patient membership test calibrated with them."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import typer
 
+from privseg.audit.mia import audit_checkpoint
+from privseg.audit.reference import ensure_references, run_membership
 from privseg.cli.ui import CLASSES, QUIET, SPLITS, out, phased_progress, with_options
 from privseg.cohorts import open_cohort
 from privseg.report.text import print_membership, print_mia
@@ -23,7 +23,7 @@ def mia(
     checkpoint: Path = typer.Option(..., help="Checkpoint (.pt) to attack."),
     cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     members: str = typer.Option(..., help="Comma-separated subject IDs the model trained on."),
-    non_members: str = typer.Option(..., "--non-members", help="Comma-separated subject IDs it never saw."),
+    non_members: str = typer.Option(..., help="Comma-separated subject IDs it never saw."),
     reference: list[Path] = typer.Option(None, help="Reference checkpoint(s) trained without any scored subject "
                                          "(e.g. the retrained model): calibrates each subject's score (LiRA-style)."),
     statistic: str = typer.Option("loss", help="loss or dice."),
@@ -34,8 +34,6 @@ def mia(
     json_out: Path = _JSON, **o,
 ) -> None:
     """Membership AUC (members vs never-trained subjects) with a bootstrap 95 % interval."""
-    from privseg.audit.mia import audit_checkpoint
-
     c = open_cohort(cohort, o["splits"], o["classes"])
     with phased_progress("membership audit", o["quiet"]) as on_progress:
         res = audit_checkpoint(checkpoint, c, members, non_members, reference_checkpoints=reference or (),
@@ -55,7 +53,7 @@ def _write_and_print(res: dict, json_out: Path | None, quiet: bool, show) -> Non
 @with_options(..., QUIET)
 def references(
     run: Path = typer.Option(..., help="Run folder: a federated run (fl_config.json) or a training run (last.pt)."),
-    n: int = typer.Option(8, "--n", min=2, help="Number of reference models (pairs of complementary halves)."),
+    n: int = typer.Option(8, min=2, help="Number of reference models (pairs of complementary halves)."),
     cohort: Path = typer.Option(None, help="Cohort of a central training run (federated runs know their sites)."),
     seed: int = typer.Option(0, help="Seed of the random halves."),
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for federated references."),
@@ -63,8 +61,6 @@ def references(
 ) -> None:
     """Train the run's reference models (each on a random half of its training patients), or reuse
     those already kept under RUN/audit/references/."""
-    from privseg.audit.reference import ensure_references
-
     say = (lambda k, what: None) if quiet else (lambda k, what: out.print(f"reference {k}: {what}"))
     c = open_cohort(cohort) if cohort else None
     with phased_progress("reference models", quiet) as on_progress:
@@ -86,8 +82,6 @@ def membership(
 ) -> None:
     """Per-patient membership test calibrated with the run's reference models (offline LiRA):
     p-value per patient, population AUC and TPR at 1 % FPR (training vs val/test patients)."""
-    from privseg.audit.reference import run_membership
-
     c = open_cohort(cohort) if cohort else None
     with phased_progress("membership test", quiet) as on_progress:
         res = run_membership(run, checkpoint, cohort=c, views=views, seed=seed, on_progress=on_progress)

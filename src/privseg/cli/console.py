@@ -1,7 +1,5 @@
 """`privseg console`: the privacy officer's web console over a runs folder, and its accounts."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
@@ -33,11 +31,8 @@ def serve(
     `privseg console add-user`."""
     if ctx.invoked_subcommand is None:
         serve_console(runs, host=host, port=port, certfile=certfile, keyfile=keyfile, idle_minutes=idle_minutes,
-                      max_hours=max_hours, on_notice=_notice)
-
-
-def _notice(label: str, text: str) -> None:
-    err.print(f"[yellow]{label}[/yellow]: {text}" if label else text)
+                      max_hours=max_hours,
+                      on_notice=lambda label, text: err.print(f"[yellow]{label}[/yellow]: {text}" if label else text))
 
 
 @app.command("add-user")

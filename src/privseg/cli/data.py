@@ -1,15 +1,14 @@
 """`privseg data synth|check|info`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import typer
 
 from privseg.cli.ui import CLASSES, QUIET, SPLITS, console, out, progress, with_options
 from privseg.cohorts import check_cohorts, open_cohorts
+from privseg.data.synth import synth_cohort, synth_cohort_2d
 from privseg.errors import DataError
-from privseg.report.text import print_cohorts
+from privseg.report.text import print_cohort_check, print_cohorts
 
 app = typer.Typer(no_args_is_help=True, help="Build, check and describe cohorts.")
 
@@ -28,8 +27,6 @@ def synth(
     kind2d: str = typer.Option("dermoscopy", "--kind-2d", help="2D task: dermoscopy or slices."), quiet: bool = False,
 ) -> None:
     """Build the embedded multi-site cohort from the MNI152 template inside nilearn (offline)."""
-    from privseg.data.synth import synth_cohort, synth_cohort_2d
-
     with progress("synthesising", sites * subjects, quiet) as update:
         if dims == 2:
             cohort = synth_cohort_2d(out_dir, sites=sites, subjects=subjects, seed=seed, kind=kind2d,
@@ -53,12 +50,9 @@ def check(path: Path = typer.Argument(..., help="Cohort folder or manifest."), *
     with progress("checking", 0, o["quiet"]) as update:  # the total is known once the cohort is read
         cohorts, n, problems = check_cohorts(path, o["sites_root"], o["splits"], o["classes"],
                                              on_subject=lambda k, total: update(k, total=total if k == 1 else None))
+    print_cohort_check(out, console, path, cohorts, n, problems, o["quiet"])
     if problems:
-        for p in problems:
-            console.print(f"[red]✗[/red] {p}", highlight=False, soft_wrap=True)  # paths stay whole
         raise DataError(path, f"{len(problems)} problem(s) found; {n} subject(s) could be read")
-    if not o["quiet"]:
-        out.print(f"[green]✓[/green] {n} subjects valid ({','.join(sorted({c.format for _, c in cohorts}))}, {path})")
 
 
 @app.command()

@@ -1,44 +1,35 @@
 """`privseg erase` (erase a patient or a site from a federated run, certificates, status)
 and `privseg ledger` (check the erasure ledger's hash chain, list its requests)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import typer
 
+from privseg.audit.ledger import verify_ledgers
 from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
-from privseg.errors import DataError
-from privseg.report.text import print_erasure_requests, print_ledger_checks, print_verification
-from privseg.runs import erase_from_run, erasure_request, erasure_requests, federated_run, run_folder
-from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest
+from privseg.report.text import print_erasure, print_erasure_requests, print_ledger_checks
+from privseg.runs import erase_from_run, erasure_certificate, erasure_request, erasure_requests, erasure_run
+from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest, Thresholds
+from privseg.unlearn.verification import retry_advice
 
 app = typer.Typer(help="Erase a patient or a whole site from a federated run, with verification and a ledger.",
                   invoke_without_command=True)
 ledger_app = typer.Typer(no_args_is_help=True, help="The erasure ledger: hash-chain check and request list.")
 
 
-REQUEST = options_from(ErasureRequest, "target", "epochs", "repair_rounds", "calibration_ratio", "calibration_interval",
-                       "seed")
+REQUEST = options_from(ErasureRequest, "method", "target", "epochs", "repair_rounds", "calibration_ratio",
+                       "calibration_interval", "seed")
+THRESHOLDS = options_from(Thresholds, *DEFAULT_THRESHOLDS, unset=True)  # None: the request takes the default
 
 
 @app.callback()
-@with_options(..., REQUEST, ERASURE, QUIET)
+@with_options(..., REQUEST, THRESHOLDS, ERASURE, QUIET)
 def erase(
     ctx: typer.Context, run: str = typer.Option(None, help="Federated run folder (or its name under runs/)."),
     site: str = typer.Option(None, help="Site (hospital) ID."),
     subject: list[str] = typer.Option(None, help="Patient (subject) ID to erase (repeatable, or A,B)."),
     whole_site: bool = typer.Option(False, "--whole-site", help="Erase the whole site (it leaves the federation)."),
-    method: str = typer.Option(None, help="Patient: an unlearning strategy (default scrub; with reference "
-                               "models, reference_teacher meets the Dice and membership targets best). "
-                               "Site: federaser (default), fedrecover (--param warmup=2 ...) or retrain."),
     param: list[str] = PARAM,
-    max_mia_auc: float = typer.Option(None, help="Pass only if the erased patients' membership AUC <= this "
-                                      f"(default {DEFAULT_THRESHOLDS['max_mia_auc']:g})."),
-    min_retain_dice_ratio: float = typer.Option(None, help="Pass only if retain Dice >= this x the reference's "
-                                                f"(default {DEFAULT_THRESHOLDS['min_retain_dice_ratio']:g})."),
-    min_test_dice_ratio: float = typer.Option(None, help="Pass only if test Dice >= this x the reference's "
-                                              f"(default {DEFAULT_THRESHOLDS['min_test_dice_ratio']:g})."),
     reference: Path = typer.Option(None, help="Checkpoint of a federated retrain without the erased data, to "
                                    "compare with (default: compare with the model before the erasure)."),
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for the federated rounds."),
@@ -57,12 +48,8 @@ def erase(
     say = (lambda stage, msg: None) if quiet else (lambda stage, msg: console.print(f"[bold]{stage}[/bold]: {msg}"))
     res = erase_from_run(run_dir, req, references=references, backend=backend, reference=reference, on_stage=say)
     if not quiet:
-        print_verification(out, res.verification)
-        out.print(f"request {res.request_id}: {res.status}" + (f"; model {res.model}" if res.model else "")
-                  + f"\ncertificate: privseg erase certificate {res.request_id} --run {run_dir}")
+        print_erasure(out, res, run_dir)
     if res.status == "verification-failed":
-        from privseg.unlearn.verification import retry_advice
-
         console.print("[red]verification failed[/red]: the request stays open; re-run it with "
                       + retry_advice(res.verification))
         raise typer.Exit(1)
@@ -77,11 +64,7 @@ def certificate(
     quiet: bool = False,
 ) -> None:
     """Write the certificate of one erasure request (JSON + printable HTML)."""
-    from privseg.audit.certificate import write_certificate
-    from privseg.unlearn.federated import LEDGER
-
-    run_dir = _ledger_run(run)
-    j, h = write_certificate(run_dir / LEDGER, request, out_dir or run_dir / "erasure")
+    j, h = erasure_certificate(erasure_run(run), request, out_dir)
     if not quiet:
         out.print(f"certificate: {h}\nrecord: {j}")
 
@@ -89,14 +72,13 @@ def certificate(
 @app.command()
 def status(run: str = typer.Option(..., help="Run folder, federated or central (or its name under runs/).")) -> None:
     """List the erasure requests of a run and their state (a stage started and never ended: running, or killed)."""
-    _list_requests(_ledger_run(run))
+    run_dir = erasure_run(run)
+    print_erasure_requests(out, run_dir, erasure_requests(run_dir))
 
 
 @ledger_app.command()
 def verify(paths: list[Path] = typer.Argument(..., help="Run folders, runs roots, or ledger.db files.")) -> None:
     """Recompute each erasure ledger's hash chain; exit 1 if any is broken."""
-    from privseg.audit.ledger import verify_ledgers
-
     checks = verify_ledgers(paths)
     print_ledger_checks(out, checks)
     if not all(c["ok"] for c in checks):
@@ -106,20 +88,6 @@ def verify(paths: list[Path] = typer.Argument(..., help="Run folders, runs roots
 @ledger_app.command("show")
 def show(run: str = typer.Argument(..., help="Run folder, federated or central (or its name under runs/).")) -> None:
     """List the erasure requests recorded in a run's ledger."""
-    _list_requests(_ledger_run(run))
+    run_dir = erasure_run(run)
+    print_erasure_requests(out, run_dir, erasure_requests(run_dir))
 
-
-def _ledger_run(run: str) -> Path:
-    """A federated run, or a central run whose erasures `privseg unlearn` recorded in its ledger."""
-    try:
-        return federated_run(run)
-    except DataError:
-        return run_folder(run, marker="erasure/ledger.db", what="federated run or a run with an erasure ledger")
-
-
-def _list_requests(run_dir: Path) -> None:
-    requests = erasure_requests(run_dir)
-    print_erasure_requests(out, run_dir, requests)
-    for r in (r for r in requests if r["status"] in ("requested", "failed") or r["status"].endswith(" started")):
-        out.print(f"{r['request']}: {r['status']} at {r['at']} UTC, not finished (running now, or stopped): the same "
-                  "command again continues it", highlight=False)

@@ -1,7 +1,5 @@
 """`privseg export RUN|CHECKPOINT --format F --out DIR` and `privseg export verify DIR`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import typer
@@ -9,6 +7,7 @@ from typer.core import TyperGroup
 
 from privseg.cli.ui import out
 from privseg.export import FORMATS, export_model, verify_export
+from privseg.report.text import print_export_check
 
 
 class _ExportGroup(TyperGroup):
@@ -51,10 +50,6 @@ def verify(export_dir: Path = typer.Argument(..., help="An export folder."),
     """Check the exported files' hashes and recompute the privacy statement from the run; exit 1 if
     it no longer holds."""
     r = verify_export(export_dir, run)
-    for line in r["checked"]:
-        out.print(f"checked: {line}")
-    for p in r["problems"]:
-        out.print(f"[red]FAIL[/red] {p}")
-    out.print("statement holds" if r["ok"] else "[red]the export's statement does not hold[/red]")
+    print_export_check(out, r)
     if not r["ok"]:
         raise typer.Exit(1)

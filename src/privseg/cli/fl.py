@@ -1,7 +1,5 @@
 """`privseg fl run|deploy|status`: federated training with Flower."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
@@ -11,9 +9,12 @@ from privseg.cli import ui
 from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, options_from, out, take, with_options
 from privseg.cohorts import site_window_warnings
 from privseg.federated import FLConfig, RunState
+from privseg.federated.assemble import fl_config_from_options, site_plans
+from privseg.federated.deploy import INSECURE_WARNING
 from privseg.federated.strategies import FL_STRATEGIES
-from privseg.report.text import print_budget, print_fl_status, round_info
-from privseg.runs import check_outcome, rounds_done, run_federated, run_folder
+from privseg.privacy.budget import budget_status
+from privseg.report.text import fl_start_text, print_budget, print_fl_status, round_info
+from privseg.runs import check_outcome, rounds_done, run_federated, run_folder, write_round_zero
 
 app = typer.Typer(no_args_is_help=True, help="Federated training across hospitals (Flower).")
 _NAME = "Run name: the run folder is RUNS/NAME; an existing run resumes."
@@ -21,34 +22,27 @@ _NAME = "Run name: the run folder is RUNS/NAME; an existing run resumes."
 
 def SITES(
     cohort: Path = typer.Option(None, help="Multi-site cohort (folder or manifest): every site of it is a site."),
-    site: list[str] = typer.Option(None, "--site", help="ID=FOLDER of one site's data, any supported format "
-                                   "(repeatable)."),
+    site: list[str] = typer.Option(None, help="ID=FOLDER of one site's data, any supported format (repeatable)."),
     sites_root: Path = typer.Option(None, help="Folder with one sub-folder per site (the folder name is the site ID)."),
-    only_site: list[str] = typer.Option(None, "--only-site", help="With --cohort: use only these sites (repeatable)."),
+    only_site: list[str] = typer.Option(None, help="With --cohort: use only these sites (repeatable)."),
 ): ...
 
 
+# one-liners (PEP 8: no blank lines between them)
 def NAME(name: str = typer.Option("fl", help=_NAME)): ...
-
-
 def STRATEGY_PARAM(strategy_param: list[str] = typer.Option(
-        None, "--strategy-param", help="The FL strategy's own parameter KEY=VALUE (repeatable), e.g. "
-        "server_learning_rate=1.5 for fedavgm.")): ...
-
-
+        None, help="The FL strategy's own parameter KEY=VALUE (repeatable), e.g. server_learning_rate=1.5 for "
+        "fedavgm.")): ...
 FEDERATION = options_from(FLConfig, "rounds", "strategy", "local_steps", "mu", STRATEGY_PARAM, "min_sites", "fraction",
                           "eval_every", "keep_updates", "round_timeout", rename={"mu": "proximal_mu"},
                           helps={"strategy": "One of: " + ", ".join(FL_STRATEGIES) + "."})
 
 
 def FL_DP(
-    site_budget: list[str] = typer.Option(None, "--site-budget", help="SITE=EPSILON[,DELTA]: a stricter budget for "
-                                          "one site (repeatable)."),
-    dp_config: Path = typer.Option(None, "--dp-config", help='JSON file with DP settings, e.g. {"sites": {"H2": '
-                                   '{"epsilon": 3}}}.'),
+    site_budget: list[str] = typer.Option(None, help="SITE=EPSILON[,DELTA]: a stricter budget for one site "
+                                          "(repeatable)."),
+    dp_config: Path = typer.Option(None, help='JSON file with DP settings, e.g. {"sites": {"H2": {"epsilon": 3}}}.'),
 ): ...
-
-
 _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=typer.Option(
     "cpu", help="cpu, cuda or auto, for local training."), dp=typer.Option(
     "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."))
@@ -56,36 +50,17 @@ _GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, FL_DP, SPLITS, QUIE
 
 
 def _fl(mode: str, o: dict, **kw) -> None:
-    from privseg.federated.assemble import fl_config_from_options
-
     runs_dir, quiet = o.pop("runs_dir"), o.pop("quiet")
     cfg = fl_config_from_options(privacy={**take(o, DP), **take(o, FL_DP)}, **o)
-    _run_common(mode, cfg, runs_dir, quiet, **kw)
-
-
-def _run_common(mode: str, cfg, runs_dir: Path, quiet: bool, **kw) -> None:
-    from privseg.privacy.budget import budget_status
-
     run_dir = runs_dir / cfg.name
     done = rounds_done(run_dir)
     for warning in site_window_warnings(cfg.sites, private=cfg.privacy is not None):  # even with --quiet
         ui.warn(warning)
     if not quiet:
-        console.print(f"[bold]{mode}[/bold] run {cfg.name}: {cfg.strategy}, {len(cfg.sites)} sites "
-                      f"({', '.join(cfg.site_ids)}), {cfg.rounds} rounds x {cfg.local_steps} local steps"
-                      + (f", resuming after round {done}" if 0 < done < cfg.rounds else ""))
-    dp = cfg.privacy
-    if dp is not None and dp.unit == "patient" and dp.plan == "auto" and not quiet:
-        from privseg.privacy.plan import plan_for
-
-        for site in cfg.site_ids:  # public figures only: what each site will compute for itself
-            out.print(f"[{site}] " + plan_for(dp, site, cfg.train.steps, base_lr=cfg.train.lr,
-                                              local_steps=cfg.local_steps).describe(),
-                      highlight=False)
-    if cfg.train.init and not RunState(run_dir).checkpoint_path(0).exists():  # round 0 is the warm start
-        from privseg.train.warm_start import write_start
-
-        write_start(cfg.train, RunState(run_dir).checkpoint_path(0))
+        console.print(fl_start_text(mode, cfg, done))
+        for line in site_plans(cfg):
+            out.print(line, highlight=False)
+    write_round_zero(cfg, run_dir)
     with ui.progress(f"fl {mode}", cfg.rounds, quiet) as update:
         update(min(done, cfg.rounds))
         state = run_federated(mode, cfg, run_dir, on_round=lambda e: update(int(e["round"]), round_info(e)), **kw)
@@ -127,8 +102,6 @@ def deploy(
     """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them.
     With --dp patient|site, the same accounting as `fl run` (each site's ledger in its state folder)."""
     if insecure:  # printed even with --quiet: a security downgrade is never silent
-        from privseg.federated.deploy import INSECURE_WARNING
-
         console.print(f"[bold yellow]privseg: warning:[/bold yellow] --insecure: {INSECURE_WARNING}", highlight=False)
     _fl("deployment", o, superlink=superlink, root_certificates=root_certificates, insecure=insecure,
         supernode_auth=supernode_auth)

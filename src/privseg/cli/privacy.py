@@ -1,18 +1,20 @@
 """`privseg privacy status|budget|train`: budgets and central DP training (`privseg fl run --dp`
 takes the same DP options, from cli/ui.py)."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
 import typer
 
 from privseg.cli import ui
-from privseg.cli.ui import CLASSES, DP, JSON, QUIET, RUNS, SPLITS, STEPS, TRAINING, console, out, take, with_options
+from privseg.cli.ui import CLASSES, COHORT, DP, JSON, QUIET, RUNS, SPLITS, STEPS, TRAINING, out, take, with_options
 from privseg.cohorts import open_cohort, train_config
 from privseg.data.intensity import check_window
 from privseg.errors import ConfigError
+from privseg.privacy import train_private
+from privseg.privacy.budget import budget_status, change_budget
+from privseg.privacy.plan import plan_for
+from privseg.privacy.spec import dp_from_options
 from privseg.report.text import print_budget
 from privseg.runs import run_folder
 
@@ -26,54 +28,43 @@ def RUN(run: str = typer.Argument(..., help="Run name, run folder, or privacy.sq
 @with_options(RUN, RUNS, JSON)
 def status(run: str, **o) -> None:
     """Spent and remaining privacy budget per site."""
-    from privseg.privacy.budget import budget_status
-
     path = run_folder(run, o["runs_dir"])
     rows = budget_status(path)
     if o["json_out"]:
         out.print_json(json.dumps(rows))
         return
-    print_budget(out, console, rows, path)
+    print_budget(out, ui.console, rows, path)
 
 
 @app.command()
 @with_options(RUN, ..., RUNS)
 def budget(
-    run: str, site: str = typer.Option(..., "--site", help="The site whose budget changes."),
-    epsilon: float = typer.Option(..., "--epsilon", help="Its new total epsilon budget (delta unchanged)."), **o,
+    run: str, site: str = typer.Option(..., help="The site whose budget changes."),
+    epsilon: float = typer.Option(..., help="Its new total epsilon budget (delta unchanged)."), **o,
 ) -> None:
     """Change one site's epsilon budget (e.g. so it can pay for an erasure): a decision recorded in
     its ledger. The noise plan stays as it was; only how far the ledger lets the site go changes."""
-    from privseg.privacy.budget import change_budget
-
     c = change_budget(run_folder(run, o["runs_dir"]), site, epsilon)
     out.print(f"site {site}: epsilon budget {c['old']:g} -> {epsilon:g} (spent {c['spent']:.4g}, delta "
               f"{c['delta']:g}) in {c['ledger']}")
 
 
 @app.command()
-@with_options(..., STEPS, TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option("group", help="group or instance "
-              "(not batch)."), subjects_per_step=typer.Option(2, min=1, help="Expected subjects per step (Poisson "
-              "rate q = this/n, under --plan none)."))
-def train(
-    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
-    out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."), **o,
-) -> None:
+@with_options(COHORT, ..., STEPS, TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option(
+              "group", help="group or instance (not batch)."), subjects_per_step=typer.Option(
+              2, min=1, help="Expected subjects per step (Poisson rate q = this/n, under --plan none)."))
+def train(out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."),
+          **o) -> None:
     """Central patient-level DP-SGD training (all training subjects in one place)."""
-    from privseg.privacy import train_private
-    from privseg.privacy.spec import dp_from_options
-
     dp = dp_from_options(**take(o, DP))
     if dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
-    c = open_cohort(cohort, o["splits"], o["classes"])
+    c = open_cohort(o["cohort"], o["splits"], o["classes"])
     if warning := check_window(c, private=True, how='"ct_window": [LO, HI] in the cohort manifest\'s info or '
                                "dataset.json"):
         ui.warn(warning)
     cfg = train_config(c, record_ct_window=False, **take(o, STEPS), **take(o, TRAINING))
     if dp.plan == "auto" and not o["quiet"]:
-        from privseg.privacy.plan import plan_for
-
         out.print(plan_for(dp, "central", cfg.steps, base_lr=cfg.lr).describe(), highlight=False)
     with ui.progress("DP training", cfg.steps, o["quiet"]) as update:
         r = train_private(c, cfg, dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))

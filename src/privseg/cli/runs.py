@@ -1,8 +1,6 @@
 """`privseg runs list|show`: find past runs (train, federated, unlearn) under a runs folder;
 `privseg report RUN`: one self-contained HTML report of one."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

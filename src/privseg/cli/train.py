@@ -1,7 +1,5 @@
 """`privseg train|evaluate|predict|unlearn`: a model trained, scored, applied, and made to forget."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import typer
@@ -10,15 +8,20 @@ from privseg.cli import ui
 from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, STEPS, TRAINING, take, with_options
 from privseg.cohorts import open_cohort, train_config
 from privseg.data.intensity import check_window
-from privseg.report.text import print_dice, print_unlearning, print_verification
+from privseg.errors import ConfigError
+from privseg.export import predict_export
+from privseg.report.text import print_central_erasure, print_dice
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
 from privseg.train.warm_start import public_kind, train_public
+from privseg.unlearn import parse_ids
+from privseg.unlearn.central import erase_central, membership_lines
 from privseg.unlearn.request import ErasureRequest
 from privseg.utils import parse_params, write_json
 
 
 def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt).")): ...
+UNLEARN = ui.options_from(ErasureRequest, "target", "epochs", "seed")  # resolved as privseg erase resolves them
 
 
 @with_options(COHORT, ..., STEPS, TRAINING, *READING, SPACING, QUIET)
@@ -66,11 +69,7 @@ def predict(subject: str = typer.Option(None, help="Subject ID to segment."), ou
     the image's affine and header; for a 2D cohort a PNG mask of the image's size, in the dataset's
     label values (e.g. 0/255 where the masks are 0/255). With --bundle DIR, the export segments
     --image FILE (or --cohort's --subject)."""
-    from privseg.errors import ConfigError
-
     if bundle:
-        from privseg.export import predict_export
-
         images = image or (open_cohort(o["cohort"], o["splits"]).subject(subject).images if o["cohort"] else [])
         ui.out.print(f"wrote {predict_export(bundle, list(images), out_path)}")
         return
@@ -78,9 +77,6 @@ def predict(subject: str = typer.Option(None, help="Subject ID to segment."), ou
         raise ConfigError("give --checkpoint, --cohort and --subject (or --bundle DIR with --image FILE)")
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"], o["checkpoint"])
     ui.out.print(f"wrote {predict_subject(o['checkpoint'], c, subject, out_path)}")
-
-
-UNLEARN = ui.options_from(ErasureRequest, "target", "epochs", "seed")  # resolved as privseg erase resolves them
 
 
 @with_options(..., UNLEARN, ERASURE, *READING, QUIET)
@@ -103,9 +99,6 @@ def unlearn(
     OUT/report.json, the ledger of the checkpoint's folder, each stage recorded when it starts and
     ends; run it again after a crash to continue). With reference models, each patient's membership
     test is shown first; a patient it does not flag stops the erasure unless --even-if-unflagged."""
-    from privseg.unlearn import parse_ids
-    from privseg.unlearn.central import erase_central, membership_lines
-
     ids = parse_ids(forget, "--forget")
     c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"], checkpoint)
 
@@ -125,10 +118,7 @@ def unlearn(
         ui.console.print("nothing measurable to forget: nothing was recorded; --even-if-unflagged erases anyway")
         raise typer.Exit(1)
     if not o["quiet"]:
-        print_unlearning(ui.out, res.result, res.result.report["strategy"], res.result.report["target"])
-        print_verification(ui.out, res.verification)  # the checks as the certificate states them (NO POWER too)
-        ui.out.print(f"ledger: {res.ledger} (request {res.request_id})"
-                     + (f"\ncertificate: {res.certificate[1]}" if res.certificate else ""))
+        print_central_erasure(ui.out, res)
     if res.status != "completed":  # said even under --quiet: the ledger records the erasure as not completed
         ui.console.print(f"[red]erasure verification failed[/red] (request {res.request_id}, not completed): "
                          + "; ".join(res.verification["failed_checks"]))

@@ -4,9 +4,8 @@ option that sets a field of a library config (``TrainConfig``, ``DPConfig``, ``F
 ``ErasureRequest``) is made from that field with :func:`options_from`: its default and help text
 are written once, in the config."""
 
-from __future__ import annotations
-
 import inspect
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -23,12 +22,8 @@ silence_known_noise()
 PARAM = typer.Option(None, help="Strategy hyper-parameter KEY=VALUE (repeatable).")
 
 
-def progress(description: str, total: int, quiet: bool = False):
-    return text.progress(description, total, quiet, console=console)
-
-
-def phased_progress(description: str, quiet: bool = False):
-    return text.phased_progress(description, quiet, console=console)
+progress = partial(text.progress, console=console)  # (description, total, quiet) on stderr
+phased_progress = partial(text.phased_progress, console=console)  # (description, quiet) on stderr
 
 
 def warn(text: str) -> None:
@@ -53,12 +48,14 @@ def with_options(*groups, **replaced):
     return decorate
 
 
-def options_from(config, *names, rename: dict | None = None, switches: tuple = (), helps: dict | None = None):
+def options_from(config, *names, rename: dict | None = None, switches: tuple = (), helps: dict | None = None,
+                 unset: bool = False):
     """An option group (for :func:`with_options`) made from fields of the dataclass ``config``:
     option ``--x-y`` sets field ``x_y`` (``rename`` maps an option to a field of another name) and
     takes the field's default, help and ``min`` (:func:`privseg.utils.setting`). A name in
     ``switches`` is an on-switch (no ``--no-`` form); ``helps`` replace help texts; a group among
-    ``names`` adds its own options there."""
+    ``names`` adds its own options there. With ``unset``, an option left out is None (the library
+    takes the default) and its help names the default."""
     fields, hints = config.__dataclass_fields__, inspect.get_annotations(config, eval_str=True)
     params = []
     for name in names:
@@ -66,8 +63,10 @@ def options_from(config, *names, rename: dict | None = None, switches: tuple = (
             params += inspect.signature(name, eval_str=True).parameters.values()
             continue
         f = fields[(rename or {}).get(name, name)]
-        option = typer.Option(f.default, *(["--" + name.replace("_", "-")] if name in switches else []),
-                              help=(helps or {}).get(name, f.metadata["help"]), min=f.metadata["min"])
+        text = (helps or {}).get(name, f.metadata["help"])
+        text, default = (f"{text[:-1]} (default {f.default:g}).", None) if unset else (text, f.default)
+        option = typer.Option(default, *(["--" + name.replace("_", "-")] if name in switches else []), help=text,
+                              min=f.metadata["min"])
         params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
                                         annotation=hints[f.name]))
 
@@ -82,44 +81,27 @@ def take(options: dict, group) -> dict:
     return {k: options.pop(k) for k in inspect.signature(group).parameters}
 
 
+# Option groups shared by several commands: related one-liners, so (PEP 8) without blank lines between them.
 def QUIET(quiet: bool = typer.Option(False, "--quiet", "-q")): ...
-
-
 def RUNS(runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run folders.")): ...
-
-
 def JSON(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")): ...
-
-
 def COHORT(cohort: Path = typer.Option(..., help="Cohort folder or manifest.")): ...
-
-
-ERASURE = options_from(ErasureRequest, "statistic", "reason", "requested_by", "approved_by")
-
-
 def SPLITS(splits: Path = typer.Option(None, help="Pin the splits from a file: nnU-Net's splits_final.json (fold "
                                        "0), or a CSV with columns id,site,split (optional patient), e.g. a run's "
                                        "splits.csv.")): ...
-
-
 def CLASSES(classes: str = typer.Option(None, help="Declare the classes of a plain NIfTI or 2D image folder, one "
                                         "name per label value 0, 1, 2, ..., e.g. background,lesion.")): ...
-
-
 def CT_WINDOW(ct_window: str = typer.Option(
         None, metavar="LO,HI", help="CT intensity window in HU mapped to [0, 1], e.g. --ct-window=0,80 for brain "
         "(default: the cohort's ct_window in its manifest info or dataset.json, else -200,300). Recorded in the "
         "checkpoint, so evaluate/predict/unlearn use it again.")): ...
-
-
 def SPACING(spacing: str = typer.Option(
         None, metavar="MM", help="Resample 3D volumes to this voxel spacing in mm: one number (isotropic) or X,Y,Z, "
         "e.g. 1 or 1,1,3 (default: keep each volume's own). Recorded in the checkpoint.")): ...
-
-
 def PATCH(patch: int = typer.Option(64, min=8, help="Patch side in voxels.")): ...
 
 
+ERASURE = options_from(ErasureRequest, "statistic", "reason", "requested_by", "approved_by")
 STEPS = options_from(TrainConfig, "steps")
 TRAINING = options_from(TrainConfig, "model", "norm", PATCH, "subjects_per_step", "patches_per_subject", "lr", "seed",
                         "device", "init", "trainable")

@@ -11,6 +11,7 @@ from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.sites import SiteSpec, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
 from privseg.privacy import DPConfig, check_dp_model
+from privseg.privacy.plan import plan_for
 from privseg.privacy.spec import dp_from_options
 from privseg.train import TrainConfig
 from privseg.utils import check_id, parse_params
@@ -86,3 +87,13 @@ def fl_config_from_options(*, cohort: str | Path | None = None, site: Sequence[s
     dp = dp_from_options(**(privacy or {}))
     return build_fl_config(sites=federation_sites(cohort, site, sites_root, only_site, splits), dp=dp,
                            strategy_params=strategy_params, **settings)
+
+
+def site_plans(cfg: FLConfig) -> list[str]:
+    """Each site's DP step plan, for a patient-level run planned ``auto`` (none otherwise): public
+    figures only, what each site will compute for itself."""
+    dp = cfg.privacy
+    if dp is None or dp.unit != "patient" or dp.plan != "auto":
+        return []
+    return [f"[{site}] " + plan_for(dp, site, cfg.train.steps, base_lr=cfg.train.lr,
+                                    local_steps=cfg.local_steps).describe() for site in cfg.site_ids]

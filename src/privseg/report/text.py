@@ -157,6 +157,13 @@ def round_info(e: dict) -> str:
     return "  ".join(parts)
 
 
+def fl_start_text(mode: str, cfg, done: int) -> str:
+    """The line a federated run starts with: its mode, strategy, sites and rounds (and where it resumes)."""
+    return (f"[bold]{mode}[/bold] run {cfg.name}: {cfg.strategy}, {len(cfg.sites)} sites ({', '.join(cfg.site_ids)}), "
+            f"{cfg.rounds} rounds x {cfg.local_steps} local steps"
+            + (f", resuming after round {done}" if 0 < done < cfg.rounds else ""))
+
+
 def rounds_text(rounds: Sequence[dict], rounds_done: int, planned: int | None) -> str:
     """A federated run's rounds in words: its training rounds against the plan, then the rounds
     that erasures added (repair or retraining rounds, tagged ``erasure``: not part of the plan)."""
@@ -257,10 +264,21 @@ def print_verification(out: Console, ver: dict) -> None:
 
 
 def print_erasure_requests(out: Console, run_dir: Path, requests: list[dict]) -> None:
+    """The erasure requests of a run, then a line for each one not finished (running now, or stopped)."""
     rows = [[r["request"], r.get("kind"), r.get("site"), ",".join(r.get("subjects") or []) or "-", r["status"],
              {True: "pass", False: "FAIL"}.get(r.get("passed"), "-"), r.get("requested_at", "")] for r in requests]
     out.print(table(f"erasure requests of {run_dir.name}", ["request", "kind", "site", "subjects", "status",
                                                             "verification", "requested"], rows))
+    for r in (r for r in requests if r["status"] in ("requested", "failed") or r["status"].endswith(" started")):
+        out.print(f"{r['request']}: {r['status']} at {r['at']} UTC, not finished (running now, or stopped): the same "
+                  "command again continues it", highlight=False)
+
+
+def print_erasure(out: Console, res, run_dir: Path) -> None:
+    """An erasure request's outcome (``privseg erase``): its verification, status, model and certificate."""
+    print_verification(out, res.verification)
+    out.print(f"request {res.request_id}: {res.status}" + (f"; model {res.model}" if res.model else "")
+              + f"\ncertificate: privseg erase certificate {res.request_id} --run {run_dir}")
 
 
 def print_ledger_checks(out: Console, checks: list[dict]) -> None:
@@ -268,6 +286,15 @@ def print_ledger_checks(out: Console, checks: list[dict]) -> None:
     for c in checks:
         out.print(f"{c['path']}: intact ({c['entries']} entries, head {c['head'][:16]}...)" if c["ok"]
                   else f"{c['path']}: BROKEN\n  " + "\n  ".join(c["problems"]))
+
+
+def print_export_check(out: Console, r: dict) -> None:
+    """An export's check (``verify_export``): what was checked, each problem, and the verdict."""
+    for line in r["checked"]:
+        out.print(f"checked: {line}")
+    for p in r["problems"]:
+        out.print(f"[red]FAIL[/red] {p}")
+    out.print("statement holds" if r["ok"] else "[red]the export's statement does not hold[/red]")
 
 
 # -- models: evaluation, unlearning, membership --------------------------------------------------
@@ -302,6 +329,15 @@ def print_unlearning(out: Console, result, strategy: str, target: str) -> None:
     if "time_ratio" in r:
         out.print(f"time / retrain = {r['time_ratio']:.3f}  (speed-up {r['speedup']:.1f}x)")
     out.print(f"checkpoint: {result.checkpoint}\nreport: {result.report_path}")
+
+
+def print_central_erasure(out: Console, res) -> None:
+    """A central erasure (``privseg unlearn``): the unlearning report, the checks as the certificate
+    states them (NO POWER too), the ledger and the certificate."""
+    print_unlearning(out, res.result, res.result.report["strategy"], res.result.report["target"])
+    print_verification(out, res.verification)
+    out.print(f"ledger: {res.ledger} (request {res.request_id})"
+              + (f"\ncertificate: {res.certificate[1]}" if res.certificate else ""))
 
 
 def print_mia(out: Console, res: dict) -> None:
@@ -344,6 +380,15 @@ def print_run(out: Console, info: dict) -> None:
     out.print(table("run", ["key", "value"], [[k, v] for k, v in head.items() if v is not None]))
     out.print(table("config", ["key", "value"], [[k, _cell(v)] for k, v in (info.get("config") or {}).items()]))
     out.print(table("final metrics", ["key", "value"], [[k, _cell(v)] for k, v in (info.get("final") or {}).items()]))
+
+
+def print_cohort_check(out: Console, err: Console, path: Path, cohorts: list, n: int, problems: list[str],
+                       quiet: bool = False) -> None:
+    """`privseg data check`: every problem found (on ``err``), or the cohort's subjects valid."""
+    for p in problems:
+        err.print(f"[red]✗[/red] {p}", highlight=False, soft_wrap=True)  # paths stay whole
+    if not problems and not quiet:
+        out.print(f"[green]✓[/green] {n} subjects valid ({','.join(sorted({c.format for _, c in cohorts}))}, {path})")
 
 
 def print_cohorts(out: Console, cohorts: list[tuple[str | None, object]], subjects: bool = False) -> None:

@@ -18,10 +18,22 @@ from privseg.federated.sites import read_site_cohort, site_subjects
 from privseg.utils import check_id, parse_ids, setting
 
 KINDS = ("patient", "site")
-DEFAULT_THRESHOLDS = {"max_mia_auc": 0.55, "min_retain_dice_ratio": 0.95, "min_test_dice_ratio": 0.95}
 LEDGER = "erasure/ledger.db"
 
 StageCallback = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What an erasure's verification passes with (:data:`DEFAULT_THRESHOLDS`); the help texts of
+    `privseg erase`'s options are in the fields' metadata."""
+
+    max_mia_auc: float = setting(0.55, "Pass only if the erased patients' membership AUC <= this.")
+    min_retain_dice_ratio: float = setting(0.95, "Pass only if retain Dice >= this x the reference's.")
+    min_test_dice_ratio: float = setting(0.95, "Pass only if test Dice >= this x the reference's.")
+
+
+DEFAULT_THRESHOLDS = asdict(Thresholds())
 
 
 @dataclass
@@ -42,7 +54,9 @@ class ErasureRequest:
     requested_by: str = setting("", "Who asked, for the erasure ledger.")
     approved_by: str = setting("", "Who approved the request (e.g. the data-protection officer), for the ledger and "
                                "the certificate.")  # not part of the request ID
-    method: str | None = None
+    method: str | None = setting(None, "Patient: an unlearning strategy (default scrub; with reference models, "
+                                 "reference_teacher meets the Dice and membership targets best). Site: federaser "
+                                 "(default), fedrecover (--param warmup=2 ...) or retrain.")
     params: dict = field(default_factory=dict)
     target: str | None = setting(None, "Patient: unseen (stop when the patient looks never-seen), calibrated (stop "
                                  "when the run's reference models no longer tell it from never-seen patients; needs "
