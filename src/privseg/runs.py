@@ -221,6 +221,12 @@ def erasure_run(run: str) -> Path:
         return run_folder(run, marker="erasure/ledger.db", what="federated run or a run with an erasure ledger")
 
 
+def run_requests(run: str) -> tuple[Path, list[dict]]:
+    """The run folder RUN names (:func:`erasure_run`) and the erasure requests of its ledger."""
+    run_dir = erasure_run(run)
+    return run_dir, erasure_requests(run_dir)
+
+
 def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write the certificate of one erasure request of the run (JSON, printable HTML) into
     ``out_dir`` (default: RUN/erasure/); returns their paths."""

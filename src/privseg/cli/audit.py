@@ -8,9 +8,9 @@ import typer
 
 from privseg.audit.mia import audit_checkpoint
 from privseg.audit.reference import ensure_references, run_membership
-from privseg.cli.ui import CLASSES, QUIET, SPLITS, out, phased_progress, with_options
+from privseg.cli.ui import CLASSES, COHORT, QUIET, SPLITS, out, phased_progress, with_options
 from privseg.cohorts import open_cohort
-from privseg.report.text import print_membership, print_mia
+from privseg.report.text import print_membership, print_mia, print_references
 from privseg.utils import write_json
 
 app = typer.Typer(no_args_is_help=True, help="Audits: membership inference.")
@@ -18,10 +18,9 @@ _JSON = typer.Option(None, "--out", "--json", help="Write the result as JSON.")
 
 
 @app.command()
-@with_options(..., SPLITS, CLASSES, QUIET)
+@with_options(..., COHORT, SPLITS, CLASSES, QUIET)
 def mia(
     checkpoint: Path = typer.Option(..., help="Checkpoint (.pt) to attack."),
-    cohort: Path = typer.Option(..., help="Cohort folder or manifest."),
     members: str = typer.Option(..., help="Comma-separated subject IDs the model trained on."),
     non_members: str = typer.Option(..., help="Comma-separated subject IDs it never saw."),
     reference: list[Path] = typer.Option(None, help="Reference checkpoint(s) trained without any scored subject "
@@ -34,7 +33,7 @@ def mia(
     json_out: Path = _JSON, **o,
 ) -> None:
     """Membership AUC (members vs never-trained subjects) with a bootstrap 95 % interval."""
-    c = open_cohort(cohort, o["splits"], o["classes"])
+    c = open_cohort(o["cohort"], o["splits"], o["classes"])
     with phased_progress("membership audit", o["quiet"]) as on_progress:
         res = audit_checkpoint(checkpoint, c, members, non_members, reference_checkpoints=reference or (),
                                statistic=statistic, views=views, seed=seed, allow_small=not refuse_small,
@@ -67,8 +66,7 @@ def references(
         refs = ensure_references(run, n, seed=seed, backend=backend, cohort=c, on_reference=say,
                                  on_progress=on_progress)
     if not quiet:
-        out.print(f"{len(refs.references)} reference models in {refs.folder} ({len(refs.trained)} trained, "
-                  f"{len(refs.reused)} reused)")
+        print_references(out, refs)
 
 
 @app.command()

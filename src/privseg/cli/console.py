@@ -10,7 +10,7 @@ from privseg.cli.ui import out
 from privseg.console import serve as serve_console
 from privseg.console.accounts import Accounts
 from privseg.console.runs import known_sites
-from privseg.report.text import table
+from privseg.report.text import print_users
 
 app = typer.Typer(help="The privacy officer's web console: erasure requests, budgets, certificates, with roles.",
                   invoke_without_command=True)
@@ -61,8 +61,7 @@ def add_user(
 @app.command("users")
 def users(runs: Path = _RUNS) -> None:
     """List the console's accounts."""
-    out.print(table(f"console users ({runs})", ["name", "role", "site"],
-                    [[u.name, u.role, u.site or "all"] for u in Accounts(runs).users()]))
+    print_users(out, runs, Accounts(runs).users())
 
 
 @app.command("remove-user")

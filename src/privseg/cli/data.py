@@ -6,7 +6,7 @@ import typer
 
 from privseg.cli.ui import CLASSES, QUIET, SPLITS, console, out, progress, with_options
 from privseg.cohorts import check_cohorts, open_cohorts
-from privseg.data.synth import synth_cohort, synth_cohort_2d
+from privseg.data.synth import synth_cohort_nd
 from privseg.errors import DataError
 from privseg.report.text import print_cohort_check, print_cohorts
 
@@ -28,12 +28,8 @@ def synth(
 ) -> None:
     """Build the embedded multi-site cohort from the MNI152 template inside nilearn (offline)."""
     with progress("synthesising", sites * subjects, quiet) as update:
-        if dims == 2:
-            cohort = synth_cohort_2d(out_dir, sites=sites, subjects=subjects, seed=seed, kind=kind2d,
-                                     progress=lambda done, _total: update(done))
-        else:
-            cohort = synth_cohort(out_dir, sites=sites, subjects=subjects, size=size, seed=seed, layout=layout,
-                                  lesions=lesions, progress=lambda done, _total: update(done))
+        cohort = synth_cohort_nd(out_dir, dims, kind=kind2d, size=size, layout=layout, lesions=lesions, sites=sites,
+                                 subjects=subjects, seed=seed, progress=lambda done, _total: update(done))
     if not quiet:
         out.print(f"wrote {len(cohort.subjects)} subjects at {len(cohort.sites)} sites to {out_dir}")
 

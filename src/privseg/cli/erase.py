@@ -8,7 +8,7 @@ import typer
 from privseg.audit.ledger import verify_ledgers
 from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
 from privseg.report.text import print_erasure, print_erasure_requests, print_ledger_checks
-from privseg.runs import erase_from_run, erasure_certificate, erasure_request, erasure_requests, erasure_run
+from privseg.runs import erase_from_run, erasure_certificate, erasure_request, erasure_run, run_requests
 from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest, Thresholds
 from privseg.unlearn.verification import retry_advice
 
@@ -72,8 +72,7 @@ def certificate(
 @app.command()
 def status(run: str = typer.Option(..., help="Run folder, federated or central (or its name under runs/).")) -> None:
     """List the erasure requests of a run and their state (a stage started and never ended: running, or killed)."""
-    run_dir = erasure_run(run)
-    print_erasure_requests(out, run_dir, erasure_requests(run_dir))
+    print_erasure_requests(out, *run_requests(run))
 
 
 @ledger_app.command()
@@ -88,6 +87,5 @@ def verify(paths: list[Path] = typer.Argument(..., help="Run folders, runs roots
 @ledger_app.command("show")
 def show(run: str = typer.Argument(..., help="Run folder, federated or central (or its name under runs/).")) -> None:
     """List the erasure requests recorded in a run's ledger."""
-    run_dir = erasure_run(run)
-    print_erasure_requests(out, run_dir, erasure_requests(run_dir))
+    print_erasure_requests(out, *run_requests(run))
 

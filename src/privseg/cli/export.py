@@ -7,7 +7,7 @@ from typer.core import TyperGroup
 
 from privseg.cli.ui import out
 from privseg.export import FORMATS, export_model, verify_export
-from privseg.report.text import print_export_check
+from privseg.report.text import print_export, print_export_check
 
 
 class _ExportGroup(TyperGroup):
@@ -40,8 +40,7 @@ def model(
     """Export the model SOURCE serves (after an erasure, the erased model)."""
     m = export_model(source, fmt, out_dir, cohort=cohort, modality=modality, allow_pending=allow_pending,
                      force=force, evaluate=evaluate)
-    out.print(f"exported {m['privseg']['format']} to {out_dir} ({len(m['privseg']['files'])} files; model card "
-              f"{out_dir / ('docs/README.md' if fmt == 'monai-bundle' else 'README.md')})")
+    print_export(out, m, out_dir)
 
 
 @app.command("verify")

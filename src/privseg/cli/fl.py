@@ -93,10 +93,9 @@ def deploy(
     root_certificates: Path = typer.Option(None, help="CA certificate of --superlink."),
     insecure: bool = typer.Option(False, help="No TLS and no SuperNode authentication (default: TLS with "
                                   "certificates generated for loopback). Prints a warning; for debugging only."),
-    supernode_auth: bool = typer.Option(None, "--supernode-auth/--no-supernode-auth",
-                                        help="Authenticate each SuperNode with its own key pair (default: on when "
-                                        "privseg starts the SuperLink with TLS; with --superlink, register the keys "
-                                        "in deploy/certs/nodes/ yourself)."),
+    supernode_auth: bool = typer.Option(None, help="Authenticate each SuperNode with its own key pair (default: on "
+                                        "when privseg starts the SuperLink with TLS; with --superlink, register the "
+                                        "keys in deploy/certs/nodes/ yourself)."),
     **o,
 ) -> None:
     """Start a SuperLink and one SuperNode per site on this machine, run with `flwr run`, stop them.
@@ -112,7 +111,4 @@ def deploy(
 def status(name: str = typer.Argument("fl", help="Run name (or a run folder path)."), **o) -> None:
     """Rounds, sites and metrics of a federated run."""
     state = RunState.load(run_folder(name, o["runs_dir"], "fl_config.json"))
-    if o["json_out"]:
-        out.print_json(json.dumps(state.data, default=str))
-        return
-    print_fl_status(out, state)
+    out.print_json(json.dumps(state.data, default=str)) if o["json_out"] else print_fl_status(out, state)

@@ -15,7 +15,7 @@ from privseg.privacy import train_private
 from privseg.privacy.budget import budget_status, change_budget
 from privseg.privacy.plan import plan_for
 from privseg.privacy.spec import dp_from_options
-from privseg.report.text import print_budget
+from privseg.report.text import print_budget, print_budget_change, print_dp_training
 from privseg.runs import run_folder
 
 app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
@@ -30,10 +30,7 @@ def status(run: str, **o) -> None:
     """Spent and remaining privacy budget per site."""
     path = run_folder(run, o["runs_dir"])
     rows = budget_status(path)
-    if o["json_out"]:
-        out.print_json(json.dumps(rows))
-        return
-    print_budget(out, ui.console, rows, path)
+    out.print_json(json.dumps(rows)) if o["json_out"] else print_budget(out, ui.console, rows, path)
 
 
 @app.command()
@@ -44,9 +41,7 @@ def budget(
 ) -> None:
     """Change one site's epsilon budget (e.g. so it can pay for an erasure): a decision recorded in
     its ledger. The noise plan stays as it was; only how far the ledger lets the site go changes."""
-    c = change_budget(run_folder(run, o["runs_dir"]), site, epsilon)
-    out.print(f"site {site}: epsilon budget {c['old']:g} -> {epsilon:g} (spent {c['spent']:.4g}, delta "
-              f"{c['delta']:g}) in {c['ledger']}")
+    print_budget_change(out, site, epsilon, change_budget(run_folder(run, o["runs_dir"]), site, epsilon))
 
 
 @app.command()
@@ -60,15 +55,11 @@ def train(out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run
     if dp.unit != "patient":
         raise ConfigError("--dp site needs a federation: use `privseg fl run --dp site`")
     c = open_cohort(o["cohort"], o["splits"], o["classes"])
-    if warning := check_window(c, private=True, how='"ct_window": [LO, HI] in the cohort manifest\'s info or '
-                               "dataset.json"):
-        ui.warn(warning)
+    ui.warn(check_window(c, private=True, how='"ct_window": [LO, HI] in the cohort manifest\'s info or dataset.json'))
     cfg = train_config(c, record_ct_window=False, **take(o, STEPS), **take(o, TRAINING))
     if dp.plan == "auto" and not o["quiet"]:
         out.print(plan_for(dp, "central", cfg.steps, base_lr=cfg.lr).describe(), highlight=False)
     with ui.progress("DP training", cfg.steps, o["quiet"]) as update:
         r = train_private(c, cfg, dp, out_dir, on_step=lambda s, n, loss: update(s, f"loss {loss:.3f}"))
     if not o["quiet"]:
-        out.print(f"checkpoint: {r['checkpoint']}  epsilon={r['epsilon']:.3f} at delta={r['delta']:g} (budget "
-                  f"{r['budget']:g}; noise multiplier {r['noise_multiplier']:.3f}, q={r['q']:.3g}, final clip "
-                  f"{r['clip']:.4g})")
+        print_dp_training(out, r)

@@ -8,7 +8,7 @@ import typer
 
 from privseg.cli.ui import QUIET, out, progress, with_options
 from privseg.report import build_report
-from privseg.report.text import print_run, print_runs
+from privseg.report.text import print_run, print_runs, runs_json
 from privseg.report.tracking import find_runs
 from privseg.runs import find_run
 
@@ -20,12 +20,8 @@ def list_runs(root: Path = typer.Argument(Path("runs"), help="Runs folder (searc
               kind: str = typer.Option(None, help="Only this kind: train, federated or unlearn."),
               json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Name, kind, date, status and key metric of every run, newest first."""
-    runs = [r for r in find_runs(root) if kind is None or r["kind"] == kind]
-    if json_out:
-        out.print_json(json.dumps([{k: v for k, v in r.items() if k not in ("config", "final")} for r in runs],
-                                  default=str))
-    else:
-        print_runs(out, runs, root)
+    runs = find_runs(root, kind=kind)
+    out.print_json(runs_json(runs)) if json_out else print_runs(out, runs, root)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from privseg.cohorts import open_cohort, train_config
 from privseg.data.intensity import check_window
 from privseg.errors import ConfigError
 from privseg.export import predict_export
-from privseg.report.text import print_central_erasure, print_dice
+from privseg.report.text import print_central_erasure, print_dice, print_training
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
 from privseg.train.warm_start import public_kind, train_public
@@ -32,8 +32,7 @@ def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run fo
     """Train a segmentation model on a cohort's training subjects."""
     c = open_cohort(o["cohort"], o["splits"], o["classes"], o["ct_window"])
     cfg = train_config(c, spacing=o["spacing"], **take(o, STEPS), **take(o, TRAINING))
-    if warning := check_window(c, private=False, how="--ct-window {lo},{hi} (recorded in the checkpoint)"):
-        ui.warn(warning)
+    ui.warn(check_window(c, private=False, how="--ct-window {lo},{hi} (recorded in the checkpoint)"))
     with ui.progress("training", cfg.steps, o["quiet"]) as update:
         step = lambda s, n, loss: update(s, f"loss {loss:.3f}")  # noqa: E731
         if public:
@@ -41,8 +40,7 @@ def train(out_dir: Path = typer.Option(Path("runs/train"), "--out", help="Run fo
             return
         r = Trainer(c, cfg, out_dir).fit(resume=resume, on_step=step)
     if not o["quiet"]:
-        resumed = f", resumed from step {r['resumed_from']}" if r["resumed_from"] else ""  # 0: a fresh run
-        ui.out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s{resumed})")
+        print_training(ui.out, r)
 
 
 @with_options(MODEL, COHORT, ..., *READING, QUIET)
@@ -99,7 +97,6 @@ def unlearn(
     OUT/report.json, the ledger of the checkpoint's folder, each stage recorded when it starts and
     ends; run it again after a crash to continue). With reference models, each patient's membership
     test is shown first; a patient it does not flag stops the erasure unless --even-if-unflagged."""
-    ids = parse_ids(forget, "--forget")
     c = open_cohort(cohort, o["splits"], o["classes"], o["ct_window"], checkpoint)
 
     def on_membership(before: dict) -> bool:
@@ -108,8 +105,8 @@ def unlearn(
 
     with ui.progress("unlearning", 100, o["quiet"]) as update:
         res = erase_central(
-            checkpoint, c, ids, strategy, fix_decoder=fix_decoder, params=parse_params(param), out_dir=out_dir,
-            retrain_checkpoint=retrain, check_every=check_every, device=device,
+            checkpoint, c, parse_ids(forget, "--forget"), strategy, fix_decoder=fix_decoder, params=parse_params(param),
+            out_dir=out_dir, retrain_checkpoint=retrain, check_every=check_every, device=device,
             certificate_dir=certificate, on_membership=on_membership, **take(o, UNLEARN), **take(o, ERASURE),
             on_stage=None if o["quiet"] else lambda st, msg: ui.console.print(f"{st}: {msg}", highlight=False),
             on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)), f"step {s}/{n} loss {loss:.3f}"),

@@ -26,9 +26,10 @@ progress = partial(text.progress, console=console)  # (description, total, quiet
 phased_progress = partial(text.phased_progress, console=console)  # (description, quiet) on stderr
 
 
-def warn(text: str) -> None:
-    """A warning on stderr, even under --quiet."""
-    console.print(f"[bold yellow]privseg: warning:[/bold yellow] {text}", highlight=False, soft_wrap=True)
+def warn(text: str | None) -> None:
+    """A warning on stderr, even under --quiet (none when ``text`` is empty)."""
+    if text:
+        console.print(f"[bold yellow]privseg: warning:[/bold yellow] {text}", highlight=False, soft_wrap=True)
 
 
 def with_options(*groups, **replaced):

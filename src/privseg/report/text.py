@@ -240,6 +240,18 @@ def print_budget(out: Console, err: Console, rows: list[dict], path: Path) -> No
 
 
 # -- erasure -------------------------------------------------------------------------------------
+def print_users(out: Console, runs: Path, users) -> None:
+    """The console's accounts (``Accounts.users``): name, role and site."""
+    rows = [[u.name, u.role, u.site or "all"] for u in users]
+    out.print(table(f"console users ({runs})", ["name", "role", "site"], rows))
+
+
+def print_budget_change(out: Console, site: str, epsilon: float, c: dict) -> None:
+    """A site's budget changed (``change_budget``): old and new epsilon, spent, delta and the ledger."""
+    out.print(f"site {site}: epsilon budget {c['old']:g} -> {epsilon:g} (spent {c['spent']:.4g}, delta "
+              f"{c['delta']:g}) in {c['ledger']}")
+
+
 def print_verification(out: Console, ver: dict) -> None:
     """An erasure's verification: the models compared, each check against its bound, and the
     calibrated membership statements."""
@@ -288,6 +300,13 @@ def print_ledger_checks(out: Console, checks: list[dict]) -> None:
                   else f"{c['path']}: BROKEN\n  " + "\n  ".join(c["problems"]))
 
 
+def print_export(out: Console, manifest: dict, out_dir: Path) -> None:
+    """An export written (``export_model``'s manifest): its format, files and model card."""
+    card = "docs/README.md" if manifest["privseg"]["format"] == "monai-bundle" else "README.md"
+    out.print(f"exported {manifest['privseg']['format']} to {out_dir} ({len(manifest['privseg']['files'])} files; "
+              f"model card {out_dir / card})")
+
+
 def print_export_check(out: Console, r: dict) -> None:
     """An export's check (``verify_export``): what was checked, each problem, and the verdict."""
     for line in r["checked"]:
@@ -331,6 +350,25 @@ def print_unlearning(out: Console, result, strategy: str, target: str) -> None:
     out.print(f"checkpoint: {result.checkpoint}\nreport: {result.report_path}")
 
 
+def print_training(out: Console, r: dict) -> None:
+    """A finished training run (``Trainer.fit``): its checkpoint, time, and where it resumed."""
+    resumed = f", resumed from step {r['resumed_from']}" if r["resumed_from"] else ""  # 0: a fresh run
+    out.print(f"checkpoint: {r['checkpoint']}  ({r['seconds']:.0f} s{resumed})")
+
+
+def print_dp_training(out: Console, r: dict) -> None:
+    """A finished central DP training run (``train_private``): its checkpoint and what it spent."""
+    out.print(f"checkpoint: {r['checkpoint']}  epsilon={r['epsilon']:.3f} at delta={r['delta']:g} (budget "
+              f"{r['budget']:g}; noise multiplier {r['noise_multiplier']:.3f}, q={r['q']:.3g}, final clip "
+              f"{r['clip']:.4g})")
+
+
+def print_references(out: Console, refs) -> None:
+    """A run's reference models (``ensure_references``): how many, where, trained now or reused."""
+    out.print(f"{len(refs.references)} reference models in {refs.folder} ({len(refs.trained)} trained, "
+              f"{len(refs.reused)} reused)")
+
+
 def print_central_erasure(out: Console, res) -> None:
     """A central erasure (``privseg unlearn``): the unlearning report, the checks as the certificate
     states them (NO POWER too), the ledger and the certificate."""
@@ -371,6 +409,11 @@ def print_runs(out: Console, runs: list[dict], root: Path) -> None:
              r["metric"] if r.get("metric") is not None else "-", r["path"]] for r in runs]
     out.print(table(f"{len(runs)} run(s) under {root}", ["name", "kind", "date", "status", "key metric", "value",
                                                           "path"], rows))
+
+
+def runs_json(runs: list[dict]) -> str:
+    """Runs (as ``find_runs`` lists them) as JSON, without their config and final metrics."""
+    return json.dumps([{k: v for k, v in r.items() if k not in ("config", "final")} for r in runs], default=str)
 
 
 def print_run(out: Console, info: dict) -> None:

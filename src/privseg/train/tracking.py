@@ -248,8 +248,9 @@ def describe_run(run_dir: str | os.PathLike) -> dict | None:
             "cohort": run.get("cohort_path")}
 
 
-def find_runs(root: str | os.PathLike = "runs", max_depth: int = 3) -> list[dict]:
-    """Every run folder under ``root`` (``root`` itself included), newest first."""
+def find_runs(root: str | os.PathLike = "runs", max_depth: int = 3, kind: str | None = None) -> list[dict]:
+    """Every run folder under ``root`` (``root`` itself included), newest first; with ``kind``, only
+    the runs of that kind (train, federated or unlearn)."""
     from privseg.errors import DataError
 
     root = Path(root)
@@ -273,4 +274,4 @@ def find_runs(root: str | os.PathLike = "runs", max_depth: int = 3) -> list[dict
                 walk(c, depth + 1)
 
     walk(root, 0)
-    return sorted(found, key=lambda r: -(r.get("date") or 0))
+    return sorted((r for r in found if kind is None or r["kind"] == kind), key=lambda r: -(r.get("date") or 0))

@@ -58,6 +58,7 @@ from privseg.data.synth.builders import (
     power_cohort,
     synth_cohort,
     synth_cohort_2d,
+    synth_cohort_nd,
 )
 from privseg.data.synth.dermoscopy import render_dermoscopy
 from privseg.data.synth.params import SynthParams
@@ -76,5 +77,5 @@ __all__ = [
     "MODALITIES", "MRBRAINS_FILES", "POWER_MIA", "POWER_MIN_NEVER_SEEN", "POWER_MIN_TRAIN", "POWER_SIZE",
     "POWER_SUBJECTS", "POWER_TEST_FRACTION", "POWER_TRAINING", "SCANNER_PROFILES", "TISSUE_CLASSES",
     "CameraProfile", "ScannerProfile", "SynthParams", "SynthSubject", "default_profiles", "power_cohort",
-    "render_dermoscopy", "render_subject", "synth_cohort", "synth_cohort_2d",
+    "render_dermoscopy", "render_subject", "synth_cohort", "synth_cohort_2d", "synth_cohort_nd",
 ]

@@ -139,6 +139,16 @@ def _slice_png(size: int, prof: ScannerProfile, seed: int, si: int, j: int, lesi
     return pixels, label, spacing
 
 
+def synth_cohort_nd(out: str | Path, dims: int, *, kind: str, size: int, layout: str, lesions: bool | str,
+                    **common) -> Cohort:
+    """`privseg data synth`'s cohort: with ``dims`` 2, a 2D one of ``kind`` (:func:`synth_cohort_2d`, its
+    own image size, no lesions); else the 3D one (:func:`synth_cohort`). ``common``: sites, subjects,
+    seed, progress and the rest both take."""
+    if dims == 2:
+        return synth_cohort_2d(out, kind=kind, **common)
+    return synth_cohort(out, size=size, layout=layout, lesions=lesions, **common)
+
+
 def synth_cohort_2d(
     out: str | Path, *, sites: int = 3, subjects: int = 8, size: int = 128, seed: int = 0, kind: str = "slices",
     lesions: bool | str = False, profiles: Sequence[str] | None = None, test_fraction: float = 0.25,
