@@ -1,0 +1,114 @@
+"""Personalised federated models and the per-site guard (privseg.federated.personalise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_blob_subject, write_nifti
+from privseg.cli import main as cli_main
+from privseg.data.cohort import Cohort, Subject, assign_splits
+from privseg.errors import ConfigError
+from privseg.federated import FLConfig, check_sites, sites_from_cohort
+from privseg.federated.personalise import METHODS, personalise, read_personalisation, register
+from privseg.federated.simulation import simulate_inprocess
+from privseg.train import TrainConfig, load_checkpoint
+
+
+def odd_site_cohort(root: Path, per_site: int = 5, size: int = 16) -> Cohort:
+    """3 sites of blobs with validation and test patients; site H3 labels the other way round (its
+    'organ' is the others' core and vice versa): the global model cannot serve it and its own can."""
+    rng = np.random.default_rng(0)
+    subjects = []
+    for s in range(3):
+        for k in range(per_site):
+            sid = f"S{s}{k:02d}"
+            image, label = make_blob_subject(rng, size)
+            if s == 2:
+                label = np.choose(label, [0, 2, 1]).astype(np.uint8)
+            img = write_nifti(root / "images" / f"{sid}.nii.gz", image)
+            lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
+            subjects.append(Subject(id=sid, site=f"H{s + 1}", images=(str(img),), label=str(lab), modality="T1"))
+    cohort = Cohort(subjects=assign_splits(subjects, val_fraction=0.2, test_fraction=0.2, seed=0),
+                    classes=["background", "organ", "core"], channels=["T1"], name="odd", root=root)
+    cohort.save()
+    return cohort
+
+
+def fl_config(cohort: Cohort, **kw) -> FLConfig:
+    info = check_sites(sites_from_cohort(cohort.root))
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=1e-2, device="cpu", subjects_per_step=2,
+                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
+    return FLConfig(**{"name": "p", "sites": sites_from_cohort(cohort.root), "train": tc, "rounds": 4,
+                       "local_steps": 5, "eval_every": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pers")
+    cohort = odd_site_cohort(root / "odd")
+    simulate_inprocess(fl_config(cohort), root / "run")
+    return root / "run"
+
+
+def test_guard_serves_the_local_model_at_the_site_whose_data_differ(trained):
+    # H3 labels the other way round: its own model beats the federation's on validation, and is served
+    alone = personalise(trained, methods=["local"])["sites"]
+    assert alone["H3"]["serves"] == "local" and alone["H3"]["val_dice"]["local"] > alone["H3"]["val_dice"]["global"]
+    assert alone["H3"]["test_dice"]["local"] > alone["H3"]["test_dice"]["global"]  # and it holds on test
+    result = personalise(trained, epochs=2)
+    assert read_personalisation(trained) == json.loads(json.dumps(result))
+    assert result["sites"]["H3"]["serves"] != "global"  # fine-tuning can adapt too; never the global model there
+    for site, rec in result["sites"].items():
+        assert set(rec["val_dice"]) == set(rec["test_dice"]) == {"global", "finetune", "local"}
+        # the guard: the served model is the best on validation, never worse than global or local there
+        best = max(rec["val_dice"].values())
+        assert rec["val_dice"][rec["serves"]] == best
+        assert rec["val_patients"] == 1 and rec["test_patients"] == 1
+        # the models are kept at the site, the global one in the run
+        for name, file in (("finetune", "personal.pt"), ("local", "local.pt")):
+            assert rec["checkpoints"][name] == f"sites/{site}/{file}"
+            payload = load_checkpoint(trained / rec["checkpoints"][name])
+            assert payload["extra"]["personalisation"] == {"site": site, "method": name, "global_round": 4}
+        assert (trained / rec["checkpoints"]["global"]).is_file()
+        ft = rec["methods"]["finetune"]
+        assert 1 <= ft["epochs_run"] <= 2 and 0 <= ft["best_epoch"] <= ft["epochs_run"]
+        assert ft["val_dice_per_epoch"][0] == rec["val_dice"]["global"]  # epoch 0 is the global model
+        assert rec["methods"]["local"]["steps"] == 20  # the federation's budget: 4 rounds x 5 local steps
+        # the fine-tuned model is the best epoch's: its validation Dice is the best of the epochs run
+        assert rec["val_dice"]["finetune"] == pytest.approx(max(ft["val_dice_per_epoch"]))
+    # `privseg fl status` shows the per-site choice
+    assert cli_main(["fl", "status", str(trained)]) == 0
+
+
+def test_duplicate_method_names_and_bad_requests_are_refused(trained, tmp_path):
+    with pytest.raises(ConfigError, match="already registered"):
+        register("finetune", file="x.pt")(lambda site, epochs: (None, {}))
+    with pytest.raises(ConfigError, match="already registered"):
+        register("global", file="x.pt")(lambda site, epochs: (None, {}))
+    assert set(METHODS) >= {"finetune", "local"}
+    with pytest.raises(ConfigError, match="--method ditto"):
+        personalise(trained, methods=["ditto"])
+    with pytest.raises(ConfigError, match="--epochs"):
+        personalise(trained, epochs=0)
+
+
+def test_personalisation_needs_validation_patients_and_refuses_dp(tmp_path, trained):
+    from conftest import make_tiny_cohort
+
+    cohort = make_tiny_cohort(tmp_path / "noval", sites=2, per_site=3, size=16)  # train and test only
+    simulate_inprocess(fl_config(cohort, rounds=1, local_steps=1), tmp_path / "run")
+    with pytest.raises(ConfigError, match="site H1: no validation patients"):
+        personalise(tmp_path / "run", methods=["local"])
+    cfg = FLConfig.load(trained)
+    from privseg.privacy import DPConfig
+
+    dp = tmp_path / "dp"
+    dp.mkdir()
+    FLConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "privacy": DPConfig()}).save(dp)
+    (dp / "state.json").write_text((trained / "state.json").read_text())
+    with pytest.raises(ConfigError, match="differential privacy"):
+        personalise(dp)
