@@ -34,6 +34,11 @@ Population figures over members vs non-members: AUC of ``t`` and the TPR at 1 % 
 et al. argue the low-FPR regime is what matters). With fewer than 100 non-members an FPR of 1 %
 cannot be resolved; the threshold is then the highest non-member ``t`` (FPR 0) and
 ``fpr_resolution`` says so.
+
+With few reference models (two complementary halves: one OUT model per training patient) the
+per-patient Gaussian cannot be fitted; :func:`rmia_test` (after RMIA, Zarifzadeh et al., ICML
+2024) takes the null from the never-seen population instead. :func:`run_test` picks between
+them (:data:`TESTS`) and records which.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from privseg.errors import ConfigError
 
 ALPHA = 0.05  # flagged as a member when p < ALPHA
 MIN_OUT = 2  # a mean and a spread need at least two OUT scores
+MIN_POPULATION = 3  # RMIA-style test: a population mean and spread need a few never-seen patients
 STATISTICS = ("loss", "dice")
 
 
@@ -112,6 +118,95 @@ def per_patient_test(target: Mapping[str, float], refs: Sequence[Mapping[str, fl
             "n_references": len(refs)}
 
 
+def rmia_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], saw: Sequence[set],
+              never_seen: Sequence[str] = (), alpha: float = ALPHA) -> dict:
+    """A membership test that works with one OUT reference per patient, in the spirit of RMIA
+    (Zarifzadeh, Liu, Cheng and Shokri, "Low-Cost High-Power Membership Inference Attacks",
+    ICML 2024).
+
+    RMIA divides the target model's likelihood of ``x`` by the reference models' (``LR(x)``) and
+    asks how often that ratio beats the ratio of population samples ``z`` (patients nobody trained
+    on): a member's ``LR(x)/LR(z)`` exceeds 1 for most ``z``. The null distribution therefore
+    comes from the population, not from the spread between reference models, so one or two
+    references suffice (LiRA's per-patient Gaussian needs several OUT models per patient).
+
+    Here, on the near-Gaussian scale of :func:`lira_score` (a log-likelihood): ``r(x) = s(x) -
+    mean of the OUT references' scores of x`` (RMIA's ``log LR`` with the references' geometric
+    mean as ``p(x)``), and the population's ``r(z)`` over ``never_seen``. The per-patient p-value
+    is parametric, so that a few dozen population patients give p-values below 0.05:
+
+        t = (r(x) - mean r(z)) / sqrt(v_m * (1 + 1/|Z|)),   p = P(T_{|Z|-1} >= t)
+
+    where ``v_m`` is the variance of ``r`` for a patient with ``m`` OUT references: the
+    population's variance of ``r`` plus the references' within-patient variance times
+    ``1/m - 1/n_z`` (a population patient's ``r`` averages its ``n_z`` references, a training
+    patient of complementary halves has fewer OUT ones). ``rmia_score`` is RMIA's own statistic
+    (``gamma = 1``): the fraction of population patients whose ratio ``x`` beats. Same keys as
+    :func:`per_patient_test` (``t``, ``p``, ``flagged``, ``log_lr`` of the IN references when any)."""
+    if len(refs) != len(saw):
+        raise ConfigError("one set of trained-on patients per reference model is needed")
+    outs, ins = {}, {}
+    for pid in target:
+        outs[pid], ins[pid] = _out_in(pid, refs, saw)
+    none = sorted(p for p, o in outs.items() if not o)
+    if none:
+        raise ConfigError(f"membership test refused: every reference model trained on patient(s) "
+                          f"{', '.join(none[:10])}; train more reference models (privseg audit references --run RUN "
+                          "--n N)")
+    pop = [p for p in dict.fromkeys(never_seen) if p in target and len(outs[p]) >= 2]
+    if len(pop) < MIN_POPULATION:
+        raise ConfigError(f"membership test with few reference models refused: it needs at least {MIN_POPULATION} "
+                          f"scored patients that no model trained on, each scored by 2 or more references "
+                          f"(got {len(pop)}); add never-seen (val/test) patients")
+    r = {p: float(target[p] - np.mean(outs[p])) for p in target}
+    rz = np.array([r[p] for p in pop])
+    mean, var_pop = float(rz.mean()), float(rz.var(ddof=1))
+    ss = sum(float(np.sum((np.asarray(outs[p]) - np.mean(outs[p])) ** 2)) for p in pop)
+    var_ref = ss / sum(len(outs[p]) - 1 for p in pop)
+    inv_nz = float(np.mean([1 / len(outs[p]) for p in pop]))
+    if var_pop <= 0:
+        raise ConfigError("membership test refused: the population patients' ratios do not vary (no spread to "
+                          "calibrate against)")
+    df = len(pop) - 1
+    rows = {}
+    for p in target:
+        m = len(outs[p])
+        v = var_pop + var_ref * max(1 / m - inv_nz, 0.0)
+        t = (r[p] - mean) / math.sqrt(v * (1 + 1 / len(pop)))
+        mu_out = float(np.mean(outs[p]))
+        row = {"score": float(target[p]), "n_out": m, "n_in": len(ins[p]), "mu_out": mu_out, "t": t,
+               "p": float(stats.t.sf(t, df)), "rmia_score": float(np.mean(r[p] > rz)), "log_lr": None}
+        if ins[p]:
+            s, mu_in, sd2 = target[p] - mean, float(np.mean(ins[p])), v
+            row["mu_in"] = mu_in
+            row["log_lr"] = float(((s - mu_out) ** 2 - (s - mu_in) ** 2) / (2 * sd2))
+        row["flagged"] = row["p"] < alpha
+        rows[p] = row
+    return {"patients": rows, "sd": math.sqrt(var_pop), "df": df, "shift": mean, "n_shift": len(pop),
+            "alpha": alpha, "n_references": len(refs)}
+
+
+# The per-patient tests, by name: every caller (the verification, the stopping rule, `privseg audit
+# membership`) goes through run_test, which records the one it used.
+TESTS = {"lira": per_patient_test, "rmia": rmia_test}
+TEST_CHOICES = ("auto", *TESTS)
+
+
+def choose_test(target: Mapping[str, float], saw: Sequence[set]) -> str:
+    """``lira`` when every patient has MIN_OUT or more OUT references (its per-patient Gaussian
+    can be fitted), else ``rmia`` (e.g. two complementary-half references: one OUT each)."""
+    return "lira" if all(sum(p not in s for s in saw) >= MIN_OUT for p in target) else "rmia"
+
+
+def run_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], saw: Sequence[set],
+             never_seen: Sequence[str] = (), alpha: float = ALPHA, test: str = "auto") -> dict:
+    """The per-patient test ``test`` (one of :data:`TEST_CHOICES`; ``auto``: :func:`choose_test`)."""
+    if test not in TEST_CHOICES:
+        raise ConfigError(f"membership test {test!r} is not one of {', '.join(TEST_CHOICES)}")
+    name = choose_test(target, saw) if test == "auto" else test
+    return {**TESTS[name](target, refs, saw, never_seen, alpha), "test": name}
+
+
 def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float], fpr: float = 0.01) -> dict:
     """TPR at the threshold whose FPR on ``nonmembers`` is at most ``fpr`` (higher = member)."""
     m, n = np.sort(np.asarray(members, float)), np.sort(np.asarray(nonmembers, float))
@@ -156,5 +251,6 @@ def erasure_check(before: dict, after: dict, erased: Sequence[str], alpha: float
     else:
         result = "pass" if all(r["indistinguishable_after"] for r in powered) else "fail"
     return {"result": result, "alpha": alpha, "subjects": rows, "n_references": after["n_references"],
+            "test": after.get("test", "lira"),
             "value": min(r["p_after"] for r in powered) if powered else None,
             "no_power": [r["id"] for r in rows if not r["flagged_before"]]}

@@ -367,12 +367,14 @@ def superseded(run_dir: str | Path, subjects: Sequence[str]) -> list[dict]:
 
 def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size, num_classes: int, *,
                members: Sequence[str], nonmembers: Sequence[str], views: int = 2, seed: int = 0,
-               statistic: str = "loss", alpha: float = lira.ALPHA, on_progress: OnProgress | None = None) -> dict:
+               statistic: str = "loss", alpha: float = lira.ALPHA, test: str = "auto",
+               on_progress: OnProgress | None = None) -> dict:
     """Per-patient calibrated test of ``model`` on ``items`` (every patient to test), plus the
     population AUC and TPR at 1 % FPR over ``members`` (the model's training patients) vs
     ``nonmembers`` (patients it never saw). The shift of :mod:`privseg.audit.lira` is estimated
     on the non-members that no reference saw either. ``on_progress``: one phase per model scored
-    (a reference's cached scores count at once)."""
+    (a reference's cached scores count at once). ``test``: :func:`privseg.audit.lira.run_test`'s
+    (``auto``: LiRA with 2+ OUT references per patient, else the RMIA-style test)."""
     from privseg.audit.mia import phase_counter, subject_statistics
 
     ids = [it["id"] for it in items]
@@ -391,7 +393,7 @@ def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size
         for j, ref in enumerate(refs.references)]
     saw = [ref.patients for ref in refs.references]
     anyone = set().union(*saw)
-    test = lira.per_patient_test(target, ref_scores, saw, [p for p in nonmembers if p not in anyone], alpha)
+    test = lira.run_test(target, ref_scores, saw, [p for p in nonmembers if p not in anyone], alpha, test)
     for p, row in test["patients"].items():
         row["loss"], row["dice"] = model_rows[p]["loss"], model_rows[p]["dice"]
     test["population"] = lira.population(test, [p for p in members if p in target],
@@ -453,7 +455,7 @@ STOP_P = 0.1  # stop at twice ALPHA: a margin for the repair rounds that follow 
 
 def calibrated_stopper(refs: ReferenceSet, forget: Sequence[dict], never_seen: Sequence[dict], patch_size,
                        num_classes: int, *, views: int = 2, seed: int = 0, statistic: str = "loss",
-                       stop_p: float = STOP_P, utility_fraction: float = 0.9,
+                       stop_p: float = STOP_P, utility_fraction: float = 0.9, test: str = "auto",
                        log: list | None = None) -> Callable[[int, object], bool]:
     """``should_stop(step, model)`` for local unlearning: True once the calibrated test no longer
     tells any ``forget`` patient from patients nobody trained on (every p >= ``stop_p``), while
@@ -487,16 +489,17 @@ def calibrated_stopper(refs: ReferenceSet, forget: Sequence[dict], never_seen: S
                                                      _view_seed(seed, it["id"]))[0] for it in items}
         finally:
             model.train(was_training)
-        test = lira.per_patient_test({p: lira.lira_score(r, statistic) for p, r in rows.items()}, ref_scores, saw,
-                                     nobody)
-        p_forget = {it["id"]: test["patients"][it["id"]]["p"] for it in forget}
+        res = lira.run_test({p: lira.lira_score(r, statistic) for p, r in rows.items()}, ref_scores, saw, nobody,
+                            test=test)
+        p_forget = {it["id"]: res["patients"][it["id"]]["p"] for it in forget}
         dice = float(np.mean([rows[it["id"]]["dice"] for it in never_seen]))
         if not floor:
             floor.append(utility_fraction * dice)
         done = min(p_forget.values()) >= stop_p and dice >= floor[0]
         if log is not None:
             log.append({"step": step, "p": p_forget, "never_seen_dice": dice, "utility_floor": floor[0],
-                        "stop_p": stop_p, "statistic": statistic, "stop": done})
+                        "stop_p": stop_p, "statistic": statistic, "test": res["test"],
+                        "stop": done})
         return done
 
     return should_stop

@@ -1,0 +1,66 @@
+"""The membership test with few reference models (RMIA-style, :func:`privseg.audit.lira.rmia_test`):
+calibrated under the null with two complementary-half references, members told from non-members,
+the choice between it and LiRA, and bad input refused."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from privseg.audit import lira
+from privseg.errors import ConfigError
+
+
+def _two_refs(seed: int, n: int = 2000, gain: float = 0.25, member_gain: float = 0.0):
+    """Patients with their own difficulty; two references trained on complementary halves of the
+    first half (the pool; IN adds 1.0); the model under test better overall by ``gain`` and, when
+    ``member_gain`` > 0, trained on the pool (its members score ``member_gain`` higher)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"P{i}" for i in range(n)]
+    difficulty = rng.normal(0, 1, n)
+    pool = ids[: n // 2]
+    saw = [set(), set()]
+    for p in pool:
+        saw[int(rng.integers(2))].add(p)
+    refs = [{p: difficulty[i] + rng.normal(0, 0.3) + (1.0 if p in saw[k] else 0.0) for i, p in enumerate(ids)}
+            for k in range(2)]
+    target = {p: difficulty[i] + rng.normal(0, 0.3) + gain + (member_gain if i < n // 2 else 0.0)
+              for i, p in enumerate(ids)}
+    return ids, pool, target, refs, saw
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_p_values_are_uniform_when_the_model_saw_nobody(seed):
+    ids, pool, target, refs, saw = _two_refs(seed)
+    res = lira.run_test(target, refs, saw, never_seen=ids[len(ids) // 2:])
+    assert res["test"] == "rmia"  # one OUT reference per pool patient: LiRA cannot fit its Gaussian
+    for group in (pool, ids[len(ids) // 2:]):  # 1 OUT reference, and 2
+        p = np.array([res["patients"][q]["p"] for q in group])
+        assert 0.03 <= (p < 0.05).mean() <= 0.07
+        assert stats.kstest(p, "uniform").pvalue > 0.001
+    assert abs(res["shift"] - 0.25) < 0.05  # the whole-model gain, measured on the population
+
+
+def test_two_references_separate_members_from_never_seen_patients():
+    ids, pool, target, refs, saw = _two_refs(2, n=1000, member_gain=1.0)
+    never = ids[500:]
+    res = lira.run_test(target, refs, saw, never_seen=never)
+    pop = lira.population(res, pool, never)
+    assert pop["auc"] > 0.9 and pop["tpr"] > 0.4 and pop["achieved_fpr"] <= 0.01
+    assert np.mean([res["patients"][p]["flagged"] for p in pool]) > 0.6
+    assert np.mean([res["patients"][p]["flagged"] for p in never]) < 0.08
+    assert np.mean([res["patients"][p]["rmia_score"] for p in pool]) > 0.8  # RMIA's own gamma=1 score
+    with pytest.raises(ConfigError, match="fewer than 2 reference models never saw"):
+        lira.run_test(target, refs, saw, never_seen=never, test="lira")
+
+
+def test_auto_picks_lira_with_enough_references_and_bad_input_is_refused():
+    refs = [{"A": 0.1 * k, "B": 0.2, "C": 0.05 * k} for k in range(4)]
+    saw = [{"A"}, set(), set(), set()]
+    assert lira.choose_test({"A": 0.0, "B": 0.0}, saw) == "lira"
+    assert lira.choose_test({"A": 0.0}, [{"A"}, set()]) == "rmia"
+    with pytest.raises(ConfigError, match="not one of auto, lira, rmia"):
+        lira.run_test({"A": 0.0}, refs, saw, test="bogus")
+    with pytest.raises(ConfigError, match="every reference model trained on patient.*A"):
+        lira.rmia_test({"A": 0.0}, refs[:1], saw[:1])
+    with pytest.raises(ConfigError, match="at least 3 scored patients"):
+        lira.rmia_test({"A": 0.0, "B": 1.0}, refs, saw, never_seen=["B"])
