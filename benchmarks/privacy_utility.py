@@ -31,9 +31,9 @@ own raters), one per task; ``public_alone`` is its Dice on each site before any 
 Compute (measured before the start on the shared 2-core machine, one torch thread, mri3d at 50
 steps and 10 epochs: public start 118 s with the cohort; n = 12: np 72 s, old 69 s, recipe 122 s,
 warm 95 s; n = 100: np 205 s, recipe 375 s). At the grid's 10 rounds x 10 steps and 20 epochs, measured
-at n = 12: np 52 s, np_warm 60 s, old 76 s, recipe 112 s; the n = 100 DP cells about 6x that. 387 cells
-(the fourth lr factor added after the first 15), about 24 h at one process (12 h at two), mri3d about
-half of it; the headline cells (first) about 5 h.
+at n = 12: np 52 s, np_warm 60 s, old 76 s, recipe 112 s, warm 105 s; the n = 100 DP cells about 6x that.
+451 cells (lr factors 9 and 27 added after the first cells), about 27 h at one process (13.5 h at two),
+mri3d about half of it; the headline cells (first) about 6 h.
 
 Ratios: recipe / np and warm / np_warm (the non-private run of the same initialisation and
 budget), means over seeds. Keys of results/privacy_utility.json as issue 26 lists them; a key
@@ -65,7 +65,7 @@ DELTA = 1e-5
 NP_ARMS = ("np", "np_warm")
 DP_ARMS = ("old", "recipe", "warm")
 WARM = {"np_warm", "warm"}
-LR_FACTORS = (1 / 3, 1.0, 3.0, 9.0)  # 9: the DP arms' first seed-0 cells peaked at 3
+LR_FACTORS = (1 / 3, 1.0, 3.0, 9.0, 27.0)  # 9 and 27 added: the recipe's first seed-0 cells peaked at the edge
 RECIPE_CLIP = "normalise"  # Bu et al. 2023: no clip norm to tune
 WARM_TRAINABLE = "all"
 TARGETS = {"best_over_nonprivate_eps8_n12_3d": 0.85, "best_over_nonprivate_eps8_n100": 0.95,
@@ -82,7 +82,7 @@ SMOKE = {"rounds": 2, "local_steps": 2, "model": "unet_tiny", "patch3d": 16, "pa
 
 
 def _lr_tag(f: float) -> str:
-    return {1 / 3: "lo", 1.0: "mid", 3.0: "hi", 9.0: "vhi"}[f]
+    return {1 / 3: "lo", 1.0: "mid", 3.0: "hi", 9.0: "vhi", 27.0: "vvhi"}[f]
 
 
 def _name(task, n, arm, eps, lr, seed) -> str:
