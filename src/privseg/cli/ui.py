@@ -1,7 +1,7 @@
 """Glue shared by the sub-commands: the two consoles, progress on stderr, and option groups that
 several commands take (one definition each, added to a command with :func:`with_options`). An
 option that sets a field of a library config (``TrainConfig``, ``DPConfig``, ``FLConfig``,
-``ErasureRequest``) is made from that field with :func:`options_from`: its default and help text
+``ErasureRequest``, ``Thresholds``) is made from that field with :func:`options_from`: its default and help text
 are written once, in the config."""
 
 import inspect
@@ -20,8 +20,6 @@ from privseg.unlearn.request import ErasureRequest
 console, out = Console(stderr=True), Console()
 silence_known_noise()
 PARAM = typer.Option(None, help="Strategy hyper-parameter KEY=VALUE (repeatable).")
-
-
 progress = partial(text.progress, console=console)  # (description, total, quiet) on stderr
 phased_progress = partial(text.phased_progress, console=console)  # (description, quiet) on stderr
 
