@@ -54,7 +54,7 @@ def trained(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_guard_serves_the_local_model_at_the_site_whose_data_differ(trained):
+def test_guard_serves_the_local_model_at_the_site_whose_data_differ(trained, capsys):
     # H3 labels the other way round: its own model beats the federation's on validation, and is served
     alone = personalise(trained, methods=["local"])["sites"]
     assert alone["H3"]["serves"] == "local" and alone["H3"]["val_dice"]["local"] > alone["H3"]["val_dice"]["global"]
@@ -80,8 +80,12 @@ def test_guard_serves_the_local_model_at_the_site_whose_data_differ(trained):
         assert rec["methods"]["local"]["steps"] == 20  # the federation's budget: 4 rounds x 5 local steps
         # the fine-tuned model is the best epoch's: its validation Dice is the best of the epochs run
         assert rec["val_dice"]["finetune"] == pytest.approx(max(ft["val_dice_per_epoch"]))
-    # `privseg fl status` shows the per-site choice
+    # `privseg fl status` shows, per site, global vs personalised vs local Dice and the model served
+    capsys.readouterr()
     assert cli_main(["fl", "status", str(trained)]) == 0
+    shown = capsys.readouterr().out
+    assert "model served per site" in shown and "finetune Dice" in shown and "local Dice" in shown
+    assert result["sites"]["H3"]["serves"] in shown.split("H3")[-1]
 
 
 def test_duplicate_method_names_and_bad_requests_are_refused(trained, tmp_path):
@@ -94,6 +98,7 @@ def test_duplicate_method_names_and_bad_requests_are_refused(trained, tmp_path):
         personalise(trained, methods=["ditto"])
     with pytest.raises(ConfigError, match="--epochs"):
         personalise(trained, epochs=0)
+    assert cli_main(["fl", "personalise", str(trained), "--method", "ditto"]) == 2
 
 
 def test_personalisation_needs_validation_patients_and_refuses_dp(tmp_path, trained):

@@ -1,4 +1,4 @@
-"""`privseg fl run|deploy|status`: federated training with Flower."""
+"""`privseg fl run|deploy|status|personalise`: federated training with Flower."""
 
 import json
 from pathlib import Path
@@ -11,9 +11,10 @@ from privseg.cohorts import site_window_warnings
 from privseg.federated import FLConfig, RunState
 from privseg.federated.assemble import fl_config_from_options, site_plans
 from privseg.federated.deploy import INSECURE_WARNING
+from privseg.federated.personalise import Personalisation, personalise
 from privseg.federated.strategies import FL_STRATEGIES
 from privseg.privacy.budget import budget_status
-from privseg.report.text import fl_start_text, print_budget, print_fl_status, round_info
+from privseg.report.text import fl_start_text, print_budget, print_fl_status, print_personalisation, round_info
 from privseg.runs import check_outcome, rounds_done, run_federated, run_folder, write_round_zero
 
 app = typer.Typer(no_args_is_help=True, help="Federated training across hospitals (Flower).")
@@ -112,3 +113,10 @@ def status(name: str = typer.Argument("fl", help="Run name (or a run folder path
     """Rounds, sites and metrics of a federated run."""
     state = RunState.load(run_folder(name, o["runs_dir"], "fl_config.json"))
     out.print_json(json.dumps(state.data, default=str)) if o["json_out"] else print_fl_status(out, state)
+
+
+@app.command("personalise")
+@with_options(..., RUNS, options_from(Personalisation, "method", "epochs"))
+def personalise_run(name: str = typer.Argument(..., help="Run name (or a run folder path)."), **o) -> None:
+    """Personalise each site's model; each site serves the best of global, personalised, local on validation."""
+    print_personalisation(out, personalise(run_folder(name, o["runs_dir"], "fl_config.json"), o["method"], o["epochs"]))

@@ -45,6 +45,7 @@ from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.train.loop import TrainConfig
+from privseg.utils import setting
 
 RESULT_FILE = "personalisation.json"
 GLOBAL = "global"
@@ -153,6 +154,14 @@ def local_only(site: SiteRun, epochs: int) -> tuple[torch.nn.Module, dict]:
     return model, {"steps": site.step_budget}
 
 
+@dataclass
+class Personalisation:
+    """What :func:`personalise` is asked for (``privseg fl personalise`` options, made from these fields)."""
+
+    method: list[str] | None = setting(None, f"Method: {' or '.join(METHODS)} (repeatable; default: all).")
+    epochs: int = setting(3, "Most fine-tuning epochs (validation stops it earlier).", min=1)
+
+
 def _global_state(cfg: FLConfig, state: RunState, state_dir: Path) -> dict[str, torch.Tensor]:
     """The served global weights, with the site's own norm layers under a strategy that keeps them local."""
     from privseg.federated.client_app import load_local_state
@@ -211,19 +220,21 @@ def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSp
     return record
 
 
-def personalise(run_dir: str | Path, methods: Sequence[str] = tuple(METHODS), epochs: int = 3,
+def personalise(run_dir: str | Path, methods: Sequence[str] | None = None, epochs: int = Personalisation.epochs,
                 on_site: Callable[[str, dict], None] | None = None) -> dict:
-    """Personalise every site of the finished run in ``run_dir`` and apply the per-site guard;
-    writes and returns ``personalisation.json``'s content."""
+    """Personalise every site of the finished run in ``run_dir`` with ``methods`` (default: every
+    registered one) and apply the per-site guard; writes and returns ``personalisation.json``'s content."""
+    from privseg.federated.private import checkpoint_record
     from privseg.utils import write_json
 
     run_dir = Path(run_dir)
     cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
-    methods = check_methods(methods)
+    methods = check_methods(methods or tuple(METHODS))
     if int(epochs) < 1:
         raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
-    if cfg.privacy is not None:
-        raise ConfigError(f"run {run_dir.name} was trained with differential privacy ({cfg.privacy.unit}-level): "
+    dp = checkpoint_record(cfg).get("dp")  # the spec is read on the privacy path only (tests/test_layers.py)
+    if dp:
+        raise ConfigError(f"run {run_dir.name} was trained with differential privacy ({dp['unit']}-level): "
                           "personalisation would train and choose on the sites' patients outside the privacy "
                           "ledger, so it is refused (see docs/privacy.md)")
     if state.rounds_done < 1 or state.last_checkpoint is None:

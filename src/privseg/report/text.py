@@ -196,6 +196,24 @@ def print_fl_status(out: Console, state) -> None:
         names = class_names(state.run_dir, max(len(m.get("dice", [])) for m in latest.values()))
         out.print(table("latest evaluation per site (held-out subjects)",
                         ["site", "round", "subjects", *[f"Dice {n}" for n in names], "mean Dice", "MAE"], srows))
+    from privseg.federated.personalise import read_personalisation
+
+    print_personalisation(out, read_personalisation(state.run_dir))
+
+
+def print_personalisation(out: Console, res: dict | None) -> None:
+    """Per site: test Dice of the global, personalised and local-only models and the one the site
+    serves (chosen on validation patients; privseg.federated.personalise)."""
+    from privseg.federated.personalise import GLOBAL
+
+    if not res:
+        return
+    names = [GLOBAL, *res["methods"]]
+    rows = [[s, *("-" if r["test_dice"].get(n) is None else r["test_dice"][n] for n in names), r["serves"],
+             r["val_dice"][r["serves"]]]
+            for s, r in res["sites"].items()]
+    out.print(table(f"model served per site (chosen on validation, test Dice; global round {res['global_round']})",
+                    ["site", *[f"{n} Dice" for n in names], "serves", "its validation Dice"], rows))
 
 
 def class_names(run_dir: Path, n_foreground: int) -> list[str]:
