@@ -25,9 +25,9 @@ method's own record go to ``<run>/personalisation.json`` (:func:`read_personalis
 
 Cost: one fine-tuning (``epochs`` x ceil(train patients / subjects per step) steps, plus one
 validation pass per epoch) and one local-only training (the federation's per-site steps) per
-site, and three evaluations on validation and test. Under patient-level DP this stage is refused
-(its steps and its choice on validation patients would be releases outside the ledger; see
-docs/privacy.md). Not done: an erasure does not yet cover the personalised and local models.
+site, and three evaluations on validation and test. Under DP (patient or site level) this stage
+is refused (its steps and its choice on validation patients would be releases outside the
+ledger; see docs/privacy.md). Not done: an erasure does not yet cover the personalised and local models.
 """
 
 from __future__ import annotations
