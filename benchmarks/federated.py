@@ -12,6 +12,13 @@ scanner profile (T1 3T, T1 1.5T, T1 5 mm slices, T2, FLAIR). Per number of sites
   (all training vs all never-seen patients, and the null control);
 * ``fedavg`` / ``fedprox`` (mu 0.01) / ``fedbn``: Flower's Ray simulation, rounds x local_steps;
   Dice of the final global model (FedBN: with each site's own normalisation layers).
+* ``fedavg+pers`` / ``fedbn+pers`` (issue 29): the same federation with ``VAL_PATIENTS`` of each
+  site's training patients moved to a validation split (pinned split file), then
+  :func:`privseg.federated.personalise.personalise`: ``finetune`` (at most ``pers_epochs``
+  epochs, stopped on validation) and ``local`` (local-only, rounds x local_steps steps: the same
+  budget as every arm), and the per-site guard serving the best of global / finetune / local on
+  validation. The cell records each candidate's and the served model's test Dice per site, so the
+  local-only baseline of the gain keys has exactly the training patients of the personalised model.
 
 Dice = mean foreground Dice on each site's held-out (test) patients; mean +- std over seeds.
 ``overhead`` = Flower orchestration / local compute: (wall time of rounds 2..R) / (local
@@ -23,6 +30,13 @@ whole process tree (driver + Ray). Non-DP only.
 Top-level keys: ``gap_to_pooled`` (pooled mean Dice - best federated strategy's mean Dice, Dice
 points, the larger of the 3- and 5-site gaps), ``overhead``, ``ray_startup_s``, ``sites_100_ok``,
 ``sites_100_peak_rss_mb``. Targets: gap <= 0.03; overhead <= 0.10; 100 sites without OOM.
+Personalisation keys (issue 29), for the best personalised arm (highest mean served Dice over both
+federations), each also given by arm: ``min_site_gain_over_local`` (worst site's served Dice minus
+its local-only Dice, mean over seeds, over both federations; target >= 0.0),
+``gap_to_pooled_personalised`` (pooled mean minus the arm's mean served Dice, worst of 3 and 5
+sites; target <= 0.01), ``mean_gain_over_local`` (5 sites, mean served minus mean local-only;
+target >= 0.03); per site and arm, Dice mean +- std in ``table`` (rows ``<arm>``: served,
+``<arm>:<candidate>``: each candidate).
 """
 
 from __future__ import annotations
@@ -46,17 +60,19 @@ import cells  # noqa: E402
 
 VERSION = "federated-2"  # bump when a change makes old cells incomparable
 SITES = (3, 5)
-METHODS = ("local", "pooled", "fedavg", "fedprox", "fedbn")
+METHODS = ("local", "pooled", "fedavg", "fedprox", "fedbn", "fedavg+pers", "fedbn+pers")
 STRATEGIES = ("fedavg", "fedprox", "fedbn")
+PERSONALISED = ("fedavg+pers", "fedbn+pers")  # <strategy>+pers: that federation, then personalise + the guard
+VAL_PATIENTS = 2  # of each site's training patients, the validation split the guard chooses on
 SEEDS = (0, 1, 2)
 MANY = (20, 100)
 
 # The real setting, and a smoke setting that only checks the pipeline end to end (never merged
 # into benchmarks/results: --smoke writes to a temporary folder).
 FULL = {"rounds": 20, "local_steps": 10, "model": "unet_tiny", "patch": 24, "lr": 3e-3, "mu": 0.01,
-        "size": 32, "subjects": 16, "many_rounds": 2, "mia_views": 2}
+        "size": 32, "subjects": 16, "many_rounds": 2, "mia_views": 2, "pers_epochs": 3}
 SMOKE = {"rounds": 2, "local_steps": 2, "model": "unet_tiny", "patch": 16, "lr": 3e-3, "mu": 0.01,
-         "size": 24, "subjects": 4, "many_rounds": 1, "mia_views": 1}
+         "size": 24, "subjects": 6, "many_rounds": 1, "mia_views": 1, "pers_epochs": 1}
 
 
 # -- memory of the whole process tree (driver + Ray) -----------------------------------
@@ -114,7 +130,7 @@ def make_cells(s: dict) -> list[cells.Cell]:
             for m in METHODS:
                 # relative cost: every method trains sites x rounds x local steps; Ray adds start-up
                 out.append(cells.Cell(f"s{n}-{m}-seed{seed}", {"sites": n, "method": m, "seed": seed, **s},
-                                      cost=n * (1.3 if m in STRATEGIES else 1.0)))
+                                      cost=n * (1.3 if m in STRATEGIES else 2.5 if m in PERSONALISED else 1.0)))
     for n in MANY:
         out.append(cells.Cell(f"many-{n}", {"many": n, "rounds": s["many_rounds"]}, cost=n / 10))
     return out
@@ -187,6 +203,8 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
                                                   cohort.sites)
         return {"dice": dice, "train_s": train_s, "counts": info["counts"],
                 "membership": _power(model, items, cohort, tc, p)}
+    if m in PERSONALISED:
+        return personalised_cell(cohort, sites, info, tc, p, work)
     from privseg.federated.simulation import simulate
 
     cfg = FLConfig(name=f"{m}{p['sites']}", sites=sites, train=tc, strategy=m, rounds=p["rounds"],
@@ -213,6 +231,43 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
     return {"dice": {s: x["mean-dice"] for s, x in rounds[-1]["eval"]["sites"].items()}, "wall_s": wall,
             "local_compute_s": sum(compute(e) for e in rounds), "overhead": later_wall / later_compute - 1,
             "ray_startup_s": startup, "counts": info["counts"]}
+
+
+def with_val_split(cohort, sites, out_dir: Path, n_val: int) -> list:
+    """The sites with a pinned split moving ``n_val`` of each site's training patients (the first by ID) to val."""
+    from privseg.data.cohort import write_splits
+
+    moved = {sid for site in cohort.sites for sid in sorted(s.id for s in cohort.select("train", site))[:n_val]}
+    subjects = [replace(s, split="val") if s.id in moved else s for s in cohort.subjects]
+    path = write_splits(cohort, out_dir, subjects)
+    return [replace(spec, splits=str(path)) for spec in sites]
+
+
+def personalised_cell(cohort, sites, info, tc, p: dict, work: Path) -> dict:
+    """A federation with a validation split, then personalisation and the per-site guard."""
+    from privseg.federated import FLConfig
+    from privseg.federated.personalise import personalise
+    from privseg.federated.simulation import simulate
+
+    shutil.rmtree(work, ignore_errors=True)  # a cell interrupted mid-way starts again from scratch
+    work.mkdir(parents=True)
+    strategy = p["method"].split("+")[0]
+    cfg = FLConfig(name=f"{p['method']}{p['sites']}".replace("+", "-"), sites=with_val_split(
+        cohort, sites, work, VAL_PATIENTS), train=tc, strategy=strategy, rounds=p["rounds"],
+        local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=0)
+    t0 = time.perf_counter()
+    simulate(cfg, work / "run", cpus_per_client=1, ray_cpus=1)
+    fl_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = personalise(work / "run", epochs=p["pers_epochs"])["sites"]
+    pers_s = time.perf_counter() - t0
+    shutil.rmtree(work / "run", ignore_errors=True)  # weights are not kept
+    return {"dice": {s: r["test_dice"][r["serves"]] for s, r in res.items()},
+            "candidates": {s: r["test_dice"] for s, r in res.items()},
+            "serves": {s: r["serves"] for s, r in res.items()},
+            "val_dice": {s: r["val_dice"] for s, r in res.items()},
+            "finetune": {s: r["methods"]["finetune"] for s, r in res.items()}, "fl_s": fl_s,
+            "personalise_s": pers_s, "counts": info["counts"]}
 
 
 def _power(model, train_items, cohort, tc, p: dict) -> dict:
@@ -284,6 +339,14 @@ def merge(done: dict) -> dict:
             if m == "pooled":
                 row["membership"] = [r.get("membership") for r in recs]
             table.setdefault(str(n), {})[m] = row
+            if m in PERSONALISED:  # each candidate of the guard as a row of its own, and what each site serves
+                row["serves"] = {site: [r["serves"][site] for r in recs] for site in sites}
+                for cand in recs[0]["candidates"][sites[0]]:
+                    table[str(n)][f"{m}:{cand}"] = {
+                        "seeds": len(recs), "sites": {site: dict(zip(("mean", "std"), _ms(
+                            [r["candidates"][site][cand] for r in recs]), strict=True)) for site in sites},
+                        **dict(zip(("mean_dice", "mean_dice_std"), _ms(
+                            [np.mean([r["candidates"][x][cand] for x in sites]) for r in recs]), strict=True))}
     out: dict = {"table": table}
     gaps, best = {}, {}
     for n, rows in table.items():
@@ -306,10 +369,31 @@ def merge(done: dict) -> dict:
         out["membership_power"] = {"member_auc": [x["member_auc"] for x in power],
                                    "null_auc": [x["null_auc"] for x in power],
                                    "passed": [x["passed"] for x in power]}
-    out["targets"] = {"gap_to_pooled": 0.03, "overhead": 0.10, "sites_100_ok": True}
+    out.update(personalisation_keys(table))
+    out["targets"] = {"gap_to_pooled": 0.03, "overhead": 0.10, "sites_100_ok": True, "min_site_gain_over_local": 0.0,
+                      "gap_to_pooled_personalised": 0.01, "mean_gain_over_local": 0.03}
     out["overhead_definition"] = ("wall time of rounds 2..R / in-client train+eval+load time of those rounds - 1 "
                                   "(Ray simulation, 1 CPU); ray_startup_s = wall before round 2 - round 1's compute")
     return out
+
+
+def personalisation_keys(table: dict) -> dict:
+    """Issue 29's keys per personalised arm (complete: every seed at 3 and 5 sites) and for the best of them."""
+    by_arm: dict = {}
+    for arm in PERSONALISED:
+        rows = [table.get(str(n), {}) for n in SITES]
+        if not all(arm in r and r[arm]["seeds"] == len(SEEDS) and "pooled" in r for r in rows):
+            continue
+        gains = {f"{n}:{site}": r[arm]["sites"][site]["mean"] - r[f"{arm}:local"]["sites"][site]["mean"]
+                 for n, r in zip(SITES, rows, strict=True) for site in r[arm]["sites"]}
+        by_arm[arm] = {"min_site_gain_over_local": min(gains.values()), "gain_by_site": gains,
+                       "gap_to_pooled_personalised": max(r["pooled"]["mean_dice"] - r[arm]["mean_dice"] for r in rows),
+                       "mean_gain_over_local": rows[-1][arm]["mean_dice"] - rows[-1][f"{arm}:local"]["mean_dice"],
+                       "mean_served_dice": float(np.mean([r[arm]["mean_dice"] for r in rows]))}
+    best = max(by_arm, key=lambda a: by_arm[a]["mean_served_dice"]) if by_arm else None
+    keys = ("min_site_gain_over_local", "gap_to_pooled_personalised", "mean_gain_over_local")
+    return {**{k: by_arm[best][k] if best else None for k in keys}, "best_personalised_arm": best,
+            "personalisation_by_arm": by_arm}
 
 
 def _fmt(v) -> str:
@@ -329,7 +413,12 @@ def render(out: dict, done: dict) -> list[str]:
            f"**overhead** {_fmt(out['overhead'])} (target <= 0.10) beside a Ray start-up of "
            + ("-" if out["ray_startup_s"] is None else f"{out['ray_startup_s']:.0f} s")
            + f"; **sites_100_ok** {out['sites_100_ok']}"
-           + ("" if out["sites_100_peak_rss_mb"] is None else f" (peak {out['sites_100_peak_rss_mb']:.0f} MiB)"), ""]
+           + ("" if out["sites_100_peak_rss_mb"] is None else f" (peak {out['sites_100_peak_rss_mb']:.0f} MiB)"), "",
+           f"Personalisation (best arm {out.get('best_personalised_arm')}): **min_site_gain_over_local** "
+           f"{_fmt(out.get('min_site_gain_over_local'))} (target >= 0.0); **gap_to_pooled_personalised** "
+           f"{_fmt(out.get('gap_to_pooled_personalised'))} (target <= 0.01); **mean_gain_over_local** (5 sites) "
+           f"{_fmt(out.get('mean_gain_over_local'))} (target >= 0.03); step budget: rounds x local steps per site "
+           "for every arm (local-only included), plus at most pers_epochs fine-tuning epochs per site.", ""]
     for n, rows in out["table"].items():
         sites = sorted({s for r in rows.values() for s in r["sites"]})
         md += [f"## {n} sites", "", "| method | seeds | " + " | ".join(sites) + " | mean | overhead | Ray start-up s |",

@@ -259,7 +259,8 @@ def test_privacy_utility_keys_from_cells():
 def test_federated_keys_from_cells():
     import federated as fb
 
-    base = {"pooled": 0.80, "local": 0.60, "fedavg": 0.74, "fedprox": 0.75, "fedbn": 0.78}
+    base = {"pooled": 0.80, "local": 0.60, "fedavg": 0.74, "fedprox": 0.75, "fedbn": 0.78, "fedavg+pers": 0.79,
+            "fedbn+pers": 0.81}
     done = {}
     for c in fb.make_cells(fb.SMOKE):
         p = c.params
@@ -271,12 +272,23 @@ def test_federated_keys_from_cells():
         m = {"dice": {s: base[p["method"]] + 0.01 * p["seed"] for s in sites}}
         if p["method"] in fb.STRATEGIES:
             m.update(overhead=0.05 + 0.01 * p["seed"], ray_startup_s=30.0)
+        if p["method"] in fb.PERSONALISED:  # served = finetune; H1's own local-only model is 0.02 weaker
+            m.update(serves={s: "finetune" for s in sites}, candidates={s: {
+                "global": 0.7, "finetune": m["dice"][s], "local": 0.61 + 0.01 * p["seed"] - 0.02 * (s == "H1")}
+                for s in sites})
         done[c.name] = _rec(p, m)
     out = fb.merge(done)
     assert out["gap_to_pooled"] == pytest.approx(0.02) and out["best_strategy"] == {"3": "fedbn", "5": "fedbn"}
     assert out["overhead"] == pytest.approx(0.06) and out["ray_startup_s"] == 30.0
     assert out["sites_100_ok"] is True and out["sites_100_peak_rss_mb"] == 10000.0
     assert out["table"]["5"]["fedavg"]["sites"]["H5"]["std"] == pytest.approx(np.std([0.74, 0.75, 0.76]))
+    # issue 29's keys: the best personalised arm (fedbn+pers), its served Dice against the same cell's local-only
+    assert out["best_personalised_arm"] == "fedbn+pers"
+    assert out["min_site_gain_over_local"] == pytest.approx(0.82 - 0.62)  # the worst site: not H1
+    assert out["personalisation_by_arm"]["fedbn+pers"]["gain_by_site"]["5:H1"] == pytest.approx(0.82 - 0.60)
+    assert out["gap_to_pooled_personalised"] == pytest.approx(0.81 - 0.82)
+    assert out["mean_gain_over_local"] == pytest.approx(0.82 - (0.62 - 0.02 / 5))
+    assert out["table"]["3"]["fedbn+pers:local"]["sites"]["H1"]["mean"] == pytest.approx(0.60)
     done.pop("s5-fedbn-seed1")
     assert fb.merge(done)["gap_to_pooled"] is None  # a partial strategy is no "best"
     assert any("gap_to_pooled" in line for line in fb.render(fb.merge(done), done))
