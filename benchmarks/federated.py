@@ -129,7 +129,8 @@ def make_cells(s: dict) -> list[cells.Cell]:
         for seed in SEEDS:
             for m in METHODS:
                 # relative cost: every method trains sites x rounds x local steps; Ray adds start-up
-                out.append(cells.Cell(f"s{n}-{m}-seed{seed}", {"sites": n, "method": m, "seed": seed, **s},
+                own = {k: v for k, v in s.items() if k != "pers_epochs" or m in PERSONALISED}  # old cells stay valid
+                out.append(cells.Cell(f"s{n}-{m}-seed{seed}", {"sites": n, "method": m, "seed": seed, **own},
                                       cost=n * (1.3 if m in STRATEGIES else 2.5 if m in PERSONALISED else 1.0)))
     for n in MANY:
         out.append(cells.Cell(f"many-{n}", {"many": n, "rounds": s["many_rounds"]}, cost=n / 10))
