@@ -105,7 +105,8 @@ def make_cells(s: dict) -> list[cells.Cell]:
                 for arm, eps in arms:
                     for seed in seeds:
                         for lr in lrs:
-                            cost = (n / 12) * (1.0 if arm in ("np", "np_warm", "old") else 2.0)
+                            # the old default takes 2 patients a step at any n; the others' batch grows with n
+                            cost = 1.0 if arm == "old" else (n / 12) * (1.0 if arm in NP_ARMS else 2.0)
                             out.append(cells.Cell(_name(t, n, arm, eps, lr, seed),
                                                   {"task": t, "n": n, "arm": arm, "epsilon": eps, "lr_pick": lr,
                                                    "seed": seed, "kind": "run", **s}, cost=cost))
