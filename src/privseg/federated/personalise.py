@@ -61,7 +61,7 @@ class SiteRun:
     train_items: Sequence[dict]
     val_items: Sequence[dict]
     global_state: dict[str, torch.Tensor]  # the global model as this site serves it (FedBN: its own norms)
-    step_budget: int  # local steps this site took in the federation (rounds done x local steps)
+    step_budget: int  # local steps this site took in the federation (training rounds x local steps)
 
     @property
     def train(self) -> TrainConfig:
@@ -174,6 +174,11 @@ def _global_state(cfg: FLConfig, state: RunState, state_dir: Path) -> dict[str, 
     return weights
 
 
+def training_rounds(state: RunState) -> int:
+    """Rounds that trained (an erasure's repair rounds are not the site's budget)."""
+    return sum(1 for e in state.rounds if not e.get("erasure"))
+
+
 def check_methods(methods: Sequence[str]) -> list[str]:
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -197,7 +202,7 @@ def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSp
         raise ConfigError(f"site {spec.id}: no validation patients in {spec.cohort}; the guard chooses the served "
                           "model on them (give the cohort a val split, or the site a split file that names some)")
     site = SiteRun(cfg, spec, state_dir, site_items(spec, "train", tc.spacing), val,
-                   _global_state(cfg, state, state_dir), cfg.local_steps * state.rounds_done)
+                   _global_state(cfg, state, state_dir), cfg.local_steps * training_rounds(state))
     models = {GLOBAL: site.global_model()}
     record: dict = {"methods": {}, "checkpoints": {GLOBAL: str(state.last_checkpoint.relative_to(run_dir))}}
     for name in methods:
