@@ -62,6 +62,7 @@ class SiteRun:
     val_items: Sequence[dict]
     global_state: dict[str, torch.Tensor]  # the global model as this site serves it (FedBN: its own norms)
     step_budget: int  # local steps this site took in the federation (training rounds x local steps)
+    initial_checkpoint: Path  # the model the federation started from (checkpoints/global_r0000.pt)
 
     @property
     def train(self) -> TrainConfig:
@@ -145,11 +146,13 @@ def finetune(site: SiteRun, epochs: int) -> tuple[torch.nn.Module, dict]:
 @register("local", file="local.pt")
 def local_only(site: SiteRun, epochs: int) -> tuple[torch.nn.Module, dict]:
     """The site's own model from the run's initial model, on its patients only, same step budget."""
+    from privseg.train.checkpoint import load_checkpoint, training_weights
     from privseg.train.loop import make_optimizer, train_steps
 
     tc = site.site_config(2)
     torch.manual_seed(tc.seed)
-    model = site.train.initial_model()
+    model = site.train.build_model()
+    model.load_state_dict(training_weights(load_checkpoint(site.initial_checkpoint)))
     train_steps(model, make_optimizer(model, tc), site.train_items, tc, start=0, stop=site.step_budget)
     return model, {"steps": site.step_budget}
 
@@ -202,7 +205,8 @@ def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSp
         raise ConfigError(f"site {spec.id}: no validation patients in {spec.cohort}; the guard chooses the served "
                           "model on them (give the cohort a val split, or the site a split file that names some)")
     site = SiteRun(cfg, spec, state_dir, site_items(spec, "train", tc.spacing), val,
-                   _global_state(cfg, state, state_dir), cfg.local_steps * training_rounds(state))
+                   _global_state(cfg, state, state_dir), cfg.local_steps * training_rounds(state),
+                   state.checkpoint_path(0))
     models = {GLOBAL: site.global_model()}
     record: dict = {"methods": {}, "checkpoints": {GLOBAL: str(state.last_checkpoint.relative_to(run_dir))}}
     for name in methods:
