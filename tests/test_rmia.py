@@ -64,3 +64,44 @@ def test_auto_picks_lira_with_enough_references_and_bad_input_is_refused():
         lira.rmia_test({"A": 0.0}, refs[:1], saw[:1])
     with pytest.raises(ConfigError, match="at least 3 scored patients"):
         lira.rmia_test({"A": 0.0, "B": 1.0}, refs, saw, never_seen=["B"])
+
+
+# -- two complementary-half references on a tiny federated run --------------------------------
+
+def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, capsys):
+    import json
+
+    from conftest import tiny_federation
+    from privseg.audit import reference as refmod
+    from privseg.audit.certificate import write_certificate
+    from privseg.cli import main as cli_main
+    from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
+
+    cohort, run = tiny_federation(tmp_path, name="fed2", rounds=2, local_steps=1, per_site=9, size=16,
+                                  subjects_per_step=2, run="run")
+    assert cli_main(["audit", "references", "--run", str(run), "--n", "2"]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    # the estimate comes first: 2 references with the run's 2 rounds = 2 original trainings
+    assert said.index("readiness cost: 2 reference models") < said.index("reference 0:")
+    assert "2.0 x the original training's compute (2 to train now" in said and "0.02 x over 100" in said
+    refs = refmod.load_references(run)
+    train = {s.id for s in cohort.select("train")}
+    assert all(sum(p not in r.patients for r in refs.references) == 1 for p in train)  # exactly one never saw it
+    assert refs.references[0].patients | refs.references[1].patients == train
+    assert refmod.readiness(run, 2)["to_train"] == 0 and refmod.readiness(run, 4)["to_train"] == 2
+
+    res = refmod.run_membership(run, views=1)
+    assert res["test"] == "rmia" and all(res["patients"][p]["n_out"] == 1 for p in train)
+
+    subject = sorted(s.id for s in cohort.select("train", "H1"))[0]
+    out = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(subject,), method="reference_teacher",
+                                    epochs=2, thresholds={"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0,
+                                                          "min_test_dice_ratio": 0.0}), mia_views=1)
+    cal = out.verification["calibrated"]
+    assert cal["available"] and cal["check"]["test"] == "rmia" and cal["check"]["subjects"][0]["n_out"] == 1
+    j, h = write_certificate(run / LEDGER, out.request_id, tmp_path / "cert")
+    cert = json.loads(j.read_text())["certificate"]
+    assert cert["cost"]["compute_ratio"] == 2.0 and cert["cost"]["amortised_per_request"]["10"] == 0.2
+    assert cert["headline"].startswith(f"Erasure of patient(s) {subject} from run fed2 (reference_teacher)")
+    assert "TPR" in cert["headline"] and "2.0 x the original training" in cert["headline"]
+    assert "RMIA-style" in h.read_text() and cert["headline"] in h.read_text()

@@ -85,7 +85,45 @@ def membership_statements(ver: dict) -> dict:
                     "p_before": r["p_before"], "p_after": r["p_after"], "n_out_references": r["n_out"]})
     pop = {m: cal[m]["population"] for m in ("before", "after")}
     return {"available": True, "result": chk["result"], "n_references": cal["n_references"], "alpha": alpha,
-            "statements": out, "population": pop}
+            "test": chk.get("test", "lira"), "statements": out, "population": pop}
+
+
+_TEST_NAMES = {"lira": "offline LiRA with per-patient difficulty calibration",
+               "rmia": "RMIA-style likelihood ratio against never-seen patients"}
+
+
+def cost_statement(ver: dict | None) -> dict:
+    """The reference models' compute in units of the original training and its share per request
+    (1, 10, 100 requests), as the verification recorded them; the request's own time is beside it."""
+    refs = ((ver or {}).get("calibrated") or {}).get("references") or {}
+    if "compute_ratio" not in refs:
+        return {"available": False, "reason": "the verification used no reference models (or predates their cost)"}
+    return {"available": True, "n_references": refs["n"], "compute_ratio": refs["compute_ratio"],
+            "amortised_per_request": refs["amortised_per_request"]}
+
+
+def headline(s: dict) -> str:
+    """The certificate in one line, for a person: what was erased, whether the evidence passed, the
+    membership test's power (TPR at 1 % FPR on the model before the erasure) and the cost."""
+    who = (f"patient(s) {', '.join(s['subjects'])}" if s["kind"] == "patient" else f"every patient of site {s['site']}")
+    ver = s.get("verification") or {}
+    evidence = "not verified yet" if not ver else ("passed" if ver.get("passed") else "FAILED")
+    m = s.get("membership") or {}
+    if m.get("available"):
+        pop = m["population"]["before"]
+        power = (f"TPR {pop['tpr']:.2f} at 1 % FPR" if "tpr" in pop else "TPR at 1 % FPR unknown")
+        if pop.get("fpr_resolution", 0) > 0.01:
+            power += f" (FPR resolvable only to {pop['fpr_resolution']:.2f})"
+        power = f"membership test {m['result']}, power on the model before: {power} ({m['n_references']} references)"
+    else:
+        power = "no calibrated membership test (power unknown)"
+    c = s.get("cost") or {}
+    cost = (f"reference models {c['compute_ratio']:.1f} x the original training, per request "
+            + ", ".join(f"{v:.2f} x over {k}" for k, v in c["amortised_per_request"].items())
+            if c.get("available") else "no reference models")
+    took = (s.get("work") or {}).get("seconds")
+    return (f"Erasure of {who} from run {s['run']} ({s['method']}): evidence {evidence}; {power}; cost: {cost}"
+            + (f", plus {took:.0f} s for this request" if isinstance(took, int | float) else "") + ".")
 
 
 def summarise(entries: list[dict]) -> dict:
@@ -113,7 +151,7 @@ def summarise(entries: list[dict]) -> dict:
         settings["seed"] = req.get("seed")
     copies = _copies(done) if done else []
     open_ = open_stage(entries)
-    return {
+    out = {
         "request": entries[0]["request"], "status": status, "run": req.get("run"), "kind": req.get("kind"),
         "run_kind": req.get("run_kind") or ("central" if req.get("site") == "central"
                                             and (req.get("source") or {}).get("round") is None else "federated"),
@@ -126,11 +164,13 @@ def summarise(entries: list[dict]) -> dict:
         "settings": settings,
         "source_model": req.get("source"), "work": work["body"] if work else None,
         "repair": by.get("repaired", {}).get("body"), "verification": ver or None,
-        "membership": membership_statements(ver) if ver else None,
+        "membership": membership_statements(ver) if ver else None, "cost": cost_statement(ver),
         "resulting_model": done["model"] if done else None, "removed": done["removed"] if done else [],
         "dp": done.get("dp") if done else None, "last_entry_hash": entries[-1]["hash"],
         "events": stage_rows(entries),
     }
+    out["headline"] = headline(out)
+    return out
 
 
 def stage_rows(entries: list[dict]) -> list[dict]:
@@ -198,7 +238,8 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
     parts = [f"<h1>Erasure certificate {html.escape(s['request'])}</h1>",
              f"<div class='status {'pass' if ok else 'fail'}'>Status: {html.escape(status)} &mdash; "
              f"erasure of {html.escape(who)} from {html.escape(s.get('run_kind', 'federated'))} run "
-             f"{html.escape(str(s['run']))}</div>", _copies_html(s),
+             f"{html.escape(str(s['run']))}</div>", f"<p><strong>{html.escape(s.get('headline') or headline(s))}"
+             "</strong></p>", _copies_html(s),
              "<h2>Request</h2><table>",
              _rows([("Request ID", s["request"]), ("Kind", s["kind"]), ("Site", s["site"]),
                     ("Subjects", s["subjects"] or "all of the site"), ("Reason", s["reason"]),
@@ -246,6 +287,12 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
                          f"(before the erasure: {_fmt(ver['distance_before_to_retrain'])}).</p>")
         parts.append("<p>Membership AUC: probability that the membership test scores an erased patient as more "
                      "likely trained-on than a patient no model ever saw; 0.5 = indistinguishable.</p>")
+    c = s.get("cost") or {}
+    if c.get("available"):
+        parts.append("<h2>Cost of being ready</h2><table>" + _rows(
+            [("Reference models' compute (x the original training)", c["compute_ratio"])]
+            + [(f"Per request, shared by {k} request(s)", v) for k, v in c["amortised_per_request"].items()])
+            + "</table>")
     if s["resulting_model"]:
         rm = s["resulting_model"]
         parts.append("<h2>Result</h2><table>" + _rows([("Model now served", rm["path"]), ("SHA-256", rm["sha256"]),
@@ -287,7 +334,7 @@ def _membership_html(m: dict) -> str:
         return "".join(parts)
     parts.append(f"<p>Each erased patient's score under the model before and after the erasure is compared with "
                  f"its scores under the {m['n_references']} reference models of this run that never saw it "
-                 f"(offline LiRA with per-patient difficulty calibration; flagged when p &lt; {m['alpha']}).</p>"
+                 f"({_TEST_NAMES.get(m.get('test', 'lira'), m.get('test'))}; flagged when p &lt; {m['alpha']}).</p>"
                  "<table><tr><th>patient</th><th>before: flagged?</th><th>after: indistinguishable?</th>"
                  "<th>OUT references</th><th>result</th></tr>")
     for r in m["statements"]:

@@ -132,6 +132,68 @@ def halves(pool: dict[str, list[str]], k: int, seed: int) -> dict[str, list[str]
     return out
 
 
+# -- what the set costs --------------------------------------------------------------------
+
+REQUESTS = (1, 10, 100)  # request counts the readiness cost is amortised over
+
+
+def amortised(compute_ratio: float, own: float = 0.0) -> dict[str, float]:
+    """Cost per request, in units of the original training, when the reference models'
+    ``compute_ratio`` is shared by 1, 10 or 100 requests (``own``: each request's own compute)."""
+    return {str(k): compute_ratio / k + own for k in REQUESTS}
+
+
+def _per_reference(run_dir: Path, index: dict | None) -> float:
+    """One reference's compute in units of the original training: its rounds over the run's
+    (central references repeat the run's steps)."""
+    if not _is_federated(run_dir) or not index or not index.get("rounds"):
+        return 1.0
+    return int(index["rounds"]) / max(_training_rounds(run_dir), 1)
+
+
+def readiness(run_dir: str | Path, n: int = DEFAULT_N) -> dict:
+    """The reference models' compute in units of the original training, before any is trained.
+
+    A reference trains with the run's schedule (the same rounds of the same local steps, or the same
+    central steps) on half of the patients. The compute of a step does not depend on how many patients
+    the step draws from, so a half-data reference costs about one original training, not half of one:
+    ``compute_ratio = n x reference rounds / run rounds``. ``to_train``: how many of the ``n`` are not
+    already kept and valid (the others are reused at no cost)."""
+    run_dir = Path(run_dir)
+    if _is_federated(run_dir):
+        from privseg.federated.config import FLConfig
+
+        cfg = FLConfig.load(run_dir)
+        run_rounds = _training_rounds(run_dir)
+        unit = f"{run_rounds} training rounds x {cfg.local_steps} local steps x {len(cfg.sites)} sites"
+    else:
+        from privseg.train.checkpoint import load_checkpoint
+
+        _identity(run_dir)  # a clear error for a folder that is neither kind of run
+        unit = f"{load_checkpoint(run_dir / 'last.pt')['config'].get('steps')} steps"
+    index = _read_index(run_dir)
+    per_reference = _per_reference(run_dir, index)
+    erased = _erased(run_dir, index) if index else set()
+    keep = 0
+    for k in range(n):
+        entry = (index or {}).get("references", {}).get(str(k))
+        ref = _valid(run_dir, entry) if entry else None
+        keep += ref is not None and not (ref.patients & erased)
+    ratio = n * per_reference
+    return {"n": n, "to_train": n - keep, "patient_fraction": 0.5, "per_reference": per_reference,
+            "compute_ratio": ratio, "to_train_ratio": (n - keep) * per_reference, "original_training": unit,
+            "amortised_per_request": amortised(ratio)}
+
+
+def readiness_line(est: dict) -> str:
+    """One line for `privseg audit references`, printed before anything is trained."""
+    per = est["amortised_per_request"]
+    return (f"readiness cost: {est['n']} reference models, each a training on half of the patients with the run's "
+            f"schedule ({est['original_training']}) = {est['compute_ratio']:.1f} x the original training's compute "
+            f"({est['to_train']} to train now: {est['to_train_ratio']:.1f} x); per erasure request "
+            + ", ".join(f"{per[k]:.2f} x over {k}" for k in per))
+
+
 # -- the set ----------------------------------------------------------------------------
 
 @dataclass
@@ -201,8 +263,11 @@ class ReferenceSet:
         return self.run_dir / REF_DIR
 
     def summary(self) -> dict:
-        return {"folder": str(REF_DIR), "n": len(self.references), "seed": self.index["seed"],
+        n = len(self.references)
+        ratio = n * _per_reference(self.run_dir, self.index)
+        return {"folder": str(REF_DIR), "n": n, "seed": self.index["seed"],
                 "rounds": self.index.get("rounds"), "identity": self.index["identity"],
+                "compute_ratio": ratio, "amortised_per_request": amortised(ratio),
                 "references": [{"k": r.k, "sha256": r.sha256, "patients": len(r.patients)} for r in self.references]}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from privseg.audit.mia import audit_checkpoint
-from privseg.audit.reference import ensure_references, run_membership
+from privseg.audit.reference import ensure_references, readiness, readiness_line, run_membership
 from privseg.cli.ui import CLASSES, COHORT, QUIET, SPLITS, out, phased_progress, with_options
 from privseg.cohorts import open_cohort
 from privseg.report.text import print_membership, print_mia, print_references
@@ -58,10 +58,11 @@ def references(
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for federated references."),
     quiet: bool = False,
 ) -> None:
-    """Train the run's reference models (each on a random half of its training patients), or reuse
-    those already kept under RUN/audit/references/."""
+    """Train the run's reference models (each on half of its training patients) or reuse those kept with it."""
     say = (lambda k, what: None) if quiet else (lambda k, what: out.print(f"reference {k}: {what}"))
     c = open_cohort(cohort) if cohort else None
+    if not quiet:
+        out.print(readiness_line(readiness(run, n)))
     with phased_progress("reference models", quiet) as on_progress:
         refs = ensure_references(run, n, seed=seed, backend=backend, cohort=c, on_reference=say,
                                  on_progress=on_progress)
