@@ -79,6 +79,9 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
 
     cohort, run = tiny_federation(tmp_path, name="fed2", rounds=2, local_steps=1, per_site=9, size=16,
                                   subjects_per_step=2, run="run")
+    from privseg.unlearn.request import default_method
+
+    assert default_method(run, "patient")[0] == "scrub"  # no references: the best method measured without them
     assert cli_main(["audit", "references", "--run", str(run), "--n", "2"]) == 0
     said = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     # the estimate comes first: 2 references with the run's 2 rounds = 2 original trainings
@@ -90,13 +93,21 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
     assert refs.references[0].patients | refs.references[1].patients == train
     assert refmod.readiness(run, 2)["to_train"] == 0 and refmod.readiness(run, 4)["to_train"] == 2
 
+    method, why = default_method(run, "patient")
+    assert method == "reference_teacher" and "keeps 2 reference models" in why
     res = refmod.run_membership(run, views=1)
     assert res["test"] == "rmia" and all(res["patients"][p]["n_out"] == 1 for p in train)
 
     subject = sorted(s.id for s in cohort.select("train", "H1"))[0]
     out = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(subject,), method="reference_teacher",
-                                    epochs=2, thresholds={"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0,
+                                    epochs=2, stop_p=0.2, thresholds={"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0,
                                                           "min_test_dice_ratio": 0.0}), mia_views=1)
+    from privseg.audit.ledger import ErasureLedger
+
+    checks = ErasureLedger(run / LEDGER).events(out.request_id)["local_unlearned"]["body"]["checks"]
+    assert checks and all(c["stop_p"] == 0.2 for c in checks)  # the request's stopping threshold reached the rule
+    with pytest.raises(ConfigError, match="stop_p must be in"):
+        ErasureRequest(kind="patient", site="H1", subjects=(subject,), stop_p=1.5)
     cal = out.verification["calibrated"]
     assert cal["available"] and cal["check"]["test"] == "rmia" and cal["check"]["subjects"][0]["n_out"] == 1
     j, h = write_certificate(run / LEDGER, out.request_id, tmp_path / "cert")

@@ -168,6 +168,10 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     subjects = tuple(x for s in (subject or []) for x in s.split(",") if x.strip())
     given = {"max_mia_auc": max_mia_auc, "min_retain_dice_ratio": min_retain_dice_ratio,
              "min_test_dice_ratio": min_test_dice_ratio}
+    if fields.get("method") is None:  # picked from the run (reference models or not), and said why
+        from privseg.unlearn.request import default_method
+
+        fields["method"], fields["method_reason"] = default_method(run_dir, "site" if whole_site else "patient")
     return run_dir, ErasureRequest(kind="site" if whole_site else "patient", site=site, subjects=subjects,
                                    params=parse_params(param), **fields,
                                    thresholds={k: v for k, v in given.items() if v is not None})

@@ -217,7 +217,7 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
             on_step: Callable[[int, int, float], None] | None = None, items: dict[str, dict] | None = None,
             original_metrics: dict | None = None, retrain_metrics: dict | None = None,
             on_evaluate: Callable[[int, int], None] | None = None, references=None,
-            statistic: str = "loss") -> UnlearnResult:
+            statistic: str = "loss", stop_p: float | None = None) -> UnlearnResult:
     """Remove the forget subjects' influence from ``checkpoint``'s model with ``strategy``.
 
     Nothing is written unless everything succeeded; with ``out_dir`` the new model goes
@@ -241,7 +241,7 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     run = _run(strat, resolved, data, strategy=strategy, target=target, epochs=epochs, fix_decoder=fix_decoder,
                seed=seed, check_every=check_every, auc_threshold=auc_threshold, utility_fraction=utility_fraction,
                keep_original=evaluate and original_metrics is None, device=device, on_step=on_step,
-               references=references, statistic=statistic, views=mia_views)
+               references=references, statistic=statistic, views=mia_views, stop_p=stop_p)
     report = _run_report(checkpoint, cohort, forget_ids, data, run, strategy=strategy, target=target,
                          fix_decoder=fix_decoder, resolved=resolved, epochs=epochs, check_every=check_every,
                          auc_threshold=auc_threshold, seed=seed)
@@ -339,7 +339,7 @@ def roles(payload: dict, cohort: Cohort, forget_ids: list[str], checkpoint) -> t
 def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, epochs: int, fix_decoder: bool,
          seed: int, check_every: int, auc_threshold: float, utility_fraction: float, keep_original: bool,
          device: str, on_step: Callable[[int, int, float], None] | None, references=None, statistic: str = "loss",
-         views: int = 2) -> _Run:
+         views: int = 2, stop_p: float | None = None) -> _Run:
     """Run the strategy on the original model (moved to ``device``), within the step budget of ``epochs``."""
     cfg, forget_items, calib_items = data.cfg, data.forget_items, data.calib_items
     dev = pick_device(device)
@@ -364,7 +364,8 @@ def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, ep
 
         should_stop = calibrated_stopper(references, forget_items, calib_items, cfg.patch_size, cfg.num_classes,
                                          views=views, seed=seed, statistic=statistic,
-                                         utility_fraction=utility_fraction, log=checks)
+                                         utility_fraction=utility_fraction, log=checks,
+                                         **({} if stop_p is None else {"stop_p": stop_p}))
     dec_names = decoder_parameter_names(model)
     ctx = UnlearnContext(config=cfg, retain_items=data.retain_items, forget_items=forget_items, steps=budget,
                          steps_per_epoch=steps_per_epoch, seed=seed, check_every=check_every,

@@ -111,6 +111,8 @@ def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-pr
         _check_dp_budget(run_dir, cfg, request)  # a new request: refused before any file or compute
     ledger = ErasureLedger(run_dir / LEDGER)
     say = on_stage or (lambda stage, msg: None)
+    if request.method_reason:
+        say("method", f"{request.method} ({request.method_reason})")
     entries = ledger.entries(rid)
     if _latest(entries, "completed"):
         say("done", f"request {rid} was already completed; nothing applied again")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, canonical, file_sha256
 from privseg.audit.lira import STATISTICS
+from privseg.audit.reference import STOP_P
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
@@ -36,6 +37,31 @@ class Thresholds:
 DEFAULT_THRESHOLDS = asdict(Thresholds())
 
 
+# The patient method used when the run has no reference models: the best measured without them
+# (docs/membership.md, benchmarks/results/erasure.md); with references, reference_teacher.
+WITHOUT_REFERENCES = "scrub"
+
+
+def default_method(run_dir: str | Path, kind: str) -> tuple[str, str]:
+    """(method, why) for a request that names none: a site erasure uses FedEraser; a patient erasure
+    ``reference_teacher`` when the run keeps reference models, else :data:`WITHOUT_REFERENCES`."""
+    if kind == "site":
+        return "federaser", "a site erasure defaults to federaser"
+    from privseg.audit.reference import load_references
+
+    try:
+        refs = load_references(run_dir, required=False)
+    except ConfigError as exc:  # a foreign or broken set is never used
+        refs, why = None, f" ({exc})"
+    else:
+        why = ""
+    if refs is not None:
+        return "reference_teacher", (f"the run keeps {len(refs.references)} reference models, and reference_teacher "
+                                     "meets the Dice and membership targets best with them (docs/membership.md)")
+    return WITHOUT_REFERENCES, (f"the run has no usable reference models{why}; {WITHOUT_REFERENCES} is the best "
+                                "method measured without them (docs/membership.md)")
+
+
 @dataclass
 class ErasureRequest:
     """What to erase, why, and how. ``method``: an unlearning strategy for a patient (default
@@ -54,8 +80,8 @@ class ErasureRequest:
     requested_by: str = setting("", "Who asked, for the erasure ledger.")
     approved_by: str = setting("", "Who approved the request (e.g. the data-protection officer), for the ledger and "
                                "the certificate.")  # not part of the request ID
-    method: str | None = setting(None, "Patient: an unlearning strategy (default scrub; with reference models, "
-                                 "reference_teacher meets the Dice and membership targets best). Site: federaser "
+    method: str | None = setting(None, "Patient: an unlearning strategy (default: reference_teacher when the run "
+                                 "keeps reference models, else scrub). Site: federaser "
                                  "(default), fedrecover (--param warmup=2 ...) or retrain.")
     params: dict = field(default_factory=dict)
     target: str | None = setting(None, "Patient: unseen (stop when the patient looks never-seen), calibrated (stop "
@@ -71,6 +97,9 @@ class ErasureRequest:
     thresholds: dict = field(default_factory=dict)
     seed: int = setting(0, "Random seed.")
     statistic: str = setting("loss", "Per-patient membership test statistic: loss or dice.")
+    stop_p: float = setting(STOP_P, "Patient, calibrated target: stop the local unlearning once every erased patient's "
+                            "p-value against the reference models is >= this (a margin above the verification's 0.05).")
+    method_reason: str = ""  # why the method was picked when the request named none (default_method)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,7 +113,7 @@ class ErasureRequest:
         if self.kind == "site" and self.subjects:
             raise ConfigError("a site erasure takes no --subject (it removes every patient of the site)")
         if self.method is None:
-            self.method = "scrub" if self.kind == "patient" else "federaser"
+            self.method = WITHOUT_REFERENCES if self.kind == "patient" else "federaser"
         # imported here: the registry's module builds on this one
         from privseg.unlearn.site_erasure import SITE_ERASERS, site_params
 
@@ -112,6 +141,8 @@ class ErasureRequest:
                 raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.statistic not in STATISTICS:
             raise ConfigError(f"--statistic {self.statistic!r} is not one of {', '.join(STATISTICS)}")
+        if not 0 < self.stop_p < 1:
+            raise ConfigError(f"stop_p must be in (0, 1) (got {self.stop_p})")
         if self.repair_rounds < 0:
             raise ConfigError(f"--repair-rounds must be >= 0 (got {self.repair_rounds})")
         if not 0 < self.calibration_ratio <= 1 or self.calibration_interval < 1:
@@ -134,7 +165,7 @@ class ErasureRequest:
         """The settings :func:`privseg.unlearn.engine.unlearn` runs a patient request with, resolved
         here once for every erasure path (``privseg erase`` at a site, ``privseg unlearn`` centrally)."""
         return {"strategy": self.method, "target": self.target, "epochs": self.epochs, "params": self.params,
-                "seed": self.seed, "statistic": self.statistic}
+                "seed": self.seed, "statistic": self.statistic, "stop_p": self.stop_p}
 
     def request_id(self, run_name: str) -> str:
         """The same (run, kind, site, subjects) is the same request, whatever the settings."""
