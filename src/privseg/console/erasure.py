@@ -189,8 +189,10 @@ def methods(run_dir: Path, kind: str) -> dict:
     choices = [{"value": n, "label": n, "summary": st.summary + (" (needs the run's reference models: privseg audit "
                                                                   "references)" if st.needs_references else "")}
                for n, st in sorted(STRATEGIES.items()) if refs or not st.needs_references]
-    return {"choices": choices, "default": "reference_teacher" if refs else _request("patient", "S", ["x"]).method,
-            "dp": False}
+    from privseg.unlearn.request import default_method
+
+    method, why = default_method(run_dir, "patient")  # the same choice as privseg erase's
+    return {"choices": choices, "default": method, "default_reason": why, "dp": False}
 
 
 def quote(run_dir: Path, kind: str, site: str, subjects: list[str], settings: dict | None = None) -> dict | None:
