@@ -97,13 +97,16 @@ SITE_SETTINGS = {"federaser-paper": {"method": "federaser", "calibration_interva
 TARGETS = {"patient_time_ratio": ("<=", 0.05), "patient_retain_dice_ratio": (">=", 0.98),
            "patient_test_dice_ratio": (">=", 0.98), "patient_calibrated_pass_rate": (">=", 1.0),
            "site_time_ratio": ("<=", 0.25), "site_retain_dice_ratio": (">=", 0.95),
-           "site_test_dice_ratio": (">=", 0.95)}
+           "site_test_dice_ratio": (">=", 0.95), "readiness_ratio": ("<=", 2.0),
+           "calibrated_tpr_at_1pct_fpr_2ref": (">=", 0.9)}
 
 
 def make_cells(s: dict) -> list[cells.Cell]:
     out = [cells.Cell("original", dict(s), cost=1.0)]
     out += [cells.Cell(f"references-{n}", {**s, "n": n}, cost=1.0) for n in range(2, s["references"] + 1, 2)]
     out.append(cells.Cell("calibrated-original", dict(s), cost=0.05))
+    # the same test with one complementary pair (references 0 and 1): the RMIA-style test (issue 30)
+    out.append(cells.Cell("calibrated-original-2ref", dict(s), cost=0.05))
     slots = [f"m{k}" for k in range(1, s["n_memorised"] + 1)] + [f"r{k}" for k in range(1, s["n_random"] + 1)]
     site = [cells.Cell("site-retrain", dict(s), cost=0.7)] + [
         cells.Cell(f"site-{name}", {**s, **setting}, cost=0.3) for name, setting in SITE_SETTINGS.items()]
@@ -220,12 +223,18 @@ def references_cell(s: dict, n: int, shared: Path) -> dict:
             "cpu_s": {k: v.get("cpu_s") for k, v in index["references"].items()}}
 
 
-def calibrated_cell(s: dict, shared: Path) -> dict:
-    from privseg.audit.reference import run_membership
+def calibrated_cell(s: dict, shared: Path, two: bool = False) -> dict:
+    from privseg.audit.reference import load_references, pair, run_membership
 
     run = _original(shared)
-    tests = {stat: run_membership(run, views=s["mia_views"], seed=s["seed"], statistic=stat)
+    refs = pair(load_references(run)) if two else None
+    tests = {stat: run_membership(run, views=s["mia_views"], seed=s["seed"], statistic=stat, references=refs)
              for stat in ("dice", "loss")}
+    if two:  # the erasures' choice of patients stays the 8-reference cell's
+        return {"population": {stat: t["population"] for stat, t in tests.items()},
+                "test": {stat: t["test"] for stat, t in tests.items()}, "n_references": 2,
+                "statistic": s["mia_statistic"],
+                "compute_ratio": tests["loss"]["references"]["compute_ratio"]}
     test = tests[s["mia_statistic"]]
     pts = test["patients"]
     train = sorted(p for p in pts if p not in set(cells.metrics_of(shared.parent.parent / "cells", "original")["power"]
@@ -362,8 +371,8 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
     if cell.name.startswith("references-"):
         _require_power(shared.parent.parent / "cells", s["subjects"] < 16)
         return references_cell(s, s["n"], shared)
-    if cell.name == "calibrated-original":
-        return calibrated_cell(s, shared)
+    if cell.name.startswith("calibrated-original"):
+        return calibrated_cell(s, shared, two=cell.name.endswith("-2ref"))
     if cell.name.startswith("patient-"):
         return patient_cell(s, work, shared)
     if cell.name == "site-retrain":
@@ -417,6 +426,20 @@ def merge(done: dict) -> dict:
                                           list(pw["nonmember_scores"].values()))
     if "calibrated-original" in m:
         out["calibrated_population"] = m["calibrated-original"]["population"]
+    if "calibrated-original-2ref" in m:
+        two = m["calibrated-original-2ref"]
+        pop = two["population"]
+        out.update({"calibrated_population_2ref": pop, "calibrated_test_2ref": two["test"],
+                    "calibrated_tpr_at_1pct_fpr_2ref": pop[two["statistic"]].get("tpr"),
+                    "calibrated_auc_2ref": pop[two["statistic"]].get("auc")})
+    # readiness: the reference models' measured CPU time over the original's (one pair, and the full set)
+    refcells = sorted((k for k in m if k.startswith("references-")), key=lambda k: int(k.split("-")[1]))
+    if "original" in m and refcells:
+        cpu = {int(k): v for c in refcells for k, v in m[c]["cpu_s"].items() if v is not None}
+        orig = m["original"]["cpu_s"]
+        out["readiness_ratio_by_n"] = {str(n): sum(cpu[k] for k in range(n)) / orig
+                                       for n in range(2, max(cpu) + 2, 2) if all(k in cpu for k in range(n))}
+        out["readiness_ratio"] = out["readiness_ratio_by_n"].get("2")
     rows, baseline = _patient_rows(m)
     groups = _groups(rows)
     out["patient_groups"] = groups
@@ -437,6 +460,11 @@ def merge(done: dict) -> dict:
         out.update({"site_setting": name, "site_time_ratio": best["time_ratio"],
                     "site_retain_dice_ratio": best["retain_dice_ratio"],
                     "site_test_dice_ratio": best["test_dice_ratio"]})
+    if out.get("readiness_ratio") is not None and out.get("patient_time_ratio") is not None:
+        from privseg.audit.reference import amortised
+
+        # the pair's measured cost shared by N requests, plus each request's own (reference_teacher's time ratio)
+        out["amortised_cost_per_request"] = amortised(out["readiness_ratio"], out["patient_time_ratio"])
     out["targets"] = {k: list(v) for k, v in TARGETS.items()}
     out["met"] = {k: (None if out.get(k) is None else
                       (out[k] <= t if op == "<=" else out[k] >= t)) for k, (op, t) in TARGETS.items()}
@@ -486,6 +514,13 @@ def render(out: dict, done: dict) -> list[str]:
                          f"AUC {_f(pop.get('auc'))}, TPR {_f(pop.get('tpr'))} at FPR {_f(pop.get('achieved_fpr'))}, "
                          f"members flagged {pop.get('flagged_members')}/{pop.get('n_members')}, never-seen flagged "
                          f"{pop.get('flagged_nonmembers')}/{pop.get('n_nonmembers')}.")
+        lines.append("")
+    if out.get("readiness_ratio_by_n"):
+        lines.append("Readiness (reference models' CPU time / the original training's): "
+                     + ", ".join(f"{n} references {v:.2f}" for n, v in out["readiness_ratio_by_n"].items())
+                     + ("; per request with one pair and reference_teacher: "
+                        + ", ".join(f"{v:.3f} over {n}" for n, v in out["amortised_cost_per_request"].items())
+                        if out.get("amortised_cost_per_request") else "") + ".")
         lines.append("")
     lines += ["| claim | value | target | met |", "|---|---|---|---|"]
     for k, (op, t) in TARGETS.items():

@@ -95,7 +95,9 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
 
     method, why = default_method(run, "patient")
     assert method == "reference_teacher" and "keeps 2 reference models" in why
-    res = refmod.run_membership(run, views=1)
+    with pytest.raises(ConfigError, match="not both present"):
+        refmod.pair(refs, 1)
+    res = refmod.run_membership(run, views=1, references=refmod.pair(refs))
     assert res["test"] == "rmia" and all(res["patients"][p]["n_out"] == 1 for p in train)
 
     subject = sorted(s.id for s in cohort.select("train", "H1"))[0]

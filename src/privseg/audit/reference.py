@@ -309,6 +309,16 @@ def load_references(run_dir: str | Path, required: bool = True) -> ReferenceSet 
     return ReferenceSet(run_dir, index, sorted(refs, key=lambda r: r.k))
 
 
+def pair(refs: ReferenceSet, j: int = 0) -> ReferenceSet:
+    """The complementary pair ``(2j, 2j+1)`` of a set: two references, one of which never saw each
+    training patient (the cheapest set the RMIA-style test works with)."""
+    two = [r for r in refs.references if r.k in (2 * j, 2 * j + 1)]
+    if len(two) != 2:
+        raise ConfigError(f"references {2 * j} and {2 * j + 1} of {refs.folder} are not both present; "
+                          f"run {_command(refs.run_dir)} --n {2 * j + 2}")
+    return ReferenceSet(refs.run_dir, refs.index, two)
+
+
 def _erased(run_dir: Path, index: dict) -> set[str]:
     """Patients of the pool the run no longer trains on (erased, or their site withdrawn)."""
     now = {p for ids in _training_patients(run_dir).values() for p in ids}
@@ -468,16 +478,18 @@ def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size
 
 
 def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *, cohort=None, views: int = 2,
-                   seed: int = 0, statistic: str = "loss", on_progress: OnProgress | None = None) -> dict:
+                   seed: int = 0, statistic: str = "loss", on_progress: OnProgress | None = None,
+                   references: ReferenceSet | None = None) -> dict:
     """The calibrated test of a run's model (default: the one it serves) on every patient: its
     training patients are the members, the val/test patients the non-members. Needs the run's
     reference models (a ConfigError naming the command that trains them otherwise).
-    ``on_progress``: loading the patients, then each model scored."""
+    ``on_progress``: loading the patients, then each model scored. ``references``: a subset of the
+    run's set (e.g. one complementary pair, :func:`pair`) instead of all of it."""
     from privseg.audit.mia import phase_counter
     from privseg.data.transforms import load_preprocessed
 
     run_dir = Path(run_dir)
-    refs = load_references(run_dir)
+    refs = references or load_references(run_dir)
     train = sorted({p for ids in _training_patients(run_dir).values() for p in ids})
     if _is_federated(run_dir):
         from privseg.federated.config import FLConfig
