@@ -77,6 +77,8 @@ PATIENT = {"method": "noisy_label", "target": "calibrated", "epochs": 20, "repai
 # budget is privseg's default for the calibrated target (50 epochs; the stopping rule decides): at
 # the study's 20, 3 of the 8 patients used the whole budget and stayed flagged (commit history).
 TEACHER = {"method": "reference_teacher", "target": "calibrated", "epochs": 50, "repair_rounds": 0}
+# the same with one complementary pair of references (issue 30): the readiness a federation can afford
+TEACHER_2REF = {**TEACHER, "references_kept": 2}
 # Site erasures: FedEraser at the paper's setting (Liu et al. 2021: every 2nd round, half the local
 # steps, no repair) is the baseline row; the others are privseg's settings. FedRecover (Cao et al.
 # 2023) at the paper's schedule scaled to 120 rounds: 2 warm-up, every 10th and the 3 last rounds
@@ -98,6 +100,8 @@ TARGETS = {"patient_time_ratio": ("<=", 0.05), "patient_retain_dice_ratio": (">=
            "patient_test_dice_ratio": (">=", 0.98), "patient_calibrated_pass_rate": (">=", 1.0),
            "site_time_ratio": ("<=", 0.25), "site_retain_dice_ratio": (">=", 0.95),
            "site_test_dice_ratio": (">=", 0.95), "readiness_ratio": ("<=", 2.0),
+           "patient_calibrated_pass_rate_2ref": (">=", 1.0), "patient_retain_dice_ratio_2ref": (">=", 0.98),
+           "patient_time_ratio_2ref": ("<=", 0.05),
            "calibrated_tpr_at_1pct_fpr_2ref": (">=", 0.9)}
 
 
@@ -112,6 +116,7 @@ def make_cells(s: dict) -> list[cells.Cell]:
         cells.Cell(f"site-{name}", {**s, **setting}, cost=0.3) for name, setting in SITE_SETTINGS.items()]
     patients = [cells.Cell(f"patient-{slot}", {**s, **PATIENT, "slot": slot}, cost=1.1) for slot in slots]
     teacher = [cells.Cell(f"patient-teacher-{slot}", {**s, **TEACHER, "slot": slot}, cost=0.1) for slot in slots]
+    teacher += [cells.Cell(f"patient-2ref-{slot}", {**s, **TEACHER_2REF, "slot": slot}, cost=0.1) for slot in slots]
     # the first memorised and the first random patient, then the site, then the others: a partial
     # run already answers every question once
     return out + patients[:1] + patients[s["n_memorised"]:s["n_memorised"] + 1] + site + [
@@ -320,6 +325,9 @@ def patient_cell(s: dict, work: Path, shared: Path) -> dict:
     # one retrain per patient, shared by every setting that erases it
     ckpt, r_wall, r_cpu = _retrain(shared, shared.parent / f"patient-{s['slot']}" / "retrain", exclude={site: [pid]})
     run = _copy_of_original(shared, work / "run")
+    if s.get("references_kept"):  # the others' checkpoints gone: the run keeps only the first pair(s)
+        for k in range(s["references_kept"], s["references"]):
+            (run / "audit" / "references" / str(k) / "model.pt").unlink(missing_ok=True)
     res = erase(run, ErasureRequest(kind="patient", site=site, subjects=(pid,), reason="benchmark",
                                     method=s["method"], target=s["target"], epochs=s["epochs"],
                                     repair_rounds=s["repair_rounds"],
@@ -402,7 +410,8 @@ def _group(rows: list[dict]) -> dict:
 def _patient_rows(m: dict) -> tuple[list[dict], list[dict]]:
     """The patient cells' metrics: (privseg's reference_teacher rows, the Noisy Label baseline rows)."""
     teacher = [v for k, v in m.items() if k.startswith("patient-teacher-")]
-    baseline = [v for k, v in m.items() if k.startswith("patient-") and not k.startswith("patient-teacher-")]
+    baseline = [v for k, v in m.items() if k.startswith("patient-") and not k.startswith(("patient-teacher-",
+                                                                                          "patient-2ref-"))]
     return teacher, baseline
 
 
@@ -444,6 +453,12 @@ def merge(done: dict) -> dict:
     groups = _groups(rows)
     out["patient_groups"] = groups
     out["patient_baseline_groups"] = _groups(baseline)
+    two = [v for k, v in m.items() if k.startswith("patient-2ref-")]
+    if two:
+        a2 = _groups(two)["all"]
+        out["patient_groups_2ref"] = _groups(two)
+        out.update({"patient_time_ratio_2ref": a2["time_ratio"], "patient_retain_dice_ratio_2ref":
+                    a2["retain_dice_ratio"], "patient_calibrated_pass_rate_2ref": a2["calibrated_pass_rate"]})
     if rows:
         a = groups["all"]
         out.update({"patient_time_ratio": a["time_ratio"], "patient_retain_dice_ratio": a["retain_dice_ratio"],
