@@ -98,12 +98,22 @@ def test_a_registered_site_erasure_method_runs_through_erase(tmp_path):
         ErasureRequest(kind="site", site="H3", method="keep_source")
 
 
+def _capture(seen: dict, mode: str, cfg, run_dir):
+    """Stands in for the federated run: keeps the config the command assembled, runs nothing."""
+    from privseg.federated.runstate import RunState
+    from privseg.privacy import BudgetLedger
+
+    seen.setdefault(mode, cfg)
+    BudgetLedger(run_dir / "privacy.sqlite")  # what the command reads back after a DP run (empty here)
+    return RunState(run_dir)
+
+
 def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, monkeypatch):
     from privseg.cli import fl as fl_cli
     from privseg.cli import main
 
     seen = {}
-    monkeypatch.setattr(fl_cli, "_run_common", lambda mode, cfg, *a, **k: seen.setdefault(mode, cfg))
+    monkeypatch.setattr(fl_cli, "run_federated", lambda mode, cfg, run_dir, **k: _capture(seen, mode, cfg, run_dir))
     common = ["--cohort", str(tiny_cohort.root), "--runs", str(tmp_path), "--name", "same", "--model", "unet_tiny",
               "--patch", "16", "--rounds", "2", "--strategy", "fedprox", "--mu", "0.3", "--dp", "patient",
               "--epsilon", "5", "--delta", "1e-2", "--site-budget", "H2=3", "--clip", "fixed"]
@@ -158,7 +168,7 @@ def test_a_strategys_own_parameters_come_from_the_command_line(tiny_cohort, tmp_
     from privseg.cli import main
 
     seen = {}
-    monkeypatch.setattr(fl_cli, "_run_common", lambda mode, cfg, *a, **k: seen.setdefault(mode, cfg))
+    monkeypatch.setattr(fl_cli, "run_federated", lambda mode, cfg, run_dir, **k: _capture(seen, mode, cfg, run_dir))
     common = ["--cohort", str(tiny_cohort.root), "--runs", str(tmp_path), "--name", "m", "--model", "unet_tiny",
               "--patch", "16", "--rounds", "1", "--strategy", "fedavgm", "--in-process"]
     assert main(["fl", "run", *common, "--strategy-param", "server_learning_rate=1.5",
