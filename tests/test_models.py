@@ -120,7 +120,7 @@ def test_register_model_is_one_function():
     try:
         model = build_model("test_linear_seg", in_channels=1, num_classes=2, spatial_dims=2)
         assert model(torch.randn(1, 1, 8, 8)).shape == (1, 2, 8, 8)
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(ConfigError, match="already registered"):
             register_model("test_linear_seg")(_linear)
     finally:
         MODELS.pop("test_linear_seg", None)

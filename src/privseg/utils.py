@@ -71,14 +71,19 @@ def parse_params(values: list[str] | None, option: str = "--param") -> dict:
     return params
 
 
-def registrar(table: dict[str, T], name: str) -> Callable[[T], T]:
+def registrar(table: dict[str, T], name: str, *, kind: str = "entry",
+              entry: Callable[[object], T] | None = None) -> Callable[[object], object]:
     """A decorator that files what it decorates in ``table`` under ``name`` and returns it
-    unchanged: the one idiom of privseg's registries (clip rules, per-subject gradient methods,
-    FL strategies)."""
+    unchanged: the one idiom of privseg's registries (models, formats, clip rules, per-subject
+    gradient methods, FL strategies, unlearning strategies, personalisation methods, console
+    pages). ``entry`` builds the filed record from the decorated object (default: the object).
+    A name already taken is refused, so a second entry never silently replaces the first."""
 
-    def add(entry: T) -> T:
-        table[name] = entry
-        return entry
+    def add(obj):
+        if name in table:
+            raise ConfigError(f"{kind} {name!r} is already registered")
+        table[name] = entry(obj) if entry is not None else obj
+        return obj
 
     return add
 

@@ -22,6 +22,7 @@ from torch import nn
 from privseg.errors import ConfigError
 from privseg.models.medicalnet import MedicalNetResNet, medicalnet, unwrap_model
 from privseg.models.unet import UNet
+from privseg.utils import registrar
 
 NORMS = ("batch", "group", "instance")
 
@@ -31,15 +32,7 @@ MODELS: dict[str, ModelBuilder] = {}
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator adding ``fn(*, in_channels, num_classes, spatial_dims, norm, **kwargs)`` to :data:`MODELS`."""
-    key = name.strip().lower()
-
-    def decorate(fn: ModelBuilder) -> ModelBuilder:
-        if key in MODELS:
-            raise ValueError(f"model {key!r} is already registered")
-        MODELS[key] = fn
-        return fn
-
-    return decorate
+    return registrar(MODELS, name.strip().lower(), kind="model")
 
 
 def build_model(name: str, *, in_channels: int, num_classes: int, spatial_dims: int = 3, norm: str = "group",

@@ -34,7 +34,7 @@ from privseg.data.transforms import PatchSampler
 from privseg.errors import ConfigError
 from privseg.train.loop import TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.train.losses import SegLoss
-from privseg.utils import parse_params  # noqa: F401  (KEY=VALUE strategy parameters; public here too)
+from privseg.utils import parse_params, registrar  # noqa: F401  (KEY=VALUE strategy parameters; public here too)
 
 
 # -- encoder / decoder -----------------------------------------------------------
@@ -219,12 +219,9 @@ def register(name: str, *, references: bool = False, **defaults) -> Callable[[St
     """Register ``fn`` under ``name`` with its parameters' defaults; ``references``: it needs the
     run's reference models (:mod:`privseg.audit.reference`), which the engine then loads."""
 
-    def deco(fn: StrategyFn) -> StrategyFn:
-        STRATEGIES[name] = Strategy(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0],
-                                    references)
-        return fn
-
-    return deco
+    return registrar(STRATEGIES, name, kind="unlearning strategy",
+                     entry=lambda fn: Strategy(name, fn, dict(defaults), (fn.__doc__ or "").strip().splitlines()[0],
+                                               references))
 
 
 def get_strategy(name: str) -> Strategy:

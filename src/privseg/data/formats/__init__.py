@@ -73,6 +73,7 @@ from privseg.data.formats.nifti import (
     read_nifti_folder,
 )
 from privseg.errors import ConfigError, DataError
+from privseg.utils import registrar
 
 Reader = Callable[..., Cohort]
 
@@ -99,9 +100,7 @@ def register_format(
     (which would otherwise claim any folder holding a .nii.gz); ``before=None`` appends."""
 
     def wrap(reader: Reader) -> Reader:
-        if name in FORMATS:
-            raise ConfigError(f"format {name!r} is already registered")
-        FORMATS[name] = reader
+        registrar(FORMATS, name, kind="format")(reader)
         if detect is not None:
             det = _Detector(name, detect, looks_for or name)
             names = [d.name for d in _DETECTORS]
