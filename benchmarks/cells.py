@@ -4,7 +4,8 @@ A benchmark is a list of named cells (task x method x epsilon x seed ...). Each 
 is written atomically to ``benchmarks/runs/<bench>/cells/<cell>.json`` (metrics, seconds,
 versions, command); a cell already there is skipped, so a killed run loses at most the cell in
 flight. After every cell the finished ones are merged into ``benchmarks/results/<bench>.json``
-and ``.md`` with ``cells_done`` / ``cells_total`` and an estimate of the time left.
+and ``.md`` with ``cells_done`` / ``cells_total`` and an estimate of the time left; ``--summary``
+merges again without running anything (after the merge code changed, or beside a running runner).
 
 A cell file that does not parse, names another cell, or was written by another version of the
 benchmark (or with other parameters) is recomputed, never merged. One runner of the whole benchmark
@@ -72,6 +73,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="skip cells already done (default); --no-resume recomputes every selected cell")
     ap.add_argument("--cells", default=None, help="comma-separated cell names to run (default: all)")
     ap.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
+    ap.add_argument("--summary", action="store_true",
+                    help="merge the finished cells into the results (.json, .md) and exit: runs no cell, takes no "
+                         "runner lock (safe beside a running benchmark)")
     ap.add_argument("--runs", type=Path, default=BENCH_DIR / "runs", help="where cells/ and work/ live")
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="where the merged table goes")
 
@@ -349,6 +353,8 @@ def run(bench: str, version: str, cells: Sequence[Cell], run_cell, merge_fn, ren
     from privseg.runs import silence_known_noise
 
     silence_known_noise()  # the logs keep what asks something of the reader
+    if args.summary:  # the results name the command that computes the cells, not the one that merged them
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--summary"]
     runner = Runner(bench, version, cells, args.runs, args.results, cmd=command(argv))
     by_name = {c.name: c for c in cells}
     selected = None
@@ -364,6 +370,11 @@ def run(bench: str, version: str, cells: Sequence[Cell], run_cell, merge_fn, ren
             rec, why = runner.load(c)
             state = "done" if rec else (f"redo: {why}" if why else "todo")
             print(f"{c.name}\t{state}\t{json.dumps(c.params, sort_keys=True)}")
+        return 0
+    if args.summary:
+        merged = runner.merge(merge_fn, render_fn)
+        print(f"{bench}: {merged['cells_done']}/{merged['cells_total']} cells merged into "
+              f"{runner.results / (bench + '.json')} and .md", flush=True)
         return 0
     try:
         merged = runner.run(run_cell, merge_fn, render_fn, selected, resume=args.resume,

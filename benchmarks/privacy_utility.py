@@ -67,11 +67,16 @@ DP_ARMS = ("old", "recipe", "warm")
 WARM = {"np_warm", "warm"}
 LR_FACTORS = (1 / 3, 1.0, 3.0, 9.0, 27.0)  # 9 and 27 added: the recipe's first seed-0 cells peaked at the edge
 RECIPE_CLIP = "normalise"  # Bu et al. 2023: no clip norm to tune
+# the clip-rule comparison (appended after the grid): the recipe with each rule at n 12, epsilon 8, at the lr
+# the recipe (normalise) chose on seed 0; normalise's own cells are the grid's recipe cells
+CLIP_RULES = ("normalise", "fixed", "adaptive")
+CLIP_N, CLIP_EPS = 12, 8.0
 WARM_TRAINABLE = "all"
 TARGETS = {"best_over_nonprivate_eps8_n12_3d": 0.85, "best_over_nonprivate_eps8_n100": 0.95,
            "best_over_nonprivate_eps3_n100": 0.90, "best_over_nonprivate_eps8_n12_derm2d": 0.95,
            "recipe_minus_old_default_eps8_n12": 0.15, "warm_gain_over_public_alone_eps8_n12": 0.0}
 RESUME = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_utility.py --resume"
+FIGURE = f"{BENCH}_ratio_vs_n.png"  # in benchmarks/results, beside the .md that shows it
 
 FULL = {"rounds": 10, "local_steps": 10, "model": "unet_tiny", "patch3d": 16, "patch2d": 32, "lr": 5e-3,
         "test": 8, "size3d": 32, "size2d": 64, "epochs": 20.0, "aug_mult": 4, "ema": 0.99,
@@ -83,6 +88,10 @@ SMOKE = {"rounds": 2, "local_steps": 2, "model": "unet_tiny", "patch3d": 16, "pa
 
 def _lr_tag(f: float) -> str:
     return {1 / 3: "lo", 1.0: "mid", 3.0: "hi", 9.0: "vhi", 27.0: "vvhi"}[f]
+
+
+def _factor(tag: str) -> float:
+    return next(f for f in LR_FACTORS if _lr_tag(f) == tag)
 
 
 def _name(task, n, arm, eps, lr, seed) -> str:
@@ -114,7 +123,20 @@ def make_cells(s: dict) -> list[cells.Cell]:
     group(head, [8.0], True)
     group(head, [3.0], False)
     group(rest, list(EPS), True)
+    # appended last, so that no earlier cell changes place or meaning: the recipe with the other clip rules
+    for t in TASKS:
+        if CLIP_N not in sizes[t]:
+            continue
+        for rule in CLIP_RULES[1:]:
+            for seed in SEEDS:
+                out.append(cells.Cell(_clip_name(t, rule, seed),
+                                      {"task": t, "n": CLIP_N, "arm": "recipe", "epsilon": CLIP_EPS, "lr_pick": "best",
+                                       "seed": seed, "clip": rule, "kind": "clip", **s}, cost=2.0))
     return out
+
+
+def _clip_name(task: str, rule: str, seed: int) -> str:
+    return f"{task}-n{CLIP_N}-recipe-clip{rule}-eps{CLIP_EPS:g}-lrbest-seed{seed}"
 
 
 # -- cohorts and the public model ------------------------------------------------------
@@ -240,8 +262,8 @@ def _configs(cohort, p: dict, lr: float, shared: Path):
                       erasure_reserve=0)  # as it was before issue 26 (and 27's reserve)
     elif arm in ("recipe", "warm"):
         kw.update(subjects_per_step=max(1, round(batch)), patches_per_subject=p["aug_mult"])
-        dp = DPConfig(epsilon=p["epsilon"], delta=DELTA, clip=RECIPE_CLIP, plan="auto", cohort_size=p["n"],
-                      epochs=p["epochs"], aug_mult=p["aug_mult"], ema=p["ema"])
+        dp = DPConfig(epsilon=p["epsilon"], delta=DELTA, clip=p.get("clip", RECIPE_CLIP), plan="auto",
+                      cohort_size=p["n"], epochs=p["epochs"], aug_mult=p["aug_mult"], ema=p["ema"])
     else:  # non-private: the recipe's batch, so every arm sees the same data per step
         kw.update(subjects_per_step=max(1, round(batch)), patches_per_subject=p["aug_mult"])
     tc = _base_config(cohort, p, **kw)
@@ -284,7 +306,7 @@ def run_train(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> di
     p = cell.params
     if p["arm"] in WARM and not _public_path(shared, p["task"]).exists():
         raise RuntimeError(f"{cell.name}: the public model of {p['task']} is missing; run --cells public-{p['task']}")
-    factor, variants = ((LR_FACTORS[[_lr_tag(f) for f in LR_FACTORS].index(p["lr_pick"])], _variants(p["arm"]))
+    factor, variants = ((_factor(p["lr_pick"]), _variants(p["arm"]))
                         if p["lr_pick"] != "best" else (lambda fv: (fv[0], (fv[1],)))(_pick(cells_dir, p)))
     cohort = _cohort(p["task"], p["n"], p, shared)
     tc, dp = _configs(cohort, p, p["lr"] * factor, shared)
@@ -309,6 +331,7 @@ def run_train(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> di
         rows = [r for path in find_ledgers(run_dir) for r in BudgetLedger(path).status()]
         out["private"] = all(r["private"] for r in rows)
         out["epsilon_ledger"] = {r["site"]: r["epsilon_spent"] for r in rows}
+        out["clip"] = dp.clip
         if dp.plan == "auto":
             out["plan"] = plan_for(dp, sites[0].id, tc.steps, tc.lr, local_steps=p["local_steps"]).to_dict()
     shutil.rmtree(run_dir, ignore_errors=True)  # weights and ledgers are not kept
@@ -318,83 +341,162 @@ def run_train(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> di
 def run_cell(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> dict:
     if cell.params["kind"] == "public":
         return run_public(cell, shared)
-    return run_train(cell, work, shared, cells_dir)
+    return run_train(cell, work, shared, cells_dir)  # kind "run" or "clip" (the recipe with another clip rule)
 
 
 # -- merge ------------------------------------------------------------------------------
 
 def _means(done: dict) -> dict:
-    """(task, n, arm, eps) -> mean Dice over the 3 seeds at the chosen lr (seed 0: its best run)."""
+    """(task, n, arm, eps) -> Dice over the seeds done so far at the chosen lr (seed 0: the best run of its
+    lr search so far), with what it rests on: ``seeds`` done, ``lr_searched`` (of ``len(LR_FACTORS)``), the
+    seed-0 ``lr_factor`` and ``complete`` (the lr search and every seed done)."""
     by: dict = {}
     for rec in done.values():
         p, m = rec["params"], rec["metrics"]
         if p["kind"] != "run":
             continue
-        key = (p["task"], p["n"], p["arm"], p["epsilon"])
+        cur = by.setdefault((p["task"], p["n"], p["arm"], p["epsilon"]), {"seeds": {}, "lr": {}})
         if p["lr_pick"] == "best":
-            by.setdefault(key, {})[p["seed"]] = m["dice"]
+            cur["seeds"][p["seed"]] = m["dice"]
         else:
-            cur = by.setdefault(key, {}).get(0)
-            by[key][0] = m["dice"] if cur is None else max(cur, m["dice"])
+            cur["lr"][_factor(p["lr_pick"])] = m["dice"]
     out = {}
-    for key, seeds in by.items():
-        lr_done = all(_name(key[0], key[1], key[2], key[3], _lr_tag(f), 0) in done for f in LR_FACTORS)
-        if lr_done and len(seeds) == len(SEEDS):
-            out[key] = {"mean": float(np.mean(list(seeds.values()))), "std": float(np.std(list(seeds.values())))}
+    for key, r in by.items():
+        if not r["lr"]:  # seeds 1-2 run only after seed 0's search: not reached here
+            continue
+        factor = max(r["lr"], key=r["lr"].get)
+        seeds = {0: r["lr"][factor], **r["seeds"]}
+        vals = list(seeds.values())
+        out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": len(vals),
+                    "by_seed": {str(k): v for k, v in sorted(seeds.items())},
+                    "lr_searched": len(r["lr"]), "lr_factor": factor,
+                    "complete": len(r["lr"]) == len(LR_FACTORS) and len(vals) == len(SEEDS)}
     return out
 
 
-def merge(done: dict) -> dict:
+def _basis(*ms: dict | None) -> str:
+    """What a figure computed from the means ``ms`` rests on, in words: ``complete``, ``missing`` (none of
+    them), or PARTIAL with the fewest seeds and lr-search runs among them and how many are not there yet."""
+    got = [m for m in ms if m is not None]
+    if not got:
+        return "missing"
+    if len(got) == len(ms) and all(m["complete"] for m in got):
+        return "complete"
+    lack = len(ms) - len(got)
+    return (f"PARTIAL: {min(m['seeds'] for m in got)} of {len(SEEDS)} seeds, lr search "
+            f"{min(m['lr_searched'] for m in got)}/{len(LR_FACTORS)}" + (f", {lack} of {len(ms)} arm-means missing"
+                                                                        if lack else ""))
+
+
+def clip_rule_choice(done: dict, means: dict) -> dict:
+    """The clip rule the benchmark picks for the recipe (issue 26, item 4): mean Dice at n = CLIP_N, epsilon
+    CLIP_EPS over the tasks, each rule at the lr the recipe (normalise) chose on seed 0. The pick is made on
+    seeds 1-2 (normalise's lr was chosen on its own seed 0, which would favour it); 3-seed means beside."""
+    per: dict = {t: {r: {} for r in CLIP_RULES} for t in TASKS}
+    for rec in done.values():
+        p = rec["params"]
+        if p["kind"] == "clip":
+            per[p["task"]][p["clip"]][p["seed"]] = rec["metrics"]["dice"]
+    for t in TASKS:  # normalise is the recipe itself: the grid's cells
+        m = means.get((t, CLIP_N, "recipe", CLIP_EPS))
+        if m is not None and m["lr_searched"] == len(LR_FACTORS):
+            per[t]["normalise"] = {int(s): v for s, v in m["by_seed"].items()}
+    table = {t: {r: {"mean_3_seeds": float(np.mean(list(d.values()))) if len(d) == len(SEEDS) else None,
+                     "mean_seeds_1_2": float(np.mean([d[s] for s in SEEDS[1:]])) if all(s in d for s in SEEDS[1:])
+                     else None, "seeds": sorted(d)} for r, d in rules.items()} for t, rules in per.items()}
+    held_out = {r: [table[t][r]["mean_seeds_1_2"] for t in TASKS] for r in CLIP_RULES}
+    means_12 = {r: float(np.mean(v)) if all(x is not None for x in v) else None for r, v in held_out.items()}
+    complete = all(v is not None for v in means_12.values())
+    return {"best": max(means_12, key=means_12.get) if complete else None, "complete": complete,
+            "mean_over_tasks_seeds_1_2": means_12, "per_task": table,
+            "basis": f"recipe at n {CLIP_N}, epsilon {CLIP_EPS:g}, the 3 tasks, the lr the recipe chose on seed 0; "
+                     "picked on seeds 1-2 (held out from the lr choice)"}
+
+
+def merge(done: dict, total: int | None = None) -> dict:
+    """The summary of the cells done so far: every key of issue 26, computed from what exists, with
+    ``key_basis`` saying what each rests on (``complete`` or PARTIAL with seeds and lr search) and
+    ``met`` given only for complete keys. ``total``: the cells of the whole grid (for ``partial``)."""
     means = _means(done)
     sizes = {t: sorted({k[1] for k in means if k[0] == t}) for t in TASKS}
 
-    def dice(t, n, arm, e):
-        r = means.get((t, n, arm, e))
-        return r["mean"] if r else None
+    def mean(t, n, arm, e):
+        return means.get((t, n, arm, e))
 
     def ratio(t, n, arm, e):
-        d, base = dice(t, n, arm, e), dice(t, n, "np_warm" if arm == "warm" else "np", None)
-        return d / base if d is not None and base else None
+        """(Dice / non-private Dice of the same initialisation, the two means) or (None, ...)."""
+        d, base = mean(t, n, arm, e), mean(t, n, "np_warm" if arm == "warm" else "np", None)
+        return (d["mean"] / base["mean"] if d and base and base["mean"] else None), (d, base)
 
-    rec_over, warm_over = {}, {}
+    rec_over, warm_over, ratio_basis = {}, {}, {}
     for t in TASKS:
         for n in sizes[t]:
             for e in EPS:
-                rec_over.setdefault(t, {}).setdefault(str(n), {})[f"{e:g}"] = ratio(t, n, "recipe", e)
-                warm_over.setdefault(t, {}).setdefault(str(n), {})[f"{e:g}"] = ratio(t, n, "warm", e)
+                for arm, table in (("recipe", rec_over), ("warm", warm_over)):
+                    v, ms = ratio(t, n, arm, e)
+                    table.setdefault(t, {}).setdefault(str(n), {})[f"{e:g}"] = v
+                    ratio_basis.setdefault(arm, {}).setdefault(t, {}).setdefault(str(n), {})[f"{e:g}"] = _basis(*ms)
 
     def best(t, n, e):
-        vals = [v for v in (ratio(t, n, "recipe", e), ratio(t, n, "warm", e)) if v is not None]
-        return max(vals) if len(vals) == 2 else None
+        """The better of the two new arms' ratios, with the means it rests on."""
+        got = [(v, ms) for v, ms in (ratio(t, n, "recipe", e), ratio(t, n, "warm", e)) if v is not None]
+        if not got:
+            return None, [None]
+        v = max(x[0] for x in got)
+        missing = [None] * (2 - len(got))
+        return v, [m for x in got for m in x[1]] + missing
 
     def min_over(tasks, n, e):
-        vals = [best(t, n, e) for t in tasks]
-        return min(vals) if vals and all(v is not None for v in vals) else None
+        got = [best(t, n, e) for t in tasks]
+        vals = [v for v, _ in got if v is not None]
+        return (min(vals) if vals else None), [m for _, ms in got for m in ms]
+
+    def mean_over_tasks(diff):
+        got = [diff(t) for t in TASKS]
+        vals = [v for v, _ in got if v is not None]
+        return (float(np.mean(vals)) if vals else None), [m for _, ms in got for m in ms]
 
     public = {r["params"]["task"]: r["metrics"]["public_alone"] for r in done.values()
               if r["params"]["kind"] == "public"}
-    diffs = [dice(t, 12, "recipe", 8.0) - dice(t, 12, "old", 8.0) for t in TASKS
-             if dice(t, 12, "recipe", 8.0) is not None and dice(t, 12, "old", 8.0) is not None]
-    gains = [dice(t, 12, "warm", 8.0) - float(np.mean(list(public[t].values()))) for t in TASKS
-             if dice(t, 12, "warm", 8.0) is not None and t in public]
-    keys = {
+
+    def recipe_minus_old(t):
+        a, b = mean(t, 12, "recipe", 8.0), mean(t, 12, "old", 8.0)
+        return (a["mean"] - b["mean"] if a and b else None), [a, b]
+
+    def warm_gain(t):
+        a = mean(t, 12, "warm", 8.0)
+        ok = a is not None and t in public
+        return (a["mean"] - float(np.mean(list(public[t].values()))) if ok else None), [a if t in public else None]
+
+    found = {
         "best_over_nonprivate_eps8_n12_3d": min_over(("mri3d", "ct3d"), 12, 8.0),
         "best_over_nonprivate_eps8_n100": min_over(TASKS, 100, 8.0),
         "best_over_nonprivate_eps3_n100": min_over(TASKS, 100, 3.0),
         "best_over_nonprivate_eps8_n12_derm2d": best("derm2d", 12, 8.0),
-        "recipe_minus_old_default_eps8_n12": float(np.mean(diffs)) if len(diffs) == len(TASKS) else None,
-        "warm_gain_over_public_alone_eps8_n12": float(np.mean(gains)) if len(gains) == len(TASKS) else None,
+        "recipe_minus_old_default_eps8_n12": mean_over_tasks(recipe_minus_old),
+        "warm_gain_over_public_alone_eps8_n12": mean_over_tasks(warm_gain),
     }
+    keys = {k: v for k, (v, _) in found.items()}
+    basis = {k: _basis(*ms) if v is not None else "missing" for k, (v, ms) in found.items()}
+    is_complete = total is not None and len(done) == total
     return {
-        **keys, "recipe_over_nonprivate": rec_over, "warm_over_nonprivate": warm_over, "public_alone": public,
-        "targets": TARGETS, "met": {k: None if v is None else v >= TARGETS[k] for k, v in keys.items()},
+        **keys, "key_basis": basis, "recipe_over_nonprivate": rec_over, "warm_over_nonprivate": warm_over,
+        "ratio_basis": ratio_basis, "public_alone": public, "targets": TARGETS,
+        "met": {k: (v > TARGETS[k] if k.startswith("warm_gain") else v >= TARGETS[k]) if basis[k] == "complete"
+                else None for k, v in keys.items()},
+        "clip_rule_choice": clip_rule_choice(done, means),
+        "partial": False if is_complete else {"done": len(done), "total": total, "resume": RESUME},
         "resume": RESUME, "delta": DELTA, "recipe_clip": RECIPE_CLIP, "warm_trainable": WARM_TRAINABLE,
+        "lr_factors": list(LR_FACTORS), "base_lr": FULL["lr"],
         "rows": [{"task": t, "n": n, "arm": a, "epsilon": e, **v} for (t, n, a, e), v in sorted(
             means.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0))],
     }
 
 
-def plot(out: dict, path: Path) -> None:
+def plot(out: dict, path: Path) -> bool:
+    """The figure of issue 26: Dice ratio (DP arm / non-private of the same start) against training patients
+    per site, one line per arm and epsilon, a panel per task; hollow markers rest on PARTIAL cells. Returns
+    whether anything was drawn (no file otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -405,17 +507,20 @@ def plot(out: dict, path: Path) -> None:
     for ax, task in zip(axes[0], TASKS, strict=True):
         for key, arm in (("recipe_over_nonprivate", "recipe"), ("warm_over_nonprivate", "warm")):
             for e in EPS:
-                pts = sorted((int(n), v[f"{e:g}"]) for n, v in out[key].get(task, {}).items()
-                             if v[f"{e:g}"] is not None)
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", ls="-" if arm == "recipe" else "--",
-                            label=f"{arm}, eps {e:g}")
-                    drawn = True
+                pts = sorted((int(n), v[f"{e:g}"], out["ratio_basis"][arm][task][n][f"{e:g}"] == "complete")
+                             for n, v in out[key].get(task, {}).items() if v[f"{e:g}"] is not None)
+                if not pts:
+                    continue
+                xs, ys, full = zip(*pts, strict=True)
+                line = ax.plot(xs, ys, ls="-" if arm == "recipe" else "--", label=f"{arm}, eps {e:g}")[0]
+                for x, y, f in pts:
+                    ax.plot([x], [y], marker="o", color=line.get_color(), mfc=line.get_color() if f else "none")
+                drawn = True
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("training patients per site")
         ax.set_ylabel("Dice / non-private Dice")
-        ax.set_title(task)
+        ax.set_title(task + ("" if out.get("partial") is False else " (PARTIAL)"))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     if drawn:
@@ -423,27 +528,58 @@ def plot(out: dict, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def render(out: dict, done: dict, results: Path | None = None) -> list[str]:
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
-    status = "complete" if out.get("complete") else f"PARTIAL: resume with `{RESUME}`"
-    md = [f"Status: {status}. A key is given only once all its cells (3 seeds, the lr search) are done.", "",
-          "| key | measured | target |", "|---|---|---|"]
+    part = out["partial"]
+    status = "complete" if part is False else (f"PARTIAL ({part['done']}/{part['total']} cells): resume with "
+                                               f"`{RESUME}`")
+    md = [f"Status: {status}. Every key is computed from the cells done so far; `basis` says what it rests on "
+          "(complete: the lr search and 3 seeds of every cell it needs; PARTIAL: seeds and lr-search runs done; "
+          "a seed-0 figure is the best of its lr search so far, chosen on the same test Dice, so it flatters). "
+          "A target is judged only on complete keys.", "",
+          "| key | measured | target | basis |", "|---|---|---|---|"]
     for k, t in TARGETS.items():
-        md.append(f"| {k} | {f(out.get(k))} | {'>' if k.startswith('warm_gain') else '>='} {t:g} |")
+        md.append(f"| {k} | {f(out.get(k))} | {'>' if k.startswith('warm_gain') else '>='} {t:g} | "
+                  f"{out['key_basis'][k]} |")
     alone = "; ".join(f"{t}: " + ", ".join(f"{s} {v:.3f}" for s, v in d.items())
                       for t, d in out["public_alone"].items())
-    md += ["", f"public_alone (the public warm start's Dice on each site, before fine-tuning): {alone or '-'}",
-           "", "| task | n/site | arm | epsilon | Dice (mean ± std over seeds) |", "|---|---|---|---|---|"]
+    md += ["", f"public_alone (the public warm start's Dice on each site, before fine-tuning): {alone or '-'}", "",
+           "Dice ratio to non-private (recipe / np, warm / np_warm), by task, patients per site and epsilon:", "",
+           "| task | n/site | epsilon | recipe_over_nonprivate | warm_over_nonprivate | basis (recipe; warm) |",
+           "|---|---|---|---|---|---|"]
+    for t, by_n in out["recipe_over_nonprivate"].items():
+        for n, by_e in by_n.items():
+            for e, v in by_e.items():
+                w = out["warm_over_nonprivate"][t][n][e]
+                if v is None and w is None:
+                    continue
+                b = out["ratio_basis"]
+                md.append(f"| {t} | {n} | {e} | {f(v)} | {f(w)} | {b['recipe'][t][n][e]}; {b['warm'][t][n][e]} |")
+    clip = out["clip_rule_choice"]
+    md += ["", f"clip_rule_choice: **{clip['best'] or '- (cells missing)'}** ({clip['basis']}).", "",
+           "| task | " + " | ".join(f"{r}: seeds 1-2 / 3 seeds" for r in CLIP_RULES) + " |",
+           "|---|" + "---|" * len(CLIP_RULES)]
+    for t, rules in clip["per_task"].items():
+        md.append(f"| {t} | " + " | ".join(f"{f(v['mean_seeds_1_2'])} / {f(v['mean_3_seeds'])}"
+                                           for v in rules.values()) + " |")
+    md += ["| mean over tasks | " + " | ".join(f"{f(v)} / -" for v in clip["mean_over_tasks_seeds_1_2"].values())
+           + " |", "", f"Base lr {out['base_lr']:g}, searched x {', '.join(f'{x:.3g}' for x in out['lr_factors'])} "
+           "on seed 0 (the DP arms' optimiser runs at it x the plan's lr scale).", "",
+           "| task | n/site | arm | epsilon | Dice (mean ± std over seeds) | seeds | lr factor (searched) |",
+           "|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        md.append(f"| {r['task']} | {r['n']} | {r['arm']} | {eps} | {r['mean']:.3f} ± {r['std']:.3f} |")
-    if results is not None:
-        plot(out, results / f"{BENCH}_ratio_vs_n.png")
-        md += ["", f"![Dice ratio vs patients per site]({BENCH}_ratio_vs_n.png)"]
+        md.append(f"| {r['task']} | {r['n']} | {r['arm']} | {eps} | {r['mean']:.3f} ± {r['std']:.3f} | {r['seeds']} "
+                  f"| {r['lr_factor']:.3g} ({r['lr_searched']}/{len(LR_FACTORS)}) |")
+    if results is not None and plot(out, results / FIGURE):
+        md += ["", f"![Dice ratio vs patients per site]({FIGURE})", "",
+               f"`{FIGURE}`: Dice ratio against training patients per site, one line per arm and epsilon; hollow "
+               "markers rest on PARTIAL cells."]
     return md
 
 
@@ -452,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     setting = SMOKE if args.smoke else FULL
     shared = cells.shared_dir(args, BENCH)
     results, cells_dir = args.results, args.runs / BENCH / "cells"
-    return cells.run(BENCH, VERSION, make_cells(setting), lambda c, w: run_cell(c, w, shared, cells_dir), merge,
-                     lambda o, d: render(o, d, results), args, argv)
+    grid = make_cells(setting)
+    return cells.run(BENCH, VERSION, grid, lambda c, w: run_cell(c, w, shared, cells_dir),
+                     lambda d: merge(d, len(grid)), lambda o, d: render(o, d, results), args, argv)
 
 
 if __name__ == "__main__":

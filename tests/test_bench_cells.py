@@ -178,6 +178,22 @@ def test_a_runner_of_chosen_cells_runs_beside_a_full_one(tmp_path):
     assert r.returncode == 0 and r.stdout.count(" ...\n") == 1 and "t0-s1 ..." in r.stdout
 
 
+
+def test_summary_merges_beside_a_running_runner_and_runs_nothing(tmp_path):
+    script = _script(tmp_path)
+    assert _run(script, tmp_path, "--cells", "t0-s0,t1-s1").returncode == 0
+    (tmp_path / "results" / "tiny.json").unlink()
+    full = cells.Runner("tiny", "v1", [cells.Cell("a")], tmp_path / "runs", tmp_path / "results")
+    full.lock()  # a whole-benchmark runner holds the lock: --summary neither waits for it nor runs a cell
+    try:
+        r = _run(script, tmp_path, "--summary")
+    finally:
+        full.unlock()
+    assert r.returncode == 0, r.stderr
+    assert " ..." not in r.stdout and "2/6 cells merged" in r.stdout
+    out = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert out["cells_done"] == 2 and out["total"] == 10 + 1 and "--summary" not in out["command"]
+
 def test_unknown_cell_exits_2(tmp_path):
     r = _run(_script(tmp_path), tmp_path, "--cells", "t0-s0,nope")
     assert r.returncode == 2
@@ -216,44 +232,62 @@ def _rec(params: dict, metrics: dict) -> dict:
 
 def test_privacy_utility_keys_from_cells():
     """Issue 26's keys: each DP arm over the non-private run of the same initialisation, the
-    better new arm per task, means over seeds only once the lr search and all seeds are done."""
+    better new arm per task, means over seeds; a key short of cells is computed from what exists and
+    labelled PARTIAL (never judged against its target); the clip rule picked on held-out seeds."""
     import privacy_utility as pu
 
     dice = {"np": 0.80, "np_warm": 0.84, "old": 0.40, "recipe": 0.70, "warm": 0.80}
+    clip = {"fixed": 0.02, "adaptive": -0.05}  # the recipe with these rules, against normalise's
     done = {}
-    for c in pu.make_cells(pu.SMOKE):
+    grid = pu.make_cells(pu.SMOKE)
+    for c in grid:
         p = c.params
         if p["kind"] == "public":
             done[c.name] = _rec(p, {"dice": 0.5, "public_alone": {"H1": 0.5, "H2": 0.6, "H3": 0.7}})
             continue
-        d = dice[p["arm"]] - 0.1 * (p["epsilon"] == 3.0) + 0.01 * p["seed"]
+        d = dice[p["arm"]] - 0.1 * (p["epsilon"] == 3.0) + 0.01 * p["seed"] + clip.get(p.get("clip"), 0.0)
         d -= 0.05 * (p["lr_pick"] in ("lo", "hi", "vhi", "vvhi"))  # the search keeps the best lr: mid
         done[c.name] = _rec(p, {"dice": d})
-    out = pu.merge(done)
+    out = pu.merge(done, len(grid))
+    assert out["partial"] is False
     assert out["recipe_over_nonprivate"]["mri3d"]["12"]["8"] == pytest.approx(0.71 / 0.81)
     assert out["warm_over_nonprivate"]["ct3d"]["12"]["3"] == pytest.approx(0.71 / 0.85)
+    assert out["ratio_basis"]["warm"]["ct3d"]["12"]["3"] == "complete"
     assert out["best_over_nonprivate_eps8_n12_3d"] == pytest.approx(0.81 / 0.85)  # warm / np_warm
     assert out["best_over_nonprivate_eps8_n12_derm2d"] == pytest.approx(0.81 / 0.85)
     assert out["recipe_minus_old_default_eps8_n12"] == pytest.approx(0.30) and out["met"][
         "recipe_minus_old_default_eps8_n12"]
     assert out["warm_gain_over_public_alone_eps8_n12"] == pytest.approx(0.81 - 0.6)
     assert out["best_over_nonprivate_eps8_n100"] is None  # the smoke grid has no n = 100
+    assert out["key_basis"]["best_over_nonprivate_eps8_n100"] == "missing"
+    choice = out["clip_rule_choice"]
+    assert choice["best"] == "fixed" and choice["complete"]
+    assert choice["mean_over_tasks_seeds_1_2"]["normalise"] == pytest.approx(0.715)  # seeds 1-2 only
+    assert choice["per_task"]["ct3d"]["adaptive"]["mean_3_seeds"] == pytest.approx(0.66)
     full = pu.make_cells(pu.FULL)
     names = [c.name for c in full]
     assert names[:3] == ["public-mri3d", "public-ct3d", "public-derm2d"]
     head = [c for c in full if c.params.get("n") in (12, 100) and c.params.get("epsilon") in (None, 8.0)
-            and (c.params.get("n") == 12 or c.params["task"] == "mri3d")]
-    assert max(names.index(c.name) for c in head) < min(names.index(c.name) for c in full[3:] if c not in head)
-    # 8 (task, n) x (2 non-private + 2 epsilons x 3 DP arms) x (5 lr on seed 0 + 2 seeds)
-    assert len(full) == 3 + 8 * (2 + 2 * 3) * (len(pu.LR_FACTORS) + 2)
+            and c.params["kind"] == "run" and (c.params.get("n") == 12 or c.params["task"] == "mri3d")]
+    runs = [c for c in full[3:] if c.params["kind"] == "run"]
+    assert max(names.index(c.name) for c in head) < min(names.index(c.name) for c in runs if c not in head)
+    # 8 (task, n) x (2 non-private + 2 epsilons x 3 DP arms) x (5 lr on seed 0 + 2 seeds), then the clip cells
+    grid_cells = 3 + 8 * (2 + 2 * 3) * (len(pu.LR_FACTORS) + 2)
+    assert len(full) == grid_cells + 3 * 2 * 3 and all(c.params["kind"] == "clip" for c in full[grid_cells:])
 
-    done.pop("derm2d-n12-recipe-eps8-lrbest-seed2")  # one seed missing: no key that needs it
-    out = pu.merge(done)
-    assert out["recipe_over_nonprivate"]["derm2d"]["12"]["8"] is None
-    assert out["recipe_minus_old_default_eps8_n12"] is None and out["met"]["recipe_minus_old_default_eps8_n12"] is None
-    lines = pu.render({**out, "complete": False}, done)
+    done.pop("derm2d-n12-recipe-eps8-lrbest-seed2")  # one seed missing: computed from the others, PARTIAL
+    done.pop("derm2d-n12-recipe-clipadaptive-eps8-lrbest-seed1")
+    out = pu.merge(done, len(grid))
+    assert out["partial"] == {"done": len(grid) - 2, "total": len(grid), "resume": pu.RESUME}
+    assert out["recipe_over_nonprivate"]["derm2d"]["12"]["8"] == pytest.approx(0.705 / 0.81)
+    assert out["ratio_basis"]["recipe"]["derm2d"]["12"]["8"].startswith("PARTIAL: 2 of 3 seeds")
+    assert out["recipe_minus_old_default_eps8_n12"] is not None
+    assert out["key_basis"]["recipe_minus_old_default_eps8_n12"].startswith("PARTIAL")
+    assert out["met"]["recipe_minus_old_default_eps8_n12"] is None  # a partial key is not judged
+    assert out["clip_rule_choice"]["best"] is None
+    lines = pu.render(out, done)
     assert any("PARTIAL" in ln and "--resume" in ln for ln in lines)
-    assert "| recipe_minus_old_default_eps8_n12 | - | >= 0.15 |" in lines
+    assert any(ln.startswith("| recipe_minus_old_default_eps8_n12 | ") and "PARTIAL" in ln for ln in lines)
 
 
 def test_federated_keys_from_cells():
