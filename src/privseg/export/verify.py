@@ -14,11 +14,21 @@ from pathlib import Path
 
 from privseg.errors import CheckpointError, DataError, PrivsegError
 
+# an export's manifest: MONAI's bundle metadata for a bundle, export.json for the other formats
+BUNDLE_MANIFEST = "configs/metadata.json"
+MANIFEST = "export.json"
+
+
+def manifest_path(out: Path) -> Path | None:
+    """The manifest of an export folder (None when the folder is no export)."""
+    for name in (BUNDLE_MANIFEST, MANIFEST):
+        if (out / name).is_file():
+            return out / name
+    return None
+
 
 def read_manifest(export_dir: str | Path) -> tuple[Path, dict]:
     """(path, content) of an export's manifest; a DataError naming the folder when there is none."""
-    from privseg.export.write import manifest_path
-
     d = Path(export_dir)
     path = manifest_path(d) if d.is_dir() else None
     if path is None:

@@ -19,23 +19,13 @@ from privseg.export.artifacts import write_onnx, write_torchscript
 from privseg.export.card import markdown, to_html
 from privseg.export.source import check_pending, cohorts_of, served_model
 from privseg.export.statement import evaluation, statement
-from privseg.export.verify import manifest_digest
+from privseg.export.verify import BUNDLE_MANIFEST, MANIFEST, manifest_digest, manifest_path
 from privseg.utils import atomic_path, write_json
 
 FORMATS = ("monai-bundle", "torchscript", "onnx")
-BUNDLE_MANIFEST = "configs/metadata.json"
-MANIFEST = "export.json"
 # the network file and the card of each format, relative to the export folder
 NETWORK = {"monai-bundle": "models/model.ts", "torchscript": "model.ts", "onnx": "model.onnx"}
 CARD = {"monai-bundle": "docs/README.md", "torchscript": "README.md", "onnx": "README.md"}
-
-
-def manifest_path(out: Path) -> Path | None:
-    """The manifest of an export folder (None when the folder is no export)."""
-    for name in (BUNDLE_MANIFEST, MANIFEST):
-        if (out / name).is_file():
-            return out / name
-    return None
 
 
 def _prepare_out(out: Path, force: bool) -> None:

@@ -14,7 +14,7 @@ from privseg.data.synth.anatomy import LESION_CLASS, TISSUE_CLASSES, _lesion_kin
 from privseg.data.synth.dermoscopy import render_dermoscopy
 from privseg.data.synth.fields import _subject_rng
 from privseg.data.synth.params import SynthParams
-from privseg.data.synth.public import check_site_cohort
+from privseg.data.synth.reserved import check_site_cohort
 from privseg.data.synth.scanner import CAMERA_PROFILES, SCANNER_PROFILES, ScannerProfile, default_profiles
 from privseg.data.synth.template import _base
 from privseg.data.synth.writers import (

@@ -22,30 +22,20 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from privseg.data.synth.builders import synth_cohort, synth_cohort_2d
+from privseg.data.synth.params import SynthParams
+from privseg.data.synth.reserved import (  # noqa: F401  (public here too)
+    PUBLIC_PROFILES,
+    PUBLIC_SEED_BASE,
+    check_site_cohort,
+    is_public_profile,
+)
 from privseg.errors import ConfigError
 
-PUBLIC_SEED_BASE = 0x50550000  # "PU..": site cohorts use seeds below it (the stream key is the seed mod 2^32)
-PUBLIC_PROFILES = {"volume": ("public-T1-7T", "public-T1-1T"), "ct": ("public-CT-thin",),
-                   "dermoscopy": ("public-archive", "public-atlas")}
 KINDS = tuple(PUBLIC_PROFILES)
 # the public raters draw outlines of their own: larger and more frequent displacements than the sites'
 PUBLIC_RATER = {"rater_patch_fraction": 0.35, "rater_shift_vox": 1.0, "rater_bias": 0.05, "derm_rater_offset": 0.06,
                 "derm_rater_wobble": 0.06}
-
-
-def is_public_profile(name: str) -> bool:
-    return any(name in names for names in PUBLIC_PROFILES.values())
-
-
-def check_site_cohort(seed: int, profiles) -> None:
-    """A site cohort (every builder but :func:`public_cohort`) may not use public seeds or profiles."""
-    if int(seed) & 0xFFFFFFFF >= PUBLIC_SEED_BASE:
-        raise ConfigError(f"seed {seed}: seeds from {PUBLIC_SEED_BASE} up are reserved for public data "
-                          "(privseg.data.synth.public); a site cohort uses a smaller seed")
-    public = [p for p in profiles if is_public_profile(p)]
-    if public:
-        raise ConfigError(f"profiles {public} are public-data scanners (privseg.data.synth.public); a site cohort "
-                          "uses the others")
 
 
 def public_seed(seed: int) -> int:
@@ -58,9 +48,6 @@ def public_cohort(out: str | Path, kind: str, *, subjects: int = 16, size: int =
     """Write the public cohort of ``kind`` (``volume``: T1 MR, ``ct``, ``dermoscopy``) into ``out``:
     ``subjects`` per public scanner, every one a training subject (nothing of it is held out: it
     is not evaluated on), and return it. ``size``: volume side (3D) or image side (2D)."""
-    from privseg.data.synth.builders import synth_cohort, synth_cohort_2d
-    from privseg.data.synth.params import SynthParams
-
     if kind not in KINDS:
         raise ConfigError(f"public cohort kind {kind!r} is not one of {', '.join(KINDS)}")
     names = list(PUBLIC_PROFILES[kind])
