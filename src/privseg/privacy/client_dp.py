@@ -42,11 +42,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, check_epsilon
-from privseg.privacy.clipping import make_clipper
+from privseg.privacy.clipping import Normalising, clip_factors, make_clipper
 from privseg.privacy.noise import NoiseSource
 
 SERVER = "server"
@@ -117,6 +118,12 @@ class ClientLevelDP:
     def clip(self) -> float:
         return float(self.clipper.clip)
 
+    @property
+    def _scale(self) -> float | Normalising:
+        """What scales a site's update: the clip (``min(1, C/||u||)``), or the normalising rule's
+        ``C u / (||u|| + gamma)`` (Bu et al. 2023); either way the update's norm stays below C."""
+        return getattr(self.clipper, "scale", self.clip)
+
     def attach(self, strategy) -> None:
         strategy.update_hooks.append(self.clip_updates)
         strategy.aggregate_hooks.append(self.add_noise)
@@ -146,7 +153,7 @@ class ClientLevelDP:
             deltas = {k: arrays[k].numpy().astype(np.float64) - glob[k] for k in keys}
             norm = math.sqrt(sum(float((d ** 2).sum()) for d in deltas.values()))
             self.norms.append(norm)
-            factor = min(1.0, clip / (norm + 1e-12))
+            factor = float(clip_factors(torch.tensor([norm], dtype=torch.float64), self._scale)[0])
             out = {k: Array(np.ascontiguousarray(arrays[k].numpy())) for k in arrays.keys()}
             for k in keys:
                 out[k] = Array(np.ascontiguousarray((glob[k] + factor * deltas[k]).astype(arrays[k].numpy().dtype)))
