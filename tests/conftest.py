@@ -34,6 +34,18 @@ def make_blob_subject(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     return image, label
 
 
+def volume_items(n: int, size: int = 12, seed: int = 0) -> list[dict]:
+    """``n`` tiny in-memory patients (``image``, ``label`` in {0, 1, 2}, ``patient`` P000...): the items a
+    DP engine or a site's private trainer takes, without files."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = (rng.random((1, size, size, size)) > 0.7).astype(np.float32) * rng.integers(1, 3)
+        image = (label + rng.normal(0, 0.3, label.shape)).astype(np.float32)
+        out.append({"image": torch.from_numpy(image), "label": torch.from_numpy(label), "patient": f"P{i:03d}"})
+    return out
+
+
 def make_tiny_cohort(root: Path, sites: int = 2, per_site: int = 3, size: int = 20, seed: int = 0) -> Cohort:
     rng = np.random.default_rng(seed)
     subjects = []

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import volume_items
 from privseg.errors import ConfigError
 from privseg.privacy import (
     CLIP_RULES,
@@ -35,16 +36,6 @@ from privseg.train.losses import SegLoss
 def _toy() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv3d(4, 3, 1))
-
-
-def _items(n: int, size: int = 12, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        label = (rng.random((1, size, size, size)) > 0.7).astype(np.float32) * rng.integers(1, 3)
-        image = (label + rng.normal(0, 0.3, label.shape)).astype(np.float32)
-        out.append({"image": torch.from_numpy(image), "label": torch.from_numpy(label), "patient": f"P{i:03d}"})
-    return out
 
 
 def _grads(model, loss_fn, x, y) -> list[torch.Tensor]:
@@ -78,7 +69,7 @@ def test_k_patches_are_averaged_before_one_clip(method):
 
 @pytest.mark.parametrize("aug_mult,k", [(3, 3), (0, 1)])  # 0: a spec from before the recipe, patches_per_subject
 def test_engine_draws_k_patches_per_sampled_patient(aug_mult, k):
-    items = _items(6)
+    items = volume_items(6)
     cfg = TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), patches_per_subject=1, device="cpu", num_classes=3)
     eng = PatientDPSGD(q=0.5, n_subjects=6, multipliers=[1.0] * 4, noise=NoiseSource.reproducible(0),
                        aug_mult=aug_mult)
@@ -172,7 +163,7 @@ def test_plan_follows_tan_and_scales_the_learning_rate_to_the_noise():
 
 
 def _round_reply(tmp_path, name: str, n: int, dp: DPConfig) -> dict:
-    items = _items(n, size=10, seed=n)
+    items = volume_items(n, size=10, seed=n)
     tc = TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), device="cpu", subjects_per_step=2,
                      patches_per_subject=1, steps=2, num_classes=3)
     private = make_private(dp, site="H1", items=items, ledger=BudgetLedger(tmp_path / name / "privacy.sqlite"),

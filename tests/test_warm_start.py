@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import volume_items
 from privseg.data import synth
 from privseg.data.synth.public import PUBLIC_PROFILES, PUBLIC_SEED_BASE, public_cohort
 from privseg.errors import CheckpointError, ConfigError
@@ -47,16 +48,6 @@ def test_trainable_chooses_norms_and_decoder():
     assert TRAINABLE == ("all", "norms", "decoder", "norms+decoder")
 
 
-def _items(n: int, size: int = 10) -> list[dict]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        label = (rng.random((1, size, size, size)) > 0.6).astype(np.float32) * rng.integers(1, 3)
-        image = (label + rng.normal(0, 0.3, label.shape)).astype(np.float32)
-        out.append({"image": torch.from_numpy(image), "label": torch.from_numpy(label), "patient": f"P{i:02d}"})
-    return out
-
-
 @pytest.mark.parametrize("which", ["decoder", "norms"])
 def test_dp_noise_and_clipping_touch_only_the_trainable_parameters(which, monkeypatch):
     cfg = _cfg(trainable=which, patches_per_subject=1)
@@ -66,7 +57,7 @@ def test_dp_noise_and_clipping_touch_only_the_trainable_parameters(which, monkey
     drawn, gaussian = [], NoiseSource.gaussian
     monkeypatch.setattr(NoiseSource, "gaussian",
                         lambda self, what, step, n, *a: (drawn.append((what, n)), gaussian(self, what, step, n, *a))[1])
-    eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), _items(4), cfg, 0, 2)
+    eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), volume_items(4, size=10), cfg, 0, 2)
     trainable = _trainable(model)
     assert [n for what, n in drawn if what == "gradient"] == [sum(p.numel() for p in trainable.values())] * 2
     for n, p in model.named_parameters():
