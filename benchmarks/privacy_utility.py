@@ -1,6 +1,6 @@
 """Benchmark (issue 26): how close patient-level DP training gets to non-private Dice, by cohort size, as cells.
 
-    OMP_NUM_THREADS=1 python benchmarks/privacy_utility.py [--resume] [--cells a,b] [--list] [--smoke]
+    OMP_NUM_THREADS=1 python benchmarks/privacy_utility.py [--resume] [--cells a,b] [--list] [--summary] [--smoke]
 
 Three tasks, 3 sites each, federated (privseg's Flower ServerApp/ClientApp, in-process round loop):
 ``mri3d`` (3 T1 scanners), ``ct3d`` (the same anatomy, CT at every site), ``derm2d`` (2D
@@ -35,9 +35,17 @@ at n = 12: np 52 s, np_warm 60 s, old 76 s, recipe 112 s, warm 105 s; the n = 10
 451 cells (lr factors 9 and 27 added after the first cells), about 27 h at one process (13.5 h at two),
 mri3d about half of it; the headline cells (first) about 6 h.
 
+After the grid (appended last, so no earlier cell changed place or meaning), the **clip cells**:
+the recipe with ``clip`` ``fixed`` and ``adaptive`` (``normalise`` is the recipe itself) at n = 12,
+epsilon 8, every task, 3 seeds, at the lr the recipe chose on seed 0; ``clip_rule_choice`` picks the
+rule with the best mean Dice over the tasks on seeds 1-2 (seed 0 chose normalise's lr).
+
 Ratios: recipe / np and warm / np_warm (the non-private run of the same initialisation and
-budget), means over seeds. Keys of results/privacy_utility.json as issue 26 lists them; a key
-whose cells are not all done is None, and the file says PARTIAL with the command to resume.
+budget), means over seeds. Keys of results/privacy_utility.json as issue 26 lists them, computed
+from whatever cells are done: ``key_basis`` (and ``ratio_basis`` for the indexed ratios) says
+``complete`` or PARTIAL with the seeds and lr-search runs each rests on; ``met`` judges complete
+keys only; ``partial`` gives done/total and the command to resume. ``--summary`` re-merges the
+cells done (with this file's merge) without running any, beside a running grid.
 """
 
 from __future__ import annotations
