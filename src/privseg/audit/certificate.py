@@ -166,6 +166,10 @@ def summarise(entries: list[dict]) -> dict:
         "repair": by.get("repaired", {}).get("body"), "verification": ver or None,
         "membership": membership_statements(ver) if ver else None, "cost": cost_statement(ver),
         "resulting_model": done["model"] if done else None, "removed": done["removed"] if done else [],
+        # the models the erasure covered: the global one and each site's personalised ones (older
+        # records covered the global model only); and the model each site serves after it
+        "covered": (done.get("covered") or [{"model": "global", "path": done["model"]["path"], "fate": "erased"}])
+        if done else [], "serves": done.get("serves") if done else None,
         "dp": done.get("dp") if done else None, "last_entry_hash": entries[-1]["hash"],
         "events": stage_rows(entries),
     }
@@ -297,6 +301,7 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
         rm = s["resulting_model"]
         parts.append("<h2>Result</h2><table>" + _rows([("Model now served", rm["path"]), ("SHA-256", rm["sha256"]),
                                                         ("Superseded files deleted", len(s["removed"]))]) + "</table>")
+        parts.append(_covered_html(s))
     if s["dp"]:
         d = s["dp"]
         if d.get("private"):
@@ -323,6 +328,23 @@ def render_html(s: dict, chain_ok: bool, chain_problems: list[str], ledger_path:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Erasure certificate "
             f"{html.escape(s['request'])}</title><style>{_CSS}</style></head><body>{''.join(parts)}"
             "<p><small>Written by privseg from the run's erasure ledger.</small></p></body></html>")
+
+
+def covered_text(c: dict) -> str:
+    """One model an erasure covered, in words."""
+    return ("the global model" if c["model"] == "global"
+            else f"personalised model ({c['model']}) at site {c['site']}") + f": {c['fate']}"
+
+
+def _covered_html(s: dict) -> str:
+    """The models the erasure covered (the global one; each site's personalised models, redone
+    without the patient or deleted) and the model each site serves after it."""
+    rows = "".join(f"<tr><td>{html.escape(covered_text(c))}</td><td>{html.escape(c['path'])}</td></tr>"
+                   for c in s.get("covered") or [])
+    served = s.get("serves") or {}
+    return ("<h2>Models the erasure covered</h2><table><tr><th>model</th><th>file</th></tr>" + rows + "</table>"
+            + ("<p>Served after the erasure: " + html.escape(", ".join(f"site {k}: {v}" for k, v in served.items()))
+               + "</p>" if served else ""))
 
 
 def _membership_html(m: dict) -> str:

@@ -62,17 +62,21 @@ def model_files(run_dir: Path) -> list[Path]:
 
 def account(run_dir: str | Path, since: str, *, deleted: Sequence[dict] = (), superseded: Sequence[dict] = (),
             never_saw: Iterable[str | Path] = (), written: Iterable[str | Path] = (),
-            notes: dict[str, str] | None = None) -> list[dict]:
+            notes: dict[str, str] | None = None, personal: Sequence[dict] = ()) -> list[dict]:
     """The copies of one erasure in ``run_dir``: ``deleted`` and ``superseded`` (``{"path",
     "sha256"[, "reason"]}``, paths relative to the run folder) with those fates, then every other
     model file written before ``since`` (the ISO time the request was recorded) as ``kept``, except
     ``never_saw`` (files that never held the patient) and ``written`` (the erasure's own output).
-    ``notes``: the reason shown for a deleted path (default by kind)."""
+    ``notes``: the reason shown for a deleted path (default by kind). ``personal``: the
+    personalised models the erasure redid or deleted (entries of :func:`copy_entry`'s fields, from
+    :mod:`privseg.unlearn.personalised`), listed as given."""
     run_dir = Path(run_dir)
     notes = notes or {}
     out = [copy_entry(a["path"], a.get("sha256"), "deleted", notes.get(a["path"], a.get("reason", "")))
            for a in deleted]
     out += [copy_entry(a["path"], a.get("sha256"), "superseded", a.get("reason", "")) for a in superseded]
+    out += [{**copy_entry(a["path"], a.get("sha256"), a["fate"], a.get("reason", "")),
+             **({"what": a["what"]} if a.get("what") else {})} for a in personal]
     listed = {a["path"] for a in out}
     skip = {_rel(run_dir, p) for p in (*never_saw, *written)}
     for p in model_files(run_dir):

@@ -32,7 +32,8 @@ from pathlib import Path
 from privseg.errors import ConfigError, DataError
 
 GENESIS = "0" * 64
-EVENTS = ("requested", "started", "local_unlearned", "repaired", "site_removed", "verified", "completed", "failed")
+EVENTS = ("requested", "started", "local_unlearned", "repaired", "site_removed", "verified", "personalised",
+          "completed", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (

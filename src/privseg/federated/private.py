@@ -107,6 +107,93 @@ def site_step_fn(tc: TrainConfig, msg_config: Mapping, spec: SiteSpec, state_dir
     return standard_step
 
 
+class PersonalDP:
+    """Patient-level DP for a stage that trains at the sites after the rounds (personalisation,
+    :mod:`privseg.federated.personalise`): each method's steps at a site are that site's DP-SGD
+    steps (:class:`~privseg.privacy.PrivateSite`: the site's plan, its secret key bound to each
+    release's inputs, booked once per fingerprint) in its own ledger, under the scope
+    ``<scope>/<method>`` (so two methods never share a release id, nor its noise). Outside an
+    erasure the stage must leave the erasure reserve; an erasure's (``spend_reserve``) spends it."""
+
+    def __init__(self, run_dir: Path, cfg: FLConfig, scope: str, spend_reserve: bool = False):
+        self.run_dir, self.cfg, self.scope, self.spend_reserve = Path(run_dir), cfg, scope, spend_reserve
+        self.round_no = RunState.load(run_dir).rounds_done  # the releases are named by the global model's round
+        self.booked: dict[str, dict[str, float]] = {}  # site -> method -> epsilon after its last release
+
+    def private(self, spec: SiteSpec, method: str, items):
+        dp, tc = self.cfg.privacy, self.cfg.train
+        state_dir = self.run_dir / "sites" / spec.id
+        private = make_private(replace(dp, ledger_scope=f"{self.scope}/{method}"), site=spec.id, items=items,
+                               ledger=BudgetLedger(site_ledger_path(dp, spec.id, state_dir)),
+                               noise=noise_source(dp, state_dir, tc.seed + site_seed(spec.id)),
+                               subjects_per_step=tc.subjects_per_step, total_steps=tc.steps,
+                               local_steps=self.cfg.local_steps, spend_reserve=self.spend_reserve)
+        if not self.spend_reserve:  # a scope of its own, yet not an erasure's: it must leave the reserve
+            private.reserve = private.plan.reserve_events()
+        return private
+
+    def steps(self, spec: SiteSpec, method: str, items):
+        """``(model, optimizer, items, config, start, stop) -> losses``: ``method``'s DP steps at ``spec``."""
+        private = self.private(spec, method, items)
+
+        def run(model, optimizer, batch_items, config, start: int, stop: int) -> list[float]:
+            losses = private.train_round(model, optimizer, batch_items, config, self.round_no, start, stop)
+            self.booked.setdefault(spec.id, {})[method] = private.epsilon
+            return losses
+
+        return run
+
+    def cost(self, spec: SiteSpec, items, steps_by_method: Mapping[str, int]) -> dict:
+        """ε at ``spec`` after the most steps each method may take (``steps_by_method``), composed with
+        what the site spent (and, outside an erasure, with the reserve it must keep)."""
+        from privseg.privacy.accountant import epsilon
+
+        private = self.private(spec, "", items)  # the site's plan and ledger (every method's steps use them)
+        budget, delta = private.ledger.budget(spec.id)
+        prior = private.ledger.events(spec.id)
+        new = [e for n in steps_by_method.values() for e in private.plan.events(0, int(n))]
+        after = epsilon(prior + new, delta)
+        with_reserve = epsilon(prior + new + private.reserve, delta) if private.reserve else after
+        return {"site": spec.id, "steps": {m: int(n) for m, n in steps_by_method.items()},
+                "epsilon_spent": private.ledger.spent(spec.id), "epsilon_after": after,
+                "epsilon_with_reserve": with_reserve, "epsilon_budget": budget, "delta": delta,
+                "fits": not new or with_reserve <= budget * (1 + 1e-6) + 1e-9}
+
+    def require(self, rows: list[dict], what: str) -> list[dict]:
+        """Raise :class:`~privseg.errors.BudgetExceededError` -- before any step -- when a site cannot pay."""
+        from privseg.errors import BudgetExceededError
+
+        short = [r for r in rows if not r["fits"]]
+        if short:
+            lines = "; ".join(
+                f"site {r['site']} needs epsilon {r['epsilon_after']:.3g}"
+                + (f" ({r['epsilon_with_reserve']:.3g} with the erasure reserve it keeps)" if not self.spend_reserve
+                   else "")
+                + f" for {' + '.join(f'{n} {m}' for m, n in r['steps'].items())} DP step(s) (spent "
+                  f"{r['epsilon_spent']:.3g} of its budget {r['epsilon_budget']:g})" for r in short)
+            raise BudgetExceededError(
+                f"{what} refused before any training step: {lines}. Options: fewer --epochs, fewer methods "
+                "(the local-only model under DP is a second DP training of the site: --method finetune), or "
+                "raise the site's budget (privseg privacy budget RUN --site SITE --epsilon E, a decision recorded "
+                "in its ledger)")
+        return rows
+
+
+def personal_dp(run_dir: str | Path, cfg: FLConfig, scope: str, spend_reserve: bool = False) -> PersonalDP | None:
+    """The DP of a post-training stage at the sites (:class:`PersonalDP`), None without DP; under
+    client-level DP (``--dp site``) refused: the server's noise covers the aggregate only, so a
+    model trained at a site after the rounds would leave it unprotected."""
+    from privseg.errors import ConfigError
+
+    if cfg.privacy is None:
+        return None
+    if cfg.privacy.unit != "patient":
+        raise ConfigError(f"run {Path(run_dir).name} was trained with client-level DP (--dp site): the server's "
+                          "noise covers the aggregate only, a model trained at a site afterwards would leave it "
+                          "without protection; personalisation is refused (see docs/privacy.md)")
+    return PersonalDP(Path(run_dir), cfg, scope, spend_reserve)
+
+
 def served_ema_decay(cfg: FLConfig) -> float:
     """The decay of the weight average a DP run serves (0: it serves the last global model).
     Averaging released models is post-processing (:mod:`privseg.train.ema`): it books nothing."""

@@ -14,6 +14,7 @@ from privseg.errors import CheckpointError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import read_site_cohort, site_subjects
+from privseg.unlearn.personalised import cover_personalised
 from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _latest
 from privseg.unlearn.site_erasure import round_seconds
 from privseg.unlearn.verification import _complete, _superseded, _verified, _verify_patient
@@ -47,8 +48,10 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
     ver = _verified(rid, ledger, req, "repaired", evidence, say, "membership test and Dice")
     if ver is None:
         return
-    # 5. complete: delete what still carries the patient
-    _complete(run_dir, rid, ledger, ver, repaired["body"]["model"], req.site, say)
+    # 5. the site's personalised models, when the run has them (privseg.unlearn.personalised)
+    personal = cover_personalised(run_dir, req, rid, ledger, say)
+    # 6. complete: delete what still carries the patient
+    _complete(run_dir, rid, ledger, ver, repaired["body"]["model"], req.site, say, personal)
 
 
 def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, requested: dict,

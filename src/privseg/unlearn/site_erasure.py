@@ -21,6 +21,7 @@ from privseg.federated.retrain import derived_run, federated_retrain, round_seco
 from privseg.federated.runstate import RunState
 from privseg.privacy.budget import LEDGER_FILE, BudgetLedger
 from privseg.unlearn.fedrecover import FedRecoverHook, fedrecover_schedule
+from privseg.unlearn.personalised import cover_personalised
 from privseg.unlearn.request import ErasureRequest, StageCallback, _artefact, _latest
 from privseg.unlearn.verification import _complete, _site_cohorts, _split_ids, _superseded, _verified, _verify
 
@@ -324,7 +325,8 @@ def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, b
     if ver is None:
         return
     model = _install_site_removal(run_dir, req, rid, removed["body"], n0)
-    _complete(run_dir, rid, ledger, ver, model, req.site, say)
+    personal = cover_personalised(run_dir, req, rid, ledger, say)  # the site's models go, the others' are redone
+    _complete(run_dir, rid, ledger, ver, model, req.site, say, personal)
     _remove_site_state(run_dir, req.site, rid)
 
 

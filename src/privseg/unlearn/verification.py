@@ -46,9 +46,11 @@ def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
 
 
 def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: dict, site: str,
-              say: StageCallback) -> None:
+              say: StageCallback, personal: dict | None = None) -> None:
     """Delete the superseded files (listed, with their hashes, by the verification) and account
-    for every copy of the erased data (:mod:`privseg.audit.copies`): the ``completed`` entry."""
+    for every copy of the erased data (:mod:`privseg.audit.copies`): the ``completed`` entry.
+    ``personal``: the ``personalised`` stage's body (:mod:`privseg.unlearn.personalised`), whose
+    redone and deleted personalised models are copies too, and models the erasure covered."""
     from privseg.audit.copies import account, model_files
     from privseg.audit.reference import REF_DIR
 
@@ -66,9 +68,13 @@ def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: 
             d.rmdir()
     cfg = FLConfig.load(run_dir)
     # the data-free initial model and the reference models that trained without the data never held it
+    personal = personal or {}
     copies = account(run_dir, requested_at, deleted=removed, written=[run_dir / model["path"]],
-                     never_saw=[RunState.load(run_dir).checkpoint_path(0), *model_files(run_dir / REF_DIR)])
+                     never_saw=[RunState.load(run_dir).checkpoint_path(0), *model_files(run_dir / REF_DIR),
+                                *personal.get("never_saw", [])], personal=personal.get("copies", ()))
+    covered = [{"model": "global", "path": model["path"], "fate": "erased"}, *personal.get("covered", [])]
     ledger.append(rid, "completed", {"model": model, "removed": removed, "copies": copies, "passed": True,
+                                     "covered": covered, "serves": personal.get("serves"),
                                      "dp": _dp_bound(run_dir, cfg, site)})
     kept = [c["path"] for c in copies if c["fate"] == "kept"]
     say("completed", f"{len(removed)} superseded file(s) deleted; the run now serves {model['path']}"
