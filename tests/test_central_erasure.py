@@ -115,6 +115,29 @@ def with_references(central, tmp_path_factory):
     return cohort, d
 
 
+def test_unlearn_reports_progress_through_the_membership_test_and_is_quiet_with_q(with_references, tmp_path,
+                                                                                 capsys):
+    """Issue 27, item 7: the per-patient test inside `privseg unlearn` (one pass per reference model)
+    reports its phases as plain lines when stderr is not a terminal; --quiet keeps only the reason it
+    stopped."""
+    cohort, run = with_references
+    patient = [s.id for s in cohort.select("train")][0]
+    args = ["unlearn", "--checkpoint", str(run / "last.pt"), "--cohort", str(cohort.root), "--forget", patient,
+            "--strategy", "reference_teacher", "--out", str(tmp_path / "u"), "--device", "cpu"]
+    n = len(cohort.select("train")) + len(cohort.select("test"))  # the patient, the other members, the test set
+    capsys.readouterr()
+    assert cli_main(args) == 1  # the tiny model memorised no one: it stops after the test
+    err = capsys.readouterr().err.splitlines()
+    for phase in ("loading subjects", "scoring the model", *(f"scoring reference model {j}/4" for j in (1, 4))):
+        lines = [x for x in err if x.startswith(f"membership test before: {phase}: ")]
+        assert lines and lines[0].split(": ")[2].startswith(f"0/{n}") and f"{n}/{n}" in lines[-1], (phase, err)
+    assert cli_main([*args, "-q"]) == 1
+    cap = capsys.readouterr()
+    assert "membership test" not in cap.err and "nothing measurable to forget" in cap.err
+    assert "nothing measurable to forget" in cap.out  # the patient's result: the reason it stopped, even with -q
+    assert not (run / "erasure").exists()
+
+
 def test_unlearn_resolves_the_request_as_erase_does_and_shows_the_membership_test_first(with_references, tmp_path,
                                                                                      capsys):
     from privseg.audit.reference import REF_DIR, ensure_references, load_references

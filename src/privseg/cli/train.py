@@ -103,14 +103,13 @@ def unlearn(
         ui.out.print("\n".join(membership_lines(before)), highlight=False)
         return not before.get("nothing_to_forget") or even_if_unflagged
 
-    with ui.progress("unlearning", 100, o["quiet"]) as update:
+    with ui.phased_progress("unlearning", o["quiet"]) as on_progress:
         res = erase_central(
             checkpoint, c, parse_ids(forget, "--forget"), strategy, fix_decoder=fix_decoder, params=parse_params(param),
             out_dir=out_dir, retrain_checkpoint=retrain, check_every=check_every, device=device,
             certificate_dir=certificate, on_membership=on_membership, **take(o, UNLEARN), **take(o, ERASURE),
             on_stage=None if o["quiet"] else lambda st, msg: ui.console.print(f"{st}: {msg}", highlight=False),
-            on_step=lambda s, n, loss: update(min(100, 100 * s // max(n, 1)), f"step {s}/{n} loss {loss:.3f}"),
-            on_evaluate=lambda k, n: update(k, "subject passes", total=n, description="evaluating"))
+            on_progress=on_progress)
     if res is None:  # said even under --quiet: the user decides
         ui.console.print("nothing measurable to forget: nothing was recorded; --even-if-unflagged erases anyway")
         raise typer.Exit(1)

@@ -112,19 +112,20 @@ def progress(description: str, total: int, quiet: bool = False,
 
 @contextmanager
 def phased_progress(description: str, quiet: bool = False,
-                    console: Console | None = None) -> Iterator[Callable[[str, int, int], None]]:
-    """Yield ``on_progress(phase, done, total)`` (``privseg.audit.mia.OnProgress``) for work done in
-    phases (loading, scoring the model, each reference model): :func:`progress` with a new phase
-    (its own bar, or its own plain lines) whenever the phase changes."""
+                    console: Console | None = None) -> Iterator[Callable[..., None]]:
+    """Yield ``on_progress(phase, done, total, info="")`` (``privseg.audit.mia.OnProgress``, with
+    an optional note such as the loss) for work done in phases (loading, scoring the model, each
+    reference model): :func:`progress` with a new phase (its own bar, or its own plain lines)
+    whenever the phase changes."""
     with progress(description, 0, quiet, console) as update:
         current: list[str] = []
 
-        def on_progress(phase: str, done: int, total: int) -> None:
+        def on_progress(phase: str, done: int, total: int, info: str = "") -> None:
             if current != [phase]:
                 current[:] = [phase]
-                update(done, total=total, description=phase)
+                update(done, info, total=total, description=phase)
             else:
-                update(done)
+                update(done, info)
 
         yield on_progress
 

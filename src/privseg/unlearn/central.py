@@ -36,12 +36,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from privseg.audit.ledger import ErasureLedger, file_sha256, open_stage
 from privseg.errors import ConfigError
 from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest, StageCallback, _latest
 from privseg.utils import read_json, versions, write_json
+
+if TYPE_CHECKING:
+    from privseg.audit.mia import OnProgress
 
 CENTRAL_SITE = "central"
 LEDGER = Path("erasure") / "ledger.db"
@@ -96,15 +99,16 @@ def central_request(checkpoint, forget: Sequence[str], strategy: str | None = No
     return CentralRequest(path, req, rid, sha)
 
 
-def membership_before(central: CentralRequest, checkpoint, cohort, *, mia_views: int = 2) -> dict:
+def membership_before(central: CentralRequest, checkpoint, cohort, *, mia_views: int = 2,
+                      on_progress: OnProgress | None = None) -> dict:
     """The per-patient test of the model before the erasure against the run's reference models
     (docs/membership.md), on the patients to erase, the model's other training patients and the
     never-seen test patients (the verification's "before", computed once). ``patients``: per
     patient to erase its p-value and whether the test flags it; ``nothing_to_forget`` when it
     flags none (the erasure could not be measured). Without reference models: ``available``
-    False and the reason."""
+    False and the reason. ``on_progress``: loading the patients, then each model scored."""
     from privseg.audit import reference as refmod
-    from privseg.data.transforms import load_preprocessed
+    from privseg.audit.mia import load_items
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
     from privseg.unlearn.engine import roles
 
@@ -116,11 +120,11 @@ def membership_before(central: CentralRequest, checkpoint, cohort, *, mia_views:
         tc = payload["config"]
         retain, forget, _ = roles(payload, cohort, list(req.subjects), checkpoint)
         test = cohort.select("test")
-        items = load_preprocessed([*forget, *retain, *test], cohort, tc.get("spacing"))
+        items = load_items([*forget, *retain, *test], cohort, tc.get("spacing"), on_progress)
         model = model_from_checkpoint(payload, checkpoint).eval()
         tb = refmod.calibrated_test(refs, model, items, tc["patch_size"], tc["num_classes"],
                                     members=[s.id for s in (*forget, *retain)], nonmembers=[s.id for s in test],
-                                    views=mia_views, seed=req.seed, statistic=req.statistic)
+                                    views=mia_views, seed=req.seed, statistic=req.statistic, on_progress=on_progress)
     except ConfigError as exc:
         return {"available": False, "reason": str(exc)}
     rows = [{"id": p, "p": tb["patients"][p]["p"], "flagged": bool(tb["patients"][p]["flagged"]),
@@ -151,13 +155,15 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
                   retrain_checkpoint=None, retrain_seconds: float | None = None, fix_decoder: bool = False,
                   check_every: int = 2, device: str = "auto",
                   on_membership: Callable[[dict], bool] | None = None, on_stage: StageCallback | None = None,
-                  on_step: Callable[[int, int, float], None] | None = None,
-                  on_evaluate: Callable[[int, int], None] | None = None) -> CentralErasure | None:
+                  on_progress: Callable[..., None] | None = None) -> CentralErasure | None:
     """Erase ``forget`` from ``checkpoint``'s model, recorded stage by stage in the run's ledger
     (and its certificate written to ``certificate_dir``); or finish the same request after a
     crash. A bad or repeated request is refused before anything runs or is written. A new request
     first gets :func:`membership_before`; ``on_membership(result)`` returning False stops there,
-    nothing recorded (returns None)."""
+    nothing recorded (returns None). ``on_progress(phase, done, total, info)`` reports each long
+    part as it runs (:func:`privseg.report.text.phased_progress`): the membership tests (loading
+    the patients, each model scored), the unlearning steps (info: the loss) and the evaluation
+    (subject passes)."""
     from privseg.federated.runstate import hold_run
     from privseg.unlearn.engine import check_request
 
@@ -174,7 +180,8 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
         entries = ErasureLedger(central.ledger, create=False).entries(rid) if central.ledger.exists() else []
         requested = _latest(entries, "requested")
         if requested is None:
-            before = membership_before(central, checkpoint, cohort, mia_views=mia_views)
+            before = membership_before(central, checkpoint, cohort, mia_views=mia_views,
+                                       on_progress=_phases(on_progress, "membership test before"))
             if on_membership is not None and not on_membership(before):
                 return None
         else:
@@ -183,7 +190,7 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
             say("requested", f"request {rid} resumed" + (f" (interrupted in stage {stage['body']['stage']})"
                                                           if stage else ""))
         ledger = ErasureLedger(central.ledger)
-        job = _Job(run_dir, Path(checkpoint), cohort, central, ledger, say, mia_views, device, {})
+        job = _Job(run_dir, Path(checkpoint), cohort, central, ledger, say, mia_views, device, {}, on_progress)
         try:
             if requested is None:
                 requested = ledger.append(rid, "requested", {
@@ -191,8 +198,8 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
                     "source": {"round": None, "path": job.rel(checkpoint), "sha256": central.source_sha256},
                     "membership_before": before, "versions": versions()})
                 say("requested", f"request {rid} recorded")
-            local = job.local_stage(Path(out_dir), fix_decoder=fix_decoder, check_every=check_every, on_step=on_step)
-            ver, report = job.verify_stage(local, retrain_checkpoint, retrain_seconds, on_evaluate)
+            local = job.local_stage(Path(out_dir), fix_decoder=fix_decoder, check_every=check_every)
+            ver, report = job.verify_stage(local, retrain_checkpoint, retrain_seconds)
             if ver["passed"]:
                 job.complete_stage(requested, local)
         except BaseException as exc:
@@ -212,14 +219,27 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
                           else "verification-failed", before)
 
 
+def _phases(on_progress: Callable[..., None] | None, what: str) -> OnProgress | None:
+    """``on_progress`` with each phase named after ``what`` (e.g. "membership test after: scoring
+    the model"), so the same test run before and after the unlearning reads as two."""
+    return None if on_progress is None else lambda phase, done, total: on_progress(f"{what}: {phase}", done, total)
+
+
 class _Job:
     """The stages of one central erasure request (each reads what the ledger already holds)."""
 
     def __init__(self, run_dir: Path, checkpoint: Path, cohort, central: CentralRequest, ledger: ErasureLedger,
-                 say: StageCallback, mia_views: int, device: str, items: dict):
+                 say: StageCallback, mia_views: int, device: str, items: dict,
+                 on_progress: Callable[..., None] | None = None):
         self.run_dir, self.checkpoint, self.cohort, self.central = run_dir, checkpoint, cohort, central
         self.req, self.rid, self.ledger, self.say = central.request, central.request_id, ledger, say
-        self.mia_views, self.device, self.items = mia_views, device, items
+        self.mia_views, self.device, self.items, self.on_progress = mia_views, device, items, on_progress
+
+    def _report(self, phase: str, info: str = ""):
+        """A ``(done, total[, x])`` callback reporting ``phase`` (None without ``on_progress``)."""
+        if self.on_progress is None:
+            return None
+        return lambda done, total, *x: self.on_progress(phase, min(done, total), total, info.format(*x))
 
     def rel(self, p) -> str:
         p = Path(p).resolve()
@@ -232,7 +252,7 @@ class _Job:
         return {**self.req.unlearn_args(), "fix_decoder": fix_decoder, "check_every": check_every}
 
     # -- 1. local unlearning ------------------------------------------------------------------
-    def local_stage(self, out_dir: Path, *, fix_decoder: bool, check_every: int, on_step) -> dict:
+    def local_stage(self, out_dir: Path, *, fix_decoder: bool, check_every: int) -> dict:
         """The ``local_unlearned`` entry: an earlier one with the same settings whose model is
         intact, or a new unlearning (``started`` first)."""
         from privseg.unlearn.engine import unlearn
@@ -252,8 +272,8 @@ class _Job:
             refs = load_references(self.run_dir)
         res = unlearn(self.checkpoint, self.cohort, list(self.req.subjects), **self.req.unlearn_args(),
                       out_dir=out_dir, evaluate=False, references=refs, mia_views=self.mia_views,
-                      fix_decoder=fix_decoder, check_every=check_every, device=self.device, on_step=on_step,
-                      items=self.items)
+                      fix_decoder=fix_decoder, check_every=check_every, device=self.device, items=self.items,
+                      on_step=self._report("unlearning", "loss {:.3f}"))
         r = res.report
         return self.ledger.append(self.rid, "local_unlearned", {
             "site": CENTRAL_SITE, "strategy": r["strategy"], "params": r["params"], "target": r["target"],
@@ -267,7 +287,7 @@ class _Job:
         return p.is_file() and file_sha256(p) == artefact["sha256"]
 
     # -- 2. evaluation and verification ---------------------------------------------------------
-    def verify_stage(self, local: dict, retrain_checkpoint, retrain_seconds, on_evaluate) -> tuple[dict, dict]:
+    def verify_stage(self, local: dict, retrain_checkpoint, retrain_seconds) -> tuple[dict, dict]:
         """(verification, the unlearning report with its evaluation): the ``verified`` entry of
         this model when there is one (judged again if the thresholds changed), else evaluated now."""
         from privseg.unlearn.engine import evaluate_unlearned
@@ -286,7 +306,7 @@ class _Job:
         report.update(evaluate_unlearned(
             self.checkpoint, self.cohort, list(self.req.subjects), model_path, retrain_checkpoint=retrain_checkpoint,
             retrain_seconds=retrain_seconds, seconds=local["seconds"], mia_views=self.mia_views, seed=self.req.seed,
-            device=self.device, items=self.items, on_evaluate=on_evaluate))
+            device=self.device, items=self.items, on_evaluate=self._report("evaluating", "subject passes")))
         write_json(report_path, report)
         scores = {m: _scores(report[m]) for m in ("original", "unlearned", "retrain") if m in report}
         calibrated = self._calibrated(model_path, report)
@@ -310,7 +330,7 @@ class _Job:
         (the "before" one recorded with the request when it was run then)."""
         from privseg.audit import lira
         from privseg.audit import reference as refmod
-        from privseg.data.transforms import load_preprocessed
+        from privseg.audit.mia import load_items
         from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 
         try:
@@ -321,16 +341,19 @@ class _Job:
         payload = load_checkpoint(self.checkpoint)
         tc = payload["config"]
         ids = [*req.subjects, *rq["retain"], *rq["test"]]
-        items = load_preprocessed([self.cohort.subject(i) for i in ids], self.cohort, tc.get("spacing"))
+        items = load_items([self.cohort.subject(i) for i in ids], self.cohort, tc.get("spacing"),
+                           _phases(self.on_progress, "membership test after"))
         kw = {"views": self.mia_views, "seed": req.seed, "nonmembers": rq["test"], "statistic": req.statistic}
         recorded = (_latest(self.entries(), "requested")["body"].get("membership_before") or {}).get("test")
         after = model_from_checkpoint(load_checkpoint(model_path), model_path).eval()
         try:
             tb = recorded or refmod.calibrated_test(refs, model_from_checkpoint(payload, self.checkpoint).eval(),
                                                     items, tc["patch_size"], tc["num_classes"],
-                                                    members=[*req.subjects, *rq["retain"]], **kw)
+                                                    members=[*req.subjects, *rq["retain"]], **kw,
+                                                    on_progress=_phases(self.on_progress, "membership test before"))
             ta = refmod.calibrated_test(refs, after, items, tc["patch_size"], tc["num_classes"],
-                                        members=rq["retain"], **kw)
+                                        members=rq["retain"], **kw,
+                                        on_progress=_phases(self.on_progress, "membership test after"))
         except ConfigError as exc:
             return {"available": False, "reason": str(exc)}
         return {"available": True, "n_references": len(refs.references), "references": refs.summary(),
