@@ -307,3 +307,28 @@ def test_privacy_train_prints_the_plan_from_the_declared_size(tiny_cohort, tmp_p
     payload = load_checkpoint(tmp_path / "a" / "last.pt")
     assert payload["ema"]["updates"] == 2 and "train_model" in payload  # EMA served by default
     assert main([*args[:-2], "--clip", "nope", "--out", str(tmp_path / "b")]) == 2
+
+
+def test_readme_quick_tour_trains_with_the_dp_defaults(tiny_cohort, tmp_path, capsys):
+    """The README's quick tour runs DP training as written, on the defaults (plan auto, K crops, normalising
+    clip, EMA served); only the cohort, the output folder and the steps are swapped for tiny ones here."""
+    import shlex
+    from pathlib import Path
+
+    from privseg.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tour = readme.split("## Quick tour", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(ln.split("#", 1)[0]) for ln in tour.splitlines() if ln.startswith("privseg privacy ")]
+    train, status = lines[0][1:], lines[1][1:]
+    assert train[:2] == ["privacy", "train"] and status[:2] == ["privacy", "status"]
+    assert not {"--clip", "--plan", "--aug-mult", "--ema", "--epsilon", "--delta"} & set(train)  # the defaults
+    swap = {"--cohort": str(tiny_cohort.root), "--out": str(tmp_path / "dp"), "--steps": "2", "--patch": "16"}
+    args = [swap.get(train[i - 1], a) if i else a for i, a in enumerate(train)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "DP plan: epsilon 8 at delta 1e-05; declared cohort 18 patients" in out and "noise per patient" in out
+    payload = load_checkpoint(tmp_path / "dp" / "last.pt")
+    dp = payload["extra"]["dp"]
+    assert "ema" in payload and dp["clip"] == "normalise" and dp["aug_mult"] == 4 and dp["plan"] == "auto"
+    assert main([*status[:2], str(tmp_path / "dp")]) == 0 and "private" in capsys.readouterr().out
