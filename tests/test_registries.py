@@ -116,12 +116,14 @@ def test_fl_run_and_fl_deploy_build_the_same_run_config(tiny_cohort, tmp_path, m
     monkeypatch.setattr(fl_cli, "run_federated", lambda mode, cfg, run_dir, **k: _capture(seen, mode, cfg, run_dir))
     common = ["--cohort", str(tiny_cohort.root), "--runs", str(tmp_path), "--name", "same", "--model", "unet_tiny",
               "--patch", "16", "--rounds", "2", "--strategy", "fedprox", "--mu", "0.3", "--dp", "patient",
-              "--epsilon", "5", "--delta", "1e-2", "--site-budget", "H2=3", "--clip", "fixed"]
+              "--epsilon", "5", "--delta", "1e-2", "--site-budget", "H2=3", "--clip", "fixed",
+              "--erasure-reserve", "1.5"]
     assert main(["fl", "run", *common, "--in-process"]) == 0
     assert main(["fl", "deploy", *common]) == 0  # the same defaults, round timeout included
     run, deploy = seen["in-process"].to_dict(), seen["deployment"].to_dict()
     assert run == deploy
     assert run["privacy"]["sites"] == {"H2": {"epsilon": 3.0}} and run["proximal_mu"] == 0.3
+    assert run["privacy"]["erasure_reserve"] == 1.5  # --erasure-reserve (a field of DPConfig, cli.ui.RESERVE)
     # what every ClientApp reads as its run configuration: the same dp-* keys from `fl run` and from
     # `fl deploy` (whose ServerApp reads the spec back from fl_config.json), one typed spec again
     import json

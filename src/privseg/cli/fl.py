@@ -47,12 +47,12 @@ def FL_DP(
 _FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=typer.Option(
     "cpu", help="cpu, cuda or auto, for local training."), dp=typer.Option(
     "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."))
-_GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, FL_DP, SPLITS, QUIET)
+_GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, ui.RESERVE, FL_DP, SPLITS, QUIET)
 
 
 def _fl(mode: str, o: dict, **kw) -> None:
     runs_dir, quiet = o.pop("runs_dir"), o.pop("quiet")
-    cfg = fl_config_from_options(privacy={**take(o, DP), **take(o, FL_DP)}, **o)
+    cfg = fl_config_from_options(privacy={**take(o, DP), **take(o, ui.RESERVE), **take(o, FL_DP)}, **o)
     run_dir = runs_dir / cfg.name
     done = rounds_done(run_dir)
     for warning in site_window_warnings(cfg.sites, private=cfg.privacy is not None):  # even with --quiet

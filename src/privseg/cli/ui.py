@@ -107,4 +107,5 @@ TRAINING = options_from(TrainConfig, "model", "norm", PATCH, "subjects_per_step"
 DP = options_from(DPConfig, "dp", "epsilon", "delta", "clip", "clip_norm", "target_quantile", "noise_schedule",
                   "allow_large_delta", "dp_method", "plan", "cohort_size", "epochs", "sampling_rate", "aug_mult", "ema",
                   rename={"dp": "unit", "dp_method": "method"}, switches=("allow_large_delta",))
+RESERVE = options_from(DPConfig, "erasure_reserve")  # federated runs only: a central DP run has no erasure path
 READING = (SPLITS, CLASSES, CT_WINDOW)  # how the model commands read a cohort
