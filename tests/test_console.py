@@ -158,6 +158,25 @@ def test_site_user_sees_only_its_site(crafted):
     assert "ER-cli0000000h1" in officer.get("/requests").text
 
 
+def test_run_page_shows_the_model_each_site_serves(fresh):
+    root, _ = fresh
+    assert 'id="served"' not in client_for(root, "dpo").get("/runs/fed").text  # not personalised yet
+    (root / "fed" / "personalisation.json").write_text(json.dumps({
+        "global_round": 2, "methods": ["finetune", "local"], "sites": {
+            "H1": {"val_dice": {"global": 0.5, "finetune": 0.6, "local": 0.7}, "serves": "local",
+                   "test_dice": {"global": 0.51, "finetune": 0.62, "local": 0.73}},
+            "H2": {"val_dice": {"global": 0.8, "finetune": 0.7, "local": 0.6}, "serves": "global",
+                   "test_dice": {"global": 0.81, "finetune": 0.72, "local": 0.64}}}}))
+    page = client_for(root, "dpo").get("/runs/fed").text
+    table = page.split('id="served"')[1].split("</table>")[0]
+    assert "global Dice" in table and "personalised (finetune) Dice" in table and "local-only Dice" in table
+    h1 = table.split("<td>H1</td>")[1].split("</tr>")[0]
+    assert "0.510" in h1 and "0.620" in h1 and "0.730" in h1 and '"serves">local-only<' in h1
+    assert '"serves">global<' in table.split("<td>H2</td>")[1].split("</tr>")[0]
+    own = client_for(root, "h2").get("/runs/fed").text.split('id="served"')[1].split("</table>")[0]
+    assert "<td>H2</td>" in own and "<td>H1</td>" not in own  # a site user sees its own site's row
+
+
 def test_budget_page_shows_spend_refusals_and_warnings(crafted):
     root, _ = crafted
     page = client_for(root, "dpo").get("/runs/fed/budget").text

@@ -90,9 +90,22 @@ def test_dp_federated_and_erasure_sections_are_data_driven(trained, tmp_path):
                                                    "source": {"round": 3, "path": "x.pt", "sha256": "0" * 64}})
     ledger.append("ER-0123456789ab", "verified", {"passed": True, "checks": {}, **{
         k: {"mia_auc": 0.5, "retain_dice": 0.8, "test_dice": 0.7} for k in ("before", "after")}})
+    # after `fl personalise`: per site global vs personalised vs local-only Dice and the model it serves
+    (run / "personalisation.json").write_text(json.dumps({
+        "global_round": 3, "methods": ["finetune", "local"], "erasure": "ER-0123456789ab", "sites": {
+            "H1": {"val_dice": {"global": 0.5, "finetune": 0.61, "local": 0.4}, "serves": "finetune",
+                   "test_dice": {"global": 0.52, "finetune": 0.63, "local": 0.41}},
+            "H2": {"val_dice": {"global": 0.3}, "test_dice": {"global": 0.33}, "serves": "global",
+                   "fallback": "could not be personalised again (no validation patients)"}}}))
     out = build_report(run, tmp_path / "fl.html")
     page = out.read_text()
-    assert {"summary", "cohort", "training", "privacy", "erasure"} <= sections(page)
+    assert {"summary", "cohort", "training", "privacy", "erasure", "personalisation"} <= sections(page)
+    served = page.split('<section id="personalisation"')[1].split("</section>")[0]
+    assert "personalised (finetune) Dice" in served and "local-only Dice" in served and "global Dice" in served
+    h1 = served.split("<td class=\"l\">H1</td>")[1].split("</tr>")[0]
+    assert ">0.5200<" in h1 and ">0.6300<" in h1 and ">0.4100<" in h1 and "personalised (finetune)" in h1
+    h2 = served.split("<td class=\"l\">H2</td>")[1].split("</tr>")[0]
+    assert "global" in h2 and "no validation patients" in h2 and "after erasure ER-0123456789ab" in served
     assert "ER-0123456789ab" in page and "hash chain intact" in page
     assert "unlearning" not in sections(page) and "overlays" not in sections(page)
     assert_self_contained(page)

@@ -19,13 +19,15 @@ def runs_page(c: Console, ctx: Ctx) -> Response:
 
 def run_page(c: Console, ctx: Ctx) -> Response:
     from privseg.console.svg import line_chart
+    from privseg.report.served import served_view
 
     d, s = c.run_for(ctx, ctx.param("run"))
     rows, curves = runs.rounds_view(s, ctx.user)
     chart = line_chart(dict(sorted(curves.items())), title="Dice per site after each round", ylabel="mean Dice",
                        ymin=0.0)
     return c.page(ctx, "run.html", run=s, rows=rows, chart=chart,
-                  report=s["has_report"] and ctx.user.site is None)
+                  report=s["has_report"] and ctx.user.site is None,
+                  served=served_view(d, ctx.user.sees_site))  # a site user sees its own site's row
 
 
 def report_page(c: Console, ctx: Ctx) -> Response:

@@ -73,6 +73,7 @@ SECTION_TITLES = {
     "summary": "Run", "cohort": "Cohort", "training": "Training curves", "metrics": "Segmentation metrics",
     "overlays": "Prediction vs ground truth", "privacy": "Differential privacy", "unlearning": "Unlearning",
     "study": "Unlearning study table", "erasure": "Erasure: ledger and certificate",
+    "personalisation": "Model served per site",
 }
 
 
@@ -687,6 +688,23 @@ def _erasure_section(b: Builder, run_dir: Path | None) -> None:
     b.add("erasure", body)
 
 
+def _personalisation_section(b: Builder, run_dir: Path | None) -> None:
+    """Per site: test Dice of the global, personalised and local-only models and the model it
+    serves (``personalisation.json``; :mod:`privseg.report.served`)."""
+    from privseg.report.served import served_view
+
+    view = served_view(run_dir) if run_dir is not None else None
+    if not view:
+        return
+    rows = [[r["site"], *(r["dice"][m] for m, _ in view["columns"]), r["serves_label"], r["val_dice"], r["note"]]
+            for r in view["rows"]]
+    after = f", personalised again after erasure {view['erasure']}" if view.get("erasure") else ""
+    b.add("personalisation", f"<p>Each site serves the model that is best on its own validation patients; the "
+          f"figures are test Dice (global round {view['global_round']}{html.escape(after)}).</p>"
+          + table(["site", *(f"{lab} Dice" for _, lab in view["columns"]), "serves", "its validation Dice", "note"],
+                  rows))
+
+
 # -- the report -------------------------------------------------------------------------------
 def _federated_curves(b: Builder, src: Source) -> str:
     """A federated run's loss and Dice per site and round, and the table of rounds."""
@@ -813,6 +831,8 @@ def build_report(path: str | os.PathLike, out_html: str | os.PathLike, subjects:
     if coh is not None and eval_ckpt is not None and src.kind != "unlearn":
         _overlay_section(b, coh, eval_ckpt, subjects)
     _privacy_section(b, src)
+    if src.kind == "federated":
+        _personalisation_section(b, src.run_dir)
     if src.kind == "unlearn":
         _unlearn_section(b, src, coh, subjects)
     if src.kind == "benchmark":
