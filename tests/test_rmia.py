@@ -118,3 +118,33 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
     assert cert["headline"].startswith(f"Erasure of patient(s) {subject} from run fed2 (reference_teacher)")
     assert "TPR" in cert["headline"] and "2.0 x the original training" in cert["headline"]
     assert "RMIA-style" in h.read_text() and cert["headline"] in h.read_text()
+
+
+def test_references_with_a_shorter_schedule_cost_less_and_keep_their_schedule(tmp_path, capsys, monkeypatch):
+    """`--schedule 0.5`: each reference trains half of the run's rounds, the readiness estimate says so before
+    anything trains, the set records it, and a later call with another schedule is refused (exit 2) while one
+    that leaves it out reuses the set."""
+    from conftest import tiny_federation
+    from privseg.audit import reference as refmod
+    from privseg.cli import main as cli_main
+    from privseg.federated import retrain
+
+    _, run = tiny_federation(tmp_path, name="short", rounds=2, local_steps=1, per_site=3, size=16,
+                             subjects_per_step=2, run="run")
+    assert refmod.readiness(run, 2, 0.5)["compute_ratio"] == 1.0  # 2 references x 1 of the run's 2 rounds
+    trained_rounds = []
+    real = retrain.federated_retrain
+    monkeypatch.setattr(retrain, "federated_retrain",
+                        lambda *a, **kw: trained_rounds.append(kw["rounds"]) or real(*a, **kw))
+    assert cli_main(["audit", "references", "--run", str(run), "--n", "2", "--schedule", "0.5"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "with 0.5 of the run's schedule" in said and "1.0 x the original training's compute" in said
+    assert trained_rounds == [1, 1]
+    refs = refmod.load_references(run)
+    summary = refs.summary()
+    assert (summary["schedule"], summary["rounds"], summary["compute_ratio"]) == (0.5, 1, 1.0)
+    assert cli_main(["audit", "references", "--run", str(run), "--n", "2", "--schedule", "1", "-q"]) == 2
+    assert "--schedule 0.5 to reuse" in " ".join(capsys.readouterr().err.split())
+    assert refmod.ensure_references(run, 2).reused == [0, 1] and trained_rounds == [1, 1]
+    with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
+        refmod.readiness(tmp_path / "run", 2, 1.5)

@@ -13,13 +13,17 @@ training patients, the way the run itself was trained:
 * central run (a ``Trainer`` folder with ``last.pt``): the central trainer on the half, same
   config and seed (so the same initial model).
 
+``schedule`` (:class:`ReferenceSettings`) shortens every reference of a set to that fraction of the
+run's training rounds (central: steps), which cuts the readiness cost in the same proportion; the
+erasure benchmark measures whether the test keeps its power (docs/membership.md).
+
 Halves come in complementary pairs (reference ``2j`` takes half A of a seeded permutation of
 every site's training patients, ``2j+1`` the rest), so every training patient is OUT for exactly
 half of an even number of references and IN for the other half.
 
 Layout (``<run>/audit/references/``)::
 
-    index.json         run identity (name, initial model hash, model config hash), seed, rounds,
+    index.json         run identity (name, initial model hash, model config hash), seed, schedule, rounds,
                        the training patients split (pool), and per reference: the patients it saw,
                        its checkpoint's SHA-256, training time
     <k>/model.pt       reference k
@@ -37,7 +41,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +51,7 @@ from privseg.audit import lira
 from privseg.audit.ledger import canonical, file_sha256
 from privseg.errors import ConfigError
 from privseg.privacy.central import refuse_without_dp
-from privseg.utils import read_json, write_json
+from privseg.utils import read_json, setting, write_json
 
 if TYPE_CHECKING:
     from privseg.audit.mia import OnProgress
@@ -57,6 +61,17 @@ INDEX = "index.json"
 DEFAULT_N = 8
 
 OnReference = Callable[[int, str], None]  # (k, "reused" | "training" | "trained")
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How a run's reference set is built (`privseg audit references` takes its options from these)."""
+
+    n: int = setting(DEFAULT_N, "Number of reference models (pairs of complementary halves).", min=2)
+    seed: int = setting(0, "Seed of the random halves.")
+    schedule: float = setting(1.0, "Fraction of the run's training rounds (central: steps) each reference trains "
+                              "for: the readiness cost shrinks with it; the erasure benchmark measures the test's "
+                              "power at 0.5 and 0.25.", min=0.01)
 
 
 def _command(run_dir: Path) -> str:
@@ -143,20 +158,34 @@ def amortised(compute_ratio: float, own: float = 0.0) -> dict[str, float]:
     return {str(k): compute_ratio / k + own for k in REQUESTS}
 
 
-def _per_reference(run_dir: Path, index: dict | None) -> float:
-    """One reference's compute in units of the original training: its rounds over the run's
-    (central references repeat the run's steps)."""
-    if not _is_federated(run_dir) or not index or not index.get("rounds"):
-        return 1.0
-    return int(index["rounds"]) / max(_training_rounds(run_dir), 1)
+def _check_schedule(schedule: float) -> float:
+    if not 0 < schedule <= 1:
+        raise ConfigError(f"--schedule {schedule:g}: a fraction of the run's training schedule, in (0, 1]")
+    return float(schedule)
 
 
-def readiness(run_dir: str | Path, n: int = DEFAULT_N) -> dict:
+def _reference_rounds(run_dir: Path, schedule: float) -> int:
+    """A federated reference's rounds at ``schedule`` of the run's training rounds (at least one)."""
+    return max(1, round(schedule * _training_rounds(run_dir)))
+
+
+def _per_reference(run_dir: Path, index: dict | None, schedule: float | None = None) -> float:
+    """One reference's compute in units of the original training: its rounds over the run's, or (central)
+    its share of the run's steps. A set already built has its own schedule; ``schedule`` is a new set's."""
+    sched = index.get("schedule", 1.0) if index else _check_schedule(1.0 if schedule is None else schedule)
+    if not _is_federated(run_dir):
+        return sched
+    rounds = int(index["rounds"]) if index and index.get("rounds") else _reference_rounds(run_dir, sched)
+    return rounds / max(_training_rounds(run_dir), 1)
+
+
+def readiness(run_dir: str | Path, n: int = DEFAULT_N, schedule: float | None = None) -> dict:
     """The reference models' compute in units of the original training, before any is trained.
 
     A reference trains with the run's schedule (the same rounds of the same local steps, or the same
-    central steps) on half of the patients. The compute of a step does not depend on how many patients
-    the step draws from, so a half-data reference costs about one original training, not half of one:
+    central steps), or ``schedule`` of it (a set already built: its own), on half of the patients. The
+    compute of a step does not depend on how many patients the step draws from, so a half-data
+    reference costs about one original training, not half of one:
     ``compute_ratio = n x reference rounds / run rounds``. ``to_train``: how many of the ``n`` are not
     already kept and valid (the others are reused at no cost)."""
     run_dir = Path(run_dir)
@@ -172,7 +201,7 @@ def readiness(run_dir: str | Path, n: int = DEFAULT_N) -> dict:
         _identity(run_dir)  # a clear error for a folder that is neither kind of run
         unit = f"{load_checkpoint(run_dir / 'last.pt')['config'].get('steps')} steps"
     index = _read_index(run_dir)
-    per_reference = _per_reference(run_dir, index)
+    per_reference = _per_reference(run_dir, index, None if schedule is None else _check_schedule(schedule))
     erased = _erased(run_dir, index) if index else set()
     keep = 0
     for k in range(n):
@@ -188,7 +217,8 @@ def readiness(run_dir: str | Path, n: int = DEFAULT_N) -> dict:
 def readiness_line(est: dict) -> str:
     """One line for `privseg audit references`, printed before anything is trained."""
     per = est["amortised_per_request"]
-    return (f"readiness cost: {est['n']} reference models, each a training on half of the patients with the run's "
+    part = "the run's" if est["per_reference"] == 1 else f"{est['per_reference']:.2g} of the run's"
+    return (f"readiness cost: {est['n']} reference models, each a training on half of the patients with {part} "
             f"schedule ({est['original_training']}) = {est['compute_ratio']:.1f} x the original training's compute "
             f"({est['to_train']} to train now: {est['to_train_ratio']:.1f} x); per erasure request "
             + ", ".join(f"{per[k]:.2f} x over {k}" for k in per))
@@ -266,7 +296,8 @@ class ReferenceSet:
         n = len(self.references)
         ratio = n * _per_reference(self.run_dir, self.index)
         return {"folder": str(REF_DIR), "n": n, "seed": self.index["seed"],
-                "rounds": self.index.get("rounds"), "identity": self.index["identity"],
+                "schedule": self.index.get("schedule", 1.0), "rounds": self.index.get("rounds"),
+                "identity": self.index["identity"],
                 "compute_ratio": ratio, "amortised_per_request": amortised(ratio),
                 "references": [{"k": r.k, "sha256": r.sha256, "patients": len(r.patients)} for r in self.references]}
 
@@ -325,13 +356,15 @@ def _erased(run_dir: Path, index: dict) -> set[str]:
     return {p for ids in index["pool"].values() for p in ids} - now
 
 
-def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0, backend: str = "in-process",
-                      cohort=None, on_reference: OnReference | None = None,
+def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0, schedule: float | None = None,
+                      backend: str = "in-process", cohort=None, on_reference: OnReference | None = None,
                       on_progress: OnProgress | None = None) -> ReferenceSet:
     """Train the run's ``n`` reference models, or reuse those already there.
 
     Reused: checkpoint present and unaltered, built for this run and model with this seed, and
-    trained on no patient the run has erased since. Otherwise (re)trained. ``cohort``: the cohort
+    trained on no patient the run has erased since. Otherwise (re)trained. ``schedule``: the fraction
+    of the run's training each reference trains for (:class:`ReferenceSettings`); None takes the set's
+    own (a new set: 1.0), another than the set's is refused like another seed. ``cohort``: the cohort
     of a central run (federated runs know their sites). Each finished reference is recorded in
     the index at once, so an interrupted call resumes. ``on_progress``: the rounds (federated) or
     steps (central) of each reference trained, one phase per reference."""
@@ -347,14 +380,20 @@ def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0,
         if index is not None and int(index["seed"]) != seed:
             raise ConfigError(f"reference models in {folder} use seed {index['seed']}, not {seed}: reuse that seed, "
                               f"or remove the folder to build a new set")
+        if index is not None and schedule is not None and index.get("schedule", 1.0) != _check_schedule(schedule):
+            raise ConfigError(f"reference models in {folder} train for {index.get('schedule', 1.0):g} of the run's "
+                              f"schedule, not {schedule:g}: pass --schedule {index.get('schedule', 1.0):g} to reuse "
+                              f"them, or remove the folder to build a new set")
         if index is None:
             pool = _training_patients(run_dir)
             small = {s: len(v) for s, v in pool.items() if len(v) < 2}
             if small:
                 raise ConfigError("reference models train on half of every site's training patients; site(s) "
                                   + ", ".join(f"{s} ({c})" for s, c in small.items()) + " have fewer than 2")
-            index = {"version": 1, "identity": _identity(run_dir), "seed": seed, "pool": pool,
-                     "rounds": _training_rounds(run_dir) if _is_federated(run_dir) else None, "references": {}}
+            sched = _check_schedule(1.0 if schedule is None else schedule)
+            index = {"version": 1, "identity": _identity(run_dir), "seed": seed, "pool": pool, "schedule": sched,
+                     "rounds": _reference_rounds(run_dir, sched) if _is_federated(run_dir) else None,
+                     "references": {}}
         erased = _erased(run_dir, index)
         refs = []
         trained, reused = [], []
@@ -411,6 +450,7 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
         if cohort is None:
             raise ConfigError("reference models of a central run need its cohort (--cohort)")
         cfg = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
+        cfg = replace(cfg, steps=max(1, round(index.get("schedule", 1.0) * cfg.steps)))  # a shorter schedule
         tick(0, cfg.steps)
         res = Trainer(cohort, cfg, folder / "run", subjects=[cohort.subject(i) for i in saw["central"]]).fit(
             on_step=lambda step, steps, _loss: tick(step, steps))

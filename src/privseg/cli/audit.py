@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from privseg.audit.mia import audit_checkpoint
-from privseg.audit.reference import ensure_references, readiness, readiness_line, run_membership
-from privseg.cli.ui import CLASSES, COHORT, QUIET, SPLITS, out, phased_progress, with_options
+from privseg.audit.reference import ReferenceSettings, ensure_references, readiness, readiness_line, run_membership
+from privseg.cli.ui import CLASSES, COHORT, QUIET, SPLITS, options_from, out, phased_progress, with_options
 from privseg.cohorts import open_cohort
 from privseg.report.text import print_membership, print_mia, print_references
 from privseg.utils import write_json
@@ -49,23 +49,20 @@ def _write_and_print(res: dict, json_out: Path | None, quiet: bool, show) -> Non
 
 
 @app.command()
-@with_options(..., QUIET)
+@with_options(..., options_from(ReferenceSettings, "n", "seed", "schedule"), QUIET)
 def references(
     run: Path = typer.Option(..., help="Run folder: a federated run (fl_config.json) or a training run (last.pt)."),
-    n: int = typer.Option(8, min=2, help="Number of reference models (pairs of complementary halves)."),
     cohort: Path = typer.Option(None, help="Cohort of a central training run (federated runs know their sites)."),
-    seed: int = typer.Option(0, help="Seed of the random halves."),
     backend: str = typer.Option("in-process", help="in-process or simulation (Ray), for federated references."),
-    quiet: bool = False,
+    quiet: bool = False, **o,
 ) -> None:
     """Train the run's reference models (each on half of its training patients) or reuse those kept with it."""
     say = (lambda k, what: None) if quiet else (lambda k, what: out.print(f"reference {k}: {what}"))
     c = open_cohort(cohort) if cohort else None
     if not quiet:
-        out.print(readiness_line(readiness(run, n)))
+        out.print(readiness_line(readiness(run, o["n"], o["schedule"])))
     with phased_progress("reference models", quiet) as on_progress:
-        refs = ensure_references(run, n, seed=seed, backend=backend, cohort=c, on_reference=say,
-                                 on_progress=on_progress)
+        refs = ensure_references(run, **o, backend=backend, cohort=c, on_reference=say, on_progress=on_progress)
     if not quiet:
         print_references(out, refs)
 
