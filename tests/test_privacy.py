@@ -134,6 +134,53 @@ def test_ledger_refuses_overspend_before_the_round(tmp_path):
     assert st["site"] == "H1" and st["rounds"] == 3 and st["epsilon_remaining"] < 0.01
 
 
+def test_the_ledgers_cached_curve_gives_the_epsilon_of_a_fresh_recompute(tmp_path):
+    """check_round/commit_round/spent compose a cached RDP curve with the rows booked since; after
+    appends (several sites, scopes, a replay, a zero-step row), a reopen, a cache left stale by
+    another writer, and a ledger file replaced by another, ε is what recomputing every event gives."""
+    from privseg.privacy import budget as budget_mod
+
+    db = tmp_path / "privacy.sqlite"
+    ledger = BudgetLedger(db)
+    for site in ("H1", "H2"):
+        ledger.set_budget(site, 50.0, 1e-5)
+
+    def fresh(led, site):
+        return epsilon(led.events(site), 1e-5)
+
+    rng = np.random.default_rng(0)
+    for r in range(1, 13):
+        site = ("H1", "H2")[r % 2]
+        ev = [StepEvent(float(rng.choice([0.05, 0.2])), float(rng.uniform(0.8, 3.0)), int(rng.integers(0, 6)))]
+        after = ledger.check_round(site, r, ev, scope="" if r % 3 else "erasure/x", release=f"r{r}")
+        assert ledger.commit_round(site, r, ev, scope="" if r % 3 else "erasure/x", release=f"r{r}") == after
+        assert ledger.commit_round(site, r, ev, release=f"r{r}") == pytest.approx(fresh(ledger, site), rel=1e-12)
+        for s in ("H1", "H2"):
+            assert ledger.spent(s) == pytest.approx(fresh(ledger, s), rel=1e-12)
+    assert ledger.epsilon_with("H1", [StepEvent(0.1, 1.0, 7)]) == pytest.approx(
+        epsilon(ledger.events("H1") + [StepEvent(0.1, 1.0, 7)], 1e-5), rel=1e-12)
+    # a reopen in this process (the cache is used) and in a new one (the cache is empty)
+    key = (str(db.resolve()), "H1")
+    assert key in budget_mod._CURVES
+    assert BudgetLedger(db).spent("H1") == pytest.approx(fresh(ledger, "H1"), rel=1e-12)
+    stale = budget_mod._CURVES.pop(key)
+    assert BudgetLedger(db).spent("H1") == pytest.approx(fresh(ledger, "H1"), rel=1e-12)
+    # another writer booked after this process's cache: its rows are read, not missed
+    ledger.commit_round("H1", 20, [StepEvent(0.5, 0.7, 9)], release="other-process")
+    budget_mod._CURVES[key] = stale
+    assert ledger.spent("H1") == pytest.approx(fresh(ledger, "H1"), rel=1e-12)
+    assert ledger.spent("H1") > stale.epsilon(1e-5)
+    # the file replaced by a ledger with other rows: the cache is not trusted
+    cached = ledger.spent("H1")
+    db.unlink()
+    for extra in ("-wal", "-shm"):
+        db.with_name(db.name + extra).unlink(missing_ok=True)
+    other = BudgetLedger(db)
+    other.set_budget("H1", 50.0, 1e-5)
+    other.commit_round("H1", 1, [StepEvent(0.05, 2.0, 1)])
+    assert other.spent("H1") == pytest.approx(fresh(other, "H1"), rel=1e-12) and other.spent("H1") < cached
+
+
 def test_ledger_survives_sigkill_between_rounds(tmp_path):
     db = tmp_path / "privacy.sqlite"
     script = textwrap.dedent(f"""

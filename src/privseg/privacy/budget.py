@@ -5,7 +5,10 @@ One database (``privacy.sqlite``) holds, per site, its budget ``(epsilon, delta)
 plan, and one row per *release* with the mechanism events it took (``[(q, sigma, steps),
 ...]``) and the ε spent after it. ε is always *recomputed* from every row's events by the RDP
 accountant (:mod:`privseg.privacy.accountant`), never summed from the stored per-round
-values, so a changing schedule composes correctly.
+values, so a changing schedule composes correctly. The RDP curve of what a site has booked is
+kept per process (``_CURVES``) with the last row it covers, so a check or a commit reads only
+the rows booked since and adds their curves (RDP composes by summing): the per-round cost stays
+flat as releases accumulate, and the ε is the one a fresh recompute gives.
 
 **Append-only.** A row is never replaced or deleted (SQLite triggers refuse both). A release is
 identified by its fingerprint (:func:`privseg.privacy.releases.release_id`): a round executed
@@ -36,9 +39,12 @@ import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from privseg.errors import BudgetExceededError, ConfigError, DataError
-from privseg.privacy.accountant import StepEvent, check_epsilon, epsilon
+from privseg.privacy.accountant import ORDERS, StepEvent, check_epsilon, rdp_curve, rdp_to_epsilon
 
 LEDGER_FILE = "privacy.sqlite"
 GENESIS = "0" * 64
@@ -55,6 +61,7 @@ CREATE TABLE IF NOT EXISTS releases (seq INTEGER PRIMARY KEY AUTOINCREMENT, site
 CREATE TABLE IF NOT EXISTS budget_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL,
                                        epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,
                                        reason TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS releases_by_release ON releases (site, release);
 CREATE TRIGGER IF NOT EXISTS releases_no_update BEFORE UPDATE ON releases
     BEGIN SELECT RAISE(ABORT, 'privacy ledger rows are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS releases_no_delete BEFORE DELETE ON releases
@@ -65,6 +72,29 @@ CREATE TRIGGER IF NOT EXISTS budget_log_no_delete BEFORE DELETE ON budget_log
     BEGIN SELECT RAISE(ABORT, 'privacy ledger rows are append-only'); END;
 """
 TOLERANCE = 1e-9
+ROW_SQL = "SELECT scope, round, epsilon, delta, time, info, events, release FROM releases WHERE site=?"
+
+
+class _Curve(NamedTuple):
+    """The RDP curve of a site's booked events up to the row ``seq`` (whose hash is ``hash``);
+    ``any`` whether one of them took a step (none: ε is 0, not the curve's conversion)."""
+
+    seq: int
+    hash: str
+    any: bool
+    rdp: np.ndarray
+
+    def epsilon(self, delta: float, extra: list[StepEvent] | tuple = ()) -> float:
+        """ε at ``delta`` of the booked events composed with ``extra`` (:func:`epsilon`'s value)."""
+        extra = [e for e in extra if e.steps > 0]
+        if not (self.any or extra):
+            return 0.0
+        return rdp_to_epsilon(self.rdp + rdp_curve(extra) if extra else self.rdp, delta)[0]
+
+
+# Per process, per (ledger file, site): the curve of what the site booked (see the module docstring).
+# Entries are replaced, never changed in place, so a reader always sees a consistent (seq, hash, curve).
+_CURVES: dict[tuple[str, str], _Curve] = {}
 
 
 def _row_hash(prev: str, values: tuple) -> str:
@@ -190,13 +220,15 @@ class BudgetLedger:
     def rounds(self, site: str, scope: str | None = None) -> list[dict]:
         """Booked releases of the site (of one ``scope`` when given), in the order they were booked;
         a round executed again with other inputs appears twice."""
-        sql, args = ("SELECT scope, round, epsilon, delta, time, info, events, release FROM releases WHERE site=?",
-                     [site])
-        if scope is not None:
-            sql += " AND scope=?"
-            args.append(scope)
+        return self._rows(site, *(("scope=?", scope),) if scope is not None else ())
+
+    def _rows(self, site: str, *where: tuple[str, object], last: bool = False) -> list[dict]:
+        """The site's rows (that also meet each ``(condition, value)`` of ``where``), in booking
+        order; with ``last`` only the last of them (read as one row, not as all of them)."""
+        sql = ROW_SQL + "".join(f" AND {cond}" for cond, _ in where) + (" ORDER BY seq DESC LIMIT 1" if last
+                                                                         else " ORDER BY seq")
         with closing(self._connect()) as con:
-            rows = con.execute(sql + " ORDER BY seq", args).fetchall()
+            rows = con.execute(sql, [site, *(v for _, v in where)]).fetchall()
         return [{"round": r, "scope": sc, "epsilon": e, "delta": d, "time": t, "info": json.loads(i) if i else {},
                  "steps": sum(int(x["steps"]) for x in json.loads(ev)), "release": rel}
                 for sc, r, e, d, t, i, ev, rel in rows]
@@ -205,17 +237,41 @@ class BudgetLedger:
         """The row of ``release`` when it is already booked (None otherwise)."""
         if release is None:
             return None
-        return next((r for r in self.rounds(site) if r["release"] == release), None)
+        return next(iter(self._rows(site, ("release=?", release), last=True)), None)
 
     def last_info(self, site: str, before_round: int | None = None, scope: str = "") -> dict | None:
         """The info of the site's last booked release of ``scope`` (of a round before ``before_round``
         when given: a round re-run after a crash starts from the state *before* its first attempt)."""
-        rows = [r for r in self.rounds(site, scope) if before_round is None or r["round"] < before_round]
+        where = [("scope=?", scope)] + ([("round<?", int(before_round))] if before_round is not None else [])
+        rows = self._rows(site, *where, last=True)
         return rows[-1]["info"] if rows else None
+
+    def _curve(self, con: sqlite3.Connection, site: str) -> _Curve:
+        """The RDP curve of every event ``site`` booked (every scope), from ``_CURVES`` plus the rows
+        booked since the last one it covers (by this process or any other); from scratch when that
+        row is not there as it was (the file was replaced by another ledger)."""
+        key = (str(self.path.resolve()), site)
+        c = _CURVES.get(key)
+        if c is None or con.execute("SELECT hash FROM releases WHERE seq=?", (c.seq,)).fetchone() != (c.hash,):
+            c = _Curve(0, GENESIS, False, np.zeros(len(ORDERS)))
+        rows = con.execute("SELECT seq, events, hash FROM releases WHERE site=? AND seq>? ORDER BY seq",
+                           (site, c.seq)).fetchall()
+        if rows:
+            new = [e for _, ev, _ in rows for e in (StepEvent(**x) for x in json.loads(ev)) if e.steps > 0]
+            c = _Curve(rows[-1][0], rows[-1][2], c.any or bool(new), c.rdp + rdp_curve(new) if new else c.rdp)
+            _CURVES[key] = c
+        return c
 
     def spent(self, site: str) -> float:
         _, delta = self.budget(site)
-        return epsilon(self.events(site), delta)
+        with closing(self._connect()) as con:
+            return self._curve(con, site).epsilon(delta)
+
+    def epsilon_with(self, site: str, events: list[StepEvent] | tuple) -> float:
+        """ε of the site if ``events`` were booked too (its spend composed with them)."""
+        _, delta = self.budget(site)
+        with closing(self._connect()) as con:
+            return self._curve(con, site).epsilon(delta, list(events))
 
     def check_round(self, site: str, round_no: int, new_events: list[StepEvent], scope: str = "",
                     release: str | None = None, reserve: list[StepEvent] | tuple = ()) -> float:
@@ -224,12 +280,13 @@ class BudgetLedger:
         mechanism events kept for later (an erasure reserve): the release is refused when it leaves
         too little budget for them too (composed, not subtracted: ε does not add up)."""
         eps_budget, delta = self.budget(site)
-        prior = self.events(site)
-        before = epsilon(prior, delta)
+        with closing(self._connect()) as con:
+            prior = self._curve(con, site)
+        before = prior.epsilon(delta)
         if self.booked(site, release) is not None:
             return before
-        after = epsilon(prior + list(new_events), delta)
-        with_reserve = epsilon(prior + list(new_events) + list(reserve), delta) if reserve else after
+        after = prior.epsilon(delta, list(new_events))
+        with_reserve = prior.epsilon(delta, [*new_events, *reserve]) if reserve else after
         if with_reserve > eps_budget * (1 + 1e-6) + TOLERANCE:
             kept = (f" ({with_reserve:.4g} with the erasure reserve the plan keeps)" if reserve and after <= eps_budget
                     else "")
@@ -247,12 +304,11 @@ class BudgetLedger:
         eps_budget, delta = self.budget(site)
         with closing(self._connect()) as con, con:
             con.execute("BEGIN IMMEDIATE")  # two writers: the second sees the first's row
+            prior = self._curve(con, site)
             if release is not None and con.execute("SELECT 1 FROM releases WHERE site=? AND release=?",
                                                    (site, release)).fetchone():
-                return self.spent(site)
-            rows = con.execute("SELECT events FROM releases WHERE site=? ORDER BY seq", (site,)).fetchall()
-            prior = [StepEvent(**e) for (ev,) in rows for e in json.loads(ev)]
-            after = epsilon(prior + list(new_events), delta)
+                return prior.epsilon(delta)
+            after = prior.epsilon(delta, list(new_events))
             _append(con, "releases", ROUND_COLUMNS,
                     (site, scope, int(round_no), json.dumps([e.to_dict() for e in new_events]), after, delta,
                      time.time(), json.dumps(info or {}, default=float), release))
@@ -312,7 +368,7 @@ class BudgetLedger:
                         "last_round": rounds[-1]["round"] if rounds else None,
                         "clip": (rounds[-1]["info"] or {}).get("clip") if rounds else None,
                         "reserve_steps": sum(e.steps for e in kept),
-                        "epsilon_with_reserve": epsilon(self.events(site) + kept, delta) if kept else None})
+                        "epsilon_with_reserve": self.epsilon_with(site, kept) if kept else None})
         return out
 
 
