@@ -654,6 +654,24 @@ def test_a_dp_federation_serves_the_weight_average_and_trains_on_the_iterate(tmp
     assert load_ema(payloads[-1], model).updates == 2
 
 
+def test_append_line_writes_one_fsynced_json_line_per_record(tmp_path, monkeypatch):
+    """The one append the site's release record and the server's participation file use
+    (privseg.utils.append_line): created 0600, a JSON line per record, each on disk (fsync'd)
+    before the call returns."""
+    from privseg import utils
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / "private" / "log.jsonl"
+    utils.append_line(path, {"b": 1, "a": np.float32(0.5)}, default=float)
+    utils.append_line(path, {"b": 2, "a": tmp_path}, sort_keys=True, default=str)
+    lines = path.read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"b": 1, "a": 0.5}, {"a": str(tmp_path), "b": 2}]
+    assert lines[1].startswith('{"a"') and len(synced) == 2
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_a_dp_site_answers_an_identical_request_with_its_stored_reply(tmp_path):
     """The ClientApp under patient DP: the same round request twice gets the stored reply bit for
     bit and books once; the same round with another model is a new release with fresh noise."""

@@ -130,6 +130,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def append_line(path: str | os.PathLike, record: dict, *, mode: int = 0o600, **dumps) -> None:
+    """Append ``record`` as one JSON line (``json.dumps(record, **dumps)``) to ``path`` (created
+    with ``mode``) and fsync it before returning: an append-only record that must be on disk
+    before what it records happens (a DP reply leaving its site). One ``write`` on an O_APPEND
+    descriptor, so concurrent appends never interleave within a line."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        os.write(fd, (json.dumps(record, **dumps) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 _NEARLY_FULL = 16 * 2**20  # bytes: below this, a failed write is taken to be a full disk
 
 

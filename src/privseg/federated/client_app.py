@@ -215,19 +215,16 @@ def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
         metrics = MetricRecord({
             "num-examples": len(items), "train-loss": float(sum(losses) / len(losses)),
             "train-loss-last": losses[-1], "compute-s": compute, "load-s": t_load, "steps": steps})
+    arrays = {k: v.detach().cpu() for k, v in state.items() if k not in local_keys}  # what leaves the site
     if release is not None:  # kept (fsync'd) before the reply leaves: the record of what the site released
-        ReleaseRecord(state_dir).store(release, {"arrays": {k: v.detach().cpu() for k, v in state.items()
-                                                            if k not in local_keys},
-                                                 "metrics": dict(metrics)},
-                                       round=server_round, scope=str(cfg.get("dp-ledger-scope", "")),
-                                       steps=[start, stop])
+        ReleaseRecord(state_dir).store(release, {"arrays": arrays, "metrics": dict(metrics)}, round=server_round,
+                                       scope=str(cfg.get("dp-ledger-scope", "")), steps=[start, stop])
         ReplyPacer(state_dir).pad(t0, steps)  # the reply's timing must not tell how many were sampled
-    return _reply(msg, spec, state if release is None else
-                  {k: v.detach().cpu() for k, v in state.items() if k not in local_keys}, metrics, local_keys)
+    return _reply(msg, spec, arrays, metrics)
 
 
-def _reply(msg: Message, spec: SiteSpec, state: dict, metrics, exclude=()) -> Message:
-    content = RecordDict({"arrays": state_to_arrays(state, exclude=exclude), "metrics": MetricRecord(dict(metrics)),
+def _reply(msg: Message, spec: SiteSpec, state: dict, metrics) -> Message:
+    content = RecordDict({"arrays": state_to_arrays(state), "metrics": MetricRecord(dict(metrics)),
                           "site": ConfigRecord({"site": spec.id})})
     return Message(content, reply_to=msg)
 

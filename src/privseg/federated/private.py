@@ -20,9 +20,7 @@ look at it themselves.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +31,7 @@ from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
 from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
 from privseg.train.loop import StepFn, TrainConfig, standard_step
+from privseg.utils import append_line
 
 ERASURE_ROUND = "erasure-request"  # round-config key: a repair round of this erasure (it may spend the reserve)
 CONTEXT_IGNORED = ("run-dir", "cache-sites", "eval-split", "dp-ledger", "dp-ledger-root")
@@ -225,14 +224,7 @@ def public_round_entry(cfg: FLConfig, run_dir: str | Path, entry: dict) -> dict:
     if cfg.privacy is None or cfg.privacy.unit != "site":
         return entry
     secret = {k: entry[k] for k in _SECRET_ROUND_KEYS if k in entry}
-    path = Path(run_dir) / PARTICIPATION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (json.dumps({"round": entry["round"], **secret}, default=float) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_line(Path(run_dir) / PARTICIPATION_FILE, {"round": entry["round"], **secret}, default=float)
     return {**{k: v for k, v in entry.items() if k not in secret}, "participants": [], "participation": WITHHELD}
 
 

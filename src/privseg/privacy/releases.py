@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from privseg.errors import ConfigError, DataError
-from privseg.utils import atomic_path, write_json
+from privseg.utils import append_line, atomic_path, write_json
 
 RECORD_FILE = "releases.jsonl"
 PAYLOAD_DIR = "releases"
@@ -127,13 +127,7 @@ class ReleaseRecord:
             torch.save(reply, tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-        line = json.dumps({"release": rid, "time": time.time(), **meta}, sort_keys=True, default=str) + "\n"
-        fd = os.open(self.index, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.index, {"release": rid, "time": time.time(), **meta}, sort_keys=True, default=str)
         self._prune()
 
     def _prune(self) -> None:
