@@ -177,6 +177,18 @@ def test_run_page_shows_the_model_each_site_serves(fresh):
     assert "<td>H2</td>" in own and "<td>H1</td>" not in own  # a site user sees its own site's row
 
 
+def test_an_erasure_of_a_personalised_run_shows_its_personalised_stage():
+    from privseg.console.erasure_pages import stages
+
+    done = [{"event": e, "body": {"rounds": [4]}} for e in ("requested", "local_unlearned", "repaired", "verified")]
+    assert [s for s, _ in stages("patient", done)] == ["requested", "local_unlearned", "repaired", "verified",
+                                                      "completed"]  # a run without personalised models
+    begun = [*done, {"event": "started", "body": {"stage": "personalised"}}]
+    assert stages("patient", begun)[-2:] == [("personalised", "todo"), ("completed", "todo")]
+    assert stages("site", [*begun, {"event": "personalised", "body": {}}])[-2:] == [("personalised", "done"),
+                                                                                   ("completed", "todo")]
+
+
 def test_budget_page_shows_spend_refusals_and_warnings(crafted):
     root, _ = crafted
     page = client_for(root, "dpo").get("/runs/fed/budget").text

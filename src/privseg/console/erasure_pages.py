@@ -160,8 +160,12 @@ def stages(kind: str | None, entries: list[dict]) -> list[tuple[str, str]]:
     """Each stage of an erasure of this kind and how it stands: "done", "todo", or "skipped" (a
     repair stage that ran no round: nothing was repaired, so it gets no tick)."""
     last = {e["event"]: e["body"] for e in entries}
+    names = STAGES.get(kind or "", ())
+    begun = {e["body"].get("stage") for e in entries if e["event"] == "started"}
+    if names and ("personalised" in last or "personalised" in begun):  # a run with personalised models
+        names = (*names[:-1], "personalised", names[-1])
     out = []
-    for st in STAGES.get(kind or "", ()):
+    for st in names:
         body = last.get(st)
         skipped = st == "repaired" and isinstance(body, dict) and not body.get("rounds")
         out.append((st, "todo" if body is None else "skipped" if skipped else "done"))
