@@ -116,7 +116,8 @@ def status(name: str = typer.Argument("fl", help="Run name (or a run folder path
 
 
 @app.command("personalise")
-@with_options(..., RUNS, options_from(Personalisation, "method", "epochs"))
+@with_options(..., RUNS, options_from(Personalisation, "method", "epochs", "ditto_lambda"))
 def personalise_run(name: str = typer.Argument(..., help="Run name (or a run folder path)."), **o) -> None:
     """Personalise each site's model; each site serves the best of global, personalised, local on validation."""
-    print_personalisation(out, personalise(run_folder(name, o["runs_dir"], "fl_config.json"), o["method"], o["epochs"]))
+    print_personalisation(out, personalise(run_folder(name, o["runs_dir"], "fl_config.json"), o["method"], o["epochs"],
+                                          ditto_lambda=o["ditto_lambda"]))
