@@ -34,14 +34,27 @@ at 40 rounds (1,920 site steps), membership AUC 0.600 (null 0.611) with FedAvg a
    with privseg's settings.
 
 Times are CPU seconds of this process for the training rounds (verification excluded), so a
-shared machine does not inflate them; wall-clock beside them. Keys (``erasure.json``):
+shared machine does not inflate them; wall-clock beside them. Keys (``erasure.json``, each also in
+``claims`` with its target and met / missed / pending, the cells it waits for named):
 ``patient_time_ratio``, ``patient_retain_dice_ratio``, ``patient_test_dice_ratio``,
-``patient_calibrated_pass_rate`` (the memorised and random patients also separately),
-``site_time_ratio``, ``site_retain_dice_ratio``, ``mia_auc_original`` (the erased patients vs the
-never-seen ones, original model), ``mia_auc_all_train``, ``mia_null_control``. Targets: patient
-erasure <= 0.05 of a retrain's time with retain and test Dice >= 0.98 of the retrain's and the
-calibrated test passing; site erasure >= 0.95 of the retrain's retain and test Dice at <= 0.25
-of its time.
+``patient_calibrated_pass_rate`` (the memorised and random patients also separately), the same with
+two references (``patient_*_2ref``), ``calibrated_tpr_at_1pct_fpr_2ref`` and ``calibrated_auc_2ref``
+(the RMIA-style test with one complementary pair, original model, members vs never-seen),
+``readiness_ratio`` (the pair's measured CPU / the original training's) and
+``amortised_cost_per_request`` (1, 10, 100 requests), ``site_time_ratio``, ``site_test_dice_ratio``,
+``site_calibrated_pass_rate`` (the erased site's training patients not flagged by the calibrated test
+after the erasure; ``site_mia_auc_after`` their group AUC against the site's never-seen patients, with
+``site_null_band``), ``site_retain_dice_ratio`` (reported, with ``site_memorisation``: the retrain's
+and the erased model's retain vs test Dice), ``mia_auc_original``, ``mia_auc_all_train``,
+``mia_null_control``. Targets (issue 30): patient erasure <= 0.05 of a retrain's time with retain
+and test Dice >= 0.98 of the retrain's and the calibrated test passing, with 8 and with 2
+references; TPR >= 0.9 at 1 % FPR with 2 references; readiness <= 2 trainings; site erasure test
+Dice >= 0.98 of the retrain's, calibrated pass rate >= 0.9 with the group AUC inside the null band,
+at <= 0.25 of its time (retain Dice reported: the retrain memorises its retain patients).
+
+Only ``cells/*.json`` are kept in git: on a fresh checkout the original run, its references and the
+retrains are gone, and a cell that needs them rebuilds them first (the original is checked against
+its recorded per-patient scores; see :func:`_ensure_original`).
 """
 
 from __future__ import annotations
@@ -65,7 +78,8 @@ FULL = {"sites": 3, "subjects": 16, "size": 24, "rounds": 120, "local_steps": 16
         "strategy": "fedavg", "server_learning_rate": 1.0,
         "subjects_per_step": 2, "seed": 0, "references": 8, "mia_statistic": "dice", "mia_views": 1,
         "n_memorised": 4, "n_random": 4, "site": "H2"}
-SMOKE = {"sites": 2, "subjects": 6, "size": 24, "rounds": 2, "local_steps": 2, "model": "unet_tiny", "lr": 3e-3,
+# 12 patients a site: 3 never seen at each, the fewest the 2-reference stopping rule scores (RMIA's population)
+SMOKE = {"sites": 2, "subjects": 12, "size": 24, "rounds": 2, "local_steps": 2, "model": "unet_tiny", "lr": 3e-3,
          "strategy": "fedavg", "server_learning_rate": 1.0,
          "subjects_per_step": 2, "seed": 0, "references": 4, "mia_statistic": "dice", "mia_views": 1,
          "n_memorised": 1, "n_random": 1, "site": "H2"}
@@ -79,6 +93,8 @@ PATIENT = {"method": "noisy_label", "target": "calibrated", "epochs": 20, "repai
 TEACHER = {"method": "reference_teacher", "target": "calibrated", "epochs": 50, "repair_rounds": 0}
 # the same with one complementary pair of references (issue 30): the readiness a federation can afford
 TEACHER_2REF = {**TEACHER, "references_kept": 2}
+# one pair trained for a fraction of the original's rounds (issue 30: does the test keep its power?)
+SHORT_SCHEDULES = (0.5, 0.25)
 # Site erasures: FedEraser at the paper's setting (Liu et al. 2021: every 2nd round, half the local
 # steps, no repair) is the baseline row; the others are privseg's settings. FedRecover (Cao et al.
 # 2023) at the paper's schedule scaled to 120 rounds: 2 warm-up, every 10th and the 3 last rounds
@@ -98,11 +114,24 @@ SITE_SETTINGS = {"federaser-paper": {"method": "federaser", "calibration_interva
                                                                        "buffer": 2}}}
 TARGETS = {"patient_time_ratio": ("<=", 0.05), "patient_retain_dice_ratio": (">=", 0.98),
            "patient_test_dice_ratio": (">=", 0.98), "patient_calibrated_pass_rate": (">=", 1.0),
-           "site_time_ratio": ("<=", 0.25), "site_retain_dice_ratio": (">=", 0.95),
-           "site_test_dice_ratio": (">=", 0.95), "readiness_ratio": ("<=", 2.0),
+           # the site target restated (issue 30): as good as the retrain on new patients, no trace of the
+           # site's patients, in a quarter of its time; retain Dice is reported (REPORTED), not a target
+           "site_test_dice_ratio": (">=", 0.98), "site_calibrated_pass_rate": (">=", 0.9),
+           "site_time_ratio": ("<=", 0.25), "readiness_ratio": ("<=", 2.0),
            "patient_calibrated_pass_rate_2ref": (">=", 1.0), "patient_retain_dice_ratio_2ref": (">=", 0.98),
            "patient_time_ratio_2ref": ("<=", 0.05),
            "calibrated_tpr_at_1pct_fpr_2ref": (">=", 0.9)}
+# figures stated beside the targets, without one of their own
+REPORTED = ("site_retain_dice_ratio", "site_mia_auc_after", "calibrated_auc_2ref",
+            *(f"{k}_s{f}" for f in SHORT_SCHEDULES for k in ("calibrated_tpr_at_1pct_fpr_2ref", "calibrated_auc_2ref",
+                                                             "readiness_ratio")))
+# the cells each claim is computed from (a claim without them is pending)
+FROM_CELLS = {**{k: "patient-teacher-*" for k in TARGETS if k.startswith("patient_") and not k.endswith("_2ref")},
+              **{k: "site-retrain, site-*" for k in (*TARGETS, *REPORTED) if k.startswith("site_")},
+              **{k: "patient-2ref-*" for k in TARGETS if k.startswith("patient_") and k.endswith("_2ref")},
+              "readiness_ratio": "original, references-2",
+              **{k: "calibrated-original-2ref" for k in ("calibrated_tpr_at_1pct_fpr_2ref", "calibrated_auc_2ref")},
+              **{k: f"short-{k.rsplit('_s', 1)[1]}-2ref" for k in REPORTED if "_s0." in k}}
 
 
 def make_cells(s: dict) -> list[cells.Cell]:
@@ -111,6 +140,7 @@ def make_cells(s: dict) -> list[cells.Cell]:
     out.append(cells.Cell("calibrated-original", dict(s), cost=0.05))
     # the same test with one complementary pair (references 0 and 1): the RMIA-style test (issue 30)
     out.append(cells.Cell("calibrated-original-2ref", dict(s), cost=0.05))
+    out += [cells.Cell(f"short-{f}-2ref", {**s, "schedule": f}, cost=2 * f) for f in SHORT_SCHEDULES]
     slots = [f"m{k}" for k in range(1, s["n_memorised"] + 1)] + [f"r{k}" for k in range(1, s["n_random"] + 1)]
     site = [cells.Cell("site-retrain", dict(s), cost=0.7)] + [
         cells.Cell(f"site-{name}", {**s, **setting}, cost=0.3) for name, setting in SITE_SETTINGS.items()]
@@ -208,6 +238,37 @@ def original_cell(s: dict, shared: Path) -> dict:
             "power": {k: power.get(k) for k in keep}}
 
 
+def _ensure_original(s: dict, shared: Path, cells_dir: Path) -> dict | None:
+    """The original run on disk for a cell that builds on it; None when it is the run the ``original`` cell
+    recorded. Only ``cells/*.json`` are kept in git, so on a fresh checkout the run is retrained with the
+    cell's setting (seeded, one thread: the same model is expected) and its per-patient membership scores
+    are compared with the recorded ones. The comparison is returned and stamped on every cell computed on
+    the rebuilt run (``original_rebuilt``): a difference is stated, not hidden; a rebuilt model without
+    membership power is refused."""
+    from privseg.federated import RunState
+    from privseg.utils import read_json, write_json
+
+    run, mark = shared / "original", shared / "original-rebuilt.json"
+    info = read_json(mark, "rebuild record") if mark.is_file() else None
+    if info is None and (run / "state.json").exists() and RunState.load(run).status == "finished":
+        return None
+    if info is None or info.get("status") != "checked":
+        write_json(mark, {"status": "rebuilding"})  # a rebuild interrupted before its check is checked again
+        print("  the original run is not on disk (only cells/*.json are kept): retraining it", flush=True)
+        recorded = cells.metrics_of(cells_dir, "original")["power"]
+        again = original_cell(s, shared)
+        pw = again["power"]
+        diff = max(abs(pw[g][p] - recorded[g][p]) for g in ("member_scores", "nonmember_scores") for p in recorded[g])
+        info = {"status": "checked", "max_score_difference": diff, "reproduced": diff <= 1e-6,
+                "member_auc": pw["member_auc"], "null_auc": pw["null_auc"], "power_passed": pw["passed"],
+                "cpu_s": again["cpu_s"], "wall_s": again["wall_s"]}
+        write_json(mark, info)
+    if not info["power_passed"] and s["subjects"] >= 16:
+        raise RuntimeError(f"the rebuilt original has no membership power (AUC {info['member_auc']:.3f}); "
+                           f"see {mark}")
+    return info
+
+
 def _require_power(cells_dir: Path, smoke: bool) -> None:
     power = cells.metrics_of(cells_dir, "original")["power"]
     if not power["passed"] and not smoke:
@@ -254,6 +315,28 @@ def calibrated_cell(s: dict, shared: Path, two: bool = False) -> dict:
             "patients": {p: {k: pts[p][k] for k in ("t", "p", "flagged", "n_out", "n_in", "log_lr", "dice", "loss")}
                          for p in pts},
             "shift": test["shift"], "sd": test["sd"], "n_references": test["n_references"]}
+
+
+def short_cell(s: dict, shared: Path) -> dict:
+    """The RMIA-style test of the original model with one complementary pair trained for ``schedule`` of the
+    original's rounds. A run keeps one reference set, so the pair lives in a copy of the original without the
+    site updates (the references start from its round-0 model; the copy serves the same final model)."""
+    from privseg.audit.reference import ensure_references, run_membership
+
+    run = shared.parent / f"short-{s['schedule']}" / "run"
+    if not (run / "state.json").exists():
+        shutil.copytree(_original(shared), run, ignore=shutil.ignore_patterns(".lock", "updates", "audit", "erasure"))
+    refs = ensure_references(run, 2, seed=s["seed"], schedule=s["schedule"], on_reference=lambda k, what: print(
+        f"  reference {k} ({s['schedule']} of the schedule): {what}", flush=True))
+    tests = {stat: run_membership(run, views=s["mia_views"], seed=s["seed"], statistic=stat, references=refs)
+             for stat in ("dice", "loss")}
+    index = json.loads((run / "audit" / "references" / "index.json").read_text())
+    cpu = {k: v.get("cpu_s") for k, v in index["references"].items()}
+    original_cpu = cells.metrics_of(shared.parent.parent / "cells", "original")["cpu_s"]
+    return {"schedule": s["schedule"], "rounds": index["rounds"], "cpu_s": cpu,
+            "readiness_ratio": sum(cpu.values()) / original_cpu, "compute_ratio": refs.summary()["compute_ratio"],
+            "statistic": s["mia_statistic"], "population": {stat: t["population"] for stat, t in tests.items()},
+            "test": {stat: t["test"] for stat, t in tests.items()}}
 
 
 # -- erasures ---------------------------------------------------------------------------------
@@ -376,11 +459,28 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
     s = cell.params
     if cell.name == "original":
         return original_cell(s, shared)
+    rebuilt = _ensure_original(s, shared, shared.parent.parent / "cells")
+    metrics = _run_on_original(cell, work, shared)
+    return {**metrics, "original_rebuilt": rebuilt} if rebuilt else metrics
+
+
+def _run_on_original(cell: cells.Cell, work: Path, shared: Path) -> dict:
+    s = cell.params
+    if cell.name != "site-retrain" and not cell.name.startswith(("references-", "short-")):
+        from privseg.audit.reference import ensure_references
+
+        # the calibrated test's references (kept with the run; trained again on a fresh checkout): one
+        # complementary pair for the 2-reference cells, the full set for the others
+        two = cell.name.endswith("-2ref") or cell.name.startswith("patient-2ref-")
+        ensure_references(_original(shared), 2 if two else s["references"], seed=s["seed"],
+                          on_reference=lambda k, what: print(f"  reference {k}: {what}", flush=True))
     if cell.name.startswith("references-"):
         _require_power(shared.parent.parent / "cells", s["subjects"] < 16)
         return references_cell(s, s["n"], shared)
     if cell.name.startswith("calibrated-original"):
         return calibrated_cell(s, shared, two=cell.name.endswith("-2ref"))
+    if cell.name.startswith("short-"):
+        return short_cell(s, shared)
     if cell.name.startswith("patient-"):
         return patient_cell(s, work, shared)
     if cell.name == "site-retrain":
@@ -420,6 +520,32 @@ def _groups(rows: list[dict]) -> dict:
             "random": _group([r for r in rows if r["slot"].startswith("r")]), "all": _group(rows)}
 
 
+def _site_evidence(v: dict, never_seen: list[str]) -> dict:
+    """The restated site target's evidence in a site cell (issue 30): the per-patient calibrated test on the
+    erased site's training patients after the erasure (the pass rate: not flagged, p >= alpha), their group
+    membership AUC against the site's never-seen patients (the verification's groups) with the band chance
+    alone spans at those sizes (0.5 +- 1.96 Mann-Whitney sd: wide at 12 vs 4, so the per-patient test is the
+    evidence), and the memorisation the retain Dice ratio reflects (retain vs test Dice, retrain and erased
+    model)."""
+    from privseg.audit.mia import null_auc_sd
+
+    subj = v.get("calibrated_subjects") or []
+    # the site's val/test patients; the power cohort's IDs start with their site's (H2S04)
+    n_never = sum(p.startswith(v["site"]) for p in never_seen)
+    sd = null_auc_sd(len(subj), n_never) if subj and n_never else None
+    band = [0.5 - 1.96 * sd, 0.5 + 1.96 * sd] if sd else None
+    rate = sum(r["indistinguishable_after"] for r in subj) / len(subj) if subj else None
+    in_band = None if band is None else bool(band[0] <= v["after_mia_auc"] <= band[1])
+    memo = {f"{who}_{k}": v[f"{who}_{k}_dice"] for who in ("retrain", "after") for k in ("retain", "test")}
+    memo.update({f"{who}_gap": memo[f"{who}_retain"] - memo[f"{who}_test"] for who in ("retrain", "after")})
+    return {"calibrated_pass_rate": rate, "n_site_patients": len(subj),
+            "n_flagged_before": sum(r["flagged_before"] for r in subj), "n_never_seen_at_site": n_never,
+            "mia_auc_after": v["after_mia_auc"], "null_band": band, "auc_in_null_band": in_band,
+            "memorisation": memo,
+            "meets_quality": bool(v["test_dice_ratio"] >= TARGETS["site_test_dice_ratio"][1] and rate is not None
+                                  and rate >= TARGETS["site_calibrated_pass_rate"][1] and in_band)}
+
+
 def merge(done: dict) -> dict:
     m = {k: v["metrics"] for k, v in done.items()}
     out: dict = {}
@@ -441,6 +567,15 @@ def merge(done: dict) -> dict:
         out.update({"calibrated_population_2ref": pop, "calibrated_test_2ref": two["test"],
                     "calibrated_tpr_at_1pct_fpr_2ref": pop[two["statistic"]].get("tpr"),
                     "calibrated_auc_2ref": pop[two["statistic"]].get("auc")})
+    rebuilt = {k: v["original_rebuilt"] for k, v in m.items() if v.get("original_rebuilt")}
+    if rebuilt:
+        out["original_rebuilt"] = {**next(iter(rebuilt.values())), "cells": sorted(rebuilt)}
+    for f in SHORT_SCHEDULES:
+        if f"short-{f}-2ref" in m:
+            c = m[f"short-{f}-2ref"]
+            pop = c["population"][c["statistic"]]
+            out.update({f"calibrated_tpr_at_1pct_fpr_2ref_s{f}": pop.get("tpr"), f"calibrated_auc_2ref_s{f}":
+                        pop.get("auc"), f"readiness_ratio_s{f}": c["readiness_ratio"]})
     # readiness: the reference models' measured CPU time over the original's (one pair, and the full set)
     refcells = sorted((k for k in m if k.startswith("references-")), key=lambda k: int(k.split("-")[1]))
     if "original" in m and refcells:
@@ -464,25 +599,41 @@ def merge(done: dict) -> dict:
         out.update({"patient_time_ratio": a["time_ratio"], "patient_retain_dice_ratio": a["retain_dice_ratio"],
                     "patient_test_dice_ratio": a["test_dice_ratio"],
                     "patient_calibrated_pass_rate": a["calibrated_pass_rate"]})
-    sites = {k[len("site-"):]: v for k, v in m.items() if k.startswith("site-") and k != "site-retrain"}
+    never = list(m["original"]["power"]["nonmember_scores"]) if "original" in m else []
+    sites = {k[len("site-"):]: {**v, **_site_evidence(v, never)} for k, v in m.items()
+             if k.startswith("site-") and k != "site-retrain"}
     out["site_settings"] = sites
     if sites:
-        # headline: the fastest privseg setting that meets the Dice targets, else the best Dice
-        ok = [(n, v) for n, v in sites.items() if n != "federaser-paper" and v["retain_dice_ratio"] >= 0.95
-              and v["test_dice_ratio"] >= 0.95]
+        # headline: the fastest privseg setting that meets the restated target's quality (test Dice, no trace
+        # of the site's patients), else the best test Dice
+        ok = [(n, v) for n, v in sites.items() if n != "federaser-paper" and v["meets_quality"]]
         name, best = (min(ok, key=lambda x: x[1]["time_ratio"]) if ok else
-                      max(sites.items(), key=lambda x: x[1]["retain_dice_ratio"]))
-        out.update({"site_setting": name, "site_time_ratio": best["time_ratio"],
-                    "site_retain_dice_ratio": best["retain_dice_ratio"],
-                    "site_test_dice_ratio": best["test_dice_ratio"]})
-    if out.get("readiness_ratio") is not None and out.get("patient_time_ratio") is not None:
+                      max(sites.items(), key=lambda x: x[1]["test_dice_ratio"]))
+        out.update({"site_setting": name, **{f"site_{k}": best[k] for k in (
+            "time_ratio", "test_dice_ratio", "calibrated_pass_rate", "retain_dice_ratio", "mia_auc_after",
+            "null_band", "auc_in_null_band", "memorisation")}})
+    own = out.get("patient_time_ratio_2ref", out.get("patient_time_ratio"))
+    if out.get("readiness_ratio") is not None and own is not None:
         from privseg.audit.reference import amortised
 
-        # the pair's measured cost shared by N requests, plus each request's own (reference_teacher's time ratio)
-        out["amortised_cost_per_request"] = amortised(out["readiness_ratio"], out["patient_time_ratio"])
+        # the pair's measured cost shared by N requests, plus each request's own (reference_teacher's time
+        # ratio: with the pair once its cells ran, with the 8 references until then)
+        out["amortised_cost_per_request"] = amortised(out["readiness_ratio"], own)
+        out["amortised_request_cost_from"] = ("patient-2ref-*" if "patient_time_ratio_2ref" in out
+                                              else "patient-teacher-* (8 references; the 2-reference cells pending)")
     out["targets"] = {k: list(v) for k, v in TARGETS.items()}
     out["met"] = {k: (None if out.get(k) is None else
                       (out[k] <= t if op == "<=" else out[k] >= t)) for k, (op, t) in TARGETS.items()}
+    # every claim in one place: value, target, and met / missed / pending (with the cells it waits for);
+    # a pass rate over patients none of whom the test flagged before the erasure has no value: no power
+    no_power = {f"patient_calibrated_pass_rate{sfx}" for sfx, g in (("", groups), ("_2ref", out.get(
+        "patient_groups_2ref"))) if g and g["all"]["n"] and not g["all"]["n_powered"]}
+    out["claims"] = {k: {"value": out.get(k), "target": list(TARGETS[k]) if k in TARGETS else None,
+                         "status": ("no power: no erased patient was flagged before the erasure" if k in no_power
+                                    else "pending" if out.get(k) is None else "reported" if k not in TARGETS else
+                                    "met" if out["met"][k] else "missed"),
+                         **({"waiting_for": FROM_CELLS[k]} if out.get(k) is None and k not in no_power else {})}
+                     for k in (*TARGETS, *REPORTED)}
     return out
 
 
@@ -523,32 +674,57 @@ def render(out: dict, done: dict) -> list[str]:
                   f"**{out['mia_auc_all_train']:.3f}**, null control {out['mia_null_control']:.3f}; power check "
                   f"{'passed' if out['power_passed'] else 'FAILED'}. Erased patients vs never-seen (original "
                   f"model): {_f(out.get('mia_auc_original'))}.", ""]
-    if "calibrated_population" in out:
-        for stat, pop in out["calibrated_population"].items():
-            lines.append(f"Calibrated test ({stat}, {m['calibrated-original']['n_references']} references): "
-                         f"AUC {_f(pop.get('auc'))}, TPR {_f(pop.get('tpr'))} at FPR {_f(pop.get('achieved_fpr'))}, "
-                         f"members flagged {pop.get('flagged_members')}/{pop.get('n_members')}, never-seen flagged "
-                         f"{pop.get('flagged_nonmembers')}/{pop.get('n_nonmembers')}.")
+    tests = [(f"{m['calibrated-original']['n_references']} references", m["calibrated-original"])
+             if "calibrated-original" in m else None,
+             ("2 references (one complementary pair)", m.get("calibrated-original-2ref")),
+             *((f"2 references trained for {f} of the rounds", m.get(f"short-{f}-2ref")) for f in SHORT_SCHEDULES)]
+    for what, cell in [t for t in tests if t and t[1]]:
+        for stat, pop in cell["population"].items():
+            lines.append(f"Calibrated test of the original ({stat}, {what}): AUC {_f(pop.get('auc'))}, TPR "
+                         f"{_f(pop.get('tpr'))} at FPR {_f(pop.get('achieved_fpr'))}, members flagged "
+                         f"{pop.get('flagged_members')}/{pop.get('n_members')}, never-seen flagged "
+                         f"{pop.get('flagged_nonmembers')}/{pop.get('n_nonmembers')}"
+                         + (f"; readiness {cell['readiness_ratio']:.2f} x the original's CPU time"
+                            if "readiness_ratio" in cell else "") + ".")
+    if any(t and t[1] for t in tests):
         lines.append("")
+    if out.get("original_rebuilt"):
+        r = out["original_rebuilt"]
+        lines += [f"Cells {', '.join(r['cells'])} ran on the original retrained from scratch (only the cell files "
+                  f"are kept): its per-patient scores differ from the recorded ones by at most "
+                  f"{r['max_score_difference']:.2g} ({'reproduced' if r['reproduced'] else 'NOT reproduced'}); "
+                  f"membership AUC {r['member_auc']:.3f}.",
+                  ""]
     if out.get("readiness_ratio_by_n"):
         lines.append("Readiness (reference models' CPU time / the original training's): "
                      + ", ".join(f"{n} references {v:.2f}" for n, v in out["readiness_ratio_by_n"].items())
                      + ("; per request with one pair and reference_teacher: "
                         + ", ".join(f"{v:.3f} over {n}" for n, v in out["amortised_cost_per_request"].items())
+                        + f" (a request's own time from {out['amortised_request_cost_from']})"
                         if out.get("amortised_cost_per_request") else "") + ".")
         lines.append("")
-    lines += ["| claim | value | target | met |", "|---|---|---|---|"]
-    for k, (op, t) in TARGETS.items():
-        met = out["met"].get(k)
-        lines.append(f"| {k} | {_f(out.get(k))} | {op} {t} | {'-' if met is None else ('yes' if met else 'no')} |")
+    lines += ["| claim | value | target | status |", "|---|---|---|---|"]
+    for k, c in out["claims"].items():
+        target = " ".join(map(str, c["target"])) if c["target"] else "(reported)"
+        status = f"pending ({c['waiting_for']} not run)" if c["status"] == "pending" else c["status"]
+        lines.append(f"| {k} | {_f(c['value'])} | {target} | {status} |")
     teacher, baseline = _patient_rows(m)
     lines += _patient_table("Patients: privseg's setting, reference_teacher, no repair round", teacher,
                             out["patient_groups"])
+    lines += _patient_table("Patients: reference_teacher with one complementary pair of references (2)",
+                            [v for k, v in m.items() if k.startswith("patient-2ref-")],
+                            out.get("patient_groups_2ref", {}))
     lines += _patient_table("Patients: the study's Noisy Label with one repair round (baseline)", baseline,
                             out["patient_baseline_groups"])
     if out["site_settings"]:
-        lines += ["", "## Site", "", "| setting | interval | ratio | repair rounds | time / retrain | retain Dice / "
-                  "retrain's | test Dice / retrain's | status |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Site", "", "Target restated (issue 30): test Dice >= 0.98 of the retrain's, the erased "
+                  "site's training patients not flagged by the calibrated test (pass rate >= 0.9) with their "
+                  "membership AUC against the site's never-seen patients inside the band chance alone spans, "
+                  "at <= 0.25 of the retrain's time. Retain Dice is reported: the retrain memorises its retain "
+                  "patients.", "",
+                  "| setting | interval | ratio | repair rounds | time / retrain | retain Dice / retrain's | test "
+                  "Dice / retrain's | calibrated pass (site patients) | AUC after [null band] | meets restated "
+                  "target | status (old thresholds) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for n, v in out["site_settings"].items():
             if v.get("params"):  # a method with settings of its own (fedrecover: its exact rounds too)
                 counts = (f"; {v['exact_rounds']} exact, {v['estimated_rounds']} estimated"
@@ -556,7 +732,15 @@ def render(out: dict, done: dict) -> list[str]:
                 n += " (" + ", ".join(f"{k}={x}" for k, x in v["params"].items()) + counts + ")"
             lines.append(f"| {n} | {v['calibration_interval']} | {v['calibration_ratio']} | {v['repair_rounds']} | "
                          f"{v['time_ratio']:.3f} | {v['retain_dice_ratio']:.3f} | {v['test_dice_ratio']:.3f} | "
-                         f"{v['status']} |")
+                         f"{_f(v['calibrated_pass_rate'])} ({v['n_site_patients']}) | {_f(v['mia_auc_after'])} "
+                         f"[{', '.join(_f(b) for b in v['null_band'] or [])}] | "
+                         f"{'yes' if v['meets_quality'] and v['time_ratio'] <= TARGETS['site_time_ratio'][1] else 'no'}"
+                         f" | {v['status']} |")
+        mem = out["site_memorisation"]
+        lines += ["", f"Memorisation behind the retain Dice ratio ({out['site_setting']}): the retrain's retain Dice "
+                  f"{mem['retrain_retain']:.3f} against its test Dice {mem['retrain_test']:.3f} (gap "
+                  f"{mem['retrain_gap']:.3f}); the erased model's {mem['after_retain']:.3f} against "
+                  f"{mem['after_test']:.3f} (gap {mem['after_gap']:.3f})."]
     return lines
 
 
