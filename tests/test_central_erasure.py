@@ -156,7 +156,12 @@ def test_unlearn_resolves_the_request_as_erase_does_and_shows_the_membership_tes
     assert not (run / "erasure").exists() and not (tmp_path / "u").exists()
     saw = {r.k for r in load_references(run).references if patient in r.patients}
     assert cli_main([*args, "--even-if-unflagged"]) == 0
-    assert "NO POWER" in capsys.readouterr().out  # said where the user reads the result, not only in the certificate
+    cap = capsys.readouterr()
+    assert "NO POWER" in cap.out  # said where the user reads the result, not only in the certificate
+    # the end of the erasure is not silent either (issue 27, item 7): the evaluation, the test of the erased model
+    err = cap.err.splitlines()
+    assert any(x.startswith("evaluating: ") for x in err)
+    assert any(x.startswith("membership test after: scoring reference model 4/4: ") for x in err), err
     ledger = ErasureLedger(run / "erasure" / "ledger.db", create=False)
     (rid,) = {e["request"] for e in ledger.entries()}
     ev = ledger.events(rid)
