@@ -158,6 +158,13 @@ class PersonalDP:
                 "epsilon_with_reserve": with_reserve, "epsilon_budget": budget, "delta": delta,
                 "fits": not new or with_reserve <= budget * (1 + 1e-6) + 1e-9}
 
+    def record(self, site: str) -> dict:
+        """What personalisation.json keeps of a site's DP spend: the scopes booked and its ε now."""
+        ledger = BudgetLedger(site_ledger_path(self.cfg.privacy, site, self.run_dir / "sites" / site))
+        budget, delta = ledger.budget(site)
+        return {"scopes": [f"{self.scope}/{m}" for m in self.booked.get(site, {})], "epsilon_after": ledger.spent(site),
+                "epsilon_budget": budget, "delta": delta}
+
     def require(self, rows: list[dict], what: str) -> list[dict]:
         """Raise :class:`~privseg.errors.BudgetExceededError` -- before any step -- when a site cannot pay."""
         from privseg.errors import BudgetExceededError
