@@ -82,6 +82,9 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
     from privseg.unlearn.request import default_method
 
     assert default_method(run, "patient")[0] == "scrub"  # no references: the best method measured without them
+    from privseg.console.erasure import methods
+
+    assert methods(run, "patient")["default"] == "scrub"
     assert cli_main(["audit", "references", "--run", str(run), "--n", "2"]) == 0
     said = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     # the estimate comes first: 2 references with the run's 2 rounds = 2 original trainings
@@ -95,6 +98,9 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
 
     method, why = default_method(run, "patient")
     assert method == "reference_teacher" and "keeps 2 reference models" in why
+    form = methods(run, "patient")  # the console's erase form: the same default, with the same reason
+    assert (form["default"], form["default_reason"]) == (method, why)
+    assert "reference_teacher" in [c["value"] for c in form["choices"]]
     with pytest.raises(ConfigError, match="not both present"):
         refmod.pair(refs, 1)
     res = refmod.run_membership(run, views=1, references=refmod.pair(refs))
