@@ -19,6 +19,20 @@ scanner profile (T1 3T, T1 1.5T, T1 5 mm slices, T2, FLAIR). Per number of sites
   budget as every arm), and the per-site guard serving the best of global / finetune / local on
   validation. The cell records each candidate's and the served model's test Dice per site, so the
   local-only baseline of the gain keys has exactly the training patients of the personalised model.
+* ``fedavg+all`` / ``fedbn+all``: the same federation again (same seed, split and settings), then
+  ``finetune``, ``ditto`` (lambda ``ditto_lambda``) and ``head`` (FedRep-style per-site decoder),
+  and the guard over global / finetune / ditto / head / local. The local-only candidate (its
+  validation and test Dice) is read from the ``+pers`` cell of the same sites and seed: that model
+  depends only on the seed's initial model, the split and the seed, not on the federation, so it
+  is not trained twice (the ``+pers`` cell must be done first; it comes first in the cell list).
+  The cell also keeps the ``+pers`` cell's global test Dice beside its own, a check that the
+  federation ran the same.
+
+Step budget (the same for every arm): each site's data is trained on for rounds x local_steps =
+200 steps of 2 patients x 2 patches (local-only, each site in a federation; pooled: sites x 200
+steps on the pooled patients). Personalisation adds to the federation's 200, per site and
+method (finetune, ditto, head), at most pers_epochs x ceil(10 training patients / 2) = 15 steps,
+stopped earlier by validation: at most 7.5 % more than the federation each.
 
 Dice = mean foreground Dice on each site's held-out (test) patients; mean +- std over seeds.
 ``overhead`` = Flower orchestration / local compute: (wall time of rounds 2..R) / (local
@@ -30,8 +44,9 @@ whole process tree (driver + Ray). Non-DP only.
 Top-level keys: ``gap_to_pooled`` (pooled mean Dice - best federated strategy's mean Dice, Dice
 points, the larger of the 3- and 5-site gaps), ``overhead``, ``ray_startup_s``, ``sites_100_ok``,
 ``sites_100_peak_rss_mb``. Targets: gap <= 0.03; overhead <= 0.10; 100 sites without OOM.
-Personalisation keys (issue 29), for the best personalised arm (highest mean served Dice over both
-federations), each also given by arm: ``min_site_gain_over_local`` (worst site's served Dice minus
+Personalisation keys (issue 29), for the best complete personalised arm (highest mean served Dice
+over both federations; ``personalisation_partial`` when no arm is complete yet and the keys come
+from the cells there are), each also given by arm: ``min_site_gain_over_local`` (worst site's served Dice minus
 its local-only Dice, mean over seeds, over both federations; target >= 0.0),
 ``gap_to_pooled_personalised`` (pooled mean minus the arm's mean served Dice, worst of 3 and 5
 sites; target <= 0.01), ``mean_gain_over_local`` (5 sites, mean served minus mean local-only;
@@ -60,9 +75,12 @@ import cells  # noqa: E402
 
 VERSION = "federated-2"  # bump when a change makes old cells incomparable
 SITES = (3, 5)
-METHODS = ("local", "pooled", "fedavg", "fedprox", "fedbn", "fedavg+pers", "fedbn+pers")
+METHODS = ("local", "pooled", "fedavg", "fedprox", "fedbn", "fedavg+pers", "fedbn+pers", "fedbn+all", "fedavg+all")
 STRATEGIES = ("fedavg", "fedprox", "fedbn")
-PERSONALISED = ("fedavg+pers", "fedbn+pers")  # <strategy>+pers: that federation, then personalise + the guard
+# <strategy>+<kind>: that federation, then these personalisation methods and the guard (``+all`` adds
+# the ``+pers`` cell's local-only candidate; module docstring)
+ARM_METHODS = {"pers": ("finetune", "local"), "all": ("finetune", "ditto", "head")}
+PERSONALISED = tuple(m for m in METHODS if "+" in m)
 VAL_PATIENTS = 2  # of each site's training patients, the validation split the guard chooses on
 SEEDS = (0, 1, 2)
 MANY = (20, 100)
@@ -70,9 +88,10 @@ MANY = (20, 100)
 # The real setting, and a smoke setting that only checks the pipeline end to end (never merged
 # into benchmarks/results: --smoke writes to a temporary folder).
 FULL = {"rounds": 20, "local_steps": 10, "model": "unet_tiny", "patch": 24, "lr": 3e-3, "mu": 0.01,
-        "size": 32, "subjects": 16, "many_rounds": 2, "mia_views": 2, "pers_epochs": 3}
+        "size": 32, "subjects": 16, "many_rounds": 2, "mia_views": 2, "pers_epochs": 3, "ditto_lambda": 100.0}
 SMOKE = {"rounds": 2, "local_steps": 2, "model": "unet_tiny", "patch": 16, "lr": 3e-3, "mu": 0.01,
-         "size": 24, "subjects": 6, "many_rounds": 1, "mia_views": 1, "pers_epochs": 1}
+         "size": 24, "subjects": 6, "many_rounds": 1, "mia_views": 1, "pers_epochs": 1, "ditto_lambda": 100.0}
+PERS_ONLY = {"pers_epochs": PERSONALISED, "ditto_lambda": tuple(m for m in METHODS if m.endswith("+all"))}
 
 
 # -- memory of the whole process tree (driver + Ray) -----------------------------------
@@ -129,9 +148,10 @@ def make_cells(s: dict) -> list[cells.Cell]:
         for seed in SEEDS:
             for m in METHODS:
                 # relative cost: every method trains sites x rounds x local steps; Ray adds start-up
-                own = {k: v for k, v in s.items() if k != "pers_epochs" or m in PERSONALISED}  # old cells stay valid
+                own = {k: v for k, v in s.items() if m in PERS_ONLY.get(k, (m,))}  # old cells stay valid
                 out.append(cells.Cell(f"s{n}-{m}-seed{seed}", {"sites": n, "method": m, "seed": seed, **own},
-                                      cost=n * (1.3 if m in STRATEGIES else 2.5 if m in PERSONALISED else 1.0)))
+                                      cost=n * (1.3 if m in STRATEGIES else 2.5 if m.endswith("+pers")
+                                                else 1.6 if m in PERSONALISED else 1.0)))
     for n in MANY:
         out.append(cells.Cell(f"many-{n}", {"many": n, "rounds": s["many_rounds"]}, cost=n / 10))
     return out
@@ -177,7 +197,7 @@ def _train_eval(cohort, subjects, cfg, steps: int, eval_sites: list[str]):
     return model, items, dice, train_s
 
 
-def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
+def run_cell(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -205,7 +225,7 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path) -> dict:
         return {"dice": dice, "train_s": train_s, "counts": info["counts"],
                 "membership": _power(model, items, cohort, tc, p)}
     if m in PERSONALISED:
-        return personalised_cell(cohort, sites, info, tc, p, work)
+        return personalised_cell(cohort, sites, info, tc, p, work, cells_dir)
     from privseg.federated.simulation import simulate
 
     cfg = FLConfig(name=f"{m}{p['sites']}", sites=sites, train=tc, strategy=m, rounds=p["rounds"],
@@ -244,15 +264,15 @@ def with_val_split(cohort, sites, out_dir: Path, n_val: int) -> list:
     return [replace(spec, splits=str(path)) for spec in sites]
 
 
-def personalised_cell(cohort, sites, info, tc, p: dict, work: Path) -> dict:
+def personalised_cell(cohort, sites, info, tc, p: dict, work: Path, cells_dir: Path) -> dict:
     """A federation with a validation split, then personalisation and the per-site guard."""
     from privseg.federated import FLConfig
-    from privseg.federated.personalise import personalise
+    from privseg.federated.personalise import choose, personalise
     from privseg.federated.simulation import simulate
 
     shutil.rmtree(work, ignore_errors=True)  # a cell interrupted mid-way starts again from scratch
     work.mkdir(parents=True)
-    strategy = p["method"].split("+")[0]
+    strategy, kind = p["method"].split("+")
     cfg = FLConfig(name=f"{p['method']}{p['sites']}".replace("+", "-"), sites=with_val_split(
         cohort, sites, work, VAL_PATIENTS), train=tc, strategy=strategy, rounds=p["rounds"],
         local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=0)
@@ -260,15 +280,23 @@ def personalised_cell(cohort, sites, info, tc, p: dict, work: Path) -> dict:
     simulate(cfg, work / "run", cpus_per_client=1, ray_cpus=1)
     fl_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = personalise(work / "run", epochs=p["pers_epochs"])["sites"]
+    res = personalise(work / "run", methods=ARM_METHODS[kind], epochs=p["pers_epochs"],
+                      ditto_lambda=p.get("ditto_lambda", 0.0))["sites"]
     pers_s = time.perf_counter() - t0
     shutil.rmtree(work / "run", ignore_errors=True)  # weights are not kept
-    return {"dice": {s: r["test_dice"][r["serves"]] for s, r in res.items()},
-            "candidates": {s: r["test_dice"] for s, r in res.items()},
-            "serves": {s: r["serves"] for s, r in res.items()},
-            "val_dice": {s: r["val_dice"] for s, r in res.items()},
-            "finetune": {s: r["methods"]["finetune"] for s, r in res.items()}, "fl_s": fl_s,
-            "personalise_s": pers_s, "counts": info["counts"]}
+    val = {s: r["val_dice"] for s, r in res.items()}
+    test = {s: r["test_dice"] for s, r in res.items()}
+    serves = {s: r["serves"] for s, r in res.items()}
+    extra = {}
+    if kind == "all":  # the local-only candidate of the +pers cell (the same model: module docstring)
+        pers = cells.metrics_of(cells_dir, f"s{p['sites']}-{strategy}+pers-seed{p['seed']}")
+        for s in res:
+            val[s]["local"], test[s]["local"] = pers["val_dice"][s]["local"], pers["candidates"][s]["local"]
+            serves[s] = choose(val[s])
+        extra["pers_cell_global"] = {s: pers["candidates"][s]["global"] for s in res}
+    return {"dice": {s: test[s][serves[s]] for s in res}, "candidates": test, "serves": serves, "val_dice": val,
+            **{m: {s: r["methods"][m] for s, r in res.items()} for m in ARM_METHODS[kind] if m != "local"},
+            "fl_s": fl_s, "personalise_s": pers_s, "counts": info["counts"], **extra}
 
 
 def _power(model, train_items, cohort, tc, p: dict) -> dict:
@@ -379,22 +407,33 @@ def merge(done: dict) -> dict:
 
 
 def personalisation_keys(table: dict) -> dict:
-    """Issue 29's keys per personalised arm (complete: every seed at 3 and 5 sites) and for the best of them."""
+    """Issue 29's keys per personalised arm and for the best of them. An arm is complete with every
+    seed at 3 and 5 sites; an incomplete one gets its keys from the cells there are, marked
+    ``partial`` (with the seeds per number of sites), and the top-level keys come from a partial
+    arm only when no arm is complete (``personalisation_partial``)."""
     by_arm: dict = {}
     for arm in PERSONALISED:
-        rows = [table.get(str(n), {}) for n in SITES]
-        if not all(arm in r and r[arm]["seeds"] == len(SEEDS) and "pooled" in r for r in rows):
+        rows = {n: table[str(n)] for n in SITES if arm in table.get(str(n), {}) and "pooled" in table[str(n)]}
+        if not rows:
             continue
         gains = {f"{n}:{site}": r[arm]["sites"][site]["mean"] - r[f"{arm}:local"]["sites"][site]["mean"]
-                 for n, r in zip(SITES, rows, strict=True) for site in r[arm]["sites"]}
+                 for n, r in rows.items() for site in r[arm]["sites"]}
+        five = rows.get(SITES[-1])
+        seeds = {str(n): r[arm]["seeds"] for n, r in rows.items()}
         by_arm[arm] = {"min_site_gain_over_local": min(gains.values()), "gain_by_site": gains,
-                       "gap_to_pooled_personalised": max(r["pooled"]["mean_dice"] - r[arm]["mean_dice"] for r in rows),
-                       "mean_gain_over_local": rows[-1][arm]["mean_dice"] - rows[-1][f"{arm}:local"]["mean_dice"],
-                       "mean_served_dice": float(np.mean([r[arm]["mean_dice"] for r in rows]))}
-    best = max(by_arm, key=lambda a: by_arm[a]["mean_served_dice"]) if by_arm else None
+                       "gap_to_pooled_personalised": max(r["pooled"]["mean_dice"] - r[arm]["mean_dice"]
+                                                         for r in rows.values()),
+                       "mean_gain_over_local": five[arm]["mean_dice"] - five[f"{arm}:local"]["mean_dice"]
+                       if five else None,
+                       "mean_served_dice": float(np.mean([r[arm]["mean_dice"] for r in rows.values()])),
+                       "seeds": seeds,
+                       "partial": len(seeds) < len(SITES) or any(k < len(SEEDS) for k in seeds.values())}
+    complete = [a for a in by_arm if not by_arm[a]["partial"]]
+    pool = complete or list(by_arm)
+    best = max(pool, key=lambda a: by_arm[a]["mean_served_dice"]) if pool else None
     keys = ("min_site_gain_over_local", "gap_to_pooled_personalised", "mean_gain_over_local")
     return {**{k: by_arm[best][k] if best else None for k in keys}, "best_personalised_arm": best,
-            "personalisation_by_arm": by_arm}
+            "personalisation_partial": bool(best and by_arm[best]["partial"]), "personalisation_by_arm": by_arm}
 
 
 def _fmt(v) -> str:
@@ -419,7 +458,18 @@ def render(out: dict, done: dict) -> list[str]:
            f"{_fmt(out.get('min_site_gain_over_local'))} (target >= 0.0); **gap_to_pooled_personalised** "
            f"{_fmt(out.get('gap_to_pooled_personalised'))} (target <= 0.01); **mean_gain_over_local** (5 sites) "
            f"{_fmt(out.get('mean_gain_over_local'))} (target >= 0.03); step budget: rounds x local steps per site "
-           "for every arm (local-only included), plus at most pers_epochs fine-tuning epochs per site.", ""]
+           "for every arm (local-only included), plus at most pers_epochs epochs per site for each of finetune, "
+           "ditto and head (stopped on validation). Rows `<arm>`: the model each site serves; `<arm>:<candidate>`: "
+           "each candidate of the guard.", ""]
+    if out.get("personalisation_partial"):
+        md.append("**Partial**: no personalised arm has every seed at 3 and 5 sites yet; the keys above are from "
+                  "the cells there are.")
+    for arm, k in out.get("personalisation_by_arm", {}).items():
+        md.append(f"- {arm}{' (partial: seeds ' + str(k['seeds']) + ')' if k['partial'] else ''}: "
+                  f"min_site_gain_over_local {_fmt(k['min_site_gain_over_local'])}, gap_to_pooled_personalised "
+                  f"{_fmt(k['gap_to_pooled_personalised'])}, mean_gain_over_local (5 sites) "
+                  f"{_fmt(k['mean_gain_over_local'])}, mean served Dice {k['mean_served_dice']:.3f}")
+    md.append("")
     for n, rows in out["table"].items():
         sites = sorted({s for r in rows.values() for s in r["sites"]})
         md += [f"## {n} sites", "", "| method | seeds | " + " | ".join(sites) + " | mean | overhead | Ray start-up s |",
@@ -451,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     setting = SMOKE if args.smoke else FULL
     shared = cells.shared_dir(args, "federated")
     cell_list = make_cells(setting)
+    cells_dir = args.runs / "federated" / "cells"
     if args.smoke:  # the 100-site memory cell is a real measurement, not a smoke check
         cell_list = [c for c in cell_list if c.name != "many-100"]
-    return cells.run("federated", VERSION, cell_list, lambda c, w: run_cell(c, w, shared), merge, render, args, argv)
+    return cells.run("federated", VERSION, cell_list, lambda c, w: run_cell(c, w, shared, cells_dir), merge, render,
+                     args, argv)
 
 
 if __name__ == "__main__":

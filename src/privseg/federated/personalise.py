@@ -292,6 +292,11 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return methods
 
 
+def choose(val_dice: dict[str, float]) -> str:
+    """The guard's choice: the candidate with the best validation Dice; a tie keeps the shared global model."""
+    return max(val_dice, key=lambda k: (val_dice[k], k == GLOBAL))
+
+
 def site_run(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSpec,
              ditto_lambda: float = DITTO_LAMBDA) -> SiteRun:
     """What the methods get at site ``spec`` of the finished run in ``run_dir``."""
@@ -337,8 +342,7 @@ def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSp
     test = site_items(spec, "test", tc.spacing)
     record["val_dice"] = {k: mean_dice(m, val, tc) for k, m in models.items()}
     record["test_dice"] = {k: mean_dice(m, test, tc) for k, m in models.items()}
-    # the best on validation; a tie keeps the shared global model
-    record["serves"] = max(models, key=lambda k: (record["val_dice"][k], k == GLOBAL))
+    record["serves"] = choose(record["val_dice"])
     record.update(val_patients=len(val), test_patients=len(test))
     if private is not None:
         record["dp"] = private.record(spec.id)
