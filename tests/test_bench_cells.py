@@ -294,7 +294,7 @@ def test_federated_keys_from_cells():
     import federated as fb
 
     base = {"pooled": 0.80, "local": 0.60, "fedavg": 0.74, "fedprox": 0.75, "fedbn": 0.78, "fedavg+pers": 0.79,
-            "fedbn+pers": 0.81}
+            "fedbn+pers": 0.81, "fedavg+all": 0.785, "fedbn+all": 0.805}
     done = {}
     for c in fb.make_cells(fb.SMOKE):
         p = c.params
@@ -323,6 +323,18 @@ def test_federated_keys_from_cells():
     assert out["gap_to_pooled_personalised"] == pytest.approx(0.81 - 0.82)
     assert out["mean_gain_over_local"] == pytest.approx(0.82 - (0.62 - 0.02 / 5))
     assert out["table"]["3"]["fedbn+pers:local"]["sites"]["H1"]["mean"] == pytest.approx(0.60)
+    assert not out["personalisation_partial"] and set(out["personalisation_by_arm"]) == set(fb.PERSONALISED)
+    # an arm with a seed missing is partial: never the best while a complete arm exists
+    done.pop("s5-fedbn+pers-seed2")
+    partial = fb.merge(done)
+    assert partial["personalisation_by_arm"]["fedbn+pers"]["partial"]
+    assert partial["best_personalised_arm"] == "fedbn+all"
+    # with no complete arm, the keys come from the cells there are, labelled partial (no 5-site mean gain)
+    only3 = {k: v for k, v in done.items() if not (k.startswith("s5-") and "+" in k)}
+    keys = fb.merge(only3)
+    assert keys["personalisation_partial"] and keys["best_personalised_arm"] == "fedbn+pers"
+    assert keys["mean_gain_over_local"] is None and keys["personalisation_by_arm"]["fedbn+pers"]["seeds"] == {"3": 3}
+    assert any(ln.startswith("**Partial**") for ln in fb.render(keys, only3))
     done.pop("s5-fedbn-seed1")
     assert fb.merge(done)["gap_to_pooled"] is None  # a partial strategy is no "best"
     assert any("gap_to_pooled" in line for line in fb.render(fb.merge(done), done))
