@@ -39,7 +39,7 @@ from pathlib import Path
 from privseg.audit.ledger import ErasureLedger, file_sha256
 from privseg.errors import PrivsegError
 from privseg.federated.config import FLConfig
-from privseg.federated.personalise import GLOBAL, METHODS, RESULT_FILE, mean_dice, read_personalisation
+from privseg.federated.personalise import GLOBAL, METHODS, RESULT_FILE, choose, mean_dice, read_personalisation
 from privseg.federated.runstate import RunState
 from privseg.unlearn.request import ErasureRequest, StageCallback, _after
 
@@ -96,8 +96,7 @@ def _redo_site(run_dir: Path, cfg: FLConfig, state: RunState, site: str, res: di
         rec["methods"][m] = {**old["methods"].get(m, {}), "kept": "never held the erased data"}
         rec["checkpoints"][m] = old["checkpoints"][m]
         rec["val_dice"][m], rec["test_dice"][m] = mean_dice(model, val, tc), mean_dice(model, test, tc)
-    # the guard's rule (personalise.personalise_site): the best on validation, a tie keeps the global model
-    rec["serves"] = max(rec["val_dice"], key=lambda k: (rec["val_dice"][k], k == GLOBAL))
+    rec["serves"] = choose(rec["val_dice"])  # the guard, with the kept models among the candidates
     rec["redone"], rec["kept"] = redo, kept
     return rec
 
