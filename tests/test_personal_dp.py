@@ -98,3 +98,28 @@ def test_an_erasure_redoes_the_personalised_models_with_booked_dp_steps(tmp_path
     done = ErasureLedger(run / LEDGER).events(res.request_id)["completed"]["body"]
     assert {(c["model"], c.get("site"), c["fate"]) for c in done["covered"]} == {
         ("global", None, "erased"), ("finetune", "H1", "retrained"), ("finetune", "H2", "retrained")}
+
+
+def test_a_site_whose_budget_cannot_pay_for_the_redo_serves_the_erased_global_model(tmp_path, capsys):
+    from privseg.unlearn.private import price
+
+    dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
+    cohort, run = dp_run(tmp_path, dp)
+    personalise(run, methods=["finetune"], epochs=1)
+    req = ErasureRequest(kind="patient", site="H1", subjects=(cohort.select("train", "H1")[0].id,), repair_rounds=1,
+                         thresholds={"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0})
+    # the officer sets H1's budget to what the erasure itself needs: nothing is left for the redo there
+    need = {r["site"]: r["epsilon_after"] for r in price(run, req)}
+    assert cli_main(["privacy", "budget", str(run), "--site", "H1", "--epsilon", f"{need['H1'] + 1e-4:.6f}"]) == 0
+    capsys.readouterr()
+    res = erase(run, req)
+    assert res.status == "completed"
+    after = read_personalisation(run)["sites"]
+    assert after["H1"]["serves"] == "global" and "refused before any training step" in after["H1"]["fallback"]
+    assert not (run / "sites" / "H1" / "personal.pt").exists()
+    assert not BudgetLedger(run / "sites" / "H1" / "privacy.sqlite").rounds(
+        "H1", scope=f"erasure/{res.request_id}/personalise/finetune")  # no step was taken at H1
+    assert (run / "sites" / "H2" / "personal.pt").is_file() and "fallback" not in after["H2"]  # H2 could pay
+    covered = {(c["model"], c.get("site")): c["fate"]
+               for c in ErasureLedger(run / LEDGER).events(res.request_id)["completed"]["body"]["covered"]}
+    assert covered[("finetune", "H1")] == "deleted" and covered[("finetune", "H2")] == "retrained"
