@@ -123,3 +123,14 @@ def test_a_site_whose_budget_cannot_pay_for_the_redo_serves_the_erased_global_mo
     covered = {(c["model"], c.get("site")): c["fate"]
                for c in ErasureLedger(run / LEDGER).events(res.request_id)["completed"]["body"]["covered"]}
     assert covered[("finetune", "H1")] == "deleted" and covered[("finetune", "H2")] == "retrained"
+
+
+def test_personalisation_leaves_the_erasure_reserve(tmp_path):
+    # calibrated so that the two rounds and the default erasure reserve compose to the budget: the rounds
+    # left room, but only the reserve's, which personalisation must not spend
+    dp = DPConfig(epsilon=4.0, delta=1e-3, clip="fixed", sampling_rate=0.5)
+    _, run = dp_run(tmp_path, dp)
+    ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
+    assert ledger.spent("H1") < 4.0 * 0.99  # there is room left ...
+    with pytest.raises(BudgetExceededError, match="with the erasure reserve it keeps"):
+        personalise(run, methods=["finetune"], epochs=1)  # ... but it is the reserve's
