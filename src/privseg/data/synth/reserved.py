@@ -16,7 +16,8 @@ def is_public_profile(name: str) -> bool:
 
 
 def check_site_cohort(seed: int, profiles) -> None:
-    """A site cohort (every builder but :func:`privseg.data.synth.public.public_cohort`) may not use public seeds or profiles."""
+    """A site cohort (every builder but :func:`privseg.data.synth.public.public_cohort`) may not use
+    public seeds or profiles."""
     if int(seed) & 0xFFFFFFFF >= PUBLIC_SEED_BASE:
         raise ConfigError(f"seed {seed}: seeds from {PUBLIC_SEED_BASE} up are reserved for public data "
                           "(privseg.data.synth.public); a site cohort uses a smaller seed")
