@@ -42,6 +42,9 @@ def test_dp_personalisation_books_its_steps_in_each_site_ledger(tmp_path):
         assert len(by_scope["personalise/r2/finetune"]) == rec["methods"]["finetune"]["epochs_run"]
         booked = {scope: sum(r["steps"] for r in rs) for scope, rs in by_scope.items()}
         assert booked["personalise/r2/finetune"] == rec["methods"]["finetune"]["steps"]
+        # an epoch is 1 / q steps of the public plan (q 0.5), not n / batch (3 training patients, 1 a step:
+        # 3), so the steps and the epsilon booked do not reveal how many patients the site has
+        assert rec["methods"]["finetune"]["steps_per_epoch"] == 2
         assert booked["personalise/r2/local"] == rec["methods"]["local"]["steps"] == 2  # 2 rounds x 1 local step
         assert all(r["round"] == 2 for r in rows)  # named by the global model's round
         spent = ledger.spent(site)

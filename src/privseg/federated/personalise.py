@@ -97,6 +97,9 @@ class SiteRun:
     # under patient-level DP: the method's steps as the site's DP-SGD steps, booked in its ledger
     # (privseg.federated.private.PersonalDP.steps); None: plain steps
     steps: Callable | None = None
+    # under patient-level DP: an epoch's steps from the site's public plan (1 / q), so the steps
+    # taken -- and the epsilon booked -- never reveal the site's exact number of patients
+    public_epoch: int | None = None
 
     def train_steps(self, model, optimizer, items: Sequence[dict], tc: TrainConfig, start: int, stop: int):
         """Training steps ``start .. stop`` on the site's patients (every method trains through here)."""
@@ -121,6 +124,8 @@ class SiteRun:
 
     def epoch_steps(self) -> int:
         """Steps of one epoch: every training patient drawn once, in expectation."""
+        if self.public_epoch is not None:
+            return self.public_epoch
         return max(1, math.ceil(len(self.train_items) / self.train.subjects_per_step))
 
 
@@ -298,17 +303,19 @@ def choose(val_dice: dict[str, float]) -> str:
 
 
 def site_run(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSpec,
-             ditto_lambda: float = DITTO_LAMBDA) -> SiteRun:
-    """What the methods get at site ``spec`` of the finished run in ``run_dir``."""
+             ditto_lambda: float = DITTO_LAMBDA, private=None) -> SiteRun:
+    """What the methods get at site ``spec`` of the finished run in ``run_dir`` (``private``: its
+    epochs are the site's public plan's, :meth:`privseg.federated.private.PersonalDP.epoch_steps`)."""
     tc = cfg.train
     state_dir = run_dir / "sites" / spec.id
     val = site_items(spec, "val", tc.spacing)
     if not val:
         raise ConfigError(f"site {spec.id}: no validation patients in {spec.cohort}; the guard chooses the served "
                           "model on them (give the cohort a val split, or the site a split file that names some)")
-    return SiteRun(cfg, spec, state_dir, site_items(spec, "train", tc.spacing), val,
-                   _global_state(cfg, state, state_dir), cfg.local_steps * training_rounds(state),
-                   state.checkpoint_path(0), float(ditto_lambda))
+    train = site_items(spec, "train", tc.spacing)
+    return SiteRun(cfg, spec, state_dir, train, val, _global_state(cfg, state, state_dir),
+                   cfg.local_steps * training_rounds(state), state.checkpoint_path(0), float(ditto_lambda),
+                   public_epoch=private.epoch_steps(spec, train) if private is not None else None)
 
 
 def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSpec, methods: Sequence[str],
@@ -320,7 +327,7 @@ def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSp
     from privseg.train.checkpoint import save_checkpoint
 
     tc = cfg.train
-    site = site_run(run_dir, cfg, state, spec, ditto_lambda)
+    site = site_run(run_dir, cfg, state, spec, ditto_lambda, private)
     state_dir, val = site.state_dir, site.val_items
     if private is not None:
         private.require([private.cost(spec, site.train_items, {m: METHODS[m].most_steps(site, epochs)
@@ -369,9 +376,9 @@ def personalise(run_dir: str | Path, methods: Sequence[str] | None = None, epoch
     # under patient-level DP the steps are DP steps in each site's ledger (None without DP; --dp site refused)
     private = personal_dp(run_dir, cfg, scope=f"personalise/r{state.rounds_done}")
     if private is not None:  # every site's most steps priced before any site takes one
-        private.require([private.cost(spec, site.train_items, {m: METHODS[m].most_steps(site, epochs)
-                                                               for m in methods})
-                         for spec in cfg.sites for site in [site_run(run_dir, cfg, state, spec, ditto_lambda)]],
+        sites = [site_run(run_dir, cfg, state, spec, ditto_lambda, private) for spec in cfg.sites]
+        private.require([private.cost(site.spec, site.train_items, {m: METHODS[m].most_steps(site, epochs)
+                                                                    for m in methods}) for site in sites],
                         f"personalisation of run {run_dir.name}")
     out = {"global_round": state.rounds_done, "strategy": cfg.strategy, "methods": methods, "epochs": int(epochs),
            "choose_on": "val", "report_on": "test", "sites": {}}

@@ -131,6 +131,11 @@ class PersonalDP:
             private.reserve = private.plan.reserve_events()
         return private
 
+    def epoch_steps(self, spec: SiteSpec, items) -> int:
+        """Steps of one epoch at ``spec`` from its plan's public sampling rate: ceil(1 / q), not
+        ceil(n / batch), so the steps a method takes do not depend on the site's exact n."""
+        return max(1, math.ceil(1.0 / self.private(spec, "", items).plan.q))
+
     def steps(self, spec: SiteSpec, method: str, items):
         """``(model, optimizer, items, config, start, stop) -> losses``: ``method``'s DP steps at ``spec``."""
         private = self.private(spec, method, items)
