@@ -409,7 +409,8 @@ def clip_rule_choice(done: dict, means: dict) -> dict:
         m = means.get((t, CLIP_N, "recipe", CLIP_EPS))
         if m is not None and m["lr_searched"] == len(LR_FACTORS):
             per[t]["normalise"] = {int(s): v for s, v in m["by_seed"].items()}
-    table = {t: {r: {"mean_3_seeds": float(np.mean(list(d.values()))) if len(d) == len(SEEDS) else None,
+    table = {t: {r: {"seed_0": d.get(0),  # the same seed and lr for every rule (normalise's lr chosen on it)
+                     "mean_3_seeds": float(np.mean(list(d.values()))) if len(d) == len(SEEDS) else None,
                      "mean_seeds_1_2": float(np.mean([d[s] for s in SEEDS[1:]])) if all(s in d for s in SEEDS[1:])
                      else None, "seeds": sorted(d)} for r, d in rules.items()} for t, rules in per.items()}
     held_out = {r: [table[t][r]["mean_seeds_1_2"] for t in TASKS] for r in CLIP_RULES}
@@ -570,12 +571,12 @@ def render(out: dict, done: dict, results: Path | None = None) -> list[str]:
                 md.append(f"| {t} | {n} | {e} | {f(v)} | {f(w)} | {b['recipe'][t][n][e]}; {b['warm'][t][n][e]} |")
     clip = out["clip_rule_choice"]
     md += ["", f"clip_rule_choice: **{clip['best'] or '- (cells missing)'}** ({clip['basis']}).", "",
-           "| task | " + " | ".join(f"{r}: seeds 1-2 / 3 seeds" for r in CLIP_RULES) + " |",
+           "| task | " + " | ".join(f"{r}: seed 0 / seeds 1-2 / 3 seeds" for r in CLIP_RULES) + " |",
            "|---|" + "---|" * len(CLIP_RULES)]
     for t, rules in clip["per_task"].items():
-        md.append(f"| {t} | " + " | ".join(f"{f(v['mean_seeds_1_2'])} / {f(v['mean_3_seeds'])}"
+        md.append(f"| {t} | " + " | ".join(f"{f(v['seed_0'])} / {f(v['mean_seeds_1_2'])} / {f(v['mean_3_seeds'])}"
                                            for v in rules.values()) + " |")
-    md += ["| mean over tasks | " + " | ".join(f"{f(v)} / -" for v in clip["mean_over_tasks_seeds_1_2"].values())
+    md += ["| mean over tasks | " + " | ".join(f"- / {f(v)} / -" for v in clip["mean_over_tasks_seeds_1_2"].values())
            + " |", "", f"Base lr {out['base_lr']:g}, searched x {', '.join(f'{x:.3g}' for x in out['lr_factors'])} "
            "on seed 0 (the DP arms' optimiser runs at it x the plan's lr scale).", "",
            "| task | n/site | arm | epsilon | Dice (mean ± std over seeds) | seeds | lr factor (searched) |",
