@@ -176,7 +176,9 @@ def replay_arm(a: Audit) -> dict:
             "books_once": first == again and len(rows) == 1}
 
 
-TIMING_SIDE = 16  # 3D patches: one patient's gradient (about 100 ms on a loaded CPU core) sets a round's time
+# 3D patches: one patient's gradient (about 0.13 s on a shared CPU core) sets a round's time; at 16^3 (about
+# 0.045 s) the unpadded control reached only r 0.53 on a busy machine, at 24^3 0.74 (150 rounds)
+TIMING_SIDE = 24
 TIMING = {"rounds": 400, "warmup": 10, "subjects": 11, "history": 500}  # 11 per site: 8 training patients
 
 
