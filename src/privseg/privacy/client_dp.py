@@ -49,6 +49,7 @@ from privseg.errors import BudgetExceededError, ConfigError
 from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, check_epsilon
 from privseg.privacy.clipping import Normalising, clip_factors, make_clipper
 from privseg.privacy.noise import NoiseSource
+from privseg.privacy.spec import CLIP
 
 SERVER = "server"
 
@@ -75,7 +76,7 @@ class ClientLevelDP:
     """DP-FedAvg hooks for a privseg strategy. Give ``noise_multiplier`` or a budget
     (``epsilon``, ``delta``, ``rounds``) to calibrate it."""
 
-    def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = "adaptive", clip_norm: float = 1.0,
+    def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = CLIP, clip_norm: float = 1.0,
                  noise_multiplier: float | None = None, epsilon: float | None = None, delta: float = 1e-5,
                  rounds: int | None = None, target_quantile: float = 0.5, clip_lr: float = 0.2,
                  sigma_b: float | None = None, ledger=None, noise: NoiseSource | None = None,
