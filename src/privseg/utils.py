@@ -75,8 +75,8 @@ def registrar(table: dict[str, T], name: str, *, kind: str = "entry",
               entry: Callable[[object], T] | None = None) -> Callable[[object], object]:
     """A decorator that files what it decorates in ``table`` under ``name`` and returns it
     unchanged: the one idiom of privseg's registries (models, formats, clip rules, per-subject
-    gradient methods, FL strategies, unlearning strategies, personalisation methods, console
-    pages). ``entry`` builds the filed record from the decorated object (default: the object).
+    gradient methods, FL strategies, unlearning strategies, personalisation methods; console pages
+    are not one yet). ``entry`` builds the filed record from the decorated object (default: the object).
     A name already taken is refused, so a second entry never silently replaces the first."""
 
     def add(obj):

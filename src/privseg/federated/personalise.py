@@ -74,7 +74,7 @@ from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.train.loop import TrainConfig
-from privseg.utils import setting
+from privseg.utils import registrar, setting
 
 RESULT_FILE = "personalisation.json"
 GLOBAL = "global"
@@ -153,13 +153,10 @@ def register(name: str, *, file: str,
     """File ``fn`` in :data:`METHODS` under ``name``, its model written to ``<site state>/<file>``;
     a name already taken is refused (a second method must not silently replace the first)."""
 
-    def deco(fn: PersonaliseFn) -> PersonaliseFn:
-        if name in METHODS or name == GLOBAL:
-            raise ConfigError(f"personalisation method {name!r} is already registered")
-        METHODS[name] = Method(name, fn, file, (fn.__doc__ or "").strip().splitlines()[0], max_steps)
-        return fn
-
-    return deco
+    if name == GLOBAL:  # the name the guard gives the global model
+        raise ConfigError(f"personalisation method {name!r} is already registered")
+    return registrar(METHODS, name, kind="personalisation method",
+                     entry=lambda fn: Method(name, fn, file, (fn.__doc__ or "").strip().splitlines()[0], max_steps))
 
 
 def mean_dice(model: torch.nn.Module, items: Sequence[dict], tc: TrainConfig) -> float | None:
