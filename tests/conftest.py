@@ -46,37 +46,50 @@ def volume_items(n: int, size: int = 12, seed: int = 0) -> list[dict]:
     return out
 
 
-def make_tiny_cohort(root: Path, sites: int = 2, per_site: int = 3, size: int = 20, seed: int = 0) -> Cohort:
+def make_tiny_cohort(root: Path, sites: int = 2, per_site: int = 3, size: int = 20, seed: int = 0, *,
+                     val_fraction: float = 0.0, test_fraction: float = 0.34, name: str = "tiny",
+                     relabel=None) -> Cohort:
+    """Blob subjects at ``sites`` sites, split by ``assign_splits``; ``relabel(site_index, label)``
+    may change a site's labels (e.g. a site whose raters label the other way round)."""
     rng = np.random.default_rng(seed)
     subjects = []
     for s in range(sites):
         for k in range(per_site):
             sid = f"S{s}{k:02d}"
             image, label = make_blob_subject(rng, size)
+            if relabel is not None:
+                label = relabel(s, label)
             img = write_nifti(root / "images" / f"{sid}.nii.gz", image)
             lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
             subjects.append(Subject(id=sid, site=f"H{s + 1}", images=(str(img),), label=str(lab), modality="T1"))
-    cohort = Cohort(subjects=assign_splits(subjects, test_fraction=0.34, seed=seed),
-                    classes=["background", "organ", "core"], channels=["T1"], name="tiny", root=root)
+    cohort = Cohort(subjects=assign_splits(subjects, val_fraction=val_fraction, test_fraction=test_fraction,
+                                           seed=seed),
+                    classes=["background", "organ", "core"], channels=["T1"], name=name, root=root)
     cohort.save()
     return cohort
+
+
+def tiny_fl_config(cohort: Cohort, *, lr: float, subjects_per_step: int = 2, patch: int = 16, **fl):
+    """An FLConfig of ``unet_tiny`` on ``cohort``'s sites (no evaluation rounds); ``fl`` sets the rest."""
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.train import TrainConfig
+
+    info = check_sites(sites_from_cohort(cohort.root))
+    tc = TrainConfig(model="unet_tiny", patch_size=(patch,) * 3, lr=lr, device="cpu",
+                     subjects_per_step=subjects_per_step, patches_per_subject=1, in_channels=len(info["channels"]),
+                     num_classes=len(info["classes"]))
+    return FLConfig(**{"sites": sites_from_cohort(cohort.root), "train": tc, "eval_every": 0, **fl})
 
 
 def tiny_federation(root: Path, *, name: str, rounds: int, local_steps: int, per_site: int, size: int,
                     subjects_per_step: int, patch: int = 16, run: str = "original") -> tuple[Cohort, Path]:
     """A 3-site tiny cohort under ``root`` and a finished in-process FedAvg run on it that keeps
     every site's update (what erasure and reference-model tests start from)."""
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
     from privseg.federated.simulation import simulate_inprocess
-    from privseg.train import TrainConfig
 
     cohort = make_tiny_cohort(root / "tiny", sites=3, per_site=per_site, size=size)
-    info = check_sites(sites_from_cohort(cohort.root))
-    tc = TrainConfig(model="unet_tiny", patch_size=(patch,) * 3, lr=5e-3, device="cpu",
-                     subjects_per_step=subjects_per_step, patches_per_subject=1, in_channels=len(info["channels"]),
-                     num_classes=len(info["classes"]))
-    cfg = FLConfig(name=name, sites=sites_from_cohort(cohort.root), train=tc, rounds=rounds, local_steps=local_steps,
-                   eval_every=0, keep_updates=True)
+    cfg = tiny_fl_config(cohort, lr=5e-3, subjects_per_step=subjects_per_step, patch=patch, name=name, rounds=rounds,
+                         local_steps=local_steps, keep_updates=True)
     simulate_inprocess(cfg, root / run)
     return cohort, root / run
 

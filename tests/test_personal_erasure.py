@@ -11,18 +11,17 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_blob_subject, write_nifti
+from conftest import make_tiny_cohort, tiny_fl_config
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import ErasureLedger, file_sha256
-from privseg.data.cohort import Cohort, Subject, assign_splits
-from privseg.federated import FLConfig, check_sites, sites_from_cohort
+from privseg.data.cohort import Cohort
+from privseg.federated import FLConfig
 from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess
-from privseg.train import TrainConfig, load_checkpoint
+from privseg.train import load_checkpoint
 from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
@@ -30,27 +29,11 @@ LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio"
 
 def val_cohort(root: Path, sites: int = 3, per_site: int = 5, size: int = 16) -> Cohort:
     """A tiny cohort whose sites have train, validation and test patients (the guard needs val)."""
-    rng = np.random.default_rng(0)
-    subjects = []
-    for s in range(sites):
-        for k in range(per_site):
-            sid = f"S{s}{k:02d}"
-            image, label = make_blob_subject(rng, size)
-            img = write_nifti(root / "images" / f"{sid}.nii.gz", image)
-            lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
-            subjects.append(Subject(id=sid, site=f"H{s + 1}", images=(str(img),), label=str(lab), modality="T1"))
-    cohort = Cohort(subjects=assign_splits(subjects, val_fraction=0.2, test_fraction=0.2, seed=0),
-                    classes=["background", "organ", "core"], channels=["T1"], name="pv", root=root)
-    cohort.save()
-    return cohort
+    return make_tiny_cohort(root, sites, per_site, size, val_fraction=0.2, test_fraction=0.2, name="pv")
 
 
 def small_config(cohort: Cohort, **kw) -> FLConfig:
-    info = check_sites(sites_from_cohort(cohort.root))
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=1e-2, device="cpu", subjects_per_step=2,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-    return FLConfig(**{"name": "pe", "sites": sites_from_cohort(cohort.root), "train": tc, "rounds": 1,
-                       "local_steps": 2, "eval_every": 0, "keep_updates": True, **kw})
+    return tiny_fl_config(cohort, lr=1e-2, **{"name": "pe", "rounds": 1, "local_steps": 2, "keep_updates": True, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -9,42 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_blob_subject, write_nifti
+from conftest import make_tiny_cohort, tiny_fl_config
 from privseg.cli import main as cli_main
-from privseg.data.cohort import Cohort, Subject, assign_splits
+from privseg.data.cohort import Cohort
 from privseg.errors import ConfigError
-from privseg.federated import FLConfig, check_sites, sites_from_cohort
+from privseg.federated import FLConfig
 from privseg.federated.personalise import METHODS, personalise, read_personalisation, register
 from privseg.federated.simulation import simulate_inprocess
-from privseg.train import TrainConfig, load_checkpoint
+from privseg.train import load_checkpoint
 
 
 def odd_site_cohort(root: Path, per_site: int = 5, size: int = 16) -> Cohort:
     """3 sites of blobs with validation and test patients; site H3 labels the other way round (its
     'organ' is the others' core and vice versa): the global model cannot serve it and its own can."""
-    rng = np.random.default_rng(0)
-    subjects = []
-    for s in range(3):
-        for k in range(per_site):
-            sid = f"S{s}{k:02d}"
-            image, label = make_blob_subject(rng, size)
-            if s == 2:
-                label = np.choose(label, [0, 2, 1]).astype(np.uint8)
-            img = write_nifti(root / "images" / f"{sid}.nii.gz", image)
-            lab = write_nifti(root / "labels" / f"{sid}.nii.gz", label)
-            subjects.append(Subject(id=sid, site=f"H{s + 1}", images=(str(img),), label=str(lab), modality="T1"))
-    cohort = Cohort(subjects=assign_splits(subjects, val_fraction=0.2, test_fraction=0.2, seed=0),
-                    classes=["background", "organ", "core"], channels=["T1"], name="odd", root=root)
-    cohort.save()
-    return cohort
+    return make_tiny_cohort(root, 3, per_site, size, val_fraction=0.2, test_fraction=0.2, name="odd",
+                            relabel=lambda s, label: np.choose(label, [0, 2, 1]).astype(np.uint8) if s == 2 else label)
 
 
 def fl_config(cohort: Cohort, **kw) -> FLConfig:
-    info = check_sites(sites_from_cohort(cohort.root))
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=1e-2, device="cpu", subjects_per_step=2,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-    return FLConfig(**{"name": "p", "sites": sites_from_cohort(cohort.root), "train": tc, "rounds": 4,
-                       "local_steps": 5, "eval_every": 0, **kw})
+    return tiny_fl_config(cohort, lr=1e-2, **{"name": "p", "rounds": 4, "local_steps": 5, **kw})
 
 
 @pytest.fixture(scope="module")
