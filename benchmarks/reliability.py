@@ -4,7 +4,7 @@
     python benchmarks/reliability.py --quick         # without the slow SuperNode-kill deployment
     python benchmarks/reliability.py --scale 10 --random   # 10x the fuzz examples, fresh draws
 
-Runs tests/test_fuzz.py, test_faults.py, test_invariants.py, test_security.py and test_erasure.py
+Runs the fault, fuzz, ledger-invariant, guard and erasure suites of tests/ (see ``FILES``)
 (erasure kills and ledger invariants) under pytest
 in this process; the tests count every case in ``tests/reliability_log.py``. Prints one table
 (inputs fuzzed / passed, faults injected / survived, invariant checks run / held) and writes
@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 RESULTS = ROOT / "benchmarks" / "results"
-FILES = ("test_fuzz.py", "test_faults.py", "test_invariants.py", "test_security.py", "test_erasure.py")
+FILES = ("system/test_fuzz.py", "system/test_faults.py", "privacy/test_ledger_invariants.py",
+         "federated/test_guard_security.py", "erasure/test_erasure.py")
 
 
 class Outcomes:

@@ -94,6 +94,38 @@ def tiny_federation(root: Path, *, name: str, rounds: int, local_steps: int, per
     return cohort, root / run
 
 
+# verification thresholds that pass any erasure (tests of the mechanics, not of the evidence)
+LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
+
+
+def tiny_dp_run(root: Path, dp, rounds: int = 2) -> tuple[Cohort, Path]:
+    """A finished 2-site in-process run under the privacy settings ``dp`` (one step a round)."""
+    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.train import TrainConfig
+
+    cohort = make_tiny_cohort(root / "c", sites=2, per_site=4, size=16)
+    sites = sites_from_cohort(cohort.root)
+    info = check_sites(sites)
+    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
+                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
+                     steps=rounds)
+    state = simulate_inprocess(FLConfig(name="dpe", sites=sites, train=tc, rounds=rounds, local_steps=1,
+                                        eval_every=0, keep_updates=True, privacy=dp), root / "run")
+    assert state.status == "finished"
+    return cohort, root / "run"
+
+
+def val_cohort(root: Path, sites: int = 3, per_site: int = 5, size: int = 16) -> Cohort:
+    """A tiny cohort whose sites have train, validation and test patients (the guard needs val)."""
+    return make_tiny_cohort(root, sites, per_site, size, val_fraction=0.2, test_fraction=0.2, name="pv")
+
+
+def small_fl_config(cohort: Cohort, **kw):
+    """One round of two local steps that keeps every update (personalisation and erasure tests)."""
+    return tiny_fl_config(cohort, lr=1e-2, **{"name": "pe", "rounds": 1, "local_steps": 2, "keep_updates": True, **kw})
+
+
 @pytest.fixture
 def tiny_cohort(tmp_path: Path) -> Cohort:
     return make_tiny_cohort(tmp_path / "tiny")

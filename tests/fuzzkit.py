@@ -7,7 +7,7 @@ value, or a command line with an unsafe ID or a bad path. The oracle (:func:`che
 :func:`check_cli`): reading ends in a :class:`~privseg.errors.PrivsegError` whose message names
 the broken file (or argument) and the kind of problem; through ``privseg.cli.main`` the exit
 code is 2, nothing on stdout or stderr is a traceback, and nothing is written where the command
-would write its output. Mutations are drawn by hypothesis (``tests/test_fuzz.py``); every case
+would write its output. Mutations are drawn by hypothesis (``tests/system/test_fuzz.py``); every case
 tried is counted in :mod:`reliability_log`.
 """
 

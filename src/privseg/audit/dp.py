@@ -22,7 +22,7 @@ Differentially Private Machine Learning", USENIX Security 2023):
 
 The arms (secret key, noise from the public seed, noise reused by a resume on the old code path,
 an identical replay) are in ``benchmarks/dp_audit.py``; this module holds the estimators and the
-canary site, with unit tests in ``tests/test_dp_audit.py``.
+canary site, with unit tests in ``tests/audit/test_dp.py``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ round, over the floating-point entries both hold). Before any averaging, clippin
    Honest sites training the same model for the same number of local steps move it by
    comparable amounts: privseg's optimiser is AdamW, whose per-coordinate step is about the
    learning rate whatever the data, so an honest update's norm is near ``lr * sqrt(d)`` per
-   local step (tests/test_security.py measures a max/min ratio of 1.00 across three sites after
+   local step (tests/federated/test_guard_security.py measures a max/min ratio of 1.00 across three sites after
    a round). A scaled (boosted) model-replacement attack needs a factor of about the number of
    sites or more to dominate the average; with a handful of hospitals k = 10 leaves a wide
    margin for honest heterogeneity and still catches such boosting. A poisoned update with a

@@ -13,7 +13,7 @@ steps per round or an adaptive-clipping step all compose by summing their RDP cu
     eps(delta) = min_alpha RDP_total(alpha) + log((alpha-1)/alpha) - (log delta + log alpha)/(alpha-1)
 
 (the conversion of Balle et al. 2020 / Canonne et al. 2020, as used by both Opacus and
-Google's dp-accounting). ``benchmarks/privacy.py`` and ``tests/test_privacy.py`` check the
+Google's dp-accounting). ``benchmarks/privacy.py`` and ``tests/privacy/test_privacy.py`` check the
 result against Google's independent ``dp_accounting.rdp.RdpAccountant`` (same orders).
 
 The ``pld`` mechanism (privacy loss distributions, ``dp_accounting.pld``; tighter than RDP,

@@ -38,7 +38,7 @@ patients per step of a hospital (m = q n ~ 2-20) m/20 would force z < m/10, i.e.
 and a useless budget; privseg then raises sigma_b to the value at which the update's noise is
 inflated by 10 % (``z_delta = 1.1 z``): ``sigma_b = z / (2 sqrt(1 - 1.1^-2))`` ~ 1.2 z
 (:func:`default_sigma_b`). The count is noisier per step, but the geometric update averages it
-over many steps (the quantile test in tests/test_privacy.py uses it).
+over many steps (the quantile test in tests/privacy/test_privacy.py uses it).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ classes including background, smoothing 1e-5, plus cross-entropy), written out s
 (a) it returns one value per patch, which patient-level DP-SGD sums per subject and
 membership inference uses as a score, (b) it has no in-place one-hot scatter, so
 ``torch.func.vmap`` can batch it over subjects, and (c) the softmax is computed once for
-both terms. ``tests/test_train.py`` checks it against MONAI's own loss.
+both terms. ``tests/train/test_train.py`` checks it against MONAI's own loss.
 """
 
 from __future__ import annotations

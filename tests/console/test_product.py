@@ -12,12 +12,12 @@ import re
 import pytest
 from starlette.testclient import TestClient
 
+from console_kit import crafted_root, login, token_of, train_ids
 from privseg.console import create_app, runs
 from privseg.console.erasure import request_id
 from privseg.console.store import Store
 from privseg.privacy.accountant import StepEvent
 from privseg.privacy.budget import BudgetLedger
-from test_console_kit import crafted_root, login, token_of, train_ids
 
 
 @pytest.fixture

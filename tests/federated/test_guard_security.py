@@ -21,7 +21,7 @@ from privseg.federated.guard import GuardConfig, attach_guard, read_guard_log
 from privseg.federated.strategies import build_strategy
 from privseg.train.checkpoint import load_checkpoint, load_weights_only
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "privseg"
+SRC = Path(__file__).resolve().parents[2] / "src" / "privseg"
 
 
 # -- weights-only loading ------------------------------------------------------------------------

@@ -9,11 +9,11 @@ import time
 
 from starlette.testclient import TestClient
 
+from console_kit import LOOSE, login, token_of, train_ids, trained_root
 from privseg.audit.ledger import ErasureLedger
 from privseg.console import create_app
 from privseg.console.store import Store
 from privseg.federated import RunState
-from test_console_kit import LOOSE, login, token_of, train_ids, trained_root
 
 
 def _wait(pred, timeout, what):

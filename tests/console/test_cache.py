@@ -13,12 +13,12 @@ import sqlite3
 import pytest
 from starlette.testclient import TestClient
 
+from console_kit import crafted_root, login
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import ErasureLedger
 from privseg.console import cache, create_app
 from privseg.privacy.accountant import StepEvent
 from privseg.privacy.budget import BudgetLedger
-from test_console_kit import crafted_root, login
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "privseg"
 
 # bottom to top; a package may import from its own layer and every layer below it

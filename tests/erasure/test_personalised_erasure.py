@@ -14,33 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_cohort, tiny_fl_config
+from conftest import LOOSE, small_fl_config, val_cohort
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import ErasureLedger, file_sha256
-from privseg.data.cohort import Cohort
-from privseg.federated import FLConfig
 from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess
 from privseg.train import load_checkpoint
 from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
-
-LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
-
-
-def val_cohort(root: Path, sites: int = 3, per_site: int = 5, size: int = 16) -> Cohort:
-    """A tiny cohort whose sites have train, validation and test patients (the guard needs val)."""
-    return make_tiny_cohort(root, sites, per_site, size, val_fraction=0.2, test_fraction=0.2, name="pv")
-
-
-def small_config(cohort: Cohort, **kw) -> FLConfig:
-    return tiny_fl_config(cohort, lr=1e-2, **{"name": "pe", "rounds": 1, "local_steps": 2, "keep_updates": True, **kw})
 
 
 @pytest.fixture(scope="module")
 def personalised(tmp_path_factory):
     root = tmp_path_factory.mktemp("perase")
     cohort = val_cohort(root / "c")
-    simulate_inprocess(small_config(cohort), root / "run")
+    simulate_inprocess(small_fl_config(cohort), root / "run")
     personalise(root / "run", methods=["finetune", "local"], epochs=1)
     return cohort, root / "run"
 

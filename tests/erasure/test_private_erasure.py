@@ -8,37 +8,19 @@ import json
 
 import pytest
 
-from conftest import make_tiny_cohort
+from conftest import LOOSE, tiny_dp_run
 from privseg.audit.certificate import summarise
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.errors import BudgetExceededError, ConfigError
-from privseg.federated import FLConfig, check_sites, sites_from_cohort
-from privseg.federated.simulation import simulate_inprocess
+from privseg.federated import FLConfig
 from privseg.privacy import BudgetLedger, DPConfig
-from privseg.train import TrainConfig
 from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
-
-LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
-
-
-def _dp_run(root, dp: DPConfig, rounds: int = 2):
-    cohort = make_tiny_cohort(root / "c", sites=2, per_site=4, size=16)
-    sites = sites_from_cohort(cohort.root)
-    info = check_sites(sites)
-    tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), device="cpu", subjects_per_step=1,
-                     patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     steps=rounds)
-    run = root / "run"
-    state = simulate_inprocess(FLConfig(name="dpe", sites=sites, train=tc, rounds=rounds, local_steps=1,
-                                        eval_every=0, keep_updates=True, privacy=dp), run)
-    assert state.status == "finished"
-    return cohort, run
 
 
 def test_patient_erasure_from_a_dp_run_is_dp_and_booked(tmp_path, capsys):
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
-    cohort, run = _dp_run(tmp_path, dp)
+    cohort, run = tiny_dp_run(tmp_path, dp)
     patient = cohort.select("train", "H1")[0].id
     ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
     before = ledger.spent("H1")
@@ -61,7 +43,7 @@ def test_patient_erasure_from_a_dp_run_is_dp_and_booked(tmp_path, capsys):
 def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
     # calibrated without an erasure reserve: all spent by round 2
     dp = DPConfig(epsilon=4.0, delta=1e-3, clip="fixed", sampling_rate=0.5, erasure_reserve=0)
-    cohort, run = _dp_run(tmp_path, dp)
+    cohort, run = tiny_dp_run(tmp_path, dp)
     patient = cohort.select("train", "H1")[0].id
     ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
     rows_before = ledger.rounds("H1")
@@ -96,7 +78,7 @@ def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_pa
     from privseg.unlearn.federated import _dp_steps
 
     dp = DPConfig(delta=1e-3, clip="fixed")  # the default budget (epsilon 8), plan and reserve
-    cohort, run = _dp_run(tmp_path, dp, rounds=3)
+    cohort, run = tiny_dp_run(tmp_path, dp, rounds=3)
     cfg = FLConfig.load(run)
     patient = cohort.select("train", "H1")[0].id
     # the reserve is what one default patient erasure costs at the site that erases (each fact once)
@@ -147,7 +129,7 @@ def test_every_option_the_refusal_suggests_exists_and_goes_through(tmp_path):
     from privseg.unlearn.private import budget_options
 
     dp = DPConfig(delta=1e-3, clip="fixed", erasure_reserve=1)  # room for 1 DP step: the default needs 2 at H1
-    cohort, run = _dp_run(tmp_path, dp)
+    cohort, run = tiny_dp_run(tmp_path, dp)
     patient = cohort.select("train", "H1")[0].id
     req = ErasureRequest(kind="patient", site="H1", subjects=(patient,), thresholds=LOOSE)
     with pytest.raises(BudgetExceededError) as info:

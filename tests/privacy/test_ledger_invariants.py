@@ -7,7 +7,7 @@ crashes, a request is applied once -- belong with the erasure ledger and are add
 Hypothesis drives :class:`~privseg.privacy.budget.BudgetLedger` through the protocol the
 trainers use (``check_round`` before a round, ``commit_round`` after it) against a model of
 what should be booked. The model's RDP accountant is memoised for speed (it is a pure function
-of the events and delta; its correctness is tested in test_privacy.py); the ledger composes the
+of the events and delta; its correctness is tested in privacy/test_privacy.py); the ledger composes the
 curve it keeps per site with the rows booked since, so comparing its spend with the model's
 recompute from every event also checks that cache, across restarts.
 """

@@ -575,13 +575,13 @@ def test_a_dp_reply_leaves_at_the_deadline_whatever_was_sampled(tmp_path):
 def test_a_dp_erasure_certificate_withholds_statistics_of_training_patients(tmp_path):
     """The certificate of an erasure from a DP run: no retain Dice or retain counts (figures of
     training patients no ledger books); its utility check is on held-out patients."""
+    from conftest import LOOSE, tiny_dp_run
     from privseg.audit.certificate import render_html, summarise
     from privseg.audit.ledger import ErasureLedger
     from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
-    from test_dp_erasure import LOOSE, _dp_run
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
-    cohort, run = _dp_run(tmp_path, dp)
+    cohort, run = tiny_dp_run(tmp_path, dp)
     patient = cohort.select("train", "H1")[0].id
     res = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(patient,), reason="GDPR art. 17",
                                     thresholds=LOOSE, repair_rounds=0))
@@ -616,11 +616,11 @@ def test_central_dp_runs_refuse_non_private_references_and_unlearning(tiny_cohor
 
 
 def test_site_erasure_keeps_the_sites_ledger_and_closes_it(tmp_path):
+    from conftest import LOOSE, tiny_dp_run
     from privseg.unlearn.federated import ErasureRequest, erase
-    from test_dp_erasure import LOOSE, _dp_run
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
-    _, run = _dp_run(tmp_path, dp)
+    _, run = tiny_dp_run(tmp_path, dp)
     spent = BudgetLedger(run / "sites" / "H2" / "privacy.sqlite").spent("H2")
     res = erase(run, ErasureRequest(kind="site", site="H2", reason="left the federation", thresholds=LOOSE,
                                     method="retrain"))
@@ -634,13 +634,13 @@ def test_site_erasure_keeps_the_sites_ledger_and_closes_it(tmp_path):
 def test_a_dp_federation_serves_the_weight_average_and_trains_on_the_iterate(tmp_path):
     """Under DP with ``ema`` the global checkpoint serves the average of the released models
     (post-processing) and keeps the iterate the next round starts from; a resume continues both."""
+    from conftest import tiny_dp_run
     from privseg.federated.runstate import RunState
     from privseg.train.checkpoint import load_checkpoint, load_ema, model_from_checkpoint, training_weights
     from privseg.train.ema import WeightEMA
-    from test_dp_erasure import _dp_run
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5, ema=0.9)
-    _, run = _dp_run(tmp_path, dp, rounds=2)
+    _, run = tiny_dp_run(tmp_path, dp, rounds=2)
     state = RunState.load(run)
     payloads = [load_checkpoint(state.checkpoint_path(r)) for r in range(3)]
     model = model_from_checkpoint(payloads[0], state.checkpoint_path(0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import small_fl_config, val_cohort
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.errors import BudgetExceededError
@@ -13,12 +14,11 @@ from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess
 from privseg.privacy import BudgetLedger, DPConfig
 from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
-from test_personal_erasure import small_config, val_cohort
 
 
 def dp_run(root, dp: DPConfig):
     cohort = val_cohort(root / "c", sites=2)
-    cfg = small_config(cohort, rounds=2, local_steps=1, privacy=dp)
+    cfg = small_fl_config(cohort, rounds=2, local_steps=1, privacy=dp)
     cfg.train.subjects_per_step, cfg.train.steps = 1, 2
     assert simulate_inprocess(cfg, root / "run").status == "finished"
     return cohort, root / "run"

@@ -104,7 +104,7 @@ def test_personalisation_needs_validation_patients_and_refuses_dp(tmp_path, trai
     dp.mkdir()
     FLConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "privacy": DPConfig(unit="site")}).save(dp)
     (dp / "state.json").write_text((trained / "state.json").read_text())
-    with pytest.raises(ConfigError, match="client-level DP"):  # patient-level DP: tests/test_personal_dp.py
+    with pytest.raises(ConfigError, match="client-level DP"):  # patient-level DP: tests/federated/test_personal_dp.py
         personalise(dp)
 
 

@@ -317,7 +317,7 @@ def test_readme_quick_tour_trains_with_the_dp_defaults(tiny_cohort, tmp_path, ca
 
     from privseg.cli import main
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     tour = readme.split("## Quick tour", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = [shlex.split(ln.split("#", 1)[0]) for ln in tour.splitlines() if ln.startswith("privseg privacy ")]
     train, status = lines[0][1:], lines[1][1:]

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from console_kit import PASSWORDS, crafted_root, login, token_of, train_ids
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.console import create_app
 from privseg.console.accounts import MAX_FAILURES_USER, Accounts
 from privseg.console.store import Store
-from test_console_kit import PASSWORDS, crafted_root, login, token_of, train_ids
 
 
 @pytest.fixture(scope="module")

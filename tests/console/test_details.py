@@ -10,12 +10,12 @@ import re
 import pytest
 from starlette.testclient import TestClient
 
+from console_kit import crafted_root, login
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.console import create_app
 from privseg.console.accounts import Accounts
 from privseg.federated import RunState
-from test_console_kit import crafted_root, login
 
 CLI_REQUEST = "ER-cli0000000h1"  # filed on the command line by "shell user" (crafted_root)
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from console_kit import LOOSE, PASSWORDS, train_ids, trained_dp_run, trained_root
 from privseg.console import create_app
 from privseg.console.runs import BUDGET_WARN
 from privseg.console.store import Store
 from privseg.privacy.budget import BudgetLedger
-from test_console_kit import LOOSE, PASSWORDS, train_ids, trained_dp_run, trained_root
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -24,7 +24,7 @@ import torch
 import reliability_log as rlog
 from privseg.train.checkpoint import load_checkpoint
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
 
 

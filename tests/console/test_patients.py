@@ -12,6 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from conftest import make_tiny_cohort
+from console_kit import add_users, craft_run, login, token_of
 from privseg.audit.certificate import render_html, summarise
 from privseg.audit.ledger import ErasureLedger
 from privseg.console import create_app
@@ -19,7 +20,6 @@ from privseg.console.store import Store
 from privseg.data.cohort import Cohort
 from privseg.federated import FLConfig
 from privseg.unlearn.federated import ErasureRequest, whole_patients
-from test_console_kit import add_users, craft_run, login, token_of
 
 
 @pytest.fixture
