@@ -49,9 +49,8 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
                     keep_updates: bool = False, round_timeout: float = 3600.0, device: str = "cpu",
                     dp: DPConfig | None = None, strategy_params: dict | None = None, init: str | None = None,
                     trainable: str = "all") -> FLConfig:
-    """A validated :class:`FLConfig` (the model is built once so a bad name, or an ``init`` that
-    does not fit, fails before any process starts; DP budgets must name known sites and the model
-    must suit per-patient clipping)."""
+    """A validated :class:`FLConfig` from the CLI's options: the :class:`TrainConfig` built from the
+    sites' channels, classes and dimensionality, then :func:`fl_config`."""
     check_id(name, "--name")
     info = check_sites(list(sites))
     dims = info["spatial_dims"]
@@ -59,10 +58,21 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
                      patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
                      device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
                      spatial_dims=dims, init=str(init) if init else None, trainable=trainable)
-    built = tc.initial_model()
-    cfg = FLConfig(name=name, sites=list(sites), train=tc, strategy=strategy, rounds=rounds, local_steps=local_steps,
-                   proximal_mu=mu, min_sites=min_sites, fraction=fraction, eval_every=eval_every,
-                   keep_updates=keep_updates, round_timeout=round_timeout, strategy_params=dict(strategy_params or {}))
+    return fl_config(sites=sites, train=tc, name=name, dp=dp, strategy=strategy, rounds=rounds,
+                     local_steps=local_steps, proximal_mu=mu, min_sites=min_sites, fraction=fraction,
+                     eval_every=eval_every, keep_updates=keep_updates, round_timeout=round_timeout,
+                     strategy_params=dict(strategy_params or {}))
+
+
+def fl_config(*, sites: Sequence[SiteSpec], train: TrainConfig, name: str = "fl", dp: DPConfig | None = None,
+              **fields) -> FLConfig:
+    """A validated :class:`FLConfig` from the sites and a training config the caller built (the
+    benchmarks' whole-volume patches, for one); ``fields`` are FLConfig's own (``rounds``,
+    ``strategy``, ...: their defaults are on its fields). The model is built once so a bad name, or
+    an ``init`` that does not fit, fails before any process starts; DP budgets must name known
+    sites and the model must suit per-patient clipping."""
+    built = train.initial_model()
+    cfg = FLConfig(name=name, sites=list(sites), train=train, **fields)
     if dp is not None:
         unknown = set(dp.sites) - set(cfg.site_ids)
         if unknown:
