@@ -32,7 +32,7 @@ from torch import nn
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.privacy.accountant import StepEvent
 from privseg.privacy.clipping import make_clipper
-from privseg.privacy.grad_sample import GRAD_METHODS, _params
+from privseg.privacy.grad_sample import GRAD_METHODS, dp_params
 from privseg.privacy.noise import NoiseSource
 
 _NOISE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-dp-noise")
@@ -156,7 +156,7 @@ class PatientDPSGD:
         z = self.noise_multiplier(self.step_no)
         clip = self.clip
         z_update = self.clipper.update_noise_multiplier(z)
-        params = _params(model)
+        params = dp_params(model)
         # the noise depends only on the key and the step: it is drawn on a background thread while
         # the per-patient gradients are computed (same draws as drawing it here)
         dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float64

@@ -43,7 +43,9 @@ def per_subject(name: str) -> Callable[[GradMethod], GradMethod]:
     return registrar(GRAD_METHODS, name)
 
 
-def _params(model: nn.Module) -> list[nn.Parameter]:
+def dp_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters DP-SGD clips and noises: those that require a gradient (a frozen one,
+    ``--trainable``, gets neither gradient, nor clipping, nor noise)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -102,7 +104,7 @@ def clipped_sum_loop(model: nn.Module, loss_fn, images: torch.Tensor, labels: to
     Each chunk sums in subject order and the chunks are added in order, so a step is repeatable.
 
     Returns (per-parameter sums, per-subject norms, mean loss)."""
-    params = _params(model)
+    params = dp_params(model)
     groups = [g.to(images.device) for g in _groups(owner)]
     threads = torch.get_num_threads()
     workers = min(len(groups), threads) if images.device.type == "cpu" else 1
@@ -177,7 +179,7 @@ class _OpacusHelper:
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=False)
 
     def __call__(self, model, loss_fn, images, labels, owner, clip):
-        params = _params(model)
+        params = dp_params(model)
         for prm in params:
             prm.grad_sample = None
         groups = _groups(owner)
@@ -265,7 +267,7 @@ def clipped_sum_bk(model: nn.Module, loss_fn, images: torch.Tensor, labels: torc
     The batched backward skips every weight gradient, so the cost is about one normal step plus the
     per-subject weight halves. Needs layers that keep samples apart (the engine refuses BatchNorm);
     a layer called several times per forward is summed over its calls."""
-    params = _params(model)
+    params = dp_params(model)
     groups = [g.to(images.device) for g in _groups(owner)]
     calls: list[tuple[nn.Module, list[nn.Parameter], torch.Tensor, list, torch.Tensor]] = []
     replaying = [False]
