@@ -372,16 +372,30 @@ class BudgetLedger:
         return out
 
 
+def ledger_path(run_dir: str | Path, site: str | None = None) -> Path:
+    """Where a privacy ledger lives, the one place that spells it: the run's own
+    (``<run_dir>/privacy.sqlite``: a central DP run, or the server of a site-level DP federation),
+    or with ``site`` that site's (``<run_dir>/sites/<site>/privacy.sqlite``)."""
+    folder = Path(run_dir) if site is None else Path(run_dir) / "sites" / site
+    return folder / LEDGER_FILE
+
+
+def ledgers_in(run_dir: str | Path) -> list[Path]:
+    """The privacy ledgers that exist in a run folder (:func:`ledger_path` of the run and of each
+    site), sorted; empty when there is none."""
+    return sorted({*Path(run_dir).glob(LEDGER_FILE), *Path(run_dir).glob(str(ledger_path("", "*")))})
+
+
 def find_ledgers(path: str | Path) -> list[Path]:
-    """Ledgers under a run folder (``privacy.sqlite`` of the run and of each site) or the file itself."""
+    """Ledgers under a run folder (:func:`ledgers_in`) or the file itself; none is a DataError."""
     p = Path(path)
     if p.is_file():
         return [p]
     if not p.exists():
         raise DataError(p, "no such run folder or ledger")
-    found = sorted(set(p.glob("privacy.sqlite")) | set(p.glob("sites/*/privacy.sqlite")))
+    found = ledgers_in(p)
     if not found:
-        raise DataError(p, "no privacy ledger (privacy.sqlite) here or under sites/*/")
+        raise DataError(p, f"no privacy ledger ({ledger_path('')}) here or under {ledger_path('', '*').parent}/")
     return found
 
 
