@@ -29,6 +29,7 @@ from privseg.federated.config import FLConfig
 from privseg.federated.runstate import PARTICIPATION_FILE, RunState
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
+from privseg.privacy.budget import ledger_path
 from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
 from privseg.train.loop import StepFn, TrainConfig, standard_step
 from privseg.utils import append_line
@@ -73,8 +74,8 @@ def site_ledger_path(dp: DPConfig, site: str, state_dir: Path) -> Path:
     if dp.ledger:
         return Path(dp.ledger)
     if dp.ledger_root:
-        return Path(dp.ledger_root) / "sites" / site / "privacy.sqlite"
-    return Path(state_dir) / "privacy.sqlite"
+        return ledger_path(dp.ledger_root, site)
+    return ledger_path(state_dir)
 
 
 def patient_dp_step_fn(dp: DPConfig, tc: TrainConfig, msg_config: Mapping, spec: SiteSpec,
