@@ -38,8 +38,8 @@ Dice|; ``test_dice_ratio``; ``mia_auc``: membership AUC of the forget patients v
 never-seen ones (``POWER_MIA``: Dice, one un-augmented view); ``mia_auc_calibrated``: the same
 with each patient's score minus the retrain's score (the retrain trained on neither group);
 ``mia_calibrated_pass_rate``: the share of forget patients whose calibrated score is not above
-every never-seen patient's (p = (1 + #never-seen scoring at least as high) / 13 >= 0.1). The
-engine's own membership AUC (loss statistic) is kept as ``mia_auc_loss``.
+every never-seen patient's (:func:`privseg.audit.pvalues.empirical_p_value`: p = (1 + #never-seen
+scoring at least as high) / 13 >= 0.1). The engine's own membership AUC (loss statistic) is kept as ``mia_auc_loss``.
 
 Trade-off (the study's "retain/forget trade-off", made comparable to the gold standard):
 ``trade_off = min(retain_dice_ratio, 1) - forget_dice_delta``, per seed, then mean over seeds.
@@ -242,6 +242,7 @@ def _membership(model, forget: list[dict], never: list[dict], cfg, s: dict, refe
     """Membership of the forget patients vs the never-seen ones (``POWER_MIA``); with ``reference``
     (the retrain's rows) also calibrated: each score minus the retrain's, and a p-value per patient."""
     from privseg.audit.mia import audit_items
+    from privseg.audit.pvalues import pass_rate, per_patient_p_values
 
     kw = {"statistic": s["mia_statistic"], "views": s["mia_views"], "seed": s["seed"], "n_boot": 1000}
     raw = audit_items(model, forget, never, cfg.patch_size, cfg.num_classes, **kw)
@@ -252,13 +253,10 @@ def _membership(model, forget: list[dict], never: list[dict], cfg, s: dict, refe
         cal = audit_items(model, forget, never, cfg.patch_size, cfg.num_classes, **kw,
                           reference_rows=[(reference["members"], reference["nonmembers"])],
                           member_rows=raw.members, nonmember_rows=raw.nonmembers)
-        never_scores = [r["score"] for r in cal.nonmembers]
-        patients = {}
-        for r in cal.members:
-            p = (1 + sum(x >= r["score"] for x in never_scores)) / (1 + len(never_scores))
-            patients[r["id"]] = {"score": r["score"], "p": p, "pass": p >= P_PASS}
+        patients = per_patient_p_values({r["id"]: r["score"] for r in cal.members},
+                                        [r["score"] for r in cal.nonmembers], P_PASS)
         out.update({"auc_calibrated": cal.auc, "ci_calibrated": [cal.ci_low, cal.ci_high], "patients": patients,
-                    "calibrated_pass_rate": sum(v["pass"] for v in patients.values()) / len(patients)})
+                    "calibrated_pass_rate": pass_rate(patients)})
     return out
 
 

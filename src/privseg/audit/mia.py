@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from privseg.audit.pvalues import empirical_p_value
 from privseg.errors import ConfigError
 from privseg.train import metrics
 from privseg.train.inference import predict_probs
@@ -365,7 +366,7 @@ def power_check(member_scores: Sequence[float], nonmember_scores: Sequence[float
         res["member_ci"] = list(bootstrap_auc(s_m, s_n, n_boot=n_boot, seed=seed))
         both = np.concatenate([s_m, s_n])
         perm = [auc(p[: s_m.size], p[s_m.size:]) for p in (rng.permutation(both) for _ in range(n_perm))]
-        res["member_p"] = float((1 + np.sum(np.asarray(perm) >= res["member_auc"])) / (1 + n_perm))
+        res["member_p"] = empirical_p_value(res["member_auc"], perm)
         ia, ib = null_halves(s_n.size, seed)
         half_a, half_b = s_n[ia], s_n[ib]
         res["null_split"] = [ia.tolist(), ib.tolist()]  # indices into the never-seen scores
