@@ -25,7 +25,7 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     the trainer's result plus ``epsilon`` / ``delta`` / ``clip`` / ``plan``."""
     from privseg.data.cohort import write_splits
     from privseg.data.transforms import load_preprocessed
-    from privseg.privacy.budget import BudgetLedger
+    from privseg.privacy.budget import BudgetLedger, ledger_path
     from privseg.train.checkpoint import load_checkpoint, load_ema, save_checkpoint, training_weights
     from privseg.train.ema import WeightEMA
     from privseg.train.loop import make_optimizer
@@ -42,7 +42,7 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     optimizer = make_optimizer(model, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_splits(cohort, out_dir)  # the split this run used, to see and to pin again
-    ledger = BudgetLedger(Path(dp.ledger) if dp.ledger else out_dir / "privacy.sqlite")
+    ledger = BudgetLedger(Path(dp.ledger) if dp.ledger else ledger_path(out_dir))
     if items is None:
         items = load_preprocessed(subjects, cohort, config.spacing)
     ckpt = out_dir / "last.pt"
