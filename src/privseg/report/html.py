@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from privseg.errors import ConfigError, DataError, PrivsegError
+from privseg.privacy.budget import BudgetLedger, ledgers_in
 from privseg.report import figures as F
 from privseg.report.text import rounds_text
 from privseg.report.tracking import read_metrics, read_run
@@ -480,7 +481,7 @@ def _ledger_rows(run_dir: Path) -> tuple[dict[str, list[dict]], dict[str, tuple[
     """Per-site ε rows and budgets from privacy.sqlite ledgers (read-only)."""
     rounds: dict[str, list[dict]] = {}
     budgets: dict[str, tuple[float, float]] = {}
-    for db in sorted(set(run_dir.glob("privacy.sqlite")) | set(run_dir.glob("sites/*/privacy.sqlite"))):
+    for db in ledgers_in(run_dir):
         try:
             with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
                 for site, eps, delta in con.execute("SELECT site, epsilon, delta FROM budgets"):
@@ -494,10 +495,8 @@ def _ledger_rows(run_dir: Path) -> tuple[dict[str, list[dict]], dict[str, tuple[
 
 def _ledger_status(run_dir: Path) -> dict[str, dict]:
     """Per site: the ledger's ε and whether it is a guarantee (secret-key noise throughout)."""
-    from privseg.privacy.budget import BudgetLedger
-
     out: dict[str, dict] = {}
-    for db in sorted(set(run_dir.glob("privacy.sqlite")) | set(run_dir.glob("sites/*/privacy.sqlite"))):
+    for db in ledgers_in(run_dir):
         try:
             for row in BudgetLedger(db).status():
                 out[row["site"]] = row
