@@ -12,7 +12,7 @@ from privseg.cohorts import open_cohort, train_config
 from privseg.data.intensity import check_window
 from privseg.errors import ConfigError
 from privseg.privacy import train_private
-from privseg.privacy.budget import budget_status, change_budget
+from privseg.privacy.budget import LEDGER_FILE, budget_status, change_budget
 from privseg.privacy.plan import plan_for
 from privseg.privacy.spec import dp_from_options
 from privseg.report.text import print_budget, print_budget_change, print_dp_training
@@ -21,7 +21,7 @@ from privseg.runs import run_folder
 app = typer.Typer(no_args_is_help=True, help="Differential privacy: budgets per site, DP training.")
 
 
-def RUN(run: str = typer.Argument(..., help="Run name, run folder, or privacy.sqlite file.")): ...
+def RUN(run: str = typer.Argument(..., help=f"Run name, run folder, or {LEDGER_FILE} file.")): ...
 
 
 @app.command()
@@ -48,7 +48,7 @@ def budget(
 @with_options(COHORT, ..., STEPS, TRAINING, DP, SPLITS, CLASSES, QUIET, norm=typer.Option(
               "group", help="group or instance (not batch)."), subjects_per_step=typer.Option(
               2, min=1, help="Expected subjects per step (Poisson rate q = this/n, under --plan none)."))
-def train(out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help="Run folder (last.pt, privacy.sqlite)."),
+def train(out_dir: Path = typer.Option(Path("runs/train-dp"), "--out", help=f"Run folder (last.pt, {LEDGER_FILE})."),
           **o) -> None:
     """Central patient-level DP-SGD training (all training subjects in one place)."""
     dp = dp_from_options(**take(o, DP))
