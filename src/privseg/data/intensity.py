@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privseg.data.transforms import ct_window, load_subject
+
 SAMPLE_SUBJECTS = 16  # subjects read for the check (evenly spread): enough for the statistics, cheap on big cohorts
 SAMPLE_VOXELS = 200_000  # foreground voxels kept per subject
 NARROW = 0.05  # half the foreground voxels within this share of the window's width: little contrast left
@@ -56,8 +58,6 @@ class WindowFit:
 def window_fit(cohort, subjects: Sequence | None = None) -> WindowFit | None:
     """Measure the CT subjects among ``subjects`` (default: the cohort's training subjects) that
     have a label against the cohort's CT window; None when there is none."""
-    from privseg.data.transforms import ct_window, load_subject
-
     chosen = [s for s in (cohort.select("train") if subjects is None else subjects)
               if s.modality.upper() == "CT" and s.label]
     if not chosen:

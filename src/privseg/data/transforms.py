@@ -35,7 +35,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from privseg.data.cohort import Cohort, Subject
+from privseg.data.cohort import MANIFEST_NAME, Cohort, Subject
+from privseg.data.formats.common import classes_hint
 from privseg.data.validate import Volume, check_label_values, check_pair, read_volume
 from privseg.errors import ConfigError, DataError
 
@@ -163,9 +164,6 @@ def _classes_hint(cohort: Cohort):
     """How to declare classes that hold a label value past the cohort's (``hint(top)``), where the
     classes come from: the manifest or dataset.json that declares them, else ``--classes`` (the
     readers of plain NIfTI and 2D image folders take it); None where the layout fixes them."""
-    from privseg.data.cohort import MANIFEST_NAME
-    from privseg.data.formats.common import classes_hint
-
     root = Path(cohort.root) if cohort.root is not None else None
     for name in (MANIFEST_NAME, "dataset.json"):
         if root is not None and (root / name).is_file():

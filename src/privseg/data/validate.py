@@ -22,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
+from PIL import Image, UnidentifiedImageError
 
 from privseg.errors import DataError
 
@@ -116,8 +119,6 @@ def _read_nifti(path: Path, spatial_dims: int, is_label: bool, channels_last: bo
 
 
 def _read_nifti_quiet(path: Path, spatial_dims: int, is_label: bool, channels_last: bool) -> Volume:
-    import nibabel as nib
-
     if path.name.lower().endswith(".gz"):
         _verify_gzip(path)
     try:
@@ -167,8 +168,6 @@ def _stored_header(img: object) -> object:
     """The header as the file stores it. nibabel's loader quietly replaces zero pixdims by 1
     and negative ones by their absolute value, which would hide a broken header from the
     spacing check; so re-read the header without those fixes."""
-    from nibabel.openers import ImageOpener
-
     header = img.header  # type: ignore[attr-defined]
     try:
         file_map = img.file_map  # type: ignore[attr-defined]
@@ -181,8 +180,6 @@ def _stored_header(img: object) -> object:
 
 
 def _read_2d(path: Path, is_label: bool) -> Volume:
-    from PIL import Image, UnidentifiedImageError
-
     if path.name.lower().endswith(".png"):
         _verify_png(path)
     try:

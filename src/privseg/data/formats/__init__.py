@@ -42,16 +42,16 @@ from privseg.data.formats.common import (
     CLASSES_HINT,
     DEFAULT_SITE,
     NIFTI_SUFFIXES,
-    _class_names,
-    _visible,
+    class_names,
     collect_problems,
+    visible,
 )
 from privseg.data.formats.image2d import (
     IMAGE_DIRS,
     LOSSY_SUFFIXES,
     MASK_DIRS,
     MASK_SUFFIXES,
-    _is_image2d,
+    is_image2d,
     read_image_folder_2d,
 )
 from privseg.data.formats.mrbrains18 import (
@@ -60,16 +60,16 @@ from privseg.data.formats.mrbrains18 import (
     MRBRAINS18_LABEL,
     MRBRAINS18_TISSUE_MAP,
     TISSUE_CLASSES,
-    _is_mrbrains18,
-    _is_mrbrains18_subject,
+    is_mrbrains18,
+    is_mrbrains18_subject,
     read_mrbrains18,
 )
-from privseg.data.formats.msd import LABELS_ONLY_KEYS, _is_msd, read_msd
+from privseg.data.formats.msd import LABELS_ONLY_KEYS, is_msd, read_msd
 from privseg.data.formats.nifti import (
     LABEL_SUFFIXES,
     NIFTI_IMAGE_DIRS,
     NIFTI_LABEL_DIRS,
-    _is_nifti_folder,
+    is_nifti_folder,
     read_nifti_folder,
 )
 from privseg.errors import ConfigError, DataError
@@ -135,7 +135,7 @@ def _read_cohort(path: Path, fmt: str, options: dict) -> Cohort:
         if fmt != "auto":
             raise DataError(path, f"is a file; format {fmt} reads a folder")
         if path.suffix.lower() != ".json":
-            hint = _layout_hint(path.parent)
+            hint = layout_hint(path.parent)
             raise DataError(path, f"is a file but not a cohort manifest ({MANIFEST_NAME}); give the dataset folder"
                             + (f" ({hint})" if hint else ""))
         return _manifest(path, options)
@@ -143,13 +143,13 @@ def _read_cohort(path: Path, fmt: str, options: dict) -> Cohort:
         return _call(FORMATS[fmt], fmt, path, options)
     if (path / MANIFEST_NAME).is_file():
         return _manifest(path / MANIFEST_NAME, options)
-    if _is_mrbrains18_subject(path):  # its segm.nii.gz would otherwise pass for a plain NIfTI folder
-        raise DataError(path, _layout_hint(path))
+    if is_mrbrains18_subject(path):  # its segm.nii.gz would otherwise pass for a plain NIfTI folder
+        raise DataError(path, layout_hint(path))
     for det in _DETECTORS:
         if det.detect(path):
             return _call(FORMATS[det.name], det.name, path, options)
     looked = [f"{MANIFEST_NAME}"] + [f"{d.name}: {d.looks_for}" for d in _DETECTORS]
-    hint = _layout_hint(path)
+    hint = layout_hint(path)
     raise DataError(path, "unknown dataset layout; looked for " + "; ".join(looked) + (f". {hint}" if hint else ""))
 
 
@@ -164,24 +164,24 @@ def is_known_layout(path: str | Path) -> bool:
 def _manifest(path: Path, options: dict) -> Cohort:
     cohort = Cohort.from_manifest(path)
     classes = options.get("classes")
-    if classes is not None and _class_names(classes) != cohort.classes:  # type: ignore[arg-type]
-        raise ConfigError(f"--classes {','.join(_class_names(classes))} differs from the classes of "  # type: ignore[arg-type]
+    if classes is not None and class_names(classes) != cohort.classes:  # type: ignore[arg-type]
+        raise ConfigError(f"--classes {','.join(class_names(classes))} differs from the classes of "  # type: ignore[arg-type]
                           f"{path} ({','.join(cohort.classes)}); the manifest already declares them")
     return cohort
 
 
-def _layout_hint(path: Path) -> str:
+def layout_hint(path: Path) -> str:
     """Name the folder to give when a known layout sits one or two levels further down (an
     archive extracted into a folder of its own, MRBrainS18's ``training/``) or up (a subject folder)."""
     if not path.is_dir():
         return ""
-    if _is_mrbrains18_subject(path):
+    if is_mrbrains18_subject(path):
         return f"this looks like one MRBrainS18 subject folder: give its parent {path.parent}"
     found = []
-    for sub in _visible(path)[:50]:
+    for sub in visible(path)[:50]:
         if not sub.is_dir():
             continue
-        for d in [sub] + [x for x in _visible(sub)[:50] if x.is_dir()]:
+        for d in [sub] + [x for x in visible(sub)[:50] if x.is_dir()]:
             name = next((det.name for det in _DETECTORS if det.name != "nifti" and det.detect(d)), None)
             if name:
                 found.append(f"{d} ({name})")
@@ -204,13 +204,13 @@ def _call(reader: Reader, name: str, root: Path, options: dict) -> Cohort:
 
 # Registration order is detection order: the specific layouts first, the generic plain-NIfTI folder
 # last (it would otherwise claim any folder holding a .nii.gz).
-register_format("msd", _is_msd, "dataset.json with imagesTr/ and labelsTr/")(read_msd)
-register_format("mrbrains18", _is_mrbrains18,
+register_format("msd", is_msd, "dataset.json with imagesTr/ and labelsTr/")(read_msd)
+register_format("mrbrains18", is_mrbrains18,
                 "<id>/pre/reg_T1.nii.gz (or reg_IR, FLAIR) + <id>/segm.nii.gz, also under training/")(read_mrbrains18)
-register_format("image2d", _is_image2d,
+register_format("image2d", is_image2d,
                 "images/ + masks/ (or labels/) with .png/.jpg, optionally per site folder")(read_image_folder_2d)
 register_format(
-    "nifti", _is_nifti_folder, "images/ + labels/ NIfTI, or <id>.nii.gz + <id>_seg.nii.gz, optionally per site folder"
+    "nifti", is_nifti_folder, "images/ + labels/ NIfTI, or <id>.nii.gz + <id>_seg.nii.gz, optionally per site folder"
 )(read_nifti_folder)
 
 __all__ = [

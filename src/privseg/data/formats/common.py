@@ -1,9 +1,10 @@
 """Helpers every layout reader shares: folder listing and name stems, subject-ID checks, the
 problem collection behind ``privseg data check`` (:func:`collect_problems`), class inference
-from label files, and :func:`_finish`, which turns a reader's subjects into a :class:`Cohort`."""
+from label files, and :func:`finish_cohort`, which turns a reader's subjects into a :class:`Cohort`."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,7 +21,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_SITE = "site1"
 
 
-def _require_dir(root: str | Path) -> Path:
+def require_dir(root: str | Path) -> Path:
     root = Path(root)
     if not root.exists():
         raise DataError(root, "dataset folder not found")
@@ -29,26 +30,26 @@ def _require_dir(root: str | Path) -> Path:
     return root.resolve()
 
 
-def _visible(folder: Path) -> list[Path]:
+def visible(folder: Path) -> list[Path]:
     """Entries of a folder, sorted, without hidden files and macOS archive debris."""
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX")
 
 
-def _strip_suffix(name: str, suffixes: Iterable[str]) -> str | None:
+def strip_suffix(name: str, suffixes: Iterable[str]) -> str | None:
     for suf in suffixes:
         if name.lower().endswith(suf) and len(name) > len(suf):
             return name[: -len(suf)]
     return None
 
 
-def _nifti_stem(name: str) -> str | None:
-    return _strip_suffix(name, NIFTI_SUFFIXES)
+def nifti_stem(name: str) -> str | None:
+    return strip_suffix(name, NIFTI_SUFFIXES)
 
 
-def _image_stem(name: str) -> str | None:
-    return _strip_suffix(name, IMAGE_2D_SUFFIXES)
+def image_stem(name: str) -> str | None:
+    return strip_suffix(name, IMAGE_2D_SUFFIXES)
 
 
 # -- every problem, not just the first (privseg data check) ------------------------------
@@ -69,7 +70,7 @@ def collect_problems() -> Iterator[list[DataError]]:
         _PROBLEMS.reset(token)
 
 
-def _note(exc: DataError) -> None:
+def note_problem(exc: DataError) -> None:
     """Raise ``exc``, or under :func:`collect_problems` record it so the caller can skip the subject."""
     problems = _PROBLEMS.get()
     if problems is None:
@@ -77,12 +78,12 @@ def _note(exc: DataError) -> None:
     problems.append(exc)
 
 
-def _noted() -> int:
+def problems_noted() -> int:
     problems = _PROBLEMS.get()
     return 0 if problems is None else len(problems)
 
 
-def _checked_id(value: str, where: object, what: str = "subject ID") -> str:
+def checked_id(value: str, where: object, what: str = "subject ID") -> str:
     """check_id, but as a DataError naming the file the ID came from."""
     try:
         return check_id(value, what)
@@ -96,14 +97,14 @@ def _unique(subjects: list[Subject]) -> list[Subject]:
     out = []
     for s in subjects:
         if s.id in seen:
-            _note(DataError(s.images[0], f"duplicate subject ID {s.id!r} (also from {seen[s.id]})"))
+            note_problem(DataError(s.images[0], f"duplicate subject ID {s.id!r} (also from {seen[s.id]})"))
             continue
         seen[s.id] = s.images[0]
         out.append(s)
     return out
 
 
-def _finish(
+def finish_cohort(
     subjects: list[Subject],
     root: Path,
     *,
@@ -136,18 +137,18 @@ def _finish(
         raise DataError(root, str(exc)) from None
 
 
-def _site_folders(root: Path, has_layout: Callable[[Path], bool]) -> list[tuple[str, Path]]:
+def site_folders(root: Path, has_layout: Callable[[Path], bool]) -> list[tuple[str, Path]]:
     """The root itself when it holds the layout (one site), else its subfolders that do,
     each a site named after the folder."""
     if has_layout(root):
         return [(DEFAULT_SITE, root)]
     out = []
-    for d in _visible(root):
+    for d in visible(root):
         if d.is_dir() and has_layout(d):
             try:
-                out.append((_checked_id(d.name, d, "site ID"), d))
+                out.append((checked_id(d.name, d, "site ID"), d))
             except DataError as exc:
-                _note(exc)
+                note_problem(exc)
     return out
 
 
@@ -157,8 +158,6 @@ CLASSES_HINT = "declare the classes with --classes background,NAME,... (one name
 def classes_hint(top: int, names: Sequence[str] = ()) -> str:
     """A ``--classes`` value that reads label values 0..``top`` as given: the ``names`` declared so
     far, then ``classK`` for each value they leave out (a hint the user can paste as it is)."""
-    import shlex
-
     full = [*names[: top + 1], *[f"class{k}" for k in range(len(names[: top + 1]), top + 1)]]
     full[0] = full[0] if names else "background"
     return (f"declare one class per label value 0..{top}: --classes {shlex.quote(','.join(full))} "
@@ -177,7 +176,7 @@ def _label_values(path: Path) -> tuple[int, ...]:
     return _LABEL_VALUES[key]
 
 
-def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
+def classes_from_labels(labels: Sequence[Path]) -> list[str]:
     """Infer classes as 0..max over the union of every label file's values, so the answer
     does not depend on which file sorts first. The values must be contiguous: a gap means
     the files use codes (e.g. 0 and 17) that only declared classes can give a meaning; the
@@ -187,7 +186,7 @@ def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
         try:
             values = _label_values(path)
         except DataError as exc:
-            _note(exc)  # under data check: listed here, and the other files still inform the classes
+            note_problem(exc)  # under data check: listed here, and the other files still inform the classes
             continue
         for v in values:
             seen.setdefault(v, path)
@@ -218,10 +217,10 @@ def _classes_from_labels(labels: Sequence[Path]) -> list[str]:
 
 
 def _dims_of(path: Path) -> int:
-    return 2 if _image_stem(path.name) is not None else 3
+    return 2 if image_stem(path.name) is not None else 3
 
 
-def _class_names(classes: Sequence[str] | int) -> list[str]:
+def class_names(classes: Sequence[str] | int) -> list[str]:
     if isinstance(classes, int):
         return ["background"] + [f"class{k}" for k in range(1, classes)]
     return [str(c) for c in classes]

@@ -9,15 +9,15 @@ import numpy as np
 
 from privseg.data.cohort import Cohort, Subject
 from privseg.data.formats.common import (
-    _class_names,
-    _finish,
-    _image_stem,
-    _note,
-    _require_dir,
-    _site_folders,
-    _visible,
+    class_names,
+    finish_cohort,
+    image_stem,
+    note_problem,
+    require_dir,
+    site_folders,
+    visible,
 )
-from privseg.data.formats.pairing import _image_ids, _orphan_image_dir, _pair_by_name, _pair_dirs
+from privseg.data.formats.pairing import check_orphan_image_dir, image_ids, pair_by_name, pair_dirs
 from privseg.data.validate import read_volume
 from privseg.errors import ConfigError, DataError
 
@@ -28,12 +28,12 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
 def _has_2d_layout(folder: Path) -> bool:
-    dirs = _pair_dirs(folder, IMAGE_DIRS, MASK_DIRS)
-    return dirs is not None and any(_image_stem(f.name) for f in _visible(dirs[0]))
+    dirs = pair_dirs(folder, IMAGE_DIRS, MASK_DIRS)
+    return dirs is not None and any(image_stem(f.name) for f in visible(dirs[0]))
 
 
-def _is_image2d(root: Path) -> bool:
-    return bool(_site_folders(root, _has_2d_layout))
+def is_image2d(root: Path) -> bool:
+    return bool(site_folders(root, _has_2d_layout))
 
 
 def read_image_folder_2d(
@@ -52,29 +52,30 @@ def read_image_folder_2d(
     (``info["label_map"] = {255: 1}``); otherwise the values are class indices, 0..max, unless
     ``classes`` says more. Masks must be lossless (PNG, BMP, TIFF): JPEG smears the edges
     into values no class has."""
-    root = _require_dir(root)
-    _orphan_image_dir(root, IMAGE_DIRS, MASK_DIRS)
-    sites = _site_folders(root, _has_2d_layout)
+    root = require_dir(root)
+    check_orphan_image_dir(root, IMAGE_DIRS, MASK_DIRS)
+    sites = site_folders(root, _has_2d_layout)
     if not sites:
         raise DataError(root, "no images/ + masks/ folders with 2D images found (nor in site subfolders)")
     subjects = []
     for site, folder in sites:
-        dirs = _pair_dirs(folder, IMAGE_DIRS, MASK_DIRS)
+        dirs = pair_dirs(folder, IMAGE_DIRS, MASK_DIRS)
         assert dirs is not None
-        images = _image_ids([(stem, f) for f in _visible(dirs[0]) if (stem := _image_stem(f.name)) and f.is_file()])
+        images = image_ids([(stem, f) for f in visible(dirs[0]) if (stem := image_stem(f.name)) and f.is_file()])
         masks = []
-        for f in _visible(dirs[1]):
-            stem = _image_stem(f.name)
+        for f in visible(dirs[1]):
+            stem = image_stem(f.name)
             if stem is None or not f.is_file():
                 continue
             if f.name.lower().endswith(LOSSY_SUFFIXES):
-                _note(DataError(f, "mask is JPEG (lossy): its edges hold values no class has; save masks as PNG"))
+                note_problem(DataError(f, "mask is JPEG (lossy): its edges hold values no class has; "
+                                       "save masks as PNG"))
                 continue
             masks.append((stem, f))
         if not images:
-            _note(DataError(dirs[0], "no 2D images found"))
+            note_problem(DataError(dirs[0], "no 2D images found"))
             continue
-        pairs = _pair_by_name(images, masks, MASK_SUFFIXES, "mask")
+        pairs = pair_by_name(images, masks, MASK_SUFFIXES, "mask")
         for sid, image in images.items():
             if sid in pairs:
                 subjects.append(Subject(id=sid, site=site, images=(str(image),), label=str(pairs[sid]),
@@ -88,16 +89,16 @@ def read_image_folder_2d(
     info: dict = {}
     if set(values.tolist()) <= {0, 255}:
         info["label_map"] = {255: 1}
-        names = ["background", "foreground"] if classes is None else _class_names(classes)
+        names = ["background", "foreground"] if classes is None else class_names(classes)
         if len(names) != 2:
             raise ConfigError(f"masks are binary 0/255 ({first_mask}) but classes has {len(names)} entries")
     elif classes is not None:
-        names = _class_names(classes)
+        names = class_names(classes)
     else:
         if int(values.max()) >= 255:
             raise DataError(first_mask, f"mask values {values[:8].tolist()} are neither 0/255 nor class indices")
         names = ["background"] + [f"class{k}" for k in range(1, int(values.max()) + 1)]
-    return _finish(
+    return finish_cohort(
         subjects,
         root,
         classes=names,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from privseg.data.cohort import Cohort, Subject
-from privseg.data.formats.common import DEFAULT_SITE, _checked_id, _finish, _note, _require_dir, _visible
+from privseg.data.formats.common import DEFAULT_SITE, checked_id, finish_cohort, note_problem, require_dir, visible
 from privseg.data.validate import read_volume
 from privseg.errors import ConfigError, DataError
 
@@ -38,14 +38,14 @@ MRBRAINS18_TISSUE_MAP = {0: 0, 1: 2, 2: 2, 3: 3, 4: 3, 5: 1, 6: 1, 7: 0, 8: 0, 9
 
 
 def _has_mrbrains18(root: Path) -> bool:
-    return any(d.is_dir() and any((d / rel).is_file() for rel in MRBRAINS18_CHANNELS.values()) for d in _visible(root))
+    return any(d.is_dir() and any((d / rel).is_file() for rel in MRBRAINS18_CHANNELS.values()) for d in visible(root))
 
 
-def _is_mrbrains18_subject(folder: Path) -> bool:
+def is_mrbrains18_subject(folder: Path) -> bool:
     return any((folder / rel).is_file() for rel in MRBRAINS18_CHANNELS.values())
 
 
-def _is_mrbrains18(root: Path) -> bool:
+def is_mrbrains18(root: Path) -> bool:
     # the release archive unpacks to <root>/training/<id>/...: accept its root too
     return _has_mrbrains18(root) or _has_mrbrains18(root / "training")
 
@@ -69,18 +69,18 @@ def read_mrbrains18(
     (``info["label_map"]``, see ``MRBRAINS18_TISSUE_MAP`` for the mapping and why).
     Channels are T1, IR, FLAIR as present; every subject must have the same ones. ``root`` may
     also be the release's root, which holds the subject folders in ``training/``."""
-    root = _require_dir(root)
+    root = require_dir(root)
     if labels not in ("auto", "mrbrains18", "tissues"):
         raise ConfigError(f"labels={labels!r}: choose auto, mrbrains18 or tissues")
-    site = _checked_id(site, root, "site ID")
+    site = checked_id(site, root, "site ID")
     given = root
     if not _has_mrbrains18(root) and _has_mrbrains18(root / "training"):
         root = root / "training"
-    folders = [d for d in _visible(root) if d.is_dir() and ((d / "pre").is_dir() or (d / MRBRAINS18_LABEL).exists())]
+    folders = [d for d in visible(root) if d.is_dir() and ((d / "pre").is_dir() or (d / MRBRAINS18_LABEL).exists())]
     if not folders:
-        from privseg.data.formats import _layout_hint  # the hint consults the registry, which imports this module
+        from privseg.data.formats import layout_hint  # the hint consults the registry, which imports this module
 
-        hint = f" ({_layout_hint(root)})" if _layout_hint(root) else ""
+        hint = f" ({layout_hint(root)})" if layout_hint(root) else ""
         raise DataError(root, f"no MRBrainS18 subject folders (<id>/pre/ and <id>/segm.nii.gz) found{hint}")
     present = [c for c, rel in MRBRAINS18_CHANNELS.items() if any((d / rel).is_file() for d in folders)]
     if not present:
@@ -90,7 +90,7 @@ def read_mrbrains18(
         try:
             subjects.append(_mrbrains18_subject(d, present, site))
         except DataError as exc:
-            _note(exc)
+            note_problem(exc)
     if not subjects:
         raise DataError(root, "no MRBrainS18 subject could be read")
     scheme = labels
@@ -105,7 +105,7 @@ def read_mrbrains18(
         info.update(label_scheme="mrbrains18->tissues", label_map=dict(MRBRAINS18_TISSUE_MAP))
     else:
         classes = list(MRBRAINS18_CLASSES)
-    return _finish(
+    return finish_cohort(
         subjects,
         root,
         classes=classes,
@@ -120,7 +120,7 @@ def read_mrbrains18(
 
 
 def _mrbrains18_subject(d: Path, present: list[str], site: str) -> Subject:
-    sid = _checked_id(d.name, d)
+    sid = checked_id(d.name, d)
     images = []
     for chan in present:
         path = d / MRBRAINS18_CHANNELS[chan]

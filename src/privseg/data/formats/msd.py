@@ -13,13 +13,13 @@ from privseg.data.cohort import Cohort, Subject
 from privseg.data.formats.common import (
     DEFAULT_SITE,
     NIFTI_SUFFIXES,
-    _checked_id,
-    _finish,
-    _note,
-    _noted,
-    _require_dir,
-    _strip_suffix,
-    _visible,
+    checked_id,
+    finish_cohort,
+    note_problem,
+    problems_noted,
+    require_dir,
+    strip_suffix,
+    visible,
 )
 from privseg.data.validate import IMAGE_2D_SUFFIXES
 from privseg.errors import ConfigError, DataError
@@ -28,7 +28,7 @@ from privseg.utils import read_json
 LABELS_ONLY_KEYS = {"labels", "name", "description"}  # a dataset.json that only declares a NIfTI folder's classes
 
 
-def _is_msd(root: Path) -> bool:
+def is_msd(root: Path) -> bool:
     path = root / "dataset.json"
     if not path.is_file():
         return False
@@ -39,7 +39,7 @@ def _is_msd(root: Path) -> bool:
     return not (isinstance(raw, dict) and "labels" in raw and set(raw) <= LABELS_ONLY_KEYS)
 
 
-def _msd_labels(raw: object, where: Path) -> tuple[list[str], dict[int, int] | None]:
+def msd_labels(raw: object, where: Path) -> tuple[list[str], dict[int, int] | None]:
     """Classes from ``labels``: MSD writes {"0": "background", ...}, nnU-Net v2 writes
     {"background": 0, ...}, or regions {"whole_tumor": [1, 2, 3]} whose integers are trained
     here as plain classes (named ``label<k>`` unless a key names that integer alone).
@@ -94,7 +94,7 @@ def read_msd(
     ``site1``. Its patient is the entry's ``"patient"`` field if present (a privseg extension:
     neither format records patients), else the case itself. Only labelled training cases are
     read; ``imagesTs`` has no labels."""
-    root = _require_dir(root)
+    root = require_dir(root)
     ds_path = root / "dataset.json"
     ds = read_json(ds_path, "dataset.json (an MSD / nnU-Net dataset needs it)")
     if not isinstance(ds, dict):
@@ -111,7 +111,7 @@ def read_msd(
     channels = [name for _, name in chan_items]
     if "labels" not in ds:
         raise DataError(ds_path, "has no 'labels'")
-    classes, label_map = _msd_labels(ds["labels"], ds_path)
+    classes, label_map = msd_labels(ds["labels"], ds_path)
     ending = str(ds.get("file_ending", ".nii.gz"))
     if ending.lower() not in NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES:
         raise DataError(ds_path, f"file_ending {ending!r} is not supported (NIfTI or a 2D image type)")
@@ -127,23 +127,23 @@ def read_msd(
 
     def site_of(case: str, entry: dict, where: Path) -> str:
         if "site" in entry:
-            return _checked_id(str(entry["site"]), ds_path, f"site of case {case}")
+            return checked_id(str(entry["site"]), ds_path, f"site of case {case}")
         if pattern is not None:
             m = pattern.search(case)
             if not m or not m.group(1):
                 raise DataError(where, f"case name {case!r} does not match site_pattern {site_pattern!r}")
-            return _checked_id(m.group(1), where, "site ID")
+            return checked_id(m.group(1), where, "site ID")
         return DEFAULT_SITE
 
     modality = _msd_modality(channels)
-    before = _noted()
+    before = problems_noted()
     if isinstance(ds.get("training"), list) and ds["training"]:
         subjects, in_file = _msd_listed(root, ds_path, ds["training"], channels, ending, modality, site_of)
     else:
         subjects, in_file = _msd_scanned(root, channels, ending, modality, site_of), False
     n_declared = ds.get("numTraining")
     # a case skipped for another (already listed) problem would make this count misleading
-    if isinstance(n_declared, int) and n_declared != len(subjects) and _noted() == before:
+    if isinstance(n_declared, int) and n_declared != len(subjects) and problems_noted() == before:
         raise DataError(ds_path, f"numTraining is {n_declared} but {len(subjects)} training cases were found")
     if not subjects:
         raise DataError(ds_path, "no training case could be read")
@@ -152,7 +152,7 @@ def read_msd(
         info["channels_in_file"] = True
     if label_map is not None:
         info["label_map"] = label_map
-    return _finish(
+    return finish_cohort(
         subjects,
         root,
         classes=classes,
@@ -194,7 +194,7 @@ def _msd_listed(
         try:
             subjects.append(_msd_entry(root, ds_path, k, entry, channels, ending, modality, site_of, kinds))
         except DataError as exc:
-            _note(exc)
+            note_problem(exc)
     in_file = kinds == {True} and len(channels) > 1
     return subjects, in_file
 
@@ -205,10 +205,10 @@ def _msd_entry(root: Path, ds_path: Path, k: int, entry: object, channels: list[
         raise DataError(ds_path, f"training entry {k} must have 'image' and 'label'")
     image = _inside(root, entry["image"], ds_path, f"training entry {k} image")
     label = _inside(root, entry["label"], ds_path, f"training entry {k} label")
-    case = _strip_suffix(image.name, (ending.lower(),) + NIFTI_SUFFIXES)
+    case = strip_suffix(image.name, (ending.lower(),) + NIFTI_SUFFIXES)
     if case is None:
         raise DataError(image, f"does not end in {ending}")
-    case = _checked_id(case, image)
+    case = checked_id(case, image)
     if image.is_file():
         files = [image]
         kinds.add(True)
@@ -231,7 +231,7 @@ def _msd_entry(root: Path, ds_path: Path, k: int, entry: object, channels: list[
         images=tuple(str(f) for f in files),
         label=str(label),
         modality=modality,
-        patient_id=None if patient is None else _checked_id(str(patient), ds_path, f"patient of case {case}"),
+        patient_id=None if patient is None else checked_id(str(patient), ds_path, f"patient of case {case}"),
     )
 
 
@@ -247,22 +247,22 @@ def _msd_scanned(
     if not images_dir.is_dir():
         raise DataError(images_dir, "not found (dataset.json has no 'training' list, so cases come from imagesTr/)")
     cases: dict[str, dict[int, Path]] = {}
-    for f in _visible(images_dir):
-        stem = _strip_suffix(f.name, (ending.lower(),))
+    for f in visible(images_dir):
+        stem = strip_suffix(f.name, (ending.lower(),))
         if stem is None or not f.is_file():
             continue
         m = _CHANNEL_FILE.match(stem)
         if not m:
-            _note(DataError(f, f"does not follow the nnU-Net naming <case>_XXXX{ending}"))
+            note_problem(DataError(f, f"does not follow the nnU-Net naming <case>_XXXX{ending}"))
             continue
         chan = int(m["chan"])
         if chan >= len(channels):
-            _note(DataError(f, f"channel {chan} is not declared in dataset.json ({len(channels)} channels)"))
+            note_problem(DataError(f, f"channel {chan} is not declared in dataset.json ({len(channels)} channels)"))
             continue
         try:
-            case = _checked_id(m["case"], f)
+            case = checked_id(m["case"], f)
         except DataError as exc:
-            _note(exc)
+            note_problem(exc)
             continue
         cases.setdefault(case, {})[chan] = f
     if not cases:
@@ -272,10 +272,10 @@ def _msd_scanned(
         absent = [c for c in range(len(channels)) if c not in files]
         for c in absent:
             missing = images_dir / f"{case}_{c:04d}{ending}"
-            _note(DataError(missing, f"channel {c} ({channels[c]}) of case {case} not found"))
+            note_problem(DataError(missing, f"channel {c} ({channels[c]}) of case {case} not found"))
         label = labels_dir / f"{case}{ending}"
         if not label.is_file():
-            _note(DataError(label, f"label of case {case} not found"))
+            note_problem(DataError(label, f"label of case {case} not found"))
             continue
         if absent:
             continue
@@ -289,9 +289,9 @@ def _msd_scanned(
                 modality=modality,
             )
         )
-    for f in _visible(labels_dir):
-        stem = _strip_suffix(f.name, (ending.lower(),))
+    for f in visible(labels_dir):
+        stem = strip_suffix(f.name, (ending.lower(),))
         if stem is not None and stem not in cases:
-            _note(DataError(f, f"label has no image {stem}_0000{ending} in imagesTr/"))
+            note_problem(DataError(f, f"label has no image {stem}_0000{ending} in imagesTr/"))
     return subjects
 

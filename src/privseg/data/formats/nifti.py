@@ -8,17 +8,17 @@ from pathlib import Path
 
 from privseg.data.cohort import Cohort, Subject
 from privseg.data.formats.common import (
-    _class_names,
-    _classes_from_labels,
-    _finish,
-    _nifti_stem,
-    _note,
-    _require_dir,
-    _site_folders,
-    _visible,
+    class_names,
+    classes_from_labels,
+    finish_cohort,
+    nifti_stem,
+    note_problem,
+    require_dir,
+    site_folders,
+    visible,
 )
-from privseg.data.formats.msd import _msd_labels
-from privseg.data.formats.pairing import _image_ids, _orphan_image_dir, _pair_by_name, _pair_dirs
+from privseg.data.formats.msd import msd_labels
+from privseg.data.formats.pairing import check_orphan_image_dir, image_ids, pair_by_name, pair_dirs
 from privseg.errors import DataError
 from privseg.utils import read_json
 
@@ -29,20 +29,20 @@ LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")
 
 def _nifti_files(folder: Path, pattern: str = "*") -> list[tuple[str, Path]]:
     out = []
-    for f in _visible(folder):
-        stem = _nifti_stem(f.name)
+    for f in visible(folder):
+        stem = nifti_stem(f.name)
         if stem is not None and f.is_file() and fnmatch(f.name, pattern):
             out.append((stem, f))
     return out
 
 
 def _has_nifti_layout(folder: Path) -> bool:
-    dirs = _pair_dirs(folder, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
+    dirs = pair_dirs(folder, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
     return bool(_nifti_files(dirs[0] if dirs else folder))
 
 
-def _is_nifti_folder(root: Path) -> bool:
-    return bool(_site_folders(root, _has_nifti_layout))
+def is_nifti_folder(root: Path) -> bool:
+    return bool(site_folders(root, _has_nifti_layout))
 
 
 def read_nifti_folder(
@@ -66,9 +66,9 @@ def read_nifti_folder(
     which must be contiguous: a file holding 0 and 17 only is refused, naming it, since only
     declared classes can say what 17 means. Multi-channel data fits the nnU-Net layout
     (``read_msd``) better."""
-    root = _require_dir(root)
-    _orphan_image_dir(root, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
-    sites = _site_folders(root, _has_nifti_layout)
+    root = require_dir(root)
+    check_orphan_image_dir(root, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
+    sites = site_folders(root, _has_nifti_layout)
     if not sites:
         raise DataError(
             root,
@@ -77,7 +77,7 @@ def read_nifti_folder(
     suffixes = tuple(label_suffixes)
     subjects = []
     for site, folder in sites:
-        dirs = _pair_dirs(folder, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
+        dirs = pair_dirs(folder, NIFTI_IMAGE_DIRS, NIFTI_LABEL_DIRS)
         if dirs is not None:
             image_files = _nifti_files(dirs[0], image_glob)
             label_files = _nifti_files(dirs[1])
@@ -90,11 +90,11 @@ def read_nifti_folder(
                 elif fnmatch(f.name, image_glob):
                     image_files.append((stem, f))
             pair_suffixes = suffixes
-        images = _image_ids(image_files)
+        images = image_ids(image_files)
         if not images:
-            _note(DataError(dirs[0] if dirs else folder, f"no NIfTI images matching {image_glob}"))
+            note_problem(DataError(dirs[0] if dirs else folder, f"no NIfTI images matching {image_glob}"))
             continue
-        pairs = _pair_by_name(images, label_files, pair_suffixes, "label")
+        pairs = pair_by_name(images, label_files, pair_suffixes, "label")
         for sid, image in images.items():
             if sid in pairs:
                 subjects.append(Subject(id=sid, site=site, images=(str(image),), label=str(pairs[sid]),
@@ -103,16 +103,16 @@ def read_nifti_folder(
         raise DataError(root, "no NIfTI image with a label could be read")
     info: dict = {"classes_inferred": classes is None}
     if classes is not None:
-        names = _class_names(classes)
+        names = class_names(classes)
     elif (root / "dataset.json").is_file():  # a dataset.json holding only "labels" declares them
         ds = read_json(root / "dataset.json", "dataset.json")
-        names, label_map = _msd_labels(ds.get("labels") if isinstance(ds, dict) else None, root / "dataset.json")
+        names, label_map = msd_labels(ds.get("labels") if isinstance(ds, dict) else None, root / "dataset.json")
         info["classes_inferred"] = False
         if label_map is not None:
             info["label_map"] = label_map
     else:
-        names = _classes_from_labels([Path(s.label) for s in subjects if s.label])
-    return _finish(
+        names = classes_from_labels([Path(s.label) for s in subjects if s.label])
+    return finish_cohort(
         subjects,
         root,
         classes=names,

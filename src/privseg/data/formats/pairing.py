@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from privseg.data.formats.common import _checked_id, _note, _visible
+from privseg.data.formats.common import checked_id, note_problem, visible
 from privseg.errors import DataError
 
 
-def _pair_dirs(folder: Path, image_dirs: Sequence[str], label_dirs: Sequence[str]) -> tuple[Path, Path] | None:
+def pair_dirs(folder: Path, image_dirs: Sequence[str], label_dirs: Sequence[str]) -> tuple[Path, Path] | None:
     for i in image_dirs:
         for m in label_dirs:
             if (folder / i).is_dir() and (folder / m).is_dir():
@@ -17,11 +17,11 @@ def _pair_dirs(folder: Path, image_dirs: Sequence[str], label_dirs: Sequence[str
     return None
 
 
-def _orphan_image_dir(root: Path, image_dirs: Sequence[str], label_dirs: Sequence[str]) -> None:
+def check_orphan_image_dir(root: Path, image_dirs: Sequence[str], label_dirs: Sequence[str]) -> None:
     """An image folder without its label folder (at the root or in a site folder) is a
     half-copied dataset; say so instead of "unknown layout" or silently skipping a site."""
-    has_pair = _pair_dirs(root, image_dirs, label_dirs) is not None
-    for folder in [root] + ([] if has_pair else [d for d in _visible(root) if d.is_dir()]):
+    has_pair = pair_dirs(root, image_dirs, label_dirs) is not None
+    for folder in [root] + ([] if has_pair else [d for d in visible(root) if d.is_dir()]):
         for name in image_dirs:
             if (folder / name).is_dir() and not any((folder / m).is_dir() for m in label_dirs):
                 raise DataError(
@@ -30,7 +30,7 @@ def _orphan_image_dir(root: Path, image_dirs: Sequence[str], label_dirs: Sequenc
 
 
 
-def _pair_by_name(
+def pair_by_name(
     images: dict[str, Path], labels: list[tuple[str, Path]], suffixes: Sequence[str], label_what: str
 ) -> dict[str, Path]:
     """Match label stems to image IDs, allowing ``<id><suffix>``. Returns ID -> label path;
@@ -41,24 +41,24 @@ def _pair_by_name(
         try:
             _pair_one(images, stem, path, suffixes, label_what, out)
         except DataError as exc:
-            _note(exc)
+            note_problem(exc)
     for key, image in images.items():
         if key not in out:
-            _note(DataError(image, f"image has no {label_what} (looked for {key}{{{','.join(suffixes)}}})"))
+            note_problem(DataError(image, f"image has no {label_what} (looked for {key}{{{','.join(suffixes)}}})"))
     return out
 
 
-def _image_ids(files: Iterable[tuple[str, Path]]) -> dict[str, Path]:
+def image_ids(files: Iterable[tuple[str, Path]]) -> dict[str, Path]:
     """Subject ID -> image file; an unsafe or repeated ID is a problem naming the file."""
     images: dict[str, Path] = {}
     for stem, f in files:
         try:
-            sid = _checked_id(stem, f)
+            sid = checked_id(stem, f)
             if sid in images:
                 raise DataError(f, f"duplicate subject ID {sid!r} (also {images[sid].name})")
             images[sid] = f
         except DataError as exc:
-            _note(exc)
+            note_problem(exc)
     return images
 
 
