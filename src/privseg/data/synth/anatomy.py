@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from privseg.data.synth.fields import _Grid, _n_ctrl, _normal_quantile, _rotation, _subject_rng
+from privseg.data.synth.fields import Grid, control_points, normal_quantile, rotation_matrix, subject_rng
 from privseg.data.synth.params import SynthParams
-from privseg.data.synth.scanner import ScannerProfile, _draw_scan, _form_image, _profile
-from privseg.data.synth.template import _Base, _base, _trilinear
+from privseg.data.synth.scanner import ScannerProfile, draw_scan, form_image, resolve_profile
+from privseg.data.synth.template import TemplateBase, template_base, trilinear
 from privseg.errors import ConfigError
 
 TISSUE_CLASSES = ("background", "CSF", "GM", "WM")
@@ -38,7 +38,7 @@ class SynthSubject:
     anatomy: dict = field(default_factory=dict)
 
 
-def _lesion_kind(lesions: bool | str) -> str | None:
+def resolve_lesion_kind(lesions: bool | str) -> str | None:
     if lesions is False or lesions is None:
         return None
     if lesions is True:
@@ -84,7 +84,7 @@ class _AnatomyDraws:
     bias_lab_ctrl: np.ndarray
 
 
-def _draw_anatomy(rng: np.random.Generator, size: int, base: _Base, params: SynthParams, kind: str | None,
+def _draw_anatomy(rng: np.random.Generator, size: int, base: TemplateBase, params: SynthParams, kind: str | None,
                   n_cls: int) -> _AnatomyDraws:
     sp = np.array(base.spacing)
     atrophy = float(rng.uniform(0, 1))
@@ -106,25 +106,25 @@ def _draw_anatomy(rng: np.random.Generator, size: int, base: _Base, params: Synt
         les_radii = rng.uniform(*params.tumour_radius_mm, 1)
     else:
         les_centres, les_radii = np.zeros((0, 3)), np.zeros(0)
-    gp = _n_ctrl(size, params.rater_patch_spacing_vox)
+    gp = control_points(size, params.rater_patch_spacing_vox)
     patch_ctrl = rng.standard_normal((1, gp, gp, gp))
-    gs = _n_ctrl(size, params.rater_shift_spacing_vox)
+    gs = control_points(size, params.rater_shift_spacing_vox)
     shift_ctrl = params.rater_shift_vox * rng.standard_normal((3, gs, gs, gs))
-    gb = _n_ctrl(size, params.rater_bias_spacing_vox)
+    gb = control_points(size, params.rater_bias_spacing_vox)
     bias_lab_ctrl = params.rater_bias * rng.standard_normal((n_cls, gb, gb, gb))
     return _AnatomyDraws(atrophy, scale, angles, shift_vox, elastic, vent, thin, thin_ctrl, rough_ctrl, les_centres,
                          les_radii, patch_ctrl, shift_ctrl, bias_lab_ctrl)
 
 
-def _output_grid(size: int, slice_index: int | None) -> _Grid:
+def _output_grid(size: int, slice_index: int | None) -> Grid:
     if slice_index is None:
-        return _Grid(size, [np.arange(size)] * 3)
+        return Grid(size, [np.arange(size)] * 3)
     if not 0 <= slice_index < size:
         raise ConfigError(f"slice_index {slice_index} is outside 0..{size - 1}")
-    return _Grid(size, [np.arange(size), np.arange(size), np.array([slice_index])])
+    return Grid(size, [np.arange(size), np.arange(size), np.array([slice_index])])
 
 
-def _warp(grid: _Grid, base: _Base, d: _AnatomyDraws, params: SynthParams,
+def _warp(grid: Grid, base: TemplateBase, d: _AnatomyDraws, params: SynthParams,
           kind: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each output voxel samples the template: affine about the centre (in mm), then elastic,
     then the ventricles' radial expansion, then a tumour's mass effect. Returns the sample positions,
@@ -132,7 +132,7 @@ def _warp(grid: _Grid, base: _Base, d: _AnatomyDraws, params: SynthParams,
     size, sp = grid.size, np.array(base.spacing)
     n_pts = int(np.prod(grid.shape))
     centre = np.full(3, (size - 1) / 2.0)
-    mat = _rotation(d.angles) @ np.diag(1 / d.scale)
+    mat = rotation_matrix(d.angles) @ np.diag(1 / d.scale)
     x = grid.mesh()
     off_mm = [(x[k] - centre[k]) * sp[k] for k in range(3)]
     pos = grid.field(d.elastic).reshape(3, n_pts)
@@ -154,26 +154,26 @@ def _warp(grid: _Grid, base: _Base, d: _AnatomyDraws, params: SynthParams,
     return pos, lesion_pos, rough
 
 
-def _rater_shift(grid: _Grid, d: _AnatomyDraws, params: SynthParams) -> tuple[np.ndarray, np.ndarray]:
+def _rater_shift(grid: Grid, d: _AnatomyDraws, params: SynthParams) -> tuple[np.ndarray, np.ndarray]:
     """Rater: inside smooth random patches the outline is drawn displaced by up to ~rater_shift_vox.
     Returns the voxels inside a patch and their displacement (3, n_active)."""
     n_pts = int(np.prod(grid.shape))
-    thr = float(_normal_quantile(1 - params.rater_patch_fraction)) if params.rater_patch_fraction > 0 else np.inf
+    thr = float(normal_quantile(1 - params.rater_patch_fraction)) if params.rater_patch_fraction > 0 else np.inf
     patch = np.clip((grid.field(d.patch_ctrl).reshape(n_pts) - thr) / 0.4, 0, 1)
     active = np.flatnonzero(patch > 0)
     dshift = grid.field(d.shift_ctrl).reshape(3, n_pts)[:, active] * patch[active]
     return active, dshift
 
 
-def _tissue_maps(grid: _Grid, base: _Base, d: _AnatomyDraws, pos: np.ndarray, active: np.ndarray,
+def _tissue_maps(grid: Grid, base: TemplateBase, d: _AnatomyDraws, pos: np.ndarray, active: np.ndarray,
                  dshift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The tissue probabilities (4, N) the image is made from and those the rater labelled from."""
     n_pts = int(np.prod(grid.shape))
-    sampled = _trilinear(base, pos)
+    sampled = trilinear(base, pos)
     p_img, near = sampled[:4], sampled[4]
     p_lab = p_img.copy()
     if active.size:
-        p_lab[:, active] = _trilinear(base, pos[:, active] + dshift)[:4]
+        p_lab[:, active] = trilinear(base, pos[:, active] + dshift)[:4]
     # Cortical thinning: part of the GM probability next to CSF becomes CSF (same in image and label).
     thin_w = d.thin * np.clip(1 + 0.5 * grid.field(d.thin_ctrl).reshape(n_pts), 0, 2) * near
     for p in (p_img, p_lab):
@@ -219,16 +219,16 @@ def render_subject(
 ) -> SynthSubject:
     """Make one subject in memory (the file writers call this). ``slice_index`` renders only that
     axial slice, with the same anatomy as the full volume except the through-plane blur."""
-    prof = _profile(profile)
+    prof = resolve_profile(profile)
     params = params or SynthParams()
-    kind = _lesion_kind(lesions)
-    base = _base(size)
+    kind = resolve_lesion_kind(lesions)
+    base = template_base(size)
     sp = np.array(base.spacing)
-    rng = _subject_rng(seed, site_index, subject_index)
+    rng = subject_rng(seed, site_index, subject_index)
     n_cls = 5 if kind else 4
     d = _draw_anatomy(rng, size, base, params, kind, n_cls)
-    scan = _draw_scan(rng, prof, params, n_cls)
-    noise_rng = _subject_rng(seed, site_index, subject_index, stream=1)
+    scan = draw_scan(rng, prof, params, n_cls)
+    noise_rng = subject_rng(seed, site_index, subject_index, stream=1)
 
     grid = _output_grid(size, slice_index)
     n_pts = int(np.prod(grid.shape))
@@ -241,7 +241,7 @@ def render_subject(
     clean = np.argmax(p_img, axis=0).astype(np.uint8).reshape(grid.shape)
     p_lab += grid.field(d.bias_lab_ctrl).reshape(n_cls, n_pts)
     label = np.argmax(p_lab, axis=0).astype(np.uint8).reshape(grid.shape)
-    img = _form_image(grid, p_img, prof, scan, sp, noise_rng, one_slice=slice_index is not None)
+    img = form_image(grid, p_img, prof, scan, sp, noise_rng, one_slice=slice_index is not None)
     if slice_index is not None:
         img, label, clean = img[:, :, 0], label[:, :, 0], clean[:, :, 0]
     anatomy = {"atrophy": round(d.atrophy, 4), "ventricle_expansion": round(d.vent, 4),

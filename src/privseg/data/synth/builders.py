@@ -10,23 +10,23 @@ from pathlib import Path
 import numpy as np
 
 from privseg.data.cohort import Cohort, Subject
-from privseg.data.synth.anatomy import LESION_CLASS, TISSUE_CLASSES, _lesion_kind, render_subject
+from privseg.data.synth.anatomy import LESION_CLASS, TISSUE_CLASSES, render_subject, resolve_lesion_kind
 from privseg.data.synth.dermoscopy import render_dermoscopy
-from privseg.data.synth.fields import _subject_rng
+from privseg.data.synth.fields import subject_rng
 from privseg.data.synth.params import SynthParams
 from privseg.data.synth.reserved import check_site_cohort
 from privseg.data.synth.scanner import CAMERA_PROFILES, SCANNER_PROFILES, ScannerProfile, default_profiles
-from privseg.data.synth.template import _base
+from privseg.data.synth.template import template_base
 from privseg.data.synth.writers import (
     FORMAT_VERSION,
     GENERATOR,
-    _check_out,
-    _msd_dataset,
-    _nifti_bytes,
-    _png_bytes,
-    _write,
-    _write_cohort,
-    _write_subject,
+    check_out,
+    msd_dataset_json,
+    nifti_bytes,
+    png_bytes,
+    write_cohort,
+    write_file,
+    write_subject_files,
 )
 from privseg.errors import ConfigError
 
@@ -79,12 +79,12 @@ def synth_cohort(
         raise ConfigError(f"layout {layout!r} is not one of {LAYOUTS}")
     if not isinstance(size, int) or not 16 <= size <= 256:
         raise ConfigError(f"size must be an integer in 16..256, got {size!r}")
-    kind = _lesion_kind(lesions)
+    kind = resolve_lesion_kind(lesions)
     names = _resolve_profiles(profiles, sites, "volume")
     if not public:  # a site cohort: no public seed or scanner (privseg.data.synth.public)
         check_site_cohort(seed, names)
     params = params or SynthParams()
-    out = _check_out(Path(out))
+    out = check_out(Path(out))
     classes = list(TISSUE_CLASSES) + ([LESION_CLASS] if kind else [])
     mods = {SCANNER_PROFILES[n].modality for n in names}
     channel = mods.pop() if len(mods) == 1 else "image"
@@ -96,19 +96,19 @@ def synth_cohort(
             img_rel, lab_rel = f"imagesTr/{sid}_0000.nii.gz", f"labelsTr/{sid}.nii.gz"
         else:
             img_rel, lab_rel = f"{sid}/{MRBRAINS_FILES[prof.modality]}", f"{sid}/segm.nii.gz"
-        return _write_subject(root, sid, si, img_rel, lab_rel, _nifti_bytes(subj.image, subj.affine, False),
-                              _nifti_bytes(subj.label, subj.affine, True), prof.modality, subj.spacing)
+        return write_subject_files(root, sid, si, img_rel, lab_rel, nifti_bytes(subj.image, subj.affine, False),
+                                   nifti_bytes(subj.label, subj.affine, True), prof.modality, subj.spacing)
 
     def manifest(root: Path, rows: list[Subject]) -> Cohort:
         if layout == "msd":
-            _write(root / "dataset.json", _msd_dataset(rows, classes, channel))
+            write_file(root / "dataset.json", msd_dataset_json(rows, classes, channel))
         info = {
             "generator": GENERATOR,
             "format_version": FORMAT_VERSION,
             "template": "MNI ICBM152 2009c nonlinear symmetric (nilearn package data)",
             "seed": seed,
             "size": size,
-            "spacing_mm": list(_base(size).spacing),
+            "spacing_mm": list(template_base(size).spacing),
             "layout": layout,
             "lesions": kind,
             "profiles": {f"H{k + 1}": asdict(SCANNER_PROFILES[n]) for k, n in enumerate(names)},
@@ -117,17 +117,17 @@ def synth_cohort(
         return Cohort(subjects=rows, classes=classes, channels=[channel], spatial_dims=3, name="privseg-synth",
                       format=layout, root=root, info=info)
 
-    return _write_cohort(out, names, subjects, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                         progress=progress, write_subject=write_subject, manifest=manifest,
-                         id_prefix="P" if public else "H")
+    return write_cohort(out, names, subjects, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                        progress=progress, write_subject=write_subject, manifest=manifest,
+                        id_prefix="P" if public else "H")
 
 
 def _slice_png(size: int, prof: ScannerProfile, seed: int, si: int, j: int, lesions: bool | str,
                params: SynthParams) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """One axial slice (through the ventricles, a few slices up or down) as 8-bit pixels, its label and
     its in-plane spacing, oriented x right, y (anterior) up, as viewers show it."""
-    base = _base(size)
-    jitter = _subject_rng(seed, si, j, stream=3).integers(-max(1, size // 20), max(1, size // 20) + 1)
+    base = template_base(size)
+    jitter = subject_rng(seed, si, j, stream=3).integers(-max(1, size // 20), max(1, size // 20) + 1)
     z = int(np.clip(round(float(base.ventricles[2]) + size * 0.04 + jitter), 0, size - 1))
     subj = render_subject(size, prof, seed, si, j, lesions=lesions, params=params, slice_index=z)
     # Fixed per-site window (no per-image stretch), as a scanner's export would do.
@@ -170,10 +170,10 @@ def synth_cohort_2d(
     if not public:
         check_site_cohort(seed, names)
     params = params or SynthParams()
-    lesion_kind = _lesion_kind(lesions) if kind == "slices" else None
+    lesion_kind = resolve_lesion_kind(lesions) if kind == "slices" else None
     if kind == "slices" and any(SCANNER_PROFILES[n].is_ct for n in names):
         raise ConfigError("2D slices are 8-bit PNGs and cannot hold CT Hounsfield units: use MR profiles")
-    out = _check_out(Path(out))
+    out = check_out(Path(out))
     if kind == "dermoscopy":
         classes, channels = ["background", "lesion"], ["R", "G", "B"]
     else:
@@ -189,8 +189,8 @@ def synth_cohort_2d(
             prof = SCANNER_PROFILES[name]
             pixels, label, spacing = _slice_png(size, prof, seed, si, j, lesion_kind or False, params)
             modality = prof.modality
-        return _write_subject(root, sid, si, f"images/{sid}.png", f"masks/{sid}.png", _png_bytes(pixels),
-                              _png_bytes(label), modality, spacing)
+        return write_subject_files(root, sid, si, f"images/{sid}.png", f"masks/{sid}.png", png_bytes(pixels),
+                                   png_bytes(label), modality, spacing)
 
     def manifest(root: Path, rows: list[Subject]) -> Cohort:
         table = CAMERA_PROFILES if kind == "dermoscopy" else SCANNER_PROFILES
@@ -209,9 +209,9 @@ def synth_cohort_2d(
         return Cohort(subjects=rows, classes=classes, channels=channels, spatial_dims=2, name=f"privseg-synth-{kind}",
                       format="image2d", root=root, info=info)
 
-    return _write_cohort(out, names, subjects, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                         progress=progress, write_subject=write_subject, manifest=manifest,
-                         id_prefix="P" if public else "H")
+    return write_cohort(out, names, subjects, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                        progress=progress, write_subject=write_subject, manifest=manifest,
+                        id_prefix="P" if public else "H")
 
 
 # --------------------------------------------------------------------------- a federation with power

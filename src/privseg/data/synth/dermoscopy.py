@@ -4,10 +4,11 @@ by the site's :class:`CameraProfile`, and the outline a rater drew around it."""
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from privseg.data.synth.anatomy import SynthSubject
-from privseg.data.synth.fields import _Grid, _subject_rng
+from privseg.data.synth.fields import Grid, subject_rng
 from privseg.data.synth.params import SynthParams
 from privseg.data.synth.scanner import CAMERA_PROFILES, CameraProfile
 from privseg.errors import ConfigError
@@ -19,14 +20,12 @@ def render_dermoscopy(
 ) -> SynthSubject:
     """One dermoscopy-like RGB image (uint8, H x W x 3) with one irregular pigmented lesion.
     The mask is the outline a rater drew: smoother than the true border, a little generous or tight."""
-    from PIL import Image, ImageDraw
-
     cam = CAMERA_PROFILES.get(profile) if isinstance(profile, str) else profile
     if cam is None:
         raise ConfigError(f"unknown camera profile {profile!r} (known: {', '.join(CAMERA_PROFILES)})")
     params = params or SynthParams()
-    rng = _subject_rng(seed, site_index, subject_index, stream=7)
-    grid = _Grid(size, [np.arange(size), np.arange(size), np.zeros(1)])
+    rng = subject_rng(seed, site_index, subject_index, stream=7)
+    grid = Grid(size, [np.arange(size), np.arange(size), np.zeros(1)])
 
     tone = rng.uniform(0, 1)
     skin = (1 - tone) * np.array([238.0, 204.0, 184.0]) + tone * np.array([186.0, 134.0, 104.0])

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.interpolate import CubicSpline
+from scipy.special import ndtri
 
 
 def _axis_weights(coords: np.ndarray, size: int, n_ctrl: int) -> np.ndarray:
@@ -23,11 +24,11 @@ def _axis_weights(coords: np.ndarray, size: int, n_ctrl: int) -> np.ndarray:
     return CubicSpline(np.arange(n_ctrl), np.eye(n_ctrl), bc_type="natural")(u)
 
 
-def _n_ctrl(size: int, spacing_vox: float) -> int:
+def control_points(size: int, spacing_vox: float) -> int:
     return max(4, int(math.ceil((size - 1) / spacing_vox)) + 1)
 
 
-class _Grid:
+class Grid:
     """A product grid of output voxel coordinates: the full volume, or one axial slice of it."""
 
     def __init__(self, size: int, axes: Sequence[np.ndarray]):
@@ -56,7 +57,7 @@ class _Grid:
         return [a.reshape([-1 if k == j else 1 for k in range(3)]) for j, a in enumerate(self.axes)]
 
 
-def _rotation(angles_deg: np.ndarray) -> np.ndarray:
+def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
     a, b, c = np.deg2rad(angles_deg)
     rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
@@ -64,11 +65,9 @@ def _rotation(angles_deg: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _subject_rng(seed: int, site: int, subject: int, stream: int = 0) -> np.random.Generator:
+def subject_rng(seed: int, site: int, subject: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, site, subject, stream]))
 
 
-def _normal_quantile(q: float) -> float:
-    from scipy.special import ndtri
-
+def normal_quantile(q: float) -> float:
     return float(ndtri(min(max(q, 1e-9), 1 - 1e-9)))

@@ -2,7 +2,7 @@
 
 A :class:`ScannerProfile` is the site's domain shift: tissue contrast for T1, T2, FLAIR or CT,
 scanner gain, a smooth multiplicative bias field, Rician (MR) or Gaussian (CT) noise, and a
-point-spread function (in-plane blur and slice thickness). :func:`_form_image` applies it to a
+point-spread function (in-plane blur and slice thickness). :func:`form_image` applies it to a
 subject's partial-volume tissue maps.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from privseg.data.synth.fields import _Grid
+from privseg.data.synth.fields import Grid
 from privseg.data.synth.params import SynthParams
 from privseg.errors import ConfigError
 
@@ -129,7 +129,7 @@ def default_profiles(n_sites: int, kind: str = "volume") -> list[str]:
     return [order[k % len(order)] for k in range(n_sites)]
 
 
-def _profile(profile: str | ScannerProfile) -> ScannerProfile:
+def resolve_profile(profile: str | ScannerProfile) -> ScannerProfile:
     if isinstance(profile, ScannerProfile):
         return profile
     if profile not in SCANNER_PROFILES:
@@ -146,7 +146,7 @@ class _ScanDraws:
     bias_ctrl: np.ndarray
 
 
-def _draw_scan(rng: np.random.Generator, prof: ScannerProfile, params: SynthParams, n_cls: int) -> _ScanDraws:
+def draw_scan(rng: np.random.Generator, prof: ScannerProfile, params: SynthParams, n_cls: int) -> _ScanDraws:
     """Draw after the anatomy, from the same stream: the order of draws is part of the cohort's seed."""
     mu = np.array(prof.intensities[:n_cls], np.float64)
     if not prof.is_ct:
@@ -159,7 +159,7 @@ def _draw_scan(rng: np.random.Generator, prof: ScannerProfile, params: SynthPara
     return _ScanDraws(mu, gain, bias_ctrl)
 
 
-def _form_image(grid: _Grid, p_img: np.ndarray, prof: ScannerProfile, scan: _ScanDraws, sp: np.ndarray,
+def form_image(grid: Grid, p_img: np.ndarray, prof: ScannerProfile, scan: _ScanDraws, sp: np.ndarray,
                 noise_rng: np.random.Generator, one_slice: bool) -> np.ndarray:
     """Image: partial-volume mix, bias field, PSF, noise."""
     img = (scan.mu.astype(np.float32) @ p_img).reshape(grid.shape)

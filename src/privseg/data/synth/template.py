@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -27,7 +28,7 @@ _ICV_SIGMA_MM, _ICV_THRESHOLD = 2.0, 0.15  # brain mask -> intracranial mask (ad
 
 
 @dataclass(frozen=True)
-class _Base:
+class TemplateBase:
     """Template probability maps on the size^3 grid, plus where things are. Built once per size."""
 
     probs: np.ndarray  # (4, s, s, s) float32: background, CSF, GM, WM; sums to 1
@@ -51,8 +52,6 @@ def _template_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
     Reading the packaged files with nibabel avoids importing ``nilearn.datasets`` (seconds of
     imports); if a future nilearn moves them, its own loaders read the same package data offline."""
-    import nibabel as nib
-
     spec = importlib.util.find_spec("nilearn")
     if spec is None or spec.origin is None:
         raise DataError("nilearn", "is not installed; the embedded cohort needs the MNI152 templates inside it")
@@ -61,7 +60,7 @@ def _template_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     if all(p.is_file() for p in paths.values()):
         imgs = {k: nib.load(str(p)) for k, p in paths.items()}
     else:
-        from nilearn import datasets
+        from nilearn import datasets  # only when the packaged files moved: importing it takes seconds
 
         imgs = {"t1": datasets.load_mni152_template(resolution=1), "gm": datasets.load_mni152_gm_template(resolution=1),
                 "wm": datasets.load_mni152_wm_template(resolution=1)}
@@ -95,7 +94,7 @@ def _block_mean(a: np.ndarray, b: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=3)
-def _base(size: int) -> _Base:
+def template_base(size: int) -> TemplateBase:
     """Crop the templates to the brain, derive CSF, resample to size^3 with partial volumes."""
     t1, gm, wm, affine1 = _template_arrays()
     vox_mm = np.abs(np.diag(affine1)[:3])
@@ -163,14 +162,14 @@ def _base(size: int) -> _Base:
     table = np.stack([np.pad(m, 1, constant_values=1.0 if c == 0 else 0.0) for c, m in enumerate(table)])
     pure = (table[0] >= 1 - 1e-3) & np.all(table[1:] <= 1e-3, axis=0)  # "air" to within 0.1 %
     air = ndimage.minimum_filter(pure.view(np.uint8), size=2, origin=-1, mode="nearest").astype(bool)
-    return _Base(
+    return TemplateBase(
         probs=small, near_csf=near, table=np.ascontiguousarray(table, dtype=np.float32), air=air.ravel(),
         spacing=spacing, affine=affine, ventricles=ventricles, ventricle_radius_mm=vrad,
         wm_sites=np.argwhere(wm_core).astype(np.float32), deep_sites=np.argwhere(deep).astype(np.float32),
     )
 
 
-def _trilinear(base: _Base, pos: np.ndarray) -> np.ndarray:
+def trilinear(base: TemplateBase, pos: np.ndarray) -> np.ndarray:
     """Trilinear samples of the base channels (probabilities, near-CSF) at ``pos`` (3, N) in voxel
     coordinates; returns (C, N). Points whose cell is pure air skip the arithmetic, and one index
     computation serves all channels: several times faster than ``map_coordinates`` per channel."""

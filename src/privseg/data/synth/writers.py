@@ -14,7 +14,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from PIL import Image
 
 from privseg.data.cohort import MANIFEST_NAME, Cohort, Subject, assign_splits
 from privseg.errors import ConfigError
@@ -26,10 +28,8 @@ GENERATOR = "privseg.data.synth"
 FORMAT_VERSION = 1
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray, is_label: bool) -> bytes:
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, is_label: bool) -> bytes:
     """Gzipped NIfTI-1 with mtime 0, so the same arrays give byte-identical files."""
-    import nibabel as nib
-
     data = array.astype(np.uint8 if is_label else np.float32)
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
@@ -40,15 +40,13 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, is_label: bool) -> bytes
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)  # noise barely compresses: be fast
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
+def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -75,7 +73,7 @@ def _is_previous_cohort(folder: Path) -> bool:
     return True
 
 
-def _check_out(out: Path) -> Path:
+def check_out(out: Path) -> Path:
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -128,16 +126,16 @@ def _ids(site: int, subjects: int, prefix: str = "H") -> list[str]:
     return [f"{prefix}{site + 1}S{j + 1:0{width}d}" for j in range(subjects)]
 
 
-def _write_subject(root: Path, sid: str, site_index: int, img_rel: str, lab_rel: str, image: bytes, label: bytes,
+def write_subject_files(root: Path, sid: str, site_index: int, img_rel: str, lab_rel: str, image: bytes, label: bytes,
                    modality: str, spacing: tuple[float, ...] | None) -> Subject:
     """Write one subject's image and label files under ``root`` and return its manifest row."""
-    _write(root / img_rel, image)
-    _write(root / lab_rel, label)
+    write_file(root / img_rel, image)
+    write_file(root / lab_rel, label)
     return Subject(id=sid, site=f"H{site_index + 1}", images=(str(root / img_rel),), label=str(root / lab_rel),
                    modality=modality, spacing=spacing)
 
 
-def _msd_dataset(rows: Sequence[Subject], classes: Sequence[str], channel: str) -> bytes:
+def msd_dataset_json(rows: Sequence[Subject], classes: Sequence[str], channel: str) -> bytes:
     """The MSD ``dataset.json``: every subject is labelled and listed under "training"; the split
     lives in the manifest."""
     dataset = {
@@ -161,7 +159,7 @@ def _msd_dataset(rows: Sequence[Subject], classes: Sequence[str], channel: str) 
     return (json.dumps(dataset, indent=2) + "\n").encode()
 
 
-def _write_cohort(
+def write_cohort(
     out: Path,
     names: Sequence[str],
     subjects: int,
