@@ -6,8 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from privseg.errors import ConfigError
+from privseg.errors import ConfigError, DataError
 from privseg.federated.sites import SiteSpec
+from privseg.federated.strategies import FL_STRATEGIES, strategy_param_names
 from privseg.privacy.spec import DPConfig
 from privseg.train.loop import TrainConfig
 from privseg.utils import check_id, setting, write_json
@@ -56,8 +57,6 @@ class FLConfig:
         check_id(self.name, "run name")
         self._migrate_privacy()
         self.strategy = self.strategy.lower()
-        from privseg.federated.strategies import FL_STRATEGIES, strategy_param_names
-
         if self.strategy not in FL_STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(FL_STRATEGIES)}")
         unknown = sorted(set(self.strategy_params) - strategy_param_names(self.strategy))
@@ -136,8 +135,6 @@ class FLConfig:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> FLConfig:
-        from privseg.errors import DataError
-
         path = Path(run_dir) / CONFIG_NAME
         try:
             return cls.from_dict(json.loads(path.read_text()))

@@ -21,6 +21,7 @@ so the repeat gives the same model.
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,8 +149,6 @@ def hold_run(run_dir: str | Path, what: str):
     """Hold the run's lock (``run_dir/.lock``) while training or erasing; a second holder in
     another process gets a clear error instead of both writing the run. The lock is an OS
     file lock, so a killed process releases it."""
-    import os
-
     path = Path(run_dir) / ".lock"
     key = str(path.resolve())
     if key in _HELD:

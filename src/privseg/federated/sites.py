@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from privseg.data.cohort import Cohort, Subject, apply_splits, read_splits
+from privseg.data.formats import read_cohort
+from privseg.data.transforms import load_preprocessed
 from privseg.errors import ConfigError, DataError
 from privseg.utils import check_id
 
@@ -56,8 +58,6 @@ class SiteSpec:
 
 
 def read_site_cohort(cohort_path: str | Path) -> Cohort:
-    from privseg.data.formats import read_cohort
-
     return read_cohort(cohort_path)
 
 
@@ -193,8 +193,6 @@ def cached_cohort(path: str):
 
 def site_items(spec: SiteSpec, split: str, spacing, capacity: int = 8) -> list[dict]:
     """The site's preprocessed subjects of one split, cached (LRU of ``capacity`` entries)."""
-    from privseg.data.transforms import load_preprocessed
-
     key = (spec.cohort, spec.cohort_site, spec.exclude, split, tuple(spacing) if spacing else None)
     if key in _CACHE:
         _CACHE.move_to_end(key)
