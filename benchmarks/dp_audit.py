@@ -1,9 +1,10 @@
 """Empirical privacy audit on the real site path: is the accounted ε tight, and does the audit
 catch the ways the guarantee used to break?
 
-Estimators and the Dirac canary live in :mod:`privseg.audit.dp` (unit-tested); this script
-runs the arms, each trial one DP step of a real site (``make_private``: plan, ledger, noise
-bound to the release's inputs, per-patient clipping; AdamW; q = 1), 4 patients + the canary:
+The estimators live in :mod:`privseg.audit.epsilon`, the Dirac canary in :mod:`privseg.audit.dp`
+(both unit-tested); this script runs the arms, each trial one DP step of a real site
+(``make_private``: plan, ledger, noise bound to the release's inputs, per-patient clipping;
+AdamW; q = 1), 4 patients + the canary:
 
 * ``secret``: privseg's default (a secret key per site) -- the lower bound must sit below the
   mechanism's exact ε (PLD) and, for a tight audit, near it (``lower_bound_ratio``);
@@ -295,7 +296,7 @@ TIMING_CONTROL = 0.5  # the unpadded correlation that shows the channel is there
 
 
 def cell(eps_target: float, trials: int, check_trials: int, quiet: bool) -> dict:
-    from privseg.audit.dp import cp_lower_bound, exact_epsilon, gdp_lower_bound
+    from privseg.audit.epsilon import empirical_epsilon, exact_epsilon
     from privseg.privacy import StepEvent, epsilon
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -311,11 +312,11 @@ def cell(eps_target: float, trials: int, check_trials: int, quiet: bool) -> dict
         for name, fn in arms.items():
             t0 = time.perf_counter()
             s_in, s_out = fn()
-            gdp, cp = gdp_lower_bound(s_in, s_out, DELTA), cp_lower_bound(s_in, s_out, DELTA)
+            bounds = empirical_epsilon(s_in, s_out, DELTA)
+            gdp, cp, lower = bounds["gdp"], bounds["clopper_pearson"], bounds["lower_bound"]
             releases = 2 if name.startswith("reuse") else 1
             # what the ledger books: the old path replaced a re-run round's row (one release); the new, both
             booked = accounted if name != "reuse-new-path" else epsilon([StepEvent(1.0, a.sigma, 2)], DELTA)
-            lower = max(gdp["epsilon"], cp["epsilon"])
             out["arms"][name] = {"gdp": gdp, "clopper_pearson": cp, "lower_bound": lower, "booked_epsilon": booked,
                                  "releases": releases, "exceeds_booked": bool(lower > booked),
                                  "score_in_mean": float(s_in.mean()), "score_out_mean": float(s_out.mean()),
