@@ -28,8 +28,8 @@ from privseg.privacy.clipping import Normalising, clip_factors, make_clipper
 from privseg.privacy.grad_sample import GRAD_METHODS, global_norm
 from privseg.privacy.plan import NOISE_REF, plan_for, plan_training, public_cohort_size
 from privseg.train import TrainConfig
-from privseg.train.checkpoint import load_checkpoint, load_ema, save_checkpoint, training_weights
-from privseg.train.ema import WeightEMA, ema_of_checkpoints, warmup_decay
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
+from privseg.train.ema import WeightEMA, ema_of_checkpoints, load_ema, warmup_decay
 from privseg.train.losses import SegLoss
 
 

@@ -1,5 +1,5 @@
-"""Public warm start and partial fine-tuning (issue 26, item 5): --init, --trainable, the public
-cohort no site's patient is in, and DP noise and clipping over the trainable parameters only."""
+"""Public warm start (issue 26, item 5): --init (privseg.train.initial), the public cohort no site's patient
+is in, train --public and a federation fine-tuning from it (--trainable: test_trainable.py)."""
 
 from __future__ import annotations
 
@@ -10,58 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import volume_items
 from privseg.data import synth
 from privseg.data.synth.public import PUBLIC_PROFILES, PUBLIC_SEED_BASE, public_cohort
 from privseg.errors import CheckpointError, ConfigError
 from privseg.models import encoder_decoder_params
-from privseg.privacy import NoiseSource, PatientDPSGD
 from privseg.train import TrainConfig, Trainer
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint
-from privseg.train.warm_start import BUNDLE_WEIGHTS, TRAINABLE, init_record, set_trainable, train_public
+from privseg.train.initial import BUNDLE_WEIGHTS, init_record, initial_model
+from privseg.train.warm_start import train_public
 
 
 def _cfg(**kw) -> TrainConfig:
     return TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), device="cpu", num_classes=3, **kw)
-
-
-def _trainable(model) -> dict:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def test_trainable_chooses_norms_and_decoder():
-    model = _cfg(trainable="all").build_model()
-    total = sum(p.numel() for p in model.parameters())
-    assert set(_trainable(model)) == {n for n, _ in model.named_parameters()}
-    net = _cfg(trainable="norms").build_model()
-    norms = _trainable(net)
-    of_norms = {f"{m}.{n}" for m, mod in net.named_modules() if isinstance(mod, torch.nn.GroupNorm)
-                for n, _ in mod.named_parameters()}
-    assert norms and set(norms) == of_norms  # scales and shifts of every GroupNorm, nothing else
-    dec = _cfg(trainable="decoder").build_model()
-    assert {id(p) for p in _trainable(dec).values()} == {id(p) for p in encoder_decoder_params(dec)[1]}
-    both = _cfg(trainable="norms+decoder").build_model()
-    assert set(_trainable(both)) == set(norms) | set(_trainable(dec))
-    assert 0 < set_trainable(both, "norms+decoder") < total
-    with pytest.raises(ConfigError, match="--trainable 'encoder'"):
-        _cfg(trainable="encoder")
-    assert TRAINABLE == ("all", "norms", "decoder", "norms+decoder")
-
-
-@pytest.mark.parametrize("which", ["decoder", "norms"])
-def test_dp_noise_and_clipping_touch_only_the_trainable_parameters(which, monkeypatch):
-    cfg = _cfg(trainable=which, patches_per_subject=1)
-    model = cfg.build_model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    eng = PatientDPSGD(q=1.0, n_subjects=4, multipliers=[1.0] * 2, noise=NoiseSource.reproducible(0), aug_mult=1)
-    drawn, gaussian = [], NoiseSource.gaussian
-    monkeypatch.setattr(NoiseSource, "gaussian",
-                        lambda self, what, step, n, *a: (drawn.append((what, n)), gaussian(self, what, step, n, *a))[1])
-    eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), volume_items(4, size=10), cfg, 0, 2)
-    trainable = _trainable(model)
-    assert [n for what, n in drawn if what == "gradient"] == [sum(p.numel() for p in trainable.values())] * 2
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) == (n not in trainable), n  # frozen: bit for bit; trained: moved
 
 
 def _saved(tmp_path: Path, cfg: TrainConfig, name: str = "pub.pt", extra: dict | None = None) -> tuple[Path, dict]:
@@ -78,17 +38,17 @@ def test_init_reads_a_checkpoint_a_bundle_and_a_state_dict(tmp_path):
     (bundle / BUNDLE_WEIGHTS).write_bytes(path.read_bytes())
     torch.save(weights, tmp_path / "resnet_like.pth")
     for source in (path, bundle, tmp_path / "resnet_like.pth"):
-        got = _cfg(init=str(source)).initial_model().state_dict()
+        got = initial_model(_cfg(init=str(source))).state_dict()
         assert all(torch.equal(got[k], v) for k, v in weights.items()), source
     fresh = _cfg(init=str(path)).build_model().state_dict()  # a site's model: no file read
     assert not all(torch.equal(fresh[k], v) for k, v in weights.items())
     other, _ = _saved(tmp_path, TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), num_classes=5), "other.pt")
     with pytest.raises(CheckpointError, match="other.pt.*does not fit"):
-        _cfg(init=str(other)).initial_model()
+        initial_model(_cfg(init=str(other)))
     with pytest.raises(CheckpointError, match="missing.pt"):
-        _cfg(init=str(tmp_path / "missing.pt")).initial_model()
+        initial_model(_cfg(init=str(tmp_path / "missing.pt")))
     with pytest.raises(CheckpointError, match="no MONAI bundle"):
-        _cfg(init=str(tmp_path)).initial_model()
+        initial_model(_cfg(init=str(tmp_path)))
 
 
 def test_trainer_starts_from_init_and_keeps_the_frozen_part(tiny_cohort, tmp_path):

@@ -14,6 +14,7 @@ from privseg.privacy import DPConfig, check_dp_model
 from privseg.privacy.plan import plan_for
 from privseg.privacy.spec import dp_from_options
 from privseg.train import TrainConfig
+from privseg.train.initial import initial_model
 from privseg.utils import check_id, parse_params
 
 
@@ -71,7 +72,7 @@ def fl_config(*, sites: Sequence[SiteSpec], train: TrainConfig, name: str = "fl"
     ``strategy``, ...: their defaults are on its fields). The model is built once so a bad name, or
     an ``init`` that does not fit, fails before any process starts; DP budgets must name known
     sites and the model must suit per-patient clipping."""
-    built = train.initial_model()
+    built = initial_model(train)
     cfg = FLConfig(name=name, sites=list(sites), train=train, **fields)
     if dp is not None:
         unknown = set(dp.sites) - set(cfg.site_ids)

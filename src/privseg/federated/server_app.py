@@ -29,10 +29,11 @@ from flwr.serverapp import Grid, ServerApp
 from privseg.errors import ConfigError, SiteFailure
 from privseg.federated import private
 from privseg.federated.config import FLConfig
+from privseg.federated.guard import attach_guard
 from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
-from privseg.train.checkpoint import load_checkpoint, load_ema, save_checkpoint, training_weights
-from privseg.train.ema import WeightEMA
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
+from privseg.train.ema import WeightEMA, load_ema
 from privseg.utils import atomic_path, seed_everything
 
 RoundCallback = Callable[[dict], None]
@@ -152,12 +153,10 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
     model, start, ema = _initial_model(cfg, state)
     strategy = strategy or build_strategy(cfg.strategy, min_sites=cfg.min_sites, fraction=cfg.fraction,
                                           proximal_mu=cfg.proximal_mu, params=cfg.strategy_params)
-    private.attach_privacy(strategy, cfg, run_dir)  # privseg.privacy: client-level DP-FedAvg
-    from privseg.federated.guard import attach_guard
-
-    attach_guard(strategy, cfg, run_dir)  # first of the update hooks: before any clipping or averaging
     arrays = state_to_arrays(model.state_dict())
     strategy.reference_dtypes = {k: arrays[k].numpy().dtype for k in arrays.keys()}
+    strategy = private.private_strategy(strategy, cfg, run_dir)  # client-level DP: DP-FedAvg wraps the strategy
+    attach_guard(strategy, cfg, run_dir)  # first of the update hooks: before any clipping or averaging
     state.data.update({"name": cfg.name, "strategy": cfg.strategy, "rounds_planned": cfg.rounds,
                        "sites": cfg.site_ids})
     if start > cfg.rounds:
@@ -196,7 +195,7 @@ def _run_server(grid: Grid, run_dir: Path, *, on_round: RoundCallback | None, ro
         if repair:
             entry["erasure"] = repair  # a repair round of that erasure request
         # client-level DP samples sites by Poisson: any number (none included) is a round to release
-        if len(ok) >= cfg.min_sites or getattr(strategy, "node_selector", None) is not None:
+        if len(ok) >= cfg.min_sites or private.releases_every_round(strategy):
             if cfg.keep_updates:
                 entry["updates"] = {_site_of(m, node_site): _save_update(state, r, _site_of(m, node_site), m)
                                     for m in ok}

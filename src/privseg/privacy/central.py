@@ -8,9 +8,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from privseg.errors import BudgetExceededError, ConfigError
+from privseg.privacy.budget import BudgetLedger, ledger_path
 from privseg.privacy.engine import check_dp_model
 from privseg.privacy.site import make_private, noise_source
 from privseg.privacy.spec import DPConfig
+from privseg.utils import pick_device, seed_everything
 
 
 def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: str = "central",
@@ -23,20 +25,21 @@ def train_private(cohort, config, dp: DPConfig, out_dir: str | Path, *, site: st
     checkpoint serves the weights' EMA (:mod:`privseg.train.ema`, post-processing, booked nothing)
     and keeps the last iterate to resume from; the returned ``model`` is the served one. Returns
     the trainer's result plus ``epsilon`` / ``delta`` / ``clip`` / ``plan``."""
+    # why: privseg.train and privseg.data.transforms import MONAI (seconds); privseg.privacy's ledgers and plans
+    # are read without them (console, reports)
     from privseg.data.cohort import write_splits
     from privseg.data.transforms import load_preprocessed
-    from privseg.privacy.budget import BudgetLedger, ledger_path
-    from privseg.train.checkpoint import load_checkpoint, load_ema, save_checkpoint, training_weights
-    from privseg.train.ema import WeightEMA
+    from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
+    from privseg.train.ema import WeightEMA, load_ema
+    from privseg.train.initial import initial_model
     from privseg.train.loop import make_optimizer
-    from privseg.utils import pick_device, seed_everything
 
     out_dir = Path(out_dir)
     subjects = cohort.select("train")
     if not subjects:
         raise ConfigError(f"cohort {cohort.name} has no training subjects")
     seed_everything(config.seed)
-    model = (config.build_model() if resume and (out_dir / "last.pt").exists() else config.initial_model())
+    model = (config.build_model() if resume and (out_dir / "last.pt").exists() else initial_model(config))
     model = model.to(pick_device(config.device))
     check_dp_model(model)
     optimizer = make_optimizer(model, config)

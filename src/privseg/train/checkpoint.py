@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from privseg.errors import CheckpointError
-from privseg.train.ema import WeightEMA
+from privseg.errors import CheckpointError, ConfigError
+from privseg.models import build_model
+from privseg.train.config import TrainConfig
 from privseg.utils import atomic_path, load_weights_only, versions  # load_weights_only: also read from here
 
 FORMAT = "privseg-checkpoint/1"
 
 
+class Averaged(Protocol):
+    """What a checkpoint keeps of a weight average (:class:`privseg.train.ema.WeightEMA`)."""
+
+    def state_dict(self, like: torch.nn.Module | None = None) -> dict[str, torch.Tensor]: ...
+
+    def record(self) -> dict: ...
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: dict, step: int = 0,
                     optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
-                    ema: WeightEMA | None = None) -> Path:
+                    ema: Averaged | None = None) -> Path:
     """Write ``model`` (and optionally the optimizer) with its config; a crash mid-write
     leaves the previous file untouched. With ``ema`` the served weights (``"model"``, what
     evaluate, predict and unlearn load) are the average, and the last iterate, which training
@@ -50,14 +59,6 @@ def training_weights(payload: dict) -> dict:
     """The weights training resumes from: the last iterate (``"train_model"``) when the served
     ``"model"`` is an EMA, else ``"model"``."""
     return payload.get("train_model", payload["model"])
-
-
-def load_ema(payload: dict, model: torch.nn.Module) -> WeightEMA | None:
-    """The checkpoint's weight average, to continue it on resume (None when it has none)."""
-    rec = payload.get("ema")
-    if not isinstance(rec, dict):
-        return None
-    return WeightEMA(model, rec["decay"], updates=int(rec["updates"]), shadow=payload["model"])
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -100,9 +101,6 @@ def _check_payload(payload: dict, path: Path) -> None:
     if cfg["spatial_dims"] not in (2, 3) or cfg["in_channels"] < 1 or cfg["num_classes"] < 2:
         raise CheckpointError(f"{path}: checkpoint config has impossible dimensions (spatial_dims "
                               f"{cfg['spatial_dims']}, in_channels {cfg['in_channels']}, classes {cfg['num_classes']})")
-    from privseg.errors import ConfigError
-    from privseg.train.loop import TrainConfig
-
     try:
         TrainConfig.from_dict(cfg)
     except (ConfigError, TypeError, ValueError) as exc:
@@ -113,8 +111,6 @@ def _check_payload(payload: dict, path: Path) -> None:
 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
     """Rebuild the network named in the checkpoint's config and load its weights."""
-    from privseg.models import build_model
-
     cfg = payload["config"]
     try:
         model = build_model(cfg["model"], in_channels=cfg["in_channels"], num_classes=cfg["num_classes"],

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from privseg.errors import ConfigError
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 def warmup_decay(decay: float, t: int) -> float:
@@ -65,12 +66,19 @@ class WeightEMA:
         return {"decay": self.decay, "updates": self.updates}
 
 
+def load_ema(payload: dict, model: torch.nn.Module) -> WeightEMA | None:
+    """A checkpoint's weight average (:meth:`WeightEMA.record` beside the averaged ``"model"``), to
+    continue it on resume (None when it has none)."""
+    rec = payload.get("ema")
+    if not isinstance(rec, dict):
+        return None
+    return WeightEMA(model, rec["decay"], updates=int(rec["updates"]), shadow=payload["model"])
+
+
 def ema_of_checkpoints(paths: Sequence[str | os.PathLike], decay: float, steps_each: int = 1) -> dict:
     """The EMA over the weights of ``paths`` in order (e.g. a federation's global checkpoints of
     rounds 0, 1, ..., each standing for ``steps_each`` steps); the first starts the average.
     Returns the state dict of the averaged weights."""
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
     if not paths:
         raise ConfigError("EMA over checkpoints: no checkpoints given")
     model = model_from_checkpoint(load_checkpoint(paths[0]), paths[0])
@@ -86,8 +94,6 @@ def write_ema_checkpoint(paths: Sequence[str | os.PathLike], out: str | os.PathL
     """:func:`ema_of_checkpoints` written as a privseg checkpoint ``out`` (config of the last
     input; ``extra["ema"]`` records the decay and the checkpoints it averages, ``extra["dp"]`` is
     kept as provenance, nothing else of the inputs' ``extra`` is)."""
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-
     last = load_checkpoint(paths[-1])
     model = model_from_checkpoint(last, paths[-1])
     model.load_state_dict(ema_of_checkpoints(paths, decay, steps_each))

@@ -2,14 +2,14 @@
 
 ``train_steps`` is the one training loop; the :class:`Trainer` adds checkpointing and
 resume on top, the federated client calls ``train_steps`` for its local epochs, and the
-privacy module swaps in a DP step through ``step_fn``.
+privacy module swaps in a DP step through ``step_fn``. What a run trains is its
+:class:`~privseg.train.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -19,85 +19,12 @@ import torch
 from privseg.data.cohort import Cohort, write_splits
 from privseg.data.transforms import PatchSampler, load_preprocessed
 from privseg.errors import ConfigError
-from privseg.models import build_model
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+from privseg.train.config import TrainConfig
+from privseg.train.initial import initial_model
 from privseg.train.losses import SegLoss
 from privseg.train.tracking import RunTracker
-from privseg.train.warm_start import check_trainable, load_init, set_trainable
-from privseg.utils import pick_device, seed_everything, setting
-
-
-@dataclass
-class TrainConfig:
-    """What a training run needs; stored in every checkpoint. Each field's default and help text
-    (``dataclasses.fields(TrainConfig)[i].metadata["help"]``) are also those of the command-line
-    option that sets it (``privseg train --lr``)."""
-
-    model: str = setting("unet", "Network name (unet, unet_tiny, resnet10/18/34/50).")
-    norm: str = setting("group", "batch, group or instance.")
-    patch_size: tuple[int, ...] = setting((64, 64, 64), "Patch shape in voxels, one side per spatial dimension.")
-    subjects_per_step: int = setting(2, "Subjects sampled per optimisation step.", min=1)
-    patches_per_subject: int = setting(2, "Patches drawn from each sampled subject.", min=1)
-    steps: int = setting(300, "Optimisation steps.", min=1)
-    lr: float = setting(2e-3, "Learning rate.")
-    weight_decay: float = setting(1e-5, "Weight decay.")
-    seed: int = setting(0, "Random seed.")
-    spacing: tuple[float, ...] | None = setting(None, "Voxel spacing in mm to resample 3D volumes to (None: keep "
-                                                "each volume's own).")
-    checkpoint_every: int = setting(50, "Steps between checkpoints.", min=1)
-    device: str = setting("auto", "auto, cpu or cuda.")
-    in_channels: int = setting(1, "Input channels (the cohort's channels).")
-    num_classes: int = setting(4, "Output classes, background included.")
-    spatial_dims: int = setting(3, "2 or 3.")
-    init: str | None = setting(None, "Start from these weights: a privseg checkpoint (e.g. from train --public), a "
-                               "MONAI bundle (privseg export) or a MedicalNet .pth (privseg.models.warm_start).")
-    trainable: str = setting("all", "Parameters trained: all, norms, decoder or norms+decoder (the rest stay as "
-                             "--init gave them; under DP they get no clipping and no noise).")
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)
-        if len(self.patch_size) != self.spatial_dims or any(p < 8 for p in self.patch_size):
-            raise ConfigError(f"patch_size {self.patch_size} must have {self.spatial_dims} sides of at least 8 voxels")
-        for name in ("subjects_per_step", "patches_per_subject", "steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive (got {self.lr})")
-        check_trainable(self.trainable)
-
-    @classmethod
-    def for_cohort(cls, cohort: Cohort, **kw) -> TrainConfig:
-        if "patch_size" not in kw:
-            kw["patch_size"] = (64,) * cohort.spatial_dims if cohort.spatial_dims == 3 else (128, 128)
-        return cls(in_channels=len(cohort.channels), num_classes=cohort.num_classes,
-                   spatial_dims=cohort.spatial_dims, **kw)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        d["spacing"] = list(self.spacing) if self.spacing else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def build_model(self) -> torch.nn.Module:
-        """The network, with only the ``trainable`` parameters requiring gradients."""
-        model = build_model(self.model, in_channels=self.in_channels, num_classes=self.num_classes,
-                            spatial_dims=self.spatial_dims, norm=self.norm)
-        set_trainable(model, self.trainable)
-        return model
-
-    def initial_model(self) -> torch.nn.Module:
-        """The model a fresh run starts from: :meth:`build_model` with the ``init`` weights, if any
-        (a resumed run, or a site receiving the global model, builds with :meth:`build_model`)."""
-        model = self.build_model()
-        if self.init:
-            load_init(model, self.init)
-        return model
+from privseg.utils import pick_device, seed_everything
 
 
 class StepFn(Protocol):
@@ -172,7 +99,7 @@ class Trainer:
         cfg = self.config
         seed_everything(cfg.seed)
         resuming = resume and self.checkpoint_path.exists()
-        model = (cfg.build_model() if resuming else cfg.initial_model()).to(self.device)
+        model = (cfg.build_model() if resuming else initial_model(cfg)).to(self.device)
         optimizer = make_optimizer(model, cfg)
         start, history = 0, []
         if resuming:
