@@ -22,7 +22,7 @@ at 40 rounds (1,920 site steps), membership AUC 0.600 (null 0.611) with FedAvg a
    it chooses the erased patients: the 4 most memorised training patients (highest calibrated
    statistic) and 4 others at random (seeded).
 4. ``patient-m1`` .. ``m4`` and ``patient-r1`` .. ``r4``: a federated retrain without the patient
-   (the gold standard), then ``privseg.unlearn.federated.erase`` of the patient on a copy of the
+   (the gold standard), then ``privseg.erasure.federated.erase`` of the patient on a copy of the
    run with the study's Noisy Label (local unlearning at its site, stopped by the calibrated test,
    then one repair round with every site), verified against that retrain and the reference models:
    the baseline rows.
@@ -205,10 +205,10 @@ def original_cell(s: dict, shared: Path) -> dict:
 
     from privseg.audit.mia import PowerCheckError, power_check_model
     from privseg.data.transforms import load_preprocessed
+    from privseg.erasure.federated import round_seconds
     from privseg.federated import RunState
     from privseg.federated.simulation import run_rounds
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from privseg.unlearn.federated import round_seconds
 
     cohort = _cohort(s, shared)
     cfg = _fl_config(s, cohort)
@@ -358,8 +358,8 @@ def _site_of(shared: Path, pid: str) -> str:
 
 def _retrain(shared: Path, out: Path, **kw) -> tuple[Path, float, float]:
     """A federated retrain into ``out`` (reused when it finished before); (checkpoint, wall, CPU)."""
+    from privseg.erasure.federated import federated_retrain, round_seconds
     from privseg.federated import RunState
-    from privseg.unlearn.federated import federated_retrain, round_seconds
 
     run = _original(shared)
     if not ((out / "state.json").exists() and RunState.load(out).status == "finished"):
@@ -437,7 +437,7 @@ def _recorded_retrain(s: dict, shared: Path, pid: str) -> dict | None:
 
 
 def patient_cell(s: dict, work: Path, shared: Path) -> dict:
-    from privseg.unlearn.federated import ErasureRequest, erase
+    from privseg.erasure.federated import ErasureRequest, erase
 
     cells_dir = shared.parent.parent / "cells"
     _require_power(cells_dir, s["subjects"] < 16)
@@ -474,7 +474,7 @@ def site_retrain_cell(s: dict, work: Path, shared: Path) -> dict:
 
 
 def site_cell(s: dict, work: Path, shared: Path) -> dict:
-    from privseg.unlearn.federated import ErasureRequest, erase
+    from privseg.erasure.federated import ErasureRequest, erase
 
     retrain = shared.parent / "site-retrain" / "retrain"
     ckpt, r_wall, r_cpu = _retrain(shared, retrain, drop_site=s["site"])

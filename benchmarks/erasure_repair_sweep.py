@@ -3,7 +3,7 @@
 A side study of ``benchmarks/erasure.py`` (issue 14, item 2), run on its patient ``m1`` (the most
 memorised training patient by the calibrated test) once that cell is done: its federated retrain
 and the trained original are reused, each setting erases the patient from a fresh copy of the
-original run (``privseg.unlearn.federated.erase`` with ``--target calibrated``), and the
+original run (``privseg.erasure.federated.erase`` with ``--target calibrated``), and the
 verification compares with the retrain. The question: does a setting exist that keeps retain and
 test Dice >= 0.98 of the retrain's while the calibrated test no longer flags the patient
 (p >= 0.05), at <= 0.05 of the retrain's CPU time?
@@ -34,7 +34,7 @@ SLOT = "m1"
 
 
 def run_setting(shared: Path, cell: dict, retrain: Path, method: str, repair: int, work: Path) -> dict:
-    from privseg.unlearn.federated import ErasureRequest, erase
+    from privseg.erasure.federated import ErasureRequest, erase
 
     run = erasure._copy_of_original(shared, work / "run")
     res = erase(run, ErasureRequest(kind="patient", site=cell["site"], subjects=(cell["patient"],),

@@ -156,7 +156,7 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     """The federated run folder and the :class:`ErasureRequest` of the erase options: a patient
     (``subject``, repeatable or ``A,B``) or a whole site; ``param`` as KEY=VALUE items; thresholds
     left out take the defaults."""
-    from privseg.unlearn.federated import ErasureRequest
+    from privseg.erasure.federated import ErasureRequest
 
     if not site:
         raise ConfigError("--site is required")
@@ -169,7 +169,7 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     given = {"max_mia_auc": max_mia_auc, "min_retain_dice_ratio": min_retain_dice_ratio,
              "min_test_dice_ratio": min_test_dice_ratio}
     if fields.get("method") is None:  # picked from the run (reference models or not), and said why
-        from privseg.unlearn.request import default_method
+        from privseg.erasure.request import default_method
 
         fields["method"], fields["method_reason"] = default_method(run_dir, "site" if whole_site else "patient")
     return run_dir, ErasureRequest(kind="site" if whole_site else "patient", site=site, subjects=subjects,
@@ -186,15 +186,15 @@ def federated_run(run: str | None) -> Path:
 
 def erase_from_run(run_dir: Path, request, references: int | None = None, backend: str = "in-process",
                    on_stage: Callable[[str, str], None] | None = None, **kw):
-    """``privseg.unlearn.federated.erase`` under the run's lock, so that a request refused before
+    """``privseg.erasure.federated.erase`` under the run's lock, so that a request refused before
     anything was recorded leaves the run as it was: the library opens the ledger before it
     validates the request, and an empty erasure/ledger.db would claim the run has an erasure
     history. The lock means no other erasure can be writing to a ledger this removes. With
     ``references``, that many reference models of the run are trained (or reused) first, for the
     per-patient membership test."""
     from privseg.audit.ledger import ErasureLedger
+    from privseg.erasure.federated import LEDGER, erase
     from privseg.federated.runstate import hold_run
-    from privseg.unlearn.federated import LEDGER, erase
 
     say = on_stage or (lambda stage, msg: None)
     if references:
@@ -235,7 +235,7 @@ def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = N
     """Write the certificate of one erasure request of the run (JSON, printable HTML) into
     ``out_dir`` (default: RUN/erasure/); returns their paths."""
     from privseg.audit.certificate import write_certificate
-    from privseg.unlearn.federated import LEDGER
+    from privseg.erasure.federated import LEDGER
 
     return write_certificate(run_dir / LEDGER, request_id, out_dir or run_dir / "erasure")
 
@@ -243,7 +243,7 @@ def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = N
 def erasure_requests(run_dir: Path) -> list[dict]:
     """The erasure requests recorded in a run's ledger (none when it has no ledger)."""
     from privseg.audit.ledger import ErasureLedger
-    from privseg.unlearn.federated import LEDGER
+    from privseg.erasure.federated import LEDGER
 
     path = run_dir / LEDGER
     return ErasureLedger(path, create=False).requests() if path.exists() else []

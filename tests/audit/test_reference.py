@@ -23,12 +23,12 @@ from privseg.audit import reference as refmod
 from privseg.audit.certificate import membership_statements, render_html, summarise, write_certificate
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
+from privseg.erasure import federated as fed
+from privseg.erasure.federated import LEDGER, ErasureRequest, erase
 from privseg.errors import ConfigError
 from privseg.federated import FLConfig
 from privseg.federated import retrain as fed_retrain
 from privseg.train import TrainConfig
-from privseg.unlearn import federated as fed
-from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 SIZE = 16
 LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}

@@ -119,10 +119,10 @@ def test_config_options_take_default_and_help_from_the_config():
     from privseg.cli.erase import REQUEST
     from privseg.cli.fl import FEDERATION
     from privseg.cli.ui import DP, ERASURE, STEPS, TRAINING
+    from privseg.erasure.request import ErasureRequest
     from privseg.federated import FLConfig
     from privseg.privacy.spec import DPConfig
     from privseg.train import TrainConfig
-    from privseg.unlearn.request import ErasureRequest
 
     groups = ((TRAINING, TrainConfig, {}), (STEPS, TrainConfig, {}), (FEDERATION, FLConfig, {"mu": "proximal_mu"}),
               (DP, DPConfig, {"dp": "unit", "dp_method": "method"}), (ERASURE, ErasureRequest, {}),

@@ -24,12 +24,12 @@ from conftest import tiny_federation
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import GENESIS, ErasureLedger
 from privseg.cli import main as cli_main
+from privseg.erasure.federated import LEDGER, ErasureRequest, erase
 from privseg.errors import ConfigError
 from privseg.federated import FLConfig, RunState
 from privseg.federated.runstate import hold_run
 from privseg.federated.simulation import run_rounds
 from privseg.federated.sites import read_site_cohort, site_subjects
-from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
 ROUNDS = 3
@@ -185,7 +185,7 @@ def test_a_failed_site_is_named_through_each_flower_transport():
 def test_retry_advice_follows_the_failed_checks():
     """Repair rounds restore Dice and bring the patient back (the erasure benchmark measured it), so
     a failed membership check never gets "more repair rounds" as advice."""
-    from privseg.unlearn.verification import retry_advice
+    from privseg.erasure.verification import retry_advice
 
     def verification(*failed: str) -> dict:
         return {"checks": {"test_dice_ratio": {"ok": True}, "membership_calibrated_info": {"ok": None},
@@ -266,7 +266,7 @@ def test_site_erasure_with_federaser_and_retrain(run, trained, tmp_path):
 CHILD = textwrap.dedent("""
     import os, signal, sys
     from privseg.audit.ledger import ErasureLedger
-    from privseg.unlearn.federated import ErasureRequest, erase
+    from privseg.erasure.federated import ErasureRequest, erase
     run, subject, point = sys.argv[1], sys.argv[2], sys.argv[3]
     original = ErasureLedger.append
     def append(self, request, event, body):
@@ -374,7 +374,7 @@ def test_erasure_request_ids_are_stable_and_settings_do_not_change_them():
 
 
 def test_verification_against_a_federated_retrain_is_calibrated_by_it(run, tmp_path):
-    from privseg.unlearn.federated import federated_retrain
+    from privseg.erasure.federated import federated_retrain
 
     cohort, d = run
     req = patient_request(cohort)

@@ -13,10 +13,7 @@ import torch
 from conftest import tiny_federation
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.errors import ConfigError
-from privseg.federated import FLConfig, RunState
-from privseg.train.checkpoint import load_checkpoint
-from privseg.unlearn.federated import (
+from privseg.erasure.federated import (
     LEDGER,
     SITE_ERASERS,
     ErasureRequest,
@@ -25,7 +22,10 @@ from privseg.unlearn.federated import (
     federated_retrain,
     round_seconds,
 )
-from privseg.unlearn.fedrecover import FedRecoverHook, fedrecover_schedule, lbfgs_hvp
+from privseg.erasure.fedrecover import FedRecoverHook, fedrecover_schedule, lbfgs_hvp
+from privseg.errors import ConfigError
+from privseg.federated import FLConfig, RunState
+from privseg.train.checkpoint import load_checkpoint
 
 ROUNDS = 8
 FEW_EXACT = {"warmup": 1, "correction": 100, "final": 1, "max_extra": 0}  # 2 exact rounds of 8

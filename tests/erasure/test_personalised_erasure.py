@@ -1,4 +1,4 @@
-"""An erasure covers every model a site serves (privseg.unlearn.personalised): the personalised
+"""An erasure covers every model a site serves (privseg.erasure.personalised): the personalised
 models are redone from the erased global model without the patient, or deleted, and the
 certificate says which models the erasure covered.
 
@@ -17,10 +17,10 @@ import torch
 from conftest import LOOSE, small_fl_config, val_cohort
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import ErasureLedger, file_sha256
+from privseg.erasure.federated import LEDGER, ErasureRequest, erase
 from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess
 from privseg.train import load_checkpoint
-from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from conftest import LOOSE, tiny_dp_run
 from privseg.audit.certificate import summarise
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
+from privseg.erasure.federated import LEDGER, ErasureRequest, erase
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.federated import FLConfig
 from privseg.privacy import BudgetLedger, DPConfig
-from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 
 def test_patient_erasure_from_a_dp_run_is_dp_and_booked(tmp_path, capsys):
@@ -72,10 +72,10 @@ def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
 def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_path, capsys):
     """Issue 27, item 4: with the default budget and erasure reserve, training leaves room for one
     patient erasure with the default method; training past the plan may not eat into it."""
+    from privseg.erasure.federated import _dp_steps
     from privseg.federated.runstate import RunState
     from privseg.federated.simulation import run_rounds
     from privseg.privacy.spec import ERASURE_RESERVE
-    from privseg.unlearn.federated import _dp_steps
 
     dp = DPConfig(delta=1e-3, clip="fixed")  # the default budget (epsilon 8), plan and reserve
     cohort, run = tiny_dp_run(tmp_path, dp, rounds=3)
@@ -125,8 +125,8 @@ def test_every_option_the_refusal_suggests_exists_and_goes_through(tmp_path):
     import shutil
     from dataclasses import replace
 
+    from privseg.erasure.private import budget_options
     from privseg.privacy.budget import change_budget
-    from privseg.unlearn.private import budget_options
 
     dp = DPConfig(delta=1e-3, clip="fixed", erasure_reserve=1)  # room for 1 DP step: the default needs 2 at H1
     cohort, run = tiny_dp_run(tmp_path, dp)

@@ -9,11 +9,11 @@ import pytest
 from conftest import small_fl_config, val_cohort
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
+from privseg.erasure.federated import LEDGER, ErasureRequest, erase
 from privseg.errors import BudgetExceededError
 from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess
 from privseg.privacy import BudgetLedger, DPConfig
-from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
 
 
 def dp_run(root, dp: DPConfig):
@@ -104,7 +104,7 @@ def test_an_erasure_redoes_the_personalised_models_with_booked_dp_steps(tmp_path
 
 
 def test_a_site_whose_budget_cannot_pay_for_the_redo_serves_the_erased_global_model(tmp_path, capsys):
-    from privseg.unlearn.private import price
+    from privseg.erasure.private import price
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
     cohort, run = dp_run(tmp_path, dp)

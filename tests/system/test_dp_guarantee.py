@@ -290,10 +290,10 @@ def test_ledger_from_before_scopes_migrates(tmp_path):
 
 def test_derived_run_gets_fresh_keys_and_books_into_the_sites_ledger(tmp_path):
     from conftest import make_tiny_cohort
+    from privseg.erasure.federated import federated_retrain
     from privseg.federated import FLConfig, check_sites, sites_from_cohort
     from privseg.federated.simulation import simulate_inprocess
     from privseg.train import TrainConfig
-    from privseg.unlearn.federated import federated_retrain
 
     cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=3, size=16)
     sites = sites_from_cohort(cohort.root)
@@ -320,9 +320,9 @@ def test_erasing_one_scan_erases_the_whole_patient(tmp_path):
     from dataclasses import replace as dc_replace
 
     from conftest import make_tiny_cohort
+    from privseg.erasure.federated import ErasureRequest, whole_patients
     from privseg.federated import FLConfig, check_sites, sites_from_cohort
     from privseg.train import TrainConfig
-    from privseg.unlearn.federated import ErasureRequest, whole_patients
 
     cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=4, size=16)
     a, b = cohort.select("train", "H1")[:2]
@@ -578,7 +578,7 @@ def test_a_dp_erasure_certificate_withholds_statistics_of_training_patients(tmp_
     from conftest import LOOSE, tiny_dp_run
     from privseg.audit.certificate import render_html, summarise
     from privseg.audit.ledger import ErasureLedger
-    from privseg.unlearn.federated import LEDGER, ErasureRequest, erase
+    from privseg.erasure.federated import LEDGER, ErasureRequest, erase
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
     cohort, run = tiny_dp_run(tmp_path, dp)
@@ -617,7 +617,7 @@ def test_central_dp_runs_refuse_non_private_references_and_unlearning(tiny_cohor
 
 def test_site_erasure_keeps_the_sites_ledger_and_closes_it(tmp_path):
     from conftest import LOOSE, tiny_dp_run
-    from privseg.unlearn.federated import ErasureRequest, erase
+    from privseg.erasure.federated import ErasureRequest, erase
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
     _, run = tiny_dp_run(tmp_path, dp)
@@ -636,7 +636,8 @@ def test_a_dp_federation_serves_the_weight_average_and_trains_on_the_iterate(tmp
     (post-processing) and keeps the iterate the next round starts from; a resume continues both."""
     from conftest import tiny_dp_run
     from privseg.federated.runstate import RunState
-    from privseg.train.checkpoint import load_checkpoint, load_ema, model_from_checkpoint, training_weights
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, training_weights
+    from privseg.train.ema import load_ema
     from privseg.train.ema import WeightEMA
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5, ema=0.9)

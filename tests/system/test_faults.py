@@ -395,7 +395,7 @@ ERASE_CHILD = """
 import sys, time
 from pathlib import Path
 from privseg.cohorts import open_cohort
-from privseg.unlearn.central import erase_central
+from privseg.erasure.central import erase_central
 
 run, stop = Path({run!r}), {stop!r}
 
@@ -436,7 +436,7 @@ def test_central_erasure_killed_in_a_stage_is_on_record_and_a_rerun_finishes_it_
     from privseg.audit.ledger import ErasureLedger
     from privseg.cli import main as cli_main
     from privseg.cohorts import open_cohort
-    from privseg.unlearn.central import erase_central
+    from privseg.erasure.central import erase_central
 
     cohort, original = central_run
     run = tmp_path / "run"

@@ -22,16 +22,17 @@ LAYERS: dict[str, int] = {
     "privacy": 3,
     "federated": 4,
     "audit": 5,                  # membership tests, ledger, certificates: what verifies an erasure
-    "unlearn": 6,
-    "report": 7,
-    "export": 7,                 # the served model as bundle/TorchScript/ONNX, its card from the ledgers
-    "cli": 8, "console": 8,
+    "unlearn": 6,                # the central unlearning engine and its strategies
+    "erasure": 7,                # a forget request: federated (and central) erasure, verification, certificate record
+    "report": 8,
+    "export": 8,                 # the served model as bundle/TorchScript/ONNX, its card from the ledgers
+    "cli": 9, "console": 9,
     # the package's top-level modules
     "errors": 0, "utils": 0,     # shared helpers every layer may use
     "__init__": 0,               # privseg/__init__.py re-exports the errors only
-    "cohorts": 7, "runs": 7,     # cohorts and runs as every entry point opens and drives them: they compose
-                                 # data, train, federated, unlearn and audit, and the text reports use them
-    "__main__": 8,               # `python -m privseg` is the command line
+    "cohorts": 8, "runs": 8,     # cohorts and runs as every entry point opens and drives them: they compose
+                                 # data, train, federated, unlearn, erasure and audit, and the text reports use them
+    "__main__": 9,               # `python -m privseg` is the command line
 }
 # within a layer, the directions the architecture rules out as well
 FORBIDDEN_SAME_LAYER = {("models", "train")}  # models do not import train (checkpoints live in train)
@@ -178,11 +179,11 @@ def test_the_checks_see_what_they_should():
     planted = ast.parse("import os\n"
                         "from privseg.console import erasure\n"
                         "def f():\n"
-                        "    from privseg.unlearn.federated import erase\n"
+                        "    from privseg.erasure.federated import erase\n"
                         "    from ..report import tracking\n"
                         "    return __import__('privseg.audit.mia', fromlist=['x'])\n")
     assert [t for _, t in imports("privseg.train.loop", planted)] == [
-        "privseg.console.erasure", "privseg.unlearn.federated", "privseg.report.tracking", "privseg.audit.mia"]
+        "privseg.console.erasure", "privseg.erasure.federated", "privseg.report.tracking", "privseg.audit.mia"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
 

@@ -69,7 +69,7 @@ def account(run_dir: str | Path, since: str, *, deleted: Sequence[dict] = (), su
     ``never_saw`` (files that never held the patient) and ``written`` (the erasure's own output).
     ``notes``: the reason shown for a deleted path (default by kind). ``personal``: the
     personalised models the erasure redid or deleted (entries of :func:`copy_entry`'s fields, from
-    :mod:`privseg.unlearn.personalised`), listed as given."""
+    :mod:`privseg.erasure.personalised`), listed as given."""
     run_dir = Path(run_dir)
     notes = notes or {}
     out = [copy_entry(a["path"], a.get("sha256"), "deleted", notes.get(a["path"], a.get("reason", "")))

@@ -7,10 +7,10 @@ import typer
 
 from privseg.audit.ledger import verify_ledgers
 from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
+from privseg.erasure.request import DEFAULT_THRESHOLDS, ErasureRequest, Thresholds
+from privseg.erasure.verification import retry_advice
 from privseg.report.text import print_erasure, print_erasure_requests, print_ledger_checks
 from privseg.runs import erase_from_run, erasure_certificate, erasure_request, erasure_run, run_requests
-from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest, Thresholds
-from privseg.unlearn.verification import retry_advice
 
 app = typer.Typer(help="Erase a patient or a whole site from a federated run, with verification and a ledger.",
                   invoke_without_command=True)

@@ -8,6 +8,8 @@ from privseg.cli import ui
 from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, STEPS, TRAINING, take, with_options
 from privseg.cohorts import open_cohort, train_config
 from privseg.data.intensity import check_window
+from privseg.erasure.central import erase_central, membership_lines
+from privseg.erasure.request import ErasureRequest
 from privseg.errors import ConfigError
 from privseg.export import predict_export
 from privseg.report.text import print_central_erasure, print_dice, print_training
@@ -15,8 +17,6 @@ from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
 from privseg.train.warm_start import public_kind, train_public
 from privseg.unlearn import parse_ids
-from privseg.unlearn.central import erase_central, membership_lines
-from privseg.unlearn.request import ErasureRequest
 from privseg.utils import parse_params, write_json
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from privseg.erasure.request import ErasureRequest
 from privseg.privacy.spec import DPConfig
 from privseg.report import text
 from privseg.runs import silence_known_noise
 from privseg.train import TrainConfig
-from privseg.unlearn.request import ErasureRequest
 
 console, out = Console(stderr=True), Console()
 silence_known_noise()

@@ -1,4 +1,4 @@
-"""The console's only link to the federated erasure (:mod:`privseg.unlearn.federated`).
+"""The console's only link to the federated erasure (:mod:`privseg.erasure.federated`).
 
 Everything the console needs of it goes through here: the patients a site may name, the
 request ID of a request, the checks made before a request is filed, and the one call that
@@ -18,20 +18,20 @@ SETTING_LIMITS = {"epochs": (1, 1000), "repair_rounds": (0, 100)}
 
 
 def ledger_path(run_dir: Path) -> Path:
-    from privseg.unlearn.federated import LEDGER
+    from privseg.erasure.federated import LEDGER
 
     return run_dir / LEDGER
 
 
 def default_thresholds() -> dict:
-    from privseg.unlearn.federated import DEFAULT_THRESHOLDS
+    from privseg.erasure.federated import DEFAULT_THRESHOLDS
 
     return dict(DEFAULT_THRESHOLDS)
 
 
 def _request(kind: str, site: str, subjects: list[str], reason: str = "", requested_by: str = "",
              settings: dict | None = None, approved_by: str = ""):
-    from privseg.unlearn.federated import ErasureRequest
+    from privseg.erasure.federated import ErasureRequest
 
     s = settings or {}
     return ErasureRequest(kind=kind, site=site, subjects=tuple(subjects), reason=reason, requested_by=requested_by,
@@ -43,8 +43,8 @@ def expand(run_dir: Path, kind: str, site: str, subjects: list[str]) -> list[str
     """The scans a request erases: every scan of each named patient (a scan ID or a patient ID)
     at the site, as the erasure itself expands it; names it does not know are kept (refused by
     :func:`check_new`)."""
+    from privseg.erasure.federated import whole_patients
     from privseg.federated.config import FLConfig
-    from privseg.unlearn.federated import whole_patients
 
     return list(whole_patients(FLConfig.load(run_dir), _request(kind, site, subjects)).subjects)
 
@@ -161,7 +161,7 @@ def check_settings(kind: str, site: str, subjects: list[str], settings: dict, ru
 
 
 # Under patient-level DP a patient is erased by DP fine-tuning on the site's other patients, booked in
-# its ledger (privseg.unlearn.private): the one method whose steps the budget accounts for.
+# its ledger (privseg.erasure.private): the one method whose steps the budget accounts for.
 DP_PATIENT_METHOD = {"value": "", "label": "dp_finetune", "summary": "DP fine-tuning on the site's other patients, "
                      "then the repair rounds: every step private and booked in the site's privacy ledger"}
 
@@ -173,9 +173,9 @@ def methods(run_dir: Path, kind: str) -> dict:
     best, ``reference_teacher`` (docs/membership.md), when the run has reference models, else the
     erasure's own default."""
     from privseg.audit.reference import INDEX, REF_DIR
+    from privseg.erasure.private import dp_of
+    from privseg.erasure.site import SITE_ERASERS
     from privseg.federated.config import FLConfig
-    from privseg.unlearn.private import dp_of
-    from privseg.unlearn.site_erasure import SITE_ERASERS
     from privseg.unlearn.strategies import STRATEGIES
 
     dp = dp_of(FLConfig.load(run_dir)) is not None
@@ -189,7 +189,7 @@ def methods(run_dir: Path, kind: str) -> dict:
     choices = [{"value": n, "label": n, "summary": st.summary + (" (needs the run's reference models: privseg audit "
                                                                   "references)" if st.needs_references else "")}
                for n, st in sorted(STRATEGIES.items()) if refs or not st.needs_references]
-    from privseg.unlearn.request import default_method
+    from privseg.erasure.request import default_method
 
     method, why = default_method(run_dir, "patient")  # the same choice as privseg erase's
     return {"choices": choices, "default": method, "default_reason": why, "dp": False}
@@ -197,10 +197,10 @@ def methods(run_dir: Path, kind: str) -> dict:
 
 def quote(run_dir: Path, kind: str, site: str, subjects: list[str], settings: dict | None = None) -> dict | None:
     """The erasure's price under patient-level DP, before it is approved: per site the DP steps it
-    takes and the ε before and after them against the budget (:func:`privseg.unlearn.private.price`,
+    takes and the ε before and after them against the budget (:func:`privseg.erasure.private.price`,
     as the erasure itself checks it), whether all fit, and -- when not -- the options that would
-    (:func:`privseg.unlearn.private.budget_options`). None for a run without patient-level DP."""
-    from privseg.unlearn.private import budget_options, price
+    (:func:`privseg.erasure.private.budget_options`). None for a run without patient-level DP."""
+    from privseg.erasure.private import budget_options, price
 
     req = _request(kind, site, subjects, settings=settings)
     try:
@@ -226,7 +226,7 @@ def refusal(q: dict) -> str:
 def apply(run_dir: Path, rec: dict, on_stage: Callable[[str, str], None]):
     """Carry out an approved request (or finish it after a crash: the erasure resumes from its
     ledger). The requester and the approver are written into the ledger's ``requested`` entry."""
-    from privseg.unlearn.federated import erase
+    from privseg.erasure.federated import erase
 
     req = _request(rec["kind"], rec["site"], rec["subjects"], rec["reason"], rec["filed_by"], rec["settings"],
                    approved_by=rec["decided_by"] or "")

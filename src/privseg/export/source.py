@@ -1,7 +1,7 @@
 """Which model an export takes, and the cohorts it was trained on: the model a run serves now.
 
 - A federated run (``fl_config.json`` + ``state.json``) serves its state's ``last_checkpoint``: after
-  an erasure, the erased model (:mod:`privseg.unlearn.federated` installs it there).
+  an erasure, the erased model (:mod:`privseg.erasure.federated` installs it there).
 - A training run (``last.pt``) serves ``last.pt``, or, once ``privseg unlearn`` completed an erasure
   recorded in the run's ledger, the model that erasure's ``completed`` entry names.
 - A checkpoint file is exported as it is, unless the run it belongs to has erased a patient from it
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, file_sha256
+from privseg.erasure.request import LEDGER
 from privseg.errors import CheckpointError, ConfigError, DataError
 from privseg.runs import erasure_requests
-from privseg.unlearn.request import LEDGER
 
 
 @dataclass

@@ -60,7 +60,7 @@ def erasure_statement(served) -> dict:
     """Every erasure request of the run as its certificate states it, and the ledger's chain check."""
     from privseg.audit.certificate import summarise
     from privseg.audit.ledger import ErasureLedger
-    from privseg.unlearn.request import LEDGER
+    from privseg.erasure.request import LEDGER
 
     if served.run_dir is None or not (served.run_dir / LEDGER).is_file():
         return {"ledger": None, "chain_intact": None, "requests": []}

@@ -56,7 +56,7 @@ method's training steps (the local-only model's too: a second DP training of the
 steps booked in the site's ledger under ``personalise/r<round>/<method>``, priced at every site
 before any step and refused when a budget cannot pay (:class:`privseg.federated.private.PersonalDP`;
 docs/privacy.md); under client-level DP it is refused. An erasure covers these models
-(:mod:`privseg.unlearn.personalised`).
+(:mod:`privseg.erasure.personalised`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``train_round`` is everything patient-level DP needs per round: the budget check before any
 step, the Poisson-sampled, per-patient-clipped, noised steps, and the booking in the ledger.
 Federated training (:mod:`privseg.federated.private`), central training
-(:mod:`privseg.privacy.central`) and erasure (:mod:`privseg.unlearn.private`) all go through it.
+(:mod:`privseg.privacy.central`) and erasure (:mod:`privseg.erasure.private`) all go through it.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ CLIP = "normalise"
 EMA_DECAY = 0.999  # with the warm-up of privseg.train.ema, the average spans ~min(t/10, 1000) steps
 # One patient erasure with the default method (scrub: its DP fine-tuning, one round's steps, and one
 # repair round at every site) spends 2 rounds' worth of local steps at the erasing site
-# (privseg.unlearn.federated._dp_steps; tests/erasure/test_private_erasure.py checks the two agree).
+# (privseg.erasure.federated._dp_steps; tests/erasure/test_private_erasure.py checks the two agree).
 ERASURE_RESERVE = 2.0
 # what a spec saved (or sent) before the recipe existed ran with: it has no "plan" key
 LEGACY = {"plan": "none", "aug_mult": 0, "ema": 0.0}

@@ -3,7 +3,7 @@
 From ``personalisation.json`` (:mod:`privseg.federated.personalise`): per site, the **test** Dice
 of the global model, each personalised model and the local-only model, the model the site serves
 (chosen by the per-site guard on its **validation** patients) with its validation Dice, and the
-reason when an erasure left the site on the global model (:mod:`privseg.unlearn.personalised`).
+reason when an erasure left the site on the global model (:mod:`privseg.erasure.personalised`).
 """
 
 from __future__ import annotations

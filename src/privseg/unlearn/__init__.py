@@ -1,5 +1,6 @@
 """Subject-level machine unlearning: strategies (one registry, one signature) and the engine
-(forget request → unlearned checkpoint + report)."""
+(forget set -> unlearned checkpoint + report). A forget request recorded in a ledger, federated
+or central, is :mod:`privseg.erasure`'s."""
 
 from privseg.unlearn.engine import TARGETS, UnlearnResult, parse_ids, report_rows, unlearn
 from privseg.unlearn.strategies import STRATEGIES, Strategy, UnlearnContext, get_strategy, register, run_loop

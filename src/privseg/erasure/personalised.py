@@ -37,11 +37,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, file_sha256
+from privseg.erasure.request import ErasureRequest, StageCallback, _after
 from privseg.errors import PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.personalise import GLOBAL, METHODS, RESULT_FILE, choose, mean_dice, read_personalisation
 from privseg.federated.runstate import RunState
-from privseg.unlearn.request import ErasureRequest, StageCallback, _after
 
 # Methods whose model starts from the data-free initial model and trains on the site's own patients
 # only (personalise.local_only): at a site other than the erasing one it never held the erased data.

@@ -115,7 +115,7 @@ class ErasureRequest:
         if self.method is None:
             self.method = WITHOUT_REFERENCES if self.kind == "patient" else "federaser"
         # imported here: the registry's module builds on this one
-        from privseg.unlearn.site_erasure import SITE_ERASERS, site_params
+        from privseg.erasure.site import SITE_ERASERS, site_params
 
         if self.kind == "site" and self.method not in SITE_ERASERS:
             raise ConfigError(f"--method {self.method!r}: a site erasure uses one of {', '.join(sorted(SITE_ERASERS))}")

@@ -22,7 +22,7 @@ from privseg.errors import BudgetExceededError
 from privseg.federated.config import FLConfig
 from privseg.privacy import DPConfig, NoiseSource, make_private, patient_groups, site_plan
 from privseg.privacy.accountant import StepEvent, epsilon
-from privseg.privacy.budget import BudgetLedger
+from privseg.privacy.budget import BudgetLedger, ledger_path
 
 
 def dp_of(cfg: FLConfig) -> DPConfig | None:
@@ -31,7 +31,7 @@ def dp_of(cfg: FLConfig) -> DPConfig | None:
 
 
 def site_ledger(run_dir: Path, site: str) -> BudgetLedger:
-    return BudgetLedger(Path(run_dir) / "sites" / site / "privacy.sqlite")
+    return BudgetLedger(ledger_path(run_dir, site))
 
 
 def _events(ledger: BudgetLedger, site: str, steps: int) -> list[StepEvent]:
@@ -55,11 +55,11 @@ def erasure_cost(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int]) ->
 
 
 def price(run_dir: Path, req) -> list[dict]:
-    """:func:`erasure_cost` of the request ``req`` (an :class:`~privseg.unlearn.request.ErasureRequest`):
+    """:func:`erasure_cost` of the request ``req`` (an :class:`~privseg.erasure.request.ErasureRequest`):
     the DP steps each site would take for it (as the erasure takes them) and what they cost; empty
     when the run is not patient-level DP or has not trained (nothing is spent)."""
+    from privseg.erasure.federated import _dp_steps
     from privseg.federated.runstate import RunState
-    from privseg.unlearn.federated import _dp_steps
 
     cfg = FLConfig.load(run_dir)
     if dp_of(cfg) is None:
@@ -76,8 +76,8 @@ def _variants(run_dir: Path, req) -> list[dict]:
         if (req.epochs or 1) > 1:
             out += [{"epochs": 1}] + [{"epochs": 1, "repair_rounds": k} for k in range(req.repair_rounds - 1, -1, -1)]
         return out
+    from privseg.erasure.site import SITE_ERASERS, FedRecoverSite
     from privseg.federated.runstate import RunState
-    from privseg.unlearn.site_erasure import SITE_ERASERS, FedRecoverSite
 
     cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
     first = min(state.rounds_of_site(req.site), default=state.rounds_done + 1)

@@ -21,7 +21,7 @@ Patient (``kind="patient"``), stages:
    site's val/test subjects), Dice on retain and test subjects against the model before the
    erasure (and a federated retrain, when given); pass/fail against the request's thresholds.
    A failure is recorded and the request stays open: submit it again with other settings
-   (:func:`privseg.unlearn.verification.retry_advice` says which, from the failed checks).
+   (:func:`privseg.erasure.verification.retry_advice` says which, from the failed checks).
 5. ``completed`` -- the superseded artefacts (global checkpoints, stored updates and site-local
    states of every round up to the request, all of which carry the patient's influence) are
    deleted and their hashes recorded, with the new model's hash and, for DP runs, the ε the
@@ -47,10 +47,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger
-from privseg.federated.config import FLConfig
-from privseg.federated.runstate import RunState, hold_run
-from privseg.unlearn.patient_erasure import _local_dp_steps, _patient
-from privseg.unlearn.request import (
+from privseg.erasure.patient import _local_dp_steps, _patient
+from privseg.erasure.request import (
     DEFAULT_THRESHOLDS,
     KINDS,
     LEDGER,
@@ -64,7 +62,7 @@ from privseg.unlearn.request import (
     _validate,
     whole_patients,
 )
-from privseg.unlearn.site_erasure import (
+from privseg.erasure.site import (
     SITE_ERASERS,
     FedEraserCalibration,
     FedEraserSite,
@@ -78,7 +76,9 @@ from privseg.unlearn.site_erasure import (
     round_seconds,
     site_eraser,
 )
-from privseg.unlearn.verification import _judge
+from privseg.erasure.verification import _judge
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState, hold_run
 from privseg.utils import versions
 
 # The stages live in request, patient_erasure, site_erasure and verification; the names callers
@@ -152,7 +152,7 @@ def _dp_steps(cfg: FLConfig, state: RunState, req: ErasureRequest) -> dict[str, 
 
 
 def _check_dp_budget(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> None:
-    from privseg.unlearn.private import dp_of, require_budget
+    from privseg.erasure.private import dp_of, require_budget
 
     if dp_of(cfg) is None:
         return

@@ -12,7 +12,7 @@ from the last few pairs ``(w~ - w, g~ - g)`` of the rounds where the site really
 anything; the estimated ones are server arithmetic.
 
 This module holds the math and the hook that drives a derived run through the exact rounds; the
-registered method is :class:`privseg.unlearn.site_erasure.FedRecoverSite`.
+registered method is :class:`privseg.erasure.site.FedRecoverSite`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ the ledger of the checkpoint's run folder (``<run>/erasure/ledger.db``, the file
 keeps), under the site ``central``; ``privseg erase status|certificate --run <run>`` read it as
 they read a federated run's.
 
-The request is the one ``privseg erase`` makes (:class:`~privseg.unlearn.request.ErasureRequest`):
+The request is the one ``privseg erase`` makes (:class:`~privseg.erasure.request.ErasureRequest`):
 the same default method, target and stopping rule (``reference_teacher``: the calibrated target),
-run through the same :meth:`~privseg.unlearn.request.ErasureRequest.unlearn_args`. Before
+run through the same :meth:`~privseg.erasure.request.ErasureRequest.unlearn_args`. Before
 anything is recorded, :func:`membership_before` tests each patient against the run's reference
 models; a patient the test does not flag leaves nothing measurable to forget, and the caller
 decides (``on_membership``) whether to go on.
@@ -19,7 +19,7 @@ evaluation and the verification; ``completed``: the copies of the patient dealt 
 killed at any point leaves the stage it was in on record (``privseg erase status``), and the same
 request run again continues from there: a finished stage whose files are intact is not run again.
 
-The verification is the federated one (:func:`privseg.unlearn.verification._judge`): retain and
+The verification is the federated one (:func:`privseg.erasure.verification._judge`): retain and
 test Dice against the retrain when one was given (else the model before the erasure), and the
 per-patient test against the run's reference models when the run has them (no PASS without
 power; docs/membership.md). A request that was completed before is refused, never applied twice.
@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from privseg.audit.ledger import ErasureLedger, file_sha256, open_stage
+from privseg.erasure.request import DEFAULT_THRESHOLDS, ErasureRequest, StageCallback, _latest
 from privseg.errors import ConfigError
-from privseg.unlearn.request import DEFAULT_THRESHOLDS, ErasureRequest, StageCallback, _latest
 from privseg.utils import read_json, versions, write_json
 
 if TYPE_CHECKING:
@@ -290,8 +290,8 @@ class _Job:
     def verify_stage(self, local: dict, retrain_checkpoint, retrain_seconds) -> tuple[dict, dict]:
         """(verification, the unlearning report with its evaluation): the ``verified`` entry of
         this model when there is one (judged again if the thresholds changed), else evaluated now."""
+        from privseg.erasure.verification import _judge, _judged
         from privseg.unlearn.engine import evaluate_unlearned
-        from privseg.unlearn.verification import _judge, _judged
 
         model_path = self.run_dir / local["model"]["path"]
         report_path = model_path.with_name("report.json")

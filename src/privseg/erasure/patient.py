@@ -1,7 +1,7 @@
 """Erasure of a patient at a site, the stages after ``requested``: ``local_unlearned`` (an
 unlearning strategy at the site, on the site's data only; DP fine-tuning in a DP run), ``repaired``
 (ordinary federated rounds with every site from the unlearned model), ``verified`` and
-``completed`` (see :mod:`privseg.unlearn.federated` for the whole sequence)."""
+``completed`` (see :mod:`privseg.erasure.federated` for the whole sequence)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger
+from privseg.erasure.personalised import cover_personalised
+from privseg.erasure.request import ErasureRequest, StageCallback, _after, _artefact, _latest
+from privseg.erasure.site import round_seconds
+from privseg.erasure.verification import _complete, _superseded, _verified, _verify_patient
 from privseg.errors import CheckpointError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import read_site_cohort, site_subjects
-from privseg.unlearn.personalised import cover_personalised
-from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _latest
-from privseg.unlearn.site_erasure import round_seconds
-from privseg.unlearn.verification import _complete, _superseded, _verified, _verify_patient
 
 
 def _local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
@@ -48,7 +48,7 @@ def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger
     ver = _verified(rid, ledger, req, "repaired", evidence, say, "membership test and Dice")
     if ver is None:
         return
-    # 5. the site's personalised models, when the run has them (privseg.unlearn.personalised)
+    # 5. the site's personalised models, when the run has them (privseg.erasure.personalised)
     personal = cover_personalised(run_dir, req, rid, ledger, say)
     # 6. complete: delete what still carries the patient
     _complete(run_dir, rid, ledger, ver, repaired["body"]["model"], req.site, say, personal)
@@ -59,8 +59,8 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
     """Unlearn at the site with its own data, exclude the patient there; the ``local_unlearned`` entry.
     Target ``calibrated``: stop once the run's reference models no longer tell the patient from
     the site's never-seen ones (scored as the verification scores them: ``mia_views``)."""
+    from privseg.erasure.private import dp_local_finetune, dp_of
     from privseg.unlearn.engine import unlearn
-    from privseg.unlearn.private import dp_local_finetune, dp_of
 
     work = run_dir / "erasure" / rid
     cfg = FLConfig.load(run_dir)

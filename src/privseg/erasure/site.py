@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 from privseg.audit.ledger import ErasureLedger
+from privseg.erasure.fedrecover import FedRecoverHook, fedrecover_schedule
+from privseg.erasure.personalised import cover_personalised
+from privseg.erasure.request import ErasureRequest, StageCallback, _artefact, _latest
+from privseg.erasure.verification import _complete, _site_cohorts, _split_ids, _superseded, _verified, _verify
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.retrain import derived_run, federated_retrain, round_seconds
 from privseg.federated.runstate import RunState
 from privseg.privacy.budget import LEDGER_FILE, BudgetLedger
-from privseg.unlearn.fedrecover import FedRecoverHook, fedrecover_schedule
-from privseg.unlearn.personalised import cover_personalised
-from privseg.unlearn.request import ErasureRequest, StageCallback, _artefact, _latest
-from privseg.unlearn.verification import _complete, _site_cohorts, _split_ids, _superseded, _verified, _verify
 
 
 class FedEraserCalibration:
@@ -207,7 +207,7 @@ def _replayed(state: RunState, site: str) -> list[int]:
 
 @site_eraser("fedrecover")
 class FedRecoverSite:
-    """FedRecover (Cao et al., IEEE S&P 2023; :mod:`privseg.unlearn.fedrecover`): the rounds since
+    """FedRecover (Cao et al., IEEE S&P 2023; :mod:`privseg.erasure.fedrecover`): the rounds since
     the site joined are replayed without it; the remaining sites train only in the exact rounds
     (``warmup`` first, every ``correction``-th, the ``final`` last, and up to ``max_extra`` whose
     estimate was abnormal: norm over ``abnormal`` x the stored update's, 0 = no check); in the

@@ -12,10 +12,10 @@ import pytest
 from conftest import make_tiny_cohort
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
+from privseg.erasure.central import CENTRAL_SITE, erase_central
 from privseg.errors import ConfigError
 from privseg.train import TrainConfig
 from privseg.train.loop import Trainer
-from privseg.unlearn.central import CENTRAL_SITE, erase_central
 
 SIZE = 16
 LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
@@ -141,7 +141,7 @@ def test_unlearn_reports_progress_through_the_membership_test_and_is_quiet_with_
 def test_unlearn_resolves_the_request_as_erase_does_and_shows_the_membership_test_first(with_references, tmp_path,
                                                                                      capsys):
     from privseg.audit.reference import REF_DIR, ensure_references, load_references
-    from privseg.unlearn.request import ErasureRequest
+    from privseg.erasure.request import ErasureRequest
 
     cohort, run = with_references
     patient = [s.id for s in cohort.select("train")][0]

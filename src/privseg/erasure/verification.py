@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from privseg.audit.ledger import ErasureLedger
+from privseg.erasure.private import dp_of
+from privseg.erasure.request import ErasureRequest, StageCallback, _after, _artefact, _latest, _rel
 from privseg.errors import ConfigError, PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
-from privseg.unlearn.private import dp_of
-from privseg.unlearn.request import ErasureRequest, StageCallback, _after, _artefact, _latest, _rel
 
 
 def _site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
@@ -49,7 +49,7 @@ def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: 
               say: StageCallback, personal: dict | None = None) -> None:
     """Delete the superseded files (listed, with their hashes, by the verification) and account
     for every copy of the erased data (:mod:`privseg.audit.copies`): the ``completed`` entry.
-    ``personal``: the ``personalised`` stage's body (:mod:`privseg.unlearn.personalised`), whose
+    ``personal``: the ``personalised`` stage's body (:mod:`privseg.erasure.personalised`), whose
     redone and deleted personalised models are copies too, and models the erasure covered."""
     from privseg.audit.copies import account, model_files
     from privseg.audit.reference import REF_DIR

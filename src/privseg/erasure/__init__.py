@@ -1,0 +1,13 @@
+"""A forget request: erasure of a patient or a whole site from a federated run (or of patients
+from a centrally trained model), each stage recorded in the run's erasure ledger, verified, and
+closed with the record a certificate is written from.
+
+:func:`erase` is the entry point of a federated request (:mod:`privseg.erasure.federated`);
+:func:`privseg.erasure.central.erase_central` the one of a central request. The unlearning itself
+is :mod:`privseg.unlearn`'s.
+"""
+
+from privseg.erasure.federated import erase
+from privseg.erasure.request import DEFAULT_THRESHOLDS, KINDS, LEDGER, ErasureRequest, ErasureResult, whole_patients
+
+__all__ = ["DEFAULT_THRESHOLDS", "KINDS", "LEDGER", "ErasureRequest", "ErasureResult", "erase", "whole_patients"]
