@@ -120,15 +120,10 @@ def metrics_of(cells_dir: Path, name: str) -> dict:
 
 
 def versions(bench_version: str) -> dict:
-    import importlib.metadata as md
+    """The benchmark's version, Python's and the libraries' a result depends on (:func:`privseg.utils.versions`)."""
+    from privseg.utils import versions as library_versions
 
-    out = {"benchmark": bench_version, "python": platform.python_version()}
-    for name in ("privseg", "torch", "flwr", "monai"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"benchmark": bench_version, "python": platform.python_version(), **library_versions()}
 
 
 def machine() -> str:
@@ -167,17 +162,12 @@ def command(argv: Sequence[str] | None) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())  # a power cut must not leave a renamed but empty cell
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from privseg.utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # a power cut must not leave a renamed but empty cell
 
 
 def _jsonable(obj):
