@@ -9,7 +9,7 @@ from privseg.cli.ui import console as err
 from privseg.cli.ui import out
 from privseg.console import serve as serve_console
 from privseg.console.accounts import Accounts
-from privseg.console.runs import known_sites
+from privseg.console.folders import known_sites
 from privseg.report.text import print_users
 
 app = typer.Typer(help="The privacy officer's web console: erasure requests, budgets, certificates, with roles.",

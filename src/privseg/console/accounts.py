@@ -19,7 +19,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from privseg.console.db import opened
+from privseg.console.folders import known_sites
 from privseg.errors import ConfigError
+from privseg.utils import check_id
 
 ROLES = ("officer", "site", "viewer")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -89,8 +91,6 @@ class Accounts:
     # -- users -----------------------------------------------------------------------
     def add_user(self, name: str, role: str, password: str, site: str | None = None,
                  replace: bool = False) -> User:
-        from privseg.utils import check_id
-
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"user name {name!r}: use letters, digits, '_', '.', '@', '-' (at most 64)")
         if role not in ROLES:
@@ -101,8 +101,6 @@ class Accounts:
             raise ConfigError("a site user needs --site (the hospital's site ID)")
         if site:
             check_id(site, "--site")
-            from privseg.console.runs import known_sites
-
             sites = known_sites(self.root)
             if sites and site not in sites:  # no run yet: nothing to check against (accounts may come first)
                 raise ConfigError(f"--site {site}: no run under {self.root} has this site (sites: "

@@ -2,18 +2,21 @@
 
 Every page goes through :meth:`~privseg.console.web.Console.guard`: a live session (signed
 cookie -> server-side row), the role the page allows, and for a form a size-capped URL-encoded
-body with the session's CSRF token. The pages are registered by concern:
-:func:`~privseg.console.login_pages.register_accounts` (log in and out),
-:func:`~privseg.console.home_page.register_home` (the landing page: what needs attention),
-:func:`~privseg.console.run_pages.register_runs` (runs, reports, budgets, the erasure ledger) and
-:func:`~privseg.console.erasure_pages.register_erasure` (patients, requests, decisions,
-certificates).
+body with the session's CSRF token. The app serves every entry of the page registry
+(:data:`~privseg.console.web.PAGES`, filled with :func:`~privseg.console.web.register_pages`) after
+importing each module of this package whose name ends in ``_page`` or ``_pages``: ``login``
+(:mod:`~privseg.console.login_pages`), ``home`` (what needs attention), ``runs`` (runs, reports,
+budgets, the erasure ledger) and ``erasure`` (patients, requests, decisions, certificates). A new
+page is a registered function in such a module; nothing here changes.
 """
 
 from __future__ import annotations
 
 import html
+import importlib
 import ipaddress
+import pkgutil
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,11 +27,8 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from privseg.console.accounts import Accounts
-from privseg.console.erasure_pages import register_erasure
-from privseg.console.home_page import register_home
-from privseg.console.login_pages import register_accounts
-from privseg.console.run_pages import register_runs
-from privseg.console.web import HERE, Console, secure_headers
+from privseg.console.cache import warm
+from privseg.console.web import HERE, PAGES, Console, secure_headers
 from privseg.errors import ConfigError
 
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
@@ -53,10 +53,6 @@ def _lifespan(c: Console):
 
     @asynccontextmanager
     async def lifespan(app):
-        import threading
-
-        from privseg.console.cache import warm
-
         threading.Thread(target=warm, args=(c.root,), name="console-warm", daemon=True).start()
         if c.runner is not None:
             c.runner.start()
@@ -74,11 +70,19 @@ def create_app(root: str | Path, *, secure: bool = False, idle_minutes: float = 
     """The console over the run folders in ``root``. ``secure``: served over TLS (cookies get
     the Secure flag). ``jobs``: run approved erasures (off only in tests of the pages alone)."""
     c = Console(Path(root), secure=secure, idle_minutes=idle_minutes, max_hours=max_hours, jobs=jobs)
-    routes = [*register_home(c), *register_accounts(c), Route("/static/{name}", static), *register_runs(c),
-              *register_erasure(c)]
+    load_pages()
+    routes = [Route("/static/{name}", static), *(route for pages in PAGES.values() for route in pages(c))]
     app = Starlette(routes=routes, lifespan=_lifespan(c), exception_handlers={404: not_found, 405: not_found})
     app.state.console = c
     return app
+
+
+def load_pages() -> None:
+    """Import every page module of this package (name ending in ``_page`` or ``_pages``): each files
+    its pages in :data:`~privseg.console.web.PAGES` when first imported."""
+    for mod in pkgutil.iter_modules([str(HERE)]):
+        if mod.name.endswith(("_page", "_pages")):
+            importlib.import_module(f"privseg.console.{mod.name}")
 
 
 def is_loopback(host: str) -> bool:
@@ -96,7 +100,7 @@ def serve(runs: str | Path, *, host: str = "127.0.0.1", port: int = 8700, certfi
     ``certfile`` and ``keyfile`` (give both or neither). ``on_notice(label, text)`` hears what the
     operator should know first: no account yet (``label`` "no account yet"), a non-loopback
     address without TLS ("warning"), and the address it serves on (label "")."""
-    import uvicorn
+    import uvicorn  # why: only a served console needs the server; tests and the CLI's other commands do not
 
     say = on_notice or (lambda label, text: None)
     if (certfile is None) != (keyfile is None):

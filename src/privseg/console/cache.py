@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privseg.audit.ledger import GENESIS, check_row, erased_in, fold_request
+from privseg.console.folders import run_dirs
+from privseg.federated.sites import read_site_cohort
+from privseg.privacy.budget import BudgetLedger, find_ledgers
 
 MAX_ENTRIES = 256  # per kind; a long-running console over many runs keeps the recently used ones
 
@@ -91,8 +94,6 @@ def run_summary(d: Path, compute: Callable[[Path], dict]) -> dict:
 
 def cohort(path: str | Path):
     """The cohort at ``path`` (a manifest, or a folder), read once per change of it."""
-    from privseg.federated.sites import read_site_cohort
-
     p = Path(path)
     key = stat_key(p, p / "cohort.json") if p.is_dir() else stat_key(p)
     return _cohorts.get(str(p.resolve()), key, lambda: read_site_cohort(p))
@@ -101,8 +102,6 @@ def cohort(path: str | Path):
 def budget_status(path: Path) -> list[dict]:
     """Per site of one privacy ledger: :meth:`BudgetLedger.status`, its booked releases in booking
     order (``booked``: round, scope, ε after, time) and its budget decisions (``history``)."""
-    from privseg.privacy.budget import BudgetLedger
-
     def compute() -> list[dict]:
         ledger = BudgetLedger(path)
         return [{**row, "booked": [{k: r[k] for k in ("round", "scope", "epsilon", "time", "steps")}
@@ -242,12 +241,7 @@ def ledger_view(path: Path) -> LedgerView:
 def warm(root: Path) -> None:
     """Read every run's erasure and privacy ledgers once, so that the first visitor of a page does
     not wait for a full check of a large ledger (run in a background thread at start-up)."""
-    from privseg.console.runs import resolve_run
-    from privseg.privacy.budget import find_ledgers
-
-    for d in sorted(Path(root).iterdir()):
-        if resolve_run(Path(root), d.name) is None:
-            continue
+    for d in run_dirs(Path(root)):
         try:
             if (d / "erasure" / "ledger.db").is_file():
                 ledger_view(d / "erasure" / "ledger.db")

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from privseg.console import erasure, runs
 from privseg.console.store import OPEN
-from privseg.console.web import DOC_CSP, Console, Ctx, HTTPError, forbidden, paged, secure_headers
+from privseg.console.web import DOC_CSP, Console, Ctx, HTTPError, forbidden, paged, register_pages, secure_headers
 from privseg.errors import ConfigError
 
 STAGES = {"patient": ("requested", "local_unlearned", "repaired", "verified", "completed"),
@@ -239,6 +239,7 @@ def certificate(c: Console, ctx: Ctx) -> Response:
     return secure_headers(resp, DOC_CSP)
 
 
+@register_pages("erasure")
 def register_erasure(c: Console) -> list[Route]:
     """The erasure pages: every role reads; officers and sites see patients and file (a site for
     its own patients only); only officers approve or reject."""

@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from privseg.console import runs
 from privseg.console.erasure_pages import visible_requests
-from privseg.console.web import Console, Ctx
+from privseg.console.web import Console, Ctx, register_pages
 
 FAILED = ("failed", "verification-failed")
 
@@ -43,5 +43,6 @@ def home_page(c: Console, ctx: Ctx) -> Response:
     return c.page(ctx, "home.html", items=attention(c, ctx), runs=runs.list_runs(c.root, ctx.user))
 
 
+@register_pages("home")
 def register_home(c: Console) -> list[Route]:
     return [Route("/", c.guard(partial(home_page, c)))]

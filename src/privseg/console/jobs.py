@@ -22,7 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+from privseg.audit.ledger import ErasureLedger
 from privseg.console.db import console_dir
+from privseg.console.erasure import ledger_path
+from privseg.console.folders import resolve_run
 from privseg.console.store import Store
 
 
@@ -103,10 +106,6 @@ class JobRunner:
                 busy.add(rec["run"])
 
     def _reconcile(self, rec: dict) -> None:
-        from privseg.audit.ledger import ErasureLedger
-        from privseg.console.erasure import ledger_path
-        from privseg.console.runs import resolve_run
-
         run_dir = resolve_run(self.root, rec["run"])
         events = []
         if run_dir is not None and ledger_path(run_dir).exists():

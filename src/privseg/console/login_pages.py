@@ -11,13 +11,24 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from privseg.console.web import COOKIE, LOGIN_COOKIE, Console, Ctx, HTTPError, client, read_form, secure_headers
+from privseg.console.web import (
+    COOKIE,
+    LOGIN_COOKIE,
+    Console,
+    Ctx,
+    HTTPError,
+    client,
+    read_form,
+    register_pages,
+    secure_headers,
+)
 
 
 def safe_next(nxt: str) -> str:
     return nxt if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/"
 
 
+@register_pages("login")
 def register_accounts(c: Console) -> list[Route]:
     """``/login`` (GET: the form, POST: log in) and ``/logout`` (POST, with the session's token)."""
 

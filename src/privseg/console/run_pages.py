@@ -1,5 +1,6 @@
 """The pages of runs: the list, one run's rounds, its HTML report, privacy budgets and erasure ledger.
-Each handler is ``(console, ctx) -> Response``; :func:`register_runs` binds them to their URLs."""
+Each handler is ``(console, ctx) -> Response``; :func:`register_runs` binds them to their URLs (filed
+as the ``runs`` pages)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from privseg.console import erasure, runs
-from privseg.console.web import DOC_CSP, Console, Ctx, HTTPError, forbidden, paged, secure_headers
+from privseg.console.cache import ledger_view
+from privseg.console.svg import line_chart
+from privseg.console.web import DOC_CSP, Console, Ctx, HTTPError, forbidden, paged, register_pages, secure_headers
+from privseg.report.served import served_view
 
 
 def runs_page(c: Console, ctx: Ctx) -> Response:
@@ -18,9 +22,6 @@ def runs_page(c: Console, ctx: Ctx) -> Response:
 
 
 def run_page(c: Console, ctx: Ctx) -> Response:
-    from privseg.console.svg import line_chart
-    from privseg.report.served import served_view
-
     d, s = c.run_for(ctx, ctx.param("run"))
     rows, curves = runs.rounds_view(s, ctx.user)
     chart = line_chart(dict(sorted(curves.items())), title="Dice per site after each round", ylabel="mean Dice",
@@ -40,8 +41,6 @@ def report_page(c: Console, ctx: Ctx) -> Response:
 
 
 def budget_page(c: Console, ctx: Ctx) -> Response:
-    from privseg.console.svg import line_chart
-
     d, s = c.run_for(ctx, ctx.param("run"))
     rows = runs.budgets(d, s, ctx.user)
     charts = []
@@ -57,8 +56,6 @@ def budget_page(c: Console, ctx: Ctx) -> Response:
 
 
 def ledger_page(c: Console, ctx: Ctx) -> Response:
-    from privseg.console.cache import ledger_view
-
     d, s = c.run_for(ctx, ctx.param("run"))
     path = erasure.ledger_path(d)
     if not path.exists():
@@ -80,6 +77,7 @@ def ledger_page(c: Console, ctx: Ctx) -> Response:
                   **{**p, "shown": view.rows(p["shown"])})
 
 
+@register_pages("runs")
 def register_runs(c: Console) -> list[Route]:
     """The run pages, open to every role (what a site-scoped user sees is cut to its site)."""
     return [

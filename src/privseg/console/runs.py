@@ -1,66 +1,21 @@
-"""Read-only views of the federated run folders under the console's root, cut to what one
-user may see.
-
-A run is a direct sub-folder of the root holding ``fl_config.json`` and ``state.json`` (what
-``privseg fl run --runs ROOT --name NAME`` writes). Names from URLs are checked against a
-strict pattern and the resolved folder must sit directly in the root, so ``../`` or a link out
-of the root never reaches a file. Pages read the JSON files directly (no model is built), so
-listing a hundred runs stays cheap.
+"""Read-only views of the federated run folders under the console's root (found through
+:mod:`privseg.console.folders`), cut to what one user may see. Pages read the JSON files directly
+(no model is built), so listing a hundred runs stays cheap.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 from privseg.console.accounts import User
+from privseg.console.cache import budget_status, run_summary
+from privseg.console.folders import read_dict, run_dirs, run_sites
+from privseg.errors import PrivsegError
+from privseg.federated.config import FLConfig
+from privseg.privacy.budget import find_ledgers
 from privseg.report.text import rounds_text
 
-_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 BUDGET_WARN = 0.8  # warn when a site has spent this share of its ε budget
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def resolve_run(root: Path, name: str) -> Path | None:
-    """The run folder called ``name`` directly under ``root``, or None."""
-    if not isinstance(name, str) or not _RUN.match(name) or ".." in name:
-        return None
-    d = root / name
-    try:
-        if d.resolve().parent != root.resolve():
-            return None
-    except OSError:
-        return None
-    return d if (d / "fl_config.json").is_file() and (d / "state.json").is_file() else None
-
-
-def run_sites(cfg: dict) -> tuple[list[str], list[str]]:
-    """(current sites, sites erased from the run)."""
-    sites = [str(s.get("id")) for s in cfg.get("sites", []) if isinstance(s, dict)]
-    return sites, [str(s) for s in (cfg.get("extra") or {}).get("withdrawn_sites", [])]
-
-
-def known_sites(root: Path) -> set[str]:
-    """Every site of the runs under ``root``, those erased from a run included (their users still
-    read its history); empty when there is no run yet."""
-    out: set[str] = set()
-    try:
-        children = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError:
-        return out
-    for d in children:
-        if resolve_run(root, d.name) is not None:
-            current, withdrawn = run_sites(_json(d / "fl_config.json"))
-            out.update(current, withdrawn)
-    return out
 
 
 def can_see_run(user: User, cfg: dict) -> bool:
@@ -72,17 +27,12 @@ def can_see_run(user: User, cfg: dict) -> bool:
 
 def summary(d: Path) -> dict:
     """The run's summary (shared, read-only: pages must not modify it), re-read when its files change."""
-    from privseg.console.cache import run_summary
-
     return run_summary(d, _summary)
 
 
 def _privacy(cfg: dict):
     """The run's typed privacy spec (``FLConfig.privacy``, an old config's ``train.extra["dp"]``
     included); None without DP or when the config does not load."""
-    from privseg.errors import PrivsegError
-    from privseg.federated.config import FLConfig
-
     try:
         return FLConfig.from_dict(cfg).privacy
     except (PrivsegError, TypeError, ValueError, AttributeError):
@@ -90,7 +40,7 @@ def _privacy(cfg: dict):
 
 
 def _summary(d: Path) -> dict:
-    cfg, st = _json(d / "fl_config.json"), _json(d / "state.json")
+    cfg, st = read_dict(d / "fl_config.json"), read_dict(d / "state.json")
     sites, withdrawn = run_sites(cfg)
     dice = None
     for e in reversed(st.get("rounds", [])):
@@ -121,13 +71,7 @@ def serving(st: dict) -> dict | None:
 
 def list_runs(root: Path, user: User) -> list[dict]:
     out = []
-    try:
-        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return []
-    for d in children:
-        if resolve_run(root, d.name) is None:
-            continue
+    for d in run_dirs(root):
         s = summary(d)
         if can_see_run(user, s["cfg"]):
             out.append(s)
@@ -155,10 +99,6 @@ def rounds_view(s: dict, user: User) -> tuple[list[dict], dict[str, list[tuple[i
 
 def budgets(d: Path, s: dict, user: User) -> list[dict]:
     """Per visible site: ε budget, spent, δ, ε after each booked round, refused rounds, warning."""
-    from privseg.console.cache import budget_status
-    from privseg.errors import PrivsegError
-    from privseg.privacy.budget import find_ledgers
-
     try:
         paths = find_ledgers(d)
     except PrivsegError:

@@ -1,16 +1,26 @@
-"""What every page of the console shares: the console's state, its access checks and the guard.
+"""What every page of the console shares: the console's state, its access checks, the guard, and
+the registry of pages (:data:`PAGES`, filled with :func:`register_pages`).
 
 Every page goes through :meth:`Console.guard`: a live session (signed cookie -> server-side
 row), the role the page allows, and for a form a size-capped URL-encoded body with the session's
 CSRF token. Run and request names from the URL are resolved only through
-:mod:`privseg.console.runs`; a site-scoped user gets the same 403 for another site's page as for
+:mod:`privseg.console.folders`; a site-scoped user gets the same 403 for another site's page as for
 one that does not exist, so nothing about other sites leaks.
+
+Adding a page: in a module of this package whose name ends in ``_page`` or ``_pages`` (the app
+imports every such module), a function ``(console) -> list[Route]`` decorated with
+``@register_pages("name")``, each route's endpoint wrapped in :meth:`Console.guard`::
+
+    @register_pages("audit")
+    def audit_pages(c: Console) -> list[Route]:
+        return [Route("/runs/{run}/audit", c.guard(partial(audit_page, c), ("officer",)))]
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote
@@ -20,13 +30,17 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
 
+from privseg.audit.ledger import ErasureLedger
 from privseg.console import erasure, runs
 from privseg.console.accounts import Accounts, Session, User
 from privseg.console.db import secret_key
+from privseg.console.folders import resolve_run
 from privseg.console.jobs import JobRunner
 from privseg.console.store import Store
 from privseg.errors import ConfigError, PrivsegError
+from privseg.utils import registrar
 
 HERE = Path(__file__).parent
 COOKIE, LOGIN_COOKIE = "privseg_session", "privseg_login"
@@ -141,7 +155,7 @@ class Console:
 
     # -- access -----------------------------------------------------------------------------
     def run_for(self, ctx: Ctx, name: str) -> tuple[Path, dict]:
-        d = runs.resolve_run(self.root, name)
+        d = resolve_run(self.root, name)
         if d is None:
             if ctx.user.site is not None:
                 raise forbidden()  # the same answer as for another site's run
@@ -153,8 +167,6 @@ class Console:
 
     def request_for(self, ctx: Ctx, run_dir: Path, run: str, rid: str) -> tuple[dict | None, list[dict]]:
         """(console record, ledger entries) of one request the user may see; 403/404 otherwise."""
-        from privseg.audit.ledger import ErasureLedger
-
         rec = self.store.get(run, rid) if len(rid) <= 64 else None
         path = erasure.ledger_path(run_dir)
         entries = ErasureLedger(path).entries(rid) if path.exists() and len(rid) <= 64 else []
@@ -217,3 +229,13 @@ def paged(ctx: Ctx, items: list) -> dict:
     page_no = min(max(1, page_no), pages)
     return {"shown": items[(page_no - 1) * PAGE: page_no * PAGE], "page": page_no, "pages": pages,
             "n": len(items)}
+
+
+Pages = Callable[["Console"], list[Route]]
+PAGES: dict[str, Pages] = {}
+
+
+def register_pages(name: str) -> Callable[[Pages], Pages]:
+    """File a function ``(console) -> list[Route]`` (a concern's pages) in :data:`PAGES` under
+    ``name``; the app serves the routes of every entry. A name already taken is refused."""
+    return registrar(PAGES, name, kind="console page")

@@ -14,16 +14,16 @@ import traceback
 from contextlib import ExitStack
 from pathlib import Path
 
+from privseg.console import erasure
+from privseg.console.folders import resolve_run
+from privseg.console.store import Store
+from privseg.errors import ConfigError, PrivsegError
+from privseg.federated.runstate import hold_run
+
 BUSY = 75
 
 
 def run_job(root: Path, run: str, rid: str) -> int:
-    from privseg.console import erasure
-    from privseg.console.runs import resolve_run
-    from privseg.console.store import Store
-    from privseg.errors import ConfigError, PrivsegError
-    from privseg.federated.runstate import hold_run
-
     store = Store(root)
     rec = store.get(run, rid)
     run_dir = resolve_run(root, run)
