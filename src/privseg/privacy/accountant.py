@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import gammaln, logsumexp
 
 from privseg.errors import BudgetExceededError, ConfigError
 
@@ -68,8 +69,6 @@ def _rdp_batch(q: float, sigmas: np.ndarray, orders: Sequence[float] = ORDERS) -
     ``A_alpha = sum_k C(alpha,k) (1-q)^(alpha-k) q^k exp((k^2-k)/(2 sigma^2))``,
     ``eps(alpha) = log(A_alpha)/(alpha-1)``; ``q = 1`` gives the Gaussian's ``alpha/(2 sigma^2)``.
     Vectorised in log space (fast enough to bisect on a schedule with a different sigma per step)."""
-    from scipy.special import gammaln, logsumexp
-
     a = np.asarray(orders, dtype=np.float64)
     if np.any(a != np.round(a)) or np.any(a < 2):
         raise ConfigError("RDP orders must be integers >= 2")
@@ -125,7 +124,7 @@ def epsilon(events: Iterable[StepEvent], delta: float, orders: Sequence[float] =
 
 def epsilon_dp_accounting(events: Iterable[StepEvent], delta: float, orders: Sequence[float] = ORDERS) -> float:
     """The same quantity computed by Google's dp-accounting (an independent implementation)."""
-    import dp_accounting
+    import dp_accounting  # why: seconds to import, and only the cross-checks and PLD reports use it
 
     acc = dp_accounting.rdp.RdpAccountant(orders=list(orders))
     for e in events:
@@ -136,7 +135,7 @@ def epsilon_dp_accounting(events: Iterable[StepEvent], delta: float, orders: Seq
 
 def epsilon_pld(events: Iterable[StepEvent], delta: float, value_discretization_interval: float = 1e-3) -> float:
     """ε by privacy-loss-distribution accounting (dp-accounting's PLD; tighter than RDP)."""
-    import dp_accounting
+    import dp_accounting  # why: seconds to import, and only the cross-checks and PLD reports use it
 
     acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=value_discretization_interval)
     for e in events:

@@ -193,6 +193,8 @@ class PatientDPSGD:
         noise key and the step, so a resumed run repeats an uninterrupted one. Each sampled patient
         gives ``aug_mult`` patches per file (default ``config.patches_per_subject``); the optimiser
         runs at ``config.lr * lr_scale`` (the plan's learning rate, :mod:`privseg.privacy.plan`)."""
+        # why: privseg.train and privseg.data.transforms import MONAI (seconds); privseg.privacy's ledgers and
+        # plans are read without them (console, reports)
         from privseg.data.transforms import PatchSampler
         from privseg.train.loop import prepare_steps
 

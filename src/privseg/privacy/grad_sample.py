@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
 
 from privseg.errors import ConfigError
 from privseg.privacy.clipping import clip_factors
@@ -138,8 +139,6 @@ def clipped_sum_loop(model: nn.Module, loss_fn, images: torch.Tensor, labels: to
 def clipped_sum_vmap(model: nn.Module, loss_fn, images: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor,
                      clip: float) -> tuple[list[torch.Tensor], torch.Tensor, float]:
     """As :func:`clipped_sum_loop`, with ``torch.func.vmap`` over subjects (equal patch counts needed)."""
-    from torch.func import functional_call, grad_and_value, vmap
-
     groups = _groups(owner)
     sizes = {len(g) for g in groups}
     if len(sizes) != 1:
@@ -173,7 +172,7 @@ class _OpacusHelper:
     """Per-patch gradients via Opacus's GradSampleModule hooks (kept attached to one model)."""
 
     def __init__(self, model: nn.Module):
-        from opacus import GradSampleModule
+        from opacus import GradSampleModule  # why: seconds to import, and only method "opacus" uses it
 
         self.model = model
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=False)

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from PIL import Image
 
+from privseg.data.transforms import load_preprocessed, load_subject, preprocess
+from privseg.errors import CheckpointError, ConfigError
 from privseg.train import metrics
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.utils import atomic_path
 
 
 @torch.no_grad()
@@ -66,10 +73,6 @@ def summarise(rows: Sequence[dict]) -> dict:
 def write_prediction(item: dict, probs: torch.Tensor, source, out_path: str | os.PathLike) -> Path:
     """Undo the preprocessing (crop, resampling, orientation) with MONAI's inverse and
     write the label map with the source image's affine and header."""
-    import nibabel as nib
-
-    from privseg.utils import atomic_path
-
     pred = probs.argmax(0, keepdim=True).to(torch.float32)
     if isinstance(pred, MetaTensor):  # keep only the image's geometry: MONAI warns when two affines meet
         pred = pred.as_tensor()
@@ -101,10 +104,6 @@ def write_mask_2d(probs: torch.Tensor, source, out_path: str | os.PathLike, labe
     """Write a 2D prediction as an 8-bit PNG mask of the image's size. With the cohort's
     ``label_map`` (raw value -> class, e.g. {255: 1}) the classes go back to the dataset's own values,
     so the mask reads like the ground-truth masks it sits beside; otherwise the value is the class index."""
-    from PIL import Image
-
-    from privseg.utils import atomic_path
-
     arr = np.asarray(torch.as_tensor(probs).argmax(0)).astype(np.int64)
     shape = tuple(source.array.shape[:2])
     if arr.shape != shape:
@@ -124,8 +123,6 @@ def write_mask_2d(probs: torch.Tensor, source, out_path: str | os.PathLike, labe
 
 
 def check_fits(config: dict, cohort, path) -> None:
-    from privseg.errors import CheckpointError
-
     if config["num_classes"] != cohort.num_classes or config["in_channels"] != len(cohort.channels):
         raise CheckpointError(
             f"{path}: model has {config['in_channels']} input channels and {config['num_classes']} classes, "
@@ -137,9 +134,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cohort, split: str | None
                         subject_ids: Sequence[str] | None = None, with_hd95: bool = False,
                         on_subject: Callable[[int, int], None] | None = None) -> dict:
     """Per-subject and per-site Dice/MAE(/HD95) of a checkpoint on a cohort split."""
-    from privseg.data.transforms import load_preprocessed
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
     payload = load_checkpoint(checkpoint)
     cfg = payload["config"]
     check_fits(cfg, cohort, checkpoint)
@@ -157,10 +151,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def predict_subject(checkpoint: str | os.PathLike, cohort, subject_id: str, out_path: str | os.PathLike) -> Path:
     """Segment one subject and write the label map in its original space: NIfTI with the image's
     affine and header for a 3D cohort, a PNG mask of the image's size for a 2D one."""
-    from privseg.data.transforms import load_subject, preprocess
-    from privseg.errors import ConfigError
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
     name = str(out_path).lower()
     if cohort.spatial_dims == 2 and name.endswith(NIFTI_SUFFIXES):
         raise ConfigError(f"--out {out_path}: a 2D cohort's prediction is a PNG mask; give a .png path")
@@ -181,8 +171,6 @@ def predict_subject(checkpoint: str | os.PathLike, cohort, subject_id: str, out_
 def predict_subject_to_nifti(checkpoint: str | os.PathLike, cohort, subject_id: str,
                              out_path: str | os.PathLike) -> Path:
     """Segment one subject of a 3D cohort and write the label map in the subject's original image space."""
-    from privseg.errors import ConfigError
-
     if cohort.spatial_dims != 3:
         raise ConfigError("a NIfTI prediction needs a 3D cohort; predict_subject writes a 2D one as PNG")
     return predict_subject(checkpoint, cohort, subject_id, out_path)
@@ -191,8 +179,6 @@ def predict_subject_to_nifti(checkpoint: str | os.PathLike, cohort, subject_id: 
 def _with_model_window(cohort, cfg: dict):
     """The cohort with the CT window the model trained with (``extra.ct_window``), unless the cohort
     already names one: intensities must be scaled as they were at training."""
-    from dataclasses import replace
-
     recorded = (cfg.get("extra") or {}).get("ct_window") if isinstance(cfg.get("extra"), dict) else None
     if recorded is None or cohort.info.get("ct_window") is not None:
         return cohort

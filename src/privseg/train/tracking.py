@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from privseg.errors import DataError
 from privseg.utils import atomic_path, versions, write_json
 
 RUN_FILE = "run.json"
@@ -81,7 +82,7 @@ class RunTracker:
     def _writer(self):
         if self._tb is None and self._tb_wanted:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # why: optional (pip extra), and seconds to import
             except ImportError:  # tensorboard not installed: JSON only
                 self._tb_wanted = False
                 return None
@@ -251,8 +252,6 @@ def describe_run(run_dir: str | os.PathLike) -> dict | None:
 def find_runs(root: str | os.PathLike = "runs", max_depth: int = 3, kind: str | None = None) -> list[dict]:
     """Every run folder under ``root`` (``root`` itself included), newest first; with ``kind``, only
     the runs of that kind (train, federated or unlearn)."""
-    from privseg.errors import DataError
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "runs folder not found")
