@@ -1,0 +1,127 @@
+"""LoRA adapters on the convolutions (issue 26, item 5: --trainable lora): the adapted model starts at
+its weights, saves and loads plain weights, merges exactly, and every per-patient gradient method
+gives the adapters' clipped per-patient sums."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from privseg.errors import ConfigError
+from privseg.models import build_model
+from privseg.models.lora import LORA_RANK, add_lora, check_rank, delta_weight, is_adapted, lora_params
+from privseg.privacy.grad_sample import GRAD_METHODS, NORM_SLACK, global_norm
+from privseg.train.losses import SegLoss
+
+
+def _net(dims: int = 3, classes: int = 3):
+    torch.manual_seed(0)
+    return build_model("unet_tiny", in_channels=1, num_classes=classes, spatial_dims=dims)
+
+
+def _convs(model):
+    return [m for m in model.modules() if hasattr(m, "lora_A")]
+
+
+def _nudge(model, scale: float = 0.05) -> None:
+    """Move every adapter weight, as training would (B leaves zero)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_params(model):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_adapters_start_at_the_weights_and_the_model_saves_plain_weights():
+    model = _net()
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 1, 16, 16, 16)
+    names = add_lora(model)
+    assert is_adapted(model) and not is_adapted(plain)
+    convs = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    assert names == convs  # every convolution of the U-Net
+    assert torch.equal(model(x), plain(x))  # B = 0: exactly the warm start, bit for bit
+    assert all(not c.lora_B.weight.any() for c in _convs(model))
+    got, want = model.state_dict(), plain.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], v) for k, v in want.items())  # no adapter keys
+    # while B is zero the saved weight is W itself: writing into it loads the model (federated load_arrays)
+    with torch.no_grad():
+        got["encoder.0.conv_0.conv.weight"].add_(1.0)
+    assert not torch.equal(model(x), plain(x))
+    # rank-r factors of each kernel matrix, capped at its full rank; far fewer than the weights
+    n_lora = sum(p.numel() for p in lora_params(model))
+    assert n_lora == sum(min(LORA_RANK, c.out_channels, c.weight[0].numel()) * (c.weight[0].numel() + c.out_channels)
+                         for c in _convs(model))
+    assert n_lora < sum(p.numel() for p in plain.parameters()) / 4
+    assert add_lora(model) == names and len(lora_params(model)) == 2 * len(names)  # adding again: no change
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_merged_weights_compute_what_the_adapted_model_computes(dims):
+    model = _net(dims)
+    add_lora(model, 2)
+    _nudge(model)
+    x = torch.randn(2, 1, *(16,) * dims)
+    with torch.no_grad():
+        adapted = model(x)
+        merged = build_model("unet_tiny", in_channels=1, num_classes=3, spatial_dims=dims)
+        merged.load_state_dict(model.state_dict())  # what a checkpoint holds: an ordinary model
+        assert torch.allclose(merged(x), adapted, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(merged(x), _net(dims)(x), atol=1e-3)  # the adapters did change the model
+        conv = _convs(model)[1]
+        w = model.state_dict()["encoder.0.conv_1.conv.weight"]
+        assert torch.allclose(w, conv.weight + delta_weight(conv)) and not torch.equal(w, conv.weight)
+        # loading plain weights into an adapted model: W takes them, the adapters restart at B = 0
+        a_before = [c.lora_A.weight.clone() for c in _convs(model)]
+        model.load_state_dict(merged.state_dict())
+        assert all(not c.lora_B.weight.any() for c in _convs(model))
+        assert all(torch.equal(c.lora_A.weight, a) for c, a in zip(_convs(model), a_before, strict=True))
+        assert torch.equal(model(x), merged(x))
+
+
+@pytest.mark.parametrize("method", sorted(GRAD_METHODS))
+def test_per_patient_adapter_gradients_match_a_loop_over_patients(method):
+    model = _net(2, classes=2)
+    add_lora(model, 2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_params(model):
+        p.requires_grad_(True)
+    _nudge(model)  # B != 0, so A gets a gradient too
+    g = torch.Generator().manual_seed(1)
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    x, y = torch.randn(6, 1, 16, 16, generator=g), torch.randint(0, 2, (6, 1, 16, 16), generator=g)
+    loss_fn, clip, params = SegLoss(), 0.05, lora_params(model)
+    want, norms_want = [torch.zeros_like(p) for p in params], []
+    for u in range(3):  # the definition: each patient's mean-loss gradient, clipped to norm <= C, summed
+        grads = torch.autograd.grad(loss_fn.per_sample(model(x[owner == u]), y[owner == u]).mean(), params)
+        norm = float(global_norm(grads))
+        norms_want.append(norm)
+        for w, gr in zip(want, grads, strict=True):
+            w.add_(gr * min(1.0, clip / (norm * (1 + NORM_SLACK))))
+    acc, norms, _ = GRAD_METHODS[method](model, loss_fn, x, y, owner, clip)
+    assert len(acc) == len(params) and all(a.shape == p.shape for a, p in zip(acc, params, strict=True))
+    assert torch.allclose(norms.detach().double(), torch.tensor(norms_want, dtype=torch.float64), rtol=1e-4)
+    assert min(norms_want) > clip  # every patient clipped: the sums test the clipping too
+    for a, w in zip(acc, want, strict=True):
+        assert torch.allclose(a, w, atol=1e-7, rtol=1e-4)
+    assert all(w.abs().sum() > 0 for w in want)  # A and B both get gradients
+
+
+def test_a_bad_rank_is_a_config_error_naming_the_setting():
+    for bad in (0, -1, 2.5, "4", True, None):
+        with pytest.raises(ConfigError, match="lora_rank"):
+            check_rank(bad)
+    with pytest.raises(ConfigError, match="lora_rank"):
+        add_lora(_net(), 0)
+    # unet_tiny's widest kernel matrix has rank 32 (32 output channels): rank 32 is low-rank nowhere
+    with pytest.raises(ConfigError, match=r"lora_rank \(--lora-rank\) 32 is at least the full rank .* below 32"):
+        add_lora(_net(), 32)
+    assert add_lora(_net(), 31)
+    model = _net()
+    add_lora(model, 2)
+    with pytest.raises(ConfigError, match="already has adapters of rank"):
+        add_lora(model, 4)
+    with pytest.raises(ConfigError, match="no convolution"):
+        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)))
