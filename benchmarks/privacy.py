@@ -126,8 +126,8 @@ def bench_accounting() -> dict:
 # -- 5. Flower's adaptive clipping rule --------------------------------------------------
 
 def bench_flower() -> dict:
+    from privseg.federated.dp_strategy import flower_adaptive_clip_trace
     from privseg.privacy import QuantileClipper
-    from privseg.privacy.client_dp import flower_adaptive_clip_trace
 
     rng = np.random.default_rng(0)
     norms = rng.lognormal(0.0, 0.5, size=10000)

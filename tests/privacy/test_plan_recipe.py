@@ -117,22 +117,17 @@ def test_normalising_rule_bounds_every_contribution_and_is_registered():
 def test_normalise_is_the_default_clip_and_client_level_dp_applies_it():
     """The recipe's rule is the default (not adaptive, which lost to fixed and warns at a site's few patients
     a step); a site-level DP run asked for it normalises each site's update instead of clipping it."""
-    from flwr.app import Array, ArrayRecord, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
     from privseg.privacy.client_dp import ClientLevelDP
 
     assert DPConfig().clip == "normalise"
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    glob = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    glob = {"w": np.zeros(4, np.float32)}
     scaled = {}
     for rule in ("fixed", "normalise"):
-        hooks = ClientLevelDP(n_sites=2, clip=rule, clip_norm=1.0, noise_multiplier=1.0, delta=1e-2,
-                              noise=NoiseSource.reproducible(0))
-        replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.asarray(w, np.float32))})}),
-                           dst_node_id=0, message_type="train") for w in ([0.3, 0, 0, 0], [0, 40.0, 0, 0])]
-        out = hooks.clip_updates(1, replies, glob)
-        scaled[rule] = [float(np.linalg.norm(m.content["arrays"]["w"].numpy())) for m in out]
+        mechanism = ClientLevelDP(n_sites=2, clip=rule, clip_norm=1.0, noise_multiplier=1.0, delta=1e-2,
+                                  noise=NoiseSource.reproducible(0))
+        updates = [{"w": np.asarray(w, np.float32)} for w in ([0.3, 0, 0, 0], [0, 40.0, 0, 0])]
+        out = mechanism.clip_round(1, glob, updates)
+        scaled[rule] = [float(np.linalg.norm(u["w"])) for u in out]
     assert scaled["fixed"] == pytest.approx([0.3, 1.0])  # min(1, C/|u|): a small update stays small
     assert scaled["normalise"] == pytest.approx([0.3 / 0.31, 40.0 / 40.01])  # C u/(|u| + 0.01): all near C, < C
 

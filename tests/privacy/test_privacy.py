@@ -29,7 +29,6 @@ from privseg.privacy import (
     schedule_multipliers,
     split_noise,
 )
-from privseg.privacy.client_dp import flower_adaptive_clip_trace
 from privseg.privacy.clipping import default_sigma_b
 from privseg.privacy.grad_sample import clipped_sum_bk, clipped_sum_loop, clipped_sum_vmap
 from privseg.train.losses import SegLoss
@@ -97,9 +96,7 @@ def test_private_quantile_estimator_converges_to_the_target_quantile(target):
     true_q = math.exp(0.5 * float(torch.distributions.Normal(0, 1).icdf(torch.tensor(target))))
     final = float(np.mean(clipper.history[-100:]))
     assert abs(final / true_q - 1) < 0.1, (final, true_q)
-    # counting CLIPPED updates with the same formula (Flower 1.41) runs away from the quantile
-    trace = flower_adaptive_clip_trace(rng.lognormal(0.0, 0.5, size=1000), rounds=300, clip=1.0)
-    assert trace[-1] < 0.1 * math.exp(0.0) or trace[-1] > 10
+    # counting CLIPPED updates instead (Flower 1.41) runs away: tests/federated/test_dp_strategy.py
 
 
 def test_changing_schedule_composes_like_dp_accounting():

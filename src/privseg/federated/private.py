@@ -5,10 +5,11 @@ the federated package here only; the ServerApp and the ClientApp ask this module
 look at it themselves.
 
 * Server: :func:`run_config` is the spec as the ``dp-*`` keys of every ClientApp's run
-  configuration (the same in simulation and deployment); :func:`attach_privacy` wraps the
-  strategy -- client-level DP (``--dp site``): DP-FedAvg's hooks and its Poisson site sampling
-  (:func:`attach_client_dp`, as Flower's own DP wrappers do); :func:`checkpoint_record` is
-  the spec kept in every global checkpoint (provenance).
+  configuration (the same in simulation and deployment); :func:`private_strategy` wraps the
+  strategy -- client-level DP (``--dp site``): DP-FedAvg with its Poisson site sampling and its
+  ledger (:class:`~privseg.federated.dp_strategy.ClientLevelDPStrategy` around the strategy,
+  as Flower's own DP wrappers do, the mechanism from :func:`client_dp`);
+  :func:`checkpoint_record` is the spec kept in every global checkpoint (provenance).
 * Client: :func:`site_step_fn` builds the spec once from the run configuration; under
   patient-level DP (``--dp patient``) :func:`patient_dp_step_fn` makes the site's step -- it
   finds the site's patients, ledger and secret noise key (in the site's own state folder) and
@@ -26,11 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from privseg.federated.config import FLConfig
+from privseg.federated.dp_strategy import ClientLevelDPStrategy
 from privseg.federated.runstate import PARTICIPATION_FILE, RunState
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
 from privseg.privacy.budget import ledger_path
-from privseg.privacy.client_dp import SERVER, ClientLevelDP, ledger_for_run
+from privseg.privacy.client_dp import SERVER, ClientLevelDP
 from privseg.train.loop import StepFn, TrainConfig, standard_step
 from privseg.utils import append_line
 
@@ -241,13 +243,19 @@ def public_round_entry(cfg: FLConfig, run_dir: str | Path, entry: dict) -> dict:
     return {**{k: v for k, v in entry.items() if k not in secret}, "participants": [], "participation": WITHHELD}
 
 
-def attach_privacy(strategy, cfg: FLConfig, run_dir: str | Path) -> ClientLevelDP | None:
-    """Wrap the server's ``strategy`` for the run's privacy spec: DP-FedAvg for client-level DP
-    (unit ``site``, :func:`attach_client_dp`); nothing otherwise (patient-level DP happens at
-    the sites). Returns the hooks, or None."""
+def private_strategy(strategy, cfg: FLConfig, run_dir: str | Path):
+    """The server's strategy for the run's privacy spec: for client-level DP (unit ``site``)
+    ``strategy`` wrapped in DP-FedAvg (:class:`ClientLevelDPStrategy`, mechanism :func:`client_dp`);
+    otherwise ``strategy`` itself (patient-level DP happens at the sites). ``strategy`` is not changed."""
     if cfg.privacy is not None and cfg.privacy.unit == "site":
-        return attach_client_dp(strategy, cfg, run_dir)
-    return None
+        return ClientLevelDPStrategy(strategy, client_dp(cfg, run_dir))
+    return strategy
+
+
+def releases_every_round(strategy) -> bool:
+    """Whether the server aggregates a round whatever number of sites answered (none included):
+    under client-level DP the sites are sampled by Poisson, and every round booked is released."""
+    return isinstance(strategy, ClientLevelDPStrategy)
 
 
 def derived_privacy(cfg: FLConfig, run_dir: Path, sub_dir: Path) -> FLConfig:
@@ -264,23 +272,22 @@ def derived_privacy(cfg: FLConfig, run_dir: Path, sub_dir: Path) -> FLConfig:
     return replace(cfg, privacy=replace(dp, ledger_root=str(root), ledger_scope=scope))
 
 
-def attach_client_dp(strategy, cfg: FLConfig, run_dir: str | Path) -> ClientLevelDP:
-    """Attach DP-FedAvg to ``strategy`` from ``cfg.privacy`` (unit ``site``), ledger in
+def client_dp(cfg: FLConfig, run_dir: str | Path) -> ClientLevelDP:
+    """The DP-FedAvg mechanism of ``cfg.privacy`` (unit ``site``), ledger in
     ``<run_dir>/privacy.sqlite``, noise key ``<run_dir>/server_noise.key``; on resume the adaptive
     clip continues from the ledger."""
     dp = cfg.privacy
-    ledger = ledger_for_run(run_dir)
-    hooks = ClientLevelDP(n_sites=len(cfg.sites), fraction=cfg.fraction, clip=dp.clip, clip_norm=dp.clip_norm,
-                          noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta, rounds=cfg.rounds,
-                          target_quantile=dp.target_quantile, clip_lr=dp.clip_lr, sigma_b=dp.sigma_b, ledger=ledger,
-                          noise=(NoiseSource.reproducible(cfg.train.seed) if dp.reproducible_noise
-                                 else NoiseSource.for_state_dir(run_dir, "server_noise.key")),
-                          allow_large_delta=dp.allow_large_delta)
+    ledger = BudgetLedger(ledger_path(run_dir))
+    mechanism = ClientLevelDP(n_sites=len(cfg.sites), fraction=cfg.fraction, clip=dp.clip, clip_norm=dp.clip_norm,
+                              noise_multiplier=dp.noise_multiplier, epsilon=dp.epsilon, delta=dp.delta,
+                              rounds=cfg.rounds, target_quantile=dp.target_quantile, clip_lr=dp.clip_lr,
+                              sigma_b=dp.sigma_b, ledger=ledger,
+                              noise=(NoiseSource.reproducible(cfg.train.seed) if dp.reproducible_noise
+                                     else NoiseSource.for_state_dir(run_dir, "server_noise.key")),
+                              allow_large_delta=dp.allow_large_delta)
     # the clip as it was before the round the server resumes at (a booked first attempt of that
     # round, cut short by a crash before state.json, must not move the starting point)
     last = ledger.last_info(SERVER, before_round=RunState.load_or_new(run_dir).rounds_done + 1)
     if last and last.get("clip"):
-        hooks.clipper.clip = float(last["clip"])
-    hooks.attach(strategy)
-    strategy.client_dp = hooks
-    return hooks
+        mechanism.clipper.clip = float(last["clip"])
+    return mechanism

@@ -10,11 +10,13 @@
   entries of the global model at their initial values (a site that joins late starts from
   them).
 
-Hooks for later work (client-level DP, erasure): every strategy calls
-``self.update_hooks`` -- callables ``(server_round, replies, global_arrays) -> replies`` --
-on the valid training replies before averaging, so clipping and noising whole site updates
-goes there; and the averaged arrays go through ``self.aggregate_hooks``
-``(server_round, arrays) -> arrays``.
+Hooks: every strategy calls ``self.update_hooks`` -- callables ``(server_round, replies,
+global_arrays) -> replies`` -- on the valid training replies before averaging
+(:meth:`PrivsegStrategy.screen_updates`: the poisoning guard, an erasure's calibration), and the
+averaged arrays go through ``self.aggregate_hooks`` ``(server_round, arrays) -> arrays``
+(:meth:`PrivsegStrategy.finish_aggregate`). Client-level DP does not hook in: it wraps the
+strategy (:class:`privseg.federated.dp_strategy.ClientLevelDPStrategy`, as Flower's DP wrappers
+do) and clips between the screening and the averaging (:meth:`PrivsegStrategy.average_updates`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 from torch import nn
@@ -117,9 +119,11 @@ def attach_proximal(optimizer: torch.optim.Optimizer, model: nn.Module, referenc
 
 # -- strategies ------------------------------------------------------------------
 
-class _PrivsegMixin:
-    """Shared by every privseg strategy: hooks, site-local keys, dtype-faithful averaging,
-    and evaluation averaging that tolerates sites without evaluation subjects."""
+class PrivsegStrategy:
+    """Shared by every privseg strategy (a mixin before the Flower strategy): hooks, site-local
+    keys, dtype-faithful averaging, and evaluation averaging that tolerates sites without
+    evaluation subjects. ``aggregate_train`` is :meth:`screen_updates` then :meth:`average_updates`,
+    so that a wrapper (client-level DP) can act between the two."""
 
     name = "fedavg"
     local_norm = False
@@ -135,14 +139,7 @@ class _PrivsegMixin:
         self._global = arrays
         config["local-norm"] = bool(self.local_norm)
         config["strategy"] = self.name
-        selector = getattr(self, "node_selector", None)
-        if selector is None:
-            return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-        # client-level DP: the sampling the accountant books (Poisson, secret coins), not Flower's
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
-        nodes = selector(server_round, list(grid.get_node_ids()))
-        return self._construct_messages(record, nodes, MessageType.TRAIN)  # type: ignore[attr-defined]
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -151,17 +148,28 @@ class _PrivsegMixin:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.average_updates(server_round, self.screen_updates(server_round, replies))
+
+    def screen_updates(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies the average may take: those without error, through every update hook in turn."""
         valid = [m for m in replies if not m.has_error()]
         for hook in self.update_hooks:
             valid = hook(server_round, valid, self._global)
-        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
-        if arrays is None and getattr(self, "node_selector", None) is not None and self._global is not None:
-            arrays = self._global  # client-level DP, nobody sampled: the round still releases its noise
-        if arrays is not None:
-            arrays = self._complete(arrays)
-            for hook in self.aggregate_hooks:
-                arrays = hook(server_round, arrays)
-        return arrays, metrics
+        return valid
+
+    def average_updates(self, server_round: int,
+                        replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The Flower strategy's own aggregation of screened ``replies``, finished
+        (:meth:`finish_aggregate`); no arrays when there is nothing to average."""
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        return (self.finish_aggregate(server_round, arrays) if arrays is not None else None), metrics
+
+    def finish_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """``arrays`` completed (site-local entries, reference dtypes) and through every aggregate hook."""
+        arrays = self._complete(arrays)
+        for hook in self.aggregate_hooks:
+            arrays = hook(server_round, arrays)
+        return arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         useful = [m for m in replies if not m.has_error() and self._weight(m) > 0]
@@ -202,7 +210,7 @@ class _PrivsegMixin:
 # ``params`` are the strategy's own (``FLConfig.strategy_params``), checked against the factory's
 # signature. A new strategy with its own parameter is one class or function in one file.
 
-StrategyFactory = Callable[..., "_PrivsegMixin"]
+StrategyFactory = Callable[..., "PrivsegStrategy"]
 FL_STRATEGIES: dict[str, StrategyFactory] = {}
 
 
@@ -223,7 +231,7 @@ def _factory(name: str) -> StrategyFactory:
         raise ConfigError(f"unknown strategy {name!r}: choose {', '.join(FL_STRATEGIES)}") from None
 
 
-class PrivsegFedAvg(_PrivsegMixin, FedAvg):
+class PrivsegFedAvg(PrivsegStrategy, FedAvg):
     """Flower's FedAvg (weighted by each site's number of training subjects)."""
 
     name = "fedavg"
@@ -233,7 +241,7 @@ class PrivsegFedAvg(_PrivsegMixin, FedAvg):
         self._init_privseg()
 
 
-class PrivsegFedProx(_PrivsegMixin, FedProx):
+class PrivsegFedProx(PrivsegStrategy, FedProx):
     """Flower's FedProx; the client applies the proximal term (``proximal-mu`` in the config)."""
 
     name = "fedprox"
@@ -243,7 +251,7 @@ class PrivsegFedProx(_PrivsegMixin, FedProx):
         self._init_privseg()
 
 
-class PrivsegFedAvgM(_PrivsegMixin, FedAvgM):
+class PrivsegFedAvgM(PrivsegStrategy, FedAvgM):
     """Flower's FedAvgM (Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data
     Distribution for Federated Visual Classification", 2019): the averaged update is applied with
     a server learning rate and momentum (``strategy_params``: ``server_learning_rate``,
@@ -288,7 +296,7 @@ def _fedbn(common: dict) -> FedBN:
 
 
 def build_strategy(name: str, *, min_sites: int = 1, fraction: float = 1.0, evaluate: bool = True,
-                   proximal_mu: float | None = None, params: dict | None = None) -> _PrivsegMixin:
+                   proximal_mu: float | None = None, params: dict | None = None) -> PrivsegStrategy:
     """A strategy by name from :data:`FL_STRATEGIES`. ``min_sites`` is both the minimum sampled and the
     minimum connected; ``params`` the strategy's own settings (``proximal_mu`` is passed on to the
     strategies that take it)."""

@@ -24,62 +24,64 @@ Why not Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` (flwr 1.41)? 
 ``adaptive_clip_inputs_inplace`` returns ``norm_bit = scaling_factor < 1`` -- True for a
 *clipped* update -- and then applies ``C *= exp(-lr (clipped_fraction - target))``: too many
 clipped updates *shrink* C further, so C collapses toward 0 (Andrew et al.'s rule run backwards;
-``benchmarks/privacy.py`` reproduces it). Its fixed-clipping sibling is correct but weights
-and noises with Flower's own conventions and has no ledger; this module implements both modes
-on privseg's strategy hooks (``update_hooks`` / ``aggregate_hooks``), so it composes with
-FedAvg, FedProx and FedBN.
+``benchmarks/privacy.py`` reproduces it with
+:func:`privseg.federated.dp_strategy.flower_adaptive_clip_trace`). Its fixed-clipping sibling is
+correct but weights and noises with Flower's own conventions and has no ledger.
+
+This module is the mechanism only, on plain arrays (``{name: numpy array}``): it knows nothing of
+Flower. Flower's idiom -- a strategy that wraps any strategy -- is
+:class:`privseg.federated.dp_strategy.ClientLevelDPStrategy`, which samples the sites with
+:meth:`ClientLevelDP.select`, hands each round's updates to :meth:`ClientLevelDP.clip_round`
+(the ledger is checked there, before anything of the round is released) and the wrapped
+strategy's average to :meth:`ClientLevelDP.release` (noise, clip update, ledger commit).
 
 **With few sites it is useless**: the noise on the average has norm about
 ``z C sqrt(d) / m`` against a signal of at most ``C``; with m = 3 sites, d = 1.3 M parameters and
 z ~ 1 that is a signal-to-noise ratio of ~ 3/1140. Patient-level DP-SGD inside each site
-(:mod:`privseg.privacy.dpsgd`) averages over patients*steps instead; see README numbers.
+(:mod:`privseg.privacy.site`) averages over patients*steps instead; see README numbers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 
-from privseg.errors import BudgetExceededError, ConfigError
+from privseg.errors import ConfigError
 from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, check_epsilon
+from privseg.privacy.budget import BudgetLedger
 from privseg.privacy.clipping import Normalising, clip_factors, make_clipper
 from privseg.privacy.noise import NoiseSource
 from privseg.privacy.spec import CLIP
 
 SERVER = "server"
+Arrays = Mapping[str, np.ndarray]  # a model's state as {entry name: array}
 
 
-def flower_adaptive_clip_trace(norms: np.ndarray, rounds: int, clip: float = 1.0, lr: float = 0.2,
-                               target: float = 0.5, seed: int = 0) -> list[float]:
-    """Flower 1.41's adaptive-clipping *update rule* (``norm_bit = clipped``, then
-    ``C *= exp(-lr (clipped_fraction - target))``) on i.i.d. draws from ``norms``, noise-free.
-    For the benchmark/test showing the clipped-count rule diverges."""
-    from flwr.supercore.differential_privacy import adaptive_clip_inputs_inplace
+def _floating(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating)
 
-    rng = np.random.default_rng(seed)
-    trace = []
-    for _ in range(rounds):
-        sample = rng.choice(norms, size=min(len(norms), 10))
-        bits = [adaptive_clip_inputs_inplace([np.array([n], dtype=np.float64)], clip) for n in sample]
-        frac = float(np.mean(bits))
-        clip *= math.exp(-lr * (frac - target))
-        trace.append(clip)
-    return trace
+
+def update_digest(arrays: Arrays) -> bytes:
+    """SHA-256 of one (clipped) site update: every entry's name and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode() + np.ascontiguousarray(arrays[k]).tobytes())
+    return h.digest()
 
 
 class ClientLevelDP:
-    """DP-FedAvg hooks for a privseg strategy. Give ``noise_multiplier`` or a budget
-    (``epsilon``, ``delta``, ``rounds``) to calibrate it."""
+    """The DP-FedAvg mechanism of one run. Give ``noise_multiplier`` or a budget (``epsilon``,
+    ``delta``, ``rounds``) to calibrate it. Per round: :meth:`select` the sites, :meth:`clip_round`
+    their updates, average them (uniformly), :meth:`release` the average."""
 
     def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = CLIP, clip_norm: float = 1.0,
                  noise_multiplier: float | None = None, epsilon: float | None = None, delta: float = 1e-5,
                  rounds: int | None = None, target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 sigma_b: float | None = None, ledger=None, noise: NoiseSource | None = None,
+                 sigma_b: float | None = None, ledger: BudgetLedger | None = None, noise: NoiseSource | None = None,
                  allow_large_delta: bool = False):
         if n_sites < 1:
             raise ConfigError("client-level DP needs at least one site")
@@ -111,8 +113,9 @@ class ClientLevelDP:
         self.noise = noise if noise is not None else NoiseSource.ephemeral()
         self.norms: list[float] = []
         self.history: list[dict] = []
-        self._k = 0
-        self.release: str | None = None  # the fingerprint of the round being released
+        self.release_fingerprint: str | None = None  # the fingerprint of the round being released
+        self._glob: dict[str, np.ndarray] = {}  # the round's global model (what the updates are taken against)
+        self._k = 0  # the round's number of clipped updates
         self._round_noise: NoiseSource | None = None
 
     @property
@@ -120,111 +123,95 @@ class ClientLevelDP:
         return float(self.clipper.clip)
 
     @property
-    def _scale(self) -> float | Normalising:
+    def scale(self) -> float | Normalising:
         """What scales a site's update: the clip (``min(1, C/||u||)``), or the normalising rule's
         ``C u / (||u|| + gamma)`` (Bu et al. 2023); either way the update's norm stays below C."""
         return getattr(self.clipper, "scale", self.clip)
 
-    def attach(self, strategy) -> None:
-        strategy.update_hooks.append(self.clip_updates)
-        strategy.aggregate_hooks.append(self.add_noise)
-        strategy.node_selector = self.select
-
-    def select(self, server_round: int, node_ids: list[int]) -> list[int]:
+    def select(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
         """Poisson sampling of sites: each joins independently with probability ``q`` (secret coins)."""
         nodes = sorted(node_ids)
         coins = self.noise.uniform("sites", server_round, len(nodes))
         return [n for n, c in zip(nodes, coins, strict=True) if c < self.q]
 
     def check(self, server_round: int, release: str | None = None) -> float:
+        """The ledger's check of the round (raises :class:`~privseg.errors.BudgetExceededError`
+        when it would cross the budget); NaN without a ledger."""
         if self.ledger is None:
             return math.nan
         return self.ledger.check_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)], release=release)
 
-    # update hook: (round, replies, global) -> replies
-    def clip_updates(self, server_round: int, replies, global_arrays: ArrayRecord):
-        glob = {k: global_arrays[k].numpy() for k in global_arrays.keys()}
-        self._glob = glob
-        self.norms, self._k = [], len(replies)
+    def clip_round(self, server_round: int, glob: Arrays, updates: Sequence[Arrays]) -> list[dict[str, np.ndarray]]:
+        """The round's site models ``updates`` (each a full model, as the site returned it) with
+        every update ``w_k - glob`` scaled to norm <= C over the floating-point entries (the others
+        are kept as sent). Then, before anything of the round is released, the ledger checks it,
+        and the round's noise is bound to every input of its release (the global model, the clipped
+        updates, the clip): a round re-run with anything else draws fresh noise."""
+        self._glob = {k: np.asarray(v) for k, v in glob.items()}
+        self.norms, self._k = [], len(updates)
         clip = self.clip
-        for msg in replies:
-            name = next(iter(msg.content.array_records))
-            arrays = msg.content[name]
-            keys = [k for k in arrays.keys() if np.issubdtype(arrays[k].numpy().dtype, np.floating)]
-            deltas = {k: arrays[k].numpy().astype(np.float64) - glob[k] for k in keys}
+        clipped = []
+        for arrays in updates:
+            keys = [k for k in arrays if _floating(arrays[k])]
+            deltas = {k: arrays[k].astype(np.float64) - self._glob[k] for k in keys}
             norm = math.sqrt(sum(float((d ** 2).sum()) for d in deltas.values()))
             self.norms.append(norm)
-            factor = float(clip_factors(torch.tensor([norm], dtype=torch.float64), self._scale)[0])
-            out = {k: Array(np.ascontiguousarray(arrays[k].numpy())) for k in arrays.keys()}
+            factor = float(clip_factors(torch.tensor([norm], dtype=torch.float64), self.scale)[0])
+            out = {k: np.ascontiguousarray(arrays[k]) for k in arrays}
             for k in keys:
-                out[k] = Array(np.ascontiguousarray((glob[k] + factor * deltas[k]).astype(arrays[k].numpy().dtype)))
-            msg.content[name] = ArrayRecord(out)
-            for rec in msg.content.metric_records.values():  # uniform average: every site weighs 1
-                if "num-examples" in rec:
-                    rec["num-examples"] = 1
-        # the round's noise is bound to every input of its release (the global model, the clipped
-        # updates, the clip): a round re-run with anything else draws fresh noise
-        self.release = self._release_id(server_round, glob, replies, clip)
-        self.check(server_round, self.release)  # before anything of this round is released
-        self._round_noise = self.noise.bound(self.release)
-        return replies
+                out[k] = np.ascontiguousarray((self._glob[k] + factor * deltas[k]).astype(arrays[k].dtype))
+            clipped.append(out)
+        self._open(server_round, clipped, clip)
+        return clipped
+
+    def _open(self, server_round: int, clipped: Sequence[Arrays], clip: float) -> None:
+        self.release_fingerprint = self.release_id(server_round, self._glob, clipped, clip)
+        self.check(server_round, self.release_fingerprint)  # before anything of this round is released
+        self._round_noise = self.noise.bound(self.release_fingerprint)
 
     @staticmethod
-    def _release_id(server_round: int, glob: dict, replies, clip: float) -> str:
+    def release_id(server_round: int, glob: Arrays, clipped: Sequence[Arrays], clip: float) -> str:
+        """SHA-256 (hex) of every input of a round's release; the order the updates came in does not matter."""
         h = hashlib.sha256(f"privseg-server-release-v1|{server_round}|{clip!r}".encode())
         for k in sorted(glob):
             h.update(k.encode() + np.ascontiguousarray(glob[k]).tobytes())
-        for digest in sorted(_update_digest(msg) for msg in replies):  # order of arrival does not matter
+        for digest in sorted(update_digest(u) for u in clipped):
             h.update(digest)
         return h.hexdigest()
 
-    # aggregate hook: (round, averaged arrays) -> arrays
-    def add_noise(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        glob_keys = list(arrays.keys())
-        sizes = [arrays[k].numpy().size for k in glob_keys if np.issubdtype(arrays[k].numpy().dtype, np.floating)]
-        source = self._round_noise
-        if source is None:  # nobody sampled: the release's only input is the global model (``arrays``)
-            self._glob, self._k = {k: arrays[k].numpy() for k in glob_keys}, 0
-            self.release = self._release_id(server_round, self._glob, [], self.clip)
-            self.check(server_round, self.release)
-            source = self.noise.bound(self.release)
-        self._round_noise = None
+    def release(self, server_round: int, averaged: Arrays) -> dict[str, np.ndarray]:
+        """The round's model to release: ``averaged`` (the uniform average of the clipped updates,
+        or the global model when none came) re-weighted from the ``k`` updates that came to the
+        expected ``m`` (DP-FedAvg divides the clipped sum by m) plus ``N(0, (z_delta C / m)^2)`` per
+        floating-point coordinate; then the clip moves (adaptive) and the ledger books the round."""
+        names = list(averaged)
+        sizes = [averaged[k].size for k in names if _floating(averaged[k])]
+        if self._round_noise is None:  # no clip_round: the release's only input is the global model
+            self._glob, self._k, self.norms = {k: np.asarray(averaged[k]) for k in names}, 0, []
+            self._open(server_round, [], self.clip)
+        source, self._round_noise = self._round_noise, None
         draws = source.gaussian("update", server_round, sum(sizes)).numpy()
         offset = 0
         clip = self.clip
         out = {}
-        for k in glob_keys:
-            a = arrays[k].numpy()
-            if np.issubdtype(a.dtype, np.floating):
-                g = getattr(self, "_glob", {}).get(k)
+        for k in names:
+            a = averaged[k]
+            if _floating(a):
+                g = self._glob.get(k)
                 if g is not None and self._k:  # FedAvg divided the clipped sum by k; DP-FedAvg divides by m
                     a = g + (self._k / self.m) * (a.astype(np.float64) - g)
                 noise = draws[offset:offset + a.size].reshape(a.shape) * (self.z_update * clip / self.m)
                 offset += a.size
                 a = (a + noise).astype(a.dtype)
-            out[k] = Array(np.ascontiguousarray(a))
+            out[k] = np.ascontiguousarray(a)
         self.clipper.update(self.norms, draw=float(source.gaussian("count", server_round, 1)[0]))
         eps = math.nan
         if self.ledger is not None:
             eps = self.ledger.commit_round(SERVER, server_round, [StepEvent(self.q, self.z, 1)],
-                                           info={"clip": self.clip, "noise": self.noise.kind}, release=self.release)
+                                           info={"clip": self.clip, "noise": self.noise.kind},
+                                           release=self.release_fingerprint)
         self.history.append({"round": server_round, "clip": clip, "norms": list(self.norms), "epsilon": eps})
-        return ArrayRecord(out)
+        return out
 
 
-def _update_digest(msg) -> bytes:
-    h = hashlib.sha256()
-    for name in sorted(msg.content.array_records):
-        arrays = msg.content[name]
-        for k in sorted(arrays.keys()):
-            h.update(k.encode() + np.ascontiguousarray(arrays[k].numpy()).tobytes())
-    return h.digest()
-
-
-def ledger_for_run(run_dir: str | Path):
-    from privseg.privacy.budget import BudgetLedger
-
-    return BudgetLedger(Path(run_dir) / "privacy.sqlite")
-
-
-__all__ = ["SERVER", "ClientLevelDP", "BudgetExceededError", "flower_adaptive_clip_trace", "ledger_for_run"]
+__all__ = ["SERVER", "ClientLevelDP", "update_digest"]
