@@ -188,6 +188,37 @@ def test_the_checks_see_what_they_should():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+# -- privseg.privacy knows nothing of Flower ---------------------------------------------------------------
+# The DP math (clipping, noise, accounting, the ledger, the DP-FedAvg mechanism) is Flower-free; the Flower
+# glue -- the strategy wrapper of client-level DP, the sites' DP step -- lives in privseg.federated.
+
+def library_imports(tree: ast.Module, top: str) -> list[tuple[int, str]]:
+    """(line, module) for every import of the library ``top`` in ``tree``, lazy and dynamic ones included."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append((node.lineno, node.module or ""))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+              and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("__import__", "import_module")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append((node.lineno, node.args[0].value))
+    return sorted((line, name) for line, name in out if name == top or name.startswith(top + "."))
+
+
+def test_privacy_does_not_import_flower():
+    bad = [f"{MODULES[m].relative_to(SRC.parent)}:{line} imports {name}" for m in MODULES if package(m) == "privacy"
+           for line, name in library_imports(TREES[m], "flwr")]
+    assert not bad, "privseg.privacy imports Flower (its glue belongs in privseg.federated):\n" + "\n".join(bad)
+    planted = ast.parse("import flwrx\n"
+                        "def f():\n"
+                        "    from flwr.app import Array\n"
+                        "    import flwr\n"
+                        "    return importlib.import_module('flwr.simulation')\n")
+    assert [n for _, n in library_imports(planted, "flwr")] == ["flwr.app", "flwr", "flwr.simulation"]
+
+
 # -- the privacy spec's path: from --epsilon on the command line to the ledger ---------------------------
 # The modules outside privseg.privacy that touch the spec (DPConfig) on its way from `privseg fl run/deploy
 # --dp ... --epsilon E` to the site's ledger: the options, the command, the assembly that builds and checks
