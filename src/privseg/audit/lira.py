@@ -44,12 +44,14 @@ them (:data:`TESTS`) and records which.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
 
 from privseg.errors import ConfigError
+from privseg.utils import registrar
 
 ALPHA = 0.05  # flagged as a member when p < ALPHA
 MIN_OUT = 2  # a mean and a spread need at least two OUT scores
@@ -67,12 +69,34 @@ def lira_score(row: Mapping, statistic: str = "loss") -> float:
     raise ConfigError(f"statistic {statistic!r} is not one of {STATISTICS}")
 
 
+class PatientTest(NamedTuple):
+    run: Callable[..., dict]  # (target, refs, saw, never_seen, alpha) -> {"patients": {id: row}, ...}
+    title: str  # what a certificate calls it
+
+
+# The per-patient tests, by name (:func:`membership_test` files one): every caller (the verification,
+# the stopping rule, `privseg audit membership`) goes through run_test, which records the one it used.
+TESTS: dict[str, PatientTest] = {}
+
+
+def membership_test(name: str, title: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
+    """File a per-patient test ``(target, refs, saw, never_seen, alpha) -> dict`` in :data:`TESTS`
+    under ``name``; ``title`` names it in certificates. A name already taken is refused."""
+    return registrar(TESTS, name, kind="membership test", entry=lambda run: PatientTest(run, title))
+
+
+def title_of(test: str) -> str:
+    """What a certificate calls the membership test ``test`` (its name when no registered test has it)."""
+    return TESTS[test].title if test in TESTS else str(test)
+
+
 def _out_in(pid: str, refs: Sequence[Mapping[str, float]], saw: Sequence[set]) -> tuple[list[float], list[float]]:
     out = [r[pid] for r, s in zip(refs, saw, strict=True) if pid not in s and pid in r]
     inn = [r[pid] for r, s in zip(refs, saw, strict=True) if pid in s and pid in r]
     return out, inn
 
 
+@membership_test("lira", "offline LiRA with per-patient difficulty calibration")
 def per_patient_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], saw: Sequence[set],
                      never_seen: Sequence[str] = (), alpha: float = ALPHA) -> dict:
     """Offline LiRA for every patient in ``target`` (id -> score of the model under test).
@@ -118,6 +142,7 @@ def per_patient_test(target: Mapping[str, float], refs: Sequence[Mapping[str, fl
             "n_references": len(refs)}
 
 
+@membership_test("rmia", "RMIA-style likelihood ratio against never-seen patients")
 def rmia_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], saw: Sequence[set],
               never_seen: Sequence[str] = (), alpha: float = ALPHA) -> dict:
     """A membership test that works with one OUT reference per patient, in the spirit of RMIA
@@ -186,12 +211,6 @@ def rmia_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], 
             "alpha": alpha, "n_references": len(refs)}
 
 
-# The per-patient tests, by name: every caller (the verification, the stopping rule, `privseg audit
-# membership`) goes through run_test, which records the one it used.
-TESTS = {"lira": per_patient_test, "rmia": rmia_test}
-TEST_CHOICES = ("auto", *TESTS)
-
-
 def choose_test(target: Mapping[str, float], saw: Sequence[set]) -> str:
     """``lira`` when every patient has MIN_OUT or more OUT references (its per-patient Gaussian
     can be fitted), else ``rmia`` (e.g. two complementary-half references: one OUT each)."""
@@ -200,11 +219,11 @@ def choose_test(target: Mapping[str, float], saw: Sequence[set]) -> str:
 
 def run_test(target: Mapping[str, float], refs: Sequence[Mapping[str, float]], saw: Sequence[set],
              never_seen: Sequence[str] = (), alpha: float = ALPHA, test: str = "auto") -> dict:
-    """The per-patient test ``test`` (one of :data:`TEST_CHOICES`; ``auto``: :func:`choose_test`)."""
-    if test not in TEST_CHOICES:
-        raise ConfigError(f"membership test {test!r} is not one of {', '.join(TEST_CHOICES)}")
+    """The per-patient test ``test`` (a name in :data:`TESTS`, or ``auto``: :func:`choose_test`)."""
+    if test != "auto" and test not in TESTS:
+        raise ConfigError(f"membership test {test!r} is not one of auto, {', '.join(TESTS)}")
     name = choose_test(target, saw) if test == "auto" else test
-    return {**TESTS[name](target, refs, saw, never_seen, alpha), "test": name}
+    return {**TESTS[name].run(target, refs, saw, never_seen, alpha), "test": name}
 
 
 def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float], fpr: float = 0.01) -> dict:
