@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, open_stage
+from privseg.audit.lira import title_of
 from privseg.errors import ConfigError
 from privseg.utils import atomic_path, write_json
 
@@ -86,10 +87,6 @@ def membership_statements(ver: dict) -> dict:
     pop = {m: cal[m]["population"] for m in ("before", "after")}
     return {"available": True, "result": chk["result"], "n_references": cal["n_references"], "alpha": alpha,
             "test": chk.get("test", "lira"), "statements": out, "population": pop}
-
-
-_TEST_NAMES = {"lira": "offline LiRA with per-patient difficulty calibration",
-               "rmia": "RMIA-style likelihood ratio against never-seen patients"}
 
 
 def cost_statement(ver: dict | None) -> dict:
@@ -356,7 +353,7 @@ def _membership_html(m: dict) -> str:
         return "".join(parts)
     parts.append(f"<p>Each erased patient's score under the model before and after the erasure is compared with "
                  f"its scores under the {m['n_references']} reference models of this run that never saw it "
-                 f"({_TEST_NAMES.get(m.get('test', 'lira'), m.get('test'))}; flagged when p &lt; {m['alpha']}).</p>"
+                 f"({title_of(m.get('test', 'lira'))}; flagged when p &lt; {m['alpha']}).</p>"
                  "<table><tr><th>patient</th><th>before: flagged?</th><th>after: indistinguishable?</th>"
                  "<th>OUT references</th><th>result</th></tr>")
     for r in m["statements"]:
