@@ -39,9 +39,11 @@ from privseg.audit.ledger import _SCHEMA, GENESIS, canonical, entry_hash  # noqa
 from privseg.console import cache, create_app  # noqa: E402
 from privseg.console.accounts import Accounts  # noqa: E402
 from privseg.data.cohort import Cohort, Subject, assign_splits  # noqa: E402
-from privseg.federated import FLConfig, RunState, sites_from_cohort  # noqa: E402
+from privseg.federated import RunState, sites_from_cohort  # noqa: E402
+from privseg.federated.assemble import fl_config  # noqa: E402
 from privseg.privacy.accountant import StepEvent  # noqa: E402
 from privseg.privacy.budget import BudgetLedger  # noqa: E402
+from privseg.privacy.spec import DPConfig  # noqa: E402
 from privseg.train import TrainConfig  # noqa: E402
 
 SITES = ("H1", "H2", "H3")
@@ -66,8 +68,8 @@ def cohort(root: Path, per_site: int = 8) -> Path:
 
 def run(root: Path, name: str, cohort_root: Path, rounds: int = 20) -> Path:
     tc = TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), device="cpu", in_channels=1, num_classes=2)
-    tc.extra["dp"] = {"unit": "patient", "epsilon": 8.0, "delta": 1e-3}
-    cfg = FLConfig(name=name, sites=sites_from_cohort(cohort_root), train=tc, rounds=rounds, local_steps=1)
+    cfg = fl_config(sites=sites_from_cohort(cohort_root), train=tc, name=name, rounds=rounds, local_steps=1,
+                    dp=DPConfig(unit="patient", epsilon=8.0, delta=1e-3))
     d = root / name
     d.mkdir(parents=True)
     cfg.save(d)

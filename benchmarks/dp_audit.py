@@ -204,7 +204,8 @@ def timing_arm(rounds: int = TIMING["rounds"], warmup: int = TIMING["warmup"], s
     from flwr.supercore.task_identity import TaskIdentity
 
     from privseg.data.synth import synth_cohort
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated import check_sites, sites_from_cohort
+    from privseg.federated.assemble import fl_config
     from privseg.federated.client_app import client_train
     from privseg.federated.private import site_step_fn
     from privseg.federated.server_app import client_run_config
@@ -229,7 +230,7 @@ def timing_arm(rounds: int = TIMING["rounds"], warmup: int = TIMING["warmup"], s
         init = state_to_arrays(tc.build_model().state_dict())
         arms = {}
         for arm in ("unpadded", "padded"):
-            cfg = FLConfig(name=arm, sites=sites, train=tc, rounds=warmup + rounds, local_steps=1, privacy=dp)
+            cfg = fl_config(sites=sites, train=tc, name=arm, rounds=warmup + rounds, local_steps=1, dp=dp)
             arms[arm] = {"cfg": cfg, "run": Path(tmp) / arm, "times": [], "sampled": [], "step": None}
         ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
 
