@@ -172,7 +172,8 @@ def _cohort(s: dict, shared: Path):
 
 def _fl_config(s: dict, cohort):
     from privseg.data.transforms import load_preprocessed
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated import check_sites, sites_from_cohort
+    from privseg.federated.assemble import fl_config
     from privseg.train import TrainConfig
 
     sites = sites_from_cohort(cohort.root)
@@ -184,10 +185,10 @@ def _fl_config(s: dict, cohort):
                      patches_per_subject=1, lr=s["lr"], seed=s["seed"], device="cpu",
                      steps=s["rounds"] * s["local_steps"], in_channels=len(info["channels"]),
                      num_classes=len(info["classes"]))
-    return FLConfig(name="original", sites=sites, train=tc, rounds=s["rounds"], local_steps=s["local_steps"],
-                    eval_every=0, keep_updates=True, strategy=s["strategy"],
-                    strategy_params={} if s["strategy"] == "fedavg" else
-                    {"server_learning_rate": s["server_learning_rate"]})
+    return fl_config(sites=sites, train=tc, name="original", rounds=s["rounds"], local_steps=s["local_steps"],
+                     eval_every=0, keep_updates=True, strategy=s["strategy"],
+                     strategy_params={} if s["strategy"] == "fedavg" else
+                     {"server_learning_rate": s["server_learning_rate"]})
 
 
 def _original(shared: Path) -> Path:

@@ -204,7 +204,7 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> dic
     p = cell.params
     if "many" in p:
         return many_sites(p["many"], p["rounds"], work)
-    from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated import check_sites, sites_from_cohort
 
     cohort = _cohort(p["sites"], p, shared)
     sites = sites_from_cohort(cohort.root)
@@ -226,10 +226,11 @@ def run_cell(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> dic
                 "membership": _power(model, items, cohort, tc, p)}
     if m in PERSONALISED:
         return personalised_cell(cohort, sites, info, tc, p, work, cells_dir)
+    from privseg.federated.assemble import fl_config
     from privseg.federated.simulation import simulate
 
-    cfg = FLConfig(name=f"{m}{p['sites']}", sites=sites, train=tc, strategy=m, rounds=p["rounds"],
-                   local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=p["rounds"])
+    cfg = fl_config(sites=sites, train=tc, name=f"{m}{p['sites']}", strategy=m, rounds=p["rounds"],
+                    local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=p["rounds"])
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a cell interrupted mid-way starts again from scratch
     t0 = time.perf_counter()
@@ -266,16 +267,16 @@ def with_val_split(cohort, sites, out_dir: Path, n_val: int) -> list:
 
 def personalised_cell(cohort, sites, info, tc, p: dict, work: Path, cells_dir: Path) -> dict:
     """A federation with a validation split, then personalisation and the per-site guard."""
-    from privseg.federated import FLConfig
+    from privseg.federated.assemble import fl_config
     from privseg.federated.personalise import choose, personalise
     from privseg.federated.simulation import simulate
 
     shutil.rmtree(work, ignore_errors=True)  # a cell interrupted mid-way starts again from scratch
     work.mkdir(parents=True)
     strategy, kind = p["method"].split("+")
-    cfg = FLConfig(name=f"{p['method']}{p['sites']}".replace("+", "-"), sites=with_val_split(
-        cohort, sites, work, VAL_PATIENTS), train=tc, strategy=strategy, rounds=p["rounds"],
-        local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=0)
+    cfg = fl_config(sites=with_val_split(cohort, sites, work, VAL_PATIENTS), train=tc,
+                    name=f"{p['method']}{p['sites']}".replace("+", "-"), strategy=strategy, rounds=p["rounds"],
+                    local_steps=p["local_steps"], proximal_mu=p["mu"], eval_every=0)
     t0 = time.perf_counter()
     simulate(cfg, work / "run", cpus_per_client=1, ray_cpus=1)
     fl_s = time.perf_counter() - t0
@@ -314,7 +315,8 @@ def _power(model, train_items, cohort, tc, p: dict) -> dict:
 
 def many_sites(n: int, rounds: int, work: Path) -> dict:
     from privseg.data.synth import synth_cohort
-    from privseg.federated import FLConfig, SiteSpec
+    from privseg.federated import SiteSpec
+    from privseg.federated.assemble import fl_config
     from privseg.federated.simulation import simulate
     from privseg.train import TrainConfig
 
@@ -328,8 +330,8 @@ def many_sites(n: int, rounds: int, work: Path) -> dict:
         left, part = left - k, part + 1
     tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), subjects_per_step=1, patches_per_subject=2,
                      device="cpu", in_channels=1, num_classes=cohort.num_classes)
-    cfg = FLConfig(name=f"many{n}", sites=sites, train=tc, strategy="fedavg", rounds=rounds, local_steps=1,
-                   eval_every=0, cache_sites=2)
+    cfg = fl_config(sites=sites, train=tc, name=f"many{n}", strategy="fedavg", rounds=rounds, local_steps=1,
+                    eval_every=0, cache_sites=2)
     t0 = time.perf_counter()
     ok, error = True, None
     with PeakMemory() as mem:
