@@ -38,15 +38,23 @@ def test_trainable_chooses_norms_and_decoder():
     assert 0 < set_trainable(both, "norms+decoder") < total
     with pytest.raises(ConfigError, match="--trainable 'encoder'"):
         _cfg(trainable="encoder")
-    assert TRAINABLE == ("all", "norms", "decoder", "norms+decoder")
+    # lora: the adapters (privseg.models.lora) and nothing else; lora+norms: and the norms' scales and shifts
+    lora = _cfg(trainable="lora", lora_rank=2).build_model()
+    adapters = {n for n, _ in lora.named_parameters() if n.endswith((".lora_A.weight", ".lora_B.weight"))}
+    assert adapters and set(_trainable(lora)) == adapters
+    assert set(_trainable(_cfg(trainable="lora+norms", lora_rank=2).build_model())) == adapters | set(norms)
+    with pytest.raises(ConfigError, match="lora_rank"):
+        _cfg(trainable="lora", lora_rank=0)
+    assert TRAINABLE == ("all", "norms", "decoder", "norms+decoder", "lora", "lora+norms")
 
 
-@pytest.mark.parametrize("which", ["decoder", "norms"])
+@pytest.mark.parametrize("which", ["decoder", "norms", "lora", "lora+norms"])
 def test_dp_noise_and_clipping_touch_only_the_trainable_parameters(which, monkeypatch):
     cfg = _cfg(trainable=which, patches_per_subject=1)
     model = cfg.build_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    eng = PatientDPSGD(q=1.0, n_subjects=4, multipliers=[1.0] * 2, noise=NoiseSource.reproducible(0), aug_mult=1)
+    eng = PatientDPSGD(q=1.0, n_subjects=4, multipliers=[1.0] * 2, noise=NoiseSource.reproducible(0), aug_mult=1,
+                       clip_rule="fixed")
     drawn, gaussian = [], NoiseSource.gaussian
     monkeypatch.setattr(NoiseSource, "gaussian",
                         lambda self, what, step, n, *a: (drawn.append((what, n)), gaussian(self, what, step, n, *a))[1])

@@ -103,7 +103,7 @@ def PATCH(patch: int = typer.Option(64, min=8, help="Patch side in voxels.")): .
 ERASURE = options_from(ErasureRequest, "statistic", "reason", "requested_by", "approved_by")
 STEPS = options_from(TrainConfig, "steps")
 TRAINING = options_from(TrainConfig, "model", "norm", PATCH, "subjects_per_step", "patches_per_subject", "lr", "seed",
-                        "device", "init", "trainable")
+                        "device", "init", "trainable", "lora_rank")
 DP = options_from(DPConfig, "dp", "epsilon", "delta", "clip", "clip_norm", "target_quantile", "noise_schedule",
                   "allow_large_delta", "dp_method", "plan", "cohort_size", "epochs", "sampling_rate", "aug_mult", "ema",
                   rename={"dp": "unit", "dp_method": "method"}, switches=("allow_large_delta",))

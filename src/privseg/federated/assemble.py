@@ -10,6 +10,7 @@ from pathlib import Path
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.sites import SiteSpec, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
+from privseg.models.lora import LORA_RANK
 from privseg.privacy import DPConfig, check_dp_model
 from privseg.privacy.plan import plan_for
 from privseg.privacy.spec import dp_from_options
@@ -49,7 +50,7 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
                     mu: float = 0.01, min_sites: int = 1, fraction: float = 1.0, eval_every: int = 1,
                     keep_updates: bool = False, round_timeout: float = 3600.0, device: str = "cpu",
                     dp: DPConfig | None = None, strategy_params: dict | None = None, init: str | None = None,
-                    trainable: str = "all") -> FLConfig:
+                    trainable: str = "all", lora_rank: int = LORA_RANK) -> FLConfig:
     """A validated :class:`FLConfig` from the CLI's options: the :class:`TrainConfig` built from the
     sites' channels, classes and dimensionality, then :func:`fl_config`."""
     check_id(name, "--name")
@@ -58,7 +59,8 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int 
     tc = TrainConfig(model=model, norm=norm, patch_size=(patch,) * dims, subjects_per_step=subjects_per_step,
                      patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
                      device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     spatial_dims=dims, init=str(init) if init else None, trainable=trainable)
+                     spatial_dims=dims, init=str(init) if init else None, trainable=trainable,
+                     lora_rank=lora_rank)
     return fl_config(sites=sites, train=tc, name=name, dp=dp, strategy=strategy, rounds=rounds,
                      local_steps=local_steps, proximal_mu=mu, min_sites=min_sites, fraction=fraction,
                      eval_every=eval_every, keep_updates=keep_updates, round_timeout=round_timeout,

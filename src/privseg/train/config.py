@@ -9,6 +9,7 @@ import torch
 from privseg.data.cohort import Cohort
 from privseg.errors import ConfigError
 from privseg.models import build_model
+from privseg.models.lora import LORA_RANK, check_rank
 from privseg.train.trainable import check_trainable, set_trainable
 from privseg.utils import setting
 
@@ -37,8 +38,11 @@ class TrainConfig:
     spatial_dims: int = setting(3, "2 or 3.")
     init: str | None = setting(None, "Start from these weights: a privseg checkpoint (e.g. from train --public), a "
                                "MONAI bundle (privseg export) or a MedicalNet .pth (privseg.models.warm_start).")
-    trainable: str = setting("all", "Parameters trained: all, norms, decoder or norms+decoder (the rest stay as "
-                             "--init gave them; under DP they get no clipping and no noise).")
+    trainable: str = setting("all", "Parameters trained: all, norms, decoder, norms+decoder, lora (low-rank "
+                             "adapters on every convolution, saved merged) or lora+norms (the rest stay as --init "
+                             "gave them; under DP they get no clipping and no noise).")
+    lora_rank: int = setting(LORA_RANK, "Rank of the LoRA adapters of --trainable lora (capped at each layer's full "
+                             "rank).", min=1)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive (got {self.lr})")
         check_trainable(self.trainable)
+        check_rank(self.lora_rank)
 
     @classmethod
     def for_cohort(cls, cohort: Cohort, **kw) -> TrainConfig:
@@ -75,5 +80,5 @@ class TrainConfig:
         weights too: :func:`privseg.train.initial.initial_model`)."""
         model = build_model(self.model, in_channels=self.in_channels, num_classes=self.num_classes,
                             spatial_dims=self.spatial_dims, norm=self.norm)
-        set_trainable(model, self.trainable)
+        set_trainable(model, self.trainable, self.lora_rank)
         return model
