@@ -274,10 +274,7 @@ def _configs(cohort, p: dict, lr: float, shared: Path):
                       cohort_size=p["n"], epochs=p["epochs"], aug_mult=p["aug_mult"], ema=p["ema"])
     else:  # non-private: the recipe's batch, so every arm sees the same data per step
         kw.update(subjects_per_step=max(1, round(batch)), patches_per_subject=p["aug_mult"])
-    tc = _base_config(cohort, p, **kw)
-    if dp is not None:
-        tc.extra["dp"] = dp.to_dict()
-    return tc, dp
+    return _base_config(cohort, p, **kw), dp
 
 
 def _served(state, p: dict, run_dir: Path) -> dict:
@@ -301,7 +298,8 @@ def _served(state, p: dict, run_dir: Path) -> dict:
 def run_train(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> dict:
     import torch
 
-    from privseg.federated import FLConfig, sites_from_cohort
+    from privseg.federated import sites_from_cohort
+    from privseg.federated.assemble import fl_config
     from privseg.federated.runstate import RunState
     from privseg.federated.simulation import simulate_inprocess
     from privseg.privacy import BudgetLedger, find_ledgers
@@ -319,8 +317,8 @@ def run_train(cell: cells.Cell, work: Path, shared: Path, cells_dir: Path) -> di
     cohort = _cohort(p["task"], p["n"], p, shared)
     tc, dp = _configs(cohort, p, p["lr"] * factor, shared)
     sites = sites_from_cohort(cohort.root)
-    cfg = FLConfig(name="u", sites=sites, train=tc, rounds=p["rounds"], local_steps=p["local_steps"],
-                   eval_every=p["rounds"])
+    cfg = fl_config(sites=sites, train=tc, name="u", rounds=p["rounds"], local_steps=p["local_steps"],
+                    eval_every=p["rounds"], dp=dp)
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted cell starts again (its budget is fresh too)
     if tc.init:  # round 0 is the warm start (the server starts from round 0's checkpoint when there is one)
