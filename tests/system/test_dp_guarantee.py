@@ -541,7 +541,8 @@ def test_a_dp_sites_error_reaches_the_server_as_its_class_and_site_only(tiny_coh
 
     from privseg.errors import SiteFailure
     from privseg.federated import sites_from_cohort
-    from privseg.federated.client_app import SITE_ERROR_LOG, client_train
+    from privseg.federated.client_app import make_client_app
+    from privseg.federated.dp_mod import SITE_ERROR_LOG
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as Flower sets them in an app
     sites = sites_from_cohort(tiny_cohort.root)
@@ -550,8 +551,8 @@ def test_a_dp_sites_error_reaches_the_server_as_its_class_and_site_only(tiny_coh
                            **DPConfig().to_run_config()})
     msg = Message(RecordDict({"config": config}), dst_node_id=0, message_type="train")
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    with pytest.raises(SiteFailure) as err:
-        client_train(msg, ctx, sites, tmp_path)
+    with pytest.raises(SiteFailure) as err:  # the ClientApp's mod withholds the text
+        make_client_app(sites, tmp_path)(msg, ctx)
     assert SiteFailure.site_in(str(err.value)) == sites[0].id and "ConfigError" in str(err.value)
     assert secret not in str(err.value) and "withheld" in str(err.value)
     assert secret in (tmp_path / "sites" / sites[0].id / SITE_ERROR_LOG).read_text()  # the site keeps it

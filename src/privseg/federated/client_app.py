@@ -40,7 +40,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privseg.data.cohort import SPLITS_FILE, write_splits
-from privseg.errors import BudgetExceededError, ConfigError, DataError, SiteFailure
+from privseg.errors import ConfigError, DataError, SiteFailure
+from privseg.federated.dp_mod import withhold_errors_mod
 from privseg.federated.private import site_step_fn
 from privseg.federated.sites import SiteSpec, cached_cohort, site_items, site_seed, site_subjects
 from privseg.federated.strategies import attach_proximal, global_params, load_arrays, norm_state_keys, state_to_arrays
@@ -152,22 +153,8 @@ def client_train(msg: Message, context: Context, sites: Sequence[SiteSpec] | Non
     spec, state_dir = resolve_site(context, sites, state_root, cfg)
     try:
         return _train_at_site(msg, cfg, spec, state_dir, step_fn_factory)
-    except Exception as exc:  # the reply names the site (see SiteFailure)
-        # under DP an error text may quote patient data; a budget refusal holds only ledger figures
-        if any(str(k).startswith("dp-") for k in cfg.keys()) and not isinstance(exc, BudgetExceededError):
-            log_site_error(state_dir, int(cfg.get("server-round", 0)), exc)
-            raise SiteFailure(spec.id, exc, withhold=True) from exc
+    except Exception as exc:  # the reply names the site (see SiteFailure); under DP the mod withholds the text
         raise SiteFailure(spec.id, exc) from exc
-
-
-SITE_ERROR_LOG = "site_errors.log"
-
-
-def log_site_error(state_dir: Path, server_round: int, exc: BaseException) -> None:
-    """The whole error, for the site's own operators (the server gets its class and the site ID)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / SITE_ERROR_LOG, "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} round {server_round}: {type(exc).__name__}: {exc}\n")
 
 
 def _train_at_site(msg: Message, cfg, spec: SiteSpec, state_dir: Path,
@@ -271,7 +258,10 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, state_root: str | P
     root = str(state_root) if state_root is not None else None
     app = ClientApp()
 
-    @app.train()
+    def state_dir_of(msg: Message, context: Context) -> Path:
+        return resolve_site(context, sites, root, msg.content["config"])[1]
+
+    @app.train(mods=[withhold_errors_mod(state_dir_of)])  # under DP an error's text stays at the site
     def train(msg: Message, context: Context) -> Message:
         return client_train(msg, context, sites, root, step_fn_factory)
 

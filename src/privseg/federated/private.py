@@ -33,6 +33,7 @@ from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
 from privseg.privacy.budget import ledger_path
 from privseg.privacy.client_dp import SERVER, ClientLevelDP
+from privseg.privacy.spec import RUN_CONFIG_PREFIX
 from privseg.train.loop import StepFn, TrainConfig, standard_step
 from privseg.utils import append_line
 
@@ -96,6 +97,12 @@ def patient_dp_step_fn(dp: DPConfig, tc: TrainConfig, msg_config: Mapping, spec:
                            local_steps=steps,  # the erasure reserve is counted in rounds
                            spend_reserve=ERASURE_ROUND in msg_config)  # an erasure's repair round spends it
     return PatientDPStep(private, server_round, msg_config)
+
+
+def under_dp(run_config: Mapping) -> bool:
+    """Whether a ClientApp's run configuration carries a privacy spec (any ``dp-*`` key, patient-
+    or site-level DP): what a DP site may say about its errors is then withheld (:mod:`~privseg.federated.dp_mod`)."""
+    return any(str(k).startswith(RUN_CONFIG_PREFIX) for k in run_config.keys())
 
 
 def site_step_fn(tc: TrainConfig, msg_config: Mapping, spec: SiteSpec, state_dir: Path) -> StepFn:
