@@ -23,7 +23,9 @@ the same round repeated after a server crash, reads the newest file older than t
 Hook for another local step: ``make_client_app(step_fn_factory=...)``; the factory gets
 ``(train_config, message_config, site, state_dir)`` and returns the ``step_fn`` that
 :func:`train_steps` runs (default :func:`privseg.federated.private.site_step_fn`: the ordinary
-step, or patient-level DP-SGD when the run's privacy spec has unit ``patient``).
+step, or patient-level DP-SGD when the run's privacy spec has unit ``patient``). The train
+handler's errors leave as :class:`~privseg.errors.SiteFailure`; under DP the ClientApp's mod
+(:func:`privseg.federated.dp_mod.withhold_errors_mod`, Flower's idiom) lets only their class go.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from privseg.errors import ConfigError, PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
@@ -76,11 +81,6 @@ def generate_certificates(out_dir: str | Path, hosts: tuple[str, ...] = ("127.0.
     """A private CA and a server certificate (SANs: ``hosts``) signed by it, as PEM files
     ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key`` in ``out_dir``; existing valid files
     are kept."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     out = Path(out_dir)
     paths = {k: out / n for k, n in (("ca", "ca.crt"), ("ca_key", "ca.key"), ("cert", "server.pem"),
                                       ("key", "server.key"))}
@@ -132,9 +132,6 @@ def generate_certificates(out_dir: str | Path, hosts: tuple[str, ...] = ("127.0.
 def generate_node_keys(out_dir: str | Path, site: str) -> tuple[Path, Path]:
     """An EC P-384 key pair for one SuperNode, OpenSSH-encoded as Flower reads it:
     ``<out_dir>/<site>.key`` (private, mode 600) and ``<site>.pub``; existing files are kept."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     out = Path(out_dir)
     key_path, pub_path = out / f"{site}.key", out / f"{site}.pub"
     if key_path.is_file() and pub_path.is_file():

@@ -21,9 +21,10 @@ what DP-FedAvg needs around it, with the mechanism of :class:`privseg.privacy.cl
 Evaluation is the wrapped strategy's. Why not Flower's own wrappers: their adaptive clip counts
 *clipped* updates (the rule run backwards: :func:`flower_adaptive_clip_trace`), they sample
 sites with a fixed size from a public seed and have no ledger (:mod:`privseg.privacy.client_dp`).
-No ClientApp mod goes with it: the server is the trusted party of client-level DP and clips
-itself, as with Flower's server-side wrapper (patient-level DP is the sites' own DP-SGD step,
-:func:`privseg.federated.private.site_step_fn`).
+No clipping mod goes with it at the sites: the server is the trusted party of client-level DP
+and clips itself, as with Flower's server-side wrapper. (Patient-level DP is the sites' own
+DP-SGD step, :func:`privseg.federated.private.site_step_fn`; the ClientApp's DP mod,
+:mod:`privseg.federated.dp_mod`, keeps a DP site's error texts at the site.)
 """
 
 from __future__ import annotations

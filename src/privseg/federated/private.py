@@ -14,7 +14,8 @@ look at it themselves.
   patient-level DP (``--dp patient``) :func:`patient_dp_step_fn` makes the site's step -- it
   finds the site's patients, ledger and secret noise key (in the site's own state folder) and
   hands them, with the spec, to :func:`privseg.privacy.make_private`; the returned step runs
-  the round's Poisson-sampled steps and reports only accounted figures.
+  the round's Poisson-sampled steps and reports only accounted figures. :func:`under_dp` tells
+  the ClientApp's DP mod (:mod:`~privseg.federated.dp_mod`) that a run configuration carries a spec.
 * A derived run (an erasure's retrain or calibration) books each site's spend in the original
   run's ledgers (:func:`derived_privacy`).
 """
@@ -26,11 +27,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from privseg.errors import BudgetExceededError, ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.dp_strategy import ClientLevelDPStrategy
 from privseg.federated.runstate import PARTICIPATION_FILE, RunState
 from privseg.federated.sites import SiteSpec, site_items, site_seed
 from privseg.privacy import BudgetLedger, DPConfig, NoiseSource, make_private, noise_source
+from privseg.privacy.accountant import epsilon
 from privseg.privacy.budget import ledger_path
 from privseg.privacy.client_dp import SERVER, ClientLevelDP
 from privseg.privacy.spec import RUN_CONFIG_PREFIX
@@ -160,8 +163,6 @@ class PersonalDP:
     def cost(self, spec: SiteSpec, items, steps_by_method: Mapping[str, int]) -> dict:
         """ε at ``spec`` after the most steps each method may take (``steps_by_method``), composed with
         what the site spent (and, outside an erasure, with the reserve it must keep)."""
-        from privseg.privacy.accountant import epsilon
-
         private = self.private(spec, "", items)  # the site's plan and ledger (every method's steps use them)
         budget, delta = private.ledger.budget(spec.id)
         prior = private.ledger.events(spec.id)
@@ -182,8 +183,6 @@ class PersonalDP:
 
     def require(self, rows: list[dict], what: str) -> list[dict]:
         """Raise :class:`~privseg.errors.BudgetExceededError` -- before any step -- when a site cannot pay."""
-        from privseg.errors import BudgetExceededError
-
         short = [r for r in rows if not r["fits"]]
         if short:
             lines = "; ".join(
@@ -204,8 +203,6 @@ def personal_dp(run_dir: str | Path, cfg: FLConfig, scope: str, spend_reserve: b
     """The DP of a post-training stage at the sites (:class:`PersonalDP`), None without DP; under
     client-level DP (``--dp site``) refused: the server's noise covers the aggregate only, so a
     model trained at a site after the rounds would leave it unprotected."""
-    from privseg.errors import ConfigError
-
     if cfg.privacy is None:
         return None
     if cfg.privacy.unit != "patient":

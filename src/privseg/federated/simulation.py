@@ -24,11 +24,15 @@ import logging
 import os
 from pathlib import Path
 
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
+
 from privseg.errors import ConfigError
 from privseg.federated.client_app import make_client_app
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
-from privseg.federated.server_app import RoundCallback, make_server_app
+from privseg.federated.server_app import RoundCallback, make_server_app, run_server
 
 
 def prepare_run(cfg: FLConfig, run_dir: str | Path, fresh: bool = False) -> Path:
@@ -74,7 +78,7 @@ def simulate(cfg: FLConfig, run_dir: str | Path, *, on_round: RoundCallback | No
     ``client_app`` replaces the default ClientApp (tests inject faults this way); ``rounds``
     extends a run past its configured rounds; ``strategy`` replaces the configured one."""
     run_dir = prepare_run(cfg, run_dir)
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # why: it imports Ray, which only this backend needs
 
     if not verbose:  # privseg reports rounds itself; keep Flower's per-round INFO lines out of the progress bar
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -91,9 +95,6 @@ class InProcessGrid:
     (tests, debugging, profiling). A ClientApp exception becomes an error reply, as in Flower."""
 
     def __init__(self, client_app, num_sites: int, run_id: int = 1):
-        from flwr.app import Context, RecordDict
-        from flwr.supercore.task_identity import TaskIdentity
-
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = 1
@@ -115,8 +116,6 @@ class InProcessGrid:
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        from flwr.app import Message
-
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self):
@@ -137,9 +136,6 @@ class InProcessGrid:
         return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
 
     def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode
-
         replies = []
         for msg in messages:
             nid = msg.metadata.dst_node_id
@@ -157,8 +153,6 @@ def simulate_inprocess(cfg: FLConfig, run_dir: str | Path, *, on_round: RoundCal
                        client_app=None, grid: InProcessGrid | None = None, rounds: int | None = None,
                        strategy=None) -> RunState:
     """Run (or resume) ``cfg`` with every ClientApp in this process (no Ray)."""
-    from privseg.federated.server_app import run_server
-
     run_dir = prepare_run(cfg, run_dir)
     grid = grid or InProcessGrid(client_app or make_client_app(sites=cfg.sites, state_root=run_dir), len(cfg.sites))
     return run_server(grid, run_dir, on_round=on_round, rounds=rounds, strategy=strategy)
