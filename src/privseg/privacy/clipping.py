@@ -178,7 +178,7 @@ CLIP_RULES: dict[str, ClipRule] = {}
 
 
 def clip_rule(name: str) -> Callable[[ClipRule], ClipRule]:
-    return registrar(CLIP_RULES, name)
+    return registrar(CLIP_RULES, name, kind="clip rule")
 
 
 def make_clipper(rule: str, clip_norm: float, expected_m: float, z_max: float, options: dict | None = None):
