@@ -215,7 +215,7 @@ FL_STRATEGIES: dict[str, StrategyFactory] = {}
 
 
 def fl_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    return registrar(FL_STRATEGIES, name.lower())
+    return registrar(FL_STRATEGIES, name.lower(), kind="FL strategy")
 
 
 def strategy_param_names(name: str) -> set[str]:

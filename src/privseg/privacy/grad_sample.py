@@ -41,7 +41,7 @@ GRAD_METHODS: dict[str, GradMethod] = {}
 
 
 def per_subject(name: str) -> Callable[[GradMethod], GradMethod]:
-    return registrar(GRAD_METHODS, name)
+    return registrar(GRAD_METHODS, name, kind="per-subject gradient method")
 
 
 def dp_params(model: nn.Module) -> list[nn.Parameter]:
