@@ -80,7 +80,7 @@ def bench_speed(cases: list[tuple[str, int]], reps: int = 5) -> dict:
         for method in methods:
             m = copy.deepcopy(model)
             m_opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-            eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 1000, clip_norm=1.0, adaptive=True,
+            eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 1000, clip_norm=1.0, clip_rule="adaptive",
                                method=method)
             try:
                 # the baseline's tensors as this step's sample (q = 1 here): the same compute, timed alone

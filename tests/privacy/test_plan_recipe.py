@@ -72,7 +72,7 @@ def test_engine_draws_k_patches_per_sampled_patient(aug_mult, k):
     items = volume_items(6)
     cfg = TrainConfig(model="unet_tiny", patch_size=(8, 8, 8), patches_per_subject=1, device="cpu", num_classes=3)
     eng = PatientDPSGD(q=0.5, n_subjects=6, multipliers=[1.0] * 4, noise=NoiseSource.reproducible(0),
-                       aug_mult=aug_mult)
+                       aug_mult=aug_mult, clip_rule="fixed")
     seen, step = [], eng.step
 
     def spy(model, optimizer, loss_fn, batch):

@@ -73,7 +73,8 @@ def test_per_subject_clipping_bounds_each_subject_however_many_patches():
 def test_noise_has_the_calibrated_std(adaptive):
     model = _tiny2d()
     z, clip, q, n = 1.3, 0.5, 0.25, 40
-    eng = PatientDPSGD(q=q, n_subjects=n, multipliers=[z], clip_norm=clip, adaptive=adaptive)
+    eng = PatientDPSGD(q=q, n_subjects=n, multipliers=[z], clip_norm=clip,
+                       clip_rule="adaptive" if adaptive else "fixed")
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = _flat([p.detach().clone() for p in model.parameters()])
     nobody = SampledBatch(id(eng), eng.step_no, None, None, None, 0)  # nobody sampled: the step is pure noise

@@ -33,7 +33,8 @@ mechanism with multiplier ``z`` where ``z^-2 = z_delta^-2 + (2 sigma_b)^-2``. So
     z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)        (requires z < 2 sigma_b)
 
 and the accountant books ``(q, z)`` for the step: the quantile estimate is paid for.
-Defaults: gamma = 0.5, eta = 0.2, sigma_b = m / 20 -- *when that is feasible*. With the few
+Andrew et al.'s gamma = 0.5, eta = 0.2 (the defaults of the spec's ``target_quantile``, ``clip_lr``),
+sigma_b = m / 20 -- *when that is feasible*. With the few
 patients per step of a hospital (m = q n ~ 2-20) m/20 would force z < m/10, i.e. almost no noise
 and a useless budget; privseg then raises sigma_b to the value at which the update's noise is
 inflated by 10 % (``z_delta = 1.1 z``): ``sigma_b = z / (2 sqrt(1 - 1.1^-2))`` ~ 1.2 z
@@ -118,12 +119,14 @@ class QuantileClipper:
 
     ``expected_m``: the expected number of contributions per step (Poisson: q*n) used as the
     denominator ``m`` and for the default ``sigma_b = m/20``. ``update`` takes the norms of one
-    step's contributions, returns the noisy unclipped fraction, and moves ``clip``."""
+    step's contributions, returns the noisy unclipped fraction, and moves ``clip``. The settings'
+    defaults are the run's (:class:`~privseg.privacy.spec.DPConfig`: ``clip_norm``,
+    ``target_quantile``, ``clip_lr``, ``sigma_b``)."""
 
-    clip: float = 1.0
-    target_quantile: float = 0.5
-    lr: float = 0.2
-    expected_m: float = 1.0
+    clip: float
+    target_quantile: float
+    lr: float
+    expected_m: float
     sigma_b: float | None = None
     generator: torch.Generator | None = None
     history: list[float] = field(default_factory=list)
@@ -139,6 +142,12 @@ class QuantileClipper:
             raise ConfigError(f"expected contributions per step {self.expected_m} must be positive")
         if self.sigma_b is None:
             self.sigma_b = self.expected_m / 20.0
+
+    @property
+    def count_noise(self) -> float:
+        """The released count's noise per expected contribution, ``sigma_b / m`` (Andrew et al. work
+        at 1/20; near 1/2 the clip wanders far from the quantile)."""
+        return float(self.sigma_b) / self.expected_m
 
     def update_noise_multiplier(self, z: float) -> float:
         """The multiplier to use on the clipped sum so that the step (sum + count) costs ``z``."""
@@ -170,7 +179,9 @@ class QuantileClipper:
 # ``clip`` (the current norm), ``update_noise_multiplier(z)`` (the update's share of the step's
 # noise) and ``update(norms, draw)`` (after the step; ``draw`` is the step's secret N(0, 1) draw
 # for any noise the rule itself releases); optionally ``scale`` (what the per-subject method gets
-# as its ``clip``: default the norm ``clip``, a :class:`Normalising` for the normalising rule).
+# as its ``clip``: default the norm ``clip``, a :class:`Normalising` for the normalising rule) and
+# ``count_noise`` (a rule that releases a noisy statistic of the norms: its noise per contribution,
+# which the plan warns about when it is mostly noise).
 # A new rule is one decorated function here or anywhere.
 
 ClipRule = Callable[[float, float, float, dict], object]
@@ -182,6 +193,9 @@ def clip_rule(name: str) -> Callable[[ClipRule], ClipRule]:
 
 
 def make_clipper(rule: str, clip_norm: float, expected_m: float, z_max: float, options: dict | None = None):
+    """The clipper of rule ``rule``; ``options``: the rule's settings as the run's spec has them
+    (:meth:`privseg.privacy.spec.DPConfig.clip_options`: ``target_quantile``, ``clip_lr``, ``sigma_b``,
+    ``gamma``)."""
     if rule not in CLIP_RULES:
         raise ConfigError(f"--clip {rule!r} is not one of {', '.join(sorted(CLIP_RULES))}")
     return CLIP_RULES[rule](float(clip_norm), float(expected_m), float(z_max), dict(options or {}))
@@ -191,7 +205,7 @@ def make_clipper(rule: str, clip_norm: float, expected_m: float, z_max: float, o
 class FixedClipper:
     """Clip at a fixed norm (Abadi et al. 2016): the whole step's noise goes on the update."""
 
-    clip: float = 1.0
+    clip: float
 
     def __post_init__(self) -> None:
         if not self.clip > 0:
@@ -234,6 +248,6 @@ def _normalise(clip_norm: float, expected_m: float, z_max: float, options: dict)
 @clip_rule("adaptive")
 def _adaptive(clip_norm: float, expected_m: float, z_max: float, options: dict) -> QuantileClipper:
     sigma_b = options.get("sigma_b")
-    return QuantileClipper(clip=clip_norm, target_quantile=float(options.get("target_quantile", 0.5)),
-                           lr=float(options.get("clip_lr", 0.2)), expected_m=expected_m,
+    return QuantileClipper(clip=clip_norm, target_quantile=float(options["target_quantile"]),
+                           lr=float(options["clip_lr"]), expected_m=expected_m,
                            sigma_b=sigma_b if sigma_b is not None else default_sigma_b(expected_m, z_max))

@@ -34,6 +34,7 @@ from privseg.privacy.accountant import StepEvent
 from privseg.privacy.clipping import make_clipper
 from privseg.privacy.grad_sample import GRAD_METHODS, dp_params
 from privseg.privacy.noise import NoiseSource
+from privseg.privacy.spec import dp_default
 
 _NOISE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-dp-noise")
 
@@ -73,17 +74,21 @@ class PatientDPSGD:
     clips per patient, adds noise from a secret :class:`~privseg.privacy.noise.NoiseSource`,
     steps the optimiser (:meth:`step`); :meth:`train_steps` does both for a range of steps.
 
+    ``clip_rule`` names a rule of :data:`~privseg.privacy.clipping.CLIP_RULES` (``clip_norm``,
+    ``target_quantile``, ``clip_lr``, ``sigma_b``, ``clip_gamma``: its settings); every default is
+    :class:`~privseg.privacy.spec.DPConfig`'s.
     ``multipliers[t]`` is the noise multiplier ``z`` booked for global step ``t``; the noised sum
     is divided by ``expected_batch`` (default q*n patients; a public constant such as
     ``subjects_per_step`` when the sampling rate is fixed, so the update does not reveal n).
     It is not a ``step_fn`` for a fixed batch: a batch it did not sample itself would be booked
     as a Poisson sample that never happened."""
 
-    def __init__(self, *, q: float, n_subjects: int, multipliers: Sequence[float], clip_norm: float = 1.0,
-                 adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 sigma_b: float | None = None, method: str = "loop", noise: NoiseSource | None = None,
-                 start: int = 0, expected_batch: float | None = None, clip_rule: str | None = None,
-                 aug_mult: int | None = None, lr_scale: float = 1.0, clip_gamma: float | None = None):
+    def __init__(self, *, q: float, n_subjects: int, multipliers: Sequence[float],
+                 clip_rule: str = dp_default("clip"), clip_norm: float = dp_default("clip_norm"),
+                 target_quantile: float = dp_default("target_quantile"), clip_lr: float = dp_default("clip_lr"),
+                 sigma_b: float | None = dp_default("sigma_b"), clip_gamma: float | None = dp_default("clip_gamma"),
+                 method: str = dp_default("method"), noise: NoiseSource | None = None, start: int = 0,
+                 expected_batch: float | None = None, aug_mult: int | None = None, lr_scale: float = 1.0):
         if method not in GRAD_METHODS:
             raise ConfigError(f"DP method {method!r} is not one of {', '.join(GRAD_METHODS)}")
         self.q = float(q)
@@ -92,7 +97,7 @@ class PatientDPSGD:
         self.expected_batch = float(expected_batch) if expected_batch else self.q * self.n
         self.multipliers = [float(z) for z in multipliers]
         self.clip_norm = float(clip_norm)
-        self.clip_rule = clip_rule or ("adaptive" if adaptive else "fixed")
+        self.clip_rule = clip_rule
         self.clipper = make_clipper(self.clip_rule, clip_norm, self.expected_batch, max(self.multipliers, default=0.0),
                                     {"target_quantile": target_quantile, "clip_lr": clip_lr, "sigma_b": sigma_b,
                                      "gamma": clip_gamma})

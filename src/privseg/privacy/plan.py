@@ -56,8 +56,8 @@ from privseg.privacy.accountant import (
     events_for,
     schedule_multipliers,
 )
-from privseg.privacy.clipping import default_sigma_b, split_noise
-from privseg.privacy.spec import DPConfig
+from privseg.privacy.clipping import make_clipper
+from privseg.privacy.spec import DPConfig, dp_default
 
 
 @dataclass
@@ -71,8 +71,8 @@ class SitePlan:
     base_sigma: float
     epsilon: float
     delta: float
-    schedule: str = "constant"
-    decay_ratio: float = 0.5
+    schedule: str = dp_default("noise_schedule")
+    decay_ratio: float = dp_default("decay_ratio")
     # from the step planner (--plan auto); None / 1.0 for a plan made without it
     cohort_size: int | None = None  # the declared public size, rounded
     expected_batch: float | None = None  # q * cohort_size: the public divisor of the noised sum
@@ -98,7 +98,7 @@ class SitePlan:
 
 
 class AdaptiveClipNoiseWarning(UserWarning):
-    """Adaptive clipping whose released count is mostly noise: the clip norm will wander."""
+    """A clip rule (adaptive clipping) whose released count is mostly noise: the clip norm will wander."""
 
 
 # Andrew et al. (2021) work at sigma_b / m = 1/20; at 1/2 the count's noise is half the largest
@@ -106,15 +106,6 @@ class AdaptiveClipNoiseWarning(UserWarning):
 # steps (benchmarks/privacy.py, part clipwalk: at 2 patients per step and eps 3, C ends anywhere
 # in 0.2-5.4 for a right answer of 1).
 COUNT_NOISE_LIMIT = 0.5
-
-
-def _warn_if_count_is_noise(site: str, sigma_b: float, expected_m: float) -> None:
-    ratio = sigma_b / expected_m
-    if ratio > COUNT_NOISE_LIMIT:
-        warnings.warn(f"site {site}: adaptive clipping with {expected_m:.3g} patients per step: the count it "
-                      f"releases has noise {ratio:.2f} x the patients per step (Andrew et al. work at 0.05), so "
-                      "the clip norm will wander far from the target quantile; prefer --clip fixed, or more "
-                      "patients per step", AdaptiveClipNoiseWarning, stacklevel=3)
 
 
 DEFAULT_EPOCHS = 50.0  # compute budget: expected passes over each patient (provisional)
@@ -185,9 +176,11 @@ class TrainingPlan:
 
 
 def plan_training(epsilon: float, delta: float, cohort_size: int | None, *, steps: int | None = None,
-                  epochs: float | None = None, sampling_rate: float | None = None, clip_norm: float = 1.0,
-                  base_lr: float | None = None, noise_multiplier: float | None = None, schedule: str = "constant",
-                  decay_ratio: float = 0.5, allow_large_delta: bool = False, reserve_steps: int = 0,
+                  epochs: float | None = None, sampling_rate: float | None = None,
+                  clip_norm: float = dp_default("clip_norm"), base_lr: float | None = None,
+                  noise_multiplier: float | None = None, schedule: str = dp_default("noise_schedule"),
+                  decay_ratio: float = dp_default("decay_ratio"),
+                  allow_large_delta: bool = dp_default("allow_large_delta"), reserve_steps: int = 0,
                   what: str = "plan") -> TrainingPlan:
     """The step planner (module docstring): sampling rate, steps, noise multiplier and learning
     rate from the budget (``epsilon``, ``delta``), the declared public ``cohort_size`` and the
@@ -253,7 +246,7 @@ def plan_for(dp: DPConfig, site: str, steps: int | None, base_lr: float | None =
                          what=f"site {site}")
 
 
-def epsilon_of(q: float, base: float, delta: float, schedule: str = "constant") -> float:
+def epsilon_of(q: float, base: float, delta: float, schedule: str = dp_default("noise_schedule")) -> float:
     """Epsilon of one step at noise ``base`` under ``schedule`` (the first step's cost)."""
     return epsilon(events_for(q, schedule_multipliers(base, 1, schedule)), delta)
 
@@ -271,7 +264,7 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
     delta = check_delta(dp.delta, n_subjects, dp.allow_large_delta, what=f"delta of site {site}")
     if dp.plan == "auto":  # from public figures only: the declared size, never n_subjects
         tp = plan_for(dp, site, total_steps, local_steps=local_steps)
-        _check_adaptive(dp, site, tp.noise_multiplier, total_steps, tp.expected_batch or subjects_per_step)
+        _check_clip(dp, site, tp.noise_multiplier, total_steps, tp.expected_batch or subjects_per_step)
         mult = schedule_multipliers(tp.noise_multiplier, total_steps, dp.noise_schedule, dp.decay_ratio)
         return SitePlan(site, n_subjects, tp.sampling_rate, total_steps, tp.noise_multiplier, eps, delta,
                         dp.noise_schedule, dp.decay_ratio, tp.cohort_size, tp.expected_batch, tp.lr_scale,
@@ -288,19 +281,25 @@ def make_plan(dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int, 
     else:
         base = calibrate_sigma(eps, delta, q, total_steps, schedule=dp.noise_schedule, ratio=dp.decay_ratio,
                                reserve=kept, what=f"site {site}")
-    _check_adaptive(dp, site, base, total_steps, q * n_subjects)
+    _check_clip(dp, site, base, total_steps, q * n_subjects)
     mult = schedule_multipliers(base, total_steps, dp.noise_schedule, dp.decay_ratio)
     return SitePlan(site, n_subjects, q, total_steps, base, eps, delta, dp.noise_schedule, dp.decay_ratio,
                     reserve=reserve_events(q, mult, kept))
 
 
-def _check_adaptive(dp: DPConfig, site: str, base: float, total_steps: int, expected_m: float) -> None:
-    """Adaptive clipping must leave the update some noise, and warns when its count is mostly noise."""
-    if dp.clip == "adaptive":
-        mult = schedule_multipliers(base, total_steps, dp.noise_schedule, dp.decay_ratio)
-        sigma_b = dp.sigma_b or default_sigma_b(expected_m, max(mult))
-        split_noise(min(mult), sigma_b)
-        _warn_if_count_is_noise(site, sigma_b, expected_m)
+def _check_clip(dp: DPConfig, site: str, base: float, total_steps: int, expected_m: float) -> None:
+    """The clip rule's own checks of the plan (any rule of ``CLIP_RULES``): its clipper must leave
+    the update some noise at every planned multiplier (adaptive clipping spends part of it on its
+    count), and a rule whose released count is mostly noise (``count_noise``) is warned about."""
+    mult = schedule_multipliers(base, total_steps, dp.noise_schedule, dp.decay_ratio)
+    clipper = make_clipper(dp.clip, dp.clip_norm, expected_m, max(mult), dp.clip_options())
+    clipper.update_noise_multiplier(min(mult))
+    ratio = getattr(clipper, "count_noise", None)
+    if ratio is not None and ratio > COUNT_NOISE_LIMIT:
+        warnings.warn(f"site {site}: --clip {dp.clip} with {expected_m:.3g} patients per step: the count it "
+                      f"releases has noise {ratio:.2f} x the patients per step (Andrew et al. work at 0.05), so "
+                      "the clip norm will wander far from the target quantile; prefer --clip fixed, or more "
+                      "patients per step", AdaptiveClipNoiseWarning, stacklevel=2)
 
 
 def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int,

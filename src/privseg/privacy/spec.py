@@ -25,18 +25,6 @@ RUN_CONFIG_PREFIX = "dp-"  # the spec's keys in a Flower run configuration / Con
 _SITES_KEY = RUN_CONFIG_PREFIX + "sites."  # per-site overrides: dp-sites.<SITE>.epsilon / .delta
 SITE_KEYS = ("epsilon", "delta", "cohort_size")  # what a site may set for itself
 PLANS = ("auto", "none")
-# Provisional defaults of the DP recipe (issue 26), until benchmarks/privacy_utility.py measures them:
-AUG_MULT = 4  # K patches per patient file: De et al. 2022 gain most from the first few (they use up to 16)
-# The clip rule of the recipe benchmarked in privacy_utility (version 2's recipe arm). Not adaptive: version 1
-# (144 cells, a875fc5) measured adaptive below a fixed clip at every epsilon, and at the few patients a step
-# of a hospital site (q n ~ 2-3 in the recipe at n 12) its count is mostly noise (AdaptiveClipNoiseWarning).
-# Fixed vs normalise inside the recipe: the benchmark's clip cells, key clip_rule_choice (pending).
-CLIP = "normalise"
-EMA_DECAY = 0.999  # with the warm-up of privseg.train.ema, the average spans ~min(t/10, 1000) steps
-# One patient erasure with the default method (scrub: its DP fine-tuning, one round's steps, and one
-# repair round at every site) spends 2 rounds' worth of local steps at the erasing site
-# (privseg.erasure.federated._dp_steps; tests/erasure/test_private_erasure.py checks the two agree).
-ERASURE_RESERVE = 2.0
 # what a spec saved (or sent) before the recipe existed ran with: it has no "plan" key
 LEGACY = {"plan": "none", "aug_mult": 0, "ema": 0.0}
 
@@ -52,10 +40,10 @@ class DPConfig:
     ``unit``: ``patient`` (DP-SGD inside each site) or ``site`` (client-level DP-FedAvg at the
     server, :mod:`privseg.privacy.client_dp`). ``epsilon``/``delta``: the budget (per site for
     ``patient``); ``sites`` overrides them per site, e.g. ``{"H2": {"epsilon": 3}}`` -- a
-    hospital can demand a stricter budget. ``clip``: ``normalise`` (``C g / (||g|| + gamma)``, the
-    default, ``CLIP``), ``fixed`` (at ``clip_norm``) or ``adaptive`` (starting at ``clip_norm``,
+    hospital can demand a stricter budget. ``clip``: a rule of :data:`~privseg.privacy.clipping.CLIP_RULES`:
+    ``normalise`` (``C g / (||g|| + gamma)``), ``fixed`` (at ``clip_norm``) or ``adaptive`` (starting at ``clip_norm``,
     tracking quantile ``target_quantile`` with learning rate ``clip_lr`` and count noise
-    ``sigma_b``, default m/20). ``noise_schedule``:
+    ``sigma_b``, None: m/20 where feasible, :func:`~privseg.privacy.clipping.default_sigma_b`). ``noise_schedule``:
     ``constant`` or ``decay`` (linear to ``decay_ratio`` x the first step's noise), calibrated to
     spend the budget over the planned steps; ``noise_multiplier`` fixes it instead (then the
     ledger stops the run when the budget runs out). ``plan``: ``auto`` -- the step planner
@@ -75,13 +63,20 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     ``ledger_root``/``ledger_scope``: a derived run (an erasure's retrain or calibration) books each
     site's spend in ``<ledger_root>/sites/<site>/privacy.sqlite`` -- the site's own ledger -- under
     its scope, at the noise of the site's original plan. The help texts of the fields the commands
-    set (``--epsilon``, ``--dp-method`` for ``method``, ...) are in their metadata."""
+    set (``--epsilon``, ``--dp-method`` for ``method``, ...) are in their metadata. Each default is
+    written here, on its field, and read from it elsewhere (:func:`dp_default`)."""
 
     unit: str = setting("patient", "DP unit: patient (DP-SGD in each site) or site (DP-FedAvg at the server).")
     epsilon: float = setting(8.0, "Privacy budget epsilon (per site).")
     delta: float = setting(1e-5, "delta; must be below 1/(patients at the site).")
-    clip: str = setting(CLIP, "Clip rule: normalise (C g/(|g|+gamma), Bu et al. 2023), fixed, or adaptive (private "
-                        "quantile, Andrew et al. 2021; needs many patients per step).")
+    # The clip rule of the recipe benchmarked in privacy_utility (version 2's recipe arm). Not adaptive:
+    # privacy_utility version 1 (144 cells, a875fc5) measured adaptive below a fixed clip at every
+    # epsilon, and at the few patients a step of a hospital site (q n ~ 2-3 in the recipe at n 12) its count is
+    # mostly noise (AdaptiveClipNoiseWarning). Fixed vs normalise inside the recipe: the benchmark's clip cells,
+    # key clip_rule_choice (pending). The recipe's defaults (this, aug_mult, ema) are provisional until
+    # benchmarks/privacy_utility.py measures them (issue 26).
+    clip: str = setting("normalise", "Clip rule: normalise (C g/(|g|+gamma), Bu et al. 2023), fixed, or adaptive "
+                        "(private quantile, Andrew et al. 2021; needs many patients per step).")
     clip_norm: float = setting(1.0, "Clip norm (adaptive: its starting value).")
     target_quantile: float = setting(0.5, "Adaptive clip: target quantile of the norms.")
     clip_lr: float = 0.2
@@ -97,11 +92,16 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
                                       "significant digits; never the exact count).", min=1)
     epochs: float | None = setting(None, "DP plan: the compute budget in epochs (expected passes over each patient); "
                                    "q = epochs / steps (default: the planner's).")
-    aug_mult: int = setting(AUG_MULT, "Augmented patches per patient file averaged before the one clip (augmentation "
+    # K = 4: De et al. 2022 gain most from the first few (they use up to 16)
+    aug_mult: int = setting(4, "Augmented patches per patient file averaged before the one clip (augmentation "
                             "multiplicity, De et al. 2022).", min=1)
-    ema: float = setting(EMA_DECAY, "Decay of the weight EMA served as the model under DP (0: serve the last "
+    # 0.999: with the warm-up of privseg.train.ema, the average spans ~min(t/10, 1000) steps
+    ema: float = setting(0.999, "Decay of the weight EMA served as the model under DP (0: serve the last "
                          "weights).", min=0)
-    erasure_reserve: float = setting(ERASURE_RESERVE, "Federated runs: rounds' worth of local DP steps each site's "
+    # 2: one patient erasure with the default method (scrub: its DP fine-tuning, one round's steps, and one
+    # repair round at every site) spends 2 rounds' worth of local steps at the erasing site
+    # (privseg.erasure.federated._dp_steps; tests/erasure/test_private_erasure.py checks the two agree)
+    erasure_reserve: float = setting(2.0, "Federated runs: rounds' worth of local DP steps each site's "
                                      "budget keeps for erasures; the noise is calibrated so that training and the "
                                      "reserve together spend the budget (0: no reserve).", min=0)
     clip_gamma: float | None = None
@@ -155,6 +155,11 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
                 check_epsilon(over["epsilon"], f"epsilon of site {site}")
             if "delta" in over:
                 check_delta(over["delta"], what=f"delta of site {site}")
+
+    def clip_options(self) -> dict:
+        """The clip rule's own settings, as :func:`~privseg.privacy.clipping.make_clipper` takes them."""
+        return {"target_quantile": self.target_quantile, "clip_lr": self.clip_lr, "sigma_b": self.sigma_b,
+                "gamma": self.clip_gamma}
 
     def for_site(self, site: str) -> DPConfig:
         over = self.sites.get(site, {})
@@ -229,6 +234,11 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     def from_dict(cls, d: dict) -> DPConfig:
         known = _legacy({k: v for k, v in d.items() if k in cls.__dataclass_fields__})
         return cls(**known)
+
+
+def dp_default(name: str):
+    """The default of :class:`DPConfig`'s field ``name``: written once, on the field."""
+    return DPConfig.__dataclass_fields__[name].default
 
 
 def dp_from_options(*, dp: str = "none", dp_method: str | None = None, site_budget: list[str] | None = None,
