@@ -125,3 +125,55 @@ def test_a_bad_rank_is_a_config_error_naming_the_setting():
         add_lora(model, 4)
     with pytest.raises(ConfigError, match="no convolution"):
         add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_cli_trains_lora_from_a_warm_start_and_saves_an_ordinary_model(tiny_cohort, tmp_path):
+    from privseg.cli import main
+    from privseg.train import TrainConfig
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    cfg = TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", patch_size=(16, 16, 16), device="cpu")
+    torch.manual_seed(7)
+    pub = save_checkpoint(tmp_path / "pub.pt", build_model("unet_tiny", in_channels=1, num_classes=cfg.num_classes),
+                          config=cfg.to_dict())
+    start = load_checkpoint(pub)["model"]
+    common = ["--cohort", str(tiny_cohort.root), "--model", "unet_tiny", "--patch", "16", "--steps", "3", "--init",
+              str(pub), "--device", "cpu", "-q"]
+    assert main(["train", *common, "--trainable", "lora", "--lora-rank", "2", "--out", str(tmp_path / "run")]) == 0
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["config"]["trainable"] == "lora" and payload["config"]["lora_rank"] == 2
+    end = payload["model"]
+    assert list(end) == list(start)  # the merged weights under the plain names, no adapter keys
+    convs = [k for k in start if k.endswith("conv.weight")]
+    frozen = [k for k in start if k not in convs]  # the norms' scales and shifts, the biases
+    assert any(".adn.N." in k for k in frozen) and all(torch.equal(end[k], start[k]) for k in frozen)
+    assert convs and all(not torch.equal(end[k], start[k]) for k in convs)  # every kernel moved, through its adapter
+    assert not is_adapted(model_from_checkpoint(payload))  # what export, inference and erasure load
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--cohort", str(tiny_cohort.root)]) == 0
+    assert main(["train", *common, "--trainable", "lora", "--lora-rank", "32", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_a_dp_federation_fine_tunes_adapters_and_exchanges_plain_weights(tmp_path):
+    from dataclasses import replace
+
+    from conftest import make_tiny_cohort, tiny_fl_config
+    from privseg.federated import RunState
+    from privseg.federated.simulation import simulate_inprocess
+    from privseg.privacy import DPConfig
+    from privseg.train.checkpoint import load_checkpoint
+
+    cohort = make_tiny_cohort(tmp_path / "c", sites=2, per_site=4, size=16)
+    cfg = tiny_fl_config(cohort, lr=1e-2, subjects_per_step=1, name="lora", rounds=2, local_steps=1,
+                         privacy=DPConfig(epsilon=50.0, delta=1e-3, clip="fixed", sampling_rate=0.5,
+                                          noise_multiplier=1.0, ema=0, erasure_reserve=0))
+    cfg = replace(cfg, train=replace(cfg.train, trainable="lora", lora_rank=2, steps=2))
+    state = simulate_inprocess(cfg, tmp_path / "run")
+    assert state.status == "finished"
+    run = RunState.load(tmp_path / "run")
+    start, end = (load_checkpoint(run.checkpoint_path(r))["model"] for r in (0, 2))
+    plain = build_model("unet_tiny", in_channels=1, num_classes=cfg.train.num_classes).state_dict()
+    assert list(start) == list(end) == list(plain)  # global models are ordinary U-Nets
+    convs = [k for k in start if k.endswith("conv.weight")]
+    assert all(not torch.equal(end[k], start[k]) for k in convs)  # each site's adapters, merged, then averaged
+    frozen = [k for k in start if k not in convs]  # the norms' scales and shifts, the biases
+    assert any(".adn.N." in k for k in frozen) and all(torch.allclose(end[k], start[k]) for k in frozen)
