@@ -181,3 +181,41 @@ def test_a_strategys_own_parameters_come_from_the_command_line(tiny_cohort, tmp_
     assert "proximal_mu" in capsys.readouterr().err
     assert main(["fl", "run", *common, "--strategy-param", "server_learning_rate"]) == 2
     assert "--strategy-param" in capsys.readouterr().err
+
+
+def _registries() -> list[tuple[str, object, str]]:
+    """(kind, name -> decorator, a name filed already) of every registry in privseg."""
+    from privseg.audit.lira import membership_test
+    from privseg.console.app import load_pages
+    from privseg.console.web import register_pages
+    from privseg.data.formats import register_format
+    from privseg.erasure import site_eraser
+    from privseg.federated.personalise import register as personalisation
+    from privseg.models.registry import register_model
+    from privseg.privacy.clipping import clip_rule
+    from privseg.privacy.grad_sample import per_subject
+    from privseg.unlearn.strategies import register as unlearning
+
+    load_pages()  # the console's built-in pages are filed when their modules are imported
+    return [("model", register_model, "unet"), ("format", register_format, "msd"), ("clip rule", clip_rule, "fixed"),
+            ("per-subject gradient method", per_subject, "loop"), ("FL strategy", fl_strategy, "fedavg"),
+            ("unlearning strategy", unlearning, "scrub"), ("site erasure method", site_eraser, "federaser"),
+            ("personalisation method", lambda name: personalisation(name, file="p.pt"), "finetune"),
+            ("membership test", lambda name: membership_test(name, "a test"), "lira"),
+            ("console page", register_pages, "runs")]
+
+
+def test_every_registry_refuses_a_name_taken():
+    """One idiom (privseg.utils.registrar) for every kind: a second entry under a taken name is
+    refused, naming the kind; and every registry in src is checked here."""
+    from pathlib import Path
+
+    import privseg
+
+    registries = _registries()
+    for kind, register, taken in registries:
+        with pytest.raises(ConfigError, match=f"{kind} {taken!r} is already registered"):
+            register(taken)(lambda *a, **k: None)
+    src = Path(privseg.__file__).parent
+    uses = sum(p.read_text().count("registrar(") for p in src.rglob("*.py") if p.name != "utils.py")
+    assert uses == len(registries)  # a new registry: add it above
