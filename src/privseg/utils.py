@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import importlib.metadata as md
 import json
 import os
 import random
@@ -19,7 +21,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 import torch
 
-from privseg.errors import CheckpointError, ConfigError, StorageError
+from privseg.errors import CheckpointError, ConfigError, DataError, StorageError
 
 T = TypeVar("T")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -75,9 +77,10 @@ def registrar(table: dict[str, T], name: str, *, kind: str = "entry",
               entry: Callable[[object], T] | None = None) -> Callable[[object], object]:
     """A decorator that files what it decorates in ``table`` under ``name`` and returns it
     unchanged: the one idiom of privseg's registries (models, formats, clip rules, per-subject
-    gradient methods, FL strategies, unlearning strategies, personalisation methods; console pages
-    are not one yet). ``entry`` builds the filed record from the decorated object (default: the object).
-    A name already taken is refused, so a second entry never silently replaces the first."""
+    gradient methods, FL strategies, unlearning strategies, site erasure methods, personalisation
+    methods, membership tests, console pages; tests/system/test_registries.py checks each). ``entry``
+    builds the filed record from the decorated object (default: the object). A name already taken
+    is refused (a :class:`ConfigError` naming ``kind``), so a second entry never silently replaces the first."""
 
     def add(obj):
         if name in table:
@@ -160,8 +163,6 @@ def try_lock_file(path: str | os.PathLike, note: str) -> tuple[IO[str] | None, s
     waiting. Got it: (the open file, which holds the lock until closed, ""), with ``note`` (who
     holds it) written into the file. Held elsewhere: (None, the holder's note). A killed process
     releases its lock."""
-    import fcntl
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")  # noqa: SIM115 - the caller holds it as long as it holds the lock
@@ -187,8 +188,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Parse a JSON file; a missing or malformed file is a DataError naming it."""
-    from privseg.errors import DataError
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -226,8 +225,6 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint") -> Any:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries a result depends on, stored with every result."""
-    import importlib.metadata as md
-
     out = {}
     for name in ("privseg", "torch", "monai", "numpy", "nibabel", "flwr", "opacus"):
         try:
