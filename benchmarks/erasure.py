@@ -268,7 +268,9 @@ def _ensure_original(s: dict, shared: Path, cells_dir: Path) -> dict | None:
                 "member_auc": pw["member_auc"], "null_auc": pw["null_auc"], "power_passed": pw["passed"],
                 "cpu_s": again["cpu_s"], "wall_s": again["wall_s"]}
         write_json(mark, info)
-    if not info["power_passed"] and s["subjects"] >= 16:
+    # the refusal is about memorisation (membership AUC); the null control between two halves of 12
+    # never-seen patients fails by chance about half the time (null_pass_rate), so it is stated, not gated
+    if info["member_auc"] < 0.75 and s["subjects"] >= 16:
         raise RuntimeError(f"the rebuilt original has no membership power (AUC {info['member_auc']:.3f}); "
                            f"see {mark}")
     return info
