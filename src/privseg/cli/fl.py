@@ -9,7 +9,7 @@ from privseg.cli import ui
 from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, options_from, out, take, with_options
 from privseg.cohorts import site_window_warnings
 from privseg.federated import FLConfig, RunState
-from privseg.federated.assemble import fl_config_from_options, site_plans
+from privseg.federated.assemble import FL_DEVICE, FL_PATCH, fl_config_from_options, site_plans
 from privseg.federated.deploy import INSECURE_WARNING
 from privseg.federated.personalise import Personalisation, personalise
 from privseg.federated.strategies import FL_STRATEGIES
@@ -44,8 +44,8 @@ def FL_DP(
                                           "(repeatable)."),
     dp_config: Path = typer.Option(None, help='JSON file with DP settings, e.g. {"sites": {"H2": {"epsilon": 3}}}.'),
 ): ...
-_FL = dict(patch=typer.Option(32, min=8, help="Patch side in voxels."), device=typer.Option(
-    "cpu", help="cpu, cuda or auto, for local training."), dp=typer.Option(
+_FL = dict(patch=typer.Option(FL_PATCH, min=8, help="Patch side in voxels."), device=typer.Option(
+    FL_DEVICE, help="cpu, cuda or auto, for local training."), dp=typer.Option(
     "none", "--dp", help="none, patient (DP-SGD in each site) or site (DP-FedAvg at the server)."))
 _GROUPS = (SITES, NAME, RUNS, FEDERATION, TRAINING, ..., DP, ui.RESERVE, FL_DP, SPLITS, QUIET)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.sites import SiteSpec, check_sites, sites_from_cohort, sites_from_folders, sites_from_root
-from privseg.models.lora import LORA_RANK
 from privseg.privacy import DPConfig, check_dp_model
 from privseg.privacy.plan import plan_for
 from privseg.privacy.spec import dp_from_options
@@ -44,27 +43,32 @@ def _sites(cohort, site, sites_root, only_site) -> list[SiteSpec]:
     return sites_from_root(sites_root)
 
 
-def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", rounds: int = 20, strategy: str = "fedavg",
-                    local_steps: int = 10, model: str = "unet", norm: str = "group", patch: int = 32,
-                    subjects_per_step: int = 2, patches_per_subject: int = 2, lr: float = 2e-3, seed: int = 0,
-                    mu: float = 0.01, min_sites: int = 1, fraction: float = 1.0, eval_every: int = 1,
-                    keep_updates: bool = False, round_timeout: float = 3600.0, device: str = "cpu",
-                    dp: DPConfig | None = None, strategy_params: dict | None = None, init: str | None = None,
-                    trainable: str = "all", lora_rank: int = LORA_RANK) -> FLConfig:
+# the TrainConfig fields `fl run` sets by name (build_fl_config's other settings are FLConfig's)
+TRAIN_SETTINGS = ("model", "norm", "subjects_per_step", "patches_per_subject", "lr", "seed", "trainable", "lora_rank")
+FL_PATCH = 32  # `fl run`'s patch side in voxels (a site's volume is cut into cubes of this side)
+FL_DEVICE = "cpu"  # where a site trains unless told (a hospital's node often has no GPU)
+
+
+def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", patch: int = FL_PATCH, device: str = FL_DEVICE,
+                    init: str | None = None, dp: DPConfig | None = None, strategy_params: dict | None = None,
+                    **settings) -> FLConfig:
     """A validated :class:`FLConfig` from the CLI's options: the :class:`TrainConfig` built from the
-    sites' channels, classes and dimensionality, then :func:`fl_config`."""
+    sites' channels, classes and dimensionality, then :func:`fl_config`. ``settings``: the
+    TrainConfig fields of ``TRAIN_SETTINGS`` and FLConfig's own (``rounds``, ``strategy``,
+    ``local_steps``, ``mu`` for ``proximal_mu``, ...) by name; one left out (or None) keeps its
+    field's default. The run trains ``rounds`` x ``local_steps`` steps."""
     check_id(name, "--name")
     info = check_sites(list(sites))
     dims = info["spatial_dims"]
-    tc = TrainConfig(model=model, norm=norm, patch_size=(patch,) * dims, subjects_per_step=subjects_per_step,
-                     patches_per_subject=patches_per_subject, steps=max(1, rounds * local_steps), lr=lr, seed=seed,
-                     device=device, in_channels=len(info["channels"]), num_classes=len(info["classes"]),
-                     spatial_dims=dims, init=str(init) if init else None, trainable=trainable,
-                     lora_rank=lora_rank)
-    return fl_config(sites=sites, train=tc, name=name, dp=dp, strategy=strategy, rounds=rounds,
-                     local_steps=local_steps, proximal_mu=mu, min_sites=min_sites, fraction=fraction,
-                     eval_every=eval_every, keep_updates=keep_updates, round_timeout=round_timeout,
-                     strategy_params=dict(strategy_params or {}))
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "mu" in given:
+        given["proximal_mu"] = given.pop("mu")
+    train = {k: given.pop(k) for k in TRAIN_SETTINGS if k in given}
+    rounds, local_steps = (given.get(k, FLConfig.__dataclass_fields__[k].default) for k in ("rounds", "local_steps"))
+    tc = TrainConfig(patch_size=(patch,) * dims, steps=max(1, rounds * local_steps), device=device,
+                     in_channels=len(info["channels"]), num_classes=len(info["classes"]), spatial_dims=dims,
+                     init=str(init) if init else None, **train)
+    return fl_config(sites=sites, train=tc, name=name, dp=dp, strategy_params=dict(strategy_params or {}), **given)
 
 
 def fl_config(*, sites: Sequence[SiteSpec], train: TrainConfig, name: str = "fl", dp: DPConfig | None = None,
