@@ -167,6 +167,7 @@ def check_delta(delta: float, n_units: int | None = None, allow_large: bool = Fa
 # -- noise calibration -------------------------------------------------------------
 
 DECAY_LEVELS = 10
+SCHEDULES = ("constant", "decay")  # the noise schedules schedule_multipliers knows
 
 
 def schedule_multipliers(base: float, total_steps: int, schedule: str = "constant", ratio: float = 0.5) -> list[float]:
@@ -184,7 +185,7 @@ def schedule_multipliers(base: float, total_steps: int, schedule: str = "constan
             raise ConfigError(f"noise decay ratio {ratio} must be in (0, 1]")
         levels = min(total_steps, DECAY_LEVELS)
         return [base * (1 - (1 - ratio) * (t * levels // total_steps) / max(levels - 1, 1)) for t in range(total_steps)]
-    raise ConfigError(f"noise schedule {schedule!r} is not constant or decay")
+    raise ConfigError(f"noise schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
 def events_for(q: float, multipliers: Sequence[float]) -> list[StepEvent]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from privseg.errors import ConfigError
-from privseg.privacy.accountant import check_delta, check_epsilon
+from privseg.privacy.accountant import SCHEDULES, check_delta, check_epsilon
 from privseg.privacy.clipping import CLIP_RULES
 from privseg.privacy.grad_sample import GRAD_METHODS
 from privseg.utils import setting
@@ -142,8 +142,8 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
             raise ConfigError(f"--erasure-reserve {self.erasure_reserve} must be 0 or more")
         if not 0 <= float(self.ema) < 1:
             raise ConfigError(f"--ema {self.ema} must be in [0, 1)")
-        if self.noise_schedule not in ("constant", "decay"):
-            raise ConfigError(f"noise schedule {self.noise_schedule!r} is not constant or decay")
+        if self.noise_schedule not in SCHEDULES:
+            raise ConfigError(f"noise schedule {self.noise_schedule!r} is not one of {', '.join(SCHEDULES)}")
         for site, over in self.sites.items():
             bad = set(over) - set(SITE_KEYS)
             if bad:
