@@ -14,8 +14,9 @@ and benchmarks/results/privacy_dice_vs_eps.png when the utility part ran.
 2. utility: the study's comparison, as resumable cells in ``benchmarks/privacy_utility.py``
    (3 tasks x 3 sites, non-private / fixed clip (C = 1 and a grid of 4) / adaptive clip, ε 1, 3, 8).
 3. accounting: privseg's ε vs Google dp-accounting for the same (q, sigma, steps) sequence.
-4. audit: ``benchmarks/dp_audit.py`` (white-box gradient canary; secret-key vs public-seed noise)
-   -> empirical ε lower bound (Clopper-Pearson, 95 %), compared with the accounted ε.
+4. audit: the cells of ``benchmarks/dp_audit.py`` (white-box Dirac gradient canary; secret-key,
+   public-seed and reused noise) -> empirical ε lower bound (:func:`privseg.audit.epsilon.empirical_epsilon`:
+   Gaussian DP and Clopper-Pearson, 95 %), compared with the booked and the exact ε.
 5. flower: Flower 1.41's adaptive-clipping update rule (counts clipped) vs Andrew et al. (counts unclipped).
 6. clipwalk: how far adaptive clipping's estimate wanders with 2 patients per step (the utility setting).
 """
@@ -178,15 +179,17 @@ def bench_clip_walk(trials: int = 200) -> dict:
 
 # -- 4. audit ---------------------------------------------------------------------------
 
-def bench_audit(quick: bool) -> dict:
-    """The empirical audit (white-box gradient canary; secret-key vs public-seed noise): see
-    ``benchmarks/dp_audit.py``, which this part runs at accounted ε = 1 and 4."""
+def bench_audit(trials: int) -> dict:
+    """The empirical audit's cells of ``benchmarks/dp_audit.py`` (white-box Dirac gradient canary on
+    the real site path; secret key, public seed, noise reused by a resume) at accounted ε = 1 and 4,
+    ``trials`` per world and arm; ``dp_audit.py`` alone also measures the reply timing."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import dp_audit
 
-    cells = [dp_audit.run(100 if quick else 400, eps, 1e-5) for eps in (1.0, 4.0)]
+    cells = [dp_audit.cell(eps, trials, trials, quiet=True) for eps in (1.0, 4.0)]
+    leaks = ("public-seed", "reuse-old-path")
     return {"cells": cells, "holds": all(c["holds"] for c in cells),
-            "leak_caught": all(c["leak_caught"] for c in cells)}
+            "leak_caught": all(c["arms"][arm]["exceeds_booked"] for c in cells for arm in leaks)}
 
 
 # -- 2. utility ---------------------------------------------------------------------------
@@ -243,9 +246,10 @@ def write_md(res: dict, path: Path) -> None:
         a = res["audit"]
         lines += ["", "## Empirical audit (benchmarks/dp_audit.py)", ""]
         for c in a.get("cells", []):
-            lines += [f"- accounted ε = {c['accounted_epsilon']:.2f}: " + ", ".join(
-                f"{arm} noise -> lower bound {r['empirical_epsilon_lower_bound']:.2f}" for arm, r in c["arms"].items())
-                + f" ({c['trials_per_world']} trials per world)"]
+            arms = ", ".join(f"{arm} -> lower bound {r['lower_bound']:.2f} (booked {r['booked_epsilon']:.2f})"
+                             for arm, r in c["arms"].items())
+            lines += [f"- accounted ε = {c['accounted_epsilon']:.2f} (exact {c['exact_epsilon_pld']:.2f}): {arms} "
+                      f"({c['trials_per_world']} trials per world)"]
     if "clipwalk" in res:
         lines += ["", "## Adaptive clipping with 2 patients per step (the utility benchmark's setting)", "",
                   f"{res['clipwalk']['trials']} simulated sites, {res['clipwalk']['steps']} steps, norms with median 1 "
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if "clipwalk" in parts:
         res["clipwalk"] = bench_clip_walk()
     if "audit" in parts:
-        res["audit"] = bench_audit(args.quick)
+        res["audit"] = bench_audit(100 if args.quick else 400)
     if "utility" in parts:
         res["utility"] = bench_utility(["--smoke"] if args.quick else [])
         res.update({k: res["utility"][k] for k in ("adaptive_minus_fixed", "adaptive_over_nonprivate_eps8")})
