@@ -148,19 +148,73 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def test_no_import_cycle_between_packages():
+def _import_cycles(edge) -> list[str]:
+    """The cycles of the graph whose edges are ``edge(module, imported)`` (None: no edge) over every
+    import, lazy ones included; each with the imports that make it."""
     graph: dict[str, set[str]] = defaultdict(set)
     where: dict[tuple[str, str], str] = {}
     for module in MODULES:
         for line, target in imports(module):
-            a, b = package(module), package(target)
-            if a != b and (module, target) not in ALLOWED:
-                graph[a].add(b)
-                where.setdefault((a, b), f"{MODULES[module].relative_to(SRC.parent)}:{line} imports {target}")
-    cycles = _cycles(graph)
-    detail = [f"{' <-> '.join(c)}: " + "; ".join(where[(a, b)] for a in c for b in c if (a, b) in where)
-              for c in cycles]
-    assert not cycles, "import cycles between packages:\n" + "\n".join(detail)
+            e = edge(module, target)
+            if e:
+                graph[e[0]].add(e[1])
+                where.setdefault(e, f"{MODULES[module].relative_to(SRC.parent)}:{line} imports {target}")
+    return [f"{' <-> '.join(c)}: " + "; ".join(where[(a, b)] for a in c for b in c if (a, b) in where)
+            for c in _cycles(graph)]
+
+
+def test_no_import_cycle_between_packages():
+    def edge(module: str, target: str) -> tuple[str, str] | None:
+        a, b = package(module), package(target)
+        return (a, b) if a != b and (module, target) not in ALLOWED else None
+
+    cycles = _import_cycles(edge)
+    assert not cycles, "import cycles between packages:\n" + "\n".join(cycles)
+
+
+def test_no_import_cycle_between_files():
+    """Nor between modules, even when an import inside a function hides it (a package's
+    ``__init__`` only re-exports: an import of the package is left out)."""
+    def edge(module: str, target: str) -> tuple[str, str] | None:
+        files = target in MODULES and not _is_package(module) and not _is_package(target)
+        return (module, target) if files and module != target else None
+
+    cycles = _import_cycles(edge)
+    assert not cycles, "import cycles between files:\n" + "\n".join(cycles)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """An underscore name is its module's own: what another module needs gets a public name."""
+    private = []
+    for module, tree in TREES.items():
+        for node in ast.walk(tree):
+            target = _resolve(module, node) if isinstance(node, ast.ImportFrom) else ""
+            if target.startswith("privseg") and target != module:
+                private += [f"{MODULES[module].relative_to(SRC.parent)}:{node.lineno} imports {target}.{a.name}"
+                            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, "imports of another module's private names:\n" + "\n".join(private)
+
+
+# packages whose imports inside functions each say why (a heavy optional dependency, or a layering reason)
+EXPLAINED_LAZY_IMPORTS = ("train", "privacy")
+
+
+def test_an_import_inside_a_function_says_why():
+    """A ``# why:`` comment on the import's line or on the comment lines just above its block of imports."""
+    silent = []
+    for module, tree in TREES.items():
+        if package(module) not in EXPLAINED_LAZY_IMPORTS:
+            continue
+        lines = MODULES[module].read_text().splitlines()
+        lazy = {x.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for x in ast.walk(f) if isinstance(x, (ast.Import, ast.ImportFrom))}
+        for line in sorted(lazy):
+            i = line - 1
+            while i > 0 and (i + 1 in lazy or lines[i - 1].strip().startswith("#")) and "# why" not in lines[i]:
+                i -= 1
+            if "# why" not in lines[i]:
+                silent.append(f"{MODULES[module].relative_to(SRC.parent)}:{line}: {lines[line - 1].strip()}")
+    assert not silent, "imports inside functions that do not say why:\n" + "\n".join(silent)
 
 
 def test_no_function_over_100_lines():
