@@ -40,6 +40,14 @@ the recipe with ``clip`` ``fixed`` and ``adaptive`` (``normalise`` is the recipe
 epsilon 8, every task, 3 seeds, at the lr the recipe chose on seed 0; ``clip_rule_choice`` picks the
 rule with the best mean Dice over the tasks on seeds 1-2 (seed 0 chose normalise's lr).
 
+After them (appended last too), the **LoRA cells** (issue 26, item 5: "LoRA if it pays"):
+``warm_lora``, the warm arm fine-tuning rank-``LORA_RANK`` adapters on every convolution
+(``--trainable lora``, :mod:`privseg.models.lora`; weights, biases and norms frozen) instead of every
+weight, at n = 12, epsilon 8, every task, with the same budget, plan, clip and EMA as ``warm``, the
+lr searched on seed 0 like every arm, then seeds 1-2 (21 cells, about the warm arm's time each).
+Its ratio is against ``np_warm`` like the warm arm's; ``lora`` in the JSON gives it per task beside
+its Dice minus the warm arm's (``--trainable all``).
+
 Ratios: recipe / np and warm / np_warm (the non-private run of the same initialisation and
 budget), means over seeds. Keys of results/privacy_utility.json as issue 26 lists them, computed
 from whatever cells are done: ``key_basis`` (and ``ratio_basis`` for the indexed ratios) says
@@ -72,7 +80,8 @@ SEEDS = (0, 1, 2)
 DELTA = 1e-5
 NP_ARMS = ("np", "np_warm")
 DP_ARMS = ("old", "recipe", "warm")
-WARM = {"np_warm", "warm"}
+LORA_ARM = "warm_lora"  # the LoRA cells' arm (appended after the clip cells)
+WARM = {"np_warm", "warm", LORA_ARM}
 LR_FACTORS = (1 / 3, 1.0, 3.0, 9.0, 27.0)  # 9 and 27 added: the recipe's first seed-0 cells peaked at the edge
 RECIPE_CLIP = "normalise"  # Bu et al. 2023: no clip norm to tune
 # the clip-rule comparison (appended after the grid): the recipe with each rule at n 12, epsilon 8, at the lr
@@ -80,6 +89,8 @@ RECIPE_CLIP = "normalise"  # Bu et al. 2023: no clip norm to tune
 CLIP_RULES = ("normalise", "fixed", "adaptive")
 CLIP_N, CLIP_EPS = 12, 8.0
 WARM_TRAINABLE = "all"
+LORA_TRAINABLE, LORA_N, LORA_EPS = "lora", 12, 8.0
+LORA_RANK = 4  # privseg's default rank (privseg.models.lora.LORA_RANK) when the cells were added; each cell names it
 TARGETS = {"best_over_nonprivate_eps8_n12_3d": 0.85, "best_over_nonprivate_eps8_n100": 0.95,
            "best_over_nonprivate_eps3_n100": 0.90, "best_over_nonprivate_eps8_n12_derm2d": 0.95,
            "recipe_minus_old_default_eps8_n12": 0.15, "warm_gain_over_public_alone_eps8_n12": 0.0}
@@ -140,6 +151,15 @@ def make_cells(s: dict) -> list[cells.Cell]:
                 out.append(cells.Cell(_clip_name(t, rule, seed),
                                       {"task": t, "n": CLIP_N, "arm": "recipe", "epsilon": CLIP_EPS, "lr_pick": "best",
                                        "seed": seed, "clip": rule, "kind": "clip", **s}, cost=2.0))
+    # appended after them: the warm start fine-tuning LoRA adapters, seed 0's lr search then seeds 1-2
+    for seeds, lrs in (((0,), [_lr_tag(f) for f in LR_FACTORS]), ((1, 2), ["best"])):
+        for t in (t for t in TASKS if LORA_N in sizes[t]):
+            for seed in seeds:
+                for lr in lrs:
+                    out.append(cells.Cell(_name(t, LORA_N, LORA_ARM, LORA_EPS, lr, seed),
+                                          {"task": t, "n": LORA_N, "arm": LORA_ARM, "epsilon": LORA_EPS, "lr_pick": lr,
+                                           "seed": seed, "kind": "run", "trainable": LORA_TRAINABLE,
+                                           "lora_rank": LORA_RANK, **s}, cost=2.0))
     return out
 
 
@@ -262,13 +282,15 @@ def _configs(cohort, p: dict, lr: float, shared: Path):
     arm = p["arm"]
     init = str(_public_path(shared, p["task"])) if arm in WARM else None
     kw = {"steps": steps, "lr": lr, "seed": p["seed"], "init": init,
-          "trainable": WARM_TRAINABLE if arm in WARM else "all"}
+          "trainable": p.get("trainable", WARM_TRAINABLE if arm in WARM else "all")}
+    if "lora_rank" in p:  # the LoRA cells
+        kw["lora_rank"] = p["lora_rank"]
     dp = None
     if arm == "old":
         kw.update(subjects_per_step=2, patches_per_subject=2)
         dp = DPConfig(epsilon=p["epsilon"], delta=DELTA, clip="fixed", clip_norm=1.0, plan="none", aug_mult=2, ema=0,
                       erasure_reserve=0)  # as it was before issue 26 (and 27's reserve)
-    elif arm in ("recipe", "warm"):
+    elif arm in ("recipe", "warm", LORA_ARM):
         kw.update(subjects_per_step=max(1, round(batch)), patches_per_subject=p["aug_mult"])
         dp = DPConfig(epsilon=p["epsilon"], delta=DELTA, clip=p.get("clip", RECIPE_CLIP), plan="auto",
                       cohort_size=p["n"], epochs=p["epochs"], aug_mult=p["aug_mult"], ema=p["ema"])
@@ -420,6 +442,25 @@ def clip_rule_choice(done: dict, means: dict) -> dict:
                      "picked on seeds 1-2 (held out from the lr choice)"}
 
 
+def lora_arm(means: dict) -> dict:
+    """The LoRA cells against the warm arm (issue 26, item 5): per task at n = LORA_N, epsilon LORA_EPS, the
+    LoRA arm's Dice, its ratio to np_warm (as the warm arm's) and its Dice minus the warm arm's (``--trainable
+    all``), with what they rest on; ``pays`` (mean difference over the tasks > 0) only when all are complete."""
+    per = {}
+    for t in TASKS:
+        lo, warm, base = (means.get((t, LORA_N, a, e)) for a, e in ((LORA_ARM, LORA_EPS), ("warm", LORA_EPS),
+                                                                    ("np_warm", None)))
+        per[t] = {"dice": lo["mean"] if lo else None,
+                  "over_nonprivate": lo["mean"] / base["mean"] if lo and base and base["mean"] else None,
+                  "warm_dice": warm["mean"] if warm else None,
+                  "minus_warm": lo["mean"] - warm["mean"] if lo and warm else None, "basis": _basis(lo, warm, base)}
+    diffs = [v["minus_warm"] for v in per.values()]
+    mean_diff = float(np.mean(diffs)) if all(d is not None for d in diffs) else None
+    complete = all(v["basis"] == "complete" for v in per.values())
+    return {"arm": LORA_ARM, "trainable": LORA_TRAINABLE, "rank": LORA_RANK, "n": LORA_N, "epsilon": LORA_EPS,
+            "per_task": per, "mean_minus_warm": mean_diff, "pays": mean_diff > 0 if complete else None}
+
+
 def merge(done: dict, total: int | None = None) -> dict:
     """The summary of the cells done so far: every key of issue 26, computed from what exists, with
     ``key_basis`` saying what each rests on (``complete`` or PARTIAL with seeds and lr search) and
@@ -432,7 +473,7 @@ def merge(done: dict, total: int | None = None) -> dict:
 
     def ratio(t, n, arm, e):
         """(Dice / non-private Dice of the same initialisation, the two means) or (None, ...)."""
-        d, base = mean(t, n, arm, e), mean(t, n, "np_warm" if arm == "warm" else "np", None)
+        d, base = mean(t, n, arm, e), mean(t, n, "np_warm" if arm in ("warm", LORA_ARM) else "np", None)
         return (d["mean"] / base["mean"] if d and base and base["mean"] else None), (d, base)
 
     rec_over, warm_over, ratio_basis = {}, {}, {}
@@ -491,7 +532,7 @@ def merge(done: dict, total: int | None = None) -> dict:
         "ratio_basis": ratio_basis, "public_alone": public, "targets": TARGETS,
         "met": {k: (v > TARGETS[k] if k.startswith("warm_gain") else v >= TARGETS[k]) if basis[k] == "complete"
                 else None for k, v in keys.items()},
-        "clip_rule_choice": clip_rule_choice(done, means),
+        "clip_rule_choice": clip_rule_choice(done, means), "lora": lora_arm(means),
         "partial": False if is_complete else {"done": len(done), "total": total, "resume": RESUME},
         "resume": RESUME, "delta": DELTA, "recipe_clip": RECIPE_CLIP, "warm_trainable": WARM_TRAINABLE,
         "lr_factors": list(LR_FACTORS), "base_lr": FULL["lr"],
@@ -583,6 +624,15 @@ def render(out: dict, done: dict, results: Path | None = None) -> list[str]:
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g}"
         md.append(f"| {r['task']} | {r['n']} | {r['arm']} | {eps} | {r['mean']:.3f} ± {r['std']:.3f} | {r['seeds']} "
                   f"| {r['lr_factor']:.3g} ({r['lr_searched']}/{len(LR_FACTORS)}) |")
+    lo = out["lora"]
+    md += ["", f"LoRA (`{lo['arm']}`: the public warm start fine-tuning rank-{lo['rank']} adapters on every "
+           f"convolution, `--trainable {lo['trainable']}`, n {lo['n']}, epsilon {lo['epsilon']:g}; ratio against "
+           f"np_warm as the warm arm's). Pays (mean over tasks of LoRA minus warm > 0): "
+           f"{'- (not complete)' if lo['pays'] is None else lo['pays']}.", "",
+           "| task | LoRA Dice | LoRA / np_warm | warm (all) Dice | LoRA minus warm | basis (LoRA, warm, np_warm) |",
+           "|---|---|---|---|---|---|"]
+    md += [f"| {t} | {f(v['dice'])} | {f(v['over_nonprivate'])} | {f(v['warm_dice'])} | {f(v['minus_warm'])} | "
+           f"{v['basis']} |" for t, v in lo["per_task"].items() if v["dice"] is not None]
     if results is not None and plot(out, results / FIGURE):
         md += ["", f"![Dice ratio vs patients per site]({FIGURE})", "",
                f"`{FIGURE}`: Dice ratio against training patients per site, one line per arm and epsilon; hollow "

@@ -236,7 +236,7 @@ def test_privacy_utility_keys_from_cells():
     labelled PARTIAL (never judged against its target); the clip rule picked on held-out seeds."""
     import privacy_utility as pu
 
-    dice = {"np": 0.80, "np_warm": 0.84, "old": 0.40, "recipe": 0.70, "warm": 0.80}
+    dice = {"np": 0.80, "np_warm": 0.84, "old": 0.40, "recipe": 0.70, "warm": 0.80, "warm_lora": 0.82}
     clip = {"fixed": 0.02, "adaptive": -0.05}  # the recipe with these rules, against normalise's
     done = {}
     grid = pu.make_cells(pu.SMOKE)
@@ -264,16 +264,24 @@ def test_privacy_utility_keys_from_cells():
     assert choice["best"] == "fixed" and choice["complete"]
     assert choice["mean_over_tasks_seeds_1_2"]["normalise"] == pytest.approx(0.715)  # seeds 1-2 only
     assert choice["per_task"]["ct3d"]["adaptive"]["mean_3_seeds"] == pytest.approx(0.66)
+    lora = out["lora"]  # issue 26 item 5: the LoRA arm against np_warm and against the warm arm (all weights)
+    assert lora["per_task"]["mri3d"]["over_nonprivate"] == pytest.approx(0.83 / 0.85)
+    assert lora["per_task"]["derm2d"]["minus_warm"] == pytest.approx(0.02) and lora["pays"] is True
+    assert out["best_over_nonprivate_eps8_n12_3d"] == pytest.approx(0.81 / 0.85)  # the issue's keys: without it
     full = pu.make_cells(pu.FULL)
     names = [c.name for c in full]
     assert names[:3] == ["public-mri3d", "public-ct3d", "public-derm2d"]
     head = [c for c in full if c.params.get("n") in (12, 100) and c.params.get("epsilon") in (None, 8.0)
             and c.params["kind"] == "run" and (c.params.get("n") == 12 or c.params["task"] == "mri3d")]
     runs = [c for c in full[3:] if c.params["kind"] == "run"]
+    head = [c for c in head if c.params["arm"] != pu.LORA_ARM]  # the LoRA cells: appended after everything
     assert max(names.index(c.name) for c in head) < min(names.index(c.name) for c in runs if c not in head)
-    # 8 (task, n) x (2 non-private + 2 epsilons x 3 DP arms) x (5 lr on seed 0 + 2 seeds), then the clip cells
+    # 8 (task, n) x (2 non-private + 2 epsilons x 3 DP arms) x (5 lr on seed 0 + 2 seeds), then the clip cells,
+    # then the LoRA cells (3 tasks x (5 lr on seed 0 + 2 seeds)): appended, so no earlier cell moved
     grid_cells = 3 + 8 * (2 + 2 * 3) * (len(pu.LR_FACTORS) + 2)
-    assert len(full) == grid_cells + 3 * 2 * 3 and all(c.params["kind"] == "clip" for c in full[grid_cells:])
+    assert len(full) == grid_cells + 3 * 2 * 3 + 3 * (len(pu.LR_FACTORS) + 2)
+    assert all(c.params["kind"] == "clip" for c in full[grid_cells:grid_cells + 18])
+    assert all(c.params["arm"] == pu.LORA_ARM and c.params["trainable"] == "lora" for c in full[grid_cells + 18:])
 
     done.pop("derm2d-n12-recipe-eps8-lrbest-seed2")  # one seed missing: computed from the others, PARTIAL
     done.pop("derm2d-n12-recipe-clipadaptive-eps8-lrbest-seed1")
@@ -285,6 +293,9 @@ def test_privacy_utility_keys_from_cells():
     assert out["key_basis"]["recipe_minus_old_default_eps8_n12"].startswith("PARTIAL")
     assert out["met"]["recipe_minus_old_default_eps8_n12"] is None  # a partial key is not judged
     assert out["clip_rule_choice"]["best"] is None
+    done.pop("ct3d-n12-warm_lora-eps8-lrbest-seed1")
+    lora = pu.merge(done, len(grid))["lora"]
+    assert lora["pays"] is None and lora["per_task"]["ct3d"]["basis"].startswith("PARTIAL: 2 of 3 seeds")
     lines = pu.render(out, done)
     assert any("PARTIAL" in ln and "--resume" in ln for ln in lines)
     assert any(ln.startswith("| recipe_minus_old_default_eps8_n12 | ") and "PARTIAL" in ln for ln in lines)
