@@ -55,7 +55,7 @@ from privseg.privacy.accountant import StepEvent, calibrate_sigma, check_delta, 
 from privseg.privacy.budget import BudgetLedger
 from privseg.privacy.clipping import Normalising, clip_factors, make_clipper
 from privseg.privacy.noise import NoiseSource
-from privseg.privacy.spec import CLIP
+from privseg.privacy.spec import dp_default
 
 SERVER = "server"
 Arrays = Mapping[str, np.ndarray]  # a model's state as {entry name: array}
@@ -78,11 +78,12 @@ class ClientLevelDP:
     ``delta``, ``rounds``) to calibrate it. Per round: :meth:`select` the sites, :meth:`clip_round`
     their updates, average them (uniformly), :meth:`release` the average."""
 
-    def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = CLIP, clip_norm: float = 1.0,
-                 noise_multiplier: float | None = None, epsilon: float | None = None, delta: float = 1e-5,
-                 rounds: int | None = None, target_quantile: float = 0.5, clip_lr: float = 0.2,
+    def __init__(self, *, n_sites: int, fraction: float = 1.0, clip: str = dp_default("clip"),
+                 clip_norm: float = dp_default("clip_norm"), noise_multiplier: float | None = None,
+                 epsilon: float | None = None, delta: float = dp_default("delta"), rounds: int | None = None,
+                 target_quantile: float = dp_default("target_quantile"), clip_lr: float = dp_default("clip_lr"),
                  sigma_b: float | None = None, ledger: BudgetLedger | None = None, noise: NoiseSource | None = None,
-                 allow_large_delta: bool = False):
+                 allow_large_delta: bool = dp_default("allow_large_delta")):
         if n_sites < 1:
             raise ConfigError("client-level DP needs at least one site")
         self.n_sites = n_sites
