@@ -206,8 +206,8 @@ def original_cell(s: dict, shared: Path) -> dict:
 
     from privseg.audit.mia import PowerCheckError, power_check_model
     from privseg.data.transforms import load_preprocessed
-    from privseg.erasure.federated import round_seconds
     from privseg.federated import RunState
+    from privseg.federated.retrain import round_seconds
     from privseg.federated.simulation import run_rounds
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -361,8 +361,8 @@ def _site_of(shared: Path, pid: str) -> str:
 
 def _retrain(shared: Path, out: Path, **kw) -> tuple[Path, float, float]:
     """A federated retrain into ``out`` (reused when it finished before); (checkpoint, wall, CPU)."""
-    from privseg.erasure.federated import federated_retrain, round_seconds
     from privseg.federated import RunState
+    from privseg.federated.retrain import federated_retrain, round_seconds
 
     run = _original(shared)
     if not ((out / "state.json").exists() and RunState.load(out).status == "finished"):
@@ -440,7 +440,7 @@ def _recorded_retrain(s: dict, shared: Path, pid: str) -> dict | None:
 
 
 def patient_cell(s: dict, work: Path, shared: Path) -> dict:
-    from privseg.erasure.federated import ErasureRequest, erase
+    from privseg.erasure import ErasureRequest, erase
 
     cells_dir = shared.parent.parent / "cells"
     _require_power(cells_dir, s["subjects"] < 16)
@@ -477,7 +477,7 @@ def site_retrain_cell(s: dict, work: Path, shared: Path) -> dict:
 
 
 def site_cell(s: dict, work: Path, shared: Path) -> dict:
-    from privseg.erasure.federated import ErasureRequest, erase
+    from privseg.erasure import ErasureRequest, erase
 
     retrain = shared.parent / "site-retrain" / "retrain"
     ckpt, r_wall, r_cpu = _retrain(shared, retrain, drop_site=s["site"])

@@ -34,7 +34,7 @@ SLOT = "m1"
 
 
 def run_setting(shared: Path, cell: dict, retrain: Path, method: str, repair: int, work: Path) -> dict:
-    from privseg.erasure.federated import ErasureRequest, erase
+    from privseg.erasure import ErasureRequest, erase
 
     run = erasure._copy_of_original(shared, work / "run")
     res = erase(run, ErasureRequest(kind="patient", site=cell["site"], subjects=(cell["patient"],),

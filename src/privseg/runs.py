@@ -156,7 +156,7 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     """The federated run folder and the :class:`ErasureRequest` of the erase options: a patient
     (``subject``, repeatable or ``A,B``) or a whole site; ``param`` as KEY=VALUE items; thresholds
     left out take the defaults."""
-    from privseg.erasure.federated import ErasureRequest
+    from privseg.erasure import ErasureRequest, default_method
 
     if not site:
         raise ConfigError("--site is required")
@@ -169,8 +169,6 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     given = {"max_mia_auc": max_mia_auc, "min_retain_dice_ratio": min_retain_dice_ratio,
              "min_test_dice_ratio": min_test_dice_ratio}
     if fields.get("method") is None:  # picked from the run (reference models or not), and said why
-        from privseg.erasure.request import default_method
-
         fields["method"], fields["method_reason"] = default_method(run_dir, "site" if whole_site else "patient")
     return run_dir, ErasureRequest(kind="site" if whole_site else "patient", site=site, subjects=subjects,
                                    params=parse_params(param), **fields,
@@ -186,43 +184,29 @@ def federated_run(run: str | None) -> Path:
 
 def erase_from_run(run_dir: Path, request, references: int | None = None, backend: str = "in-process",
                    on_stage: Callable[[str, str], None] | None = None, **kw):
-    """``privseg.erasure.federated.erase`` under the run's lock, so that a request refused before
-    anything was recorded leaves the run as it was: the library opens the ledger before it
-    validates the request, and an empty erasure/ledger.db would claim the run has an erasure
-    history. The lock means no other erasure can be writing to a ledger this removes. With
-    ``references``, that many reference models of the run are trained (or reused) first, for the
-    per-patient membership test."""
-    from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure.federated import LEDGER, erase
-    from privseg.federated.runstate import hold_run
+    """:func:`privseg.erasure.erase` of ``request`` on the run (``kw``: its other options, e.g.
+    ``on_progress``). With ``references``, that many reference models of the run are trained (or
+    reused) first, for the per-patient membership test."""
+    from privseg.erasure import erase
 
-    say = on_stage or (lambda stage, msg: None)
     if references:
         from privseg.audit.reference import ensure_references
 
+        say = on_stage or (lambda stage, msg: None)
         # before the request: the references train on the run's patients as the model did
         ensure_references(run_dir, references, backend=backend,
                           on_reference=lambda k, what: say("references", f"reference model {k}: {what}"))
-    path = run_dir / LEDGER
-    had_ledger = path.exists()
-    with hold_run(run_dir, "erasure request (privseg erase)"):
-        try:
-            return erase(run_dir, request, backend=backend, on_stage=on_stage, **kw)
-        except BaseException:
-            if not had_ledger and path.exists() and not ErasureLedger(path, create=False).entries():
-                for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-                    p.unlink(missing_ok=True)
-                if not any(path.parent.iterdir()):
-                    path.parent.rmdir()
-            raise
+    return erase(run_dir, request, backend=backend, on_stage=on_stage, **kw)
 
 
 def erasure_run(run: str) -> Path:
     """A federated run, or a central run whose erasures `privseg unlearn` recorded in its ledger."""
+    from privseg.erasure import LEDGER
+
     try:
         return federated_run(run)
     except DataError:
-        return run_folder(run, marker="erasure/ledger.db", what="federated run or a run with an erasure ledger")
+        return run_folder(run, marker=LEDGER, what="federated run or a run with an erasure ledger")
 
 
 def run_requests(run: str) -> tuple[Path, list[dict]]:
@@ -235,7 +219,7 @@ def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = N
     """Write the certificate of one erasure request of the run (JSON, printable HTML) into
     ``out_dir`` (default: RUN/erasure/); returns their paths."""
     from privseg.audit.certificate import write_certificate
-    from privseg.erasure.federated import LEDGER
+    from privseg.erasure import LEDGER
 
     return write_certificate(run_dir / LEDGER, request_id, out_dir or run_dir / "erasure")
 
@@ -243,7 +227,7 @@ def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = N
 def erasure_requests(run_dir: Path) -> list[dict]:
     """The erasure requests recorded in a run's ledger (none when it has no ledger)."""
     from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure.federated import LEDGER
+    from privseg.erasure import LEDGER
 
     path = run_dir / LEDGER
     return ErasureLedger(path, create=False).requests() if path.exists() else []

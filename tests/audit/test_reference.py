@@ -23,10 +23,10 @@ from privseg.audit import reference as refmod
 from privseg.audit.certificate import membership_statements, render_html, summarise, write_certificate
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.erasure import federated as fed
-from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+from privseg.erasure import DEFAULT_THRESHOLDS, LEDGER, ErasureRequest, erase
+from privseg.erasure.verification import judge
 from privseg.errors import ConfigError
-from privseg.federated import FLConfig
+from privseg.federated import FLConfig, RunState
 from privseg.federated import retrain as fed_retrain
 from privseg.train import TrainConfig
 
@@ -158,10 +158,10 @@ def _calibrated(p_before: float, p_after: float, n_out: int = 4) -> dict:
 
 
 def _verification(calibrated: dict | None, before_auc: float = 0.1667, after_auc: float = 0.1667) -> dict:
-    th = dict(fed.DEFAULT_THRESHOLDS)
+    th = dict(DEFAULT_THRESHOLDS)
     before = {"mia_auc": before_auc, "retain_dice": 0.8, "test_dice": 0.7}
     after = {"mia_auc": after_auc, "retain_dice": 0.8, "test_dice": 0.7}
-    checks, failed = fed._judge(th, after, before, "before", before, calibrated)
+    checks, failed = judge(th, after, before, "before", before, calibrated)
     ver = {"before": before, "after": after, "checks": checks, "failed_checks": failed, "passed": not failed,
            "thresholds": th}
     if calibrated is not None:
@@ -450,7 +450,7 @@ def test_reference_teacher_without_references_or_with_none_that_never_saw_the_pa
 
     cohort, d = run
     subject = [s.id for s in cohort.select("train", "H1")][0]
-    ckpt = fed.RunState.load(d).last_checkpoint
+    ckpt = RunState.load(d).last_checkpoint
     refs = refmod.load_references(d)
     saw = refmod.ReferenceSet(d, refs.index, [r for r in refs.references if subject in r.patients])
     with pytest.raises(ConfigError, match=f"every one of the run's 2 reference models trained on {subject}"):

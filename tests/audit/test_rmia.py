@@ -75,7 +75,7 @@ def test_two_references_on_a_tiny_run_estimate_test_teach_and_certify(tmp_path, 
     from privseg.audit import reference as refmod
     from privseg.audit.certificate import write_certificate
     from privseg.cli import main as cli_main
-    from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+    from privseg.erasure import LEDGER, ErasureRequest, erase
 
     cohort, run = tiny_federation(tmp_path, name="fed2", rounds=2, local_steps=1, per_site=9, size=16,
                                   subjects_per_step=2, run="run")

@@ -18,7 +18,7 @@ from privseg.audit.ledger import ErasureLedger
 from privseg.console import create_app
 from privseg.console.store import Store
 from privseg.data.cohort import Cohort
-from privseg.erasure.federated import ErasureRequest, whole_patients
+from privseg.erasure import ErasureRequest, whole_patients
 from privseg.federated import FLConfig
 
 

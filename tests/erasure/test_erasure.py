@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,7 @@ from conftest import tiny_federation
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import GENESIS, ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+from privseg.erasure import LEDGER, ErasureRequest, erase
 from privseg.errors import ConfigError
 from privseg.federated import FLConfig, RunState
 from privseg.federated.runstate import hold_run
@@ -124,6 +125,41 @@ def test_patient_erasure_end_to_end(run, tmp_path):
     assert "from federated run fed" in first and "export/model.onnx" in first and "global_r0001.pt" in first
     assert [e["event"] for e in cert["certificate"]["events"]] == events(d, res.request_id)
     assert ErasureLedger(d / LEDGER).verify() == (True, [])
+
+
+def test_the_run_is_read_once_and_the_cli_shows_the_verification_as_it_goes(run, capsys, monkeypatch):
+    """One erasure reads the run's config and state once (privseg.erasure.federated.erase passes them
+    down); `privseg erase` prints the verification's passes within its stage, -q only why it stopped."""
+    cohort, d = run
+    reads = []
+
+    def counted(cls, name):
+        load = getattr(cls, name).__func__
+
+        def wrapper(klass, path, *a, **k):
+            caller = sys._getframe(1).f_globals["__name__"]
+            if caller.startswith("privseg.erasure") and Path(path).resolve() == d.resolve():
+                reads.append((cls.__name__, caller))
+            return load(klass, path, *a, **k)
+        monkeypatch.setattr(cls, name, classmethod(wrapper))
+
+    counted(FLConfig, "load")
+    counted(RunState, "load")
+    subject = train_ids(cohort, "H2")[0]
+    argv = ["erase", "--run", str(d), "--site", "H2", "--subject", subject, "--epochs", "1", "--max-mia-auc", "-1"]
+    capsys.readouterr()
+    assert cli_main(argv) == 1
+    assert reads == [("FLConfig", "privseg.erasure.federated"), ("RunState", "privseg.erasure.federated")], reads
+    err = capsys.readouterr().err
+    for line in ("local_unlearned:", "repaired:", "verified:", "loading the erased patients: ",
+                 "model before the erasure: membership test: scoring the model", "model after the erasure: Dice on "
+                 "the test patients", "verification failed"):
+        assert line in err, (line, err)
+    # again with another repair round: verified anew, under -q only the stop reason is printed
+    assert cli_main([*argv, "--repair-rounds", "2", "-q"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("verification failed") and "scoring" not in err and "repaired" not in err
+    assert events(d).count("verified") == 2
 
 
 def test_failed_verification_keeps_the_request_open_and_a_retry_completes_it(run, capsys):
@@ -266,7 +302,7 @@ def test_site_erasure_with_federaser_and_retrain(run, trained, tmp_path):
 CHILD = textwrap.dedent("""
     import os, signal, sys
     from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure.federated import ErasureRequest, erase
+    from privseg.erasure import ErasureRequest, erase
     run, subject, point = sys.argv[1], sys.argv[2], sys.argv[3]
     original = ErasureLedger.append
     def append(self, request, event, body):
@@ -374,7 +410,7 @@ def test_erasure_request_ids_are_stable_and_settings_do_not_change_them():
 
 
 def test_verification_against_a_federated_retrain_is_calibrated_by_it(run, tmp_path):
-    from privseg.erasure.federated import federated_retrain
+    from privseg.federated.retrain import federated_retrain
 
     cohort, d = run
     req = patient_request(cohort)

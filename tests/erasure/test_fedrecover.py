@@ -13,18 +13,12 @@ import torch
 from conftest import tiny_federation
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.erasure.federated import (
-    LEDGER,
-    SITE_ERASERS,
-    ErasureRequest,
-    SiteJob,
-    erase,
-    federated_retrain,
-    round_seconds,
-)
+from privseg.erasure import LEDGER, SITE_ERASERS, ErasureRequest, erase
 from privseg.erasure.fedrecover import FedRecoverHook, fedrecover_schedule, lbfgs_hvp
+from privseg.erasure.site import SiteJob
 from privseg.errors import ConfigError
 from privseg.federated import FLConfig, RunState
+from privseg.federated.retrain import federated_retrain, round_seconds
 from privseg.train.checkpoint import load_checkpoint
 
 ROUNDS = 8
@@ -135,7 +129,8 @@ def test_dp_budget_and_strategies_it_cannot_replay(trained, tmp_path):
         with pytest.raises(ConfigError, match="federaser or retrain"):
             SITE_ERASERS["fedrecover"].run(replace(job, cfg=cfg))
     # an exact round is configured as the original round it replays (the sites' seeds and patch draws)
-    hook = FedRecoverHook(run, list(range(1, ROUNDS + 1)), [True] * ROUNDS, ["H1", "H3"], {"buffer": 2})
+    hook = FedRecoverHook(run, RunState.load(run), list(range(1, ROUNDS + 1)), [True] * ROUNDS, ["H1", "H3"],
+                          {"buffer": 2})
     hook.pos = 5
     assert hook.as_original_round(lambda server_round, *rest: server_round)(2, None, {}, None) == 6
     shutil.rmtree(run / "updates")

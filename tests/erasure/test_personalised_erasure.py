@@ -17,7 +17,7 @@ import torch
 from conftest import LOOSE, small_fl_config, val_cohort
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import ErasureLedger, file_sha256
-from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+from privseg.erasure import LEDGER, ErasureRequest, erase
 from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess
 from privseg.train import load_checkpoint

@@ -12,7 +12,7 @@ from conftest import LOOSE, tiny_dp_run
 from privseg.audit.certificate import summarise
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+from privseg.erasure import LEDGER, ErasureRequest, erase
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.federated import FLConfig
 from privseg.privacy import BudgetLedger, DPConfig
@@ -72,7 +72,7 @@ def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
 def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_path, capsys):
     """Issue 27, item 4: with the default budget and erasure reserve, training leaves room for one
     patient erasure with the default method; training past the plan may not eat into it."""
-    from privseg.erasure.federated import _dp_steps
+    from privseg.erasure.private import dp_steps
     from privseg.federated.runstate import RunState
     from privseg.federated.simulation import run_rounds
     from privseg.privacy.spec import ERASURE_RESERVE
@@ -82,7 +82,7 @@ def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_pa
     cfg = FLConfig.load(run)
     patient = cohort.select("train", "H1")[0].id
     # the reserve is what one default patient erasure costs at the site that erases (each fact once)
-    need = _dp_steps(cfg, RunState.load(run), ErasureRequest(kind="patient", site="H1", subjects=(patient,)))
+    need = dp_steps(cfg, RunState.load(run), ErasureRequest(kind="patient", site="H1", subjects=(patient,)))
     assert max(need.values()) == ERASURE_RESERVE * cfg.local_steps
     ledgers = {s: BudgetLedger(run / "sites" / s / "privacy.sqlite") for s in ("H1", "H2")}
     for site, ledger in ledgers.items():

@@ -163,7 +163,7 @@ def test_2d_bundle_writes_the_masks_predict_writes(tmp_path):
 @pytest.mark.slow  # a DP federation and a patient erasure
 def test_dp_run_after_patient_erasure_card_states_the_ledger(tmp_path, capsys):
     from conftest import LOOSE, tiny_dp_run
-    from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+    from privseg.erasure import LEDGER, ErasureRequest, erase
     from privseg.privacy import DPConfig
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)

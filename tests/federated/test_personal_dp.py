@@ -9,7 +9,7 @@ import pytest
 from conftest import small_fl_config, val_cohort
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
-from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+from privseg.erasure import LEDGER, ErasureRequest, erase
 from privseg.errors import BudgetExceededError
 from privseg.federated.personalise import personalise, read_personalisation
 from privseg.federated.simulation import simulate_inprocess

@@ -290,8 +290,8 @@ def test_ledger_from_before_scopes_migrates(tmp_path):
 
 def test_derived_run_gets_fresh_keys_and_books_into_the_sites_ledger(tmp_path):
     from conftest import make_tiny_cohort
-    from privseg.erasure.federated import federated_retrain
     from privseg.federated import FLConfig, check_sites, sites_from_cohort
+    from privseg.federated.retrain import federated_retrain
     from privseg.federated.simulation import simulate_inprocess
     from privseg.train import TrainConfig
 
@@ -320,7 +320,7 @@ def test_erasing_one_scan_erases_the_whole_patient(tmp_path):
     from dataclasses import replace as dc_replace
 
     from conftest import make_tiny_cohort
-    from privseg.erasure.federated import ErasureRequest, whole_patients
+    from privseg.erasure import ErasureRequest, whole_patients
     from privseg.federated import FLConfig, check_sites, sites_from_cohort
     from privseg.train import TrainConfig
 
@@ -579,7 +579,7 @@ def test_a_dp_erasure_certificate_withholds_statistics_of_training_patients(tmp_
     from conftest import LOOSE, tiny_dp_run
     from privseg.audit.certificate import render_html, summarise
     from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure.federated import LEDGER, ErasureRequest, erase
+    from privseg.erasure import LEDGER, ErasureRequest, erase
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
     cohort, run = tiny_dp_run(tmp_path, dp)
@@ -618,7 +618,7 @@ def test_central_dp_runs_refuse_non_private_references_and_unlearning(tiny_cohor
 
 def test_site_erasure_keeps_the_sites_ledger_and_closes_it(tmp_path):
     from conftest import LOOSE, tiny_dp_run
-    from privseg.erasure.federated import ErasureRequest, erase
+    from privseg.erasure import ErasureRequest, erase
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
     _, run = tiny_dp_run(tmp_path, dp)

@@ -74,7 +74,7 @@ def test_a_registered_clip_rule_runs_through_make_private(tiny_cohort, tmp_path)
 
 
 def test_a_registered_site_erasure_method_runs_through_erase(tmp_path):
-    from privseg.erasure.federated import SITE_ERASERS, ErasureRequest, erase, site_eraser
+    from privseg.erasure import SITE_ERASERS, ErasureRequest, erase, site_eraser
 
     @site_eraser("keep_source")
     class KeepSource:  # a do-nothing method: the source model is served again

@@ -208,6 +208,23 @@ def open_stage(entries: list[dict]) -> dict | None:
     return last if last is not None and last["event"] == "started" else None
 
 
+def latest(entries: list[dict], event: str) -> dict | None:
+    """The newest ``event`` entry among one request's entries, or None."""
+    return next((e for e in reversed(entries) if e["event"] == event), None)
+
+
+def latest_after(entries: list[dict], event: str, than: str) -> dict | None:
+    """The newest ``event`` entry when it is newer than the newest ``than`` entry (the stage ran
+    since), else None."""
+    e, t = latest(entries, event), latest(entries, than)
+    return e if e is not None and (t is None or e["seq"] > t["seq"]) else None
+
+
+def artefact(run_dir: Path, path: str | Path) -> dict:
+    """A file of the run as the ledger records it: its path relative to the run folder and its SHA-256."""
+    return {"path": str(Path(path).resolve().relative_to(Path(run_dir).resolve())), "sha256": file_sha256(path)}
+
+
 def erased_in(requests: Iterable[dict], site: str | None = None) -> dict[str, str]:
     """Subject ID -> request ID, for every completed patient erasure (of ``site``) among request summaries."""
     done = {r["request"]: r for r in requests if "completed" in r["events"] and r.get("kind") == "patient"}

@@ -6,9 +6,8 @@ from pathlib import Path
 import typer
 
 from privseg.audit.ledger import verify_ledgers
-from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, with_options
-from privseg.erasure.request import DEFAULT_THRESHOLDS, ErasureRequest, Thresholds
-from privseg.erasure.verification import retry_advice
+from privseg.cli.ui import ERASURE, PARAM, QUIET, console, options_from, out, phased_progress, with_options
+from privseg.erasure import DEFAULT_THRESHOLDS, ErasureRequest, Thresholds, retry_advice
 from privseg.report.text import print_erasure, print_erasure_requests, print_ledger_checks
 from privseg.runs import erase_from_run, erasure_certificate, erasure_request, erasure_run, run_requests
 
@@ -38,15 +37,16 @@ def erase(
     **o,
 ) -> None:
     """Erase a patient (--subject) or a site (--whole-site) from RUN: recorded first, unlearned at the
-    site, repaired with every site, verified, then the old model's files are deleted. Re-running the same
-    request after a crash finishes it; after completion it is never applied twice."""
+    site, repaired with every site, verified (its passes shown as they go), then the old model's files are
+    deleted. Re-running the same request after a crash finishes it; after completion it is never applied twice."""
     if ctx.invoked_subcommand is not None:
         return
     request = {k: v for k, v in locals().items() if k not in ("ctx", "reference", "backend", "references", "o")}
     quiet = o.pop("quiet")
     run_dir, req = erasure_request(**request, **o)
     say = (lambda stage, msg: None) if quiet else (lambda stage, msg: console.print(f"[bold]{stage}[/bold]: {msg}"))
-    res = erase_from_run(run_dir, req, references=references, backend=backend, reference=reference, on_stage=say)
+    with phased_progress("verification", quiet) as on_progress:  # within a stage: the verification's passes
+        res = erase_from_run(run_dir, req, references, backend, say, reference=reference, on_progress=on_progress)
     if not quiet:
         print_erasure(out, res, run_dir)
     if res.status == "verification-failed":

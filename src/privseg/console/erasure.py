@@ -1,9 +1,10 @@
-"""The console's only link to the federated erasure (:mod:`privseg.erasure.federated`).
+"""The console's only link to the federated erasure (:mod:`privseg.erasure`).
 
 Everything the console needs of it goes through here: the patients a site may name, the
-request ID of a request, the checks made before a request is filed, and the one call that
-carries an approved request out (:func:`apply`). A change of the erasure's signature is a
-change here only.
+request ID of a request, the checks made before a request is filed (the erasure's own,
+:func:`privseg.erasure.validate`), and the one call that carries an approved request out
+(:func:`apply`). A change of the erasure's signature is a change here only. The erasure package
+(torch, Flower) is imported inside the functions that use it: the console's pages start without it.
 """
 
 from __future__ import annotations
@@ -18,20 +19,20 @@ SETTING_LIMITS = {"epochs": (1, 1000), "repair_rounds": (0, 100)}
 
 
 def ledger_path(run_dir: Path) -> Path:
-    from privseg.erasure.federated import LEDGER
+    from privseg.erasure import LEDGER
 
     return run_dir / LEDGER
 
 
 def default_thresholds() -> dict:
-    from privseg.erasure.federated import DEFAULT_THRESHOLDS
+    from privseg.erasure import DEFAULT_THRESHOLDS
 
     return dict(DEFAULT_THRESHOLDS)
 
 
 def _request(kind: str, site: str, subjects: list[str], reason: str = "", requested_by: str = "",
              settings: dict | None = None, approved_by: str = ""):
-    from privseg.erasure.federated import ErasureRequest
+    from privseg.erasure import ErasureRequest
 
     s = settings or {}
     return ErasureRequest(kind=kind, site=site, subjects=tuple(subjects), reason=reason, requested_by=requested_by,
@@ -43,7 +44,7 @@ def expand(run_dir: Path, kind: str, site: str, subjects: list[str]) -> list[str
     """The scans a request erases: every scan of each named patient (a scan ID or a patient ID)
     at the site, as the erasure itself expands it; names it does not know are kept (refused by
     :func:`check_new`)."""
-    from privseg.erasure.federated import whole_patients
+    from privseg.erasure import whole_patients
     from privseg.federated.config import FLConfig
 
     return list(whole_patients(FLConfig.load(run_dir), _request(kind, site, subjects)).subjects)
@@ -83,35 +84,20 @@ def patients(run_dir: Path, site: str) -> list[dict]:
 
 
 def check_new(run_dir: Path, kind: str, site: str, subjects: list[str]) -> None:
-    """Refuse, with a clear message, a request the erasure would refuse (before anything is
-    written): unknown or erased site; a name (scan or patient ID) that is unknown or not a
-    training patient of that site; a patient already (partly) erased; or every remaining training
-    patient of the site."""
+    """Refuse, with a clear message, a request the erasure would refuse, before anything is
+    written: the erasure's own checks (:func:`privseg.erasure.validate`) of the request as it will
+    run, each named scan or patient expanded to the patient's every scan at the site (unknown or
+    erased site, a name that is not a training patient of that site, a patient already erased, or
+    every remaining training patient of the site)."""
+    from privseg.audit.ledger import ErasureLedger
+    from privseg.erasure import validate, whole_patients
     from privseg.federated.config import FLConfig
+    from privseg.federated.runstate import RunState
 
     cfg = FLConfig.load(run_dir)
-    withdrawn = cfg.extra.get("withdrawn_sites", [])
-    if site not in cfg.site_ids:
-        raise ConfigError(f"site {site} was already erased from this run" if site in withdrawn
-                          else f"unknown site {site!r} in this run")
-    _request(kind, site, subjects)  # the erasure's own checks of kind and IDs
-    if kind == "site":
-        if len(cfg.sites) < 2:
-            raise ConfigError(f"site {site} is the only site of the run: nothing would remain")
-        return
-    known = {p["id"]: p for p in patients(run_dir, site)}
-    patient_of = {scan["id"]: p for p in known.values() for scan in p["scans"]}
-    named = set()
-    for s in subjects:
-        p = patient_of.get(s) or known.get(s)
-        if p is None:
-            raise ConfigError(f"patient {s!r} is not a training patient of site {site}")
-        if p["erased_by"]:
-            raise ConfigError(f"patient {s} was already erased at site {site} ({p['erased_by']})")
-        named.add(p["id"])
-    if not {k for k, p in known.items() if not p["erased_by"]} - named:
-        raise ConfigError(f"the request names every remaining training patient of site {site}: "
-                          "erase the site instead")
+    req = whole_patients(cfg, _request(kind, site, subjects))  # the erasure's own checks of kind and IDs first
+    path = ledger_path(run_dir)
+    validate(cfg, RunState.load(run_dir), req, ErasureLedger(path, create=False) if path.exists() else None)
 
 
 def _setting(form: dict, key: str, parse: Callable[[str], float], name: str, what: str, lo: float, hi: float,
@@ -173,8 +159,8 @@ def methods(run_dir: Path, kind: str) -> dict:
     best, ``reference_teacher`` (docs/membership.md), when the run has reference models, else the
     erasure's own default."""
     from privseg.audit.reference import INDEX, REF_DIR
+    from privseg.erasure import SITE_ERASERS, default_method
     from privseg.erasure.private import dp_of
-    from privseg.erasure.site import SITE_ERASERS
     from privseg.federated.config import FLConfig
     from privseg.unlearn.strategies import STRATEGIES
 
@@ -189,8 +175,6 @@ def methods(run_dir: Path, kind: str) -> dict:
     choices = [{"value": n, "label": n, "summary": st.summary + (" (needs the run's reference models: privseg audit "
                                                                   "references)" if st.needs_references else "")}
                for n, st in sorted(STRATEGIES.items()) if refs or not st.needs_references]
-    from privseg.erasure.request import default_method
-
     method, why = default_method(run_dir, "patient")  # the same choice as privseg erase's
     return {"choices": choices, "default": method, "default_reason": why, "dp": False}
 
@@ -225,8 +209,10 @@ def refusal(q: dict) -> str:
 
 def apply(run_dir: Path, rec: dict, on_stage: Callable[[str, str], None]):
     """Carry out an approved request (or finish it after a crash: the erasure resumes from its
-    ledger). The requester and the approver are written into the ledger's ``requested`` entry."""
-    from privseg.erasure.federated import erase
+    ledger). The requester and the approver are written into the ledger's ``requested`` entry.
+    The erasure holds the run's lock: a run busy with training raises
+    :class:`privseg.federated.runstate.RunBusy`."""
+    from privseg.erasure import erase
 
     req = _request(rec["kind"], rec["site"], rec["subjects"], rec["reason"], rec["filed_by"], rec["settings"],
                    approved_by=rec["decided_by"] or "")

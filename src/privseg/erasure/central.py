@@ -19,7 +19,7 @@ evaluation and the verification; ``completed``: the copies of the patient dealt 
 killed at any point leaves the stage it was in on record (``privseg erase status``), and the same
 request run again continues from there: a finished stage whose files are intact is not run again.
 
-The verification is the federated one (:func:`privseg.erasure.verification._judge`): retain and
+The verification is the federated one (:func:`privseg.erasure.verification.judge`): retain and
 test Dice against the retrain when one was given (else the model before the erasure), and the
 per-patient test against the run's reference models when the run has them (no PASS without
 power; docs/membership.md). A request that was completed before is refused, never applied twice.
@@ -36,18 +36,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from privseg.audit.ledger import ErasureLedger, file_sha256, open_stage
-from privseg.erasure.request import DEFAULT_THRESHOLDS, ErasureRequest, StageCallback, _latest
+from privseg.audit import lira
+from privseg.audit import reference as refmod
+from privseg.audit.certificate import write_certificate
+from privseg.audit.copies import account, model_files, remaining
+from privseg.audit.ledger import ErasureLedger, file_sha256, latest, open_stage
+from privseg.audit.mia import OnProgress, load_items
+from privseg.erasure.request import DEFAULT_THRESHOLDS, LEDGER, ErasureRequest, StageCallback
+from privseg.erasure.verification import judge, phases_of, rejudged
 from privseg.errors import ConfigError
+from privseg.federated.runstate import hold_run
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.unlearn.engine import UnlearnResult, check_request, evaluate_unlearned, roles, unlearn
 from privseg.utils import read_json, versions, write_json
 
-if TYPE_CHECKING:
-    from privseg.audit.mia import OnProgress
-
 CENTRAL_SITE = "central"
-LEDGER = Path("erasure") / "ledger.db"
 SOURCE_KEPT = ("the model the erasure started from, the training run's own checkpoint: privseg does not delete it, "
                "and it still holds the patient; delete it (and any copy of it) once the erased model replaces it")
 
@@ -85,9 +90,7 @@ def central_request(checkpoint, forget: Sequence[str], strategy: str | None = No
                          target=target, epochs=epochs, repair_rounds=0, thresholds=thresholds or {}, seed=seed,
                          statistic=statistic)
     if req.needs_references:
-        from privseg.audit.reference import load_references
-
-        load_references(run_dir)  # none: refused before anything is recorded, naming the command
+        refmod.load_references(run_dir)  # none: refused before anything is recorded, naming the command
     sha = file_sha256(checkpoint)
     rid = req.request_id(f"{run_dir.name}@{sha[:16]}")
     path = run_dir / LEDGER
@@ -107,11 +110,6 @@ def membership_before(central: CentralRequest, checkpoint, cohort, *, mia_views:
     patient to erase its p-value and whether the test flags it; ``nothing_to_forget`` when it
     flags none (the erasure could not be measured). Without reference models: ``available``
     False and the reason. ``on_progress``: loading the patients, then each model scored."""
-    from privseg.audit import reference as refmod
-    from privseg.audit.mia import load_items
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from privseg.unlearn.engine import roles
-
     run_dir = Path(checkpoint).resolve().parent
     req = central.request
     try:
@@ -164,9 +162,6 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
     part as it runs (:func:`privseg.report.text.phased_progress`): the membership tests (loading
     the patients, each model scored), the unlearning steps (info: the loss) and the evaluation
     (subject passes)."""
-    from privseg.federated.runstate import hold_run
-    from privseg.unlearn.engine import check_request
-
     central = central_request(checkpoint, forget, strategy, target=target, epochs=epochs, params=params, seed=seed,
                               reason=reason, requested_by=requested_by, approved_by=approved_by, statistic=statistic,
                               thresholds=thresholds)
@@ -178,10 +173,10 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
     say = on_stage or (lambda stage, msg: None)
     with hold_run(run_dir, f"erasure request {rid}"):
         entries = ErasureLedger(central.ledger, create=False).entries(rid) if central.ledger.exists() else []
-        requested = _latest(entries, "requested")
+        requested = latest(entries, "requested")
         if requested is None:
             before = membership_before(central, checkpoint, cohort, mia_views=mia_views,
-                                       on_progress=_phases(on_progress, "membership test before"))
+                                       on_progress=phases_of(on_progress, "membership test before"))
             if on_membership is not None and not on_membership(before):
                 return None
         else:
@@ -208,21 +203,11 @@ def erase_central(checkpoint, cohort, forget: Sequence[str], strategy: str | Non
             raise
     cert = None
     if certificate_dir is not None:
-        from privseg.audit.certificate import write_certificate
-
         cert = write_certificate(central.ledger, rid, certificate_dir)
-    from privseg.unlearn.engine import UnlearnResult
-
     model_path = run_dir / local["model"]["path"]
     result = UnlearnResult(None, report, model_path, model_path.with_name("report.json"))
     return CentralErasure(result, rid, central.ledger, ver, cert, "completed" if ver["passed"]
                           else "verification-failed", before)
-
-
-def _phases(on_progress: Callable[..., None] | None, what: str) -> OnProgress | None:
-    """``on_progress`` with each phase named after ``what`` (e.g. "membership test after: scoring
-    the model"), so the same test run before and after the unlearning reads as two."""
-    return None if on_progress is None else lambda phase, done, total: on_progress(f"{what}: {phase}", done, total)
 
 
 class _Job:
@@ -255,10 +240,8 @@ class _Job:
     def local_stage(self, out_dir: Path, *, fix_decoder: bool, check_every: int) -> dict:
         """The ``local_unlearned`` entry: an earlier one with the same settings whose model is
         intact, or a new unlearning (``started`` first)."""
-        from privseg.unlearn.engine import unlearn
-
         settings = self.settings(fix_decoder, check_every)
-        done = _latest(self.entries(), "local_unlearned")
+        done = latest(self.entries(), "local_unlearned")
         if done is not None and done["body"].get("settings") == settings and self._intact(done["body"]["model"]):
             self.say("local_unlearned", f"done before ({done['at']}): {done['body']['model']['path']}")
             return done["body"]
@@ -267,9 +250,7 @@ class _Job:
         self.say("local_unlearned", f"{self.req.method} ({self.req.target})")
         refs = None
         if self.req.needs_references:
-            from privseg.audit.reference import load_references
-
-            refs = load_references(self.run_dir)
+            refs = refmod.load_references(self.run_dir)
         res = unlearn(self.checkpoint, self.cohort, list(self.req.subjects), **self.req.unlearn_args(),
                       out_dir=out_dir, evaluate=False, references=refs, mia_views=self.mia_views,
                       fix_decoder=fix_decoder, check_every=check_every, device=self.device, items=self.items,
@@ -290,16 +271,13 @@ class _Job:
     def verify_stage(self, local: dict, retrain_checkpoint, retrain_seconds) -> tuple[dict, dict]:
         """(verification, the unlearning report with its evaluation): the ``verified`` entry of
         this model when there is one (judged again if the thresholds changed), else evaluated now."""
-        from privseg.erasure.verification import _judge, _judged
-        from privseg.unlearn.engine import evaluate_unlearned
-
         model_path = self.run_dir / local["model"]["path"]
         report_path = model_path.with_name("report.json")
         report = read_json(report_path, "unlearning report") if report_path.is_file() else {}
         entries = self.entries()
-        ver = _latest(entries, "verified")
+        ver = latest(entries, "verified")
         if ver is not None and ver["body"].get("model_sha256") == local["model"]["sha256"] and "unlearned" in report:
-            return _judged(self.rid, self.ledger, self.req, ver["body"]), report
+            return rejudged(self.rid, self.ledger, self.req, ver["body"]), report
         self.ledger.append(self.rid, "started", {"stage": "verified", "model": local["model"]})
         self.say("verified", "evaluating the models before and after, membership test and Dice")
         t0 = time.perf_counter()
@@ -312,7 +290,7 @@ class _Job:
         calibrated = self._calibrated(model_path, report)
         base_name = "retrain" if "retrain" in scores else "before"
         base = scores.get("retrain", scores["original"])
-        checks, failed = _judge(self.req.thresholds, scores["unlearned"], base, base_name, scores["original"],
+        checks, failed = judge(self.req.thresholds, scores["unlearned"], base, base_name, scores["original"],
                                 calibrated)
         body = {"members": {CENTRAL_SITE: list(self.req.subjects)}, "mia_views": self.mia_views,
                 "before": scores["original"], "after": scores["unlearned"],
@@ -328,11 +306,6 @@ class _Job:
     def _calibrated(self, model_path: Path, report: dict) -> dict:
         """The per-patient test of the models before and after against the run's reference models
         (the "before" one recorded with the request when it was run then)."""
-        from privseg.audit import lira
-        from privseg.audit import reference as refmod
-        from privseg.audit.mia import load_items
-        from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
         try:
             refs = refmod.load_references(self.run_dir)
         except ConfigError as exc:
@@ -342,18 +315,18 @@ class _Job:
         tc = payload["config"]
         ids = [*req.subjects, *rq["retain"], *rq["test"]]
         items = load_items([self.cohort.subject(i) for i in ids], self.cohort, tc.get("spacing"),
-                           _phases(self.on_progress, "membership test after"))
+                           phases_of(self.on_progress, "membership test after"))
         kw = {"views": self.mia_views, "seed": req.seed, "nonmembers": rq["test"], "statistic": req.statistic}
-        recorded = (_latest(self.entries(), "requested")["body"].get("membership_before") or {}).get("test")
+        recorded = (latest(self.entries(), "requested")["body"].get("membership_before") or {}).get("test")
         after = model_from_checkpoint(load_checkpoint(model_path), model_path).eval()
         try:
             tb = recorded or refmod.calibrated_test(refs, model_from_checkpoint(payload, self.checkpoint).eval(),
                                                     items, tc["patch_size"], tc["num_classes"],
                                                     members=[*req.subjects, *rq["retain"]], **kw,
-                                                    on_progress=_phases(self.on_progress, "membership test before"))
+                                                    on_progress=phases_of(self.on_progress, "membership test before"))
             ta = refmod.calibrated_test(refs, after, items, tc["patch_size"], tc["num_classes"],
                                         members=rq["retain"], **kw,
-                                        on_progress=_phases(self.on_progress, "membership test after"))
+                                        on_progress=phases_of(self.on_progress, "membership test after"))
         except ConfigError as exc:
             return {"available": False, "reason": str(exc)}
         return {"available": True, "n_references": len(refs.references), "references": refs.summary(),
@@ -365,7 +338,7 @@ class _Job:
         The plan (the copies and their fates, with hashes) is recorded before anything is deleted,
         so a rerun after a crash mid-way finishes the same plan."""
         entries = self.entries()
-        ver = _latest(entries, "verified")
+        ver = latest(entries, "verified")
         planned = next((e for e in reversed(entries) if e["seq"] > ver["seq"] and e["event"] == "started"
                         and e["body"].get("stage") == "completed"), None)
         if planned is not None:
@@ -386,8 +359,6 @@ class _Job:
         for d in sorted({(self.run_dir / a["path"]).parent for a in removed}, reverse=True):
             if d.is_dir() and d != self.run_dir and not any(d.iterdir()):
                 d.rmdir()
-        from privseg.audit.copies import remaining
-
         left = remaining(copies)
         done = self.ledger.append(self.rid, "completed", {
             "model": local["model"], "removed": removed, "copies": copies,
@@ -398,11 +369,8 @@ class _Job:
         return done["body"]
 
     def _plan(self, requested: dict, local: dict, entries: list[dict]) -> list[dict]:
-        from privseg.audit.copies import account, model_files
-        from privseg.audit.reference import REF_DIR, superseded
-
         final = local["model"]
-        deleted = list(superseded(self.run_dir, self.req.subjects))
+        deleted = list(refmod.superseded(self.run_dir, self.req.subjects))
         notes = {}
         for e in entries:  # the models of earlier attempts at this request (other settings)
             m = e["body"].get("model") if e["event"] == "local_unlearned" else None
@@ -413,7 +381,7 @@ class _Job:
                   "reason": SOURCE_KEPT}
         final_path = self.run_dir / final["path"]
         return account(self.run_dir, requested["at"], deleted=deleted, superseded=[source], notes=notes,
-                       never_saw=model_files(self.run_dir / REF_DIR), written=[final_path])
+                       never_saw=model_files(self.run_dir / refmod.REF_DIR), written=[final_path])
 
 
 def _scores(block: dict) -> dict:

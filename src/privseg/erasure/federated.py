@@ -46,116 +46,76 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privseg.audit.ledger import ErasureLedger
-from privseg.erasure.patient import _local_dp_steps, _patient
+from privseg.audit.ledger import ErasureLedger, artefact, latest
+from privseg.audit.mia import OnProgress
+from privseg.audit.reference import load_references
+from privseg.erasure.patient import erase_patient
+from privseg.erasure.private import check_budget
 from privseg.erasure.request import (
-    DEFAULT_THRESHOLDS,
-    KINDS,
     LEDGER,
+    ErasureJob,
     ErasureRequest,
     ErasureResult,
     StageCallback,
-    _artefact,
-    _latest,
-    _NoErasuresYet,
-    _result,
-    _validate,
+    read_result,
+    validate,
     whole_patients,
 )
-from privseg.erasure.site import (
-    SITE_ERASERS,
-    FedEraserCalibration,
-    FedEraserSite,
-    FedRecoverSite,
-    RetrainSite,
-    SiteJob,
-    _site,
-    derived_run,
-    federaser_groups,
-    federated_retrain,
-    round_seconds,
-    site_eraser,
-)
-from privseg.erasure.verification import _judge
+from privseg.erasure.site import erase_site
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState, hold_run
 from privseg.utils import versions
 
-# The stages live in request, patient_erasure, site_erasure and verification; the names callers
-# import from here (and ``federated_retrain``, which tests patch here) stay importable from here.
-__all__ = ["DEFAULT_THRESHOLDS", "KINDS", "LEDGER", "SITE_ERASERS", "ErasureRequest", "ErasureResult",
-           "FedEraserCalibration", "FedEraserSite", "FedRecoverSite", "RetrainSite", "SiteJob", "StageCallback",
-           "_judge", "derived_run", "erase", "federaser_groups", "federated_retrain", "round_seconds", "site_eraser",
-           "whole_patients"]
-
 
 def erase(run_dir: str | Path, request: ErasureRequest, *, backend: str = "in-process",
           reference: str | Path | None = None, on_stage: StageCallback | None = None,
-          mia_views: int = 2) -> ErasureResult:
+          on_progress: OnProgress | None = None, mia_views: int = 2) -> ErasureResult:
     """Apply ``request`` to the federated run in ``run_dir`` (or finish it after a crash).
 
     ``reference``: a checkpoint of a federated retrain without the erased data, for the
-    distance-to-retrain part of the verification. Returns when the request is completed or its
-    verification failed (``status``); raises :class:`PrivsegError` for bad requests."""
-    run_dir = Path(run_dir)
-    cfg = FLConfig.load(run_dir)
-    request = whole_patients(cfg, request)
-    rid = request.request_id(cfg.name)
-    if not (run_dir / LEDGER).exists():  # a bad first request is refused before the ledger file exists
-        _validate(cfg, RunState.load(run_dir), request, _NoErasuresYet())
-    if request.kind == "patient" and request.needs_references:
-        from privseg.audit.reference import load_references
+    distance-to-retrain part of the verification. ``on_stage(stage, message)`` reports each stage;
+    ``on_progress(phase, done, total)`` the passes within the verification (loading the patients,
+    scoring each model). Returns when the request is completed or its verification failed
+    (``status``); raises :class:`PrivsegError` for bad requests, before anything is written (no
+    ledger file is created for a request refused on a run that has none).
 
-        load_references(run_dir)  # none: refused before anything is recorded, naming the command
-    if not (run_dir / LEDGER).exists() or not ErasureLedger(run_dir / LEDGER).entries(rid):
-        _check_dp_budget(run_dir, cfg, request)  # a new request: refused before any file or compute
-    ledger = ErasureLedger(run_dir / LEDGER)
+    The one place along a request that holds the run's lock (no training and no other erasure
+    meanwhile), and the one that reads the run's config and state: the stages get them from here
+    (:class:`~privseg.erasure.request.ErasureJob`)."""
+    run_dir = Path(run_dir)
+    path = run_dir / LEDGER
     say = on_stage or (lambda stage, msg: None)
-    if request.method_reason:
-        say("method", f"{request.method} ({request.method_reason})")
-    entries = ledger.entries(rid)
-    if _latest(entries, "completed"):
-        say("done", f"request {rid} was already completed; nothing applied again")
-        return _result(run_dir, ledger, rid, "already-completed")
-    with hold_run(run_dir, f"erasure request {rid}"):
-        state = RunState.load(run_dir)
-        if not _latest(entries, "requested"):
-            _validate(cfg, state, request, ledger)
-            src = state.last_checkpoint
-            ledger.append(rid, "requested", {
-                "run": cfg.name, **request.to_dict(),
-                "source": {"round": state.rounds_done, **_artefact(run_dir, src)},
-                "rounds_of_site": state.rounds_of_site(request.site), "versions": versions()})
+    with hold_run(run_dir, f"erasure request ({request.kind} at site {request.site})"):
+        cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
+        request = whole_patients(cfg, request)
+        rid = request.request_id(cfg.name)
+        ledger = ErasureLedger(path, create=False) if path.exists() else None
+        entries = ledger.entries(rid) if ledger is not None else []
+        if not latest(entries, "requested"):
+            validate(cfg, state, request, ledger)
+        if request.kind == "patient" and request.needs_references:
+            load_references(run_dir)  # none: refused before anything is recorded, naming the command
+        if not entries:
+            check_budget(run_dir, cfg, state, request)  # a new request: refused before any file or compute
+        if request.method_reason:
+            say("method", f"{request.method} ({request.method_reason})")
+        if latest(entries, "completed"):
+            say("done", f"request {rid} was already completed; nothing applied again")
+            return read_result(run_dir, ledger, rid, "already-completed")
+        if not latest(entries, "requested"):
+            body = {"run": cfg.name, **request.to_dict(),
+                    "source": {"round": state.rounds_done, **artefact(run_dir, state.last_checkpoint)},
+                    "rounds_of_site": state.rounds_of_site(request.site), "versions": versions()}
+            ledger = ledger or ErasureLedger(path)  # the first request of the run creates its ledger
+            ledger.append(rid, "requested", body)
             say("requested", f"request {rid} recorded")
+        job = ErasureJob(run_dir, cfg, state, request, rid, ledger, say, backend,
+                         Path(reference) if reference is not None else None, mia_views, on_progress)
         try:
-            if request.kind == "patient":
-                _patient(run_dir, request, rid, ledger, backend, reference, say, mia_views)
-            else:
-                _site(run_dir, request, rid, ledger, backend, reference, say, mia_views)
+            (erase_patient if request.kind == "patient" else erase_site)(job)
         except BaseException as exc:
             if not isinstance(exc, KeyboardInterrupt):
                 ledger.append(rid, "failed", {"error": f"{type(exc).__name__}: {exc}"[:2000]})
             raise
-    entries = ledger.entries(rid)
-    status = "completed" if _latest(entries, "completed") else "verification-failed"
-    return _result(run_dir, ledger, rid, status)
-
-
-def _dp_steps(cfg: FLConfig, state: RunState, req: ErasureRequest) -> dict[str, int]:
-    """The DP steps each site would take for ``req`` (what the budgets must pay for)."""
-    if req.kind == "patient":
-        steps = {s.id: req.repair_rounds * cfg.local_steps for s in cfg.sites}
-        steps[req.site] += _local_dp_steps(cfg, req)
-        return steps
-    steps = SITE_ERASERS[req.method].dp_steps(cfg, state, req)
-    return {s.id: steps for s in cfg.sites if s.id != req.site} if steps else {}
-
-
-def _check_dp_budget(run_dir: Path, cfg: FLConfig, req: ErasureRequest) -> None:
-    from privseg.erasure.private import dp_of, require_budget
-
-    if dp_of(cfg) is None:
-        return
-    state = RunState.load(run_dir)
-    if state.rounds_done >= 1:
-        require_budget(run_dir, cfg, _dp_steps(cfg, state, req), f"erasure of {req.kind} at site {req.site}", req)
+    status = "completed" if latest(ledger.entries(rid), "completed") else "verification-failed"
+    return read_result(run_dir, ledger, rid, status)

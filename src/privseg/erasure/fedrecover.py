@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from privseg.federated.runstate import RunState
+from privseg.federated.strategies import arrays_to_state, state_to_arrays
+from privseg.train.checkpoint import load_checkpoint, load_weights_only, training_weights
 
 # pairs with s.y below this x |s||y| carry no usable (positive) curvature; L-BFGS skips them
 CURVATURE_EPS = 1e-8
@@ -88,10 +90,10 @@ class FedRecoverHook:
     sites take AdamW steps, for which that holds only loosely; the abnormality check is what keeps
     a bad estimate out (falling back to the stored update once ``max_extra`` is spent)."""
 
-    def __init__(self, run_dir: Path, rounds: Sequence[int], exact: Sequence[bool], sites: Sequence[str],
-                 params: dict):
+    def __init__(self, run_dir: Path, state: RunState, rounds: Sequence[int], exact: Sequence[bool],
+                 sites: Sequence[str], params: dict):
         self.run_dir = Path(run_dir)
-        self.state = RunState.load(run_dir)
+        self.state = state
         self.entries = {int(e["round"]): e for e in self.state.rounds}
         self.rounds, self.planned, self.sites = list(rounds), list(exact), set(sites)
         self.p = params
@@ -112,8 +114,6 @@ class FedRecoverHook:
 
     # -- the stored history ---------------------------------------------------------------------
     def _load(self, path: Path) -> dict:
-        from privseg.train.checkpoint import load_checkpoint, load_weights_only, training_weights
-
         if path.name.startswith("global_r"):
             return training_weights(load_checkpoint(path))  # the iterate the sites trained from, not a served EMA
         return load_weights_only(path, "stored update")
@@ -149,8 +149,6 @@ class FedRecoverHook:
 
     def on_updates(self, server_round: int, replies: list, global_arrays) -> list:
         """Exact round: an L-BFGS pair per site that also trained in the original round."""
-        from privseg.federated.strategies import arrays_to_state
-
         t = self.rounds[self.pos]
         base = self._global(t - 1)
         w = _flat(arrays_to_state(global_arrays), self.keys)
@@ -170,8 +168,6 @@ class FedRecoverHook:
 
     def on_model(self, server_round: int, arrays):
         """After an exact round: the estimated rounds up to the next exact one."""
-        from privseg.federated.strategies import arrays_to_state, state_to_arrays
-
         c0 = time.process_time()
         self.counts["exact"] += 1
         self.pos += 1

@@ -7,63 +7,57 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from privseg.audit.ledger import ErasureLedger
+from privseg.audit.ledger import artefact, latest, latest_after
+from privseg.audit.reference import load_references
 from privseg.erasure.personalised import cover_personalised
-from privseg.erasure.request import ErasureRequest, StageCallback, _after, _artefact, _latest
-from privseg.erasure.site import round_seconds
-from privseg.erasure.verification import _complete, _superseded, _verified, _verify_patient
+from privseg.erasure.private import dp_local_finetune, dp_of, local_dp_steps
+from privseg.erasure.request import ErasureJob
+from privseg.erasure.verification import complete, superseded, verified, verify_patient
 from privseg.errors import CheckpointError
-from privseg.federated.config import FLConfig
-from privseg.federated.runstate import RunState
+from privseg.federated.retrain import round_seconds
+from privseg.federated.simulation import run_rounds
 from privseg.federated.sites import read_site_cohort, site_subjects
+from privseg.unlearn.engine import unlearn
 
 
-def _local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
-    return cfg.local_steps * max(1, int(req.epochs or 1))
-
-
-def _patient(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, backend: str, reference,
-             say: StageCallback, mia_views: int) -> None:
-    entries = ledger.entries(rid)
-    requested = _latest(entries, "requested")["body"]
+def erase_patient(job: ErasureJob) -> None:
+    """The stages of a patient request after ``requested`` (each skipped when the ledger shows it done)."""
+    run_dir, req = job.run_dir, job.req
+    entries = job.entries()
+    requested = latest(entries, "requested")["body"]
     n0 = int(requested["source"]["round"])
     # 2. local unlearning at the site
-    local = _latest(entries, "local_unlearned")
+    local = latest(entries, "local_unlearned")
     if local is None:
-        local = _local_unlearn(run_dir, req, rid, ledger, requested, say, mia_views)
+        local = _local_unlearn(job, requested)
     # 3. repair rounds with every site
-    repaired = _repair(run_dir, req, rid, ledger, n0, local, backend, say)
+    repaired = _repair(job, n0, local)
 
     # 4. verification
     def evidence() -> dict:
-        body = _verify_patient(run_dir, req, requested, repaired["body"], reference, mia_views)
+        body = verify_patient(job, requested, repaired["body"])
         intermediate = [run_dir / local["body"]["model"]["path"]] if req.repair_rounds > 0 else []
-        body["superseded"] = _superseded(run_dir, upto_round=n0, extra=intermediate)
+        body["superseded"] = superseded(run_dir, job.state, upto_round=n0, extra=intermediate)
         body["seconds_erasure"] = float(local["body"]["seconds"]) + float(repaired["body"]["seconds"])
         body["cpu_s_erasure"] = float(local["body"].get("cpu_s", 0)) + float(repaired["body"].get("cpu_s", 0))
         return body
 
-    ver = _verified(rid, ledger, req, "repaired", evidence, say, "membership test and Dice")
+    ver = verified(job, "repaired", evidence, "membership test and Dice")
     if ver is None:
         return
     # 5. the site's personalised models, when the run has them (privseg.erasure.personalised)
-    personal = cover_personalised(run_dir, req, rid, ledger, say)
+    personal = cover_personalised(job)
     # 6. complete: delete what still carries the patient
-    _complete(run_dir, rid, ledger, ver, repaired["body"]["model"], req.site, say, personal)
+    complete(job, ver, repaired["body"]["model"], personal)
 
 
-def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, requested: dict,
-                   say: StageCallback, mia_views: int = 2) -> dict:
+def _local_unlearn(job: ErasureJob, requested: dict) -> dict:
     """Unlearn at the site with its own data, exclude the patient there; the ``local_unlearned`` entry.
     Target ``calibrated``: stop once the run's reference models no longer tell the patient from
     the site's never-seen ones (scored as the verification scores them: ``mia_views``)."""
-    from privseg.erasure.private import dp_local_finetune, dp_of
-    from privseg.unlearn.engine import unlearn
-
+    run_dir, req, rid, ledger, cfg, say = job.run_dir, job.req, job.rid, job.ledger, job.cfg, job.say
     work = run_dir / "erasure" / rid
-    cfg = FLConfig.load(run_dir)
     spec = cfg.site(req.site)
     # a crash after the exclusion was saved but before the ledger entry: the patient is still this request's
     spec = replace(spec, exclude=tuple(x for x in spec.exclude if x not in req.subjects))
@@ -72,7 +66,7 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
     ledger.append(rid, "started", {"stage": "local_unlearned", "site": req.site})
     c0, t0 = time.process_time(), time.perf_counter()
     if dp_of(cfg) is not None:  # a DP run: the local stage is DP too, and paid from the site's budget
-        steps = _local_dp_steps(cfg, req)
+        steps = local_dp_steps(cfg, req)
         say("local_unlearned", f"site {req.site}: {steps} DP fine-tuning step(s) on its other patients")
         ckpt, info = dp_local_finetune(run_dir, cfg, req.site, req.subjects, run_dir / requested["source"]["path"],
                                        work / "local", steps, scope=f"erasure/{rid}/local")
@@ -81,13 +75,9 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
                 "stopped_early": False, "checks": []}
     else:
         say("local_unlearned", f"site {req.site}: {req.method} ({req.target}) on its own data")
-        refs = None
-        if req.needs_references:
-            from privseg.audit.reference import load_references
-
-            refs = load_references(run_dir)
+        refs = load_references(run_dir) if req.needs_references else None
         res = unlearn(run_dir / requested["source"]["path"], site_cohort, list(req.subjects), **req.unlearn_args(),
-                      out_dir=work / "local", evaluate=False, references=refs, mia_views=mia_views)
+                      out_dir=work / "local", evaluate=False, references=refs, mia_views=job.mia_views)
         r = res.report
         ckpt = res.checkpoint
         body = {"site": req.site, "strategy": req.method, "params": r["params"], "target": r["target"],
@@ -98,18 +88,17 @@ def _local_unlearn(run_dir: Path, req: ErasureRequest, rid: str, ledger: Erasure
     cfg.save(run_dir)  # from now on the site never uses the patient again
     return ledger.append(rid, "local_unlearned", {
         **body, "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-        "model": _artefact(run_dir, ckpt), "excluded_at_site": list(req.subjects)})
+        "model": artefact(run_dir, ckpt), "excluded_at_site": list(req.subjects)})
 
 
-def _repair(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, n0: int, local: dict,
-            backend: str, say: StageCallback) -> dict:
-    """Run the repair rounds not yet recorded (from the unlearned model); the latest ``repaired`` entry."""
-    from privseg.federated.simulation import run_rounds
-
+def _repair(job: ErasureJob, n0: int, local: dict) -> dict:
+    """Run the repair rounds not yet recorded (from the unlearned model); the latest ``repaired`` entry.
+    The rounds append to the run: ``job.state`` becomes the state they leave."""
+    run_dir, req, rid, ledger = job.run_dir, job.req, job.rid, job.ledger
     until = n0 + req.repair_rounds
-    repaired = _after(ledger.entries(rid), "repaired", "requested")
+    repaired = latest_after(job.entries(), "repaired", "requested")
     if repaired is None or int(repaired["body"]["until_round"]) < until:
-        state = RunState.load(run_dir)
+        state = job.state
         tagged = [e for e in state.rounds if int(e["round"]) > n0 and e.get("erasure") != rid]
         if tagged:
             raise CheckpointError(f"run {run_dir.name} trained round {tagged[0]['round']} after the request "
@@ -120,8 +109,8 @@ def _repair(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger,
         ledger.append(rid, "started", {"stage": "repaired", "until_round": until})
         t0 = time.perf_counter()
         if until > state.rounds_done:
-            say("repaired", f"{until - state.rounds_done} repair round(s) with every site")
-            state = run_rounds(run_dir, backend, rounds=until)
+            job.say("repaired", f"{until - state.rounds_done} repair round(s) with every site")
+            state = job.state = run_rounds(run_dir, job.backend, rounds=until)
         if state.rounds_done < until:
             raise CheckpointError(f"repair rounds stopped at round {state.rounds_done} ({state.status}); "
                                   f"{state.data.get('stop_reason', '')}")
@@ -136,5 +125,5 @@ def _repair(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger,
         ledger.append(rid, "repaired", {"rounds": list(range(n0 + 1, until + 1)), "until_round": until,
                                         "seconds": repair_s, "cpu_s": repair_cpu, "wall_s": time.perf_counter() - t0,
                                         "failed_sites": failed_sites,
-                                        "model": _artefact(run_dir, ckpt)})
-    return _after(ledger.entries(rid), "repaired", "requested")
+                                        "model": artefact(run_dir, ckpt)})
+    return latest_after(job.entries(), "repaired", "requested")

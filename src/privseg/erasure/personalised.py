@@ -36,12 +36,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privseg.audit.ledger import ErasureLedger, file_sha256
-from privseg.erasure.request import ErasureRequest, StageCallback, _after
+from privseg.audit.ledger import file_sha256, latest_after
+from privseg.erasure.request import ErasureJob, ErasureRequest
 from privseg.errors import PrivsegError
 from privseg.federated.config import FLConfig
-from privseg.federated.personalise import GLOBAL, METHODS, RESULT_FILE, choose, mean_dice, read_personalisation
+from privseg.federated.personalise import (
+    GLOBAL,
+    METHODS,
+    RESULT_FILE,
+    choose,
+    global_state,
+    mean_dice,
+    personalise_site,
+    read_personalisation,
+)
+from privseg.federated.private import personal_dp
 from privseg.federated.runstate import RunState
+from privseg.federated.sites import site_items
+from privseg.train.checkpoint import load_checkpoint
+from privseg.utils import write_json
 
 # Methods whose model starts from the data-free initial model and trains on the site's own patients
 # only (personalise.local_only): at a site other than the erasing one it never held the erased data.
@@ -74,10 +87,6 @@ def _redo_site(run_dir: Path, cfg: FLConfig, state: RunState, site: str, res: di
                rid: str) -> dict:
     """Personalise ``site`` again from the erased global model (the methods that held the data),
     score the kept ones again, and choose as the guard does."""
-    from privseg.federated.personalise import personalise_site
-    from privseg.federated.sites import site_items
-    from privseg.train.checkpoint import load_checkpoint
-
     old = res["sites"][site]
     kept = _kept(res, req, site)
     redo = [m for m in res["methods"] if m not in kept]
@@ -103,20 +112,15 @@ def _redo_site(run_dir: Path, cfg: FLConfig, state: RunState, site: str, res: di
 
 def _dp_kwargs(run_dir: Path, cfg: FLConfig, rid: str) -> dict:
     """Under patient-level DP: the redone steps are DP steps in the erasure's scope (empty otherwise)."""
-    from privseg.federated.private import personal_dp
-
     dp = personal_dp(run_dir, cfg, scope=f"erasure/{rid}/personalise", spend_reserve=True)
     return {"private": dp} if dp is not None else {}
 
 
 def _fallback(run_dir: Path, cfg: FLConfig, state: RunState, site: str, why: str) -> dict:
     """The site serves the erased global model (its stale personalised models are deleted)."""
-    from privseg.federated.personalise import _global_state
-    from privseg.federated.sites import site_items
-
     tc, spec = cfg.train, cfg.site(site)
     model = tc.build_model()
-    model.load_state_dict(_global_state(cfg, state, run_dir / "sites" / site))
+    model.load_state_dict(global_state(cfg, state, run_dir / "sites" / site))
     dice = {}
     for split in ("val", "test"):
         try:
@@ -129,25 +133,23 @@ def _fallback(run_dir: Path, cfg: FLConfig, state: RunState, site: str, why: str
                         "serves the erased global model"}
 
 
-def cover_personalised(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger,
-                       say: StageCallback) -> dict | None:
+def cover_personalised(job: ErasureJob) -> dict | None:
     """The ``personalised`` stage (module docstring); its ledger body, or None when the run has no
     personalisation (the erasure then covers the global model alone)."""
-    from privseg.utils import write_json
-
+    run_dir, req, rid, ledger, say = job.run_dir, job.req, job.rid, job.ledger, job.say
     res = read_personalisation(run_dir)
-    entries = ledger.entries(rid)
-    done = _after(entries, "personalised", "verified")
+    entries = job.entries()
+    done = latest_after(entries, "personalised", "verified")
     if done is not None:
         return done["body"]
     if res is None:
         return None
-    began = _after(entries, "started", "verified")
+    began = latest_after(entries, "started", "verified")
     if began is None or began["body"].get("stage") != "personalised":
         # the stale files' hashes before anything is overwritten (a resumed stage reads them from here)
         began = ledger.append(rid, "started", {"stage": "personalised", "stale": _stale(res, req, run_dir)})
     stale = began["body"]["stale"]
-    cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
+    cfg, state = job.cfg, job.state
     sites, covered, copies = {}, [], []
     for site in res["sites"]:
         files = [s for s in stale if s["site"] == site]

@@ -8,8 +8,9 @@ certificate print is the ε of everything the server saw, the served model inclu
 unlearning is DP fine-tuning on the site's retained patients (the erased patient excluded): a
 non-private unlearning pass would release a model outside the ledger.
 
-:func:`erasure_cost` prices the planned work per site before anything runs; :func:`require_budget`
-refuses an erasure the budgets cannot pay for, with the figures and the options.
+:func:`erasure_cost` prices the planned work per site before anything runs (:func:`dp_steps`: the
+steps a request takes); :func:`require_budget` refuses an erasure the budgets cannot pay for, with
+the figures and the options.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from privseg.erasure.request import SITE_ERASERS, ErasureRequest
 from privseg.errors import BudgetExceededError
 from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.federated.sites import site_items, site_seed
 from privseg.privacy import DPConfig, NoiseSource, make_private, patient_groups, site_plan
 from privseg.privacy.accountant import StepEvent, epsilon
 from privseg.privacy.budget import BudgetLedger, ledger_path
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint
+from privseg.train.loop import make_optimizer
+from privseg.utils import pick_device
 
 
 def dp_of(cfg: FLConfig) -> DPConfig | None:
@@ -54,57 +61,65 @@ def erasure_cost(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int]) ->
     return rows
 
 
-def price(run_dir: Path, req) -> list[dict]:
-    """:func:`erasure_cost` of the request ``req`` (an :class:`~privseg.erasure.request.ErasureRequest`):
-    the DP steps each site would take for it (as the erasure takes them) and what they cost; empty
-    when the run is not patient-level DP or has not trained (nothing is spent)."""
-    from privseg.erasure.federated import _dp_steps
-    from privseg.federated.runstate import RunState
+def local_dp_steps(cfg: FLConfig, req: ErasureRequest) -> int:
+    """The DP fine-tuning steps of a patient erasure's local stage (``epochs`` x the local steps)."""
+    return cfg.local_steps * max(1, int(req.epochs or 1))
 
-    cfg = FLConfig.load(run_dir)
+
+def dp_steps(cfg: FLConfig, state: RunState, req: ErasureRequest) -> dict[str, int]:
+    """The DP steps each site would take for ``req`` (what the budgets must pay for)."""
+    if req.kind == "patient":
+        steps = {s.id: req.repair_rounds * cfg.local_steps for s in cfg.sites}
+        steps[req.site] += local_dp_steps(cfg, req)
+        return steps
+    steps = SITE_ERASERS[req.method].dp_steps(cfg, state, req)
+    return {s.id: steps for s in cfg.sites if s.id != req.site} if steps else {}
+
+
+def price(run_dir: Path, req: ErasureRequest, cfg: FLConfig | None = None,
+          state: RunState | None = None) -> list[dict]:
+    """:func:`erasure_cost` of the request ``req``: the DP steps each site would take for it (as the
+    erasure takes them) and what they cost; empty when the run is not patient-level DP or has not
+    trained (nothing is spent). ``cfg``, ``state``: the run's, when the caller has them loaded."""
+    cfg = cfg or FLConfig.load(run_dir)
     if dp_of(cfg) is None:
         return []
-    state = RunState.load(run_dir)
-    return erasure_cost(run_dir, cfg, _dp_steps(cfg, state, req)) if state.rounds_done >= 1 else []
+    state = state or RunState.load(run_dir)
+    return erasure_cost(run_dir, cfg, dp_steps(cfg, state, req)) if state.rounds_done >= 1 else []
 
 
-def _variants(run_dir: Path, req) -> list[dict]:
+def _variants(cfg: FLConfig, state: RunState, req: ErasureRequest) -> list[dict]:
     """Cheaper settings of ``req`` that its erasure runs with as given (a DP patient erasure: fewer
-    repair rounds, one epoch of local steps; a site: another method the run can use)."""
+    repair rounds, one epoch of local steps; a site: another method the run can use, as the
+    method's ``usable`` says)."""
     if req.kind == "patient":
         out = [{"repair_rounds": k} for k in range(req.repair_rounds - 1, -1, -1)]
         if (req.epochs or 1) > 1:
             out += [{"epochs": 1}] + [{"epochs": 1, "repair_rounds": k} for k in range(req.repair_rounds - 1, -1, -1)]
         return out
-    from privseg.erasure.site import SITE_ERASERS, FedRecoverSite
-    from privseg.federated.runstate import RunState
-
-    cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
-    first = min(state.rounds_of_site(req.site), default=state.rounds_done + 1)
-    since = [e for e in state.rounds if int(e["round"]) >= first]
-    usable = {"retrain": True,  # the methods' own refusals (site_erasure), checked before suggesting them
-              "federaser": all(e.get("updates") and state.checkpoint_path(int(e["round"]) - 1).is_file()
-                               for e in since),
-              "fedrecover": cfg.strategy in FedRecoverSite.AVERAGING}
-    return [{"method": m} for m in sorted(SITE_ERASERS) if m != req.method and usable.get(m)]
+    return [{"method": m} for m in sorted(SITE_ERASERS) if m != req.method
+            and getattr(SITE_ERASERS[m], "usable", lambda *_: False)(cfg, state, req.site)]
 
 
-def budget_options(run_dir: Path, req, rows: list[dict] | None = None) -> list[dict]:
+def budget_options(run_dir: Path, req: ErasureRequest, rows: list[dict] | None = None, cfg: FLConfig | None = None,
+                   state: RunState | None = None) -> list[dict]:
     """What lets an unaffordable request go through, each tried against the budgets: the cheaper
     settings of :func:`_variants` that every site can pay for (the first of each kind: the most
     repair rounds that fit), then raising each short site's budget to what the request needs.
     Each option: ``{"text", "settings"}`` (request settings to change) or ``{"text", "budget":
     {site: epsilon}}`` (``privseg privacy budget``, a decision recorded in the site's ledger)."""
-    rows = price(run_dir, req) if rows is None else rows
+    cfg = cfg or FLConfig.load(run_dir)
+    state = state or RunState.load(run_dir)
+    rows = price(run_dir, req, cfg, state) if rows is None else rows
     short = [r for r in rows if not r["fits"]]
     if not short:
         return []
     out, seen = [], set()
-    for change in _variants(run_dir, req):
+    for change in _variants(cfg, state, req):
         kind = tuple(sorted(change))
         if kind in seen:
             continue
-        cost = price(run_dir, replace(req, **change))
+        cost = price(run_dir, replace(req, **change), cfg, state)
         if cost and all(r["fits"] for r in cost):
             seen.add(kind)
             flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in change.items())
@@ -117,7 +132,8 @@ def budget_options(run_dir: Path, req, rows: list[dict] | None = None) -> list[d
     return out
 
 
-def require_budget(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int], what: str, req=None) -> list[dict]:
+def require_budget(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int], what: str,
+                   req: ErasureRequest | None = None, state: RunState | None = None) -> list[dict]:
     """Raise :class:`BudgetExceededError` -- before any compute -- when a site cannot pay; the
     message lists the options of :func:`budget_options` for ``req`` (each one that exists and fits)."""
     rows = erasure_cost(run_dir, cfg, steps_by_site)
@@ -126,22 +142,25 @@ def require_budget(run_dir: Path, cfg: FLConfig, steps_by_site: dict[str, int], 
         lines = "; ".join(f"site {r['site']} needs epsilon {r['epsilon_after']:.3g} for {r['steps']} DP step(s) "
                           f"(spent {r['epsilon_spent']:.3g} of its budget {r['epsilon_budget']:g}, "
                           f"{max(0.0, r['epsilon_budget'] - r['epsilon_spent']):.3g} left)" for r in short)
-        options = [o["text"] for o in budget_options(run_dir, req, rows)] if req is not None else []
+        options = [o["text"] for o in budget_options(run_dir, req, rows, cfg, state)] if req is not None else []
         raise BudgetExceededError(f"{what} refused before any training: {lines}. Options: " + (
             "; or ".join(options) if options else "raise that site's budget (privseg privacy budget RUN --site SITE "
                                                   "--epsilon E, a decision recorded in its ledger)"))
     return rows
 
 
+def check_budget(run_dir: Path, cfg: FLConfig, state: RunState, req: ErasureRequest) -> None:
+    """A new request on a patient-level DP run: refused before any file or compute when a site's
+    budget cannot pay for the DP steps it would take (:func:`require_budget`)."""
+    if dp_of(cfg) is not None and state.rounds_done >= 1:
+        require_budget(run_dir, cfg, dp_steps(cfg, state, req), f"erasure of {req.kind} at site {req.site}", req,
+                       state)
+
+
 def dp_local_finetune(run_dir: Path, cfg: FLConfig, site: str, exclude: tuple[str, ...], source: Path,
                       out_dir: Path, steps: int, scope: str) -> tuple[Path, dict]:
     """``steps`` DP-SGD steps on the site's retained patients from ``source``, booked in the site's
     ledger under ``scope``; returns (checkpoint, info)."""
-    from privseg.federated.sites import site_items, site_seed
-    from privseg.train.checkpoint import load_checkpoint, save_checkpoint
-    from privseg.train.loop import make_optimizer
-    from privseg.utils import pick_device
-
     dp = dp_of(cfg)
     spec = replace(cfg.site(site), exclude=tuple(dict.fromkeys((*cfg.site(site).exclude, *exclude))))
     tc = cfg.train

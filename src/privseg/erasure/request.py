@@ -1,6 +1,8 @@
-"""An erasure request and its ledger: what to erase (:class:`ErasureRequest`), its ID, the checks
-that refuse a bad request before anything runs, and reading the request's stages back from the
-run's erasure ledger (:mod:`privseg.audit.ledger`)."""
+"""An erasure request and what carries it out: what to erase, why and how
+(:class:`ErasureRequest`), its ID, the site erasure methods it may name (:data:`SITE_ERASERS`),
+the checks that refuse a bad request before anything runs (:func:`validate`), the request in
+progress (:class:`ErasureJob`: the run's config and state, loaded once) and its result read back
+from the run's erasure ledger (:mod:`privseg.audit.ledger`)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from privseg.audit.ledger import ErasureLedger, canonical, file_sha256
+from privseg.audit.ledger import ErasureLedger, canonical, latest
 from privseg.audit.lira import STATISTICS
-from privseg.audit.reference import STOP_P
+from privseg.audit.mia import OnProgress
+from privseg.audit.reference import STOP_P, load_references
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import read_site_cohort, site_subjects
-from privseg.utils import check_id, parse_ids, setting
+from privseg.unlearn.engine import TARGETS
+from privseg.unlearn.strategies import get_strategy
+from privseg.utils import check_id, parse_ids, registrar, setting
 
 KINDS = ("patient", "site")
 LEDGER = "erasure/ledger.db"
@@ -47,8 +52,6 @@ def default_method(run_dir: str | Path, kind: str) -> tuple[str, str]:
     ``reference_teacher`` when the run keeps reference models, else :data:`WITHOUT_REFERENCES`."""
     if kind == "site":
         return "federaser", "a site erasure defaults to federaser"
-    from privseg.audit.reference import load_references
-
     try:
         refs = load_references(run_dir, required=False)
     except ConfigError as exc:  # a foreign or broken set is never used
@@ -60,6 +63,40 @@ def default_method(run_dir: str | Path, kind: str) -> tuple[str, str]:
                                      "meets the Dice and membership targets best with them (docs/membership.md)")
     return WITHOUT_REFERENCES, (f"the run has no usable reference models{why}; {WITHOUT_REFERENCES} is the best "
                                 "method measured without them (docs/membership.md)")
+
+
+# -- site erasure methods: one registry ---------------------------------------------------------
+#
+# A method is a class with ``dp_steps(cfg, state, req)`` (DP steps each remaining site takes, for
+# the budget check before anything runs) and ``run(job)`` (a :class:`privseg.erasure.site.SiteJob`)
+# -> (model path, seconds, CPU seconds, info for the ledger), registered with :func:`site_eraser`.
+# One with settings of its own gives them as a ``defaults`` dict (``--param`` overrides them; other
+# names are refused) and may check their values in ``check(params)`` -- the request does both
+# before anything is recorded. ``usable(cfg, state, site)``, when the method has it, says whether
+# it could run on this run (a cheaper option offered when a DP budget cannot pay). The methods
+# shipped are in :mod:`privseg.erasure.site`, registered when the package is imported.
+
+SITE_ERASERS: dict[str, object] = {}
+
+
+def site_eraser(name: str):
+    """File the decorated method class (one instance of it) in :data:`SITE_ERASERS` under ``name``;
+    a name already taken is refused."""
+    return registrar(SITE_ERASERS, name, kind="site erasure method", entry=lambda cls: cls())
+
+
+def site_params(method: str, params: dict | None) -> dict:
+    """``method``'s ``defaults`` overridden by ``params``; unknown names and bad values refused."""
+    eraser = SITE_ERASERS[method]
+    defaults = dict(getattr(eraser, "defaults", {}))
+    unknown = sorted(set(params or {}) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--param: site erasure method {method} has no parameter(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(defaults)) or 'none'})")
+    resolved = {**defaults, **(params or {})}
+    if hasattr(eraser, "check"):
+        eraser.check(resolved)
+    return resolved
 
 
 @dataclass
@@ -114,17 +151,12 @@ class ErasureRequest:
             raise ConfigError("a site erasure takes no --subject (it removes every patient of the site)")
         if self.method is None:
             self.method = WITHOUT_REFERENCES if self.kind == "patient" else "federaser"
-        # imported here: the registry's module builds on this one
-        from privseg.erasure.site import SITE_ERASERS, site_params
-
         if self.kind == "site" and self.method not in SITE_ERASERS:
             raise ConfigError(f"--method {self.method!r}: a site erasure uses one of {', '.join(sorted(SITE_ERASERS))}")
         if self.kind == "site":
             site_params(self.method, self.params)
         teacher = False
         if self.kind == "patient":
-            from privseg.unlearn.strategies import get_strategy
-
             strategy = get_strategy(self.method)
             strategy.resolve(self.params)
             teacher = strategy.needs_references
@@ -135,8 +167,6 @@ class ErasureRequest:
         if self.repair_rounds is None:
             self.repair_rounds = 0 if teacher else 1
         if self.kind == "patient":
-            from privseg.unlearn.engine import TARGETS
-
             if self.target not in TARGETS:
                 raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.statistic not in STATISTICS:
@@ -157,8 +187,6 @@ class ErasureRequest:
         """A patient erasure that reads the run's reference models (its target or its strategy)."""
         if self.kind != "patient":
             return False
-        from privseg.unlearn.strategies import get_strategy
-
         return self.target == "calibrated" or get_strategy(self.method).needs_references
 
     def unlearn_args(self) -> dict:
@@ -192,29 +220,46 @@ class ErasureResult:
         return next((e["body"] for e in reversed(self.entries) if e["event"] == "verified"), {})
 
 
-# -- helpers -----------------------------------------------------------------------------
-
-def _rel(run_dir: Path, path: Path) -> str:
-    return str(Path(path).resolve().relative_to(run_dir.resolve()))
-
-
-def _artefact(run_dir: Path, path: Path) -> dict:
-    return {"path": _rel(run_dir, path), "sha256": file_sha256(path)}
-
-
-def _latest(entries: list[dict], event: str) -> dict | None:
-    return next((e for e in reversed(entries) if e["event"] == event), None)
+def read_result(run_dir: Path, ledger: ErasureLedger, rid: str, status: str) -> ErasureResult:
+    """The request ``rid`` as its ledger entries leave it, with ``status``."""
+    entries = ledger.entries(rid)
+    done = latest(entries, "completed")
+    ver = latest(entries, "verified")
+    model = run_dir / done["body"]["model"]["path"] if done else None
+    return ErasureResult(rid, status, bool(ver and ver["body"].get("passed")), model, entries, ledger.path)
 
 
-def _after(entries: list[dict], event: str, than: str) -> dict | None:
-    """The latest ``event`` entry if it is newer than the latest ``than`` entry."""
-    e, t = _latest(entries, event), _latest(entries, than)
-    return e if e is not None and (t is None or e["seq"] > t["seq"]) else None
+@dataclass
+class ErasureJob:
+    """One request being carried out, what every stage reads: the run's config and state (loaded
+    once, under the run's lock; a stage that changes them changes these objects and saves them),
+    the request, its ID and ledger, and the callbacks. ``say(stage, message)`` reports each stage;
+    ``on_progress(phase, done, total)`` the long parts within one (the verification's passes)."""
+
+    run_dir: Path
+    cfg: FLConfig
+    state: RunState
+    req: ErasureRequest
+    rid: str
+    ledger: ErasureLedger
+    say: StageCallback
+    backend: str = "in-process"
+    reference: Path | None = None
+    mia_views: int = 2
+    on_progress: OnProgress | None = None
+
+    def entries(self) -> list[dict]:
+        return self.ledger.entries(self.rid)
 
 
 # -- validation ------------------------------------------------------------------------
 
-def _validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: ErasureLedger) -> None:
+def validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: ErasureLedger | None = None) -> None:
+    """Refuse, naming the problem, a request the run cannot take: no trained round; an unknown or
+    already erased site; a site erasure that would leave no site; a subject that is not a training
+    patient of the site, or already erased there (``ledger``: the run's erasure ledger, None when
+    it has none yet); every remaining training patient of the site (erase the site instead). The
+    console files a request only after these same checks."""
     if state.rounds_done < 1:
         raise ConfigError(f"run {cfg.name} has no trained rounds: nothing to erase from")
     if req.site not in cfg.site_ids:
@@ -227,7 +272,7 @@ def _validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: Erasu
         if len(cfg.sites) < 2:
             raise ConfigError(f"site {req.site} is the only site of run {cfg.name}: nothing would remain")
         return
-    already = ledger.erased_subjects(req.site)
+    already = ledger.erased_subjects(req.site) if ledger is not None else {}
     for s in req.subjects:
         if s in spec.exclude or s in already:
             by = f" by request {already[s]}" if s in already else ""
@@ -237,22 +282,17 @@ def _validate(cfg: FLConfig, state: RunState, req: ErasureRequest, ledger: Erasu
     for s in req.subjects:
         if s not in train:
             known = any(x.id == s for x in site_subjects(cohort, spec))
-            raise ConfigError(f"subject {s} {'is not a training subject' if known else 'is unknown'} at site "
-                              f"{req.site} (cohort {spec.cohort})")
+            raise ConfigError(f"subject {s} is not a training patient of site {req.site} ("
+                              f"{'held out: not a training subject' if known else 'it is unknown there'}; "
+                              f"cohort {spec.cohort})")
     if not train - set(req.subjects):
-        raise ConfigError(f"the request names every training subject of site {req.site}: erase the site instead")
-
-
-class _NoErasuresYet:
-    """Stands in for the ledger of a run that has none: nothing erased yet."""
-
-    def erased_subjects(self, site: str) -> dict:
-        return {}
+        raise ConfigError(f"the request names every training subject of site {req.site}, so every remaining "
+                          "training patient: erase the site instead")
 
 
 def whole_patients(cfg: FLConfig, req: ErasureRequest) -> ErasureRequest:
     """The unit is the patient: a request naming one scan (or a patient ID) erases every scan of
-    that patient at the site. Unknown names are left for :func:`_validate` to refuse."""
+    that patient at the site. Unknown names are left for :func:`validate` to refuse."""
     if req.kind != "patient" or req.site not in cfg.site_ids:
         return req
     spec = cfg.site(req.site)
@@ -265,12 +305,3 @@ def whole_patients(cfg: FLConfig, req: ErasureRequest) -> ErasureRequest:
     if not expanded:
         return req
     return replace(req, subjects=tuple(dict.fromkeys([*expanded, *named])))
-
-
-
-def _result(run_dir: Path, ledger: ErasureLedger, rid: str, status: str) -> ErasureResult:
-    entries = ledger.entries(rid)
-    done = _latest(entries, "completed")
-    ver = _latest(entries, "verified")
-    model = run_dir / done["body"]["model"]["path"] if done else None
-    return ErasureResult(rid, status, bool(ver and ver["body"].get("passed")), model, entries, ledger.path)

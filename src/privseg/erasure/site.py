@@ -1,8 +1,8 @@
-"""Erasure of a whole site: a registry of methods (:data:`SITE_ERASERS`, ``retrain``,
-``federaser`` and ``fedrecover``), the federated retrain they and the reference models build on, and the stages
-of a site request after ``requested``: ``site_removed``, ``verified``, ``completed`` (the site
-leaves the run's config and the new model is installed as the next round). The federated
-retrain they build on is :mod:`privseg.federated.retrain`."""
+"""Erasure of a whole site: the methods (``retrain``, ``federaser`` and ``fedrecover``, filed in
+:data:`privseg.erasure.request.SITE_ERASERS`) and the stages of a site request after
+``requested``: ``site_removed``, ``verified``, ``completed`` (the site leaves the run's config and
+the new model is installed as the next round). The federated retrain they build on is
+:mod:`privseg.federated.retrain`; FedRecover's estimation is :mod:`privseg.erasure.fedrecover`."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ from pathlib import Path
 
 import torch
 
-from privseg.audit.ledger import ErasureLedger
+from privseg.audit.ledger import artefact, latest
 from privseg.erasure.fedrecover import FedRecoverHook, fedrecover_schedule
 from privseg.erasure.personalised import cover_personalised
-from privseg.erasure.request import ErasureRequest, StageCallback, _artefact, _latest
-from privseg.erasure.verification import _complete, _site_cohorts, _split_ids, _superseded, _verified, _verify
+from privseg.erasure.request import SITE_ERASERS, ErasureJob, ErasureRequest, StageCallback, site_eraser, site_params
+from privseg.erasure.verification import complete, site_cohorts, split_ids, superseded, verified, verify
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
 from privseg.federated.retrain import derived_run, federated_retrain, round_seconds
 from privseg.federated.runstate import RunState
+from privseg.federated.simulation import run_rounds
+from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
 from privseg.privacy.budget import LEDGER_FILE, BudgetLedger
+from privseg.train.checkpoint import load_checkpoint, load_weights_only, save_checkpoint, training_weights
 
 
 class FedEraserCalibration:
@@ -39,15 +42,14 @@ class FedEraserCalibration:
     group's updates keeps the trajectory's length (measured here: with one round's norm, retain
     Dice fell to 0.4 x the retrain's at interval 4)."""
 
-    def __init__(self, run_dir: Path, groups: Sequence[Sequence[int]]):
+    def __init__(self, run_dir: Path, state: RunState, groups: Sequence[Sequence[int]]):
         self.run_dir = run_dir
-        self.state = RunState.load(run_dir)
+        self.state = state
         self.groups = [list(g) for g in groups]
         self.log: list[dict] = []
 
     def _movement(self, rounds: Sequence[int], site: str) -> dict[str, torch.Tensor] | None:
         """Sum over ``rounds`` of the site's stored update minus the global model it started from."""
-        from privseg.train.checkpoint import load_checkpoint, load_weights_only, training_weights
 
         total: dict[str, torch.Tensor] | None = None
         for t in rounds:
@@ -62,7 +64,6 @@ class FedEraserCalibration:
         return total
 
     def __call__(self, server_round: int, replies: list, global_arrays) -> list:
-        from privseg.federated.strategies import arrays_to_state, state_to_arrays
 
         if server_round > len(self.groups):
             return replies  # the repair rounds after the calibration: ordinary FedAvg
@@ -96,16 +97,13 @@ def federaser_groups(state: RunState, site: str, interval: int) -> list[list[int
     return [applied[i:i + interval] for i in range(0, len(applied), interval)]
 
 
-# -- site erasure methods: one registry ---------------------------------------------------------
-#
-# A method is an object with ``dp_steps(cfg, state, req)`` (DP steps each remaining site takes, for
-# the budget check before anything runs) and ``run(job)`` -> (model path, seconds, CPU seconds,
-# info for the ledger). A new method is one registered class; one with settings of its own gives
-# them as a ``defaults`` dict (``--param`` overrides them; other names are refused) and may check
-# their values in ``check(params)`` -- the request does both before anything is recorded.
+# -- the site erasure methods (the registry and what a method is: privseg.erasure.request) -------------
 
 @dataclass
 class SiteJob:
+    """What a site erasure method's ``run`` gets: the run (its config and state), the request, the
+    rounds the site trained in, the round the request applies to, a work folder of its own."""
+
     run_dir: Path
     req: ErasureRequest
     cfg: FLConfig
@@ -117,30 +115,6 @@ class SiteJob:
     say: StageCallback
 
 
-SITE_ERASERS: dict[str, object] = {}
-
-
-def site_eraser(name: str):
-    def add(cls):
-        SITE_ERASERS[name] = cls()
-        return cls
-    return add
-
-
-def site_params(method: str, params: dict | None) -> dict:
-    """``method``'s ``defaults`` overridden by ``params``; unknown names and bad values refused."""
-    eraser = SITE_ERASERS[method]
-    defaults = dict(getattr(eraser, "defaults", {}))
-    unknown = sorted(set(params or {}) - set(defaults))
-    if unknown:
-        raise ConfigError(f"--param: site erasure method {method} has no parameter(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(defaults)) or 'none'})")
-    resolved = {**defaults, **(params or {})}
-    if hasattr(eraser, "check"):
-        eraser.check(resolved)
-    return resolved
-
-
 @site_eraser("retrain")
 class RetrainSite:
     """Exact: a federated retrain without the site from the global model before it joined."""
@@ -148,6 +122,9 @@ class RetrainSite:
     def dp_steps(self, cfg: FLConfig, state: RunState, req: ErasureRequest) -> int:
         touched = state.rounds_of_site(req.site)
         return (state.rounds_done - min(touched) + 1) * cfg.local_steps if touched else 0
+
+    def usable(self, cfg: FLConfig, state: RunState, site: str) -> bool:
+        return True
 
     def run(self, job: SiteJob):
         joined = min(job.touched)
@@ -169,10 +146,13 @@ class FedEraserSite:
         groups = federaser_groups(state, req.site, req.calibration_interval)
         return (len(groups) + req.repair_rounds) * max(1, round(req.calibration_ratio * cfg.local_steps))
 
-    def run(self, job: SiteJob):
-        from privseg.federated.simulation import run_rounds
-        from privseg.federated.strategies import build_strategy
+    def usable(self, cfg: FLConfig, state: RunState, site: str) -> bool:
+        """The stored updates and global checkpoints of every round since the site joined are there."""
+        first = min(state.rounds_of_site(site), default=state.rounds_done + 1)
+        return all(e.get("updates") and state.checkpoint_path(int(e["round"]) - 1).is_file()
+                   for e in state.rounds if int(e["round"]) >= first)
 
+    def run(self, job: SiteJob):
         req, cfg, state = job.req, job.cfg, job.state
         groups = federaser_groups(state, req.site, req.calibration_interval)
         stored = {int(e["round"]): e.get("updates") for e in state.rounds}
@@ -183,14 +163,13 @@ class FedEraserSite:
                               "pruned its checkpoints, or an earlier erasure deleted them); use --method retrain")
         steps = max(1, round(req.calibration_ratio * cfg.local_steps))
         remaining = [s for s in cfg.sites if s.id != req.site]
-        derived_run(job.run_dir, job.work, sites=remaining, start=state.checkpoint_path(min(job.touched) - 1),
-                    rounds=len(groups) + req.repair_rounds, local_steps=steps, name_suffix=job.work.name)
+        sub_cfg = derived_run(job.run_dir, job.work, sites=remaining, start=state.checkpoint_path(min(job.touched) - 1),
+                              rounds=len(groups) + req.repair_rounds, local_steps=steps, name_suffix=job.work.name)
         job.say("site_removed", f"FedEraser: {len(groups)} calibration rounds x {steps} local steps, then "
                                 f"{req.repair_rounds} repair round(s), without {req.site}")
-        sub_cfg = FLConfig.load(job.work)
         strategy = build_strategy(cfg.strategy, min_sites=sub_cfg.min_sites, fraction=1.0,
                                   proximal_mu=cfg.proximal_mu, params=cfg.strategy_params, evaluate=False)
-        hook = FedEraserCalibration(job.run_dir, groups)
+        hook = FedEraserCalibration(job.run_dir, state, groups)
         strategy.update_hooks.append(hook)
         final = run_rounds(job.work, job.backend, strategy=strategy)
         seconds, cpu = round_seconds(final)
@@ -238,10 +217,10 @@ class FedRecoverSite:
         rounds, exact, p = self._plan(state, req)  # the budget pays for every extra exact round allowed
         return min(len(rounds), sum(exact) + p["max_extra"]) * cfg.local_steps
 
-    def run(self, job: SiteJob):
-        from privseg.federated.simulation import run_rounds
-        from privseg.federated.strategies import build_strategy
+    def usable(self, cfg: FLConfig, state: RunState, site: str) -> bool:
+        return cfg.strategy in self.AVERAGING
 
+    def run(self, job: SiteJob):
         req, cfg, state = job.req, job.cfg, job.state
         if (cfg.privacy is not None and cfg.privacy.unit == "site") or cfg.strategy not in self.AVERAGING:
             raise ConfigError(f"fedrecover estimates FedAvg rounds: it cannot replay a run with strategy "
@@ -256,13 +235,12 @@ class FedRecoverSite:
                               "erasure deleted them); use --method retrain")
         shutil.rmtree(job.work, ignore_errors=True)  # the estimates live in memory: a crashed attempt starts over
         remaining = [s for s in cfg.sites if s.id != req.site]
-        derived_run(job.run_dir, job.work, sites=remaining, start=state.checkpoint_path(rounds[0] - 1),
-                    rounds=sum(exact), name_suffix=job.work.name)
+        sub_cfg = derived_run(job.run_dir, job.work, sites=remaining, start=state.checkpoint_path(rounds[0] - 1),
+                              rounds=sum(exact), name_suffix=job.work.name)
         job.say("site_removed", f"FedRecover: {len(rounds)} rounds without {req.site}, {sum(exact)} of them exact")
-        sub_cfg = FLConfig.load(job.work)
         strategy = build_strategy(cfg.strategy, min_sites=sub_cfg.min_sites, fraction=1.0,
                                   proximal_mu=cfg.proximal_mu, params=cfg.strategy_params, evaluate=False)
-        hook = FedRecoverHook(job.run_dir, rounds, exact, [s.id for s in remaining], p)
+        hook = FedRecoverHook(job.run_dir, state, rounds, exact, [s.id for s in remaining], p)
         strategy.update_hooks.append(hook.on_updates)
         strategy.aggregate_hooks.append(hook.on_model)
         strategy.configure_train = hook.as_original_round(strategy.configure_train)
@@ -280,53 +258,52 @@ class FedRecoverSite:
             "estimate_cpu_s": hook.estimate_cpu_s, "counts": hook.counts, "params": p}
 
 
-def _site(run_dir: Path, req: ErasureRequest, rid: str, ledger: ErasureLedger, backend: str, reference,
-          say: StageCallback, mia_views: int) -> None:
-    entries = ledger.entries(rid)
-    requested = _latest(entries, "requested")["body"]
+def erase_site(job: ErasureJob) -> None:
+    """The stages of a site request after ``requested`` (each skipped when the ledger shows it done)."""
+    run_dir, req, rid, ledger, cfg, state = job.run_dir, job.req, job.rid, job.ledger, job.cfg, job.state
+    entries = job.entries()
+    requested = latest(entries, "requested")["body"]
     n0 = int(requested["source"]["round"])
-    cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
     touched = state.rounds_of_site(req.site)
-    work = run_dir / "erasure" / rid
-    removed = _latest(entries, "site_removed")
+    removed = latest(entries, "site_removed")
     if removed is not None and removed["body"]["method"] != req.method:
         removed = None  # a new attempt with another method
     if removed is None:
-        sub_dir = work / req.method
         ledger.append(rid, "started", {"stage": "site_removed", "method": req.method})
         t0 = time.perf_counter()
         if not touched:
             model_path, info = run_dir / requested["source"]["path"], {"note": "the site never trained"}
             seconds = cpu = 0.0
         else:
-            job = SiteJob(run_dir, req, cfg, state, touched, n0, sub_dir, backend, say)
-            model_path, seconds, cpu, info = SITE_ERASERS[req.method].run(job)
+            site_job = SiteJob(run_dir, req, cfg, state, touched, n0, run_dir / "erasure" / rid / req.method,
+                               job.backend, job.say)
+            model_path, seconds, cpu, info = SITE_ERASERS[req.method].run(site_job)
         removed = ledger.append(rid, "site_removed", {
             "site": req.site, "method": req.method, "rounds_touched": touched, "seconds": seconds, "cpu_s": cpu,
-            "wall_s": time.perf_counter() - t0, "model": _artefact(run_dir, model_path), **info})
+            "wall_s": time.perf_counter() - t0, "model": artefact(run_dir, model_path), **info})
 
     def evidence() -> dict:
-        cohorts = _site_cohorts(cfg.sites)
+        cohorts = site_cohorts(cfg.sites)
         spec = cfg.site(req.site)
         others = [s for s in cfg.sites if s.id != req.site]
-        body = _verify(run_dir, req, run_dir / requested["source"]["path"], run_dir / removed["body"]["model"]["path"],
-                       {req.site: _split_ids(cohorts, spec, ("train",))},
-                       {req.site: _split_ids(cohorts, spec, ("val", "test"))},
-                       {s.id: _split_ids(cohorts, s, ("train",)) for s in others},
-                       {s.id: _split_ids(cohorts, s, ("test",)) for s in others}, cfg.sites, reference, mia_views)
-        body["superseded"] = _superseded(run_dir, upto_round=n0, from_round=min(touched) if touched else n0 + 1,
-                                         sites=[req.site])
+        body = verify(job, run_dir / requested["source"]["path"], run_dir / removed["body"]["model"]["path"],
+                      {req.site: split_ids(cohorts, spec, ("train",))},
+                      {req.site: split_ids(cohorts, spec, ("val", "test"))},
+                      {s.id: split_ids(cohorts, s, ("train",)) for s in others},
+                      {s.id: split_ids(cohorts, s, ("test",)) for s in others})
+        body["superseded"] = superseded(run_dir, state, upto_round=n0, from_round=min(touched) if touched else n0 + 1,
+                                        sites=[req.site])
         body["seconds_erasure"] = float(removed["body"]["seconds"])
         body["cpu_s_erasure"] = float(removed["body"].get("cpu_s", 0))
         return body
 
-    ver = _verified(rid, ledger, req, "site_removed", evidence, say,
-                    "membership test of the site's patients and Dice of the remaining sites")
+    ver = verified(job, "site_removed", evidence, "membership test of the site's patients and Dice of the "
+                   "remaining sites")
     if ver is None:
         return
-    model = _install_site_removal(run_dir, req, rid, removed["body"], n0)
-    personal = cover_personalised(run_dir, req, rid, ledger, say)  # the site's models go, the others' are redone
-    _complete(run_dir, rid, ledger, ver, model, req.site, say, personal)
+    model = _install_site_removal(job, removed["body"], n0)
+    personal = cover_personalised(job)  # the site's models go, the others' are redone
+    complete(job, ver, model, personal)
     _remove_site_state(run_dir, req.site, rid)
 
 
@@ -348,11 +325,9 @@ def _remove_site_state(run_dir: Path, site: str, rid: str) -> None:
         folder.rmdir()  # no ledger (a run without DP): nothing to keep
 
 
-def _install_site_removal(run_dir: Path, req: ErasureRequest, rid: str, removed: dict, n0: int) -> dict:
+def _install_site_removal(job: ErasureJob, removed: dict, n0: int) -> dict:
     """The site leaves the config; the new model becomes round ``n0 + 1`` of the run."""
-    from privseg.train.checkpoint import load_checkpoint, save_checkpoint
-
-    cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
+    run_dir, req, cfg, state = job.run_dir, job.req, job.cfg, job.state
     if req.site in cfg.site_ids:
         cfg.sites = [s for s in cfg.sites if s.id != req.site]
         cfg.extra["withdrawn_sites"] = sorted({*cfg.extra.get("withdrawn_sites", []), req.site})
@@ -364,8 +339,8 @@ def _install_site_removal(run_dir: Path, req: ErasureRequest, rid: str, removed:
         model = cfg.train.build_model()
         model.load_state_dict(load_checkpoint(run_dir / removed["model"]["path"])["model"])
         path = save_checkpoint(state.checkpoint_path(r), model, config=cfg.train.to_dict(), step=r,
-                               extra={"federated": {"run": cfg.name, "round": r, "erasure": rid,
+                               extra={"federated": {"run": cfg.name, "round": r, "erasure": job.rid,
                                                     "withdrawn": req.site}})
         state.record_round({"round": r, "participants": [], "failed": [], "train": {}, "applied": True,
-                            "erasure": rid, "note": f"site {req.site} erased ({req.method})"}, path)
-    return _artefact(run_dir, state.checkpoint_path(r))
+                            "erasure": job.rid, "note": f"site {req.site} erased ({req.method})"}, path)
+    return artefact(run_dir, state.checkpoint_path(r))

@@ -13,31 +13,51 @@ from pathlib import Path
 
 import torch
 
-from privseg.audit.ledger import ErasureLedger
+from privseg.audit import lira, mia
+from privseg.audit import reference as refmod
+from privseg.audit.copies import account, model_files
+from privseg.audit.ledger import ErasureLedger, artefact, latest, latest_after
+from privseg.audit.mia import OnProgress, phase_counter
+from privseg.data.transforms import load_preprocessed
 from privseg.erasure.private import dp_of
-from privseg.erasure.request import ErasureRequest, StageCallback, _after, _artefact, _latest, _rel
+from privseg.erasure.request import ErasureJob, ErasureRequest
 from privseg.errors import ConfigError, PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import SiteSpec, read_site_cohort, site_subjects
+from privseg.privacy.budget import BudgetLedger, find_ledgers
+from privseg.train import metrics
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.train.inference import evaluate_subjects
 
 
-def _site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
+def site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
+    """The cohorts of ``specs``, each read once (path -> cohort)."""
     return {p: read_site_cohort(p) for p in dict.fromkeys(s.cohort for s in specs)}
+
+
+def split_ids(cohorts: dict[str, object], spec: SiteSpec, splits: Sequence[str]) -> list[str]:
+    """The IDs of the site's subjects (its excluded ones left out) in ``splits``."""
+    return [s.id for s in site_subjects(cohorts[spec.cohort], spec) if s.split in splits]
+
+
+def phases_of(on_progress: OnProgress | None, what: str) -> OnProgress | None:
+    """``on_progress`` with each phase named after ``what`` (e.g. "model after the erasure: scoring
+    the model"), so the same pass over several models reads as one phase each."""
+    return None if on_progress is None else lambda phase, done, total: on_progress(f"{what}: {phase}", done, total)
 
 
 def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
     dp = cfg.privacy
     if dp is None:
         return None
-    from privseg.privacy.budget import BudgetLedger, find_ledgers
-
     try:
         for path in find_ledgers(run_dir):
             for row in BudgetLedger(path).status():
                 if row["site"] == site:
                     return {"unit": dp.unit, "epsilon": row["epsilon_spent"], "delta": row["delta"],
-                            "ledger": _rel(run_dir, path), "private": row["private"], "guarantee": row["guarantee"],
+                            "ledger": str(path.resolve().relative_to(run_dir.resolve())), "private": row["private"],
+                            "guarantee": row["guarantee"],
                             "meaning": "patient-level DP: a bound for every patient of the site"
                             if dp.unit == "patient" else "site-level DP: a bound for the site's whole data"}
     except PrivsegError:
@@ -45,100 +65,91 @@ def _dp_bound(run_dir: Path, cfg: FLConfig, site: str) -> dict | None:
     return None
 
 
-def _complete(run_dir: Path, rid: str, ledger: ErasureLedger, ver: dict, model: dict, site: str,
-              say: StageCallback, personal: dict | None = None) -> None:
+def complete(job: ErasureJob, ver: dict, model: dict, personal: dict | None = None) -> None:
     """Delete the superseded files (listed, with their hashes, by the verification) and account
     for every copy of the erased data (:mod:`privseg.audit.copies`): the ``completed`` entry.
     ``personal``: the ``personalised`` stage's body (:mod:`privseg.erasure.personalised`), whose
     redone and deleted personalised models are copies too, and models the erasure covered."""
-    from privseg.audit.copies import account, model_files
-    from privseg.audit.reference import REF_DIR
-
+    run_dir, ledger, rid = job.run_dir, job.ledger, job.rid
     removed = []
-    superseded = [*ver["superseded"], *ver.get("references_superseded", [])]
-    ledger.append(rid, "started", {"stage": "completed", "deleting": len(superseded)})
-    requested_at = _latest(ledger.entries(rid), "requested")["at"]
-    for a in superseded:
+    stale = [*ver["superseded"], *ver.get("references_superseded", [])]
+    ledger.append(rid, "started", {"stage": "completed", "deleting": len(stale)})
+    requested_at = latest(job.entries(), "requested")["at"]
+    for a in stale:
         p = run_dir / a["path"]
         if p.is_file():
             p.unlink()
         removed.append(a)
-    for d in sorted({(run_dir / a["path"]).parent for a in superseded}, reverse=True):
+    for d in sorted({(run_dir / a["path"]).parent for a in stale}, reverse=True):
         if d.is_dir() and d != run_dir and not any(d.iterdir()):
             d.rmdir()
-    cfg = FLConfig.load(run_dir)
     # the data-free initial model and the reference models that trained without the data never held it
     personal = personal or {}
     copies = account(run_dir, requested_at, deleted=removed, written=[run_dir / model["path"]],
-                     never_saw=[RunState.load(run_dir).checkpoint_path(0), *model_files(run_dir / REF_DIR),
+                     never_saw=[job.state.checkpoint_path(0), *model_files(run_dir / refmod.REF_DIR),
                                 *personal.get("never_saw", [])], personal=personal.get("copies", ()))
     covered = [{"model": "global", "path": model["path"], "fate": "erased"}, *personal.get("covered", [])]
     ledger.append(rid, "completed", {"model": model, "removed": removed, "copies": copies, "passed": True,
                                      "covered": covered, "serves": personal.get("serves"),
-                                     "dp": _dp_bound(run_dir, cfg, site)})
+                                     "dp": _dp_bound(run_dir, job.cfg, job.req.site)})
     kept = [c["path"] for c in copies if c["fate"] == "kept"]
-    say("completed", f"{len(removed)} superseded file(s) deleted; the run now serves {model['path']}"
-        + (f"; {len(kept)} older file(s) kept that may hold the data: {', '.join(kept)}" if kept else ""))
+    job.say("completed", f"{len(removed)} superseded file(s) deleted; the run now serves {model['path']}"
+            + (f"; {len(kept)} older file(s) kept that may hold the data: {', '.join(kept)}" if kept else ""))
 
 
-def _superseded(run_dir: Path, upto_round: int, from_round: int = 1, sites: Sequence[str] | None = None,
-                extra: Sequence[Path] = ()) -> list[dict]:
+def superseded(run_dir: Path, state: RunState, upto_round: int, from_round: int = 1,
+               sites: Sequence[str] | None = None, extra: Sequence[Path] = ()) -> list[dict]:
     """Files derived from rounds ``from_round..upto_round``: global checkpoints (round 0, the
     data-free initial model, stays), stored updates, site-local states; plus ``extra``."""
     out = []
-    state = RunState.load(run_dir)
     for r in range(max(1, from_round), upto_round + 1):
         for p in [state.checkpoint_path(r), *sorted((run_dir / "updates" / f"r{r:04d}").glob("*.pt"))]:
             if p.is_file():
-                out.append(_artefact(run_dir, p))
+                out.append(artefact(run_dir, p))
     for d in sorted((run_dir / "sites").glob("*")):
         for p in sorted(d.glob("local_r*.pt")):
             r = int(p.stem.split("_r")[1])
             if from_round <= r <= upto_round or (sites is not None and d.name in sites):
-                out.append(_artefact(run_dir, p))
-    out += [_artefact(run_dir, p) for p in extra if Path(p).is_file()]
+                out.append(artefact(run_dir, p))
+    out += [artefact(run_dir, p) for p in extra if Path(p).is_file()]
     return out
 
 
 # -- verification ------------------------------------------------------------------------
 
-def _load(specs: Sequence[SiteSpec], ids_by_site: dict[str, list[str]], spacing) -> list[dict]:
-    from privseg.data.transforms import load_preprocessed
-
-    cohorts = _site_cohorts(specs)
+def _load(specs: Sequence[SiteSpec], ids_by_site: dict[str, list[str]], spacing,
+          on_progress: OnProgress | None = None, what: str = "loading patients") -> list[dict]:
+    cohorts = site_cohorts(specs)
+    wanted = [(cohorts[spec.cohort], i) for spec in specs for i in ids_by_site.get(spec.id, [])]
+    tick = phase_counter(on_progress, what, len(wanted))
     items = []
-    for spec in specs:
-        ids = ids_by_site.get(spec.id, [])
-        if ids:
-            c = cohorts[spec.cohort]
-            items += load_preprocessed([c.subject(i) for i in ids], c, spacing)
+    for k, (c, i) in enumerate(wanted):
+        items += load_preprocessed([c.subject(i)], c, spacing)
+        if tick:
+            tick(k + 1, len(wanted))
     return items
 
 
 def _model(path: Path) -> tuple[torch.nn.Module, dict]:
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
     payload = load_checkpoint(path)
     return model_from_checkpoint(payload, path).eval(), payload["config"]
 
 
 def _scores(model, groups: dict[str, list[dict]], members, nonmembers, tc: dict, views: int, seed: int,
-            reference_rows: tuple[list[dict], list[dict]] | None = None) -> tuple[dict, tuple[list, list]]:
+            reference_rows: tuple[list[dict], list[dict]] | None = None,
+            on_progress: OnProgress | None = None) -> tuple[dict, tuple[list, list]]:
     """Dice per group and the membership AUC of ``members`` vs ``nonmembers``; with the retrain's
     per-subject rows, also the AUC calibrated against it (each subject's score relative to the
     retrain's on the same subject: a patient that is easy for any model no longer looks like a
-    member). Returns (scores, this model's rows)."""
-    from privseg.audit import mia
-    from privseg.train import metrics
-    from privseg.train.inference import evaluate_subjects
-
+    member). Returns (scores, this model's rows). ``on_progress``: each pass over the patients."""
     out = {}
     for name, items in groups.items():
-        rows = evaluate_subjects(model, items, tc["patch_size"], tc["num_classes"]) if items else []
+        tick = phase_counter(on_progress, f"Dice on the {name} patients", len(items))
+        rows = evaluate_subjects(model, items, tc["patch_size"], tc["num_classes"], on_subject=tick) if items else []
         out[f"{name}_dice"] = metrics.mean([r["mean_dice"] for r in rows]) if rows else math.nan
         out[f"{name}_n"] = len(rows)
     res = mia.audit_items(model, members, nonmembers, tc["patch_size"], tc["num_classes"], views=views, seed=seed,
-                          n_boot=1000)
+                          n_boot=1000, on_progress=phases_of(on_progress, "membership test"))
     out["mia_auc"], out["mia_ci"] = res.auc, [res.ci_low, res.ci_high]
     out["member_scores"] = [{"id": r["id"], "score": r["score"], "dice": r["dice"]} for r in res.members]
     out["nonmember_mean_score"] = float(sum(r["score"] for r in res.nonmembers) / len(res.nonmembers))
@@ -174,7 +185,7 @@ def withhold_training_statistics(ver: dict) -> dict:
     return out
 
 
-def _judge(th: dict, after: dict, base: dict, base_name: str, before: dict | None = None,
+def judge(th: dict, after: dict, base: dict, base_name: str, before: dict | None = None,
            calibrated: dict | None = None) -> tuple[dict, list[str]]:
     """Checks with ``ok`` True (pass), False (fail) or None (no power / informative only: neither)."""
     # With a retrain to calibrate against, membership is judged relative to it (see _scores).
@@ -230,111 +241,106 @@ def retry_advice(verification: dict) -> str:
     return "more --repair-rounds (they restore Dice), another --method, or a federated retrain as --reference"
 
 
-def _verify(run_dir: Path, req: ErasureRequest, source: Path, after_path: Path, members_by_site: dict,
-            nonmembers_by_site: dict, retain_by_site: dict, test_by_site: dict, specs: Sequence[SiteSpec],
-            reference, views: int) -> dict:
+def verify(job: ErasureJob, source: Path, after_path: Path, members_by_site: dict, nonmembers_by_site: dict,
+           retain_by_site: dict, test_by_site: dict) -> dict:
+    """The ``verified`` body: the models before and after the erasure (and the retrain, when the
+    request has a ``reference``) scored on the erased subjects (``members_by_site``), never-seen
+    ones, the retained and the test ones, judged with the request's thresholds."""
+    req, specs, views, on_progress = job.req, job.cfg.sites, job.mia_views, job.on_progress
     after, tc = _model(after_path)
     before, _ = _model(source)
-    members = _load(specs, members_by_site, tc.get("spacing"))
-    nonmembers = _load(specs, nonmembers_by_site, tc.get("spacing"))
+    spacing = tc.get("spacing")
+    members = _load(specs, members_by_site, spacing, on_progress, "loading the erased patients")
+    nonmembers = _load(specs, nonmembers_by_site, spacing, on_progress, "loading never-seen patients")
     if not nonmembers:
         raise ConfigError("verification needs never-seen subjects (val or test splits) to compare with")
-    groups = {"retain": _load(specs, retain_by_site, tc.get("spacing")),
-              "test": _load(specs, test_by_site, tc.get("spacing"))}
+    groups = {"retain": _load(specs, retain_by_site, spacing, on_progress, "loading retained patients"),
+              "test": _load(specs, test_by_site, spacing, on_progress, "loading test patients")}
     t0 = time.perf_counter()
     out = {"members": members_by_site, "nonmembers": nonmembers_by_site, "mia_views": views}
     ref_rows = None
-    if reference is not None:
-        ref, _ = _model(Path(reference))
-        out["retrain"], ref_rows = _scores(ref, groups, members, nonmembers, tc, views, req.seed)
-        out["retrain"]["checkpoint"] = str(reference)
+    if job.reference is not None:
+        ref, _ = _model(Path(job.reference))
+        out["retrain"], ref_rows = _scores(ref, groups, members, nonmembers, tc, views, req.seed,
+                                           on_progress=phases_of(on_progress, "retrain"))
+        out["retrain"]["checkpoint"] = str(job.reference)
         out["distance_to_retrain"] = _param_distance(after, ref)
         out["distance_before_to_retrain"] = _param_distance(before, ref)
-    out["before"] = _scores(before, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
-    out["after"] = _scores(after, groups, members, nonmembers, tc, views, req.seed, ref_rows)[0]
-    out["calibrated"] = _calibrated(run_dir, before, after, members, groups["retain"], nonmembers, tc, views,
-                                    req.seed, req.statistic)
+    out["before"] = _scores(before, groups, members, nonmembers, tc, views, req.seed, ref_rows,
+                            phases_of(on_progress, "model before the erasure"))[0]
+    out["after"] = _scores(after, groups, members, nonmembers, tc, views, req.seed, ref_rows,
+                           phases_of(on_progress, "model after the erasure"))[0]
+    out["calibrated"] = _calibrated(job, before, after, members, groups["retain"], nonmembers, tc)
     # reference models that trained on the erased patients carry them too: deleted on completion
-    out["references_superseded"] = _references_superseded(run_dir, [m["id"] for m in members])
-    if dp_of(FLConfig.load(run_dir)) is not None:
+    out["references_superseded"] = refmod.superseded(job.run_dir, [m["id"] for m in members])
+    if dp_of(job.cfg) is not None:
         out = withhold_training_statistics(out)
-    base_name, base = ("retrain", out["retrain"]) if reference is not None else ("before", out["before"])
-    out["checks"], out["failed_checks"] = _judge(req.thresholds, out["after"], base, base_name, out["before"],
-                                                 out["calibrated"])
+    base_name, base = ("retrain", out["retrain"]) if job.reference is not None else ("before", out["before"])
+    out["checks"], out["failed_checks"] = judge(req.thresholds, out["after"], base, base_name, out["before"],
+                                                out["calibrated"])
     out["passed"] = not out["failed_checks"]
     out["thresholds"] = req.thresholds
     out["verification_s"] = time.perf_counter() - t0
     return out
 
 
-def _calibrated(run_dir: Path, before, after, erased: list[dict], retain: list[dict], never_seen: list[dict],
-                tc: dict, views: int, seed: int, statistic: str = "loss") -> dict:
+def _calibrated(job: ErasureJob, before, after, erased: list[dict], retain: list[dict], never_seen: list[dict],
+                tc: dict) -> dict:
     """The per-patient membership test of the models before and after the erasure against the run's
     reference models (:mod:`privseg.audit.reference`), or why it was not run."""
-    from privseg.audit import lira
-    from privseg.audit import reference as refmod
-
     erased_ids = [m["id"] for m in erased]
     kept = [r for r in retain if r["id"] not in erased_ids]
     items = [*erased, *kept, *never_seen]
     never = [n["id"] for n in never_seen]
     try:
-        refs = refmod.load_references(run_dir)
-        kw = {"views": views, "seed": seed, "nonmembers": never, "statistic": statistic}
+        refs = refmod.load_references(job.run_dir)
+        kw = {"views": job.mia_views, "seed": job.req.seed, "nonmembers": never, "statistic": job.req.statistic}
         tb = refmod.calibrated_test(refs, before, items, tc["patch_size"], tc["num_classes"],
-                                    members=[*erased_ids, *(r["id"] for r in kept)], **kw)
+                                    members=[*erased_ids, *(r["id"] for r in kept)], **kw,
+                                    on_progress=phases_of(job.on_progress, "per-patient test, model before"))
         ta = refmod.calibrated_test(refs, after, items, tc["patch_size"], tc["num_classes"],
-                                    members=[r["id"] for r in kept], **kw)
+                                    members=[r["id"] for r in kept], **kw,
+                                    on_progress=phases_of(job.on_progress, "per-patient test, model after"))
     except ConfigError as exc:
         return {"available": False, "reason": str(exc)}
     return {"available": True, "n_references": len(refs.references), "references": refs.summary(),
             "check": lira.erasure_check(tb, ta, erased_ids), "before": tb, "after": ta}
 
 
-def _references_superseded(run_dir: Path, subjects: Sequence[str]) -> list[dict]:
-    from privseg.audit.reference import superseded
-
-    return superseded(run_dir, subjects)
-
-
-def _verified(rid: str, ledger: ErasureLedger, req: ErasureRequest, after_event: str, evidence: Callable[[], dict],
-              say: StageCallback, what: str) -> dict | None:
+def verified(job: ErasureJob, after_event: str, evidence: Callable[[], dict], what: str) -> dict | None:
     """The verification of the latest ``after_event`` (computed by ``evidence`` once, then read from the
     ledger), judged with the request's thresholds; None when it failed."""
-    if _after(ledger.entries(rid), "verified", after_event) is None:
-        ledger.append(rid, "started", {"stage": "verified"})
-        say("verified", what)
-        ledger.append(rid, "verified", evidence())
-    ver = _judged(rid, ledger, req, _after(ledger.entries(rid), "verified", after_event)["body"])
+    if latest_after(job.entries(), "verified", after_event) is None:
+        job.ledger.append(job.rid, "started", {"stage": "verified"})
+        job.say("verified", what)
+        job.ledger.append(job.rid, "verified", evidence())
+    ver = rejudged(job.rid, job.ledger, job.req, latest_after(job.entries(), "verified", after_event)["body"])
     if not ver["passed"]:
-        say("verified", "verification FAILED: " + "; ".join(ver["failed_checks"]))
+        job.say("verified", "verification FAILED: " + "; ".join(ver["failed_checks"]))
         return None
     return ver
 
 
-def _judged(rid: str, ledger: ErasureLedger, req: ErasureRequest, ver: dict) -> dict:
+def rejudged(rid: str, ledger: ErasureLedger, req: ErasureRequest, ver: dict) -> dict:
     """The stored verification, judged again (and recorded) when the request's thresholds changed."""
     if ver["thresholds"] == req.thresholds:
         return ver
     base_name = "retrain" if "retrain" in ver else "before"
-    checks, failed = _judge(req.thresholds, ver["after"], ver[base_name], base_name, ver.get("before"),
-                            ver.get("calibrated"))
+    checks, failed = judge(req.thresholds, ver["after"], ver[base_name], base_name, ver.get("before"),
+                           ver.get("calibrated"))
     ver = {**ver, "checks": checks, "failed_checks": failed, "passed": not failed, "thresholds": req.thresholds,
            "rejudged": True}
     ledger.append(rid, "verified", ver)
     return ver
 
 
-def _split_ids(cohorts, spec: SiteSpec, splits: Sequence[str]) -> list[str]:
-    return [s.id for s in site_subjects(cohorts[spec.cohort], spec) if s.split in splits]
-
-
-def _verify_patient(run_dir: Path, req: ErasureRequest, requested: dict, repaired: dict, reference,
-                    views: int) -> dict:
-    cfg = FLConfig.load(run_dir)
-    cohorts = _site_cohorts(cfg.sites)
-    return _verify(run_dir, req, run_dir / requested["source"]["path"], run_dir / repaired["model"]["path"],
-                   {req.site: list(req.subjects)},
-                   {s.id: _split_ids(cohorts, s, ("val", "test")) for s in cfg.sites},
-                   {s.id: _split_ids(cohorts, s, ("train",)) for s in cfg.sites},
-                   {s.id: _split_ids(cohorts, s, ("test",)) for s in cfg.sites}, cfg.sites, reference, views)
+def verify_patient(job: ErasureJob, requested: dict, repaired: dict) -> dict:
+    """:func:`verify` of a patient erasure: the erased patients against every site's never-seen
+    ones; Dice on every site's retained training and test patients."""
+    req, sites = job.req, job.cfg.sites
+    cohorts = site_cohorts(sites)
+    return verify(job, job.run_dir / requested["source"]["path"], job.run_dir / repaired["model"]["path"],
+                  {req.site: list(req.subjects)},
+                  {s.id: split_ids(cohorts, s, ("val", "test")) for s in sites},
+                  {s.id: split_ids(cohorts, s, ("train",)) for s in sites},
+                  {s.id: split_ids(cohorts, s, ("test",)) for s in sites})

@@ -266,7 +266,7 @@ class Personalisation:
     ditto_lambda: float = setting(DITTO_LAMBDA, "Ditto's pull towards the global model (0: finetune).", min=0)
 
 
-def _global_state(cfg: FLConfig, state: RunState, state_dir: Path) -> dict[str, torch.Tensor]:
+def global_state(cfg: FLConfig, state: RunState, state_dir: Path) -> dict[str, torch.Tensor]:
     """The served global weights, with the site's own norm layers under a strategy that keeps them local."""
     from privseg.federated.client_app import load_local_state
     from privseg.federated.strategies import build_strategy
@@ -310,7 +310,7 @@ def site_run(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSpec,
         raise ConfigError(f"site {spec.id}: no validation patients in {spec.cohort}; the guard chooses the served "
                           "model on them (give the cohort a val split, or the site a split file that names some)")
     train = site_items(spec, "train", tc.spacing)
-    return SiteRun(cfg, spec, state_dir, train, val, _global_state(cfg, state, state_dir),
+    return SiteRun(cfg, spec, state_dir, train, val, global_state(cfg, state, state_dir),
                    cfg.local_steps * training_rounds(state), state.checkpoint_path(0), float(ditto_lambda),
                    public_epoch=private.epoch_steps(spec, train) if private is not None else None)
 

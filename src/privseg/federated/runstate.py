@@ -141,6 +141,10 @@ class RunState:
 
 
 # -- one writer per run ------------------------------------------------------------
+class RunBusy(ConfigError):
+    """Another process holds the run's lock (training, an erasure): try again once it has finished."""
+
+
 _HELD: dict[str, list] = {}  # lock path -> [open file, depth]: re-entrant within a process
 
 
@@ -160,7 +164,7 @@ def hold_run(run_dir: str | Path, what: str):
         return
     f, holder = try_lock_file(path, f"{what} (pid {os.getpid()})")
     if f is None:
-        raise ConfigError(f"run {Path(run_dir).name} is busy: {holder or 'another process'} holds it; "
+        raise RunBusy(f"run {Path(run_dir).name} is busy: {holder or 'another process'} holds it; "
                           "try again when it has finished")
     _HELD[key] = [f, 1]
     try:

@@ -24,6 +24,7 @@ wall time of the strategy and the speed-up over retraining.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from privseg.audit import mia
+from privseg.audit.reference import calibrated_stopper, load_references
 from privseg.data.cohort import Cohort
 from privseg.data.transforms import load_preprocessed
 from privseg.errors import CheckpointError, ConfigError
@@ -234,8 +236,6 @@ def unlearn(checkpoint, cohort: Cohort, forget: str | Sequence[str], strategy: s
     with ``statistic``; a strategy registered with ``references=True`` gets them too."""
     strat, resolved, epochs, forget_ids = _validate(strategy, target, epochs, check_every, params, forget)
     if (target == "calibrated" or strat.needs_references) and references is None:
-        from privseg.audit.reference import load_references
-
         references = load_references(Path(checkpoint).parent)  # a ConfigError naming the command if none
     data = _load(checkpoint, cohort, forget_ids, calibration, retrain_checkpoint, retrain_seconds, items)
     run = _run(strat, resolved, data, strategy=strategy, target=target, epochs=epochs, fix_decoder=fix_decoder,
@@ -346,8 +346,6 @@ def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, ep
     model = data.model.to(dev)
     original = None
     if keep_original:
-        import copy
-
         original = copy.deepcopy(model)
 
     steps_per_epoch = math.ceil(len(forget_items) / cfg.subjects_per_step)
@@ -360,8 +358,6 @@ def _run(strat, resolved: dict, data: _Loaded, *, strategy: str, target: str, ep
     should_stop = (unseen_stopper(forget_items, calib_items, cfg, auc_threshold=auc_threshold, utility_floor=floor,
                                   log=checks) if target == "unseen" else (lambda step, m: False))
     if target == "calibrated":
-        from privseg.audit.reference import calibrated_stopper
-
         should_stop = calibrated_stopper(references, forget_items, calib_items, cfg.patch_size, cfg.num_classes,
                                          views=views, seed=seed, statistic=statistic,
                                          utility_fraction=utility_fraction, log=checks,

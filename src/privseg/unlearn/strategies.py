@@ -29,9 +29,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms import ResizeWithPadOrCrop
+from scipy.ndimage import gaussian_filter
 
 from privseg.data.transforms import PatchSampler
 from privseg.errors import ConfigError
+from privseg.models import encoder_decoder_modules, reinit_encoder
 from privseg.train.loop import TrainConfig, make_optimizer, standard_step, train_steps
 from privseg.train.losses import SegLoss
 from privseg.utils import parse_params, registrar  # noqa: F401  (KEY=VALUE strategy parameters; public here too)
@@ -41,8 +44,6 @@ from privseg.utils import parse_params, registrar  # noqa: F401  (KEY=VALUE stra
 def _decoder_module_list(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's decoder modules as the model registry defines them (after MedicalNet's
     ``conv_seg``; the U-Net's up path and final convolution)."""
-    from privseg.models import encoder_decoder_modules
-
     return encoder_decoder_modules(model)[1]
 
 
@@ -263,8 +264,6 @@ def max_loss(model, ctx: UnlearnContext, params: dict):
 @register("random_encoder", lr=None, lr_scale=1.0)
 def random_encoder(model, ctx: UnlearnContext, params: dict):
     """Re-initialise the encoder, keep the decoder, train on the retain subjects."""
-    from privseg.models import reinit_encoder
-
     torch.manual_seed(ctx.seed + 7)
     reinit_encoder(model)
     ctx.log["reinitialised_tensors"] = len(set(model.state_dict()) - decoder_state_keys(model))
@@ -280,8 +279,6 @@ def _swap_items(ctx: UnlearnContext, make_label: Callable[[dict, np.random.Gener
 @register("learn_others", lr=None, lr_scale=1.0, retain_weight=0.0)
 def learn_others(model, ctx: UnlearnContext, params: dict):
     """Train the forget images toward other (retain) subjects' label maps (padded/cropped to fit)."""
-    from monai.transforms import ResizeWithPadOrCrop
-
     def other(it, rng):
         donor = ctx.retain_items[int(rng.integers(len(ctx.retain_items)))]
         shape = tuple(torch.as_tensor(it["image"]).shape[1:])
@@ -294,8 +291,6 @@ def learn_others(model, ctx: UnlearnContext, params: dict):
 
 def smooth_blobs(shape: Sequence[int], num_classes: int, rng: np.random.Generator, sigma: float) -> torch.Tensor:
     """A random label map of smooth blobs: argmax over classes of Gaussian-smoothed noise."""
-    from scipy.ndimage import gaussian_filter
-
     fields = np.stack([gaussian_filter(rng.standard_normal(tuple(shape)), sigma) for _ in range(num_classes)])
     return torch.from_numpy(fields.argmax(0)[None].astype(np.int64))
 
