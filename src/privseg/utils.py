@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
@@ -27,13 +27,15 @@ T = TypeVar("T")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def setting(default: Any, help: str, *, min: float | None = None) -> Any:
+def setting(default: Any, help: str, *, min: float | None = None, choices: Mapping | None = None) -> Any:
     """A config dataclass field with its documentation: ``default``, ``help`` (one sentence, shown by
-    ``privseg ... --help`` too) and, for numbers, the smallest value ``min``, kept in the field's
-    metadata (``dataclasses.fields(TrainConfig)``). The command-line options that set a config's
-    fields are made from these (:func:`privseg.cli.ui.options_from`), so each default and help
-    text is written once."""
-    return field(default=default, metadata={"help": help, "min": min})
+    ``privseg ... --help`` too), for numbers the smallest value ``min``, and for a name the registry
+    that holds the names it takes (``choices``: the registry's dict itself, or ``{label: registry}``
+    where two kinds share the field), kept in the field's metadata (``dataclasses.fields(TrainConfig)``).
+    The command-line options that set a config's fields are made from these
+    (:func:`privseg.cli.ui.options_from`), so each default and help text is written once, and the
+    names a help lists are the registry's when the help is built (a new entry needs no edit)."""
+    return field(default=default, metadata={"help": help, "min": min, "choices": choices})
 
 
 def check_id(value: str, what: str = "ID") -> str:

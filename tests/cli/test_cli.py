@@ -115,10 +115,11 @@ def test_classes_from_the_command_line(tmp_path, capsys):
 
 
 def test_config_options_take_default_and_help_from_the_config():
-    """An option that sets a config field is made from it: one default and one help text."""
+    """An option that sets a config field is made from it: one default and one help text (with the
+    names of the field's registry, read from it)."""
     from privseg.cli.erase import REQUEST
     from privseg.cli.fl import FEDERATION
-    from privseg.cli.ui import DP, ERASURE, STEPS, TRAINING
+    from privseg.cli.ui import DP, ERASURE, STEPS, TRAINING, one_of
     from privseg.erasure.request import ErasureRequest
     from privseg.federated import FLConfig
     from privseg.privacy.spec import DPConfig
@@ -134,9 +135,11 @@ def test_config_options_take_default_and_help_from_the_config():
             f = field.get(rename.get(p.name, p.name))
             if f is not None:
                 assert p.default.default == f.default and p.default.min == f.metadata["min"], (config, p.name)
-                assert p.default.help == f.metadata["help"] or p.name == "strategy", (config, p.name)
+                names = f.metadata["choices"]
+                assert p.default.help == f.metadata["help"] + (f" {one_of(names)}" if names is not None else ""), \
+                    (config, p.name)
                 made += 1
-    assert made == 45  # each option of these groups that sets a config field
+    assert made == 46  # each option of these groups that sets a config field (--lora-rank the latest)
 
 
 def _hinted_classes(err: str) -> str:

@@ -12,7 +12,6 @@ from privseg.federated import FLConfig, RunState
 from privseg.federated.assemble import FL_DEVICE, FL_PATCH, fl_config_from_options, site_plans
 from privseg.federated.deploy import INSECURE_WARNING
 from privseg.federated.personalise import Personalisation, personalise
-from privseg.federated.strategies import FL_STRATEGIES
 from privseg.privacy.budget import budget_status
 from privseg.report.text import fl_start_text, print_budget, print_fl_status, print_personalisation, round_info
 from privseg.runs import check_outcome, rounds_done, run_federated, run_folder, write_round_zero
@@ -35,8 +34,7 @@ def STRATEGY_PARAM(strategy_param: list[str] = typer.Option(
         None, help="The FL strategy's own parameter KEY=VALUE (repeatable), e.g. server_learning_rate=1.5 for "
         "fedavgm.")): ...
 FEDERATION = options_from(FLConfig, "rounds", "strategy", "local_steps", "mu", STRATEGY_PARAM, "min_sites", "fraction",
-                          "eval_every", "keep_updates", "round_timeout", rename={"mu": "proximal_mu"},
-                          helps={"strategy": "One of: " + ", ".join(FL_STRATEGIES) + "."})
+                          "eval_every", "keep_updates", "round_timeout", rename={"mu": "proximal_mu"})
 
 
 def FL_DP(

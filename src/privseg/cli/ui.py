@@ -51,7 +51,8 @@ def options_from(config, *names, rename: dict | None = None, switches: tuple = (
                  unset: bool = False):
     """An option group (for :func:`with_options`) made from fields of the dataclass ``config``:
     option ``--x-y`` sets field ``x_y`` (``rename`` maps an option to a field of another name) and
-    takes the field's default, help and ``min`` (:func:`privseg.utils.setting`). A name in
+    takes the field's default, help and ``min`` (:func:`privseg.utils.setting`), and the names of
+    the field's registry (``choices``: :func:`one_of`, read now, so every registered name shows). A name in
     ``switches`` is an on-switch (no ``--no-`` form); ``helps`` replace help texts; a group among
     ``names`` adds its own options there. With ``unset``, an option left out is None (the library
     takes the default) and its help names the default."""
@@ -63,6 +64,8 @@ def options_from(config, *names, rename: dict | None = None, switches: tuple = (
             continue
         f = fields[(rename or {}).get(name, name)]
         text = (helps or {}).get(name, f.metadata["help"])
+        if f.metadata.get("choices") is not None:
+            text = f"{text} {one_of(f.metadata['choices'])}"
         text, default = (f"{text[:-1]} (default {f.default:g}).", None) if unset else (text, f.default)
         option = typer.Option(default, *(["--" + name.replace("_", "-")] if name in switches else []), help=text,
                               min=f.metadata["min"])
@@ -73,6 +76,14 @@ def options_from(config, *names, rename: dict | None = None, switches: tuple = (
 
     group.__signature__ = inspect.Signature(params)
     return group
+
+
+def one_of(choices) -> str:
+    """"One of: a, b, c." for the names of a registry (or any names); for ``{label: registry}``,
+    "Label: one of a, b." per label. Built from the registry itself, never from a copy of its names."""
+    if isinstance(choices, dict) and choices and all(isinstance(v, dict) for v in choices.values()):
+        return " ".join(f"{label.capitalize()}: one of {', '.join(names)}." for label, names in choices.items())
+    return f"One of: {', '.join(choices)}."
 
 
 def take(options: dict, group) -> dict:

@@ -36,7 +36,7 @@ class FLConfig:
     name: str
     sites: list[SiteSpec]
     train: TrainConfig
-    strategy: str = setting("fedavg", "Aggregation strategy, a name in privseg.federated.strategies.FL_STRATEGIES.")
+    strategy: str = setting("fedavg", "Aggregation strategy.", choices=FL_STRATEGIES)
     rounds: int = setting(20, "Federated rounds.", min=1)
     local_steps: int = setting(10, "Local optimisation steps per site per round.", min=1)
     proximal_mu: float = setting(0.01, "FedProx proximal weight.")

@@ -75,13 +75,13 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
     # mostly noise (AdaptiveClipNoiseWarning). Fixed vs normalise inside the recipe: the benchmark's clip cells,
     # key clip_rule_choice (pending). The recipe's defaults (this, aug_mult, ema) are provisional until
     # benchmarks/privacy_utility.py measures them (issue 26).
-    clip: str = setting("normalise", "Clip rule: normalise (C g/(|g|+gamma), Bu et al. 2023), fixed, or adaptive "
-                        "(private quantile, Andrew et al. 2021; needs many patients per step).")
+    clip: str = setting("normalise", "Clip rule (normalise: C g/(|g|+gamma), Bu et al. 2023; adaptive: a private "
+                        "quantile, Andrew et al. 2021, needs many patients per step).", choices=CLIP_RULES)
     clip_norm: float = setting(1.0, "Clip norm (adaptive: its starting value).")
     target_quantile: float = setting(0.5, "Adaptive clip: target quantile of the norms.")
     clip_lr: float = 0.2
     sigma_b: float | None = None
-    noise_schedule: str = setting("constant", "constant or decay (calibrated to the budget).")
+    noise_schedule: str = setting("constant", "Noise schedule (decay: calibrated to the budget).", choices=SCHEDULES)
     decay_ratio: float = 0.5
     noise_multiplier: float | None = None
     sampling_rate: float | None = setting(None, "Public Poisson sampling rate q of patients per step (default: "
@@ -100,13 +100,13 @@ noise from the public seed, for tests/benchmarks only (the run is "not private")
                          "weights).", min=0)
     # 2: one patient erasure with the default method (scrub: its DP fine-tuning, one round's steps, and one
     # repair round at every site) spends 2 rounds' worth of local steps at the erasing site
-    # (privseg.erasure.federated._dp_steps; tests/erasure/test_private_erasure.py checks the two agree)
+    # (privseg.erasure.private.dp_steps; tests/erasure/test_private_erasure.py checks the two agree)
     erasure_reserve: float = setting(2.0, "Federated runs: rounds' worth of local DP steps each site's "
                                      "budget keeps for erasures; the noise is calibrated so that training and the "
                                      "reserve together spend the budget (0: no reserve).", min=0)
     clip_gamma: float | None = None
-    method: str = setting("loop", f"Per-subject gradients: {', '.join(GRAD_METHODS)} (speeds: "
-                          "benchmarks/results/privacy.md).")
+    method: str = setting("loop", "Per-subject gradients (speeds: benchmarks/results/privacy.md).",
+                          choices=GRAD_METHODS)
     allow_large_delta: bool = setting(False, "Allow delta >= 1/n (not recommended).")
     ledger: str | None = None
     sites: dict = field(default_factory=dict)

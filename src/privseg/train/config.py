@@ -8,7 +8,7 @@ import torch
 
 from privseg.data.cohort import Cohort
 from privseg.errors import ConfigError
-from privseg.models import build_model
+from privseg.models import MODELS, build_model
 from privseg.models.lora import LORA_RANK, check_rank
 from privseg.train.trainable import check_trainable, set_trainable
 from privseg.utils import setting
@@ -20,7 +20,7 @@ class TrainConfig:
     (``dataclasses.fields(TrainConfig)[i].metadata["help"]``) are also those of the command-line
     option that sets it (``privseg train --lr``)."""
 
-    model: str = setting("unet", "Network name (unet, unet_tiny, resnet10/18/34/50).")
+    model: str = setting("unet", "Network name.", choices=MODELS)
     norm: str = setting("group", "batch, group or instance.")
     patch_size: tuple[int, ...] = setting((64, 64, 64), "Patch shape in voxels, one side per spatial dimension.")
     subjects_per_step: int = setting(2, "Subjects sampled per optimisation step.", min=1)
