@@ -261,7 +261,7 @@ def local_only(site: SiteRun, epochs: int) -> tuple[torch.nn.Module, dict]:
 class Personalisation:
     """What :func:`personalise` is asked for (``privseg fl personalise`` options, made from these fields)."""
 
-    method: list[str] | None = setting(None, f"Method: {' or '.join(METHODS)} (repeatable; default: all).")
+    method: list[str] | None = setting(None, "Method (repeatable; default: all).", choices=METHODS)
     epochs: int = setting(3, "Most epochs of finetune, ditto and head (validation stops them earlier).", min=1)
     ditto_lambda: float = setting(DITTO_LAMBDA, "Ditto's pull towards the global model (0: finetune).", min=0)
 
