@@ -20,7 +20,7 @@ from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import read_site_cohort, site_subjects
 from privseg.unlearn.engine import TARGETS
-from privseg.unlearn.strategies import get_strategy
+from privseg.unlearn.strategies import STRATEGIES, get_strategy
 from privseg.utils import check_id, parse_ids, registrar, setting
 
 KINDS = ("patient", "site")
@@ -118,8 +118,9 @@ class ErasureRequest:
     approved_by: str = setting("", "Who approved the request (e.g. the data-protection officer), for the ledger and "
                                "the certificate.")  # not part of the request ID
     method: str | None = setting(None, "Patient: an unlearning strategy (default: reference_teacher when the run "
-                                 "keeps reference models, else scrub). Site: federaser "
-                                 "(default), fedrecover (--param warmup=2 ...) or retrain.")
+                                 "keeps reference models, else scrub). Site: a site erasure method (default "
+                                 "federaser; fedrecover takes --param warmup=2 ...).",
+                                 choices={"patient": STRATEGIES, "site": SITE_ERASERS})
     params: dict = field(default_factory=dict)
     target: str | None = setting(None, "Patient: unseen (stop when the patient looks never-seen), calibrated (stop "
                                  "when the run's reference models no longer tell it from never-seen patients; needs "
