@@ -1,15 +1,15 @@
 """Console page render times with 100 runs and 10,000 erasure-ledger rows (issue: pages <= 200 ms).
 
-Builds a runs folder of 100 federated runs (config, state with 20 rounds of per-site metrics,
-a per-site privacy ledger in each) and one run whose erasure ledger holds 10,000 hash-chained
-rows (2,000 requests x 5 events, written in one transaction with the ledger's own hash
-function), then times every page in-process (Starlette's TestClient: the app's own work, no
-network) for an officer and a site user. The console's per-process caches are emptied before
-each user, so the first request of each page is a cold read ("first ms", the cost a page pays
-once per change of its files; the console also warms the ledgers in a background thread at
-start-up, which this in-process client does not run) and the median is the steady state. Each
-median is also given as a ratio to the same user's run-list page in the same run, a baseline
-that shows how loaded the machine was. Writes benchmarks/results/console.json and .md.
+Builds a runs folder of 100 federated runs (config, state with 20 rounds of per-site metrics, a
+per-site privacy ledger in each) and one run whose erasure ledger holds 10,000 hash-chained rows
+(2,000 requests x 5 events, written in one transaction by ``ErasureLedger.append_many``), then
+times every page in-process (Starlette's TestClient: the app's own work, no network) for an
+officer and a site user. The console's per-process caches are emptied before each user, so the
+first request of each page is a cold read ("first ms", the cost a page pays once per change of
+its files; the console also warms the ledgers in a background thread at start-up, which this
+in-process client does not run) and the median is the steady state. Each median is also given as
+a ratio to the same user's run-list page in the same run, a baseline that shows how loaded the
+machine was. Writes benchmarks/results/console.json and .md.
 
     .venv/bin/python benchmarks/console.py [--runs 100] [--rows 10000] [--repeat 7]
 """
@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import shutil
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -35,10 +34,11 @@ import numpy as np
 
 warnings.filterwarnings("ignore")
 
-from privseg.audit.ledger import _SCHEMA, GENESIS, canonical, entry_hash  # noqa: E402
+from privseg.audit.ledger import ErasureLedger  # noqa: E402
 from privseg.console import cache, create_app  # noqa: E402
 from privseg.console.accounts import Accounts  # noqa: E402
 from privseg.data.cohort import Cohort, Subject, assign_splits  # noqa: E402
+from privseg.erasure import LEDGER  # noqa: E402
 from privseg.federated import RunState, sites_from_cohort  # noqa: E402
 from privseg.federated.assemble import fl_config  # noqa: E402
 from privseg.privacy.accountant import StepEvent  # noqa: E402
@@ -91,19 +91,14 @@ def run(root: Path, name: str, cohort_root: Path, rounds: int = 20) -> Path:
 
 
 def big_ledger(run_dir: Path, rows: int) -> str:
-    """``rows`` hash-chained entries (requests of 5 events each); returns one request ID of H2."""
-    path = run_dir / "erasure" / "ledger.db"
-    path.parent.mkdir(parents=True)
-    con = sqlite3.connect(path, isolation_level=None)
-    con.executescript(_SCHEMA)
-    con.execute("BEGIN")
-    prev, seq, some = GENESIS, 0, None
+    """``rows`` hash-chained entries (requests of 5 events each), written by the ledger in one
+    transaction; returns one request ID of H2."""
     events = ("requested", "local_unlearned", "repaired", "verified", "completed")
+    some, entries = None, []
     for i in range(rows // len(events)):
         rid, site = f"ER-{i:012x}", SITES[i % 3]
         some = some or (rid if site == "H2" else None)
         for ev in events:
-            seq += 1
             body = {"run": run_dir.name, "kind": "patient", "site": site, "subjects": [f"S{i % 3}00"],
                     "reason": "GDPR art. 17", "requested_by": "bench"} if ev == "requested" else (
                 {"passed": True, "checks": {"mia_auc": {"value": 0.5, "max": 0.55, "ok": True}},
@@ -111,13 +106,8 @@ def big_ledger(run_dir: Path, rows: int) -> str:
                  "after": {"mia_auc": 0.5, "retain_dice": 0.79, "test_dice": 0.7}} if ev == "verified"
                 else {"model": {"path": "checkpoints/x.pt", "sha256": "0" * 64}, "removed": [], "seconds": 1.0,
                       "rounds": [21], "until_round": 21})
-            at = f"2026-01-01T00:00:{seq % 60:02d}.000+00:00"
-            h = entry_hash(prev, seq, rid, ev, at, body)
-            con.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (seq, rid, ev, at, canonical(body), prev, h))
-            prev = h
-    con.execute("COMMIT")
-    con.close()
+            entries.append((rid, ev, body))
+    ErasureLedger(run_dir / LEDGER).append_many(entries)
     return some
 
 
