@@ -13,6 +13,7 @@ import html
 import math
 from pathlib import Path
 
+from privseg.audit.copies import copy_entry
 from privseg.audit.ledger import ErasureLedger, open_stage
 from privseg.audit.lira import title_of
 from privseg.errors import ConfigError
@@ -202,8 +203,6 @@ def _copies(done: dict) -> list[dict]:
     before the accounting: the deleted files, and the files it listed as kept)."""
     if "copies" in done:
         return done["copies"]
-    from privseg.audit.copies import copy_entry
-
     return ([copy_entry(a["path"], a.get("sha256"), "deleted", "superseded by the erased model")
              for a in done.get("removed", [])]
             + [copy_entry(p, None, "superseded", done.get("note", "")) for p in done.get("superseded_kept", [])])
@@ -373,14 +372,19 @@ def _membership_html(m: dict) -> str:
     return "".join(parts) + "</table>"
 
 
-def write_certificate(ledger_path: str | Path, request_id: str, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<REQ>.json`` and ``<REQ>.html``; returns their paths."""
-    ledger = ErasureLedger(ledger_path, create=False)
-    entries = ledger.entries(request_id)
+def write_certificate(ledger_path: str | Path, request_id: str, out_dir: str | Path, *,
+                      entries: list[dict] | None = None,
+                      chain: tuple[bool, list[str]] | None = None) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<REQ>.json`` and ``<REQ>.html``; returns their paths. ``entries`` (the
+    request's ledger entries) and ``chain`` (the ledger's hash-chain check, ``(ok, problems)``)
+    when the caller has them already, e.g. the console's ledger view (a full re-hash per download
+    made its page slow); read from the ledger otherwise."""
+    ledger = ErasureLedger(ledger_path, create=False) if entries is None or chain is None else None
+    entries = ledger.entries(request_id) if entries is None else entries
     if not entries:
-        known = ", ".join(r["request"] for r in ledger.requests()) or "none"
+        known = ", ".join(r["request"] for r in ErasureLedger(ledger_path, create=False).requests()) or "none"
         raise ConfigError(f"no erasure request {request_id!r} in {ledger_path} (requests: {known})")
-    ok, problems = ledger.verify()
+    ok, problems = ledger.verify() if chain is None else chain
     s = summarise(entries)
     out = Path(out_dir)
     json_path, html_path = out / f"{request_id}.json", out / f"{request_id}.html"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from privseg.errors import ConfigError
+from privseg.privacy.engine import patient_groups
 
 # -- the canary site ------------------------------------------------------------------------------
 
@@ -43,8 +44,6 @@ class DiracCanary:
         """Make ``engine`` (a :class:`~privseg.privacy.PatientDPSGD`) give the canary patient's
         contribution as the Dirac gradient, clipped like any patient's; the other patients' clipped
         sum is the engine's own."""
-        from privseg.privacy.engine import patient_groups
-
         if getattr(engine, "_canary", None) is not None:
             raise ConfigError("this engine already has a canary")
         engine._canary = self

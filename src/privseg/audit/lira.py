@@ -50,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
+from privseg.audit.mia import auc
 from privseg.errors import ConfigError
 from privseg.utils import registrar
 
@@ -239,8 +240,6 @@ def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float], fpr: float
 
 def population(test: dict, members: Sequence[str], nonmembers: Sequence[str], fpr: float = 0.01) -> dict:
     """AUC and TPR at ``fpr`` of the calibrated statistic ``t``, members vs non-members."""
-    from privseg.audit.mia import auc
-
     pts = test["patients"]
     tm, tn = [pts[p]["t"] for p in members], [pts[p]["t"] for p in nonmembers]
     if not tm or not tn:

@@ -35,10 +35,12 @@ import numpy as np
 import torch
 
 from privseg.audit.pvalues import empirical_p_value
+from privseg.data.transforms import load_preprocessed
 from privseg.errors import ConfigError
 from privseg.train import metrics
-from privseg.train.inference import predict_probs
-from privseg.utils import parse_ids
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.train.inference import check_fits, predict_probs
+from privseg.utils import check_id, parse_ids
 
 STATISTICS = ("loss", "dice")
 # Below this many members or non-members the AUC moves in steps of 1/(m*n) and the bootstrap
@@ -200,8 +202,6 @@ def phase_counter(on_progress: OnProgress | None, phase: str, total: int) -> Cal
 
 def load_items(subjects: Sequence, cohort, spacing, on_progress: OnProgress | None = None) -> list[dict]:
     """``load_preprocessed`` one subject at a time, reporting the phase "loading subjects"."""
-    from privseg.data.transforms import load_preprocessed
-
     tick = phase_counter(on_progress, "loading subjects", len(subjects))
     items = []
     for k, s in enumerate(subjects):
@@ -278,10 +278,6 @@ def audit_checkpoint(checkpoint, cohort, members: Sequence[str], nonmembers: Seq
     Non-members must not be training subjects of the checkpoint (when it records them). Fewer
     than MIN_GROUP in a group is refused unless ``allow_small``; the result's ``warning`` then
     says so, to be printed with the CI. ``on_progress``: loading, then each model scored."""
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from privseg.train.inference import check_fits
-    from privseg.utils import check_id
-
     members = parse_ids(members, "--members")
     nonmembers = parse_ids(nonmembers, "--non-members")
     for i in (*members, *nonmembers):

@@ -43,18 +43,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from privseg.audit import lira
-from privseg.audit.ledger import canonical, file_sha256
+from privseg.audit.ledger import ErasureLedger, canonical, file_sha256
+from privseg.audit.mia import OnProgress, phase_counter, subject_statistics
+from privseg.data.transforms import load_preprocessed
 from privseg.errors import ConfigError
+from privseg.federated import retrain
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState, hold_run
+from privseg.federated.sites import read_site_cohort, site_subjects
 from privseg.privacy.central import refuse_without_dp
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.train.loop import TrainConfig, Trainer
 from privseg.utils import read_json, setting, write_json
-
-if TYPE_CHECKING:
-    from privseg.audit.mia import OnProgress
 
 REF_DIR = Path("audit") / "references"
 INDEX = "index.json"
@@ -86,12 +91,7 @@ def _is_federated(run_dir: Path) -> bool:
 
 def _identity(run_dir: Path) -> dict:
     """What a reference set must match: run, initial model, model config."""
-    from privseg.train.checkpoint import load_checkpoint
-
     if _is_federated(run_dir):
-        from privseg.federated.config import FLConfig
-        from privseg.federated.runstate import RunState
-
         cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
         initial = state.checkpoint_path(0)
         if not initial.is_file():
@@ -113,14 +113,8 @@ def _identity(run_dir: Path) -> dict:
 def _training_patients(run_dir: Path) -> dict[str, list[str]]:
     """The patients the run trains on now, per site (erased ones left out)."""
     if _is_federated(run_dir):
-        from privseg.federated.config import FLConfig
-        from privseg.federated.sites import read_site_cohort, site_subjects
-
         cfg = FLConfig.load(run_dir)
         return {s.id: sorted(x.id for x in site_subjects(read_site_cohort(s.cohort), s, "train")) for s in cfg.sites}
-    from privseg.audit.ledger import ErasureLedger
-    from privseg.train.checkpoint import load_checkpoint
-
     # a central erasure leaves last.pt as it was (the user's file); its ledger names who was erased
     ledger = run_dir / "erasure" / "ledger.db"
     erased = ErasureLedger(ledger, create=False).erased_subjects("central") if ledger.is_file() else {}
@@ -130,8 +124,6 @@ def _training_patients(run_dir: Path) -> dict[str, list[str]]:
 
 def _training_rounds(run_dir: Path) -> int:
     """Rounds of ordinary training (an erasure's repair rounds are not the run's training)."""
-    from privseg.federated.runstate import RunState
-
     return sum(1 for e in RunState.load(run_dir).rounds if not e.get("erasure"))
 
 
@@ -190,14 +182,10 @@ def readiness(run_dir: str | Path, n: int = DEFAULT_N, schedule: float | None = 
     already kept and valid (the others are reused at no cost)."""
     run_dir = Path(run_dir)
     if _is_federated(run_dir):
-        from privseg.federated.config import FLConfig
-
         cfg = FLConfig.load(run_dir)
         run_rounds = _training_rounds(run_dir)
         unit = f"{run_rounds} training rounds x {cfg.local_steps} local steps x {len(cfg.sites)} sites"
     else:
-        from privseg.train.checkpoint import load_checkpoint
-
         _identity(run_dir)  # a clear error for a folder that is neither kind of run
         unit = f"{load_checkpoint(run_dir / 'last.pt')['config'].get('steps')} steps"
     index = _read_index(run_dir)
@@ -245,8 +233,6 @@ class Reference:
                    on_subject: Callable[[int, int], None] | None = None) -> dict:
         """id -> {"loss", "dice"} of this reference (``mia.subject_statistics``), cached beside it;
         ``on_subject(done, total)`` after each item (a cached one counts at once)."""
-        from privseg.audit.mia import subject_statistics
-
         cache_path = self.checkpoint.parent / "scores.json"
         cache = read_json(cache_path, "reference scores") if cache_path.is_file() else {}
         if cache.get("sha256") != self.sha256:
@@ -275,8 +261,6 @@ def _view_seed(seed: int, pid: str) -> int:
 
 
 def _load_model(path: Path):
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
     return model_from_checkpoint(load_checkpoint(path), path).eval()
 
 
@@ -368,8 +352,6 @@ def ensure_references(run_dir: str | Path, n: int = DEFAULT_N, *, seed: int = 0,
     of a central run (federated runs know their sites). Each finished reference is recorded in
     the index at once, so an interrupted call resumes. ``on_progress``: the rounds (federated) or
     steps (central) of each reference trained, one phase per reference."""
-    from privseg.federated.runstate import hold_run
-
     run_dir = Path(run_dir)
     if n < 2:
         raise ConfigError(f"--n {n}: the calibrated test needs at least 2 reference models (pairs of halves)")
@@ -427,8 +409,6 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
     tick = on_progress or (lambda done, total: None)
     t0, c0 = time.perf_counter(), time.process_time()
     if index["identity"]["kind"] == "federated":
-        from privseg.federated import retrain
-
         train_now = _training_patients(run_dir)
         exclude = {s: [p for p in ids if p not in saw.get(s, [])] for s, ids in train_now.items()}
         # a site whose half is empty (its other patients erased) sits this reference out
@@ -444,9 +424,6 @@ def _train(run_dir: Path, index: dict, k: int, saw: dict[str, list[str]], backen
         shutil.copyfile(final, folder / "model.pt")
         shutil.rmtree(folder / "run")  # the derived run's other rounds and site states are not needed
     else:
-        from privseg.train.checkpoint import load_checkpoint
-        from privseg.train.loop import TrainConfig, Trainer
-
         if cohort is None:
             raise ConfigError("reference models of a central run need its cohort (--cohort)")
         cfg = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
@@ -490,8 +467,6 @@ def calibrated_test(refs: ReferenceSet, model, items: Sequence[dict], patch_size
     on the non-members that no reference saw either. ``on_progress``: one phase per model scored
     (a reference's cached scores count at once). ``test``: :func:`privseg.audit.lira.run_test`'s
     (``auto``: LiRA with 2+ OUT references per patient, else the RMIA-style test)."""
-    from privseg.audit.mia import phase_counter, subject_statistics
-
     ids = [it["id"] for it in items]
     tick = phase_counter(on_progress, "scoring the model", len(items))
     model_rows = {}
@@ -525,17 +500,10 @@ def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     reference models (a ConfigError naming the command that trains them otherwise).
     ``on_progress``: loading the patients, then each model scored. ``references``: a subset of the
     run's set (e.g. one complementary pair, :func:`pair`) instead of all of it."""
-    from privseg.audit.mia import phase_counter
-    from privseg.data.transforms import load_preprocessed
-
     run_dir = Path(run_dir)
     refs = references or load_references(run_dir)
     train = sorted({p for ids in _training_patients(run_dir).values() for p in ids})
     if _is_federated(run_dir):
-        from privseg.federated.config import FLConfig
-        from privseg.federated.runstate import RunState
-        from privseg.federated.sites import read_site_cohort, site_subjects
-
         cfg = FLConfig.load(run_dir)
         path = Path(checkpoint) if checkpoint else RunState.load(run_dir).last_checkpoint
         subjects = [(c, x) for s in cfg.sites for c in [read_site_cohort(s.cohort)] for x in site_subjects(c, s)]
@@ -545,8 +513,6 @@ def run_membership(run_dir: str | Path, checkpoint: str | Path | None = None, *,
         path = Path(checkpoint) if checkpoint else run_dir / "last.pt"
         subjects = [(cohort, x) for x in cohort.subjects]
     model = _load_model(path)
-    from privseg.train.checkpoint import load_checkpoint
-
     tc = load_checkpoint(path)["config"]
     members = [x for c, x in subjects if x.id in train]
     nonmembers = [x for c, x in subjects if x.split in ("val", "test")]
@@ -583,10 +549,6 @@ def calibrated_stopper(refs: ReferenceSet, forget: Sequence[dict], never_seen: S
     Only data the erasing site holds is needed: its forget and never-seen patients (these also
     give the shift of :func:`privseg.audit.lira.per_patient_test`) and the reference models'
     scores on them, computed once and cached with the references."""
-    import torch
-
-    from privseg.audit.mia import subject_statistics
-
     if not never_seen:
         raise ConfigError("the calibrated stopping rule needs never-seen patients at the site (a val or test "
                           "split) to estimate the shift")
