@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import inspect
 
+from privseg.data.transforms import preprocess_transform
 from privseg.errors import ConfigError
+from privseg.train.inference import predict_probs
+from privseg.utils import versions
 
 # MONAI's bundle spec version this layout follows (Model Zoo metadata schema)
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
@@ -92,8 +95,6 @@ def _monai_step(t) -> dict:
 
 def preprocessing(modality: str, config: dict, ct_window) -> list[dict]:
     """privseg's deterministic preprocessing for ``modality`` as MONAI config entries."""
-    from privseg.data.transforms import preprocess_transform
-
     dims = int(config["spatial_dims"])
     compose = preprocess_transform(modality, dims, config.get("spacing"), True, ct_window)
     return [_monai_step(t) for t in compose.transforms]
@@ -101,8 +102,6 @@ def preprocessing(modality: str, config: dict, ct_window) -> list[dict]:
 
 def sliding_window(config: dict) -> dict:
     """The sliding window of :func:`~privseg.train.inference.predict_probs` (its defaults)."""
-    from privseg.train.inference import predict_probs
-
     defaults = {k: p.default for k, p in inspect.signature(predict_probs).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     return {"roi_size": [int(p) for p in config["patch_size"]], "sw_batch_size": defaults["sw_batch_size"],
@@ -174,8 +173,6 @@ def inference_config(config: dict, modality: str, ct_window, label_values: list[
 def metadata(config: dict, *, version: str, classes: list[str], channels: list[str], modality: str,
              ct_window, statement: dict, record: dict) -> dict:
     """configs/metadata.json (Model Zoo fields, the privacy statement, privseg's export record)."""
-    from privseg.utils import versions
-
     v = versions()
     dims = int(config["spatial_dims"])
     patch = [int(p) for p in config["patch_size"]]

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, file_sha256
+from privseg.cohorts import open_cohort
 from privseg.erasure.request import LEDGER
 from privseg.errors import CheckpointError, ConfigError, DataError
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.federated.sites import site_subjects
+from privseg.report.tracking import read_run
 from privseg.runs import erasure_requests
 
 
@@ -44,8 +49,6 @@ def completed(request: dict) -> bool:
 
 
 def _federated(run_dir: Path) -> Served:
-    from privseg.federated.runstate import RunState
-
     state = RunState.load(run_dir)
     ckpt = state.last_checkpoint
     if ckpt is None or state.rounds_done < 1:
@@ -126,15 +129,10 @@ def check_pending(served: Served, allow_pending: bool) -> None:
 def cohorts_of(served: Served, cohort: str | Path | None = None) -> list[tuple[str, object, list]]:
     """(site, cohort, the site's subjects) of every site whose data trained the model, erased ones left
     out: the federated run's sites; a training run's cohort (run.json) per site; or ``cohort``."""
-    from privseg.cohorts import open_cohort
-
     if cohort is not None:
         c = open_cohort(Path(cohort), checkpoint=served.checkpoint)
         return [(site, c, c.select(None, site)) for site in c.sites]
     if served.kind == "federated" and served.run_dir is not None:
-        from privseg.federated.config import FLConfig
-        from privseg.federated.sites import site_subjects
-
         cfg = FLConfig.load(served.run_dir)
         out = []
         for spec in cfg.sites:
@@ -142,8 +140,6 @@ def cohorts_of(served: Served, cohort: str | Path | None = None) -> list[tuple[s
             out.append((spec.id, c, site_subjects(c, spec)))
         return out
     if served.run_dir is not None:
-        from privseg.report.tracking import read_run
-
         path = (read_run(served.run_dir) or {}).get("cohort_path")
         if path and Path(path).exists():
             splits = served.run_dir / "splits.csv"

@@ -17,7 +17,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from privseg.audit.certificate import summarise as certificate_summary
+from privseg.audit.ledger import ErasureLedger, file_sha256
+from privseg.erasure.request import LEDGER
 from privseg.errors import PrivsegError
+from privseg.privacy.budget import budget_status, find_ledgers
+from privseg.train.inference import evaluate_checkpoint
+from privseg.train.inference import summarise as dice_summary
 
 NOT_PRIVATE_NO_LEDGER = "NOT PRIVATE: trained without differential privacy (the run has no privacy ledger)"
 
@@ -35,8 +41,6 @@ def _dp_unit(served) -> str | None:
 
 def dp_statement(served) -> dict:
     """ε, δ per site from the run's privacy ledgers (``privacy status``), or why there is none."""
-    from privseg.privacy.budget import budget_status, find_ledgers
-
     try:
         ledgers = find_ledgers(served.run_dir) if served.run_dir is not None else []
     except PrivsegError:
@@ -58,17 +62,13 @@ def dp_statement(served) -> dict:
 
 def erasure_statement(served) -> dict:
     """Every erasure request of the run as its certificate states it, and the ledger's chain check."""
-    from privseg.audit.certificate import summarise
-    from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure.request import LEDGER
-
     if served.run_dir is None or not (served.run_dir / LEDGER).is_file():
         return {"ledger": None, "chain_intact": None, "requests": []}
     ledger = ErasureLedger(served.run_dir / LEDGER, create=False)
     ok, problems = ledger.verify()
     out = []
     for r in ledger.requests():
-        s = summarise(ledger.entries(r["request"]))
+        s = certificate_summary(ledger.entries(r["request"]))
         ver = s["verification"] or {}
         out.append({"request": s["request"], "kind": s["kind"], "site": s["site"], "subjects": s["subjects"],
                     "status": s["status"], "method": s["method"], "completed_at": s["completed_at"],
@@ -93,8 +93,6 @@ def data_statement(cohorts: list[tuple[str, object, list]]) -> dict:
 
 def statement(served, cohorts: list[tuple[str, object, list]]) -> dict:
     """The full privacy statement (see the module docstring)."""
-    from privseg.audit.ledger import file_sha256
-
     return {"model": {"sha256": file_sha256(served.checkpoint), "round": served.round,
                       "path": _rel(served), "run": str(served.run_dir.resolve()) if served.run_dir else None},
             "sites": data_statement(cohorts), "dp": dp_statement(served), "erasures": erasure_statement(served),
@@ -110,8 +108,6 @@ def _rel(served) -> str:
 
 def evaluation(checkpoint: Path, cohorts: list[tuple[str, object, list]]) -> dict:
     """Dice per class on every site's held-out (test) patients, overall and per site."""
-    from privseg.train.inference import evaluate_checkpoint, summarise
-
     rows = []
     for site, cohort, subjects in cohorts:
         held = [s.id for s in subjects if s.split == "test"]
@@ -119,4 +115,4 @@ def evaluation(checkpoint: Path, cohorts: list[tuple[str, object, list]]) -> dic
             rows += [{**r, "site": site} for r in evaluate_checkpoint(checkpoint, cohort, None, held)["subjects"]]
     if not rows:
         return {"n": 0, "note": "no held-out (test) patients to evaluate on"}
-    return {"classes": cohorts[0][1].classes, **summarise(rows)}
+    return {"classes": cohorts[0][1].classes, **dice_summary(rows)}

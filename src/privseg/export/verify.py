@@ -9,10 +9,20 @@ exported network and privseg's preprocessing, writing the label map as ``privseg
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from privseg.errors import CheckpointError, DataError, PrivsegError
+import torch
+
+from privseg.audit.ledger import canonical, file_sha256
+from privseg.data.cohort import Cohort, Subject
+from privseg.data.transforms import load_subject, preprocess
+from privseg.errors import CheckpointError, ConfigError, DataError, PrivsegError
+from privseg.export.artifacts import OnnxNetwork, load_torchscript
+from privseg.export.source import cohorts_of, served_model
+from privseg.export.statement import statement
+from privseg.train.inference import predict_probs, predict_subject, write_mask_2d, write_prediction
 
 # an export's manifest: MONAI's bundle metadata for a bundle, export.json for the other formats
 BUNDLE_MANIFEST = "configs/metadata.json"
@@ -54,18 +64,12 @@ def read_manifest(export_dir: str | Path) -> tuple[Path, dict]:
 def manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest as read back from its file, without this digest itself: an edit of the
     manifest after export (its statement, preprocessing or file list) changes it."""
-    import hashlib
-
-    from privseg.audit.ledger import canonical
-
     rest = {**manifest, "privseg": {k: v for k, v in manifest["privseg"].items() if k != "manifest_sha256"}}
     return hashlib.sha256(canonical(rest).encode()).hexdigest()
 
 
 def changed_files(export_dir: Path, record: dict) -> list[str]:
     """One problem per listed file that is missing or whose SHA-256 differs from the export's."""
-    from privseg.audit.ledger import file_sha256
-
     problems = []
     for rel, digest in sorted((record.get("files") or {}).items()):
         p = export_dir / rel
@@ -92,9 +96,6 @@ def _differences(old, new, where: str = "") -> list[str]:
 def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict:
     """``{"ok", "problems", "checked"}`` for an export (see the module docstring). ``run``: the run
     folder when it moved since the export (default: the source recorded, a run or a checkpoint)."""
-    from privseg.export.source import cohorts_of, served_model
-    from privseg.export.statement import statement
-
     d = Path(export_dir)
     path, manifest = read_manifest(d)
     record, stated = manifest["privseg"], manifest["privacy"]
@@ -131,8 +132,6 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
 
 def _network(d: Path, record: dict):
     """The exported network, after checking its file (and the bundle's weights) against the export."""
-    from privseg.export.artifacts import OnnxNetwork, load_torchscript
-
     wanted = [record["network"], *(["models/model.pt"] if record["format"] == "monai-bundle" else [])]
     bad = [p for p in changed_files(d, {"files": {k: v for k, v in record["files"].items() if k in wanted}})]
     if bad:
@@ -145,8 +144,6 @@ def _network(d: Path, record: dict):
 
 def export_cohort(record: dict, images: list[str | Path]):
     """A one-subject cohort for ``images`` (one file per channel), described as the export records it."""
-    from privseg.data.cohort import Cohort, Subject
-
     config = record["config"]
     info = {"ct_window": record["ct_window"], **({"label_map": record["label_map"]} if record["label_map"] else {})}
     subject = Subject(id="image", site="export", images=tuple(str(Path(i)) for i in images), label=None,
@@ -158,12 +155,6 @@ def export_cohort(record: dict, images: list[str | Path]):
 def predict_export(export_dir: str | Path, images: list[str | Path], out: str | Path) -> Path:
     """Segment ``images`` (one file per channel) with an export and write the label map as
     ``privseg predict`` does (NIfTI in the input's space, or a PNG mask)."""
-    import torch
-
-    from privseg.data.transforms import load_subject, preprocess
-    from privseg.errors import ConfigError
-    from privseg.train.inference import predict_probs, predict_subject, write_mask_2d, write_prediction
-
     d = Path(export_dir)
     path, manifest = read_manifest(d)
     record = manifest["privseg"]

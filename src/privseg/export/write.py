@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from privseg.audit.ledger import file_sha256
+from privseg.data.transforms import ct_window
 from privseg.errors import ConfigError
 from privseg.export import bundle as bundle_mod
 from privseg.export.artifacts import write_onnx, write_torchscript
@@ -20,7 +22,10 @@ from privseg.export.card import markdown, to_html
 from privseg.export.source import check_pending, cohorts_of, served_model
 from privseg.export.statement import evaluation, statement
 from privseg.export.verify import BUNDLE_MANIFEST, MANIFEST, manifest_digest, manifest_path
-from privseg.utils import atomic_path, write_json
+from privseg.federated.config import FLConfig
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.train.inference import check_fits
+from privseg.utils import atomic_path, versions, write_json
 
 FORMATS = ("monai-bundle", "torchscript", "onnx")
 # the network file and the card of each format, relative to the export folder
@@ -41,8 +46,6 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 
 def _model(payload: dict, checkpoint: Path) -> torch.nn.Module:
-    from privseg.train.checkpoint import model_from_checkpoint
-
     try:
         return model_from_checkpoint(payload, checkpoint).eval()
     except ConfigError as exc:  # the registry does not know the network (weights that do not fit: CheckpointError)
@@ -76,8 +79,6 @@ def _training(served, config: dict) -> dict:
     out = {"kind": served.kind} | {k: config.get(k) for k in ("model", "norm", "patch_size", "subjects_per_step",
                                                                 "patches_per_subject", "lr", "spacing", "seed")}
     if served.kind == "federated" and served.run_dir is not None:
-        from privseg.federated.config import FLConfig
-
         fl = FLConfig.load(served.run_dir)
         return out | {"strategy": fl.strategy, "rounds": served.round, "local steps per round": fl.local_steps}
     return out | {"steps": config.get("steps")}
@@ -105,12 +106,6 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
     """Export the model ``source`` (a run folder or a checkpoint) serves as ``fmt`` into ``out``;
     returns the manifest. Refused: a model with open or failed erasure requests (unless
     ``allow_pending``), a non-empty ``out`` (unless ``force`` and it holds an earlier export)."""
-    from privseg.audit.ledger import file_sha256
-    from privseg.data.transforms import ct_window
-    from privseg.train.checkpoint import load_checkpoint
-    from privseg.train.inference import check_fits
-    from privseg.utils import versions
-
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
