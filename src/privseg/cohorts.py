@@ -5,9 +5,17 @@ cohort or a folder of site folders, read, checked file by file, or matched to a 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from privseg.data.cohort import apply_splits, read_splits
+from privseg.data.formats import collect_problems, is_known_layout, read_cohort
+from privseg.data.intensity import check_window
+from privseg.data.transforms import ct_window, load_subject, parse_ct_window
 from privseg.errors import ConfigError, DataError, PrivsegError
+from privseg.federated.sites import read_site_cohort, site_subjects, sites_from_root
+from privseg.train import TrainConfig
+from privseg.train.checkpoint import load_checkpoint
 
 
 def parse_classes(text: str) -> list[str]:
@@ -44,11 +52,6 @@ def open_cohort(path: Path, splits: Path | None = None, classes: str | None = No
     """read_cohort with the options --splits, --classes and --ct-window. With ``checkpoint`` and no
     --ct-window, the window the model trained with (when it recorded one) is used: a model sees
     intensities scaled as at training. A --ct-window that contradicts the model's is refused."""
-    from dataclasses import replace
-
-    from privseg.data.formats import read_cohort
-    from privseg.data.transforms import parse_ct_window
-
     options = {"classes": parse_classes(classes)} if classes else {}
     window = parse_ct_window(ct_window, "--ct-window") if ct_window is not None else None
     cohort = read_cohort(path, splits=splits, **options)
@@ -69,9 +72,6 @@ def train_config(cohort, *, patch: int, spacing: str | None = None, record_ct_wi
     (:func:`parse_spacing`), and -- with ``record_ct_window`` -- a CT cohort's intensity window kept
     in ``extra`` so that evaluate, predict and unlearn apply it again; ``settings`` are the other
     fields (steps, model, lr, ...)."""
-    from privseg.data.transforms import ct_window
-    from privseg.train import TrainConfig
-
     is_ct = record_ct_window and any(s.modality.upper() == "CT" for s in cohort.subjects)
     return TrainConfig.for_cohort(cohort, patch_size=(patch,) * cohort.spatial_dims,
                                   spacing=parse_spacing(spacing, cohort.spatial_dims),
@@ -80,9 +80,6 @@ def train_config(cohort, *, patch: int, spacing: str | None = None, record_ct_wi
 
 def model_ct_window(checkpoint: Path) -> tuple[float, float] | None:
     """The CT window recorded in a checkpoint's config (``extra.ct_window``), if any."""
-    from privseg.data.transforms import parse_ct_window
-    from privseg.train.checkpoint import load_checkpoint
-
     config = load_checkpoint(checkpoint).get("config")
     extra = config.get("extra") if isinstance(config, dict) else None
     recorded = extra.get("ct_window") if isinstance(extra, dict) else None
@@ -95,13 +92,8 @@ def open_cohorts(path: Path, sites_root: bool = False, splits: Path | None = Non
     reads it, one cohort per sub-folder named after it. A folder in no known layout whose
     sub-folders are is taken as a sites root. With ``problems``, a site that cannot be read is
     noted there and the other sites are still read."""
-    from privseg.data.cohort import apply_splits, read_splits
-    from privseg.data.formats import is_known_layout
-
     if not sites_root and not (path.is_dir() and not is_known_layout(path) and _has_site_folders(path)):
         return [(None, open_cohort(path, splits, classes))]
-    from privseg.federated.sites import sites_from_root
-
     pinned = read_splits(splits) if splits else None
     out = []
     for spec in sites_from_root(path):
@@ -116,8 +108,6 @@ def open_cohorts(path: Path, sites_root: bool = False, splits: Path | None = Non
 
 
 def _has_site_folders(path: Path) -> bool:
-    from privseg.data.formats import is_known_layout
-
     subs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
     return bool(subs) and all(is_known_layout(d) for d in subs)
 
@@ -127,9 +117,6 @@ def check_cohorts(path: Path, sites_root: bool = False, splits: Path | None = No
     """Read and load every file of a cohort (or of each site under a sites root): the (site,
     cohort) pairs read, how many subjects loaded without a problem, and every problem found (one
     text each)."""
-    from privseg.data.formats import collect_problems
-    from privseg.data.transforms import load_subject
-
     with collect_problems() as noted:  # the readers note a broken subject and go on with the others
         try:
             cohorts = open_cohorts(path, sites_root, splits, classes, noted)
@@ -154,9 +141,6 @@ def site_window_warnings(sites, private: bool) -> list[str]:
     """The CT window check (:func:`privseg.data.intensity.check_window`) of each of a federation's
     ``sites`` (SiteSpec) whose data this machine can read, as "site ID: warning" lines;
     ``private``: a DP run."""
-    from privseg.data.intensity import check_window
-    from privseg.federated.sites import read_site_cohort, site_subjects
-
     out = []
     for s in sites:
         try:

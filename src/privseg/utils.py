@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
@@ -36,6 +36,14 @@ def setting(default: Any, help: str, *, min: float | None = None, choices: Mappi
     (:func:`privseg.cli.ui.options_from`), so each default and help text is written once, and the
     names a help lists are the registry's when the help is built (a new entry needs no edit)."""
     return field(default=default, metadata={"help": help, "min": min, "choices": choices})
+
+
+def one_of(choices: Iterable[str] | Mapping[str, Mapping]) -> str:
+    """"One of: a, b, c." for the names of a registry (``setting``'s ``choices``, read when called, so
+    every name registered by then shows); for ``{label: registry}``, "Label: one of a, b." per label."""
+    if isinstance(choices, Mapping) and choices and all(isinstance(v, Mapping) for v in choices.values()):
+        return " ".join(f"{label.capitalize()}: one of {', '.join(names)}." for label, names in choices.items())
+    return f"One of: {', '.join(choices)}."
 
 
 def check_id(value: str, what: str = "ID") -> str:
