@@ -42,7 +42,7 @@ from privseg.erasure import LEDGER  # noqa: E402
 from privseg.federated import RunState, sites_from_cohort  # noqa: E402
 from privseg.federated.assemble import fl_config  # noqa: E402
 from privseg.privacy.accountant import StepEvent  # noqa: E402
-from privseg.privacy.budget import BudgetLedger  # noqa: E402
+from privseg.privacy.budget import BudgetLedger, ledger_path  # noqa: E402
 from privseg.privacy.spec import DPConfig  # noqa: E402
 from privseg.train import TrainConfig  # noqa: E402
 
@@ -83,7 +83,7 @@ def run(root: Path, name: str, cohort_root: Path, rounds: int = 20) -> Path:
     st.data["last_checkpoint"] = f"checkpoints/global_r{rounds:04d}.pt"
     st.set_status("finished")
     for s in SITES:
-        led = BudgetLedger(d / "sites" / s / "privacy.sqlite")
+        led = BudgetLedger(ledger_path(d, s))
         led.set_budget(s, 8.0, 1e-3)
         for r in range(1, rounds + 1):
             led.commit_round(s, r, [StepEvent(q=0.25, sigma=1.1, steps=5)])

@@ -92,11 +92,12 @@ class Audit:
         from dataclasses import replace
 
         from privseg.privacy import BudgetLedger, make_private
+        from privseg.privacy.budget import ledger_path
 
         self.count += 1
         folder = self.root / f"t{self.count}"
         return make_private(replace(self.dp, clip_norm=clip), site="H1", items=items,
-                            ledger=BudgetLedger(folder / "privacy.sqlite"), noise=noise,
+                            ledger=BudgetLedger(ledger_path(folder)), noise=noise,
                             subjects_per_step=N_PATIENTS, total_steps=1)
 
     def release(self, private, items, bound: bool = True, magnitude: float | None = None) -> float:
@@ -211,6 +212,7 @@ def timing_arm(rounds: int = TIMING["rounds"], warmup: int = TIMING["warmup"], s
     from privseg.federated.server_app import client_run_config
     from privseg.federated.strategies import state_to_arrays
     from privseg.privacy import BudgetLedger, DPConfig
+    from privseg.privacy.budget import ledger_path
     from privseg.privacy.releases import ReplyPacer
     from privseg.train import TrainConfig
 
@@ -256,7 +258,7 @@ def timing_arm(rounds: int = TIMING["rounds"], warmup: int = TIMING["warmup"], s
                     arm["sampled"].append(sampled)
                 elif r == 1 and history:  # pre-warm the ledger: a long history of earlier releases
                     site = sites[0].id
-                    ledger = BudgetLedger(arm["run"] / "sites" / site / "privacy.sqlite")
+                    ledger = BudgetLedger(ledger_path(arm["run"], site))
                     events = arm["step"].private.plan.events(0, 1)
                     for k in range(history):
                         ledger.commit_round(site, k + 1, events, scope="history", release=f"history-{k}")
