@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -119,11 +120,12 @@ def test_config_options_take_default_and_help_from_the_config():
     names of the field's registry, read from it)."""
     from privseg.cli.erase import REQUEST
     from privseg.cli.fl import FEDERATION
-    from privseg.cli.ui import DP, ERASURE, STEPS, TRAINING, one_of
+    from privseg.cli.ui import DP, ERASURE, STEPS, TRAINING
     from privseg.erasure.request import ErasureRequest
     from privseg.federated import FLConfig
     from privseg.privacy.spec import DPConfig
     from privseg.train import TrainConfig
+    from privseg.utils import one_of
 
     groups = ((TRAINING, TrainConfig, {}), (STEPS, TrainConfig, {}), (FEDERATION, FLConfig, {"mu": "proximal_mu"}),
               (DP, DPConfig, {"dp": "unit", "dp_method": "method"}), (ERASURE, ErasureRequest, {}),
@@ -140,6 +142,43 @@ def test_config_options_take_default_and_help_from_the_config():
                     (config, p.name)
                 made += 1
     assert made == 46  # each option of these groups that sets a config field (--lora-rank the latest)
+
+
+HELP_OF_TOYS = '''
+from privseg.erasure import site_eraser
+from privseg.federated.personalise import register as personalisation
+from privseg.federated.strategies import fl_strategy
+from privseg.models.registry import register_model
+from privseg.privacy.clipping import clip_rule
+from privseg.privacy.grad_sample import per_subject
+from privseg.unlearn.strategies import register as unlearning
+
+def toy():
+    "A toy entry."
+
+for register in (register_model, clip_rule, per_subject, fl_strategy, unlearning, site_eraser):
+    register("toyentry")(toy)
+personalisation("toyentry", file="toy.pt")(toy)
+
+from privseg.cli import main  # the command line is built now, with the toys registered
+
+for command in ("train", "privacy train", "fl run", "fl personalise", "unlearn", "erase"):
+    print("=== " + command, flush=True)
+    main([*command.split(), "--help"])
+'''
+
+
+def test_help_lists_the_names_the_registries_hold():
+    """A name registered before the command line is built shows in the help of every option that
+    takes one of that kind (the help lists the registries, never a copy of their names)."""
+    proc = subprocess.run([sys.executable, "-c", HELP_OF_TOYS], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "250", "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    helps = dict(part.split("\n", 1) for part in proc.stdout.split("=== ")[1:])
+    # model; model, clip rule, gradient method; the same and the FL strategy; personalisation method;
+    # unlearning strategy; the erasure's patient and site methods
+    counts = {"train": 1, "privacy train": 3, "fl run": 4, "fl personalise": 1, "unlearn": 1, "erase": 2}
+    assert {command: text.count("toyentry") for command, text in helps.items()} == counts
 
 
 def _hinted_classes(err: str) -> str:

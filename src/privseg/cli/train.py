@@ -9,15 +9,15 @@ from privseg.cli.ui import COHORT, ERASURE, PARAM, QUIET, READING, SPACING, STEP
 from privseg.cohorts import open_cohort, train_config
 from privseg.data.intensity import check_window
 from privseg.erasure.central import erase_central, membership_lines
-from privseg.erasure.request import ErasureRequest
+from privseg.erasure.request import WITHOUT_REFERENCES, ErasureRequest
 from privseg.errors import ConfigError
 from privseg.export import predict_export
 from privseg.report.text import print_central_erasure, print_dice, print_training
 from privseg.train import Trainer
 from privseg.train.inference import evaluate_checkpoint, predict_subject
 from privseg.train.warm_start import public_kind, train_public
-from privseg.unlearn import parse_ids
-from privseg.utils import parse_params, write_json
+from privseg.unlearn import STRATEGIES, parse_ids
+from privseg.utils import one_of, parse_params, write_json
 
 
 def MODEL(checkpoint: Path = typer.Option(..., help="Checkpoint (.pt).")): ...
@@ -82,8 +82,8 @@ def unlearn(
     checkpoint: Path = typer.Option(..., help="Trained checkpoint (.pt)."),
     cohort: Path = typer.Option(..., help="Cohort folder or manifest the model was trained on."),
     forget: str = typer.Option(..., help="Comma-separated subject IDs to erase, e.g. S03,S07."),
-    strategy: str = typer.Option(None, help="An unlearning strategy (privseg.unlearn.STRATEGIES); default as "
-                                 "privseg erase: scrub (with reference models, reference_teacher does best)."),
+    strategy: str = typer.Option(None, help=f"An unlearning strategy; default as privseg erase: {WITHOUT_REFERENCES} "
+                                 f"(with reference models, reference_teacher does best). {one_of(STRATEGIES)}"),
     out_dir: Path = typer.Option(..., "--out", help="Folder for unlearned.pt and report.json."),
     fix_decoder: bool = typer.Option(False, "--fix-decoder", help="Keep the decoder frozen."),
     even_if_unflagged: bool = typer.Option(False, "--even-if-unflagged", help="Erase even a patient the "

@@ -16,6 +16,7 @@ from privseg.privacy.spec import DPConfig
 from privseg.report import text
 from privseg.runs import silence_known_noise
 from privseg.train import TrainConfig
+from privseg.utils import one_of
 
 console, out = Console(stderr=True), Console()
 silence_known_noise()
@@ -51,8 +52,7 @@ def options_from(config, *names, rename: dict | None = None, switches: tuple = (
                  unset: bool = False):
     """An option group (for :func:`with_options`) made from fields of the dataclass ``config``:
     option ``--x-y`` sets field ``x_y`` (``rename`` maps an option to a field of another name) and
-    takes the field's default, help and ``min`` (:func:`privseg.utils.setting`), and the names of
-    the field's registry (``choices``: :func:`one_of`, read now, so every registered name shows). A name in
+    takes the field's default, help, ``min`` and registry's names (:func:`privseg.utils.setting`). A name in
     ``switches`` is an on-switch (no ``--no-`` form); ``helps`` replace help texts; a group among
     ``names`` adds its own options there. With ``unset``, an option left out is None (the library
     takes the default) and its help names the default."""
@@ -76,14 +76,6 @@ def options_from(config, *names, rename: dict | None = None, switches: tuple = (
 
     group.__signature__ = inspect.Signature(params)
     return group
-
-
-def one_of(choices) -> str:
-    """"One of: a, b, c." for the names of a registry (or any names); for ``{label: registry}``,
-    "Label: one of a, b." per label. Built from the registry itself, never from a copy of its names."""
-    if isinstance(choices, dict) and choices and all(isinstance(v, dict) for v in choices.values()):
-        return " ".join(f"{label.capitalize()}: one of {', '.join(names)}." for label, names in choices.items())
-    return f"One of: {', '.join(choices)}."
 
 
 def take(options: dict, group) -> dict:
