@@ -16,7 +16,9 @@ Poisson sampling of patients, per-patient clipping, noise from its secret key, a
   Google's dp-accounting; noise calibration by bisection.
 * :mod:`~privseg.privacy.budget` -- the per-site budget ledger (SQLite, WAL, transactions).
 * :mod:`~privseg.privacy.central` -- central (single-site) DP training with checkpoints.
-* :mod:`~privseg.privacy.client_dp` -- client-level DP-FedAvg at the server (site = unit).
+* :mod:`~privseg.privacy.client_dp` -- the client-level DP-FedAvg mechanism (site = unit), on plain
+  arrays; Flower's strategy wrapper around it is :mod:`privseg.federated.dp_strategy`. No module
+  here imports Flower.
 """
 
 from privseg.privacy.accountant import (
