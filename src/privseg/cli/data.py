@@ -4,9 +4,9 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.ui import CLASSES, QUIET, SPLITS, console, out, progress, with_options
+from privseg.cli.ui import CLASSES, QUIET, SPLITS, console, one_of, out, progress, with_options
 from privseg.cohorts import check_cohorts, open_cohorts
-from privseg.data.synth import synth_cohort_nd
+from privseg.data.synth import KINDS_2D, LAYOUTS, synth_cohort_nd
 from privseg.errors import DataError
 from privseg.report.text import print_cohort_check, print_cohorts
 
@@ -21,10 +21,10 @@ def synth(
     subjects: int = typer.Option(8, min=2, help="Subjects per site."),
     size: int = typer.Option(64, min=16, max=256, help="Volume side in voxels."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same cohort."),
-    layout: str = typer.Option("msd", help="File layout: msd or mrbrains."),
+    layout: str = typer.Option("msd", help=f"File layout. {one_of(LAYOUTS)}"),
     lesions: bool = typer.Option(False, help="Add white-matter lesions as an extra class."),
     dims: int = typer.Option(3, help="3 for volumes, 2 for a 2D slice/dermoscopy task."),
-    kind2d: str = typer.Option("dermoscopy", "--kind-2d", help="2D task: dermoscopy or slices."), quiet: bool = False,
+    kind2d: str = typer.Option("dermoscopy", "--kind-2d", help=f"2D task. {one_of(KINDS_2D)}"), quiet: bool = False,
 ) -> None:
     """Build the embedded multi-site cohort from the MNI152 template inside nilearn (offline)."""
     with progress("synthesising", sites * subjects, quiet) as update:
