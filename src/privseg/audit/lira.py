@@ -50,14 +50,13 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from privseg.audit.mia import auc
+from privseg.audit.mia import STATISTICS, auc
 from privseg.errors import ConfigError
 from privseg.utils import registrar
 
 ALPHA = 0.05  # flagged as a member when p < ALPHA
 MIN_OUT = 2  # a mean and a spread need at least two OUT scores
 MIN_POPULATION = 3  # RMIA-style test: a population mean and spread need a few never-seen patients
-STATISTICS = ("loss", "dice")
 
 
 def lira_score(row: Mapping, statistic: str = "loss") -> float:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from privseg.audit.mia import audit_checkpoint
+from privseg.audit.mia import STATISTICS, audit_checkpoint
 from privseg.audit.reference import ReferenceSettings, ensure_references, readiness, readiness_line, run_membership
 from privseg.cli.ui import CLASSES, COHORT, QUIET, SPLITS, options_from, out, phased_progress, with_options
 from privseg.cohorts import open_cohort
 from privseg.report.text import print_membership, print_mia, print_references
-from privseg.utils import write_json
+from privseg.utils import one_of, write_json
 
 app = typer.Typer(no_args_is_help=True, help="Audits: membership inference.")
 _JSON = typer.Option(None, "--out", "--json", help="Write the result as JSON.")
@@ -25,7 +25,7 @@ def mia(
     non_members: str = typer.Option(..., help="Comma-separated subject IDs it never saw."),
     reference: list[Path] = typer.Option(None, help="Reference checkpoint(s) trained without any scored subject "
                                          "(e.g. the retrained model): calibrates each subject's score (LiRA-style)."),
-    statistic: str = typer.Option("loss", help="loss or dice."),
+    statistic: str = typer.Option("loss", help=f"Membership statistic. {one_of(STATISTICS)}"),
     views: int = typer.Option(4, min=1, help="Augmented views per subject."),
     seed: int = typer.Option(0),
     refuse_small: bool = typer.Option(False, "--refuse-small", help="Refuse (exit 2) when fewer than 5 members or "

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from privseg.audit.ledger import ErasureLedger, canonical, latest
-from privseg.audit.lira import STATISTICS
-from privseg.audit.mia import OnProgress
+from privseg.audit.mia import STATISTICS, OnProgress
 from privseg.audit.reference import STOP_P, load_references
 from privseg.errors import ConfigError
 from privseg.federated.config import FLConfig
@@ -134,7 +133,7 @@ class ErasureRequest:
     calibration_interval: int = setting(2, "FedEraser: calibrate every N-th round.", min=1)
     thresholds: dict = field(default_factory=dict)
     seed: int = setting(0, "Random seed.")
-    statistic: str = setting("loss", "Per-patient membership test statistic: loss or dice.")
+    statistic: str = setting("loss", "Per-patient membership test statistic.", choices=STATISTICS)
     stop_p: float = setting(STOP_P, "Patient, calibrated target: stop the local unlearning once every erased patient's "
                             "p-value against the reference models is >= this (a margin above the verification's 0.05).")
     method_reason: str = ""  # why the method was picked when the request named none (default_method)
