@@ -12,6 +12,7 @@ import io
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -336,6 +337,4 @@ def mia_distributions(scores: Mapping[str, Mapping[str, Sequence[float]]], xlabe
 
 def blank_check(png: bytes) -> float:
     """Pixel standard deviation of a PNG (0 means blank); used by tests."""
-    from PIL import Image
-
     return float(np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float).std())

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sqlite3
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -39,13 +40,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from privseg.audit.certificate import summarise
+from privseg.audit.ledger import ErasureLedger
+from privseg.audit.mia import subject_statistics
+from privseg.data.formats import read_cohort
+from privseg.data.transforms import load_preprocessed
 from privseg.errors import ConfigError, DataError, PrivsegError
 from privseg.privacy.budget import BudgetLedger, ledgers_in
 from privseg.report import figures as F
+from privseg.report.served import served_view
 from privseg.report.text import rounds_text
 from privseg.report.tracking import read_metrics, read_run
-from privseg.utils import atomic_path
+from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+from privseg.train.inference import evaluate_checkpoint, predict_probs
+from privseg.utils import atomic_path, check_id
 
 MAX_OVERLAY_SUBJECTS = 3
 MAX_TABLE_ROWS = 200
@@ -240,8 +250,6 @@ class Builder:
 
 # -- cohort discovery ---------------------------------------------------------------------
 def _try_cohort(path: Any):
-    from privseg.data.formats import read_cohort
-
     if not path:
         return None
     try:
@@ -253,8 +261,6 @@ def _try_cohort(path: Any):
 def _checkpoint_meta(path: Path | None) -> dict:
     if path is None or not Path(path).is_file():
         return {}
-    from privseg.train.checkpoint import load_checkpoint
-
     try:
         return load_checkpoint(path)
     except PrivsegError:
@@ -264,8 +270,6 @@ def _checkpoint_meta(path: Path | None) -> dict:
 def find_cohort(src: Source, explicit: str | os.PathLike | None = None):
     """The cohort a run used: explicit path, run.json, fl_config.json, the original run of an
     unlearning report, or a sibling folder holding a manifest of the same cohort name."""
-    from privseg.data.formats import read_cohort
-
     if explicit:
         return read_cohort(explicit)  # a bad explicit path is the caller's error
     candidates: list[Any] = []
@@ -308,28 +312,20 @@ def find_cohort(src: Source, explicit: str | os.PathLike | None = None):
 
 # -- volumes and predictions ------------------------------------------------------------------
 def _items(cohort, ids: Sequence[str], spacing=None) -> dict[str, dict]:
-    from privseg.data.transforms import load_preprocessed
-
     subs = [cohort.subject(i) for i in ids]
     return {s.id: it for s, it in zip(subs, load_preprocessed(subs, cohort, spacing), strict=True)}
 
 
 def _arr(t) -> np.ndarray:
-    import torch
-
     return np.asarray(torch.as_tensor(t).detach().cpu().float().numpy())
 
 
 def _model(path: Path):
-    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
-
     payload = load_checkpoint(path)
     return payload["config"], model_from_checkpoint(payload, path).eval()
 
 
 def _predict(model, cfg: dict, item: dict) -> np.ndarray:
-    from privseg.train.inference import predict_probs
-
     return predict_probs(model, item["image"], cfg["patch_size"]).argmax(0).numpy()
 
 
@@ -621,8 +617,6 @@ def _unlearn_section(b: Builder, src: Source, cohort, subjects: Sequence[str] | 
                 cohort.classes, f"Forgotten subject {sid}: before / after / retrain",
                 spacing=F.voxel_spacing(it["image"])),
                 f"Forgotten subject {sid} under each model (outline: ground truth).")
-        from privseg.audit.mia import subject_statistics
-
         scores = {}
         for k, (c, m) in loaded.items():
             groups = {"members": members, "non-members": nonmembers, "forgotten": forget}
@@ -659,9 +653,6 @@ def _erasure_section(b: Builder, run_dir: Path | None) -> None:
     request with its verification evidence, and where its certificate is."""
     if run_dir is None or not (run_dir / "erasure" / "ledger.db").is_file():
         return
-    from privseg.audit.certificate import summarise
-    from privseg.audit.ledger import ErasureLedger
-
     path = run_dir / "erasure" / "ledger.db"
     try:
         ledger = ErasureLedger(path, create=False)
@@ -690,8 +681,6 @@ def _erasure_section(b: Builder, run_dir: Path | None) -> None:
 def _personalisation_section(b: Builder, run_dir: Path | None) -> None:
     """Per site: test Dice of the global, personalised and local-only models and the model it
     serves (``personalisation.json``; :mod:`privseg.report.served`)."""
-    from privseg.report.served import served_view
-
     view = served_view(run_dir) if run_dir is not None else None
     if not view:
         return
@@ -777,12 +766,8 @@ def _metrics_section(b: Builder, src: Source, coh, eval_ckpt: Path | None, note:
     needs_hd = result is None or not any("hd95" in r for r in result.get("subjects", []))
     if (evaluate and needs_hd and coh is not None and eval_ckpt is not None and src.kind != "unlearn"
             and (coh.select("test") or result is None)):
-        from privseg.train.inference import evaluate_checkpoint
-
         split = "test" if coh.select("test") else "val" if coh.select("val") else None
         if split:
-            import warnings
-
             with warnings.catch_warnings():  # MONAI warns on classes absent from a prediction (HD95 = NaN)
                 warnings.simplefilter("ignore")
                 result = evaluate_checkpoint(eval_ckpt, coh, split, with_hd95=True, on_subject=on_evaluate)
@@ -806,8 +791,6 @@ def build_report(path: str | os.PathLike, out_html: str | os.PathLike, subjects:
     if out_html.exists() and out_html.is_dir():
         raise ConfigError(f"--out {out_html}: is a folder; give a file name such as report.html")
     if subjects:
-        from privseg.utils import check_id
-
         subjects = [check_id(s, "subject ID") for s in subjects]
     coh = find_cohort(src, cohort)
     if subjects and coh is not None:

@@ -16,6 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from privseg.audit.certificate import membership_statements
+from privseg.errors import PrivsegError
+from privseg.federated.personalise import GLOBAL, read_personalisation
+from privseg.federated.sites import read_site_cohort
+from privseg.unlearn import report_rows
+from privseg.unlearn.engine import mia_warnings
+
 # Redirected output gets a plain line at every tenth of the work, and at least this often.
 PLAIN_EVERY_S = 30.0
 TEXT_COLUMNS = ("subject", "site", "split", "class", "strategy", "metric")
@@ -197,16 +204,12 @@ def print_fl_status(out: Console, state) -> None:
         names = class_names(state.run_dir, max(len(m.get("dice", [])) for m in latest.values()))
         out.print(table("latest evaluation per site (held-out subjects)",
                         ["site", "round", "subjects", *[f"Dice {n}" for n in names], "mean Dice", "MAE"], srows))
-    from privseg.federated.personalise import read_personalisation
-
     print_personalisation(out, read_personalisation(state.run_dir))
 
 
 def print_personalisation(out: Console, res: dict | None) -> None:
     """Per site: test Dice of the global, personalised and local-only models and the one the site
     serves (chosen on validation patients; privseg.federated.personalise)."""
-    from privseg.federated.personalise import GLOBAL
-
     if not res:
         return
     names = [GLOBAL, *res["methods"]]
@@ -221,9 +224,6 @@ def class_names(run_dir: Path, n_foreground: int) -> list[str]:
     """The foreground class names of a federated run (e.g. CSF, GM, WM), from the cohort of its
     first readable site; "c1", "c2", ... only when no site's data is readable from here (a
     deployment's sites)."""
-    from privseg.errors import PrivsegError
-    from privseg.federated.sites import read_site_cohort
-
     try:
         sites = json.loads((Path(run_dir) / "fl_config.json").read_text()).get("sites") or []
     except (OSError, ValueError, AttributeError):
@@ -276,8 +276,6 @@ def print_verification(out: Console, ver: dict) -> None:
     calibrated membership statements."""
     if not ver:
         return
-    from privseg.audit.certificate import membership_statements
-
     rows = [[name, ver[name]["mia_auc"], ver[name].get("retain_dice", "withheld (DP)"), ver[name]["test_dice"]]
             for name in ("before", "after", "retrain") if name in ver]
     out.print(table("verification", ["model", "MIA AUC (erased vs unseen)", "retain Dice", "test Dice"], rows))
@@ -351,9 +349,6 @@ def print_dice(out: Console, result: dict) -> None:
 def print_unlearning(out: Console, result, strategy: str, target: str) -> None:
     """An unlearning report: one column per model, one row per metric (fits a terminal, and the CI
     sits under its AUC), the small-sample warnings, distances to the retrain and the files."""
-    from privseg.unlearn import report_rows
-    from privseg.unlearn.engine import mia_warnings
-
     r = result.report
     cols, rows = report_rows(r)
     out.print(table(f"{strategy}{' + fix_decoder' if r['fix_decoder'] else ''}, target {target}: "
