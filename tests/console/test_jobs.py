@@ -82,3 +82,35 @@ def test_restart_during_a_job_resumes_from_the_ledger_and_applies_nothing_twice(
     requested = next(e for e in cert["entries"] if e["event"] == "requested")["body"]
     assert (requested["requested_by"], requested["approved_by"]) == ("h2 (site H2)", "dpo (officer)")
     assert ErasureLedger(ledger_file).verify() == (True, [])
+
+
+def test_a_job_on_a_run_another_process_holds_waits_in_the_queue(tmp_path_factory, tmp_path):
+    """The erasure takes the run's lock itself (the worker no longer does): a run held by training
+    in another process sends the job back to the queue, nothing written to the run."""
+    import subprocess
+    import sys
+
+    from privseg.console import erasure
+    from privseg.console.worker import BUSY, run_job
+
+    root, cohort = trained_root(tmp_path_factory, tmp_path)
+    patient = train_ids(cohort, "H2")[0]
+    store = Store(root)
+    rid = erasure.request_id(root / "fed", "patient", "H2", [patient])
+    store.file("fed", rid, "patient", "H2", [patient], "GDPR art. 17", "h2")
+    store.approve("fed", rid, "dpo", {"thresholds": LOOSE})
+    store.start("fed", rid, os.getpid())
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, time\n"
+        f"f = open({str(root / 'fed' / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.truncate(0); f.write('a federated training run (test)'); f.flush()\n"
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_job(root, "fed", rid) == BUSY
+    finally:
+        holder.kill()
+        holder.wait()
+    rec = store.get("fed", rid)
+    assert rec["state"] == "queued" and "busy" in rec["message"] and "training run (test)" in rec["message"]
+    assert not (root / "fed" / "erasure").exists()

@@ -211,9 +211,8 @@ def decide(c: Console, ctx: Ctx, approve: bool) -> Response:
 
 
 def certificate(c: Console, ctx: Ctx) -> Response:
-    from privseg.audit.certificate import render_html, summarise
+    from privseg.audit.certificate import write_certificate
     from privseg.console.cache import ledger_view
-    from privseg.utils import write_json
 
     d, s = c.run_for(ctx, ctx.param("run"))
     rid, fmt = ctx.param("rid"), ctx.param("fmt")
@@ -224,16 +223,12 @@ def certificate(c: Console, ctx: Ctx) -> Response:
         raise HTTPError(409, "The erasure has not started: there is no certificate yet.")
     path = erasure.ledger_path(d)
     view = ledger_view(path)
-    # what write_certificate writes, with the chain check of the ledger view (a full re-hash of
-    # the ledger per download made this page slow); test_console checks the two agree
-    s_ = summarise(entries)
-    if fmt == "html":
-        data = render_html(s_, view.ok, view.problems, str(path)).encode()
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_json(Path(tmp) / "c.json", {"certificate": s_, "ledger": str(path), "chain_intact": view.ok,
-                                              "chain_problems": view.problems, "entries": entries})
-            data = (Path(tmp) / "c.json").read_bytes()
+    # the library's certificate, with the entries and chain check of the ledger view (a full re-hash
+    # of the ledger per download made this page slow); test_cache checks it is privseg erase's
+    with tempfile.TemporaryDirectory() as tmp:
+        files = dict(zip(("json", "html"), write_certificate(path, rid, tmp, entries=entries,
+                                                              chain=(view.ok, view.problems)), strict=True))
+        data = files[fmt].read_bytes()
     resp = Response(data, media_type="text/html" if fmt == "html" else "application/json",
                     headers={"content-disposition": f'attachment; filename="{rid}.{fmt}"'})
     return secure_headers(resp, DOC_CSP)

@@ -81,10 +81,10 @@ def price(run_dir: Path, req: ErasureRequest, cfg: FLConfig | None = None,
     """:func:`erasure_cost` of the request ``req``: the DP steps each site would take for it (as the
     erasure takes them) and what they cost; empty when the run is not patient-level DP or has not
     trained (nothing is spent). ``cfg``, ``state``: the run's, when the caller has them loaded."""
-    cfg = cfg or FLConfig.load(run_dir)
+    cfg = FLConfig.load(run_dir) if cfg is None else cfg
     if dp_of(cfg) is None:
         return []
-    state = state or RunState.load(run_dir)
+    state = RunState.load(run_dir) if state is None else state
     return erasure_cost(run_dir, cfg, dp_steps(cfg, state, req)) if state.rounds_done >= 1 else []
 
 
@@ -108,8 +108,8 @@ def budget_options(run_dir: Path, req: ErasureRequest, rows: list[dict] | None =
     repair rounds that fit), then raising each short site's budget to what the request needs.
     Each option: ``{"text", "settings"}`` (request settings to change) or ``{"text", "budget":
     {site: epsilon}}`` (``privseg privacy budget``, a decision recorded in the site's ledger)."""
-    cfg = cfg or FLConfig.load(run_dir)
-    state = state or RunState.load(run_dir)
+    cfg = FLConfig.load(run_dir) if cfg is None else cfg
+    state = RunState.load(run_dir) if state is None else state
     rows = price(run_dir, req, cfg, state) if rows is None else rows
     short = [r for r in rows if not r["fits"]]
     if not short:
