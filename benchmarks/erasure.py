@@ -171,7 +171,7 @@ def _cohort(s: dict, shared: Path):
 
 
 def _fl_config(s: dict, cohort):
-    from privseg.data.transforms import load_preprocessed
+    from privseg.data.transforms import load_preprocessed, whole_volume_patch
     from privseg.federated import check_sites, sites_from_cohort
     from privseg.federated.assemble import fl_config
     from privseg.train import TrainConfig
@@ -180,7 +180,7 @@ def _fl_config(s: dict, cohort):
     info = check_sites(sites)
     items = load_preprocessed(cohort.subjects, cohort, None)
     # whole-volume patches: training sees every patient exactly as the membership test scores it
-    volume = tuple(max(int(i["image"].shape[d + 1]) for i in items) for d in range(3))
+    volume = whole_volume_patch(items)
     tc = TrainConfig(model=s["model"], norm="group", patch_size=volume, subjects_per_step=s["subjects_per_step"],
                      patches_per_subject=1, lr=s["lr"], seed=s["seed"], device="cpu",
                      steps=s["rounds"] * s["local_steps"], in_channels=len(info["channels"]),

@@ -50,7 +50,7 @@ def run(args, argv) -> dict:
     import torch
 
     from privseg.data.synth import POWER_MIA, POWER_TRAINING, power_cohort
-    from privseg.data.transforms import load_preprocessed
+    from privseg.data.transforms import load_preprocessed, whole_volume_patch
     from privseg.train import TrainConfig, train_steps
     from privseg.train.loop import make_optimizer
     from privseg.utils import seed_everything
@@ -66,7 +66,7 @@ def run(args, argv) -> dict:
     never = load_preprocessed(cohort.select("test"), cohort, None)
     tr = POWER_TRAINING
     # patch_size None: the whole preprocessed volume, so training sees each patient as the test scores it
-    patch = tr["patch_size"] or tuple(max(int(i["image"].shape[d + 1]) for i in train + never) for d in range(3))
+    patch = tr["patch_size"] or whole_volume_patch(train + never)
     steps = args.steps or tr["steps"]
     cfg = TrainConfig(model=args.model or tr["model"], norm="group", patch_size=patch,
                       subjects_per_step=tr["subjects_per_step"], patches_per_subject=tr["patches_per_subject"],

@@ -281,6 +281,7 @@ def _choose_forget(s: dict, cohort, power: dict) -> dict:
 
 def original_cell(s: dict, shared: Path) -> dict:
     from privseg.audit.mia import power_check_model
+    from privseg.data.transforms import whole_volume_patch
     from privseg.train import TrainConfig, save_checkpoint, train_steps
     from privseg.train.loop import make_optimizer
     from privseg.utils import seed_everything
@@ -289,7 +290,7 @@ def original_cell(s: dict, shared: Path) -> dict:
     train_ids, never_ids = _split(cohort)
     train, never = _items(cohort, train_ids), _items(cohort, never_ids)
     # whole-volume patches: training sees every patient exactly as the membership test scores it
-    volume = tuple(max(int(i["image"].shape[d + 1]) for i in train + never) for d in range(3))
+    volume = whole_volume_patch(train + never)
     cfg = TrainConfig(model=s["model"], norm="group", patch_size=volume, subjects_per_step=s["subjects_per_step"],
                       patches_per_subject=s["patches_per_subject"], lr=s["lr"], steps=s["steps"], seed=s["seed"],
                       device="cpu", in_channels=len(cohort.channels), num_classes=cohort.num_classes)

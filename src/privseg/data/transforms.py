@@ -239,6 +239,19 @@ def load_preprocessed(
     return [preprocess(load_subject(s, cohort), spacing) for s in subjects]
 
 
+def whole_volume_patch(items: Sequence[dict]) -> tuple[int, ...]:
+    """The smallest patch that holds every preprocessed item whole (the largest extent along each
+    spatial axis): training on it sees each patient exactly as a membership test scores it, which
+    is what a ``patch_size`` of None means in :data:`privseg.data.synth.POWER_TRAINING`."""
+    if not items:
+        raise ConfigError("a whole-volume patch needs at least one preprocessed item")
+    dims = {it["image"].ndim - 1 for it in items}
+    if len(dims) != 1:
+        raise ConfigError(f"items of different dimensionality ({', '.join(map(str, sorted(dims)))}D) have no "
+                          "common patch")
+    return tuple(max(int(it["image"].shape[d + 1]) for it in items) for d in range(dims.pop()))
+
+
 class PatchSampler:
     """Draws ``patches_per_subject`` patches from each chosen subject, half of them
     centred on foreground, so the batch is grouped by subject (the DP unit).
