@@ -795,6 +795,18 @@ def render(out: dict, done: dict) -> list[str]:
     return lines
 
 
+def side_study() -> tuple[Path, Path]:
+    """What a side study of this benchmark starts with (one torch thread, quiet logs): the runs folder
+    of the benchmark (``cells/``, ``work/``) and the shared folder of its full setting (the original run)."""
+    import torch
+
+    from privseg.runs import silence_known_noise
+
+    torch.set_num_threads(1)
+    silence_known_noise()
+    return cells.BENCH_DIR / "runs" / BENCH, cells.shared_dir(cells.parse("", BENCH, []), BENCH, FULL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = cells.parse(__doc__, BENCH, argv)
     setting = SMOKE if args.smoke else FULL

@@ -55,15 +55,9 @@ def run_setting(shared: Path, cell: dict, retrain: Path, method: str, repair: in
 
 
 def main() -> int:
-    import torch
-
     from privseg.federated import RunState
-    from privseg.runs import silence_known_noise
 
-    torch.set_num_threads(1)
-    silence_known_noise()
-    runs = cells.BENCH_DIR / "runs" / "erasure"
-    shared = cells.shared_dir(cells.parse("", "erasure", []), "erasure", erasure.FULL)
+    runs, shared = erasure.side_study()
     cell = cells.metrics_of(runs / "cells", f"patient-{SLOT}")
     retrain = RunState.load(runs / "work" / f"patient-{SLOT}" / "retrain").last_checkpoint
     work = runs / "work" / "_repair-sweep"

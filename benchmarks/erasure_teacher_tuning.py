@@ -56,21 +56,15 @@ def tuning_patients(cells_dir) -> dict[str, str]:
 
 
 def main() -> int:
-    import torch
-
     from privseg.audit import reference as refmod
     from privseg.audit.mia import subject_statistics
     from privseg.data.transforms import load_preprocessed
     from privseg.federated import FLConfig, RunState
     from privseg.federated.sites import read_site_cohort, site_subjects
-    from privseg.runs import silence_known_noise
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
     from privseg.unlearn.engine import unlearn
 
-    torch.set_num_threads(1)
-    silence_known_noise()
-    runs = cells.BENCH_DIR / "runs" / "erasure"
-    shared = cells.shared_dir(cells.parse("", "erasure", []), "erasure", erasure.FULL)
+    runs, shared = erasure.side_study()
     original = erasure._original(shared)
     ckpt = RunState.load(original).last_checkpoint
     payload = load_checkpoint(ckpt)
