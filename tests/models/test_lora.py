@@ -177,3 +177,22 @@ def test_a_dp_federation_fine_tunes_adapters_and_exchanges_plain_weights(tmp_pat
     assert all(not torch.equal(end[k], start[k]) for k in convs)  # each site's adapters, merged, then averaged
     frozen = [k for k in start if k not in convs]  # the norms' scales and shifts, the biases
     assert any(".adn.N." in k for k in frozen) and all(torch.allclose(end[k], start[k]) for k in frozen)
+
+
+def test_central_dp_with_lora_serves_the_merged_average(tiny_cohort, tmp_path):
+    from privseg.privacy import DPConfig, train_private
+    from privseg.train import TrainConfig
+    from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    cfg = TrainConfig.for_cohort(tiny_cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=3, device="cpu",
+                                 trainable="lora", lora_rank=2)
+    dp = DPConfig(epsilon=50.0, delta=1e-2, clip="normalise", plan="auto", cohort_size=2, epochs=2.0, aug_mult=1,
+                  ema=0.9, allow_large_delta=True, reproducible_noise=True)
+    res = train_private(tiny_cohort, cfg, dp, tmp_path / "dp")
+    payload = load_checkpoint(res["checkpoint"])
+    plain = list(build_model("unet_tiny", in_channels=1, num_classes=cfg.num_classes).state_dict())
+    assert list(payload["model"]) == list(payload["train_model"]) == plain  # the EMA and the iterate: plain weights
+    served = res["model"].state_dict()
+    assert all(torch.equal(served[k], v) for k, v in payload["model"].items())  # the run returns what it serves
+    assert not all(torch.equal(payload["model"][k], v) for k, v in payload["train_model"].items())  # an average
+    assert not is_adapted(model_from_checkpoint(payload))
