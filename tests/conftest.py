@@ -94,6 +94,17 @@ def tiny_federation(root: Path, *, name: str, rounds: int, local_steps: int, per
     return cohort, root / run
 
 
+
+def tiny_central_run(cohort: Cohort, out: Path, steps: int, **settings) -> Path:
+    """``steps`` steps of central training of unet_tiny on ``cohort`` (16³ patches, CPU, one checkpoint at
+    the end) into ``out``; ``settings``: other TrainConfig fields. Returns the run's last.pt."""
+    from privseg.train import TrainConfig, Trainer
+
+    cfg = TrainConfig.for_cohort(cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=steps,
+                                 checkpoint_every=steps, device="cpu", **settings)
+    Trainer(cohort, cfg, out).fit(resume=False)
+    return out / "last.pt"
+
 # verification thresholds that pass any erasure (tests of the mechanics, not of the evidence)
 LOOSE = {"max_mia_auc": 1.0, "min_retain_dice_ratio": 0.0, "min_test_dice_ratio": 0.0}
 

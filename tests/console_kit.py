@@ -13,6 +13,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+import pytest
+
 from conftest import make_tiny_cohort
 from privseg.audit.ledger import ErasureLedger
 from privseg.console.accounts import Accounts
@@ -92,6 +94,25 @@ def crafted_root(base: Path) -> tuple[Path, Path]:
     add_users(root)
     return root, cohort.root
 
+
+
+def crafted_fixtures(name: str):
+    """Two pytest fixtures over :func:`crafted_root`, for a test module to bind as ``template, fresh =
+    crafted_fixtures(NAME)``: ``template``, the crafted runs root built once per module (under a temporary
+    folder called NAME); ``fresh``, a private copy of it per test (accounts included; the cohort is
+    shared, read-only)."""
+
+    @pytest.fixture(scope="module")
+    def template(tmp_path_factory) -> tuple[Path, Path]:
+        return crafted_root(tmp_path_factory.mktemp(name))
+
+    @pytest.fixture
+    def fresh(template, tmp_path) -> tuple[Path, Path]:
+        root, cohort = template
+        shutil.copytree(root, tmp_path / "runs")
+        return tmp_path / "runs", cohort
+
+    return template, fresh
 
 def train_ids(cohort_root: Path, site: str) -> list[str]:
     from privseg.data.formats import read_cohort

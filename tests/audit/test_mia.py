@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_cohort
+from conftest import make_tiny_cohort, tiny_central_run
 from privseg.audit import mia
 from privseg.cli import main
 from privseg.errors import ConfigError
@@ -107,14 +107,9 @@ def test_views_undo_their_flips():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from privseg.train import TrainConfig, Trainer
-
     root = tmp_path_factory.mktemp("mia")
     cohort = make_tiny_cohort(root / "cohort", sites=2, per_site=3, size=16)
-    cfg = TrainConfig.for_cohort(cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=2, checkpoint_every=2,
-                                 patches_per_subject=1, device="cpu")
-    Trainer(cohort, cfg, root / "run").fit(resume=False)
-    return cohort, root / "run" / "last.pt"
+    return cohort, tiny_central_run(cohort, root / "run", steps=2, patches_per_subject=1)
 
 
 def test_cli_audit_mia(trained, tmp_path, capsys):

@@ -7,30 +7,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 
-import pytest
 from starlette.testclient import TestClient
 
-from console_kit import crafted_root, login
+from console_kit import crafted_fixtures, login
 from privseg.audit.certificate import write_certificate
 from privseg.audit.ledger import ErasureLedger
 from privseg.console import cache, create_app
 from privseg.privacy.accountant import StepEvent
 from privseg.privacy.budget import BudgetLedger
 
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return crafted_root(tmp_path_factory.mktemp("console-cache"))
-
-
-@pytest.fixture
-def fresh(template, tmp_path):
-    root, cohort = template
-    shutil.copytree(root, tmp_path / "runs")
-    return tmp_path / "runs", cohort
+template, fresh = crafted_fixtures("console-cache")
 
 
 def _client(root, user):

@@ -4,7 +4,6 @@ path tricks, escaping, fuzzed request endpoints (all on crafted run folders: no 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from console_kit import PASSWORDS, crafted_root, login, token_of, train_ids
+from console_kit import PASSWORDS, crafted_fixtures, crafted_root, login, token_of, train_ids
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.console import create_app
@@ -28,17 +27,7 @@ def crafted(tmp_path_factory):
     return crafted_root(tmp_path_factory.mktemp("console"))
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return crafted_root(tmp_path_factory.mktemp("console-template"))
-
-
-@pytest.fixture
-def fresh(template, tmp_path):
-    """A private copy of the crafted runs root (accounts included; the cohort is shared, read-only)."""
-    root, cohort = template
-    shutil.copytree(root, tmp_path / "runs")
-    return tmp_path / "runs", cohort
+template, fresh = crafted_fixtures("console-template")
 
 
 def client_for(root, user=None, **kw):

@@ -8,21 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_cohort
+from conftest import make_tiny_cohort, tiny_central_run
 from privseg.cli import main
 from privseg.errors import PrivsegError
 from privseg.report import build_report, find_runs
 from privseg.report.figures import blank_check
-from privseg.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     cohort = make_tiny_cohort(root / "tiny")
-    cfg = TrainConfig.for_cohort(cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=3, checkpoint_every=3,
-                                 lr=5e-3, device="cpu")
-    Trainer(cohort, cfg, root / "runs" / "central").fit()
+    tiny_central_run(cohort, root / "runs" / "central", steps=3, lr=5e-3)
     return root, cohort
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_blob_subject, make_tiny_cohort, write_nifti
+from conftest import make_blob_subject, make_tiny_cohort, tiny_central_run, write_nifti
 from privseg.cli import main
 from privseg.data.formats import read_cohort
 from privseg.train import TrainConfig, Trainer
@@ -31,10 +31,7 @@ def tiny(tmp_path_factory):
     """A tiny 3D cohort (voxels 1.5 x 1.5 x 2 mm, one 16^3 patch each) and a model trained on it for two steps."""
     root = tmp_path_factory.mktemp("newcomer")
     cohort = make_tiny_cohort(root / "tiny", per_site=2, size=16)  # 2 train, 2 test: the CPU tests stay short
-    cfg = TrainConfig.for_cohort(cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=2, checkpoint_every=2,
-                                 device="cpu")
-    Trainer(cohort, cfg, root / "central").fit()
-    return root, cohort, root / "central" / "last.pt"
+    return root, cohort, tiny_central_run(cohort, root / "central", steps=2)
 
 
 @pytest.fixture(scope="module")

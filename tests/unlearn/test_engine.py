@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_cohort
+from conftest import make_tiny_cohort, tiny_central_run
 from privseg.cli import main
 from privseg.errors import CheckpointError, ConfigError
-from privseg.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from privseg.train import TrainConfig, load_checkpoint, save_checkpoint
 from privseg.unlearn import STRATEGIES, unlearn
 from privseg.unlearn.strategies import decoder_state_keys
 
@@ -22,9 +22,7 @@ def setup(tmp_path_factory):
     """A tiny cohort (6 train, 2 test subjects, 16³), a 3-step original and its retrain reference."""
     root = tmp_path_factory.mktemp("unlearn")
     cohort = make_tiny_cohort(root / "cohort", sites=2, per_site=4, size=16)
-    cfg = TrainConfig.for_cohort(cohort, model="unet_tiny", patch_size=(16, 16, 16), steps=3, checkpoint_every=3,
-                                 patches_per_subject=1, device="cpu")
-    Trainer(cohort, cfg, root / "orig").fit(resume=False)
+    tiny_central_run(cohort, root / "orig", steps=3, patches_per_subject=1)
     items: dict = {}
     forget = cohort.select("train")[0].id
     rt = unlearn(root / "orig" / "last.pt", cohort, forget, "retrain", out_dir=root / "retrain", evaluate=False,
