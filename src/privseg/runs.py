@@ -10,7 +10,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from flwr.supercore.logger import ConsoleHandler
+
+from privseg.audit.certificate import write_certificate
+from privseg.audit.ledger import ErasureLedger
+from privseg.audit.reference import ensure_references
+from privseg.erasure import LEDGER, ErasureRequest, default_method, erase
 from privseg.errors import ConfigError, DataError, PrivsegError
+from privseg.federated import RunState
+from privseg.federated.deploy import deploy
+from privseg.federated.simulation import simulate, simulate_inprocess
+from privseg.report.tracking import describe_run, find_runs
+from privseg.train.warm_start import write_start
 from privseg.utils import parse_params
 
 RUNS = Path("runs")
@@ -31,8 +42,6 @@ def run_folder(run: str | Path, runs: str | Path = RUNS, marker: str | None = No
 
 def find_run(run: str | Path, root: str | Path = RUNS) -> dict:
     """``describe_run`` of a run folder, or of the run of that name found under ``root``."""
-    from privseg.report.tracking import describe_run, find_runs
-
     run, root = Path(run), Path(root)
     info = describe_run(run) if run.is_dir() else None
     if info is None and root.is_dir():
@@ -46,17 +55,12 @@ def find_run(run: str | Path, root: str | Path = RUNS) -> dict:
 # -- federated runs ------------------------------------------------------------------------------
 def rounds_done(run_dir: Path) -> int:
     """Rounds a federated run has behind it (0 for a new run)."""
-    from privseg.federated import RunState
-
     return RunState.load_or_new(run_dir).rounds_done if (Path(run_dir) / "state.json").exists() else 0
 
 
 def write_round_zero(cfg, run_dir: Path) -> None:
     """A new federated run with a warm start (``cfg.train.init``) begins from it: round 0's global
     checkpoint, written once."""
-    from privseg.federated import RunState
-    from privseg.train.warm_start import write_start
-
     path = RunState(run_dir).checkpoint_path(0)
     if cfg.train.init and not path.exists():
         write_start(cfg.train, path)
@@ -67,16 +71,10 @@ def run_federated(mode: str, cfg, run_dir: Path, on_round: Callable[[dict], None
     or ``deployment`` (SuperLink and SuperNodes); ``kw`` goes to that mode's runner. Returns the
     run state."""
     if mode == "simulation":
-        from privseg.federated.simulation import simulate
-
         return simulate(cfg, run_dir, on_round=on_round, **kw)
     if mode == "in-process":
-        from privseg.federated.simulation import simulate_inprocess
-
         return simulate_inprocess(cfg, run_dir, on_round=on_round, **kw)
     if mode == "deployment":
-        from privseg.federated.deploy import deploy
-
         return deploy(cfg, run_dir, on_round=on_round, **kw)
     raise ConfigError(f"mode {mode!r}: one of {', '.join(MODES)}")
 
@@ -140,8 +138,6 @@ def plain_flower_logs() -> None:
     terminal (a file, a pipe, CI). Flower colours its level names whatever the stream, and only
     ``simulate`` lowered its level, so an in-process run (``fl run --in-process``, an erasure's
     repair rounds) printed both, ``--quiet`` or not."""
-    from flwr.supercore.logger import ConsoleHandler
-
     for handler in logging.getLogger("flwr").handlers:
         if isinstance(handler, ConsoleHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
@@ -156,8 +152,6 @@ def erasure_request(run: str | None, *, site: str | None, subject: list[str] | N
     """The federated run folder and the :class:`ErasureRequest` of the erase options: a patient
     (``subject``, repeatable or ``A,B``) or a whole site; ``param`` as KEY=VALUE items; thresholds
     left out take the defaults."""
-    from privseg.erasure import ErasureRequest, default_method
-
     if not site:
         raise ConfigError("--site is required")
     if whole_site and subject:
@@ -187,11 +181,7 @@ def erase_from_run(run_dir: Path, request, references: int | None = None, backen
     """:func:`privseg.erasure.erase` of ``request`` on the run (``kw``: its other options, e.g.
     ``on_progress``). With ``references``, that many reference models of the run are trained (or
     reused) first, for the per-patient membership test."""
-    from privseg.erasure import erase
-
     if references:
-        from privseg.audit.reference import ensure_references
-
         say = on_stage or (lambda stage, msg: None)
         # before the request: the references train on the run's patients as the model did
         ensure_references(run_dir, references, backend=backend,
@@ -201,8 +191,6 @@ def erase_from_run(run_dir: Path, request, references: int | None = None, backen
 
 def erasure_run(run: str) -> Path:
     """A federated run, or a central run whose erasures `privseg unlearn` recorded in its ledger."""
-    from privseg.erasure import LEDGER
-
     try:
         return federated_run(run)
     except DataError:
@@ -218,16 +206,10 @@ def run_requests(run: str) -> tuple[Path, list[dict]]:
 def erasure_certificate(run_dir: Path, request_id: str, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write the certificate of one erasure request of the run (JSON, printable HTML) into
     ``out_dir`` (default: RUN/erasure/); returns their paths."""
-    from privseg.audit.certificate import write_certificate
-    from privseg.erasure import LEDGER
-
     return write_certificate(run_dir / LEDGER, request_id, out_dir or run_dir / "erasure")
 
 
 def erasure_requests(run_dir: Path) -> list[dict]:
     """The erasure requests recorded in a run's ledger (none when it has no ledger)."""
-    from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure import LEDGER
-
     path = run_dir / LEDGER
     return ErasureLedger(path, create=False).requests() if path.exists() else []
