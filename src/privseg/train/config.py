@@ -13,6 +13,8 @@ from privseg.models.lora import LORA_RANK, check_rank
 from privseg.train.trainable import check_trainable, set_trainable
 from privseg.utils import setting
 
+PATCH_2D = (128, 128)  # a 2D cohort's patch unless told (the field's default is 3D)
+
 
 @dataclass
 class TrainConfig:
@@ -37,7 +39,7 @@ class TrainConfig:
     num_classes: int = setting(4, "Output classes, background included.")
     spatial_dims: int = setting(3, "2 or 3.")
     init: str | None = setting(None, "Start from these weights: a privseg checkpoint (e.g. from train --public), a "
-                               "MONAI bundle (privseg export) or a MedicalNet .pth (privseg.models.warm_start).")
+                               "MONAI bundle (privseg export) or a MedicalNet .pth (privseg.models.medicalnet).")
     trainable: str = setting("all", "Parameters trained: all, norms, decoder, norms+decoder, lora (low-rank "
                              "adapters on every convolution, saved merged) or lora+norms (the rest stay as --init "
                              "gave them; under DP they get no clipping and no noise).")
@@ -60,7 +62,7 @@ class TrainConfig:
     @classmethod
     def for_cohort(cls, cohort: Cohort, **kw) -> TrainConfig:
         if "patch_size" not in kw:
-            kw["patch_size"] = (64,) * cohort.spatial_dims if cohort.spatial_dims == 3 else (128, 128)
+            kw["patch_size"] = cls.__dataclass_fields__["patch_size"].default if cohort.spatial_dims == 3 else PATCH_2D
         return cls(in_channels=len(cohort.channels), num_classes=cohort.num_classes,
                    spatial_dims=cohort.spatial_dims, **kw)
 
