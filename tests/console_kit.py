@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_cohort
+from conftest import make_tiny_cohort, tiny_fl_config
 from privseg.audit.ledger import ErasureLedger
 from privseg.console.accounts import Accounts
 from privseg.federated import FLConfig, RunState, sites_from_cohort
@@ -139,17 +139,12 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.getbasetemp() / "console-trained"
     run = base / "fed"
     if not (run / "state.json").is_file():
-        from privseg.federated import check_sites
         from privseg.federated.simulation import simulate_inprocess
 
         shutil.rmtree(base, ignore_errors=True)
         cohort = make_tiny_cohort(base / "tiny", sites=3, per_site=4, size=20)
-        info = check_sites(sites_from_cohort(cohort.root))
-        tc = TrainConfig(model="unet_tiny", patch_size=(16, 16, 16), lr=5e-3, device="cpu", subjects_per_step=2,
-                         patches_per_subject=1, in_channels=len(info["channels"]), num_classes=len(info["classes"]))
-        cfg = FLConfig(name="fed", sites=sites_from_cohort(cohort.root), train=tc, rounds=3, local_steps=1,
-                       eval_every=1, keep_updates=True)
-        simulate_inprocess(cfg, run)
+        simulate_inprocess(tiny_fl_config(cohort, lr=5e-3, subjects_per_step=2, name="fed", rounds=3, local_steps=1,
+                                          eval_every=1, keep_updates=True), run)
     return run, base / "tiny"
 
 
