@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,6 +117,23 @@ def crafted_fixtures(name: str):
         return tmp_path / "runs", cohort
 
     return template, fresh
+
+
+@contextmanager
+def run_lock_held(run: Path, note: str) -> Iterator[None]:
+    """Within the block another process holds the run's lock as ``fl run`` does: an OS lock on
+    RUN/.lock, with ``note`` (``{pid}``: the holder's process ID) inside, naming the holder."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"f = open({str(run / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        f"f.truncate(0); f.write({note!r}.format(pid=os.getpid())); f.flush()\n"
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 def train_ids(cohort_root: Path, site: str) -> list[str]:
     from privseg.data.formats import read_cohort

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from console_kit import PASSWORDS, crafted_fixtures, crafted_root, login, token_of, train_ids
+from console_kit import PASSWORDS, crafted_fixtures, crafted_root, login, run_lock_held, token_of, train_ids
 from privseg.audit.ledger import ErasureLedger
 from privseg.cli import main as cli_main
 from privseg.console import create_app
@@ -309,21 +309,11 @@ def test_bad_requests_are_clear_and_write_nothing(fresh):
 
 def test_request_while_training_holds_the_run_is_refused(fresh):
     root, cohort = fresh
-    # another process holds the run's lock as `fl run` does (an OS lock on RUN/.lock, holder named inside)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"f = open({str(root / 'fed' / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.truncate(0); f.write(f'training run fed (pid {os.getpid()})'); f.flush()\n"
-        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with run_lock_held(root / "fed", "training run fed (pid {pid})"):
         c = client_for(root, "h2")
         r = _file(c, root, cohort, "H2", train_ids(cohort, "H2")[0])
         assert r.status_code == 409 and "busy" in r.text and "training run fed" in r.text
         assert Store(root).list() == []
-    finally:
-        holder.kill()
-        holder.wait()
     assert _file(c, root, cohort, "H2", train_ids(cohort, "H2")[0]).status_code == 303
 
 

@@ -9,7 +9,7 @@ import time
 
 from starlette.testclient import TestClient
 
-from console_kit import LOOSE, login, token_of, train_ids, trained_root
+from console_kit import LOOSE, login, run_lock_held, token_of, train_ids, trained_root
 from privseg.audit.ledger import ErasureLedger
 from privseg.console import create_app
 from privseg.console.store import Store
@@ -87,8 +87,6 @@ def test_restart_during_a_job_resumes_from_the_ledger_and_applies_nothing_twice(
 def test_a_job_on_a_run_another_process_holds_waits_in_the_queue(tmp_path_factory, tmp_path):
     """The erasure takes the run's lock itself (the worker no longer does): a run held by training
     in another process sends the job back to the queue, nothing written to the run."""
-    import subprocess
-    import sys
 
     from privseg.console import erasure
     from privseg.console.worker import BUSY, run_job
@@ -100,17 +98,8 @@ def test_a_job_on_a_run_another_process_holds_waits_in_the_queue(tmp_path_factor
     store.file("fed", rid, "patient", "H2", [patient], "GDPR art. 17", "h2")
     store.approve("fed", rid, "dpo", {"thresholds": LOOSE})
     store.start("fed", rid, os.getpid())
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, time\n"
-        f"f = open({str(root / 'fed' / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.truncate(0); f.write('a federated training run (test)'); f.flush()\n"
-        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with run_lock_held(root / "fed", "a federated training run (test)"):
         assert run_job(root, "fed", rid) == BUSY
-    finally:
-        holder.kill()
-        holder.wait()
     rec = store.get("fed", rid)
     assert rec["state"] == "queued" and "busy" in rec["message"] and "training run (test)" in rec["message"]
     assert not (root / "fed" / "erasure").exists()
