@@ -22,6 +22,7 @@ DEFAULT_SITE = "site1"
 
 
 def require_dir(root: str | Path) -> Path:
+    """``root`` as an absolute path; a DataError naming it when it is missing or not a folder."""
     root = Path(root)
     if not root.exists():
         raise DataError(root, "dataset folder not found")
@@ -38,6 +39,7 @@ def visible(folder: Path) -> list[Path]:
 
 
 def strip_suffix(name: str, suffixes: Iterable[str]) -> str | None:
+    """``name`` without the first of ``suffixes`` it ends with (case-insensitive), else None."""
     for suf in suffixes:
         if name.lower().endswith(suf) and len(name) > len(suf):
             return name[: -len(suf)]
@@ -45,10 +47,12 @@ def strip_suffix(name: str, suffixes: Iterable[str]) -> str | None:
 
 
 def nifti_stem(name: str) -> str | None:
+    """A NIfTI file name without .nii.gz / .nii, else None."""
     return strip_suffix(name, NIFTI_SUFFIXES)
 
 
 def image_stem(name: str) -> str | None:
+    """A 2D image file name without its suffix, else None."""
     return strip_suffix(name, IMAGE_2D_SUFFIXES)
 
 
@@ -79,6 +83,7 @@ def note_problem(exc: DataError) -> None:
 
 
 def problems_noted() -> int:
+    """How many problems :func:`note_problem` has recorded in the current :func:`collect_problems` block."""
     problems = _PROBLEMS.get()
     return 0 if problems is None else len(problems)
 
@@ -221,6 +226,7 @@ def _dims_of(path: Path) -> int:
 
 
 def class_names(classes: Sequence[str] | int) -> list[str]:
+    """Declared class names, or for a count K: background, class1 ... class(K-1)."""
     if isinstance(classes, int):
         return ["background"] + [f"class{k}" for k in range(1, classes)]
     return [str(c) for c in classes]

@@ -33,6 +33,7 @@ def _has_2d_layout(folder: Path) -> bool:
 
 
 def is_image2d(root: Path) -> bool:
+    """Whether ``root``, or a site folder in it, holds an image folder with images and a mask folder beside it."""
     return bool(site_folders(root, _has_2d_layout))
 
 

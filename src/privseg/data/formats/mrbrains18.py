@@ -42,10 +42,12 @@ def _has_mrbrains18(root: Path) -> bool:
 
 
 def is_mrbrains18_subject(folder: Path) -> bool:
+    """Whether ``folder`` is one MRBrainS18 subject (it holds a pre/ channel file)."""
     return any((folder / rel).is_file() for rel in MRBRAINS18_CHANNELS.values())
 
 
 def is_mrbrains18(root: Path) -> bool:
+    """Whether ``root`` holds MRBrainS18 subject folders, directly or in training/."""
     # the release archive unpacks to <root>/training/<id>/...: accept its root too
     return _has_mrbrains18(root) or _has_mrbrains18(root / "training")
 

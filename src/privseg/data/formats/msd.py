@@ -29,6 +29,8 @@ LABELS_ONLY_KEYS = {"labels", "name", "description"}  # a dataset.json that only
 
 
 def is_msd(root: Path) -> bool:
+    """Whether ``root`` holds an MSD / nnU-Net ``dataset.json`` (not one that only names another layout's
+    labels); an unreadable one counts, so that the MSD reader says what is wrong with it."""
     path = root / "dataset.json"
     if not path.is_file():
         return False

@@ -42,6 +42,7 @@ def _has_nifti_layout(folder: Path) -> bool:
 
 
 def is_nifti_folder(root: Path) -> bool:
+    """Whether ``root``, or a site folder in it, holds NIfTI images (in an image folder, or loose)."""
     return bool(site_folders(root, _has_nifti_layout))
 
 

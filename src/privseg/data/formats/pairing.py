@@ -10,6 +10,7 @@ from privseg.errors import DataError
 
 
 def pair_dirs(folder: Path, image_dirs: Sequence[str], label_dirs: Sequence[str]) -> tuple[Path, Path] | None:
+    """The first (image folder, label folder) pair present in ``folder``, else None."""
     for i in image_dirs:
         for m in label_dirs:
             if (folder / i).is_dir() and (folder / m).is_dir():

@@ -39,6 +39,7 @@ class SynthSubject:
 
 
 def resolve_lesion_kind(lesions: bool | str) -> str | None:
+    """The lesion kind a ``lesions`` option asks for: None, "wmh" (True) or a name in LESION_KINDS."""
     if lesions is False or lesions is None:
         return None
     if lesions is True:

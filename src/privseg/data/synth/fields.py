@@ -25,6 +25,7 @@ def _axis_weights(coords: np.ndarray, size: int, n_ctrl: int) -> np.ndarray:
 
 
 def control_points(size: int, spacing_vox: float) -> int:
+    """Control points along an axis of ``size`` voxels, about ``spacing_vox`` apart (at least 4)."""
     return max(4, int(math.ceil((size - 1) / spacing_vox)) + 1)
 
 
@@ -58,6 +59,7 @@ class Grid:
 
 
 def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
+    """The 3x3 rotation Rz @ Ry @ Rx for angles (x, y, z) in degrees."""
     a, b, c = np.deg2rad(angles_deg)
     rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
@@ -66,8 +68,10 @@ def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
 
 
 def subject_rng(seed: int, site: int, subject: int, stream: int = 0) -> np.random.Generator:
+    """The random stream ``stream`` of one subject: independent of every other subject's and stream's."""
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, site, subject, stream]))
 
 
 def normal_quantile(q: float) -> float:
+    """The standard normal quantile of ``q`` (clipped away from 0 and 1)."""
     return float(ndtri(min(max(q, 1e-9), 1 - 1e-9)))

@@ -130,6 +130,7 @@ def default_profiles(n_sites: int, kind: str = "volume") -> list[str]:
 
 
 def resolve_profile(profile: str | ScannerProfile) -> ScannerProfile:
+    """A scanner profile, or the one of :data:`SCANNER_PROFILES` named ``profile``."""
     if isinstance(profile, ScannerProfile):
         return profile
     if profile not in SCANNER_PROFILES:

@@ -41,12 +41,14 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, is_label: bool) -> bytes:
 
 
 def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` as PNG bytes, unoptimised (fast, and the same bytes for the same pixels)."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
 def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -74,6 +76,7 @@ def _is_previous_cohort(folder: Path) -> bool:
 
 
 def check_out(out: Path) -> Path:
+    """The output folder, resolved; refused when it is a file or holds anything but a cohort this module wrote."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
