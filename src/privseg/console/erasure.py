@@ -12,28 +12,39 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from privseg.audit.ledger import ErasureLedger
+from privseg.audit.reference import INDEX, REF_DIR
+from privseg.console import cache
+from privseg.erasure import (
+    DEFAULT_THRESHOLDS,
+    LEDGER,
+    SITE_ERASERS,
+    ErasureRequest,
+    default_method,
+    erase,
+    validate,
+    whole_patients,
+)
+from privseg.erasure.private import budget_options, dp_of, price
 from privseg.errors import ConfigError, PrivsegError
+from privseg.federated.config import FLConfig
+from privseg.federated.runstate import RunState
+from privseg.unlearn.strategies import STRATEGIES
 
 # Settings the officer chooses on approval; defaults are the erasure's own.
 SETTING_LIMITS = {"epochs": (1, 1000), "repair_rounds": (0, 100)}
 
 
 def ledger_path(run_dir: Path) -> Path:
-    from privseg.erasure import LEDGER
-
     return run_dir / LEDGER
 
 
 def default_thresholds() -> dict:
-    from privseg.erasure import DEFAULT_THRESHOLDS
-
     return dict(DEFAULT_THRESHOLDS)
 
 
 def _request(kind: str, site: str, subjects: list[str], reason: str = "", requested_by: str = "",
              settings: dict | None = None, approved_by: str = ""):
-    from privseg.erasure import ErasureRequest
-
     s = settings or {}
     return ErasureRequest(kind=kind, site=site, subjects=tuple(subjects), reason=reason, requested_by=requested_by,
                           approved_by=approved_by, method=s.get("method") or None, epochs=s.get("epochs"),
@@ -44,17 +55,12 @@ def expand(run_dir: Path, kind: str, site: str, subjects: list[str]) -> list[str
     """The scans a request erases: every scan of each named patient (a scan ID or a patient ID)
     at the site, as the erasure itself expands it; names it does not know are kept (refused by
     :func:`check_new`)."""
-    from privseg.erasure import whole_patients
-    from privseg.federated.config import FLConfig
-
     return list(whole_patients(FLConfig.load(run_dir), _request(kind, site, subjects)).subjects)
 
 
 def request_id(run_dir: Path, kind: str, site: str, subjects: list[str]) -> str:
     """The ledger's ID of this request (the same (run, kind, site, patients), the same ID: the
     scans are expanded to whole patients first, as the erasure does)."""
-    from privseg.federated.config import FLConfig
-
     scans = expand(run_dir, kind, site, subjects)
     return _request(kind, site, scans).request_id(FLConfig.load(run_dir).name)
 
@@ -62,9 +68,6 @@ def request_id(run_dir: Path, kind: str, site: str, subjects: list[str]) -> str:
 def _training_scans(run_dir: Path, site: str) -> list[tuple]:
     """(subject, erased_by) of each training scan of the site; ``erased_by``: the request ID of
     its erasure, "excluded", or None."""
-    from privseg.console import cache
-    from privseg.federated.config import FLConfig
-
     spec = FLConfig.load(run_dir).site(site)
     path = ledger_path(run_dir)
     erased = cache.ledger_view(path).erased_subjects(site) if path.exists() else {}
@@ -89,11 +92,6 @@ def check_new(run_dir: Path, kind: str, site: str, subjects: list[str]) -> None:
     run, each named scan or patient expanded to the patient's every scan at the site (unknown or
     erased site, a name that is not a training patient of that site, a patient already erased, or
     every remaining training patient of the site)."""
-    from privseg.audit.ledger import ErasureLedger
-    from privseg.erasure import validate, whole_patients
-    from privseg.federated.config import FLConfig
-    from privseg.federated.runstate import RunState
-
     cfg = FLConfig.load(run_dir)
     req = whole_patients(cfg, _request(kind, site, subjects))  # the erasure's own checks of kind and IDs first
     path = ledger_path(run_dir)
@@ -158,12 +156,6 @@ def methods(run_dir: Path, kind: str) -> dict:
     (its site erasures are DP runs of their own); otherwise a patient's default is the measured
     best, ``reference_teacher`` (docs/membership.md), when the run has reference models, else the
     erasure's own default."""
-    from privseg.audit.reference import INDEX, REF_DIR
-    from privseg.erasure import SITE_ERASERS, default_method
-    from privseg.erasure.private import dp_of
-    from privseg.federated.config import FLConfig
-    from privseg.unlearn.strategies import STRATEGIES
-
     dp = dp_of(FLConfig.load(run_dir)) is not None
     if kind == "site":
         choices = [{"value": m, "label": m, "summary": (type(SITE_ERASERS[m]).__doc__ or "").strip().splitlines()[0]}
@@ -184,8 +176,6 @@ def quote(run_dir: Path, kind: str, site: str, subjects: list[str], settings: di
     takes and the ε before and after them against the budget (:func:`privseg.erasure.private.price`,
     as the erasure itself checks it), whether all fit, and -- when not -- the options that would
     (:func:`privseg.erasure.private.budget_options`). None for a run without patient-level DP."""
-    from privseg.erasure.private import budget_options, price
-
     req = _request(kind, site, subjects, settings=settings)
     try:
         rows = price(run_dir, req)
@@ -212,8 +202,6 @@ def apply(run_dir: Path, rec: dict, on_stage: Callable[[str, str], None]):
     ledger). The requester and the approver are written into the ledger's ``requested`` entry.
     The erasure holds the run's lock: a run busy with training raises
     :class:`privseg.federated.runstate.RunBusy`."""
-    from privseg.erasure import erase
-
     req = _request(rec["kind"], rec["site"], rec["subjects"], rec["reason"], rec["filed_by"], rec["settings"],
                    approved_by=rec["decided_by"] or "")
     return erase(run_dir, req, on_stage=on_stage)

@@ -12,10 +12,14 @@ from urllib.parse import quote
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from privseg.audit.certificate import write_certificate
 from privseg.console import erasure, runs
+from privseg.console.cache import ledger_view
 from privseg.console.store import OPEN
+from privseg.console.svg import bar_chart
 from privseg.console.web import DOC_CSP, Console, Ctx, HTTPError, forbidden, paged, register_pages, secure_headers
 from privseg.errors import ConfigError
+from privseg.federated.runstate import hold_run
 
 STAGES = {"patient": ("requested", "local_unlearned", "repaired", "verified", "completed"),
           "site": ("requested", "site_removed", "verified", "completed")}
@@ -24,8 +28,6 @@ STAGES = {"patient": ("requested", "local_unlearned", "repaired", "verified", "c
 def visible_requests(c: Console, ctx: Ctx, d: Path, run: str, records: list[dict] | None = None) -> list[dict]:
     """Console records and ledger-only (CLI) requests of one run that the user may see
     (``records``: the run's console records, when already read)."""
-    from privseg.console.cache import ledger_view
-
     recs = {r["id"]: r for r in (c.store.list(run) if records is None else records)
             if ctx.user.sees_site(r["site"])}
     path = erasure.ledger_path(d)
@@ -101,8 +103,6 @@ def file_request(c: Console, ctx: Ctx) -> Response:
     subjects = erasure.expand(d, kind, site, subjects)  # a patient ID -> every scan of that patient
     rid = erasure.request_id(d, kind, site, subjects)
     if not c.store.list(s["name"], states=("running",)):
-        from privseg.federated.runstate import hold_run
-
         try:  # training or a command-line erasure holds the run: file later
             with hold_run(d, "console check"):
                 pass
@@ -127,8 +127,6 @@ def _request_view(c: Console, ctx: Ctx, d: Path, s: dict, rid: str, settings: di
                   refused: str | None = None, status: int = 200) -> Response:
     """The request page; ``settings``: the officer's (priced instead of the record's), ``refused``:
     why an approval with them was refused (the page comes back with the price and the options)."""
-    from privseg.console.svg import bar_chart
-
     rec, entries = c.request_for(ctx, d, s["name"], rid)
     ver = next((e["body"] for e in reversed(entries) if e["event"] == "verified"), None)
     figure = None
@@ -211,9 +209,6 @@ def decide(c: Console, ctx: Ctx, approve: bool) -> Response:
 
 
 def certificate(c: Console, ctx: Ctx) -> Response:
-    from privseg.audit.certificate import write_certificate
-    from privseg.console.cache import ledger_view
-
     d, s = c.run_for(ctx, ctx.param("run"))
     rid, fmt = ctx.param("rid"), ctx.param("fmt")
     rec, entries = c.request_for(ctx, d, s["name"], rid)
