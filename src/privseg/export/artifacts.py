@@ -75,7 +75,7 @@ class OnnxNetwork(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
-        import onnxruntime as ort  # optional extra (privseg[export]): only reading an ONNX file back needs it
+        import onnxruntime as ort  # why: optional extra (privseg[export]); only reading an ONNX file back needs it
 
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -80,7 +80,7 @@ def read_mrbrains18(
         root = root / "training"
     folders = [d for d in visible(root) if d.is_dir() and ((d / "pre").is_dir() or (d / MRBRAINS18_LABEL).exists())]
     if not folders:
-        from privseg.data.formats import layout_hint  # the hint consults the registry, which imports this module
+        from privseg.data.formats import layout_hint  # why: the hint consults the registry, which imports this module
 
         hint = f" ({layout_hint(root)})" if layout_hint(root) else ""
         raise DataError(root, f"no MRBrainS18 subject folders (<id>/pre/ and <id>/segm.nii.gz) found{hint}")

@@ -60,7 +60,7 @@ def _template_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     if all(p.is_file() for p in paths.values()):
         imgs = {k: nib.load(str(p)) for k, p in paths.items()}
     else:
-        from nilearn import datasets  # only when the packaged files moved: importing it takes seconds
+        from nilearn import datasets  # why: only when the packaged files moved; importing it takes seconds
 
         imgs = {"t1": datasets.load_mni152_template(resolution=1), "gm": datasets.load_mni152_gm_template(resolution=1),
                 "wm": datasets.load_mni152_wm_template(resolution=1)}
