@@ -3,8 +3,7 @@
 Everything the console needs of it goes through here: the patients a site may name, the
 request ID of a request, the checks made before a request is filed (the erasure's own,
 :func:`privseg.erasure.validate`), and the one call that carries an approved request out
-(:func:`apply`). A change of the erasure's signature is a change here only. The erasure package
-(torch, Flower) is imported inside the functions that use it: the console's pages start without it.
+(:func:`apply`). A change of the erasure's signature is a change here only.
 """
 
 from __future__ import annotations
