@@ -75,7 +75,7 @@ def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_pa
     from privseg.erasure.private import dp_steps
     from privseg.federated.runstate import RunState
     from privseg.federated.simulation import run_rounds
-    from privseg.privacy.spec import ERASURE_RESERVE
+    from privseg.privacy.spec import dp_default
 
     dp = DPConfig(delta=1e-3, clip="fixed")  # the default budget (epsilon 8), plan and reserve
     cohort, run = tiny_dp_run(tmp_path, dp, rounds=3)
@@ -83,7 +83,7 @@ def test_default_dp_run_keeps_a_reserve_that_pays_for_one_patient_erasure(tmp_pa
     patient = cohort.select("train", "H1")[0].id
     # the reserve is what one default patient erasure costs at the site that erases (each fact once)
     need = dp_steps(cfg, RunState.load(run), ErasureRequest(kind="patient", site="H1", subjects=(patient,)))
-    assert max(need.values()) == ERASURE_RESERVE * cfg.local_steps
+    assert max(need.values()) == dp_default("erasure_reserve") * cfg.local_steps
     ledgers = {s: BudgetLedger(run / "sites" / s / "privacy.sqlite") for s in ("H1", "H2")}
     for site, ledger in ledgers.items():
         row = next(r for r in ledger.status() if r["site"] == site)

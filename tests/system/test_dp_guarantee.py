@@ -60,7 +60,7 @@ def _release(noise: NoiseSource, items, steps: int = 2, q: float = 0.5, **kw) ->
     """The model after ``steps`` DP steps (what the server receives)."""
     model = _model()
     eng = PatientDPSGD(q=q, n_subjects=len(patient_groups(items)), multipliers=[1.0] * steps, clip_norm=1.0,
-                       noise=noise, **kw)
+                       clip_rule="fixed", noise=noise, **kw)
     eng.train_steps(model, torch.optim.SGD(model.parameters(), lr=0.5), items, _Cfg(), 0, steps)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -156,7 +156,7 @@ def test_dp_run_refuses_evaluation_on_training_patients(tiny_cohort):
 
 def test_released_count_has_the_sensitivity_the_accountant_books():
     rng = np.random.default_rng(0)
-    clipper = QuantileClipper(clip=1.0, expected_m=10, sigma_b=3.0)
+    clipper = QuantileClipper(clip=1.0, target_quantile=0.5, lr=0.2, expected_m=10, sigma_b=3.0)
     worst = 0.0
     for _ in range(50):
         norms = list(rng.lognormal(0, 0.7, size=int(rng.integers(0, 12))))
@@ -199,7 +199,7 @@ def test_guard_compares_sites_only_without_client_dp():
 def test_a_patient_with_several_scans_is_one_unit():
     items = _items(5, patients=["P1", "P1", "P1", "P2", "P3"])
     assert patient_groups(items) == [[0, 1, 2], [3], [4]]
-    eng = PatientDPSGD(q=0.5, n_subjects=3, multipliers=[1.0] * 50, clip_norm=1.0)
+    eng = PatientDPSGD(q=0.5, n_subjects=3, multipliers=[1.0] * 50, clip_rule="fixed", clip_norm=1.0)
     from privseg.data.transforms import PatchSampler
 
     sampler = PatchSampler((16, 16), 2)
@@ -239,12 +239,12 @@ def test_central_resume_books_every_step(tiny_cohort, tmp_path):
 
 def test_engine_refuses_batches_it_did_not_sample():
     model = _model()
-    eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 4)
+    eng = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 4, clip_rule="fixed")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y, owner = torch.randn(4, 1, 16, 16), torch.zeros(4, 1, 16, 16, dtype=torch.long), torch.tensor([0, 0, 1, 1])
     with pytest.raises(ConfigError, match="Poisson"):
         eng(model, opt, SegLoss(), x, y, owner)  # the old fixed-batch step_fn use
-    other = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 4)
+    other = PatientDPSGD(q=0.5, n_subjects=4, multipliers=[1.0] * 4, clip_rule="fixed")
     forged = SampledBatch(id(other), 0, x, y, owner, 2)
     with pytest.raises(ConfigError, match="sampled"):
         eng.step(model, opt, SegLoss(), forged)
@@ -638,8 +638,7 @@ def test_a_dp_federation_serves_the_weight_average_and_trains_on_the_iterate(tmp
     from conftest import tiny_dp_run
     from privseg.federated.runstate import RunState
     from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint, training_weights
-    from privseg.train.ema import load_ema
-    from privseg.train.ema import WeightEMA
+    from privseg.train.ema import WeightEMA, load_ema
 
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5, ema=0.9)
     _, run = tiny_dp_run(tmp_path, dp, rounds=2)
