@@ -5,6 +5,7 @@ budgets cannot pay for is refused before any training step (and before any file 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +17,18 @@ from privseg.erasure import LEDGER, ErasureRequest, erase
 from privseg.errors import BudgetExceededError, ConfigError
 from privseg.federated import FLConfig
 from privseg.privacy import BudgetLedger, DPConfig
+from privseg.privacy.budget import ledger_path
+
+
+def _dp_run_at_h1(tmp_path, dp) -> tuple[Path, str, BudgetLedger]:
+    """A finished 2-site DP run (conftest.tiny_dp_run), a training patient of site H1 and H1's privacy ledger."""
+    cohort, run = tiny_dp_run(tmp_path, dp)
+    return run, cohort.select("train", "H1")[0].id, BudgetLedger(ledger_path(run, "H1"))
 
 
 def test_patient_erasure_from_a_dp_run_is_dp_and_booked(tmp_path, capsys):
     dp = DPConfig(epsilon=100.0, delta=1e-3, clip="fixed", sampling_rate=0.5, noise_multiplier=1.5)
-    cohort, run = tiny_dp_run(tmp_path, dp)
-    patient = cohort.select("train", "H1")[0].id
-    ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
+    run, patient, ledger = _dp_run_at_h1(tmp_path, dp)
     before = ledger.spent("H1")
     res = erase(run, ErasureRequest(kind="patient", site="H1", subjects=(patient,), reason="GDPR art. 17",
                                     thresholds=LOOSE, repair_rounds=1))
@@ -43,9 +49,7 @@ def test_patient_erasure_from_a_dp_run_is_dp_and_booked(tmp_path, capsys):
 def test_unaffordable_erasure_is_refused_before_any_training(tmp_path, capsys):
     # calibrated without an erasure reserve: all spent by round 2
     dp = DPConfig(epsilon=4.0, delta=1e-3, clip="fixed", sampling_rate=0.5, erasure_reserve=0)
-    cohort, run = tiny_dp_run(tmp_path, dp)
-    patient = cohort.select("train", "H1")[0].id
-    ledger = BudgetLedger(run / "sites" / "H1" / "privacy.sqlite")
+    run, patient, ledger = _dp_run_at_h1(tmp_path, dp)
     rows_before = ledger.rounds("H1")
     with pytest.raises(ConfigError, match="unknown"):  # a bad request: refused before the ledger file exists
         erase(run, ErasureRequest(kind="patient", site="H1", subjects=("NOPE",), thresholds=LOOSE))
