@@ -110,7 +110,7 @@ def test_personalisation_needs_validation_patients_and_refuses_dp(tmp_path, trai
 
 def test_fedbn_sites_personalise_from_the_global_model_with_their_own_norms(tmp_path):
     from privseg.federated.client_app import load_local_state
-    from privseg.federated.personalise import _global_state
+    from privseg.federated.personalise import global_state
     from privseg.federated.runstate import RunState
 
     cohort = odd_site_cohort(tmp_path / "odd", per_site=5, size=16)
@@ -119,7 +119,7 @@ def test_fedbn_sites_personalise_from_the_global_model_with_their_own_norms(tmp_
     glob = load_checkpoint(state.last_checkpoint)["model"]
     for site in ("H1", "H3"):
         own = load_local_state(tmp_path / "run" / "sites" / site, 1)
-        served = _global_state(cfg, RunState.load(tmp_path / "run"), tmp_path / "run" / "sites" / site)
+        served = global_state(cfg, RunState.load(tmp_path / "run"), tmp_path / "run" / "sites" / site)
         assert own and all(torch.equal(served[k], v) for k, v in own.items())  # the site's norms
         assert all(torch.equal(served[k], v) for k, v in glob.items() if k not in own)  # the shared weights
     assert not all(torch.equal(served[k], glob[k]) for k in own)  # FedBN norms differ from the initial ones

@@ -195,17 +195,12 @@ def test_no_module_imports_a_private_name_of_another():
     assert not private, "imports of another module's private names:\n" + "\n".join(private)
 
 
-# packages whose imports inside functions each say why (a heavy optional dependency, or a layering reason)
-EXPLAINED_LAZY_IMPORTS = ("data", "models", "train", "privacy", "report", "export", "console", "cli", "utils",
-                          "cohorts", "runs")
 
 
 def test_an_import_inside_a_function_says_why():
     """A ``# why:`` comment on the import's line or on the comment lines just above its block of imports."""
     silent = []
-    for module, tree in TREES.items():
-        if package(module) not in EXPLAINED_LAZY_IMPORTS:
-            continue
+    for module, tree in TREES.items():  # every module: a lazy import says why (heavy optional dependency, layering)
         lines = MODULES[module].read_text().splitlines()
         lazy = {x.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                 for x in ast.walk(f) if isinstance(x, (ast.Import, ast.ImportFrom))}
@@ -272,6 +267,56 @@ def test_privacy_does_not_import_flower():
                         "    import flwr\n"
                         "    return importlib.import_module('flwr.simulation')\n")
     assert [n for _, n in library_imports(planted, "flwr")] == ["flwr.app", "flwr", "flwr.simulation"]
+
+
+# -- no block of six lines written twice (src and tests) -------------------------------------------------
+REPEAT_LINES = 6
+TESTS = Path(__file__).resolve().parents[1]  # tests/
+
+
+def _significant(path: Path) -> list[tuple[int, str]]:
+    """(line number, folded text) of the lines that carry code: no blanks, comments, imports or lone
+    punctuation (what a copy shares that matters)."""
+    out = []
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        text = " ".join(line.split())
+        if (not text or text.startswith(("#", "import ", "from ")) or not any(c.isalnum() for c in text)):
+            continue
+        out.append((no, text))
+    return out
+
+
+def repeated_blocks(paths: list[Path], size: int = REPEAT_LINES) -> list[str]:
+    """Each run of ``size`` significant lines that stands again in another place (the same file counts
+    when the two runs do not overlap)."""
+    first: dict[tuple[str, ...], tuple[Path, int, int]] = {}
+    out = []
+    for path in paths:
+        lines = _significant(path)
+        for i in range(len(lines) - size + 1):
+            block = tuple(text for _, text in lines[i:i + size])
+            if block not in first:
+                first[block] = (path, i, lines[i][0])
+            elif first[block][0] != path or i - first[block][1] >= size:
+                out.append(f"{path}:{lines[i][0]} repeats {first[block][0]}:{first[block][2]}")
+    return out
+
+
+def test_no_block_of_six_lines_repeated_in_src_or_tests():
+    paths = sorted(PKG.rglob("*.py")) + sorted(TESTS.rglob("*.py"))
+    found = repeated_blocks(paths)
+    assert not found, "blocks of six or more lines written twice:\n" + "\n".join(found[:20])
+
+
+def test_the_repeat_check_sees_a_copy(tmp_path):
+    body = "\n".join(f"x{i} = f({i})" for i in range(6))
+    (tmp_path / "a.py").write_text(body + "\n")
+    (tmp_path / "b.py").write_text("y = 1\n\n# a comment\n" + body + "\n")
+    found = repeated_blocks([tmp_path / "a.py", tmp_path / "b.py"])
+    assert found == [f"{tmp_path / 'b.py'}:4 repeats {tmp_path / 'a.py'}:1"]
+    assert repeated_blocks([tmp_path / "a.py"]) == []
+    (tmp_path / "c.py").write_text(body.replace("x5", "z5") + "\n")  # five lines alike are not a copy
+    assert repeated_blocks([tmp_path / "a.py", tmp_path / "c.py"]) == []
 
 
 # -- the privacy spec's path: from --epsilon on the command line to the ledger ---------------------------

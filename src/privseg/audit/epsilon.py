@@ -30,16 +30,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import brentq
+from scipy.stats import beta, norm
 
 from privseg.errors import ConfigError
+from privseg.privacy.accountant import StepEvent, epsilon_pld
 
 Z_95 = 1.6448536269514722  # one-sided 95 %
 
 
 def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """Two-sided ``1 - alpha`` Clopper--Pearson interval of a binomial proportion ``k / n``."""
-    from scipy.stats import beta
-
     if not 0 <= k <= n or n < 1:
         raise ConfigError(f"Clopper-Pearson: {k} successes of {n} trials")
     lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
@@ -69,16 +70,12 @@ def cp_lower_bound(s_in: np.ndarray, s_out: np.ndarray, delta: float) -> dict:
 
 def gdp_delta(eps: float, mu: float) -> float:
     """δ(ε) of a ``μ``-GDP mechanism (Dong, Roth & Su 2019, Cor. 2.13)."""
-    from scipy.stats import norm
-
     # e^eps Phi(.) in log space: a strong canary has mu in the hundreds
     return float(norm.cdf(-eps / mu + mu / 2) - math.exp(min(eps + norm.logcdf(-eps / mu - mu / 2), 700.0)))
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
     """The smallest ε with ``δ(ε) <= delta`` for ``μ``-GDP (0 when ``μ <= 0``)."""
-    from scipy.optimize import brentq
-
     if mu <= 0 or gdp_delta(0.0, mu) <= delta:
         return 0.0
     if math.isinf(mu):
@@ -111,8 +108,6 @@ def gdp_lower_bound(s_in: np.ndarray, s_out: np.ndarray, delta: float) -> dict:
 
 def exact_epsilon(noise_multiplier: float, q: float, steps: int, delta: float) -> float:
     """The mechanism's ε by privacy loss distributions (tight), for the audit's denominator."""
-    from privseg.privacy.accountant import StepEvent, epsilon_pld
-
     return float(epsilon_pld([StepEvent(q, noise_multiplier, steps)], delta))
 
 

@@ -61,6 +61,7 @@ docs/privacy.md); under client-level DP it is refused. An erasure covers these m
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -70,11 +71,17 @@ from pathlib import Path
 import torch
 
 from privseg.errors import ConfigError
+from privseg.federated.client_app import load_local_state
 from privseg.federated.config import FLConfig
+from privseg.federated.private import personal_dp
 from privseg.federated.runstate import RunState, hold_run
 from privseg.federated.sites import SiteSpec, site_items, site_seed
-from privseg.train.loop import TrainConfig
-from privseg.utils import registrar, setting
+from privseg.federated.strategies import build_strategy
+from privseg.models.registry import encoder_decoder_params
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
+from privseg.train.inference import evaluate_subjects, summarise
+from privseg.train.loop import TrainConfig, make_optimizer, train_steps
+from privseg.utils import registrar, setting, write_json
 
 RESULT_FILE = "personalisation.json"
 GLOBAL = "global"
@@ -105,8 +112,6 @@ class SiteRun:
         """Training steps ``start .. stop`` on the site's patients (every method trains through here)."""
         if self.steps is not None:
             return self.steps(model, optimizer, items, tc, start, stop)
-        from privseg.train.loop import train_steps
-
         return train_steps(model, optimizer, items, tc, start=start, stop=stop)
 
     @property
@@ -161,8 +166,6 @@ def register(name: str, *, file: str,
 
 def mean_dice(model: torch.nn.Module, items: Sequence[dict], tc: TrainConfig) -> float | None:
     """Mean Dice over ``items`` (None when there are none)."""
-    from privseg.train.inference import evaluate_subjects, summarise
-
     if not items:
         return None
     return float(summarise(evaluate_subjects(model, items, tc.patch_size, tc.num_classes))["overall"]["mean_dice"])
@@ -193,9 +196,6 @@ def adapt(site: SiteRun, epochs: int, *, lam: float = 0.0, head_only: bool = Fal
     """Train the global model further on the site's patients, the validation Dice checked after each
     epoch, stopped when it stops improving, the best epoch kept (epoch 0 is the global model). With
     ``lam`` > 0 pulled towards the global model (ditto); with ``head_only`` only the decoder trains."""
-    from privseg.models.registry import encoder_decoder_params
-    from privseg.train.loop import make_optimizer
-
     tc, per_epoch = site.site_config(1), site.epoch_steps()  # one seed for finetune, ditto and head: paired
     torch.manual_seed(tc.seed)
     model = site.global_model()
@@ -246,9 +246,6 @@ def head(site: SiteRun, epochs: int) -> tuple[torch.nn.Module, dict]:
 @register("local", file="local.pt", max_steps=lambda site, epochs: site.step_budget)
 def local_only(site: SiteRun, epochs: int) -> tuple[torch.nn.Module, dict]:
     """The site's own model from the run's initial model, on its patients only, same step budget."""
-    from privseg.train.checkpoint import load_checkpoint, training_weights
-    from privseg.train.loop import make_optimizer
-
     tc = site.site_config(2)
     torch.manual_seed(tc.seed)
     model = site.train.build_model()
@@ -268,10 +265,6 @@ class Personalisation:
 
 def global_state(cfg: FLConfig, state: RunState, state_dir: Path) -> dict[str, torch.Tensor]:
     """The served global weights, with the site's own norm layers under a strategy that keeps them local."""
-    from privseg.federated.client_app import load_local_state
-    from privseg.federated.strategies import build_strategy
-    from privseg.train.checkpoint import load_checkpoint
-
     weights = dict(load_checkpoint(state.last_checkpoint)["model"])
     if build_strategy(cfg.strategy).local_norm:
         weights.update(load_local_state(state_dir, state.rounds_done) or {})
@@ -321,8 +314,6 @@ def personalise_site(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSp
     ``private`` (:class:`privseg.federated.private.PersonalDP`, under patient-level DP): every
     method's steps are DP steps booked in the site's ledger, refused before the first one when
     the site's budget cannot pay for the most steps the methods may take."""
-    from privseg.train.checkpoint import save_checkpoint
-
     tc = cfg.train
     site = site_run(run_dir, cfg, state, spec, ditto_lambda, private)
     state_dir, val = site.state_dir, site.val_items
@@ -358,9 +349,6 @@ def personalise(run_dir: str | Path, methods: Sequence[str] | None = None, epoch
                 ditto_lambda: float = Personalisation.ditto_lambda) -> dict:
     """Personalise every site of the finished run in ``run_dir`` with ``methods`` (default: every
     registered one) and apply the per-site guard; writes and returns ``personalisation.json``'s content."""
-    from privseg.federated.private import personal_dp
-    from privseg.utils import write_json
-
     run_dir = Path(run_dir)
     cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
     methods = check_methods(methods or tuple(METHODS))
@@ -393,7 +381,5 @@ def personalise(run_dir: str | Path, methods: Sequence[str] | None = None, epoch
 
 def read_personalisation(run_dir: str | Path) -> dict | None:
     """The run's ``personalisation.json`` (None before :func:`personalise` ran)."""
-    import json
-
     path = Path(run_dir) / RESULT_FILE
     return json.loads(path.read_text()) if path.is_file() else None

@@ -13,16 +13,15 @@ from privseg.errors import CheckpointError
 from privseg.federated.config import FLConfig
 from privseg.federated.private import derived_privacy
 from privseg.federated.runstate import RunState
+from privseg.federated.simulation import prepare_run, run_rounds
 from privseg.federated.sites import SiteSpec
+from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
 
 
 def derived_run(run_dir: Path, sub_dir: Path, *, sites: Sequence[SiteSpec], start: Path, rounds: int,
                 local_steps: int | None = None, name_suffix: str) -> FLConfig:
     """A run in ``sub_dir`` that starts from checkpoint ``start`` with ``sites`` (same model,
     training settings and strategy as ``run_dir``'s). Existing: left as it is (to resume)."""
-    from privseg.federated.simulation import prepare_run
-    from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
-
     cfg = FLConfig.load(run_dir)
     cfg = derived_privacy(cfg, run_dir, sub_dir)  # a DP site's spend goes into its ledger in the original run
     sub = replace(cfg, name=f"{cfg.name}-{name_suffix}", sites=list(sites), rounds=int(rounds),
@@ -46,8 +45,6 @@ def federated_retrain(run_dir: str | Path, out_dir: str | Path, *, drop_site: st
     from the global model after ``from_round`` (0: the initial model) for the rounds that
     followed it (default: up to the run's last round). Returns (final checkpoint, seconds of
     training rounds). The gold standard an erasure is measured against."""
-    from privseg.federated.simulation import run_rounds
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg, state = FLConfig.load(run_dir), RunState.load(run_dir)
     exclude = exclude or {}
