@@ -46,6 +46,15 @@ def one_of(choices: Iterable[str] | Mapping[str, Mapping]) -> str:
     return f"One of: {', '.join(choices)}."
 
 
+SITES_DIR = "sites"  # the run folder's per-site subfolder, see site_dir
+
+
+def site_dir(run_dir: str | os.PathLike, site: str) -> Path:
+    """A site's own folder in a run (``<run_dir>/sites/<site>/``: its local state, privacy ledger,
+    noise key and personalised models), the one place that spells the layout."""
+    return Path(run_dir) / SITES_DIR / site
+
+
 def check_id(value: str, what: str = "ID") -> str:
     """Reject IDs that could escape a folder or break a file name."""
     if not isinstance(value, str) or not _SAFE_ID.match(value) or ".." in value:

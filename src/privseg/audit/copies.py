@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from privseg.audit.ledger import file_sha256
+from privseg.utils import SITES_DIR
 
 MODEL_FILES = (".pt", ".pth", ".ts", ".onnx", ".safetensors", ".ckpt")
 FATES = ("deleted", "superseded", "kept", "retrained")
@@ -39,7 +40,7 @@ def kind_of(rel_path: str) -> str:
     low = rel_path.lower()
     if "export" in low or "bundle" in low or Path(rel_path).suffix in (".onnx", ".ts"):
         return "export"
-    if parts and parts[0] == "sites":
+    if parts and parts[0] == SITES_DIR:
         return "personalised model" if "personal" in low else "site state"
     for prefix, name in _KINDS:
         if rel_path.startswith(prefix + "/"):

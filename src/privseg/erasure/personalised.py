@@ -54,7 +54,7 @@ from privseg.federated.private import personal_dp
 from privseg.federated.runstate import RunState
 from privseg.federated.sites import site_items
 from privseg.train.checkpoint import load_checkpoint
-from privseg.utils import write_json
+from privseg.utils import site_dir, write_json
 
 # Methods whose model starts from the data-free initial model and trains on the site's own patients
 # only (personalise.local_only): at a site other than the erasing one it never held the erased data.
@@ -120,7 +120,7 @@ def _fallback(run_dir: Path, cfg: FLConfig, state: RunState, site: str, why: str
     """The site serves the erased global model (its stale personalised models are deleted)."""
     tc, spec = cfg.train, cfg.site(site)
     model = tc.build_model()
-    model.load_state_dict(global_state(cfg, state, run_dir / "sites" / site))
+    model.load_state_dict(global_state(cfg, state, site_dir(run_dir, site)))
     dice = {}
     for split in ("val", "test"):
         try:

@@ -27,6 +27,7 @@ from privseg.federated.simulation import run_rounds
 from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
 from privseg.privacy.budget import LEDGER_FILE, BudgetLedger
 from privseg.train.checkpoint import load_checkpoint, load_weights_only, save_checkpoint, training_weights
+from privseg.utils import site_dir
 
 
 class FedEraserCalibration:
@@ -310,7 +311,7 @@ def erase_site(job: ErasureJob) -> None:
 def _remove_site_state(run_dir: Path, site: str, rid: str) -> None:
     """The site's state goes (local models, stored replies, its noise key), except its privacy
     ledger: that is the record of what the earlier models released, kept and marked closed."""
-    folder = run_dir / "sites" / site
+    folder = site_dir(run_dir, site)
     ledger_path = folder / LEDGER_FILE
     if ledger_path.exists():
         BudgetLedger(ledger_path).close_site(site, f"site erased by request {rid}")

@@ -29,6 +29,7 @@ from privseg.privacy.budget import BudgetLedger, find_ledgers
 from privseg.train import metrics
 from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 from privseg.train.inference import evaluate_subjects
+from privseg.utils import SITES_DIR
 
 
 def site_cohorts(specs: Sequence[SiteSpec]) -> dict[str, object]:
@@ -106,7 +107,7 @@ def superseded(run_dir: Path, state: RunState, upto_round: int, from_round: int 
         for p in [state.checkpoint_path(r), *sorted((run_dir / "updates" / f"r{r:04d}").glob("*.pt"))]:
             if p.is_file():
                 out.append(artefact(run_dir, p))
-    for d in sorted((run_dir / "sites").glob("*")):
+    for d in sorted((run_dir / SITES_DIR).glob("*")):
         for p in sorted(d.glob("local_r*.pt")):
             r = int(p.stem.split("_r")[1])
             if from_round <= r <= upto_round or (sites is not None and d.name in sites):

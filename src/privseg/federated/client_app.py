@@ -50,7 +50,7 @@ from privseg.federated.strategies import attach_proximal, global_params, load_ar
 from privseg.privacy.releases import ReleaseRecord, ReplyPacer
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import StepFn, TrainConfig, make_optimizer, standard_step, train_steps
-from privseg.utils import atomic_path, pick_device
+from privseg.utils import atomic_path, pick_device, site_dir
 
 StepFnFactory = Callable[[TrainConfig, ConfigRecord, SiteSpec, Path], StepFn]
 KEEP_LOCAL_STATES = 3
@@ -79,7 +79,7 @@ def resolve_site(context: Context, sites: Sequence[SiteSpec] | None, state_root:
         root = state_root or (config.get("run-dir") if config is not None else None)
         if not root:
             raise ConfigError(f"site {spec.id}: no state-dir in the node config and no run-dir to fall back on")
-        state_dir = Path(str(root)) / "sites" / spec.id
+        state_dir = site_dir(str(root), spec.id)
     return spec, state_dir
 
 

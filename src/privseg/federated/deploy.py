@@ -61,6 +61,7 @@ from privseg.errors import ConfigError, PrivsegError
 from privseg.federated.config import FLConfig
 from privseg.federated.runstate import RunState
 from privseg.federated.simulation import prepare_run
+from privseg.utils import site_dir
 
 APP_NAME = "privseg-fl"
 INSECURE_WARNING = ("insecure mode: no TLS and no SuperNode authentication -- model weights and metrics travel "
@@ -421,7 +422,7 @@ def deploy(cfg: FLConfig, run_dir: str | Path, *, on_round: Callable[[dict], Non
             for site in cfg.sites if auth else ():  # a fresh SuperLink database: register every site's key
                 register_supernode(keys[site.id].with_suffix(".pub"), env_run, start_timeout)
         for site in cfg.sites:
-            cmd = supernode_command(address, free_port(), _node_config(site, run_dir / "sites" / site.id), ca=ca,
+            cmd = supernode_command(address, free_port(), _node_config(site, site_dir(run_dir, site.id)), ca=ca,
                                     insecure=insecure, private_key=keys.get(site.id), max_wait=start_timeout)
             d.start(f"supernode-{site.id}", cmd, env)
         d.address, d.ca, d.env = address, ca, env

@@ -38,7 +38,7 @@ from privseg.privacy.budget import ledger_path
 from privseg.privacy.client_dp import SERVER, ClientLevelDP
 from privseg.privacy.spec import RUN_CONFIG_PREFIX
 from privseg.train.loop import StepFn, TrainConfig, standard_step
-from privseg.utils import append_line
+from privseg.utils import append_line, site_dir
 
 ERASURE_ROUND = "erasure-request"  # round-config key: a repair round of this erasure (it may spend the reserve)
 CONTEXT_IGNORED = ("run-dir", "cache-sites", "eval-split", "dp-ledger", "dp-ledger-root")
@@ -134,7 +134,7 @@ class PersonalDP:
 
     def private(self, spec: SiteSpec, method: str, items):
         dp, tc = self.cfg.privacy, self.cfg.train
-        state_dir = self.run_dir / "sites" / spec.id
+        state_dir = site_dir(self.run_dir, spec.id)
         private = make_private(replace(dp, ledger_scope=f"{self.scope}/{method}"), site=spec.id, items=items,
                                ledger=BudgetLedger(site_ledger_path(dp, spec.id, state_dir)),
                                noise=noise_source(dp, state_dir, tc.seed + site_seed(spec.id)),
@@ -176,7 +176,7 @@ class PersonalDP:
 
     def record(self, site: str) -> dict:
         """What personalisation.json keeps of a site's DP spend: the scopes booked and its ε now."""
-        ledger = BudgetLedger(site_ledger_path(self.cfg.privacy, site, self.run_dir / "sites" / site))
+        ledger = BudgetLedger(site_ledger_path(self.cfg.privacy, site, site_dir(self.run_dir, site)))
         budget, delta = ledger.budget(site)
         return {"scopes": [f"{self.scope}/{m}" for m in self.booked.get(site, {})], "epsilon_after": ledger.spent(site),
                 "epsilon_budget": budget, "delta": delta}

@@ -45,6 +45,7 @@ import numpy as np
 
 from privseg.errors import BudgetExceededError, ConfigError, DataError
 from privseg.privacy.accountant import ORDERS, StepEvent, check_epsilon, rdp_curve, rdp_to_epsilon
+from privseg.utils import site_dir
 
 LEDGER_FILE = "privacy.sqlite"
 GENESIS = "0" * 64
@@ -376,7 +377,7 @@ def ledger_path(run_dir: str | Path, site: str | None = None) -> Path:
     """Where a privacy ledger lives, the one place that spells it: the run's own
     (``<run_dir>/privacy.sqlite``: a central DP run, or the server of a site-level DP federation),
     or with ``site`` that site's (``<run_dir>/sites/<site>/privacy.sqlite``)."""
-    folder = Path(run_dir) if site is None else Path(run_dir) / "sites" / site
+    folder = Path(run_dir) if site is None else site_dir(run_dir, site)
     return folder / LEDGER_FILE
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.errors import DataError
-from privseg.utils import atomic_path, versions, write_json
+from privseg.utils import SITES_DIR, atomic_path, versions, write_json
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -269,7 +269,7 @@ def find_runs(root: str | os.PathLike = "runs", max_depth: int = 3, kind: str | 
         except OSError:
             return
         for c in children:
-            if c.name not in (TB_DIR, "checkpoints", "updates", "sites"):
+            if c.name not in (TB_DIR, "checkpoints", "updates", SITES_DIR):
                 walk(c, depth + 1)
 
     walk(root, 0)
