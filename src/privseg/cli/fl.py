@@ -9,7 +9,7 @@ from privseg.cli import ui
 from privseg.cli.ui import DP, JSON, QUIET, RUNS, SPLITS, TRAINING, console, options_from, out, take, with_options
 from privseg.cohorts import site_window_warnings
 from privseg.federated import FLConfig, RunState
-from privseg.federated.assemble import FL_DEVICE, FL_PATCH, fl_config_from_options, site_plans
+from privseg.federated.assemble import FL_DEVICE, FL_NAME, FL_PATCH, fl_config_from_options, site_plans
 from privseg.federated.deploy import INSECURE_WARNING
 from privseg.federated.personalise import Personalisation, personalise
 from privseg.privacy.budget import budget_status
@@ -29,7 +29,7 @@ def SITES(
 
 
 # one-liners (PEP 8: no blank lines between them)
-def NAME(name: str = typer.Option("fl", help=_NAME)): ...
+def NAME(name: str = typer.Option(FL_NAME, help=_NAME)): ...
 def STRATEGY_PARAM(strategy_param: list[str] = typer.Option(
         None, help="The FL strategy's own parameter KEY=VALUE (repeatable), e.g. server_learning_rate=1.5 for "
         "fedavgm.")): ...
@@ -107,7 +107,7 @@ def deploy(
 
 @app.command()
 @with_options(..., RUNS, JSON, json_out=typer.Option(False, "--json", help="Print the run state as JSON."))
-def status(name: str = typer.Argument("fl", help="Run name (or a run folder path)."), **o) -> None:
+def status(name: str = typer.Argument(FL_NAME, help="Run name (or a run folder path)."), **o) -> None:
     """Rounds, sites and metrics of a federated run."""
     state = RunState.load(run_folder(name, o["runs_dir"], "fl_config.json"))
     out.print_json(json.dumps(state.data, default=str)) if o["json_out"] else print_fl_status(out, state)

@@ -15,7 +15,7 @@ from privseg.erasure.request import ErasureRequest
 from privseg.privacy.spec import DPConfig
 from privseg.report import text
 from privseg.runs import silence_known_noise
-from privseg.train import TrainConfig
+from privseg.train.config import PATCH_SIDE, TrainConfig
 from privseg.utils import one_of
 
 console, out = Console(stderr=True), Console()
@@ -100,7 +100,7 @@ def CT_WINDOW(ct_window: str = typer.Option(
 def SPACING(spacing: str = typer.Option(
         None, metavar="MM", help="Resample 3D volumes to this voxel spacing in mm: one number (isotropic) or X,Y,Z, "
         "e.g. 1 or 1,1,3 (default: keep each volume's own). Recorded in the checkpoint.")): ...
-def PATCH(patch: int = typer.Option(64, min=8, help="Patch side in voxels.")): ...
+def PATCH(patch: int = typer.Option(PATCH_SIDE, min=8, help="Patch side in voxels.")): ...
 
 
 ERASURE = options_from(ErasureRequest, "statistic", "reason", "requested_by", "approved_by")

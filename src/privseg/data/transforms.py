@@ -260,7 +260,7 @@ class PatchSampler:
     subject and kept in the item: MONAI's crop would otherwise search the whole label
     for foreground at every draw."""
 
-    def __init__(self, patch_size: Sequence[int], patches_per_subject: int = 2, seed: int = 0):
+    def __init__(self, patch_size: Sequence[int], patches_per_subject: int, seed: int = 0):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.patches_per_subject = patches_per_subject
         self.pad = SpatialPadd(keys=["image", "label"], spatial_size=self.patch_size)

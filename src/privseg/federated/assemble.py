@@ -46,10 +46,11 @@ def _sites(cohort, site, sites_root, only_site) -> list[SiteSpec]:
 # the TrainConfig fields `fl run` sets by name (build_fl_config's other settings are FLConfig's)
 TRAIN_SETTINGS = ("model", "norm", "subjects_per_step", "patches_per_subject", "lr", "seed", "trainable", "lora_rank")
 FL_PATCH = 32  # `fl run`'s patch side in voxels (a site's volume is cut into cubes of this side)
+FL_NAME = "fl"  # `fl run`'s run name unless told (the run folder is RUNS/fl)
 FL_DEVICE = "cpu"  # where a site trains unless told (a hospital's node often has no GPU)
 
 
-def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", patch: int = FL_PATCH, device: str = FL_DEVICE,
+def build_fl_config(*, sites: Sequence[SiteSpec], name: str = FL_NAME, patch: int = FL_PATCH, device: str = FL_DEVICE,
                     init: str | None = None, dp: DPConfig | None = None, strategy_params: dict | None = None,
                     **settings) -> FLConfig:
     """A validated :class:`FLConfig` from the CLI's options: the :class:`TrainConfig` built from the
@@ -71,7 +72,7 @@ def build_fl_config(*, sites: Sequence[SiteSpec], name: str = "fl", patch: int =
     return fl_config(sites=sites, train=tc, name=name, dp=dp, strategy_params=dict(strategy_params or {}), **given)
 
 
-def fl_config(*, sites: Sequence[SiteSpec], train: TrainConfig, name: str = "fl", dp: DPConfig | None = None,
+def fl_config(*, sites: Sequence[SiteSpec], train: TrainConfig, name: str = FL_NAME, dp: DPConfig | None = None,
               **fields) -> FLConfig:
     """A validated :class:`FLConfig` from the sites and a training config the caller built (the
     benchmarks' whole-volume patches, for one); ``fields`` are FLConfig's own (``rounds``,

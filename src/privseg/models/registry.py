@@ -21,7 +21,7 @@ from torch import nn
 
 from privseg.errors import ConfigError
 from privseg.models.medicalnet import MedicalNetResNet, medicalnet, unwrap_model
-from privseg.models.unet import UNet
+from privseg.models.unet import DEFAULT_NORM, UNet
 from privseg.utils import registrar
 
 NORMS = ("batch", "group", "instance")
@@ -35,7 +35,7 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return registrar(MODELS, name.strip().lower(), kind="model")
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int, spatial_dims: int = 3, norm: str = "group",
+def build_model(name: str, *, in_channels: int, num_classes: int, spatial_dims: int = 3, norm: str = DEFAULT_NORM,
                 **kwargs) -> nn.Module:
     """Build the registered network ``name``; bad names or arguments raise :class:`ConfigError`.
 

@@ -26,6 +26,8 @@ from torch import nn
 
 from privseg.errors import ConfigError
 
+DEFAULT_NORM = "group"  # per-sample-gradient friendly (DP-SGD); TrainConfig.norm's default too
+
 NORMS = ("batch", "group", "instance")
 
 
@@ -64,7 +66,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, spatial_dims: int = 3, *, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (16, 32, 64, 128), norm: str = "group", num_groups: int | None = None,
+                 features: Sequence[int] = (16, 32, 64, 128), norm: str = DEFAULT_NORM, num_groups: int | None = None,
                  dropout: float = 0.0):
         super().__init__()
         if spatial_dims not in (2, 3):

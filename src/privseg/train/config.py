@@ -10,9 +10,11 @@ from privseg.data.cohort import Cohort
 from privseg.errors import ConfigError
 from privseg.models import MODELS, build_model
 from privseg.models.lora import LORA_RANK, check_rank
+from privseg.models.unet import DEFAULT_NORM
 from privseg.train.trainable import check_trainable, set_trainable
 from privseg.utils import setting
 
+PATCH_SIDE = 64  # a 3D patch's side unless told (the field's default; the CLI's --patch)
 PATCH_2D = (128, 128)  # a 2D cohort's patch unless told (the field's default is 3D)
 
 
@@ -23,8 +25,8 @@ class TrainConfig:
     option that sets it (``privseg train --lr``)."""
 
     model: str = setting("unet", "Network name.", choices=MODELS)
-    norm: str = setting("group", "batch, group or instance.")
-    patch_size: tuple[int, ...] = setting((64, 64, 64), "Patch shape in voxels, one side per spatial dimension.")
+    norm: str = setting(DEFAULT_NORM, "batch, group or instance.")
+    patch_size: tuple[int, ...] = setting((PATCH_SIDE,) * 3, "Patch shape in voxels, one side per spatial dimension.")
     subjects_per_step: int = setting(2, "Subjects sampled per optimisation step.", min=1)
     patches_per_subject: int = setting(2, "Patches drawn from each sampled subject.", min=1)
     steps: int = setting(300, "Optimisation steps.", min=1)
