@@ -190,6 +190,7 @@ def _registries() -> list[tuple[str, object, str]]:
     from privseg.console.web import register_pages
     from privseg.data.formats import register_format
     from privseg.erasure import site_eraser
+    from privseg.export.formats import export_format
     from privseg.federated.personalise import register as personalisation
     from privseg.models.registry import register_model
     from privseg.privacy.clipping import clip_rule
@@ -202,7 +203,8 @@ def _registries() -> list[tuple[str, object, str]]:
             ("unlearning strategy", unlearning, "scrub"), ("site erasure method", site_eraser, "federaser"),
             ("personalisation method", lambda name: personalisation(name, file="p.pt"), "finetune"),
             ("membership test", lambda name: membership_test(name, "a test"), "lira"),
-            ("console page", register_pages, "runs")]
+            ("console page", register_pages, "runs"),
+            ("export format", lambda name: export_format(name, network="m.ts", read_network=None), "onnx")]
 
 
 def test_every_registry_refuses_a_name_taken():

@@ -11,8 +11,9 @@ are the run's ledgers', and a check that the statement still holds (``privseg ex
     predict_export("bundle/", ["scan.nii.gz"], "seg.nii.gz")  # `privseg predict --bundle`
 """
 
+from privseg.export.formats import FORMATS
 from privseg.export.source import Served, served_model
 from privseg.export.verify import predict_export, read_manifest, verify_export
-from privseg.export.write import FORMATS, export_model
+from privseg.export.write import export_model
 
 __all__ = ["FORMATS", "Served", "export_model", "predict_export", "read_manifest", "served_model", "verify_export"]

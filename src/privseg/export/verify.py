@@ -19,19 +19,15 @@ from privseg.audit.ledger import canonical, file_sha256
 from privseg.data.cohort import Cohort, Subject
 from privseg.data.transforms import load_subject, preprocess
 from privseg.errors import CheckpointError, ConfigError, DataError, PrivsegError
-from privseg.export.artifacts import OnnxNetwork, load_torchscript
+from privseg.export.formats import FORMATS
 from privseg.export.source import cohorts_of, served_model
 from privseg.export.statement import statement
 from privseg.train.inference import predict_probs, predict_subject, write_mask_2d, write_prediction
 
-# an export's manifest: MONAI's bundle metadata for a bundle, export.json for the other formats
-BUNDLE_MANIFEST = "configs/metadata.json"
-MANIFEST = "export.json"
-
 
 def manifest_path(out: Path) -> Path | None:
     """The manifest of an export folder (None when the folder is no export)."""
-    for name in (BUNDLE_MANIFEST, MANIFEST):
+    for name in dict.fromkeys(f.manifest for f in FORMATS.values()):
         if (out / name).is_file():
             return out / name
     return None
@@ -132,14 +128,17 @@ def verify_export(export_dir: str | Path, run: str | Path | None = None) -> dict
 
 def _network(d: Path, record: dict):
     """The exported network, after checking its file (and the bundle's weights) against the export."""
-    wanted = [record["network"], *(["models/model.pt"] if record["format"] == "monai-bundle" else [])]
+    form = FORMATS.get(record.get("format"))
+    if form is None:
+        raise DataError(f"{d}: the manifest names export format {record.get('format')!r}, not one of "
+                        f"{', '.join(FORMATS)}")
+    wanted = [record["network"], *form.checked]
     bad = [p for p in changed_files(d, {"files": {k: v for k, v in record["files"].items() if k in wanted}})]
     if bad:
         raise CheckpointError("; ".join(bad))
-    if record["format"] == "monai-bundle":
-        return None  # privseg runs the bundle's weights (models/model.pt) with its own network code
-    path = d / record["network"]
-    return OnnxNetwork(path) if record["format"] == "onnx" else load_torchscript(path)
+    if form.read_network is None:
+        return None  # privseg runs the format's weights (the bundle's models/model.pt) with its own network code
+    return form.read_network(d / record["network"])
 
 
 def export_cohort(record: dict, images: list[str | Path]):

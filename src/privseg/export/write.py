@@ -17,20 +17,15 @@ from privseg.audit.ledger import file_sha256
 from privseg.data.transforms import ct_window
 from privseg.errors import ConfigError
 from privseg.export import bundle as bundle_mod
-from privseg.export.artifacts import write_onnx, write_torchscript
 from privseg.export.card import markdown, to_html
+from privseg.export.formats import FORMATS
 from privseg.export.source import check_pending, cohorts_of, served_model
 from privseg.export.statement import evaluation, statement
-from privseg.export.verify import BUNDLE_MANIFEST, MANIFEST, manifest_digest, manifest_path
+from privseg.export.verify import manifest_digest, manifest_path
 from privseg.federated.config import FLConfig
 from privseg.train.checkpoint import load_checkpoint, model_from_checkpoint
 from privseg.train.inference import check_fits
-from privseg.utils import atomic_path, versions, write_json
-
-FORMATS = ("monai-bundle", "torchscript", "onnx")
-# the network file and the card of each format, relative to the export folder
-NETWORK = {"monai-bundle": "models/model.ts", "torchscript": "model.ts", "onnx": "model.onnx"}
-CARD = {"monai-bundle": "docs/README.md", "torchscript": "README.md", "onnx": "README.md"}
+from privseg.utils import versions, write_json
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -84,20 +79,13 @@ def _training(served, config: dict) -> dict:
     return out | {"steps": config.get("steps")}
 
 
-def _write_files(tmp: Path, fmt: str, payload: dict, model: torch.nn.Module, inference: dict | None) -> None:
-    config = payload["config"]
-    (tmp / NETWORK[fmt]).parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        write_onnx(model, config, tmp / NETWORK[fmt])
-    else:
-        write_torchscript(model, config, tmp / NETWORK[fmt])
-    if fmt == "monai-bundle":
-        # the weights as a privseg checkpoint (MONAI's CheckpointLoader reads its "model" entry); no optimizer
-        weights = {k: payload[k] for k in ("format", "model", "config", "step", "versions", "extra") if k in payload}
-        with atomic_path(tmp / "models" / "model.pt") as t:
-            torch.save(weights, t)
-        write_json(tmp / "configs" / "inference.json", inference)
-        (tmp / "configs" / "logging.conf").write_text(bundle_mod.LOGGING_CONF)
+def _write_files(tmp: Path, fmt: str, payload: dict, model: torch.nn.Module, prep: dict) -> None:
+    """The format's network and its own files (``prep``: the preprocessing the export records)."""
+    form = FORMATS[fmt]
+    (tmp / form.network).parent.mkdir(parents=True, exist_ok=True)
+    form.write_network(model, payload["config"], tmp / form.network)
+    if form.own_files is not None:
+        form.own_files(tmp, payload, prep)
 
 
 def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str | Path | None = None,
@@ -127,7 +115,7 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
               "cohort": str(Path(cohort).resolve()) if cohort else None, "allow_pending": allow_pending,
               "exported_at": exported_at, "privseg_version": versions().get("privseg"), "config": config,
               "modality": modality, "ct_window": list(window), "channels": first.channels, "classes": first.classes,
-              "label_map": first.info.get("label_map"), "network": NETWORK[fmt], "evaluation": ev}
+              "label_map": first.info.get("label_map"), "network": FORMATS[fmt].network, "evaluation": ev}
     card_meta = {"name": f"privseg {config['model']} ({config['spatial_dims']}D)", "exported_at": exported_at,
                  "privseg_version": record["privseg_version"] or "(source tree)",
                  "training": _training(served, config) | {"modality": modality, "classes": ", ".join(first.classes)}}
@@ -136,16 +124,15 @@ def export_model(source: str | Path, fmt: str, out: str | Path, *, cohort: str |
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's folder is private; the export is a folder like any other
     try:
-        inference = bundle_mod.inference_config(config, modality, window, _label_values(first)) \
-            if fmt == "monai-bundle" else None
-        _write_files(tmp, fmt, payload, model, inference)
-        (tmp / CARD[fmt]).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / CARD[fmt]).write_text(md)
-        (tmp / CARD[fmt]).with_name("model_card.html").write_text(to_html(md, card_meta["name"]))
+        _write_files(tmp, fmt, payload, model, {"modality": modality, "window": window, "labels": _label_values(first)})
+        card = tmp / FORMATS[fmt].card
+        card.parent.mkdir(parents=True, exist_ok=True)
+        card.write_text(md)
+        card.with_name("model_card.html").write_text(to_html(md, card_meta["name"]))
         record["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = bundle_mod.metadata(config, version="1.0.0", classes=first.classes, channels=first.channels,
                                        modality=modality, ct_window=window, statement=stmt, record=record)
-        path = tmp / (BUNDLE_MANIFEST if fmt == "monai-bundle" else MANIFEST)
+        path = tmp / FORMATS[fmt].manifest
         write_json(path, manifest)
         manifest = json.loads(path.read_text())  # the digest is of what a reader reads back
         manifest["privseg"]["manifest_sha256"] = manifest_digest(manifest)

@@ -319,7 +319,7 @@ def print_ledger_checks(out: Console, checks: list[dict]) -> None:
 
 def print_export(out: Console, manifest: dict, out_dir: Path) -> None:
     """An export written (``export_model``'s manifest): its format, files and model card."""
-    card = "docs/README.md" if manifest["privseg"]["format"] == "monai-bundle" else "README.md"
+    card = next(f for f in manifest["privseg"]["files"] if Path(f).name == "README.md")  # where its format puts it
     out.print(f"exported {manifest['privseg']['format']} to {out_dir} ({len(manifest['privseg']['files'])} files; "
               f"model card {out_dir / card})")
 
