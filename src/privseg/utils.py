@@ -95,7 +95,7 @@ def parse_params(values: list[str] | None, option: str = "--param") -> dict:
 def registrar(table: dict[str, T], name: str, *, kind: str = "entry",
               entry: Callable[[object], T] | None = None) -> Callable[[object], object]:
     """A decorator that files what it decorates in ``table`` under ``name`` and returns it
-    unchanged: the one idiom of privseg's registries (models, formats, clip rules, per-subject
+    unchanged: the one idiom of privseg's registries (models, data formats, export formats, clip rules, per-subject
     gradient methods, FL strategies, unlearning strategies, site erasure methods, personalisation
     methods, membership tests, console pages; tests/system/test_registries.py checks each). ``entry``
     builds the filed record from the decorated object (default: the object). A name already taken

@@ -18,6 +18,7 @@ from privseg.export.artifacts import OnnxNetwork, load_torchscript, write_onnx, 
 from privseg.utils import atomic_path, registrar, write_json
 
 MANIFEST = "export.json"  # a format's manifest unless it names its own
+BUNDLE_WEIGHTS = "models/model.pt"  # a MONAI bundle's weights, read by MONAI's CheckpointLoader
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,11 @@ class ExportFormat:
     name: str
     network: str  # the network file
     write_network: Callable[[torch.nn.Module, dict, Path], Path]  # (model, training config, path)
-    read_network: Callable[[Path], object] | None  # the network read back; None: privseg runs the weights itself
+    read_network: Callable[[Path], object] | None  # the network read back; None: privseg runs ``weights`` itself
     card: str = "README.md"  # the model card (Markdown; model_card.html beside it)
     manifest: str = MANIFEST
     own_files: Callable[[Path, dict, dict], None] | None = None  # (folder, checkpoint payload, preprocessing)
-    checked: tuple[str, ...] = ()  # files besides the network checked before the network is run
+    weights: str | None = None  # a privseg checkpoint of the weights, checked with the network before a run
 
 
 FORMATS: dict[str, ExportFormat] = {}
@@ -48,7 +49,7 @@ def _bundle_files(folder: Path, payload: dict, prep: dict) -> None:
     """A MONAI bundle's own files: the weights as a privseg checkpoint (MONAI's CheckpointLoader
     reads its "model" entry; no optimizer), the inference config and the logging config."""
     weights = {k: payload[k] for k in ("format", "model", "config", "step", "versions", "extra") if k in payload}
-    with atomic_path(folder / "models" / "model.pt") as t:
+    with atomic_path(folder / BUNDLE_WEIGHTS) as t:
         torch.save(weights, t)
     write_json(folder / "configs" / "inference.json",
                bundle_mod.inference_config(payload["config"], prep["modality"], prep["window"], prep["labels"]))
@@ -58,6 +59,6 @@ def _bundle_files(folder: Path, payload: dict, prep: dict) -> None:
 # the order here is the order `privseg export --help` lists them
 export_format("monai-bundle", network="models/model.ts", read_network=None, card="docs/README.md",
               manifest="configs/metadata.json",  # MONAI's bundle metadata
-              own_files=_bundle_files, checked=("models/model.pt",))(write_torchscript)
+              own_files=_bundle_files, weights=BUNDLE_WEIGHTS)(write_torchscript)
 export_format("torchscript", network="model.ts", read_network=load_torchscript)(write_torchscript)
 export_format("onnx", network="model.onnx", read_network=OnnxNetwork)(write_onnx)

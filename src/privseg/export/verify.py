@@ -132,7 +132,7 @@ def _network(d: Path, record: dict):
     if form is None:
         raise DataError(f"{d}: the manifest names export format {record.get('format')!r}, not one of "
                         f"{', '.join(FORMATS)}")
-    wanted = [record["network"], *form.checked]
+    wanted = [record["network"], *([form.weights] if form.weights else [])]
     bad = [p for p in changed_files(d, {"files": {k: v for k, v in record["files"].items() if k in wanted}})]
     if bad:
         raise CheckpointError("; ".join(bad))
@@ -164,7 +164,7 @@ def predict_export(export_dir: str | Path, images: list[str | Path], out: str | 
     cohort = export_cohort(record, images)
     network = _network(d, record)
     if network is None:
-        return predict_subject(d / "models" / "model.pt", cohort, "image", out)
+        return predict_subject(d / FORMATS[record["format"]].weights, cohort, "image", out)
     config = record["config"]
     data = load_subject(cohort.subjects[0], cohort)
     item = preprocess(data, config.get("spacing"))
