@@ -81,7 +81,7 @@ from privseg.models.registry import encoder_decoder_params
 from privseg.train.checkpoint import load_checkpoint, save_checkpoint, training_weights
 from privseg.train.inference import evaluate_subjects, summarise
 from privseg.train.loop import TrainConfig, make_optimizer, train_steps
-from privseg.utils import registrar, setting, write_json
+from privseg.utils import registrar, setting, site_dir, write_json
 
 RESULT_FILE = "personalisation.json"
 GLOBAL = "global"
@@ -297,7 +297,7 @@ def site_run(run_dir: Path, cfg: FLConfig, state: RunState, spec: SiteSpec,
     """What the methods get at site ``spec`` of the finished run in ``run_dir`` (``private``: its
     epochs are the site's public plan's, :meth:`privseg.federated.private.PersonalDP.epoch_steps`)."""
     tc = cfg.train
-    state_dir = run_dir / "sites" / spec.id
+    state_dir = site_dir(run_dir, spec.id)
     val = site_items(spec, "val", tc.spacing)
     if not val:
         raise ConfigError(f"site {spec.id}: no validation patients in {spec.cohort}; the guard chooses the served "
