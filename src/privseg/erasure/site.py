@@ -25,7 +25,7 @@ from privseg.federated.retrain import derived_run, federated_retrain, round_seco
 from privseg.federated.runstate import RunState
 from privseg.federated.simulation import run_rounds
 from privseg.federated.strategies import arrays_to_state, build_strategy, state_to_arrays
-from privseg.privacy.budget import LEDGER_FILE, BudgetLedger
+from privseg.privacy.budget import BudgetLedger, ledger_path
 from privseg.train.checkpoint import load_checkpoint, load_weights_only, save_checkpoint, training_weights
 from privseg.utils import site_dir
 
@@ -311,12 +311,11 @@ def erase_site(job: ErasureJob) -> None:
 def _remove_site_state(run_dir: Path, site: str, rid: str) -> None:
     """The site's state goes (local models, stored replies, its noise key), except its privacy
     ledger: that is the record of what the earlier models released, kept and marked closed."""
-    folder = site_dir(run_dir, site)
-    ledger_path = folder / LEDGER_FILE
-    if ledger_path.exists():
-        BudgetLedger(ledger_path).close_site(site, f"site erased by request {rid}")
+    folder, ledger = site_dir(run_dir, site), ledger_path(run_dir, site)
+    if ledger.exists():
+        BudgetLedger(ledger).close_site(site, f"site erased by request {rid}")
     for path in folder.iterdir() if folder.is_dir() else []:
-        if path.name.startswith(LEDGER_FILE):  # the ledger and its WAL files
+        if path.name.startswith(ledger.name):  # the ledger and its WAL files
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
