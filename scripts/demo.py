@@ -3,7 +3,7 @@
 Builds a small multi-site cohort from the MNI152 template shipped in nilearn,
 trains a small 3D U-Net, evaluates it on held-out subjects and writes one
 prediction as NIfTI; trains the same task federated across the three sites
-(Flower simulation, FedBN), then again with patient-level adaptive DP and a
+(Flower simulation, FedBN), then again with patient-level DP (the default recipe) and a
 stricter budget at one hospital (printing epsilon per site); erases one patient
 from the central model and audits it; ends with an erasure request in a federated run
 (a patient erased at one hospital, verified, recorded in the hash-chained ledger) and its
@@ -67,7 +67,7 @@ if __name__ == "__main__":
     run("fl", "run", *common, "--name", "fedbn", "--rounds", "3", "--strategy", "fedbn")
     run("fl", "status", "fedbn", "--runs", str(OUT / "runs"))
     run("fl", "run", *common, "--name", "dp", "--rounds", "3", "--dp", "patient", "--epsilon", "8",
-        "--delta", "1e-3", "--clip", "adaptive", "--site-budget", "H2=4", "--in-process")
+        "--delta", "1e-3", "--site-budget", "H2=4", "--in-process")
     run("privacy", "status", str(OUT / "runs" / "dp"))
     run("unlearn", "--checkpoint", str(OUT / "central" / "last.pt"), "--cohort", str(cohort), "--forget",
         train_ids[0], "--strategy", "noisy_label", "--target", "unseen", "--out", str(OUT / "unlearn"), "--quiet")

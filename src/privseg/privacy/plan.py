@@ -298,8 +298,8 @@ def _check_clip(dp: DPConfig, site: str, base: float, total_steps: int, expected
     if ratio is not None and ratio > COUNT_NOISE_LIMIT:
         warnings.warn(f"site {site}: --clip {dp.clip} with {expected_m:.3g} patients per step: the count it "
                       f"releases has noise {ratio:.2f} x the patients per step (Andrew et al. work at 0.05), so "
-                      "the clip norm will wander far from the target quantile; prefer --clip fixed, or more "
-                      "patients per step", AdaptiveClipNoiseWarning, stacklevel=2)
+                      "the clip norm will wander far from the target quantile; prefer --clip normalise (the "
+                      "default) or fixed, or more patients per step", AdaptiveClipNoiseWarning, stacklevel=2)
 
 
 def plan_from_ledger_or_new(ledger, dp: DPConfig, site: str, n_subjects: int, subjects_per_step: int,
